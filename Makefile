@@ -1,0 +1,43 @@
+# make demo   set everything up (once) and run the demo
+# make test   set everything up (once) and run the test suite
+# make bench  the kernel benchmarks (benchmarks/bench_ops.py)
+# Set-up is idempotent: the venv, the requirements and the extension are redone only when their inputs change.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+# ccache makes rebuilds of unchanged sources take seconds, when it is installed.
+CCACHE_CXX := $(wildcard /usr/lib/ccache/g++)
+ifneq ($(CCACHE_CXX),)
+export CXX ?= $(CCACHE_CXX)
+endif
+export CCACHE_NOHASHDIR := 1
+export MAX_JOBS ?= 2
+
+SOURCES := $(shell find csrc -type f) setup.py
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.built
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: requirements.txt | $(PY)
+	$(PY) -m pip install --upgrade "setuptools>=64" wheel
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/csfrn bench-ops
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_ops.py
+
+clean:
+	rm -rf build csfrn/*.so $(VENV)/.built

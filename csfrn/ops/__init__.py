@@ -1,0 +1,21 @@
+"""csfrn's fused C++/CUDA ops (``torch.ops.csfrn.*``) as Python functions, and their reference twins.
+
+    class_avg_pool(features, labels, num_classes, ignore_index=255) -> (means, counts)
+    center_distance(embeddings, centers, margins, delta=10.0) -> phi
+
+``use_reference()`` routes these functions to ``csfrn.ops.reference``.
+"""
+import torch
+
+from .. import _C  # noqa: F401  (loads the shared library, which registers torch.ops.csfrn.*)
+from . import reference  # noqa: F401
+from ._switch import use_reference
+from .class_ops import center_distance, class_avg_pool
+
+
+def built_with_cuda() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return bool(torch.ops.csfrn.built_with_cuda())
+
+
+__all__ = ["built_with_cuda", "use_reference", "reference", "class_avg_pool", "center_distance"]

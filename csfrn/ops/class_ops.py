@@ -1,0 +1,116 @@
+"""Class-wise kernels of CSFLM: class average pooling (centres and margins) and Gaussian centre distances.
+
+Each public function runs the fused C++/CUDA op ``torch.ops.csfrn.*``; its fake kernel (shapes for
+torch.compile) and its autograd formula, whose backward is an op too, are registered here.
+"""
+import torch
+
+from . import _checks, reference
+from ._switch import reference_enabled
+
+
+def class_avg_pool(features, labels, num_classes, ignore_index=255):
+    """Per-image mean feature vector of every class.
+
+    Args:
+        features: [N, D, H, W] float tensor (any memory format).
+        labels: [N, H, W] int64 tensor, values in [0, num_classes) or ``ignore_index``.
+        num_classes: K.
+        ignore_index: label value that takes part in nothing.
+
+    Returns:
+        (means, counts): means [N, K, D], ``means[n, k] = sum_{p: labels[n, p] = k} features[n, :, p] / counts[n, k]``
+        (zeros where class k is absent from image n); counts [N, K], the pixel count of each class, in the
+        dtype of ``features``. Differentiable with respect to ``features``.
+    """
+    if reference_enabled():
+        return reference.class_avg_pool(features, labels, num_classes, ignore_index)
+    return torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index)
+
+
+def center_distance(embeddings, centers, margins, delta=10.0):
+    """Gaussian distance of every pixel embedding to every class centre, with class-aware margins.
+
+    ``phi[n, k, i, j] = 1 - exp(-||embeddings[n, :, i, j] - centers[n, k]||^2 * exp(delta * margins[n, k]))``
+
+    Args:
+        embeddings: [N, D, H, W] float tensor (C-S features).
+        centers: [N, K, D] class centres, same dtype.
+        margins: [N, K] class margins, same dtype.
+        delta: margin temperature (the paper uses 10).
+
+    Returns:
+        phi [N, K, H, W] in [0, 1). Differentiable with respect to all three tensors; no [N, K, D, H, W]
+        tensor is ever made.
+    """
+    if reference_enabled():
+        return reference.center_distance(embeddings, centers, margins, delta)
+    return torch.ops.csfrn.center_distance.default(embeddings, centers, margins, float(delta))
+
+
+# ---------------------------------------------------------------- fake kernels (shapes only)
+@torch.library.register_fake("csfrn::class_avg_pool")
+def _class_avg_pool_fake(features, labels, num_classes, ignore_index):
+    _checks.check_class_avg_pool(features, labels, num_classes, ignore_index)
+    n, d = features.shape[0], features.shape[1]
+    return features.new_empty(n, num_classes, d), features.new_empty(n, num_classes)
+
+
+@torch.library.register_fake("csfrn::class_avg_pool_backward")
+def _class_avg_pool_backward_fake(grad_means, labels, counts, ignore_index):
+    n, _, d = grad_means.shape
+    return grad_means.new_empty(n, d, labels.shape[1], labels.shape[2])
+
+
+@torch.library.register_fake("csfrn::center_distance")
+def _center_distance_fake(embeddings, centers, margins, delta):
+    _checks.check_center_distance(embeddings, centers, margins)
+    n, _, h, w = embeddings.shape
+    return embeddings.new_empty(n, centers.shape[1], h, w)
+
+
+@torch.library.register_fake("csfrn::center_distance_backward")
+def _center_distance_backward_fake(grad_phi, embeddings, centers, margins, delta, output_mask):
+    def like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+    return tuple(like(t, m) for t, m in zip((embeddings, centers, margins), output_mask))
+
+
+# ---------------------------------------------------------------- autograd
+def _class_avg_pool_setup(ctx, inputs, output):
+    _, labels, _, ignore_index = inputs
+    ctx.save_for_backward(labels, output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _class_avg_pool_backward(ctx, grad_means, grad_counts):
+    labels, counts = ctx.saved_tensors
+    grad_features = None
+    if ctx.needs_input_grad[0]:
+        grad_features = torch.ops.csfrn.class_avg_pool_backward.default(
+            grad_means.contiguous(), labels, counts, ctx.ignore_index)
+    return grad_features, None, None, None
+
+
+torch.library.register_autograd("csfrn::class_avg_pool", _class_avg_pool_backward,
+                                setup_context=_class_avg_pool_setup)
+
+
+def _center_distance_setup(ctx, inputs, output):
+    embeddings, centers, margins, delta = inputs
+    ctx.save_for_backward(embeddings, centers, margins)
+    ctx.delta = delta
+
+
+def _center_distance_backward(ctx, grad_phi):
+    embeddings, centers, margins = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if not any(mask):
+        return None, None, None, None
+    grads = torch.ops.csfrn.center_distance_backward.default(
+        grad_phi.contiguous(), embeddings, centers, margins, ctx.delta, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
+
+
+torch.library.register_autograd("csfrn::center_distance", _center_distance_backward,
+                                setup_context=_center_distance_setup)

@@ -1,0 +1,36 @@
+// Every csfrn op schema, in one place. Kernels register per backend in cpu/*.cpp and cuda/*.cu;
+// fake (meta) kernels and autograd live in Python (csfrn/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import csfrn._C` loads this shared library, whose static initialisers register the ops below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace csfrn {
+bool built_with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace csfrn
+
+TORCH_LIBRARY(csfrn, m) {
+  m.def("built_with_cuda() -> bool", &csfrn::built_with_cuda);
+
+  // Class-wise average pooling: per image, the mean feature vector of every class, and the pixel counts.
+  m.def("class_avg_pool(Tensor features, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
+  m.def("class_avg_pool_backward(Tensor grad_means, Tensor labels, Tensor counts, int ignore_index) -> Tensor");
+
+  // Gaussian centre distance with class-aware margins: phi = 1 - exp(-||b - s_k||^2 * exp(delta * m_k)).
+  m.def("center_distance(Tensor embeddings, Tensor centers, Tensor margins, float delta) -> Tensor");
+  // Gradients not asked for in output_mask come back as empty tensors.
+  m.def("center_distance_backward(Tensor grad_phi, Tensor embeddings, Tensor centers, Tensor margins, float delta, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,101 @@
+"""Build csfrn and its extension csfrn._C from csrc/.
+
+CUDAExtension (every .cpp and .cu) when torch has CUDA and a CUDA toolkit is found, else CppExtension
+(.cpp only) with a printed line that says why. Environment switches:
+  CSFRN_CPU_ONLY=1     never compile CUDA sources
+  CSFRN_FORCE_CUDA=1   a missing toolkit (or a CPU-only torch) is an error, not a CPU-only build
+  TORCH_CUDA_ARCH_LIST the GPU architectures to build for ("8.0;9.0" when unset and no GPU is visible)
+"""
+import glob
+import os
+import shutil
+import sys
+
+# torch computes CUDA_HOME when cpp_extension is imported, and guesses /usr/local when an nvcc wrapper sits
+# in /usr/local/bin: point it at the real toolkit first.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    for _candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(_candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = _candidate
+            break
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_decision():
+    """Return (use_cuda, reason)."""
+    if _flag("CSFRN_CPU_ONLY"):
+        return False, "CSFRN_CPU_ONLY=1 was set"
+    if torch.version.cuda is None:
+        return False, f"this torch ({torch.__version__}) was built without CUDA"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return False, "no CUDA toolkit (nvcc) was found; set CUDA_HOME to build the CUDA kernels"
+    return True, f"CUDA {torch.version.cuda} toolkit at {CUDA_HOME}"
+
+
+def _extension():
+    use_cuda, reason = _cuda_decision()
+    if not use_cuda and _flag("CSFRN_FORCE_CUDA"):
+        sys.exit(f"csfrn: CSFRN_FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(HERE, "csrc")]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
+    define_macros = []
+    if not use_cuda:
+        print(f"csfrn: building the CPU-only extension: {reason}", flush=True)
+        return CppExtension("csfrn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+    print(f"csfrn: building the CPU + CUDA extension ({reason})", flush=True)
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    define_macros.append(("WITH_CUDA", None))
+    # With no GPU visible torch cannot detect an architecture (and crashes trying): pick Ampere + Hopper.
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        print("csfrn: no GPU visible, TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0", flush=True)
+    # ATen/cuda/CUDAContext.h includes cuBLAS/cuSPARSE headers that a bare toolkit may lack; torch's
+    # CUDA wheels bring them under site-packages/nvidia/cu*/include.
+    nvidia_dir = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    for inc in sorted(glob.glob(os.path.join(nvidia_dir, "cu*", "include"))):
+        include_dirs.append(inc)
+    # ccache turns a rebuild of unchanged CUDA sources into seconds.
+    ccache = shutil.which("ccache")
+    if ccache and "PYTORCH_NVCC" not in os.environ:
+        os.environ["PYTORCH_NVCC"] = f"{ccache} {os.path.join(CUDA_HOME, 'bin', 'nvcc')}"
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension("csfrn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+
+
+def _requirements():
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    return [line for line in lines if line and line.split(">")[0].split("=")[0] not in ("pytest", "ninja", "pybind11", "setuptools")]
+
+
+os.environ.setdefault("MAX_JOBS", "2")
+
+setup(
+    name="csfrn",
+    version="0.1.0",
+    description="CSFRN: Consistent-Separable Feature Representation for Semantic Segmentation (AAAI 2021), "
+                "with fused C++/CUDA kernels",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["csfrn", "csfrn.*"]),
+    install_requires=_requirements(),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["csfrn = csfrn.cli:main"]},
+    zip_safe=False,
+)
