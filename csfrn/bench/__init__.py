@@ -1,0 +1,1 @@
+"""Benchmarks importable from the installed package (``csfrn bench-ops``); scripts in benchmarks/ call these."""

@@ -1,0 +1,85 @@
+"""Timing and peak-memory helpers shared by every benchmark: one process, interleaved repetitions, medians."""
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
+    """Time each callable of ``fns`` (name -> fn), interleaving the repetitions so machine noise hits all
+    alike. Returns name -> {"median_ms", "min_ms", "max_ms", "peak_mb"}. Peak memory: CUDA's allocator peak
+    on GPUs; on the CPU, the peak of bytes held by tensors allocated during one call (torch profiler)."""
+    times = {name: [] for name in fns}
+    peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}   # also serves as a warm-up
+    for _ in range(max(warmup - 1, 0)):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    start = time.perf_counter()
+    rep = 0
+    while rep < reps or time.perf_counter() - start < min_time:
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rep += 1
+    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
+                   "peak_mb": peaks[name]} for name, ts in times.items()}
+
+
+def peak_memory_mb(fn, device="cpu"):
+    """Peak extra memory of one call of ``fn`` in MiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Walk allocation events in time order; the running sum of bytes is what the call holds.
+    # Self memory counts each allocation once (an operator's total would count its children's again);
+    # frees appear as "[memory]" events with negative sizes.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    held = peak = 0
+    for e in events:
+        held += e.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+
+def table(rows, columns):
+    """Plain-text table: rows are dicts, columns (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c[i].rjust(widths[i]) for i in range(len(columns))) for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
