@@ -1,0 +1,144 @@
+"""What every dataset shares: file reading with clear errors, label look-up tables, the item contract.
+
+Item i of a dataset without transforms is ``(image, label)``: image uint8 [3, H, W], label int64 [H, W] whose
+values are class ids in [0, K) or 255 (ignore).
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = 255
+
+
+def require_dir(path, what):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: expected a directory at {path}")
+    return path
+
+
+def read_image(path):
+    """RGB image file -> uint8 tensor [3, H, W]; an unreadable file is an error naming it."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_label_png(path):
+    """Single-channel (L or P) label PNG -> uint8 numpy array [H, W] of the stored values."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"expected a single-channel label image, got mode {img.mode}")
+            array = np.asarray(img)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read label {path}: {err}") from err
+    if array.max(initial=0) > 255 or array.min(initial=0) < 0:
+        raise ValueError(f"label {path}: values must lie in 0..255, found {int(array.min())}..{int(array.max())}")
+    return array.astype(np.uint8)
+
+
+def lut_from_pairs(pairs, default=-1):
+    """A 256-entry look-up table raw value -> class id; ``default`` (-1) marks values that may not occur."""
+    lut = np.full(256, default, dtype=np.int64)
+    for raw, mapped in pairs.items():
+        lut[raw] = mapped
+    return lut
+
+
+def identity_lut(num_classes):
+    """Values < num_classes are class ids, 255 is ignore, anything else is an error."""
+    return lut_from_pairs({**{k: k for k in range(num_classes)}, IGNORE_INDEX: IGNORE_INDEX})
+
+
+def reduce_zero_lut(num_classes):
+    """mmseg's reduce_zero_label: 0 -> ignore, k -> k - 1 (k <= num_classes), 255 stays ignore."""
+    return lut_from_pairs({0: IGNORE_INDEX, **{k: k - 1 for k in range(1, num_classes + 1)},
+                           IGNORE_INDEX: IGNORE_INDEX})
+
+
+def apply_lut(raw, lut, path):
+    mapped = lut[raw]
+    bad = mapped < 0
+    if bad.any():
+        value = int(raw[bad][0])
+        raise ValueError(f"label {path}: value {value} is not a valid class id here "
+                         f"(expected one of the dataset's label values or {IGNORE_INDEX})")
+    return torch.from_numpy(mapped)
+
+
+def make_palette(num_classes):
+    """Distinct colours by the PASCAL VOC bit-interleaving scheme (class k's bits spread over R, G, B)."""
+    palette = []
+    for k in range(num_classes):
+        r = g = b = 0
+        c = k + 1  # skip black, which reads as "nothing" in pictures
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """A list of (image path, label path or None) pairs read with a label look-up table.
+
+    Subclasses set ``classes``, ``palette`` and ``self.samples`` and implement :meth:`read_label_raw` when
+    labels are not plain PNGs. A sample whose label path is None (unlabelled test split) gets an all-ignore label.
+    """
+    classes = ()
+    palette = ()
+
+    def __init__(self, root, split, transforms=None, splits=("train", "val", "test")):
+        if split not in splits:
+            raise ValueError(f"{type(self).__name__}: split must be one of {splits}, got {split!r}")
+        if root is None or not os.path.isdir(root):
+            raise FileNotFoundError(f"{type(self).__name__}: dataset root {root} does not exist")
+        self.root = root
+        self.split = split
+        self.transforms = transforms
+        self.samples = []
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def label_lut(self, label_path):
+        return identity_lut(self.num_classes)
+
+    def read_label_raw(self, label_path):
+        return read_label_png(label_path)
+
+    def _check_nonempty(self, where):
+        if not self.samples:
+            raise ValueError(f"{type(self).__name__}: no images found for split '{self.split}' in {where}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """(image, label) before transforms."""
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        if label_path is None:
+            return image, torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
+        label = apply_lut(self.read_label_raw(label_path), self.label_lut(label_path), label_path)
+        if tuple(label.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
+                             f"{tuple(image.shape[1:])}")
+        return image, label
+
+    def __getitem__(self, index):
+        image, label = self.load(index)
+        if self.transforms is not None:
+            return self.transforms(image, label)
+        return image, label
+
+    def image_path(self, index):
+        return self.samples[index][0]

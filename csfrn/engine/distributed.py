@@ -1,0 +1,156 @@
+"""torchrun-style process groups, SyncBN (also on CPU), and the per-sample seeded infinite sampler."""
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def resolve_device(preference="auto", local_rank=0):
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    if preference == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
+
+
+def init_distributed(device="auto"):
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group when WORLD_SIZE > 1:
+    NCCL on GPUs, gloo on CPU. Without those variables this is a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """In place; a no-op in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class CPUSyncBatchNorm(nn.SyncBatchNorm):
+    """nn.SyncBatchNorm refuses CPU tensors; on CPU this computes the same global batch statistics with a
+    differentiable all_reduce of (sum, sum of squares, count), so gloo runs train like NCCL ones."""
+
+    def forward(self, input):
+        if not (self.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group or dist.group.WORLD) > 1):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, input.dim()))
+        x = input.float()
+        local = torch.cat([x.sum(dims), (x * x).sum(dims),
+                           x.new_tensor([input.numel() // input.shape[1]], dtype=torch.float32)])
+        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        c = input.shape[1]
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        shape = [1, c] + [1] * (input.dim() - 2)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(input.dtype)
+
+
+def convert_sync_batchnorm(model, device):
+    """``nn.SyncBatchNorm.convert_sync_batchnorm``; on CPU the layers become :class:`CPUSyncBatchNorm`."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cpu":
+        for module in model.modules():
+            if type(module) is nn.SyncBatchNorm:
+                module.__class__ = CPUSyncBatchNorm
+    return model
+
+
+def global_batch(seed, dataset_len, batch_size, iteration):
+    """The (dataset index, sample seed) pairs of the global batch at ``iteration``.
+
+    The data stream is a sequence of epochs, each a permutation drawn from (seed, epoch); sample j of the stream
+    gets its own augmentation seed. Everything is a function of (seed, iteration), so a resumed run and a run
+    split over any number of processes see exactly the same samples with exactly the same augmentations.
+    """
+    samples = []
+    perms = {}
+    for pos in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, offset = divmod(pos, dataset_len)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(dataset_len, generator=g)
+        samples.append((int(perms[epoch][offset]), seed * 1_000_000_007 + pos))
+    return samples
+
+
+class SeededBatchSampler:
+    """This rank's share of every global batch from ``start_iter`` to ``iters``."""
+
+    def __init__(self, dataset_len, batch_size, seed, start_iter, iters, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"the global batch size {batch_size} must be divisible by the {world_size} processes")
+        self.dataset_len, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.start_iter, self.iters, self.rank, self.per_rank = start_iter, iters, rank, batch_size // world_size
+
+    def __len__(self):
+        return max(self.iters - self.start_iter, 0)
+
+    def __iter__(self):
+        for it in range(self.start_iter, self.iters):
+            batch = global_batch(self.seed, self.dataset_len, self.batch_size, it)
+            yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+
+
+class SeededTransforms(torch.utils.data.Dataset):
+    """Takes (index, sample seed) and applies ``transforms`` with a generator seeded by the sample seed."""
+
+    def __init__(self, dataset, transforms):
+        self.dataset, self.transforms = dataset, transforms
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, sample_seed = item
+        image, label = self.dataset.load(index)
+        return self.transforms(image, label, generator=torch.Generator().manual_seed(sample_seed))
+

@@ -1,0 +1,108 @@
+"""Inference on normalised images: whole image, sliding window, multi-scale and flip.
+
+All functions take a model in eval mode whose ``model(x)`` returns logits [N, K, h, w] at the size of ``x``.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _pair(value):
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+def _windows(length, crop, stride):
+    """Start offsets of crop windows covering [0, length): every stride, the last flush with the end."""
+    if length <= crop:
+        return [0]
+    count = math.ceil((length - crop) / stride) + 1
+    return sorted({min(i * stride, length - crop) for i in range(count)})
+
+
+@torch.no_grad()
+def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
+    """Logits of overlapping crop windows, averaged where they overlap (each pixel divided by its window count).
+
+    Args:
+        image: [N, 3, H, W] normalised float tensor; an image smaller than the crop is padded with 0 (the
+            normalised mean) to the crop size and the result cut back.
+        crop_size, stride: (h, w) pairs (or ints).
+        crop_batch: crops per forward pass: memory is bounded by this, not by the image size.
+
+    Returns:
+        logits [N, K, H, W] (float32).
+    """
+    ch, cw = _pair(crop_size)
+    sh, sw = _pair(stride)
+    n, _, h, w = image.shape
+    ph, pw = max(ch - h, 0), max(cw - w, 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph))
+    H, W = image.shape[-2:]
+    boxes = [(y, x) for y in _windows(H, ch, sh) for x in _windows(W, cw, sw)]
+    out = image.new_zeros(n, num_classes, H, W, dtype=torch.float32)
+    count = image.new_zeros(1, 1, H, W, dtype=torch.float32)
+    for i in range(n):
+        for start in range(0, len(boxes), crop_batch):
+            chunk = boxes[start:start + crop_batch]
+            crops = torch.stack([image[i, :, y:y + ch, x:x + cw] for y, x in chunk])
+            logits = model(crops).float()
+            for (y, x), crop_logits in zip(chunk, logits):
+                out[i, :, y:y + ch, x:x + cw] += crop_logits
+                if i == 0:
+                    count[0, 0, y:y + ch, x:x + cw] += 1
+    return (out / count)[:, :, :h, :w]
+
+
+@torch.no_grad()
+def forward_logits(model, image, num_classes, mode="whole", crop_size=(512, 512), stride=(341, 341), crop_batch=4):
+    """Logits at the size of ``image``, whole image or sliding window."""
+    if mode == "whole":
+        return model(image).float()
+    if mode == "slide":
+        return slide_inference(model, image, num_classes, crop_size, stride, crop_batch)
+    raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+
+
+@torch.no_grad()
+def inference(model, image, num_classes, mode="whole", crop_size=(512, 512), stride=(341, 341), crop_batch=4,
+              scales=(1.0,), flip=False, out_size=None, base_size=None):
+    """Class probabilities: softmax averaged over ``scales`` (and horizontal flips when ``flip``).
+
+    Args:
+        image: [N, 3, H, W] normalised float tensor.
+        scales: image scale factors, relative to the image fitted into ``base_size`` = (long, short) when
+            given (mmseg's keep-ratio test resize), else to the image itself.
+        out_size: (h, w) of the result; default (H, W) (the label size when images are not pre-resized).
+
+    Returns:
+        probabilities [N, K, *out_size] (float32).
+    """
+    h, w = image.shape[-2:]
+    out_size = tuple(out_size) if out_size is not None else (h, w)
+    base = 1.0
+    if base_size:
+        base = min(max(base_size) / max(h, w), min(base_size) / min(h, w))
+    probs = None
+    for scale in scales:
+        size = (max(1, round(h * base * scale)), max(1, round(w * base * scale)))
+        x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        views = [(x, False), (x.flip(-1), True)] if flip else [(x, False)]
+        for view, flipped in views:
+            logits = forward_logits(model, view, num_classes, mode, crop_size, stride, crop_batch)
+            if flipped:
+                logits = logits.flip(-1)
+            if tuple(logits.shape[-2:]) != out_size:
+                logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            p = logits.softmax(1)
+            probs = p if probs is None else probs + p
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+def inference_from_config(model, image, num_classes, eval_cfg, out_size=None, base_size=None):
+    """:func:`inference` with the settings of an :class:`csfrn.engine.config.EvalConfig`."""
+    scales = eval_cfg.scales if eval_cfg.multi_scale else [1.0]
+    return inference(model, image, num_classes, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
+                     stride=eval_cfg.stride, crop_batch=eval_cfg.crop_batch, scales=scales, flip=eval_cfg.flip,
+                     out_size=out_size, base_size=base_size)
