@@ -6,7 +6,7 @@ Unknown keys are errors that name the key; values are YAML-parsed (``--set train
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -28,7 +28,13 @@ class ModelConfig:
     width: int = 64
     blocks: Optional[List[int]] = None
     channels: int = 512
+    aux_channels: int = 256
     ohem: bool = False
+    thresh: float = 0.7
+    min_kept: int = 100000
+    loss_weights: Optional[Dict[str, float]] = None
+    binary: str = "lovasz"        # CAC binary loss: lovasz | bce
+    delta: float = 10.0
 
 
 @dataclass
@@ -105,6 +111,10 @@ def _check_value(key, default_field, value):
     if value is None:
         if "Optional" not in ann:
             raise ValueError(f"config key '{key}' may not be null")
+        return value
+    if "Dict" in ann:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' expects a mapping, got {value!r}")
         return value
     if "List" in ann:
         if not isinstance(value, (list, tuple)):

@@ -1,0 +1,251 @@
+"""Iteration-based training: SGD + poly decay (+ linear warm-up), AMP on CUDA, DDP through torchrun with SyncBN,
+per-sample seeded data, JSON-lines metrics (TensorBoard when installed), periodic evaluation keeping best.pth
+and last.pth, and exact resume."""
+import dataclasses
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..data import build_dataset
+from ..data.transforms import eval_transforms, train_transforms
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, from_dict
+from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
+from .evaluate import evaluate, write_report
+
+
+def build_model_from_config(model_cfg):
+    """:func:`csfrn.models.build_model` with the keyword arguments of a ModelConfig."""
+    from ..models import build_model
+
+    kwargs = dataclasses.asdict(model_cfg)
+    if kwargs["blocks"] is not None:
+        kwargs["blocks"] = tuple(kwargs["blocks"])
+    return build_model(**kwargs)
+
+
+def poly_lambda(train_cfg):
+    """lr factor at iteration it: mmseg's poly (with min_lr) times its linear warm-up."""
+    base, iters, power, min_lr = train_cfg.lr, train_cfg.iters, train_cfg.power, train_cfg.min_lr
+    warmup, ratio = train_cfg.warmup_iters, train_cfg.warmup_ratio
+
+    def factor(it):
+        lr = (base - min_lr) * (1 - min(it, iters) / iters) ** power + min_lr
+        if it < warmup:
+            lr *= 1 - (1 - it / warmup) * (1 - ratio)
+        return lr / base
+    return factor
+
+
+def build_optimizer(model, train_cfg):
+    """SGD with two groups: the backbone at lr, everything else at lr * head_lr_mult. Weight decay everywhere,
+    as in the paper's (and mmseg's) recipe."""
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": train_cfg.lr},
+              {"params": rest, "lr": train_cfg.lr * train_cfg.head_lr_mult}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=train_cfg.lr, momentum=train_cfg.momentum,
+                           weight_decay=train_cfg.weight_decay)
+
+
+def _amp_settings(amp, device):
+    if amp == "none":
+        return None, False
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
+    if device.type != "cuda":
+        raise ValueError(f"train.amp={amp} needs a CUDA device; use train.amp=none on {device}")
+    return (torch.bfloat16 if amp == "bf16" else torch.float16), amp == "fp16"
+
+
+class MetricsLog:
+    """JSON lines in work_dir/metrics.jsonl, mirrored to TensorBoard when it is installed and wanted."""
+
+    def __init__(self, work_dir, tensorboard=True):
+        self.path = os.path.join(work_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(work_dir, "tb"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("iter", "kind") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["iter"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _resume_path(train_cfg):
+    if train_cfg.resume == "auto":
+        path = os.path.join(train_cfg.work_dir, "last.pth")
+        return path if os.path.isfile(path) else None
+    return train_cfg.resume
+
+
+def train(cfg: Config, model=None):
+    """Train as ``cfg`` says; returns {"iter", "best_mIoU", "last": last evaluation summary or None,
+    "model": the trained module (unwrapped)}.
+
+    Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``.
+    """
+    info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, model, info)
+    finally:
+        cleanup()
+
+
+def _train(cfg, model, info):
+    tcfg, dcfg = cfg.train, cfg.data
+    device = info.device
+    os.makedirs(tcfg.work_dir, exist_ok=True)
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
+    if model is None:
+        model = build_model_from_config(cfg.model)
+    num_classes = cfg.model.num_classes
+    train_set = build_dataset(dcfg, dcfg.train_split, num_classes=num_classes, seed=tcfg.seed)
+    if train_set.num_classes != num_classes:
+        raise ValueError(f"model.num_classes is {num_classes} but dataset '{dcfg.dataset}' has "
+                         f"{train_set.num_classes} classes")
+    val_set = build_dataset(dcfg, dcfg.val_split, eval_transforms(), num_classes=num_classes, seed=tcfg.seed)
+    if info.distributed and tcfg.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    model.to(device)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(tcfg))
+    amp_dtype, use_scaler = _amp_settings(tcfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    start_iter, best = 0, float("-inf")
+    resume = _resume_path(tcfg)
+    if resume:
+        state = load_checkpoint(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter, best = state["iter"], state["best_mIoU"]
+        if state["world_size"] == info.world_size:
+            set_rng_state(state["rng"][info.rank])
+        if info.is_main:
+            print(f"resumed from {resume} at iteration {start_iter}", flush=True)
+    else:
+        # Different dropout masks per rank, reproducibly.
+        torch.manual_seed(tcfg.seed + info.rank)
+        random.seed(tcfg.seed + info.rank)
+        np.random.seed(tcfg.seed + info.rank)
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else model
+    sampler = SeededBatchSampler(len(train_set), dcfg.batch_size, tcfg.seed, start_iter, tcfg.iters,
+                                 info.rank, info.world_size)
+    transforms = train_transforms(dcfg.crop_size, dcfg.scale_range, dcfg.base_size, dcfg.flip, dcfg.photometric)
+    # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
+    loader = torch.utils.data.DataLoader(SeededTransforms(train_set, transforms), batch_sampler=sampler,
+                                         num_workers=dcfg.num_workers, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator(), persistent_workers=False)
+    log = MetricsLog(tcfg.work_dir, tcfg.tensorboard) if info.is_main else None
+    bar = tqdm(total=tcfg.iters, initial=start_iter, desc="train", dynamic_ncols=True,
+               disable=not (info.is_main and tcfg.progress))
+    last_summary = None
+    model.train()
+    tic, tic_iter = time.perf_counter(), start_iter
+    it = start_iter
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, losses = net(images, labels)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        it += 1
+        bar.update(1)
+
+        if it % tcfg.log_interval == 0 or it == tcfg.iters:
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(loss.detach())
+            if not all(map(lambda v: v == v and abs(v) != float("inf"), values.values())):
+                raise FloatingPointError(f"loss is not finite at iteration {it}: {values}")
+            lr = optimizer.param_groups[0]["lr"]
+            speed = (it - tic_iter) / max(time.perf_counter() - tic, 1e-9)
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()}, "lr": f"{lr:.2e}"})
+            if log is not None:
+                log.write({"kind": "train", "iter": it, **values, "lr": lr, "it/s": speed})
+            tic, tic_iter = time.perf_counter(), it
+
+        do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)
+        if do_eval:
+            summary, _ = evaluate(model, val_set, num_classes, cfg.eval, device, dcfg.base_size)
+            last_summary = summary
+            improved = summary["mIoU"] > best
+            best = max(best, summary["mIoU"])
+            if info.is_main:
+                bar.write(f"iter {it}: mIoU {100 * summary['mIoU']:.2f}  mAcc {100 * summary['mAcc']:.2f}  "
+                          f"aAcc {100 * summary['aAcc']:.2f}")
+                log.write({"kind": "val", "iter": it, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"],
+                           "aAcc": summary["aAcc"]})
+                write_report(summary, train_set.classes, tcfg.work_dir, name="val_last")
+                if improved:
+                    save_checkpoint({"model": model.state_dict(), "iter": it, "mIoU": summary["mIoU"],
+                                     "config": cfg.to_dict()}, os.path.join(tcfg.work_dir, "best.pth"))
+        if it % tcfg.checkpoint_interval == 0 or it == tcfg.iters:
+            _save_training_state(os.path.join(tcfg.work_dir, "last.pth"), cfg, model, optimizer, scheduler,
+                                 scaler, it, best, info)
+    bar.close()
+    if log is not None:
+        log.close()
+    return {"iter": it, "best_mIoU": best, "last": last_summary, "model": model}
+
+
+def _gather_rng(info):
+    """Every rank's RNG states (each rank has its own dropout stream)."""
+    mine = rng_state()
+    if not info.distributed:
+        return [mine]
+    states = [None] * info.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def _save_training_state(path, cfg, model, optimizer, scheduler, scaler, it, best, info):
+    rng = _gather_rng(info)
+    if info.is_main:
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng, "iter": it, "best_mIoU": best,
+            "world_size": info.world_size,
+            # The sampler is a pure function of (seed, iteration): its position is the iteration.
+            "sampler": {"seed": cfg.train.seed, "iter": it, "batch_size": cfg.data.batch_size},
+            "config": cfg.to_dict()}, path)
+    if info.distributed:
+        torch.distributed.barrier()
+
+
+def load_model_from_checkpoint(path, cfg=None, device="cpu"):
+    """A model in eval mode from best.pth / last.pth; the model section of the checkpoint's config is used
+    unless ``cfg`` is given. Returns (model, Config)."""
+    state = load_checkpoint(path)
+    if cfg is None:
+        cfg = from_dict(state["config"])
+    model = build_model_from_config(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
