@@ -178,9 +178,10 @@ def from_dict(values):
     return cfg
 
 
-def load_config(path=None, overrides=None):
-    """Defaults, then the YAML file at ``path`` (when given), then the ``key=value`` overrides."""
-    cfg = Config()
+def load_config(path=None, overrides=None, base=None):
+    """Defaults (or the nested dict ``base``, e.g. a checkpoint's config), then the YAML file at ``path`` (when
+    given), then the ``key=value`` overrides."""
+    cfg = from_dict(base) if base is not None else Config()
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")

@@ -98,3 +98,22 @@ def predict(model, image_paths, out_dir, num_classes, palette, eval_cfg, device,
         save_prediction(pred, image.permute(1, 2, 0).numpy(), stem, out_dir, palette, cityscapes_ids)
         stems.append(stem)
     return stems
+
+
+@torch.no_grad()
+def predict_dataset_grid(models, dataset, indices, path, eval_cfg, device, scale=1):
+    """One row per image: image, ground truth, then each model's prediction (``models``: name -> model)."""
+    from ..data.transforms import denormalize
+
+    rows = []
+    for i in indices:
+        image, label = dataset[i]
+        tiles = [denormalize(image).permute(1, 2, 0).numpy(), colorize(label.numpy(), dataset.palette)]
+        for model in models.values():
+            model.eval()
+            probs = inference_from_config(model, image[None].to(device), dataset.num_classes, eval_cfg)
+            tiles.append(colorize(probs.argmax(1)[0].cpu().numpy(), dataset.palette))
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
+    grid = np.concatenate(rows, 0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path

@@ -1,0 +1,206 @@
+"""``csfrn <verb>``: parse the command line, then call the library.
+
+Verbs: train, eval, predict, visualize, flops, bench-ops, demo. Each takes ``--config FILE.yaml`` and any
+number of ``--set section.key=value`` overrides (YAML values; unknown keys are errors).
+"""
+import argparse
+import glob
+import os
+import sys
+
+
+def _common(parser):
+    parser.add_argument("--config", help="YAML config (sections model / data / train / eval)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="csfrn", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="train a model (run under torchrun for several processes)")
+    _common(p)
+    p.add_argument("--resume", help="checkpoint to resume from ('auto': work_dir/last.pth when it exists)")
+    p.add_argument("--work-dir", help="output directory (same as --set train.work_dir=...)")
+
+    p = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset split")
+    _common(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", help="dataset split (default: data.val_split)")
+    p.add_argument("--out", help="where metrics.json / metrics.csv go (default: next to the checkpoint)")
+
+    p = verbs.add_parser("predict", help="write prediction PNGs (train ids, colour, overlay) for images")
+    _common(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", nargs="+", required=True, help="image files or directories")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cityscapes-ids", action="store_true", help="also write Cityscapes label-id PNGs "
+                   "(trainId -> id) for the official test server")
+
+    p = verbs.add_parser("visualize", help="the paper's Figure 3: phi-distance maps of query pixels")
+    _common(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--split", help="dataset split (default: data.val_split)")
+    p.add_argument("--indices", type=int, nargs="+", default=[0], help="dataset items to draw")
+    p.add_argument("--points", nargs="+", metavar="Y,X", help="query pixels (default: one per large class)")
+    p.add_argument("--scale", type=int, default=1, help="integer upscaling of the tiles")
+
+    p = verbs.add_parser("flops", help="parameters and GFLOPs (csfrn.models.complexity); extra args pass through")
+    _common(p)
+
+    p = verbs.add_parser("bench-ops", help="kernel benchmarks (csfrn.bench.ops, csfrn.bench.deform); extra "
+                         "args pass through")
+    _common(p)
+
+    p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set and compare")
+    _common(p)
+    p.add_argument("--out", default="demo_out")
+    return parser
+
+
+def _config(args, base=None):
+    from .engine.config import load_config
+    try:
+        return load_config(args.config, args.overrides, base)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"csfrn {args.verb}: bad config: {err.args[0] if err.args else err}")
+
+
+def _image_files(inputs):
+    from .data.folder import IMAGE_EXTENSIONS
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files += sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise SystemExit(f"csfrn predict: no such file or directory: {item}")
+    return files
+
+
+def _model_and_config(args):
+    """The checkpoint's model, with the checkpoint's config unless a config file is given (then that file's;
+    its model section must match the checkpoint)."""
+    from .engine.checkpoint import load_checkpoint
+    from .engine.distributed import resolve_device
+    from .engine.train import build_model_from_config
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = _config(args, base=None if args.config else state["config"])
+    device = resolve_device(cfg.train.device)
+    model = build_model_from_config(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, device
+
+
+def _flops_argv(cfg, given):
+    m = cfg.model
+    argv = ["--head", m.head, "--backbone", m.backbone, "--num-classes", str(m.num_classes),
+            "--embed-dim", str(m.embed_dim), "--output-stride", str(m.output_stride), "--fusion", m.fusion,
+            "--size", *[str(s) for s in cfg.data.crop_size]]
+    argv += [] if m.csflm else ["--no-csflm"]
+    argv += [] if m.margins else ["--no-margins"]
+    argv += ["--multi-grid"] if m.multi_grid else []
+    return argv + given
+
+
+def _bench_ops(argv):
+    import importlib
+    ran = False
+    for name in ("csfrn.bench.ops", "csfrn.bench.deform"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            print(f"csfrn bench-ops: {name} is not installed in this build; skipping its benchmarks", file=sys.stderr)
+            continue
+        module.main(argv)
+        ran = True
+    return 0 if ran else 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb not in ("flops", "bench-ops"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+    if args.verb == "train":
+        from .engine.train import train
+        if args.resume:
+            args.overrides.append(f"train.resume={args.resume}")
+        if args.work_dir:
+            args.overrides.append(f"train.work_dir={args.work_dir}")
+        train(_config(args))
+        return 0
+
+    if args.verb == "eval":
+        from .data import build_dataset
+        from .data.transforms import eval_transforms
+        from .engine.evaluate import evaluate, write_report
+        model, cfg, device = _model_and_config(args)
+        split = args.split or cfg.data.val_split
+        dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
+                                seed=cfg.train.seed)
+        summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, device, cfg.data.base_size,
+                              progress=True)
+        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        print(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
+        return 0
+
+    if args.verb == "predict":
+        from .data import DATASETS
+        from .data._base import make_palette
+        from .engine.evaluate import predict
+        model, cfg, device = _model_and_config(args)
+        dataset_cls = DATASETS.get(cfg.data.dataset)
+        palette = dataset_cls.palette if dataset_cls is not None and dataset_cls.palette else \
+            make_palette(cfg.model.num_classes)
+        predict(model, _image_files(args.input), args.out, cfg.model.num_classes, palette, cfg.eval, device,
+                cfg.data.base_size, cityscapes_ids=args.cityscapes_ids)
+        return 0
+
+    if args.verb == "visualize":
+        from .data import build_dataset
+        from .data.transforms import eval_transforms
+        from .engine.visualize import visualize_dataset
+        model, cfg, device = _model_and_config(args)
+        dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, eval_transforms(),
+                                num_classes=cfg.model.num_classes, seed=cfg.train.seed)
+        points = None
+        if args.points:
+            try:
+                points = [tuple(int(v) for v in p.split(",")) for p in args.points]
+            except ValueError:
+                parser.error(f"--points takes Y,X pairs, got {args.points}")
+        path = visualize_dataset(model, dataset, args.indices, args.out, dataset.palette, device, points,
+                                 delta=cfg.model.delta, scale=args.scale)
+        print(f"wrote {path}")
+        return 0
+
+    if args.verb == "flops":
+        from .models.complexity import main as flops_main
+        flops_main(_flops_argv(_config(args), extra) if args.config or args.overrides else extra)
+        return 0
+
+    if args.verb == "bench-ops":
+        return _bench_ops(extra)
+
+    if args.verb == "demo":
+        from .engine.demo import DEMO_CONFIG, run_demo
+        if args.config is None and os.path.isfile(DEMO_CONFIG):
+            args.config = DEMO_CONFIG
+        _config(args)  # report bad keys before any work
+        run_demo(args.out, args.config, args.overrides)
+        return 0
+    parser.error(f"unknown verb {args.verb}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
