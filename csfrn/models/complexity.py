@@ -5,17 +5,20 @@ does not know): per conv, multiply-accumulates plus one add per output element w
 ReLU output element; one per pooling input element. BatchNorm, interpolation, softmax and the non-local
 block's matmuls are not counted, and the auxiliary head is left out (it does not run in eval mode). AAM's
 two deformable 3x3 convs count as ordinary convs of the same shape (their offset conv is an ordinary conv).
-"gflops_all" is ``torch.utils.flop_counter.FlopCounterMode``'s total / 2 (a multiply-add as one).
+"gflops_all" is ``torch.utils.flop_counter.FlopCounterMode``'s total / 2 (a multiply-add as one); it counts
+``csfrn.ops.dual_deform_conv2d`` as its two convolutions of the same shape (the bilinear sampling not counted).
 
 Counting needs only shapes, so models built on the meta device (``with torch.device("meta"):``) count in
 no time and with no memory.
 """
 import argparse
+import math
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import ops  # noqa: F401  (registers torch.ops.csfrn.*)
 from ..nn import AAM
 
 
@@ -29,6 +32,11 @@ def _aam_flops(module, inputs, output):
     n, _, h, w = inputs[0].shape
     return n * h * w * (module.weight_x.shape[0] * module.weight_x[0].numel()
                         + module.weight_y.shape[0] * module.weight_y[0].numel())
+
+
+def _dual_deform_flop(x_shape, y_shape, offset_shape, wx_shape, wy_shape, *args, out_shape=None, **kwargs):
+    # FlopCounterMode counts a multiply-add as 2
+    return sum(2 * math.prod(out) * math.prod(w[1:]) for out, w in zip(out_shape, (wx_shape, wy_shape)))
 
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -66,7 +74,8 @@ def complexity(model, size=(512, 512)):
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ReLU, AAM) + _POOLS)]
     try:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False,
+                                  custom_mapping={torch.ops.csfrn.dual_deform_conv2d: _dual_deform_flop})
         with torch.no_grad(), counter:
             model(images)
     finally:
