@@ -78,6 +78,7 @@ class TrainConfig:
     log_interval: int = 50
     eval_interval: int = 4000     # 0: evaluate only at the end
     checkpoint_interval: int = 1000
+    keep_checkpoints: bool = False  # also keep iter_XXXXXX.pth at every checkpoint interval
     tensorboard: bool = True      # used only when the tensorboard package is installed
     progress: bool = True
 

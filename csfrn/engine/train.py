@@ -208,8 +208,13 @@ def _train(cfg, model, info):
                     save_checkpoint({"model": model.state_dict(), "iter": it, "mIoU": summary["mIoU"],
                                      "config": cfg.to_dict()}, os.path.join(tcfg.work_dir, "best.pth"))
         if it % tcfg.checkpoint_interval == 0 or it == tcfg.iters:
-            _save_training_state(os.path.join(tcfg.work_dir, "last.pth"), cfg, model, optimizer, scheduler,
-                                 scaler, it, best, info)
+            state = _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info)
+            if info.is_main:
+                save_checkpoint(state, os.path.join(tcfg.work_dir, "last.pth"))
+                if tcfg.keep_checkpoints:
+                    save_checkpoint(state, os.path.join(tcfg.work_dir, f"iter_{it:06d}.pth"))
+            if info.distributed:
+                torch.distributed.barrier()
     bar.close()
     if log is not None:
         log.close()
@@ -226,18 +231,15 @@ def _gather_rng(info):
     return states
 
 
-def _save_training_state(path, cfg, model, optimizer, scheduler, scaler, it, best, info):
-    rng = _gather_rng(info)
-    if info.is_main:
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "iter": it, "best_mIoU": best,
-            "world_size": info.world_size,
-            # The sampler is a pure function of (seed, iteration): its position is the iteration.
-            "sampler": {"seed": cfg.train.seed, "iter": it, "batch_size": cfg.data.batch_size},
-            "config": cfg.to_dict()}, path)
-    if info.distributed:
-        torch.distributed.barrier()
+def _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info):
+    """Everything a resume needs, as tensors and plain containers (loadable with weights_only=True)."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": _gather_rng(info), "iter": it, "best_mIoU": best,
+        "world_size": info.world_size,
+        # The sampler is a pure function of (seed, iteration): its position is the iteration.
+        "sampler": {"seed": cfg.train.seed, "iter": it, "batch_size": cfg.data.batch_size},
+        "config": cfg.to_dict()}
 
 
 def load_model_from_checkpoint(path, cfg=None, device="cpu"):

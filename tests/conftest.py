@@ -1,0 +1,56 @@
+"""Shared helpers for the engine / data / CLI tests: tiny configs of the real model and PNG writers."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import csfrn.ops
+
+# The real build_model at test size; fusion "concat" keeps deformable convs out of the engine tests
+# (tests/test_models.py covers AAM).
+TINY_MODEL = ["model.head=fcn", "model.num_classes=4", "model.backbone=resnet50c", "model.width=8",
+              "model.blocks=[1,1,1,1]", "model.channels=16", "model.aux_channels=8", "model.embed_dim=8",
+              "model.fusion=concat"]
+TINY_DATA = ["data.dataset=synthetic", "data.size=32", "data.length=16", "data.val_length=4",
+             "data.crop_size=[24,24]", "data.scale_range=[1.0,1.25]", "data.batch_size=4", "data.num_workers=0"]
+TINY_TRAIN = ["train.device=cpu", "train.log_interval=1", "train.eval_interval=0", "train.tensorboard=false",
+              "train.progress=false", "eval.mode=whole"]
+
+
+def tiny_overrides(work_dir, iters=4, extra=()):
+    return TINY_MODEL + TINY_DATA + TINY_TRAIN + [f"train.work_dir={work_dir}", f"train.iters={iters}",
+                                                  f"train.checkpoint_interval={iters}", *extra]
+
+
+@pytest.fixture
+def ops_path():
+    """The compiled kernels when every op the model uses has a CPU kernel, else the reference twins."""
+    ops = ("class_avg_pool", "center_distance", "dual_deform_conv2d")
+    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"csfrn::{op}", "CPU") for op in ops):
+        yield "kernels"
+    else:
+        with csfrn.ops.use_reference():
+            yield "reference"
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def write_jpg(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path, quality=100)
+
+
+def rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
