@@ -32,6 +32,15 @@ def save_checkpoint(state, path):
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(directory):
+    """Delete temp files that a process killed inside :func:`save_checkpoint` left in ``directory``."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(".") and name.endswith(".tmp") and ".pth." in name:
+            os.unlink(os.path.join(directory, name))
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by :func:`save_checkpoint`; only tensors and plain containers are accepted."""
     path = os.fspath(path)

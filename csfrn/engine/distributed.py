@@ -5,6 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @dataclasses.dataclass
@@ -61,9 +62,14 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-class CPUSyncBatchNorm(nn.SyncBatchNorm):
-    """nn.SyncBatchNorm refuses CPU tensors; on CPU this computes the same global batch statistics with a
-    differentiable all_reduce of (sum, sum of squares, count), so gloo runs train like NCCL ones."""
+class CPUSyncBatchNorm(_BatchNorm):
+    """nn.SyncBatchNorm refuses CPU tensors (and DDP refuses it on CPU modules); on CPU this computes the same
+    global batch statistics with a differentiable all_reduce of (sum, sum of squares, count), so gloo runs
+    train like NCCL ones. Made from nn.SyncBatchNorm layers by :func:`convert_sync_batchnorm`."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input):
         if not (self.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state
 from .config import Config, from_dict
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
 from .evaluate import evaluate, write_report
@@ -114,6 +114,8 @@ def _train(cfg, model, info):
     tcfg, dcfg = cfg.train, cfg.data
     device = info.device
     os.makedirs(tcfg.work_dir, exist_ok=True)
+    if info.is_main:
+        remove_stale_temp_files(tcfg.work_dir)
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
     if model is None:
         model = build_model_from_config(cfg.model)
