@@ -160,8 +160,8 @@ def main(argv=None):
         from .engine.evaluate import predict
         model, cfg, device = _model_and_config(args)
         dataset_cls = DATASETS.get(cfg.data.dataset)
-        palette = dataset_cls.palette if dataset_cls is not None and dataset_cls.palette else \
-            make_palette(cfg.model.num_classes)
+        # Datasets with a fixed class list carry their palette; the others (folder, synthetic) use make_palette.
+        palette = getattr(dataset_cls, "palette", None) or make_palette(cfg.model.num_classes)
         predict(model, _image_files(args.input), args.out, cfg.model.num_classes, palette, cfg.eval, device,
                 cfg.data.base_size, cityscapes_ids=args.cityscapes_ids)
         return 0

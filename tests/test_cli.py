@@ -1,0 +1,161 @@
+"""The csfrn CLI: every verb through main(), bad input, and a training run killed with SIGKILL that resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from csfrn import cli
+from csfrn.engine.checkpoint import load_checkpoint
+
+from conftest import rgb, tiny_overrides, write_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sets(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny CSFRN (concat fusion) trained for 3 iterations through `csfrn train`."""
+    work = tmp_path_factory.mktemp("run")
+    assert cli.main(["train", *_sets(tiny_overrides(work, iters=3, extra=["train.eval_interval=3"]))]) == 0
+    return work
+
+
+def test_train_writes_checkpoints_metrics_and_report(trained):
+    for name in ("last.pth", "best.pth", "metrics.jsonl", "val_last.json", "val_last.csv"):
+        assert (trained / name).is_file(), name
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in records if r["kind"] == "train"]
+    assert [r["iter"] for r in train_rows] == [1, 2, 3]
+    assert {"seg", "aux", "cac", "smooth", "loss", "lr", "it/s"} <= set(train_rows[0])
+    assert train_rows[0]["loss"] == pytest.approx(sum(train_rows[0][k] for k in ("seg", "aux", "cac", "smooth")),
+                                                  rel=1e-5)
+    assert [r["kind"] for r in records].count("val") == 1
+    state = load_checkpoint(trained / "last.pth")
+    assert state["iter"] == 3 and state["config"]["model"]["head"] == "fcn"
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "sampler"} <= set(state)
+
+
+def test_eval_predict_visualize(trained, tmp_path, capsys):
+    ckpt = str(trained / "best.pth")
+    assert cli.main(["eval", "--checkpoint", ckpt, "--out", str(tmp_path), "--set", "eval.flip=true"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "background" in out
+    metrics = json.loads((tmp_path / "eval_val.json").read_text())
+    assert 0 <= metrics["mIoU"] <= 1 and len(metrics["IoU"]) == 4
+
+    write_png(str(tmp_path / "in" / "berlin_000000_000019_leftImg8bit.png"), rgb(30, 40))
+    assert cli.main(["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "in"), "--out",
+                     str(tmp_path / "pred"), "--cityscapes-ids"]) == 0
+    from PIL import Image
+    names = sorted(os.listdir(tmp_path / "pred"))
+    assert names == ["berlin_000000_000019_color.png", "berlin_000000_000019_overlay.png",
+                     "berlin_000000_000019_trainid.png", "labelIds"]
+    train_ids = np.asarray(Image.open(tmp_path / "pred" / "berlin_000000_000019_trainid.png"))
+    assert train_ids.shape == (30, 40) and train_ids.max() < 4
+    label_ids = np.asarray(Image.open(tmp_path / "pred" / "labelIds" / "berlin_000000_000019.png"))
+    assert set(np.unique(label_ids)) <= {7, 8, 11, 12}     # train ids 0..3 -> road, sidewalk, building, wall
+
+    png = tmp_path / "fig3.png"
+    assert cli.main(["visualize", "--checkpoint", ckpt, "--out", str(png), "--indices", "0", "1",
+                     "--points", "5,5", "20,10"]) == 0
+    with Image.open(png) as img:
+        assert img.size == (4 + 5 * (32 + 4), 4 + 2 * (32 + 4))   # image, gt, pred + 2 maps; 2 rows
+
+
+def test_bad_config_keys_and_values_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="train.lrr"):
+        cli.main(["train", "--set", "train.lrr=0.1"])
+    with pytest.raises(SystemExit, match="data.batch_size"):
+        cli.main(["train", "--set", "data.batch_size=big"])
+    (tmp_path / "c.yaml").write_text("modle:\n  head: fcn\n")
+    with pytest.raises(SystemExit, match="modle"):
+        cli.main(["train", "--config", str(tmp_path / "c.yaml")])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--no-such-flag"])
+
+
+def test_missing_dataset_root_is_a_clear_error(tmp_path):
+    args = ["train", *_sets(tiny_overrides(tmp_path, iters=1)), "--set", "data.dataset=cityscapes",
+            "--set", f"data.root={tmp_path / 'cityscapes'}", "--set", "model.num_classes=19"]
+    with pytest.raises(FileNotFoundError, match="cityscapes"):
+        cli.main(args)
+
+
+def test_flops_uses_the_config(capsys):
+    c = cli.main(["flops", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--size", "64"])
+    assert c == 0
+    out = capsys.readouterr().out
+    assert "deeplabv3plus resnet50c +CSFLM(aam, D=8) @ 64x64" in out and "GFLOPs" in out
+
+
+def test_bench_ops_calls_the_benchmark_modules(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "csfrn.bench.ops", types.SimpleNamespace(main=lambda argv: calls.append(argv)))
+    monkeypatch.setitem(sys.modules, "csfrn.bench.deform", None)       # missing
+    assert cli.main(["bench-ops", "--quick"]) == 0
+    assert calls == [["--quick"]]
+    assert "csfrn.bench.deform is not installed" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "csfrn.bench.ops", None)
+    assert cli.main(["bench-ops"]) == 1
+
+
+def test_demo_writes_summary_and_pictures(tmp_path, ops_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--set", "train.iters=2", "--set", "data.size=32",
+                     "--set", "data.crop_size=[32,32]", "--set", "data.val_length=2", "--set", "data.batch_size=2",
+                     "--set", "train.warmup_iters=0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("csfrn", "baseline"):
+        assert 0 <= summary[name]["mIoU"] <= 1
+        assert (out / f"{name}_metrics.csv").is_file()
+    assert summary["csfrn"]["params"] > summary["baseline"]["params"]
+    assert summary["seconds"] > 0
+    assert (out / "predictions.png").is_file() and (out / "figure3_distance_maps.png").is_file()
+    printed = capsys.readouterr().out
+    assert printed.count("mIoU") >= 3 and "baseline" in printed
+
+
+def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
+    work = tmp_path / "run"
+    overrides = tiny_overrides(work, iters=500, extra=["train.checkpoint_interval=2"])
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = work / "last.pth"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.is_file() and load_checkpoint(last)["iter"] >= 6:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(last)                 # never corrupt: the old file or the new one
+    done = state["iter"]
+    assert done >= 6 and done % 2 == 0
+    final = done + 2
+    resumed = subprocess.run([sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides), "--resume", "auto",
+                              "--set", f"train.iters={final}"], env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {last} at iteration {done}" in resumed.stdout
+    assert load_checkpoint(last)["iter"] == final
+    assert not [n for n in os.listdir(work) if n.endswith(".tmp")]
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    iters = [r["iter"] for r in records if r["kind"] == "train"]
+    assert iters[-2:] == [done + 1, final]
