@@ -103,7 +103,8 @@ def test_stem_mismatch_is_reported_and_shape_mismatch_refused(tmp_path):
     path = tmp_path / "tv.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     net, _ = build_backbone("resnet50c", width=64, blocks=(1, 1, 1, 1))
-    report = load_pretrained(net, str(path))
+    with pytest.warns(UserWarning, match="missing keys"):
+        report = load_pretrained(net, str(path))
     assert "conv1.0.weight" in report.missing and "conv1.weight" in report.unexpected
     assert "layer1.1.conv1.weight" in report.unexpected
     narrow, _ = build_backbone("resnet50", width=32)
@@ -240,7 +241,9 @@ def test_counting_convention_on_a_known_module():
     assert c["gflops_all"] * 1e9 == pytest.approx(64 * 4 * 27 + 16 * 2 * 4)
 
 
-PAPER = {  # head: (params M, GFLOPs) of the baseline, Table 2
+# head: (params M, GFLOPs) of the baseline, Table 2. The paper prints 239.88 GFLOPs for Non-local, which no
+# counting of the standard block reproduces (its +CSFLM row, 250.75, is 239.88 + 10.87): 199.88 is asserted.
+PAPER = {
     "fcn": (37.70, 149.40), "psp": (48.98, 178.48), "nonlocal": (50.02, 199.88), "deeplabv3plus": (43.59, 176.36)}
 
 
@@ -272,3 +275,13 @@ def test_table2_params_and_gflops(head):
 def test_table3_embedding_widths(embed_dim, gflops):
     c = _count(head="deeplabv3plus", fusion="concat", embed_dim=embed_dim)
     assert c["gflops"] == pytest.approx(gflops, abs=0.01)
+
+
+def test_flops_cli(capsys):
+    from csfrn.models.complexity import main
+    counts = main(["--head", "psp", "--backbone", "resnet50c", "--size", "512", "--no-csflm"])
+    out = capsys.readouterr().out
+    assert "params 48.98 M" in out and "GFLOPs 178.48" in out
+    assert counts["params"] == _count(head="psp", csflm=False)["params"]
+    main(["--head", "fcn", "--fusion", "concat"])
+    assert "params 40.36 M, GFLOPs 160.28" in capsys.readouterr().out

@@ -25,12 +25,10 @@ def lovasz_hinge(logits, labels, per_image=True, ignore_index=None):
         raise ValueError(f"logits and labels must have one shape, got {list(logits.shape)} and {list(labels.shape)}")
     if logits.dim() == 0:
         raise ValueError("logits must have a leading batch dimension [B, ...], got a scalar")
-    if per_image:
-        logits, labels = logits.reshape(logits.shape[0], -1), labels.reshape(labels.shape[0], -1)
-    else:
-        logits, labels = logits.reshape(1, -1), labels.reshape(1, -1)
-    if logits.shape[0] == 0:
+    if logits.numel() == 0:          # no image, or images without pixels
         return logits.sum() * 0.0
+    rows = logits.shape[0] if per_image else 1
+    logits, labels = logits.reshape(rows, -1), labels.reshape(rows, -1)
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
     return lovasz_hinge_rows(logits, labels == 1, valid).mean()
 

@@ -6,6 +6,7 @@ layout, so timm ``resnet50c`` checkpoints load as they are and mmsegmentation ``
 after renaming ``stem.{0,1,3,4,6,7}``. The stride sits on the 3x3 conv of a bottleneck (V1.5) and downsampling
 is a strided 1x1 conv + BN, as in both torchvision and ResNetV1c.
 """
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -161,7 +162,8 @@ def load_pretrained(model, path):
     """Load ImageNet weights into ``model`` from a local torchvision, timm or mmsegmentation file.
 
     The file is read with ``weights_only=True`` (no code runs). A shape mismatch is an error naming every
-    offending key; missing and unexpected keys are returned (and left as initialised).
+    offending key; missing and unexpected keys are returned in a ``LoadReport`` (and warned about); missing
+    tensors keep their initialisation.
     """
     state = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     own = model.state_dict()
@@ -174,7 +176,10 @@ def load_pretrained(model, path):
                          f"tensors; a plain-stem file for a deep-stem model or a different width?):\n  "
                          + "\n  ".join(mismatched))
     result = model.load_state_dict(state, strict=False)
-    return LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), ignored)
+    report = LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), ignored)
+    if report.missing or report.unexpected:
+        warnings.warn(f"loading {path}: {report}", stacklevel=2)
+    return report
 
 
 def build_backbone(name="resnet50c", output_stride=8, multi_grid=False, width=64, blocks=None, pretrained=None):
