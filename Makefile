@@ -31,7 +31,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
-	$(VENV)/bin/csfrn bench-ops
+	$(VENV)/bin/csfrn demo --out demo_out
 
 test: setup
 	$(PY) -m pytest -q tests

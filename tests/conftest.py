@@ -9,6 +9,9 @@ from PIL import Image
 
 import csfrn.ops
 
+# The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.
+torch.set_num_threads(1)
+
 # The real build_model at test size; fusion "concat" keeps deformable convs out of the engine tests
 # (tests/test_models.py covers AAM).
 TINY_MODEL = ["model.head=fcn", "model.num_classes=4", "model.backbone=resnet50c", "model.width=8",

@@ -159,3 +159,18 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     iters = [r["iter"] for r in records if r["kind"] == "train"]
     assert iters[-2:] == [done + 1, final]
+
+
+@pytest.mark.parametrize("path", sorted(
+    os.path.relpath(p, ROOT) for p in __import__("glob").glob(os.path.join(ROOT, "configs", "**", "*.yaml"),
+                                                              recursive=True)))
+def test_every_shipped_config_loads_and_builds(path):
+    from csfrn.data import DATASETS
+    from csfrn.engine.config import load_config
+    from csfrn.engine.train import build_model_from_config
+    cfg = load_config(os.path.join(ROOT, path), ["model.pretrained=null"])
+    assert cfg.data.dataset in DATASETS
+    assert cfg.data.batch_size >= 1 and cfg.train.iters >= 1
+    with torch.device("meta"):
+        model = build_model_from_config(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -73,6 +73,7 @@ class TrainConfig:
     sync_bn: bool = True
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
+    threads: Optional[int] = None  # torch intra-op CPU threads (None: torch's default)
     work_dir: str = "runs/default"
     resume: Optional[str] = None  # a checkpoint path, or "auto" for work_dir/last.pth when it exists
     log_interval: int = 50

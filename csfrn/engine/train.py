@@ -113,6 +113,8 @@ def train(cfg: Config, model=None):
 def _train(cfg, model, info):
     tcfg, dcfg = cfg.train, cfg.data
     device = info.device
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
     os.makedirs(tcfg.work_dir, exist_ok=True)
     if info.is_main:
         remove_stale_temp_files(tcfg.work_dir)
