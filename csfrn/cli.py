@@ -143,15 +143,23 @@ def main(argv=None):
     if args.verb == "eval":
         from .data import build_dataset
         from .data.transforms import eval_transforms
+        from .engine.distributed import cleanup, init_distributed
         from .engine.evaluate import evaluate, write_report
-        model, cfg, device = _model_and_config(args)
-        split = args.split or cfg.data.val_split
-        dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
-                                seed=cfg.train.seed)
-        summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, device, cfg.data.base_size,
-                              progress=True)
-        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        print(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
+        model, cfg, _ = _model_and_config(args)
+        # Under torchrun every process evaluates a shard; the confusion matrices are summed.
+        info = init_distributed(cfg.train.device)
+        try:
+            model.to(info.device)
+            split = args.split or cfg.data.val_split
+            dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
+                                    seed=cfg.train.seed)
+            summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device,
+                                  cfg.data.base_size, progress=True)
+            if info.is_main:
+                out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+                print(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
+        finally:
+            cleanup()
         return 0
 
     if args.verb == "predict":

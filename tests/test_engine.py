@@ -134,6 +134,24 @@ def test_config_files_overrides_and_errors(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_amp_needs_cuda(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, iters=1, extra=["train.amp=bf16"]))
+    with pytest.raises(ValueError, match="train.amp=bf16 needs a CUDA device"):
+        train(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: AMP runs on CUDA")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_training_on_cuda(tmp_path, amp):
+    cfg = load_config(None, tiny_overrides(tmp_path, iters=3, extra=[f"train.amp={amp}", "train.device=cuda"]))
+    result = train(cfg)
+    state = ckpt.load_checkpoint(tmp_path / "last.pth")
+    assert result["iter"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+    if amp == "fp16":
+        assert state["scaler"]["scale"] > 0
+
+
 def test_poly_schedule_with_warmup():
     cfg = load_config(None, ["train.iters=100", "train.lr=0.01", "train.min_lr=0.0", "train.warmup_iters=10",
                              "train.warmup_ratio=0.1"])

@@ -139,6 +139,3 @@ class SegDataset(torch.utils.data.Dataset):
         if self.transforms is not None:
             return self.transforms(image, label)
         return image, label
-
-    def image_path(self, index):
-        return self.samples[index][0]
