@@ -5,8 +5,6 @@ import json
 import os
 import time
 
-import torch
-
 from ..data import build_dataset
 from ..data.transforms import eval_transforms
 from .config import load_config
