@@ -62,6 +62,23 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every input is the sum of the output gradients of all processes."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class CPUSyncBatchNorm(_BatchNorm):
     """nn.SyncBatchNorm refuses CPU tensors (and DDP refuses it on CPU modules); on CPU this computes the same
     global batch statistics with a differentiable all_reduce of (sum, sum of squares, count), so gloo runs
@@ -75,13 +92,11 @@ class CPUSyncBatchNorm(_BatchNorm):
         if not (self.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group or dist.group.WORLD) > 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
         local = torch.cat([x.sum(dims), (x * x).sum(dims),
                            x.new_tensor([input.numel() // input.shape[1]], dtype=torch.float32)])
-        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        total = _AllReduceSum.apply(local, self.process_group or dist.group.WORLD)
         c = input.shape[1]
         count = total[-1]
         mean = total[:c] / count
