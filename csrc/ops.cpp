@@ -33,4 +33,20 @@ TORCH_LIBRARY(csfrn, m) {
   // Gradients not asked for in output_mask come back as empty tensors.
   m.def("center_distance_backward(Tensor grad_phi, Tensor embeddings, Tensor centers, Tensor margins, float delta, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- Deformable convolution (torchvision.ops.deform_conv2d semantics; DCN v2 when a mask is given) ----
+  // groups = input.size(1) / weight.size(1); offset_groups = offset.size(1) / (2 * kh * kw).
+  m.def("deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> Tensor");
+  // Gradients of (input, offset, weight, bias, mask); those not asked for in output_mask come back empty.
+  m.def("deform_conv2d_backward(Tensor grad_out, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // AAM's pair: two deformable convolutions on one offset field (and mask), sampled once.
+  m.def("dual_deform_conv2d(Tensor x, Tensor y, Tensor offset, Tensor weight_x, Tensor weight_y, Tensor? bias_x, "
+        "Tensor? bias_y, Tensor? mask, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
+  // Gradients of (x, y, offset, weight_x, weight_y, bias_x, bias_y, mask), as above.
+  m.def("dual_deform_conv2d_backward(Tensor grad_out_x, Tensor grad_out_y, Tensor x, Tensor y, Tensor offset, "
+        "Tensor weight_x, Tensor weight_y, Tensor? mask, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool[8] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -2,6 +2,9 @@
 
     class_avg_pool(features, labels, num_classes, ignore_index=255) -> (means, counts)
     center_distance(embeddings, centers, margins, delta=10.0) -> phi
+    deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None) -> out
+    dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1, padding=0,
+                       dilation=1, mask=None) -> (out_x, out_y)
 
 ``use_reference()`` routes these functions to ``csfrn.ops.reference``.
 """
@@ -11,6 +14,7 @@ from .. import _C  # noqa: F401  (loads the shared library, which registers torc
 from . import reference  # noqa: F401
 from ._switch import use_reference
 from .class_ops import center_distance, class_avg_pool
+from .deform_conv import deform_conv2d, dual_deform_conv2d
 
 
 def built_with_cuda() -> bool:
@@ -18,4 +22,5 @@ def built_with_cuda() -> bool:
     return bool(torch.ops.csfrn.built_with_cuda())
 
 
-__all__ = ["built_with_cuda", "use_reference", "reference", "class_avg_pool", "center_distance"]
+__all__ = ["built_with_cuda", "use_reference", "reference", "class_avg_pool", "center_distance", "deform_conv2d",
+           "dual_deform_conv2d"]

@@ -69,3 +69,112 @@ def check_label_values(labels, num_classes, ignore_index):
         value = int(labels[bad][0])
         raise ValueError(f"labels must be in [0, num_classes={num_classes}) or equal ignore_index={ignore_index}, "
                          f"got label value {value}")
+
+
+# ---------------------------------------------------------------- deformable convolution
+def pair(name, value):
+    """An int or a pair of ints -> a list of two ints (stride / padding / dilation)."""
+    if isinstance(value, int):
+        return [value, value]
+    try:
+        vals = [int(v) for v in value]
+    except TypeError:
+        vals = None
+    if vals is None or len(vals) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return vals
+
+
+def check_deform_branch(input_name, input, weight_name, weight, bias_name, bias):
+    """One (input, weight, bias) triple of a deformable convolution. Returns (groups, kh, kw)."""
+    check_rank(input_name, input, 4, "[N, C_in, H, W]")
+    check_floating(input_name, input)
+    check_rank(weight_name, weight, 4, "[C_out, C_in / groups, kh, kw]")
+    c_in, wc = input.shape[1], weight.shape[1]
+    if wc < 1 or c_in % wc != 0:
+        raise ValueError(f"{weight_name}.shape[1] (C_in / groups) must divide the {c_in} channels of {input_name}, "
+                         f"got {weight_name} shape {_shape(weight)}")
+    groups = c_in // wc
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"{weight_name}.shape[0] (C_out) must be divisible by groups = {groups}, "
+                         f"got {weight_name} shape {_shape(weight)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{bias_name} must be a 1-D tensor of size {weight.shape[0]} ({weight_name}.shape[0]), "
+                         f"got shape {_shape(bias)}")
+    return groups, weight.shape[2], weight.shape[3]
+
+
+def check_deform_offset(input, offset, mask, kh, kw, stride, padding, dilation, input_name="input"):
+    """The offset / mask of a deformable convolution against its input. Returns (offset_groups, h_out, w_out)."""
+    for name, v, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if min(v) < least:
+            raise ValueError(f"{name} must be >= {least}, got {list(v)}")
+    n, c_in, h, w = input.shape
+    h_out = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"the output size must be positive, got [{h_out}, {w_out}] from {input_name} size [{h}, {w}], "
+                         f"kernel [{kh}, {kw}], stride {list(stride)}, padding {list(padding)}, "
+                         f"dilation {list(dilation)}")
+    check_rank("offset", offset, 4, "[N, 2 * offset_groups * kh * kw, H_out, W_out]")
+    taps = kh * kw
+    oc = offset.shape[1]
+    if oc < 1 or oc % (2 * taps) != 0:
+        raise ValueError(f"offset must have 2 * offset_groups * kh * kw channels, a positive multiple of "
+                         f"2 * {kh} * {kw} = {2 * taps}, got {oc}")
+    offset_groups = oc // (2 * taps)
+    if c_in % offset_groups != 0:
+        raise ValueError(f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
+                         f"{c_in} channels of {input_name}")
+    if offset.shape[0] != n:
+        raise ValueError(f"offset must have batch size {n} like {input_name}, got shape {_shape(offset)}")
+    if list(offset.shape[2:]) != [h_out, w_out]:
+        raise ValueError(f"offset must have spatial size [H_out, W_out] = {[h_out, w_out]} (the output size), "
+                         f"got {list(offset.shape[2:])}")
+    if mask is not None:
+        check_rank("mask", mask, 4, "[N, offset_groups * kh * kw, H_out, W_out]")
+        if mask.shape[1] != offset_groups * taps:
+            raise ValueError(f"mask must have offset_groups * kh * kw = {offset_groups * taps} channels, "
+                             f"got {mask.shape[1]}")
+        if mask.shape[0] != n:
+            raise ValueError(f"mask must have batch size {n} like {input_name}, got shape {_shape(mask)}")
+        if list(mask.shape[2:]) != [h_out, w_out]:
+            raise ValueError(f"mask must have spatial size [H_out, W_out] = {[h_out, w_out]} (the output size), "
+                             f"got {list(mask.shape[2:])}")
+    return offset_groups, h_out, w_out
+
+
+def _present(**tensors):
+    return {name: t for name, t in tensors.items() if t is not None}
+
+
+def check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation):
+    """Returns the output shape [N, C_out, H_out, W_out]."""
+    _, kh, kw = check_deform_branch("input", input, "weight", weight, "bias", bias)
+    _, h_out, w_out = check_deform_offset(input, offset, mask, kh, kw, stride, padding, dilation)
+    present = _present(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    check_same_device(**present)
+    check_same_dtype(**present)
+    return [input.shape[0], weight.shape[0], h_out, w_out]
+
+
+def check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation):
+    """Returns the two output shapes."""
+    _, kh, kw = check_deform_branch("x", x, "weight_x", weight_x, "bias_x", bias_x)
+    _, kh_y, kw_y = check_deform_branch("y", y, "weight_y", weight_y, "bias_y", bias_y)
+    if [kh_y, kw_y] != [kh, kw]:
+        raise ValueError(f"weight_y must have the kernel size of weight_x [kh, kw] = {[kh, kw]}, "
+                         f"got {[kh_y, kw_y]}")
+    if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+        raise ValueError(f"y must have the batch and spatial size of x [N, H, W] = "
+                         f"{[x.shape[0], x.shape[2], x.shape[3]]}, got shape {_shape(y)}")
+    offset_groups, h_out, w_out = check_deform_offset(x, offset, mask, kh, kw, stride, padding, dilation, "x")
+    if y.shape[1] % offset_groups != 0:
+        raise ValueError(f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
+                         f"{y.shape[1]} channels of y")
+    present = _present(x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x,
+                       bias_y=bias_y, mask=mask)
+    check_same_device(**present)
+    check_same_dtype(**present)
+    n = x.shape[0]
+    return [n, weight_x.shape[0], h_out, w_out], [n, weight_y.shape[0], h_out, w_out]

@@ -1,0 +1,132 @@
+"""Class-aware consistency loss (CAC, paper Eq. 4) and the margin smoothness loss (Eq. 5)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .lovasz import lovasz_hinge_rows
+
+BINARY_LOSSES = ("lovasz", "bce")
+
+
+def resize_labels(labels, size):
+    """Labels [N, H, W] brought to ``size`` (h, w) by nearest neighbour (no-op when already that size)."""
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be a 3-D tensor [N, H, W], got shape {list(labels.shape)}")
+    if tuple(labels.shape[1:]) == tuple(size):
+        return labels.long()
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+def compact_labels(labels, ignore_index):
+    """Renumbers the classes present in the batch 0..K-1 (so per-class tensors have K, not all, classes).
+
+    Returns (compact labels with ignored pixels set to K, K, original class ids [K]).
+    """
+    valid = labels != ignore_index
+    present = torch.unique(labels[valid])
+    k = present.numel()
+    compact = torch.searchsorted(present, labels.clamp(min=0).contiguous())
+    return torch.where(valid, compact, torch.full_like(compact, k)), k, present
+
+
+def mean_over_present(values, counts):
+    """values [N, K] per (image, class): the mean over each image's present classes, then over the images
+    that have any; 0 (still attached to the graph) when no image has a labelled pixel."""
+    present = counts > 0
+    per_class = torch.where(present, values, torch.zeros_like(values))
+    k_n = present.sum(dim=1)
+    has = k_n > 0
+    if not bool(has.any()):
+        return values.sum() * 0.0
+    per_image = per_class.sum(dim=1)[has] / k_n[has].to(values.dtype)
+    return per_image.mean()
+
+
+class CACLoss(nn.Module):
+    """Class-aware consistency loss (Eq. 4).
+
+    For every image n and every class k present in it: centre s_k and margin m_k are the means of the
+    embeddings and of the margin map over the pixels of k (ONE ``csfrn.ops.class_avg_pool`` call over both
+    stacked on the channel axis); phi = 1 - exp(-||b - s_k||^2 exp(delta m_k)) (``csfrn.ops.center_distance``);
+    a binary loss pushes phi -> 0 on pixels of k and phi -> 1 on the image's other labelled pixels. Ignored
+    pixels take part in nothing (neither centres nor the binary losses). Averaged over the present classes
+    of an image, then over the images.
+
+    binary="lovasz": Lovasz hinge on logits 2 (1 - phi) - 1 with target 1 on pixels of k, all (n, k) pairs as
+    rows of one vectorised call (SpatialEmbeddings' use of it). binary="bce": binary cross-entropy on phi with
+    target 0 on pixels of k and 1 elsewhere, averaged over the image's labelled pixels (Table 4).
+
+    Gradients flow into the centres and margins too (they are differentiable means), as in SpatialEmbeddings.
+
+    Called as ``loss(embeddings [N, D, h, w], margin_map [N, 1, h, w] or None, labels [N, H, W])``; labels of
+    another size are resized to (h, w) by nearest neighbour; margin_map None fixes every margin at 0
+    (Table 5's "w/o margin").
+    """
+
+    def __init__(self, delta=10.0, binary="lovasz", ignore_index=255):
+        super().__init__()
+        if binary not in BINARY_LOSSES:
+            raise ValueError(f"unknown binary loss {binary!r}; choose one of {list(BINARY_LOSSES)}")
+        self.delta, self.binary, self.ignore_index = float(delta), binary, ignore_index
+
+    def forward(self, embeddings, margin_map, labels):
+        if embeddings.dim() != 4:
+            raise ValueError(f"embeddings must be a 4-D tensor [N, D, h, w], got shape {list(embeddings.shape)}")
+        n, d, h, w = embeddings.shape
+        if margin_map is not None and list(margin_map.shape) != [n, 1, h, w]:
+            raise ValueError(f"margin_map must have shape [N, 1, h, w] = {[n, 1, h, w]}, got {list(margin_map.shape)}")
+        labels = resize_labels(labels, (h, w))
+        compact, k, _ = compact_labels(labels, self.ignore_index)
+        if k == 0:   # nothing labelled in the whole batch
+            zero = embeddings.sum() * 0.0
+            return zero if margin_map is None else zero + margin_map.sum() * 0.0
+        stacked = embeddings if margin_map is None else torch.cat([embeddings, margin_map], dim=1)
+        means, counts = ops.class_avg_pool(stacked, compact, k, ignore_index=k)
+        centers = means[..., :d].contiguous()
+        margins = means[..., d] if margin_map is not None else means.new_zeros(n, k)
+        phi = ops.center_distance(embeddings, centers, margins.contiguous(), self.delta)   # [N, K, h, w]
+
+        n_idx, k_idx = (counts > 0).nonzero(as_tuple=True)
+        rows = phi[n_idx, k_idx].reshape(n_idx.numel(), -1)                             # [R, h*w]
+        row_labels = compact[n_idx].reshape(n_idx.numel(), -1)
+        positive = row_labels == k_idx[:, None]
+        valid = row_labels != k
+        if self.binary == "lovasz":
+            row_loss = lovasz_hinge_rows(1.0 - 2.0 * rows, positive, valid)
+        else:
+            target = (~positive).to(rows.dtype)
+            bce = F.binary_cross_entropy(rows, target, reduction="none") * valid
+            row_loss = bce.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+        per_class = torch.zeros_like(counts).index_put((n_idx, k_idx), row_loss)
+        return mean_over_present(per_class, counts)
+
+
+class SmoothLoss(nn.Module):
+    """Margin smoothness loss (Eq. 5): per image, the mean over present classes k of the mean over the pixels
+    of k of (c_ij - m_k)^2, with m_k the class mean of the margin map; then the mean over images.
+
+    As SpatialEmbeddings does for its sigma, m_k is detached: the loss pulls every c_ij towards its class
+    mean without moving the mean. (For this loss the two are the same gradient: the derivative through m_k
+    is proportional to sum_ij (c_ij - m_k) = 0.)
+
+    Called as ``loss(margin_map [N, 1, h, w], labels [N, H, W])``; labels are resized like CACLoss's.
+    """
+
+    def __init__(self, ignore_index=255):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, margin_map, labels):
+        if margin_map.dim() != 4 or margin_map.shape[1] != 1:
+            raise ValueError(f"margin_map must be a 4-D tensor [N, 1, h, w], got shape {list(margin_map.shape)}")
+        n, _, h, w = margin_map.shape
+        labels = resize_labels(labels, (h, w))
+        compact, k, _ = compact_labels(labels, self.ignore_index)
+        if k == 0:
+            return margin_map.sum() * 0.0
+        means, counts = ops.class_avg_pool(margin_map.detach(), compact, k, ignore_index=k)
+        table = torch.cat([means[..., 0], means.new_zeros(n, 1)], dim=1)                 # ignored -> 0
+        m_pix = table.gather(1, compact.reshape(n, -1)).reshape(n, 1, h, w)
+        sq_means, _ = ops.class_avg_pool((margin_map - m_pix).pow(2), compact, k, ignore_index=k)
+        return mean_over_present(sq_means[..., 0], counts)

@@ -1,0 +1,57 @@
+"""Binary Lovasz hinge (Berman, Triki, Blaschko, CVPR 2018), vectorised over rows: one sort for everything."""
+import torch
+
+
+def lovasz_hinge(logits, labels, per_image=True, ignore_index=None):
+    """Binary Lovasz hinge loss, a convex surrogate of 1 - IoU of the positive class.
+
+    Args:
+        logits: [B, ...] real scores (positive means class 1); per_image treats each of the B leading entries
+            as one image, whatever its trailing shape ([B, P], [B, H, W], ...).
+        labels: same shape, values in {0, 1} (or ``ignore_index``).
+        per_image: the mean over images of each image's loss (Berman's default for this function);
+            False: one loss over all pixels flattened together.
+        ignore_index: label value whose pixels take part in nothing.
+
+    Returns:
+        scalar loss. An image with no valid pixel contributes 0 (Berman's ``lovasz_hinge_flat`` on an empty
+        image) and still counts in the mean over images.
+
+    How the rows stay in one sort: every row is sorted by its hinge errors; ignored pixels get error -inf so
+    they sort behind all valid pixels of their row, are counted as negatives there (which leaves the Jaccard
+    values of the valid prefix unchanged) and are multiplied by relu(-inf) = 0.
+    """
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits and labels must have one shape, got {list(logits.shape)} and {list(labels.shape)}")
+    if logits.dim() == 0:
+        raise ValueError("logits must have a leading batch dimension [B, ...], got a scalar")
+    if logits.numel() == 0:          # no image, or images without pixels
+        return logits.sum() * 0.0
+    rows = logits.shape[0] if per_image else 1
+    logits, labels = logits.reshape(rows, -1), labels.reshape(rows, -1)
+    valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
+    return lovasz_hinge_rows(logits, labels == 1, valid).mean()
+
+
+def lovasz_hinge_rows(logits, positive, valid):
+    """The Lovasz hinge of every row of ``logits`` [R, P] (one sort for all rows), as a [R] tensor.
+
+    ``positive`` / ``valid`` are [R, P] bool masks: the target class, and the pixels that take part.
+    """
+    gt = (positive & valid).to(logits.dtype)
+    signs = 2.0 * gt - 1.0
+    errors = 1.0 - logits * signs
+    errors = torch.where(valid, errors, torch.full_like(errors, float("-inf")))
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
+    gt_sorted = torch.gather(gt, 1, perm)
+    grad = _lovasz_grad(gt_sorted)
+    return (torch.relu(errors_sorted) * grad).sum(dim=1)
+
+
+def _lovasz_grad(gt_sorted):
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors, row by row (Berman's Alg. 1)."""
+    gts = gt_sorted.sum(dim=1, keepdim=True)
+    intersection = gts - gt_sorted.cumsum(dim=1)
+    union = gts + (1.0 - gt_sorted).cumsum(dim=1)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)

@@ -1,0 +1,52 @@
+"""``build_model``: one call from names and numbers to a CSFRN segmentor."""
+from ..losses import OhemCrossEntropy
+from ..nn import CSFLM
+from .backbones import build_backbone
+from .heads import HEADS, AuxHead, DeepLabV3PlusHead
+from .segmentor import CSFRN
+
+# ASPP rates per output stride (DeepLabv3+: 6/12/18 at stride 16, doubled at stride 8).
+ASPP_DILATIONS = {8: (12, 24, 36), 16: (6, 12, 18)}
+
+
+def build_model(head, num_classes, backbone="resnet50c", csflm=True, fusion="aam", embed_dim=32, margins=True,
+                aux=True, output_stride=8, multi_grid=False, pretrained=None, *, width=64, blocks=None,
+                channels=512, aux_channels=256, ohem=False, thresh=0.7, min_kept=100000, loss_weights=None,
+                binary="lovasz", delta=10.0, ignore_index=255):
+    """Build a CSFRN segmentor (or, with ``csflm=False``, the plain head baseline).
+
+    Args:
+        head: "fcn", "psp", "nonlocal" or "deeplabv3plus".
+        num_classes: number of classes.
+        backbone: "resnet50", "resnet101" (torchvision stem) or "resnet50c", "resnet101c" (deep stem).
+        csflm: add CSFLM after the head's context module.
+        fusion: "aam" (full CSFRN) or "concat" (the paper's "+CSFLM" ablation).
+        embed_dim: width of the C-S features (8 / 16 / 32 / 64).
+        margins: learn class margins (False: fixed margin 0, paper Table 5).
+        aux: auxiliary FCN head on stage 3 (loss weight 0.4).
+        output_stride: 8 (paper) or 16.
+        multi_grid: layer4 dilations (1, 2, 4) x base.
+        pretrained: local ImageNet checkpoint for the backbone (torchvision, timm or mmseg key names);
+            the load report is kept in ``model.pretrained_report``.
+        width, blocks: narrow / shallow backbones for small experiments (64 and the named depth by default).
+        channels: head and CSFLM width (512); aux_channels: aux head width (256).
+        ohem, thresh, min_kept: OHEM cross-entropy for the segmentation loss.
+        loss_weights: overrides of {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}.
+        binary, delta: the CAC loss's binary loss ("lovasz" or "bce") and margin temperature.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    if output_stride not in ASPP_DILATIONS:
+        raise ValueError(f"output_stride must be one of {sorted(ASPP_DILATIONS)}, got {output_stride}")
+    net, report = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, width=width,
+                                 blocks=blocks, pretrained=pretrained)
+    if head == "deeplabv3plus":
+        decode = DeepLabV3PlusHead(net.out_channels, num_classes, channels, ASPP_DILATIONS[output_stride])
+    else:
+        decode = HEADS[head](net.out_channels, num_classes, channels)
+    module = CSFLM(channels, embed_dim, fusion, margins) if csflm else None
+    aux_head = AuxHead(net.out_channels[2], num_classes, aux_channels) if aux else None
+    seg_loss = OhemCrossEntropy(thresh, min_kept, ignore_index) if ohem else None
+    model = CSFRN(net, decode, module, aux_head, seg_loss, loss_weights, delta, binary, ignore_index)
+    model.pretrained_report = report
+    return model

@@ -1,0 +1,92 @@
+"""The CSFRN segmentor: dilated ResNet -> context head -> (CSFLM -> concat or AAM fusion) -> classifier."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import CACLoss, SmoothLoss
+
+DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
+
+
+class CSFRN(nn.Module):
+    """A segmentor (``csfrn.models.build_model`` makes one).
+
+    ``model(images)`` returns logits at the input size; ``model(images, labels)`` returns
+    ``(logits, losses)`` where ``losses`` holds the weighted terms of Eq. 7 that apply ("seg", "aux", "cac",
+    "smooth"), so ``sum(losses.values())`` is the total loss. The auxiliary head and CSFLM's class centres
+    run only when labels are given in train mode (inference needs neither).
+
+    Args:
+        backbone: a module returning the four stage outputs; ``backbone.out_channels`` their widths.
+        head: a ``DecodeHead``.
+        csflm: a ``CSFLM`` placed after the head's context module, or None for the plain baseline.
+        aux_head: the auxiliary FCN head on stage 3, or None.
+        seg_loss: loss on the upsampled logits (CE or OHEM CE).
+        loss_weights: weights of "seg", "aux", "cac", "smooth".
+        delta, binary: the CAC loss's margin temperature and binary loss.
+    """
+
+    def __init__(self, backbone, head, csflm=None, aux_head=None, seg_loss=None, loss_weights=None,
+                 delta=10.0, binary="lovasz", ignore_index=255):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = head
+        self.csflm = csflm
+        self.aux_head = aux_head
+        self.ignore_index = ignore_index
+        self.seg_loss = seg_loss or nn.CrossEntropyLoss(ignore_index=ignore_index)
+        self.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
+        self.smooth_loss = SmoothLoss(ignore_index=ignore_index)
+        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; choose from {list(DEFAULT_LOSS_WEIGHTS)}")
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+
+    @staticmethod
+    def check_input(images):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+                or not images.is_floating_point():
+            got = (f"{list(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor)
+                   else type(images).__name__)
+            raise ValueError(f"images must be a 4-D float tensor [N, 3, H, W] (normalised RGB), got {got}")
+
+    def _run(self, images):
+        """Backbone, head and CSFLM: (logits at input size, stage outputs, CSFLM output or None)."""
+        self.check_input(images)
+        feats = self.backbone(images)
+        a = self.decode_head.context(feats)
+        out = None
+        if self.csflm is not None:
+            out = self.csflm(a)
+            a = out.features
+        logits = self.decode_head.classify(self.decode_head.decode(a, feats))
+        logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
+        return logits, feats, out
+
+    def forward(self, images, labels=None):
+        logits, feats, out = self._run(images)
+        if labels is None:
+            return logits
+        if labels.shape != (images.shape[0],) + images.shape[2:]:
+            raise ValueError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
+                             f"images {list(images.shape)}, got {list(labels.shape)}")
+        labels = labels.long()
+        w = self.loss_weights
+        losses = {"seg": w["seg"] * self.seg_loss(logits, labels)}
+        if self.aux_head is not None and self.training:
+            aux = F.interpolate(self.aux_head(feats[2]), size=images.shape[2:], mode="bilinear", align_corners=False)
+            losses["aux"] = w["aux"] * F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
+        if out is not None:
+            losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, labels)
+            if out.margins is not None:
+                losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, labels)
+        return logits, losses
+
+    @torch.no_grad()
+    def forward_features(self, images):
+        """{"logits": [N, C, H, W], "embeddings": C-S features [N, D, h, w] or None, "margins": margin map
+        [N, 1, h, w] or None} for an input (paper Figure 3); runs in the module's current mode."""
+        logits, _, out = self._run(images)
+        return {"logits": logits,
+                "embeddings": out.embeddings if out is not None else None,
+                "margins": out.margins if out is not None else None}

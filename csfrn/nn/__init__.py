@@ -1,0 +1,7 @@
+"""csfrn's modules: DeformConv2d, CSFLM and AAM."""
+from .aam import AAM
+from .csflm import CSFLM, CSFLMOutput
+from .deform_conv import DeformConv2d
+from .layers import ConvBNReLU
+
+__all__ = ["AAM", "CSFLM", "CSFLMOutput", "ConvBNReLU", "DeformConv2d"]

@@ -1,0 +1,69 @@
+"""CSFLM, the Consistent-Separable Feature Learning Module (paper Figure 1)."""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .aam import AAM
+from .layers import ConvBNReLU
+
+EMBED_DIMS = (8, 16, 32, 64)
+FUSIONS = ("concat", "aam")
+
+
+class CSFLMOutput(NamedTuple):
+    features: torch.Tensor             # the fused features F that go on to the classifier (or decoder)
+    embeddings: torch.Tensor           # B, the C-S features [N, D, h, w]
+    margins: Optional[torch.Tensor]    # C, the margin map [N, 1, h, w]; None when margins are switched off
+
+
+class CSFLM(nn.Module):
+    """Learns consistent-separable (C-S) features from a head's features A and fuses them back in.
+
+    A' = conv3x3(A) + BN + ReLU; B = conv1x1(A') -> embeddings; C = conv1x1(A') -> one-channel margin map.
+    Fusion "concat": conv1x1(concat[A, B]) + BN + ReLU (the paper's "+CSFLM" ablation rows); "aam": the
+    Adaptive Aggregation Module with X = B, Y = A.
+
+    The module makes features only. The class centres s_k and margins m_k (one ``class_avg_pool`` call over
+    B and C stacked) and the distances phi (``center_distance``) are made by ``csfrn.losses.CACLoss`` from
+    ``embeddings`` / ``margins`` during training; inference needs neither labels nor centres.
+
+    Choices the paper leaves open: the embedding and margin convs have biases (no BN follows them); the
+    margin conv starts at zero, so every margin starts at m = 0 and phi's scale exp(delta * m) at 1, rather
+    than at a random exp(+-10 * O(1)) that saturates phi (SpatialEmbeddings also initialises its sigma
+    output to a constant).
+
+    Args:
+        channels: channels of A (and of the output), 512 in the paper.
+        embed_dim: width D of the C-S features (8, 16, 32 or 64; 32 in the paper).
+        fusion: "concat" or "aam".
+        margins: learn the margin map; False fixes every margin at 0 (paper Table 5).
+    """
+
+    def __init__(self, channels=512, embed_dim=32, fusion="aam", margins=True):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(FUSIONS)}")
+        if embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1 (the paper uses {EMBED_DIMS}), got {embed_dim}")
+        self.fusion = fusion
+        self.conv = ConvBNReLU(channels, channels, 3)
+        self.embed = nn.Conv2d(channels, embed_dim, 1)
+        self.margin = nn.Conv2d(channels, 1, 1) if margins else None
+        if fusion == "concat":
+            self.fuse = ConvBNReLU(channels + embed_dim, channels, 1)
+        else:
+            self.fuse = AAM(embed_dim, channels, channels)
+        if self.margin is not None:
+            nn.init.zeros_(self.margin.weight)
+            nn.init.zeros_(self.margin.bias)
+
+    def forward(self, a):
+        a2 = self.conv(a)
+        b = self.embed(a2)
+        c = self.margin(a2) if self.margin is not None else None
+        if self.fusion == "concat":
+            f = self.fuse(torch.cat([a, b], dim=1))
+        else:
+            f = self.fuse(b, a)
+        return CSFLMOutput(f, b, c)

@@ -1,0 +1,138 @@
+"""Deformable convolution (DCN v1, and v2 with a modulation mask), and the dual form used by AAM.
+
+Each public function runs the fused C++/CUDA op ``torch.ops.csfrn.*``; its fake kernel (shapes for
+torch.compile) and its autograd formula, whose backward is an op too, are registered here.
+"""
+import torch
+
+from . import _checks, reference
+from ._switch import reference_enabled
+
+
+def _pairs(stride, padding, dilation):
+    return _checks.pair("stride", stride), _checks.pair("padding", padding), _checks.pair("dilation", dilation)
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+    """Deformable 2-D convolution with the semantics of ``torchvision.ops.deform_conv2d``.
+
+    Args:
+        input: [N, C_in, H, W] float tensor (any memory format).
+        offset: [N, 2 * offset_groups * kh * kw, H_out, W_out]; channel ``2 * (g * kh * kw + k)`` is the row
+            shift (dy) and the next one the column shift (dx) of tap ``k = i * kw + j`` for channel group ``g``.
+            Samples are bilinear, zero outside the input.
+        weight: [C_out, C_in / groups, kh, kw]; groups = C_in / weight.shape[1].
+        bias: optional [C_out].
+        stride, padding, dilation: int or (int, int).
+        mask: optional [N, offset_groups * kh * kw, H_out, W_out] modulation (DCN v2) multiplying each sample.
+
+    Returns:
+        [N, C_out, H_out, W_out]. Differentiable with respect to input, offset, weight, bias and mask; only
+        the gradients asked for are computed.
+    """
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    if reference_enabled():
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    return torch.ops.csfrn.deform_conv2d.default(input, offset, weight, bias, mask, stride, padding, dilation)
+
+
+def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1, padding=0, dilation=1,
+                       mask=None):
+    """Two deformable convolutions that share one offset field (and mask), as in AAM.
+
+    Equal to ``(deform_conv2d(x, offset, weight_x, bias_x, ...), deform_conv2d(y, offset, weight_y, bias_y, ...))``,
+    but the sampling positions and bilinear weights are computed once for both, and the offset (and mask)
+    gradients of both convolutions are accumulated in one pass.
+
+    Args:
+        x: [N, C_x, H, W]; y: [N, C_y, H, W] (same N, H, W).
+        offset, mask, stride, padding, dilation: as in :func:`deform_conv2d`; offset_groups must divide C_x and C_y.
+        weight_x: [C_out_x, C_x / groups_x, kh, kw]; weight_y: [C_out_y, C_y / groups_y, kh, kw] (same kh, kw).
+        bias_x, bias_y: optional [C_out_x], [C_out_y].
+
+    Returns:
+        (out_x [N, C_out_x, H_out, W_out], out_y [N, C_out_y, H_out, W_out]).
+    """
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    if reference_enabled():
+        return reference.dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, stride, padding,
+                                            dilation, mask)
+    return torch.ops.csfrn.dual_deform_conv2d.default(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
+                                                      stride, padding, dilation)
+
+
+# ---------------------------------------------------------------- fake kernels (shapes only)
+def _empty_or_like(t, needed):
+    if not needed or t is None:
+        return None if t is None else t.new_empty(0)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("csfrn::deform_conv2d")
+def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dilation):
+    shape = _checks.check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
+    return input.new_empty(shape)
+
+
+@torch.library.register_fake("csfrn::deform_conv2d_backward")
+def _deform_conv2d_backward_fake(grad_out, input, offset, weight, mask, stride, padding, dilation, output_mask):
+    grads = [_empty_or_like(t, m) for t, m in zip((input, offset, weight), output_mask[:3])]
+    grads.append(weight.new_empty(weight.shape[0] if output_mask[3] else 0))
+    grads.append(_empty_or_like(mask, output_mask[4]) if mask is not None else input.new_empty(0))
+    return tuple(grads)
+
+
+@torch.library.register_fake("csfrn::dual_deform_conv2d")
+def _dual_deform_conv2d_fake(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation):
+    shape_x, shape_y = _checks.check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
+                                                        stride, padding, dilation)
+    return x.new_empty(shape_x), y.new_empty(shape_y)
+
+
+@torch.library.register_fake("csfrn::dual_deform_conv2d_backward")
+def _dual_deform_conv2d_backward_fake(grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, stride,
+                                      padding, dilation, output_mask):
+    grads = [_empty_or_like(t, m) for t, m in zip((x, y, offset, weight_x, weight_y), output_mask[:5])]
+    grads.append(weight_x.new_empty(weight_x.shape[0] if output_mask[5] else 0))
+    grads.append(weight_y.new_empty(weight_y.shape[0] if output_mask[6] else 0))
+    grads.append(_empty_or_like(mask, output_mask[7]) if mask is not None else x.new_empty(0))
+    return tuple(grads)
+
+
+# ---------------------------------------------------------------- autograd
+def _deform_conv2d_setup(ctx, inputs, output):
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.conv = (stride, padding, dilation)
+
+
+def _deform_conv2d_backward(ctx, grad_out):
+    input, offset, weight, mask = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:5])
+    if not any(need):
+        return (None,) * 8
+    grads = torch.ops.csfrn.deform_conv2d_backward.default(grad_out, input, offset, weight, mask, *ctx.conv, need)
+    return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
+
+
+torch.library.register_autograd("csfrn::deform_conv2d", _deform_conv2d_backward, setup_context=_deform_conv2d_setup)
+
+
+def _dual_deform_conv2d_setup(ctx, inputs, output):
+    x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, y, offset, weight_x, weight_y, mask)
+    ctx.conv = (stride, padding, dilation)
+
+
+def _dual_deform_conv2d_backward(ctx, grad_out_x, grad_out_y):
+    x, y, offset, weight_x, weight_y, mask = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:8])
+    if not any(need):
+        return (None,) * 11
+    grads = torch.ops.csfrn.dual_deform_conv2d_backward.default(grad_out_x, grad_out_y, x, y, offset, weight_x,
+                                                                weight_y, mask, *ctx.conv, need)
+    return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
+
+
+torch.library.register_autograd("csfrn::dual_deform_conv2d", _dual_deform_conv2d_backward,
+                                setup_context=_dual_deform_conv2d_setup)
