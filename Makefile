@@ -8,7 +8,9 @@ PYTHON ?= python3
 # ccache makes rebuilds of unchanged sources take seconds, when it is installed.
 CCACHE_CXX := $(wildcard /usr/lib/ccache/g++)
 ifneq ($(CCACHE_CXX),)
-export CXX ?= $(CCACHE_CXX)
+ifeq ($(origin CXX),default)
+export CXX := $(CCACHE_CXX)
+endif
 endif
 export CCACHE_NOHASHDIR := 1
 export MAX_JOBS ?= 2
