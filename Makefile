@@ -24,7 +24,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: requirements.txt | $(PY)
-	$(PY) -m pip install --upgrade "setuptools>=64" wheel
+	$(PY) -m pip install --upgrade pip "setuptools>=64" wheel
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
