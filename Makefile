@@ -8,7 +8,9 @@ PYTHON ?= python3
 # ccache makes rebuilds of unchanged sources take seconds, when it is installed.
 CCACHE_CXX := $(wildcard /usr/lib/ccache/g++)
 ifneq ($(CCACHE_CXX),)
-export CXX ?= $(CCACHE_CXX)
+ifeq ($(origin CXX),default)
+export CXX := $(CCACHE_CXX)
+endif
 endif
 export CCACHE_NOHASHDIR := 1
 export MAX_JOBS ?= 2
@@ -22,7 +24,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: requirements.txt | $(PY)
-	$(PY) -m pip install --upgrade "setuptools>=64" wheel
+	$(PY) -m pip install --upgrade pip "setuptools>=64" wheel
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 

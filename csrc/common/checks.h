@@ -13,6 +13,23 @@ inline std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
+// The dtype as Python spells it ("torch.float32"), so messages match the Python checks.
+inline std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline void check_rank(const char* name, const at::Tensor& t, int64_t rank, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == rank, name, " must be a ", rank, "-D tensor ", layout, ", got shape ",
                     shape_str(t));
@@ -20,7 +37,7 @@ inline void check_rank(const char* name, const at::Tensor& t, int64_t rank, cons
 
 inline void check_floating(const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got dtype ",
-                    t.scalar_type());
+                    dtype_str(t.scalar_type()));
 }
 
 inline void check_same_device(const char* a, const at::Tensor& ta, const char* b, const at::Tensor& tb) {
@@ -30,7 +47,7 @@ inline void check_same_device(const char* a, const at::Tensor& ta, const char* b
 
 inline void check_same_dtype(const char* a, const at::Tensor& ta, const char* b, const at::Tensor& tb) {
   TORCH_CHECK_VALUE(ta.scalar_type() == tb.scalar_type(), "all floating-point tensors must share one dtype, got ",
-                    a, " ", ta.scalar_type(), ", ", b, " ", tb.scalar_type());
+                    a, " ", dtype_str(ta.scalar_type()), ", ", b, " ", dtype_str(tb.scalar_type()));
 }
 
 inline void check_class_avg_pool_args(const at::Tensor& features, const at::Tensor& labels, int64_t num_classes) {
@@ -38,7 +55,7 @@ inline void check_class_avg_pool_args(const at::Tensor& features, const at::Tens
   check_floating("features", features);
   check_rank("labels", labels, 3, "[N, H, W]");
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "labels must be an int64 tensor, got dtype ",
-                    labels.scalar_type());
+                    dtype_str(labels.scalar_type()));
   TORCH_CHECK_VALUE(labels.size(0) == features.size(0) && labels.size(1) == features.size(2) &&
                         labels.size(2) == features.size(3),
                     "labels must have shape [N, H, W] = [", features.size(0), ", ", features.size(2), ", ",

@@ -10,11 +10,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <limits>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/class_ops.h"
+#include "common/distance_grads.h"
 
 namespace csfrn {
 namespace {
@@ -134,8 +136,100 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
   return grad;
 }
 
-// Pixel chunk of the distance kernels: small enough that a chunk of embeddings stays in L1/L2.
+// ---------------------------------------------------------------- centre distances
+// Pixel chunk of the distance kernels: a chunk of embeddings ([D][kDistChunk]) stays in L1/L2 while every
+// centre is compared with it.
 constexpr int64_t kDistChunk = 256;
+
+// exp(x) for x <= 0, vectorisable (no libm call): Cody-Waite range reduction and Cephes' polynomials, within
+// 2 ulp; results below the smallest normal number are 0 (as flush_tiny does on the GPU). NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  return underflow ? 0.0f : y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline double exp_nonpositive(double x) {
+  const bool underflow = x < -708.0;
+  x = underflow ? -708.0 : x;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const double n = (x * 1.4426950408889634 + magic) - magic;
+  const double r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+  const double rr = r * r;
+  const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1);
+  const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr +
+                   2.00000000000000000009e0;
+  const double y = 1.0 + 2.0 * px / (q - px);
+  return underflow ? 0.0 : y * std::bit_cast<double>((static_cast<int64_t>(n) + 1023) << 52);
+}
+
+// The two hot loops, compiled twice on x86-64 (AVX2 + FMA, and the baseline) and picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CSFRN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CSFRN_CPU_CLONES
+#endif
+
+// decay[p] = exp(-scale * sum_d (e[d][p] - c[d])^2) for one chunk and one centre; dist kept for the backward.
+template <typename T>
+inline void chunk_decay_impl(T* __restrict__ dist, T* __restrict__ decay, const T* __restrict__ e,
+                             const T* __restrict__ c, T scale, int64_t D, int64_t np) {
+  for (int64_t p = 0; p < np; ++p) dist[p] = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T cd = c[d];
+    const T* __restrict__ ed = e + d * kDistChunk;
+#pragma omp simd
+    for (int64_t p = 0; p < np; ++p) {
+      const T t = ed[p] - cd;
+      dist[p] += t * t;
+    }
+  }
+#pragma omp simd
+  for (int64_t p = 0; p < np; ++p) decay[p] = exp_nonpositive(-dist[p] * scale);
+}
+
+CSFRN_CPU_CLONES void chunk_decay(float* dist, float* decay, const float* e, const float* c, float scale, int64_t D,
+                                  int64_t np) {
+  chunk_decay_impl(dist, decay, e, c, scale, D, np);
+}
+CSFRN_CPU_CLONES void chunk_decay(double* dist, double* decay, const double* e, const double* c, double scale,
+                                  int64_t D, int64_t np) {
+  chunk_decay_impl(dist, decay, e, c, scale, D, np);
+}
+
+// Calls body(n, p0, np, eb, ctr) for every (image, pixel chunk) in parallel, with the chunk's embeddings staged
+// as eb[d * kDistChunk + p] and the image's centres as ctr[k * D + d], both in the accumulation type.
+template <typename scalar_t, typename acc_t, typename Body>
+void for_each_pixel_chunk(const PixelView& ev, const scalar_t* centers, int64_t N, int64_t D, int64_t P, int64_t K,
+                          const Body& body) {
+  const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
+  const int64_t nchunks = (P + kDistChunk - 1) / kDistChunk;
+  at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> eb(D * kDistChunk), ctr(K * D);
+    int64_t staged_n = -1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / nchunks, p0 = (b % nchunks) * kDistChunk, np = std::min(kDistChunk, P - p0);
+      if (n != staged_n) {
+        for (int64_t i = 0; i < K * D; ++i) ctr[i] = static_cast<acc_t>(centers[n * K * D + i]);
+        staged_n = n;
+      }
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t p = 0; p < np; ++p)
+          eb[d * kDistChunk + p] = static_cast<acc_t>(e[n * ev.sn + d * ev.sc + (p0 + p) * ev.sp]);
+      body(b, n, p0, np, eb.data(), ctr.data());
+    }
+  });
+}
 
 at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
                                double delta) {
@@ -146,37 +240,20 @@ at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& c
   if (phi.numel() == 0) return phi;
   const PixelView ev = pixel_view(embeddings);
   const at::Tensor s = centers.contiguous(), m = margins.contiguous();
-  const int64_t nchunks = (P + kDistChunk - 1) / kDistChunk;
 
   AT_DISPATCH_FLOATING_TYPES(embeddings.scalar_type(), "center_distance_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     scalar_t* out = phi.data_ptr<scalar_t>();
     const acc_t dl = static_cast<acc_t>(delta);
-    at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> eb(D * kDistChunk), dist(kDistChunk);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = b / nchunks, p0 = (b % nchunks) * kDistChunk, np = std::min(kDistChunk, P - p0);
-        for (int64_t d = 0; d < D; ++d)  // stage the chunk as [D][np] in the accumulation type
-          for (int64_t p = 0; p < np; ++p)
-            eb[d * kDistChunk + p] = static_cast<acc_t>(e[n * ev.sn + d * ev.sc + (p0 + p) * ev.sp]);
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* sk = sp + (n * K + k) * D;
-          std::fill(dist.begin(), dist.begin() + np, acc_t(0));
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t c = static_cast<acc_t>(sk[d]);
-            const acc_t* ed = eb.data() + d * kDistChunk;
-            for (int64_t p = 0; p < np; ++p) {
-              const acc_t t = ed[p] - c;
-              dist[p] += t * t;
-            }
-          }
-          const acc_t scale = margin_scale(static_cast<acc_t>(mp[n * K + k]), dl);
-          scalar_t* o = out + (n * K + k) * P + p0;
-          for (int64_t p = 0; p < np; ++p) o[p] = static_cast<scalar_t>(phi_of(dist[p], scale));
-        }
+    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K,
+                                          [&](int64_t, int64_t n, int64_t p0, int64_t np, const acc_t* eb,
+                                              const acc_t* ctr) {
+      acc_t dist[kDistChunk], decay[kDistChunk];
+      for (int64_t k = 0; k < K; ++k) {
+        chunk_decay(dist, decay, eb, ctr + k * D, margin_scale(static_cast<acc_t>(mp[n * K + k]), dl), D, np);
+        scalar_t* o = out + (n * K + k) * P + p0;
+        for (int64_t p = 0; p < np; ++p) o[p] = static_cast<scalar_t>(phi_of_decay(decay[p]));
       }
     });
   });
@@ -188,102 +265,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
     double delta, std::array<bool, 3> output_mask) {
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1);
-  const auto opts = embeddings.options();
-  at::Tensor grad_e = output_mask[0] ? at::empty({N, D, H, W}, opts) : at::empty({0}, opts);
-  at::Tensor grad_s = output_mask[1] ? at::zeros({N, K, D}, opts) : at::empty({0}, opts);
-  at::Tensor grad_m = output_mask[2] ? at::zeros({N, K}, opts) : at::empty({0}, opts);
-  if (N == 0 || K == 0 || P == 0) {
-    if (output_mask[0]) grad_e.zero_();  // no class pulls on the embeddings
-    return {grad_e, grad_s, grad_m};
-  }
+  const auto acc_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const PixelView ev = pixel_view(embeddings);
   const at::Tensor g = grad_phi.contiguous(), s = centers.contiguous(), m = margins.contiguous();
-  const int64_t nchunks = (P + kDistChunk - 1) / kDistChunk;
-  const bool need_e = output_mask[0], need_s = output_mask[1], need_m = output_mask[2];
+  const int64_t nchunks = std::max<int64_t>(1, (P + kDistChunk - 1) / kDistChunk);
+  // w = dL/d dist for every (n, k, p); the margin gradient is summed per chunk, then over chunks in order.
+  at::Tensor w = at::empty({N, K, P}, embeddings.options().dtype(acc_type));  // every element is written
+  at::Tensor gm_part = at::zeros({N, nchunks, K}, embeddings.options().dtype(acc_type));
 
   AT_DISPATCH_FLOATING_TYPES(embeddings.scalar_type(), "center_distance_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    acc_t* wp = w.data_ptr<acc_t>();
+    acc_t* gmp = gm_part.data_ptr<acc_t>();
     const acc_t dl = static_cast<acc_t>(delta);
-    // Per-chunk partial sums of the centre and margin gradients, reduced in chunk order below.
-    std::vector<acc_t> part_s(need_s ? N * nchunks * K * D : 0), part_m(need_m ? N * nchunks * K : 0);
-    scalar_t* ge_out = need_e ? grad_e.data_ptr<scalar_t>() : nullptr;
-
-    at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> eb(D * kDistChunk), ge(D * kDistChunk), dist(kDistChunk), w(kDistChunk);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = b / nchunks, p0 = (b % nchunks) * kDistChunk, np = std::min(kDistChunk, P - p0);
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t p = 0; p < np; ++p)
-            eb[d * kDistChunk + p] = static_cast<acc_t>(e[n * ev.sn + d * ev.sc + (p0 + p) * ev.sp]);
-        std::fill(ge.begin(), ge.end(), acc_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* sk = sp + (n * K + k) * D;
-          std::fill(dist.begin(), dist.begin() + np, acc_t(0));
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t c = static_cast<acc_t>(sk[d]);
-            const acc_t* ed = eb.data() + d * kDistChunk;
-            for (int64_t p = 0; p < np; ++p) {
-              const acc_t t = ed[p] - c;
-              dist[p] += t * t;
-            }
-          }
-          const acc_t scale = margin_scale(static_cast<acc_t>(mp[n * K + k]), dl);
-          const scalar_t* gk = gp + (n * K + k) * P + p0;
-          acc_t gm_sum = 0;
-          for (int64_t p = 0; p < np; ++p) {
-            acc_t gm;
-            phi_backward(static_cast<acc_t>(gk[p]), dist[p], scale, dl, w[p], gm);
-            gm_sum += gm;
-          }
-          if (need_m) part_m[b * K + k] = gm_sum;
-          if (!need_e && !need_s) continue;
-          // d dist / d e = 2 (e - s_k), d dist / d s_k = -2 (e - s_k)
-          acc_t* ps = need_s ? part_s.data() + (b * K + k) * D : nullptr;
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t c = static_cast<acc_t>(sk[d]);
-            const acc_t* ed = eb.data() + d * kDistChunk;
-            acc_t* gd = ge.data() + d * kDistChunk;
-            acc_t acc = 0;
-            for (int64_t p = 0; p < np; ++p) {
-              const acc_t t = w[p] * (ed[p] - c);
-              acc += t;
-              gd[p] += t;
-            }
-            if (ps) ps[d] = acc_t(-2) * acc;
-          }
+    if (w.numel() == 0) return;
+    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K,
+                                          [&](int64_t b, int64_t n, int64_t p0, int64_t np, const acc_t* eb,
+                                              const acc_t* ctr) {
+      acc_t dist[kDistChunk], decay[kDistChunk];
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t scale = margin_scale(static_cast<acc_t>(mp[n * K + k]), dl);
+        chunk_decay(dist, decay, eb, ctr + k * D, scale, D, np);
+        const scalar_t* gk = gp + (n * K + k) * P + p0;
+        acc_t* wk = wp + (n * K + k) * P + p0;
+        acc_t gm_sum = 0;
+        for (int64_t p = 0; p < np; ++p) {
+          acc_t gm;
+          phi_backward(static_cast<acc_t>(gk[p]), decay[p], dist[p], scale, dl, wk[p], gm);
+          gm_sum += gm;
         }
-        if (need_e)
-          for (int64_t d = 0; d < D; ++d)  // grad_e is contiguous NCHW
-            for (int64_t p = 0; p < np; ++p)
-              ge_out[(n * D + d) * P + p0 + p] = static_cast<scalar_t>(acc_t(2) * ge[d * kDistChunk + p]);
+        gmp[b * K + k] = gm_sum;
       }
     });
-
-    if (need_s || need_m) {
-      scalar_t* gs = need_s ? grad_s.data_ptr<scalar_t>() : nullptr;
-      scalar_t* gmo = need_m ? grad_m.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, N * K, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t n = i / K, k = i % K;
-          if (need_m) {
-            acc_t acc = 0;
-            for (int64_t ch = 0; ch < nchunks; ++ch) acc += part_m[(n * nchunks + ch) * K + k];
-            gmo[i] = static_cast<scalar_t>(acc);
-          }
-          if (need_s)
-            for (int64_t d = 0; d < D; ++d) {
-              acc_t acc = 0;
-              for (int64_t ch = 0; ch < nchunks; ++ch) acc += part_s[((n * nchunks + ch) * K + k) * D + d];
-              gs[i * D + d] = static_cast<scalar_t>(acc);
-            }
-        }
-      });
-    }
   });
+  auto [grad_e, grad_s] = distance_grads_from_weights(w, embeddings, centers, output_mask[0], output_mask[1]);
+  at::Tensor grad_m = output_mask[2] ? gm_part.sum(1).to(margins.scalar_type()) : at::empty({0}, margins.options());
   return {grad_e, grad_s, grad_m};
 }
 

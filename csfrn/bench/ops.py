@@ -1,0 +1,155 @@
+"""Benchmark of the class-wise ops: our kernel vs its reference twin vs the pure-PyTorch formulation a user
+would write (one-hot + bmm for the pooling, torch.cdist for the distance), forward and forward+backward,
+time and peak memory, measured in one run. ``csfrn bench-ops`` and ``benchmarks/bench_ops.py`` run it.
+
+Floors at the Cityscapes training shape (N=2, D=32, 97x97, K=19; this CPU: ~24 GB/s copy counting read +
+write, ~300 GFLOP/s fp32 peak on 2 threads), float32:
+  class_avg_pool  fwd reads features + labels (2.4 MB + 0.15 MB)                  ~0.11 ms (bandwidth)
+                  bwd writes grad features (2.4 MB) and reads labels             ~0.11 ms
+  center_distance fwd reads embeddings (2.4 MB), writes phi (N*K*P*4 = 1.4 MB)  ~0.16 ms (bandwidth);
+                  3*N*K*D*P = 34 MFLOP                                           ~0.11 ms (compute)
+                  bwd ~6*N*K*D*P = 69 MFLOP plus the same traffic twice          ~0.3 ms
+The table prints each row's time beside its floor.
+"""
+import argparse
+import datetime
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops import reference
+from .timing import device_name, measure, table, write_json
+
+CPU_BANDWIDTH = 24e9      # bytes/s, copy counting read + write (DESIGN.md)
+CPU_FLOPS = 300e9         # fp32 FLOP/s on 2 threads (DESIGN.md)
+
+
+# ---------------------------------------------------------------- the peers a user would write
+def onehot_bmm_class_avg_pool(features, labels, num_classes, ignore_index=255):
+    n, d = features.shape[:2]
+    valid = (labels != ignore_index).reshape(n, -1, 1)
+    onehot = F.one_hot(labels.reshape(n, -1).masked_fill(~valid[..., 0], 0), num_classes).to(features.dtype) * valid
+    counts = onehot.sum(1)                                                      # [N, K]
+    sums = torch.bmm(onehot.transpose(1, 2), features.reshape(n, d, -1).transpose(1, 2))
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+
+
+def cdist_center_distance(embeddings, centers, margins, delta=10.0):
+    n, d, h, w = embeddings.shape
+    dist = torch.cdist(embeddings.reshape(n, d, -1).transpose(1, 2), centers).square()    # [N, P, K]
+    phi = 1 - torch.exp(-dist * torch.exp(delta * margins).unsqueeze(1))
+    return phi.transpose(1, 2).reshape(n, -1, h, w)
+
+
+# ---------------------------------------------------------------- cases
+def _pool_case(impl, n, d, h, w, k, device, dtype, backward):
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(n, d, h, w, generator=g, dtype=dtype).to(device).requires_grad_(backward)
+    labels = torch.randint(0, k, (n, h, w), generator=g)
+    labels[torch.rand(n, h, w, generator=g) < 0.1] = 255
+    labels = labels.to(device)
+    upstream = torch.randn(n, k, d, generator=g, dtype=dtype).to(device)
+
+    def run():
+        means, _ = impl(features, labels, k)
+        if backward:
+            torch.autograd.grad(means, features, upstream)
+    return run
+
+
+def _dist_case(impl, n, d, h, w, k, device, dtype, backward):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(n, d, h, w, generator=g, dtype=dtype), torch.randn(n, k, d, generator=g, dtype=dtype) * 0.5,
+              torch.randn(n, k, generator=g, dtype=dtype) * 0.1]
+    inputs = [t.to(device).requires_grad_(backward) for t in inputs]
+    upstream = torch.randn(n, k, h, w, generator=g, dtype=dtype).to(device)
+
+    def run():
+        phi = impl(*inputs)
+        if backward:
+            torch.autograd.grad(phi, inputs, upstream)
+    return run
+
+
+def _floor_ms(op, n, d, h, w, k, backward, itemsize=4):
+    p = n * h * w
+    if op == "class_avg_pool":
+        moved = p * (d * itemsize + 8) * (2 if backward else 1)
+        return moved / CPU_BANDWIDTH * 1e3
+    moved = (p * d + p * k) * itemsize * (2 if backward else 1)
+    flops = 3 * k * d * p * (3 if backward else 1)
+    return max(moved / CPU_BANDWIDTH, flops / CPU_FLOPS) * 1e3
+
+
+def _with_reference(fn):
+    def run(*args, **kwargs):
+        with ops.use_reference():
+            return fn(*args, **kwargs)
+    return run
+
+
+IMPLS = {
+    "class_avg_pool": {"csfrn": ops.class_avg_pool, "reference": _with_reference(ops.class_avg_pool),
+                       "onehot+bmm": onehot_bmm_class_avg_pool},
+    "center_distance": {"csfrn": ops.center_distance, "reference": _with_reference(ops.center_distance),
+                        "cdist": cdist_center_distance},
+}
+PEER = {"class_avg_pool": "onehot+bmm", "center_distance": "cdist"}
+
+
+def run(device="cpu", reps=10, shapes=None, dtype=torch.float32):
+    """Returns one row per (op, shape, pass, implementation)."""
+    shapes = shapes or [(2, 32, 97, 97, 19), (2, 32, 97, 97, 150)]
+    rows = []
+    for op, impls in IMPLS.items():
+        make = _pool_case if op == "class_avg_pool" else _dist_case
+        for shape in shapes:
+            for backward in (False, True):
+                fns = {name: make(impl, *shape, device, dtype, backward) for name, impl in impls.items()}
+                result = measure(fns, device=device, reps=reps, warmup=2)
+                ours = result["csfrn"]["median_ms"]
+                floor = _floor_ms(op, *shape, backward) if torch.device(device).type == "cpu" else None
+                for name, r in result.items():
+                    rows.append({"op": op, "shape": "N=%d D=%d %dx%d K=%d" % shape, "pass": "fwd+bwd" if backward
+                                 else "fwd", "impl": name, **r, "speedup": r["median_ms"] / ours,
+                                 "floor_ms": floor if name == "csfrn" else None})
+    return rows
+
+
+COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("pass", "pass", "{}"), ("impl", "impl", "{}"),
+           ("median_ms", "median ms", "{:.3f}"), ("min_ms", "min ms", "{:.3f}"), ("peak_mb", "peak MiB", "{:.2f}"),
+           ("speedup", "x slower than csfrn", "{:.2f}"), ("floor_ms", "floor ms", "{:.3f}")]
+
+
+def summary_lines(rows):
+    """The targets of the issue as ratios: ours vs the peer formulation, fwd+bwd."""
+    lines = []
+    for r in rows:
+        if r["pass"] == "fwd+bwd" and r["impl"] == PEER[r["op"]]:
+            lines.append(f"{r['op']:16s} {r['shape']}: csfrn is {r['speedup']:.1f}x faster than {r['impl']} fwd+bwd")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="csfrn bench-ops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--json", default=None, help="where to write the rows (default benchmarks/results/…)")
+    args = parser.parse_args(argv)
+    rows = run(args.device, args.reps, dtype=getattr(torch, args.dtype))
+    meta = {"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
+            "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
+    path = args.json or os.path.join("benchmarks", "results", f"class_ops-{torch.device(args.device).type}.json")
+    write_json(path, {"meta": meta, "rows": rows})
+    print(f"class-wise ops on {meta['device']}, torch {meta['torch']}, {args.dtype}, median of {args.reps}")
+    print(table(rows, COLUMNS))
+    print("\n".join(summary_lines(rows)))
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
