@@ -158,7 +158,7 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
     assert not [n for n in os.listdir(work) if n.endswith(".tmp")]
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     iters = [r["iter"] for r in records if r["kind"] == "train"]
-    assert iters[-2:] == [done + 1, final]
+    assert iters == list(range(1, final + 1))      # records after the checkpoint are not duplicated
 
 
 @pytest.mark.parametrize("path", sorted(

@@ -67,8 +67,14 @@ def _amp_settings(amp, device):
 class MetricsLog:
     """JSON lines in work_dir/metrics.jsonl, mirrored to TensorBoard when it is installed and wanted."""
 
-    def __init__(self, work_dir, tensorboard=True):
+    def __init__(self, work_dir, tensorboard=True, keep_until=0):
         self.path = os.path.join(work_dir, "metrics.jsonl")
+        # A resumed run repeats the iterations after its checkpoint: drop their old records.
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= keep_until]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
         self.writer = None
         if tensorboard:
             try:
@@ -146,6 +152,10 @@ def _train(cfg, model, info):
         start_iter, best = state["iter"], state["best_mIoU"]
         if state["world_size"] == info.world_size:
             set_rng_state(state["rng"][info.rank])
+        elif info.is_main:
+            print(f"note: {resume} was written by {state['world_size']} processes, this run has "
+                  f"{info.world_size}: data order and augmentations continue exactly, dropout streams do not",
+                  flush=True)
         if info.is_main:
             print(f"resumed from {resume} at iteration {start_iter}", flush=True)
     else:
@@ -163,7 +173,7 @@ def _train(cfg, model, info):
     loader = torch.utils.data.DataLoader(SeededTransforms(train_set, transforms), batch_sampler=sampler,
                                          num_workers=dcfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator(), persistent_workers=False)
-    log = MetricsLog(tcfg.work_dir, tcfg.tensorboard) if info.is_main else None
+    log = MetricsLog(tcfg.work_dir, tcfg.tensorboard, keep_until=start_iter) if info.is_main else None
     bar = tqdm(total=tcfg.iters, initial=start_iter, desc="train", dynamic_ncols=True,
                disable=not (info.is_main and tcfg.progress))
     last_summary = None
