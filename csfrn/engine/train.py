@@ -3,6 +3,7 @@ per-sample seeded data, JSON-lines metrics (TensorBoard when installed), periodi
 and last.pth, and exact resume."""
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -172,7 +173,7 @@ def _train(cfg, model, info):
     # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
     loader = torch.utils.data.DataLoader(SeededTransforms(train_set, transforms), batch_sampler=sampler,
                                          num_workers=dcfg.num_workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator(), persistent_workers=False)
+                                         generator=torch.Generator())
     log = MetricsLog(tcfg.work_dir, tcfg.tensorboard, keep_until=start_iter) if info.is_main else None
     bar = tqdm(total=tcfg.iters, initial=start_iter, desc="train", dynamic_ncols=True,
                disable=not (info.is_main and tcfg.progress))
@@ -197,7 +198,7 @@ def _train(cfg, model, info):
         if it % tcfg.log_interval == 0 or it == tcfg.iters:
             values = {k: float(v.detach()) for k, v in losses.items()}
             values["loss"] = float(loss.detach())
-            if not all(map(lambda v: v == v and abs(v) != float("inf"), values.values())):
+            if not all(math.isfinite(v) for v in values.values()):
                 raise FloatingPointError(f"loss is not finite at iteration {it}: {values}")
             lr = optimizer.param_groups[0]["lr"]
             speed = (it - tic_iter) / max(time.perf_counter() - tic, 1e-9)
