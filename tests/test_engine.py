@@ -96,7 +96,7 @@ def test_checkpoint_roundtrip_and_atomic_replace(tmp_path):
 def test_checkpoint_never_runs_code(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"x": _Evil()}, f)
+        pickle.dump({"x": _Evil()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_checkpoint(path)
 
