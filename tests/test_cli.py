@@ -70,7 +70,8 @@ def test_eval_predict_visualize(trained, tmp_path, capsys):
     assert cli.main(["visualize", "--checkpoint", ckpt, "--out", str(png), "--indices", "0", "1",
                      "--points", "5,5", "20,10"]) == 0
     with Image.open(png) as img:
-        assert img.size == (4 + 5 * (32 + 4), 4 + 2 * (32 + 4))   # image, gt, pred + 2 maps; 2 rows
+        # titles; then image, gt, pred + 2 maps per row, 2 rows
+        assert img.size == (4 + 5 * (32 + 4), 14 + 4 + 2 * (32 + 4))
 
 
 def test_bad_config_keys_and_values_are_clear_errors(tmp_path):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..data.cityscapes import train_ids_to_label_ids
@@ -102,7 +102,8 @@ def predict(model, image_paths, out_dir, num_classes, palette, eval_cfg, device,
 
 @torch.no_grad()
 def predict_dataset_grid(models, dataset, indices, path, eval_cfg, device, scale=1):
-    """One row per image: image, ground truth, then each model's prediction (``models``: name -> model)."""
+    """One row per image: image, ground truth, then each model's prediction (``models``: name -> model), under
+    a row of column titles."""
     from ..data.transforms import denormalize
 
     rows = []
@@ -115,5 +116,12 @@ def predict_dataset_grid(models, dataset, indices, path, eval_cfg, device, scale
             tiles.append(colorize(probs.argmax(1)[0].cpu().numpy(), dataset.palette))
         rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
     grid = np.concatenate(rows, 0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    body = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (body.width, body.height + 14), (255, 255, 255))
+    canvas.paste(body, (0, 14))
+    draw = ImageDraw.Draw(canvas)
+    tile = body.width // (2 + len(models))
+    for c, title in enumerate(["image", "ground truth", *models]):
+        draw.text((c * tile + 2, 1), title, fill=(0, 0, 0))
+    canvas.save(path)
     return path

@@ -9,6 +9,7 @@ from .. import ops
 from .evaluate import colorize
 
 # Anchors of a perceptually ordered dark-blue -> teal -> yellow map (viridis-like), interpolated linearly.
+HEADER = 14  # pixels of column titles above the tiles
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
 
 
@@ -85,13 +86,18 @@ def figure3(rows, path, palette, scale=1):
     tiles_per_row = 3 + max([len(r["points"]) for r in rows] + [0])
     h, w = rows[0]["image"].shape[:2]
     th, tw, gap = h * scale, w * scale, 4
-    canvas = Image.new("RGB", (tiles_per_row * (tw + gap) + gap, len(rows) * (th + gap) + gap), (255, 255, 255))
+    canvas = Image.new("RGB", (tiles_per_row * (tw + gap) + gap, HEADER + len(rows) * (th + gap) + gap),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    titles = ["image", "ground truth", "prediction"] + [f"phi, query {q + 1}" for q in range(tiles_per_row - 3)]
+    for c, title in enumerate(titles):
+        draw.text((gap + c * (tw + gap), 2), title, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         tiles = [_mark(row["image"], row["points"]), colorize(row["label"], palette), colorize(row["pred"], palette)]
         tiles += [_mark(colormap(m), [p]) for m, p in zip(row["maps"], row["points"])]
         for c, tile in enumerate(tiles):
             img = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
-            canvas.paste(img, (gap + c * (tw + gap), gap + r * (th + gap)))
+            canvas.paste(img, (gap + c * (tw + gap), HEADER + gap + r * (th + gap)))
     canvas.save(path)
     return path
 
