@@ -276,8 +276,8 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
         if (!need_weight[i]) continue;
         const Branch& b = branches[i];
         const at::Tensor gout = grad_outs[i].narrow(0, n0, nb).view({nb, b.groups, b.out_channels / b.groups, L});
-        r.grad_weight[i].add_(
-            at::matmul(gout, grouped(cols[i], b, nb, g).transpose(2, 3)).sum(0, false, acc_opts.dtype()));
+        const at::Tensor per_image = at::matmul(gout, grouped(cols[i], b, nb, g).transpose(2, 3));
+        r.grad_weight[i].add_(at::sum(per_image, at::IntArrayRef{0}, false, at::toOpMathType(offset.scalar_type())));
       }
       cols.assign(branches.size(), at::Tensor());
     }
