@@ -15,7 +15,6 @@ at::ScalarType run_dtype() {
   return device == c10::DeviceType::CUDA ? at::autocast::get_autocast_dtype(device) : at::kFloat;
 }
 
-
 template <c10::DeviceType device, c10::DispatchKey key>
 at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,

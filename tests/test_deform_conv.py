@@ -335,10 +335,12 @@ def test_dual_one_output_used():
 
 
 # ---------------------------------------------------------------- determinism
-def test_deterministic_cpu_backward():
-    case = make_case(n=2, c_in=64, c_out=8, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
+@pytest.mark.parametrize("n", [1, 2])
+def test_deterministic_cpu_backward(n):
+    # n = 1: the image's pixels are split between threads, whose input-gradient parts are added afterwards.
+    case = make_case(n=n, c_in=64, c_out=8, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
                      dilation=(1, 1), size=(24, 24), use_mask=True, dtype=torch.float32)
-    y = torch.randn(2, 32, 24, 24, requires_grad=True)
+    y = torch.randn(n, 32, 24, 24, requires_grad=True)
     wy = torch.randn(8, 32, 3, 3, requires_grad=True)
     leaves = [case[k] for k in ("input", "offset", "weight", "bias", "mask")] + [y, wy]
     was = torch.are_deterministic_algorithms_enabled()
@@ -354,6 +356,13 @@ def test_deterministic_cpu_backward():
         torch.use_deterministic_algorithms(was)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    tv = torchvision.ops.deform_conv2d
+    exp = call(tv, case)
+    ex = tv(case["input"], case["offset"], case["weight"], None, padding=1, mask=case["mask"])
+    ey = tv(y, case["offset"], wy, None, padding=1, mask=case["mask"])
+    want = torch.autograd.grad(exp.square().sum() + ex.sum() + ey.square().sum(), leaves)
+    for a, b in zip(runs[0], want):
+        assert_same(a, b, rtol=1e-3, atol=1e-2)
 
 
 # ---------------------------------------------------------------- CUDA
