@@ -392,11 +392,13 @@ def test_cuda_matches_cpu(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_autocast_and_determinism_alert():
+def test_cuda_autocast_devices_and_determinism_alert():
     case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32, device="cuda")
     with torch.autocast("cuda", dtype=torch.float16):
         out = call(ops.deform_conv2d, case)
     assert out.dtype == torch.float16
+    with pytest.raises(ValueError, match="all tensors must be on one device, got input on cuda:0, weight on cpu"):
+        call(ops.deform_conv2d, dict(case, weight=case["weight"].detach().cpu()))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -420,14 +422,21 @@ def test_cpu_autocast_runs_float32():
 def _bad_cases():
     base = make_case(**AWKWARD, use_mask=True)
     base = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in base.items()}
-    yield "offset channels", dict(offset=base["offset"][:, :35]), r"offset must have 2 \* offset_groups \* kh \* kw channels.*got 35"
-    yield "offset size", dict(offset=base["offset"][:, :, :1]), r"offset must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[1, 3\]"
+    yield ("offset channels", dict(offset=base["offset"][:, :35]),
+            r"offset must have 2 \* offset_groups \* kh \* kw channels.*got 35")
+    yield ("offset size", dict(offset=base["offset"][:, :, :1]),
+            r"offset must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[1, 3\]")
     yield "offset batch", dict(offset=base["offset"][:1]), r"offset must have batch size 2"
-    yield "mask size", dict(mask=base["mask"][..., :2]), r"mask must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[2, 2\]"
-    yield "mask channels", dict(mask=base["mask"][:, :17]), r"mask must have offset_groups \* kh \* kw = 18 channels, got 17"
-    yield "weight channels", dict(weight=torch.randn(2, 4, 3, 2, dtype=F64)), r"weight.shape\[1\] \(C_in / groups\) must divide the 6 channels of input"
-    yield "out channels", dict(weight=torch.randn(3, 3, 3, 2, dtype=F64), bias=None), r"weight.shape\[0\] \(C_out\) must be divisible by groups = 2"
-    yield "offset groups", dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None), r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input"
+    yield ("mask size", dict(mask=base["mask"][..., :2]),
+            r"mask must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[2, 2\]")
+    yield ("mask channels", dict(mask=base["mask"][:, :17]),
+            r"mask must have offset_groups \* kh \* kw = 18 channels, got 17")
+    yield ("weight channels", dict(weight=torch.randn(2, 4, 3, 2, dtype=F64)),
+            r"weight.shape\[1\] \(C_in / groups\) must divide the 6 channels of input")
+    yield ("out channels", dict(weight=torch.randn(3, 3, 3, 2, dtype=F64), bias=None),
+            r"weight.shape\[0\] \(C_out\) must be divisible by groups = 2")
+    yield ("offset groups", dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None),
+            r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input")
     yield "bias", dict(bias=torch.randn(3, dtype=F64)), r"bias must be a 1-D tensor of size 2"
     yield "dtype", dict(offset=base["offset"].float()), r"all floating-point tensors must share one dtype"
     yield "device", dict(weight=base["weight"].to("meta")), r"all tensors must be on one device"
@@ -459,10 +468,15 @@ def _bad_dual_cases():
     off = torch.randn(2, 24, 2, 3, dtype=F64)   # offset_groups 2
     wx, wy = torch.randn(2, 3, 3, 2, dtype=F64), torch.randn(2, 4, 3, 2, dtype=F64)
     base = dict(x=x, y=y, offset=off, weight_x=wx, weight_y=wy)
-    yield "y size", dict(base, y=torch.randn(2, 4, 5, 5, dtype=F64)), r"y must have the batch and spatial size of x \[N, H, W\] = \[2, 5, 4\]"
-    yield "kernel", dict(base, weight_y=torch.randn(2, 4, 2, 2, dtype=F64)), r"weight_y must have the kernel size of weight_x \[kh, kw\] = \[3, 2\], got \[2, 2\]"
-    yield "y offset groups", dict(base, y=torch.randn(2, 3, 5, 4, dtype=F64), weight_y=torch.randn(2, 3, 3, 2, dtype=F64)), r"offset_groups = .* = 2 must divide the 3 channels of y"
-    yield "weight_y channels", dict(base, weight_y=torch.randn(2, 3, 3, 2, dtype=F64)), r"weight_y.shape\[1\] \(C_in / groups\) must divide the 4 channels of y"
+    yield ("y size", dict(base, y=torch.randn(2, 4, 5, 5, dtype=F64)),
+            r"y must have the batch and spatial size of x \[N, H, W\] = \[2, 5, 4\]")
+    yield ("kernel", dict(base, weight_y=torch.randn(2, 4, 2, 2, dtype=F64)),
+            r"weight_y must have the kernel size of weight_x \[kh, kw\] = \[3, 2\], got \[2, 2\]")
+    yield ("y offset groups",
+            dict(base, y=torch.randn(2, 3, 5, 4, dtype=F64), weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
+            r"offset_groups = .* = 2 must divide the 3 channels of y")
+    yield ("weight_y channels", dict(base, weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
+            r"weight_y.shape\[1\] \(C_in / groups\) must divide the 4 channels of y")
     yield "y dtype", dict(base, y=y.float()), r"all floating-point tensors must share one dtype"
 
 
@@ -504,7 +518,8 @@ def test_module():
     assert m.weight.shape == (4, 3, 3, 2) and m.bias.shape == (4,)
     assert repr(m) == ("DeformConv2d(6, 4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), "
                        "groups=2)")
-    assert repr(csfrn.nn.DeformConv2d(3, 5, 3, bias=False)) == "DeformConv2d(3, 5, kernel_size=(3, 3), stride=(1, 1), bias=False)"
+    assert repr(csfrn.nn.DeformConv2d(3, 5, 3, bias=False)) == ("DeformConv2d(3, 5, kernel_size=(3, 3), stride=(1, 1), "
+                                                                 "bias=False)")
     bound = 1 / math.sqrt(3 * 3 * 2)   # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert float(m.weight.detach().abs().max()) <= bound and float(m.bias.detach().abs().max()) <= bound
     assert float(m.weight.detach().std()) > bound / 4
