@@ -17,6 +17,7 @@ The twin materialises every bilinear gather; at full size it takes seconds and g
 (``twin_reps``, default 1) or not at all (``--no-twin``).
 """
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,9 @@ def main(argv=None):
                       ("ours_over_dense", "ours/dense", "{:.2f}x"),
                       ("separate_over_dual", "separate/dual", "{:.2f}x")]))
     if args.json:
-        write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__, rows=rows, ratios=rat))
+        write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__,
+                                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
+                                   rows=rows, ratios=rat))
     print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
                        ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),
                        ("peak_mb", "peak MiB", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}")]))
