@@ -59,11 +59,16 @@ def peak_memory_mb(fn, device="cpu"):
         fn()
     # Walk allocation events in time order; the running sum of bytes is what the call holds.
     # Self memory counts each allocation once (an operator's total would count its children's again);
-    # frees appear as "[memory]" events with negative sizes.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    # frees appear as "[memory]" events with negative sizes. An operator that frees its children's
+    # buffers before returning (workspaces of a fused kernel) has negative self memory: count those frees
+    # at its end, not its start, or the workspaces it held would vanish from the peak.
+    def when(e):
+        own_frees = e.self_cpu_memory_usage < 0 and e.name != "[memory]"
+        return e.time_range.end if own_frees else e.time_range.start
+    events = sorted((when(e), e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     held = peak = 0
-    for e in events:
-        held += e.self_cpu_memory_usage
+    for _, size in events:
+        held += size
         peak = max(peak, held)
     return peak / 2**20
 

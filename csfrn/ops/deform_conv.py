@@ -136,3 +136,15 @@ def _dual_deform_conv2d_backward(ctx, grad_out_x, grad_out_y):
 
 torch.library.register_autograd("csfrn::dual_deform_conv2d", _dual_deform_conv2d_backward,
                                 setup_context=_dual_deform_conv2d_setup)
+
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"csfrn::{name} has no derivative: deform_conv2d / dual_deform_conv2d support "
+                                  "first derivatives only (gradients of gradients are not implemented)")
+    return backward
+
+
+# Without these, a second derivative would silently come out as zero.
+for _name in ("deform_conv2d_backward", "dual_deform_conv2d_backward"):
+    torch.library.register_autograd(f"csfrn::{_name}", _no_double_backward(_name))

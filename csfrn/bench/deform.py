@@ -1,0 +1,186 @@
+"""Deformable convolution benchmark: csfrn.ops.deform_conv2d vs its reference twin vs
+torchvision.ops.deform_conv2d vs a dense F.conv2d of the same shape (the floor a deformable convolution
+can approach: same matmul flops, no sampling), forward and forward + backward, time and peak memory, all in
+one interleaved run. Shapes:
+
+- generic: N=2, 512 -> 256 channels, 97 x 97, 3 x 3, padding 1.
+- AAM at Cityscapes training size (769 crop, stride 8 -> 97 x 97), N=2, one shared offset field (18 channels):
+  deform conv a on X (32 -> 32) and deform conv b on Y (512 -> 512). Timed as dual_deform_conv2d, as two
+  deform_conv2d calls, as two torchvision calls and as two dense convolutions.
+
+The floor in numbers: the dense convolution's flops, 2 * N * C_out * C_in * 9 * H * W per pass (x 3 for
+forward + backward: the input and weight gradients are one matmul each), at ~300 GFLOP/s (fp32 sgemm on this
+machine's 2 threads, measured). Generic: 44.4 GFLOP forward -> 0.15 s, 133 GFLOP forward + backward -> 0.44 s.
+AAM: 89.1 GFLOP forward -> 0.30 s, 267 GFLOP forward + backward -> 0.89 s.
+
+The twin materialises every bilinear gather; at full size it takes seconds and gigabytes, so it runs once
+(``twin_reps``, default 1) or not at all (``--no-twin``).
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .timing import device_name, measure, table, write_json
+
+SGEMM_GFLOPS = {"cpu": 300.0}   # measured peak of this machine's fp32 matmul; no floor in seconds elsewhere
+
+
+def _shapes(quick):
+    if quick:
+        return dict(n=1, size=33, generic=(64, 32), aam=((16, 16), (64, 64)))
+    return dict(n=2, size=97, generic=(512, 256), aam=((32, 32), (512, 512)))
+
+
+def _flops(n, c_in, c_out, size, taps=9):
+    return 2.0 * n * c_out * c_in * taps * size * size
+
+
+def _tensors(n, c_in, c_out, size, device, gen):
+    x = torch.randn(n, c_in, size, size, generator=gen).to(device)
+    w = (torch.randn(c_out, c_in, 3, 3, generator=gen) / (3 * c_in ** 0.5)).to(device)
+    b = torch.zeros(c_out).to(device)
+    return x, w, b
+
+
+def _fwd_bwd(fn, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return run
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def _measure_case(case, impls, leaves, device, reps, twin_reps):
+    """impls: name -> fn returning output(s). Twins run in their own (short) measurement."""
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        wrap = _no_grad if mode == "fwd" else (lambda fn: _fwd_bwd(fn, leaves))
+        main = {k: wrap(f) for k, f in impls.items() if not k.startswith("twin")}
+        twins = {k: wrap(f) for k, f in impls.items() if k.startswith("twin")}
+        results = measure(main, device=device, reps=reps)
+        if twins:
+            results.update(measure(twins, device=device, reps=twin_reps))
+        for name, r in results.items():
+            rows.append(dict(case=case, mode=mode, impl=name, **r))
+    return rows
+
+
+def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1):
+    """Returns one row per (case, mode, implementation): median / min / max ms and peak MiB."""
+    import torchvision
+    from csfrn import ops
+    from csfrn.ops import reference
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    s = _shapes(quick)
+    n, size = s["n"], s["size"]
+    rows = []
+
+    # Generic.
+    c_in, c_out = s["generic"]
+    x, w, b = _tensors(n, c_in, c_out, size, dev, gen)
+    off = (torch.randn(n, 18, size, size, generator=gen) * 2).to(dev)
+    leaves = [t.requires_grad_() for t in (x, w, b, off)]
+    impls = {
+        "ours": lambda: ops.deform_conv2d(x, off, w, b, padding=1),
+        "torchvision": lambda: torchvision.ops.deform_conv2d(x, off, w, b, padding=1),
+        "dense conv2d": lambda: F.conv2d(x, w, b, padding=1),
+    }
+    if twin:
+        impls["twin"] = lambda: reference.deform_conv2d(x, off, w, b, padding=1)
+    case = f"generic N={n} {c_in}->{c_out} {size}x{size}"
+    flops = _flops(n, c_in, c_out, size)
+    for r in _measure_case(case, impls, leaves, dev, reps, twin_reps):
+        r["gflop"] = flops * (1 if r["mode"] == "fwd" else 3) / 1e9
+        rows.append(r)
+
+    # AAM: one offset field, X (a) and Y (b).
+    (cx, cxo), (cy, cyo) = s["aam"]
+    xa, wa, ba = _tensors(n, cx, cxo, size, dev, gen)
+    ya, wb, bb = _tensors(n, cy, cyo, size, dev, gen)
+    off = (torch.randn(n, 18, size, size, generator=gen) * 2).to(dev)
+    leaves = [t.requires_grad_() for t in (xa, wa, ba, ya, wb, bb, off)]
+    impls = {
+        "ours dual": lambda: ops.dual_deform_conv2d(xa, ya, off, wa, wb, ba, bb, padding=1),
+        "ours 2 calls": lambda: (ops.deform_conv2d(xa, off, wa, ba, padding=1),
+                                 ops.deform_conv2d(ya, off, wb, bb, padding=1)),
+        "torchvision 2 calls": lambda: (torchvision.ops.deform_conv2d(xa, off, wa, ba, padding=1),
+                                        torchvision.ops.deform_conv2d(ya, off, wb, bb, padding=1)),
+        "dense conv2d 2 calls": lambda: (F.conv2d(xa, wa, ba, padding=1), F.conv2d(ya, wb, bb, padding=1)),
+    }
+    if twin:
+        impls["twin dual"] = lambda: reference.dual_deform_conv2d(xa, ya, off, wa, wb, ba, bb, padding=1)
+    case = f"AAM N={n} X {cx}->{cxo} + Y {cy}->{cyo} {size}x{size}"
+    flops = _flops(n, cx, cxo, size) + _flops(n, cy, cyo, size)
+    for r in _measure_case(case, impls, leaves, dev, reps, twin_reps):
+        r["gflop"] = flops * (1 if r["mode"] == "fwd" else 3) / 1e9
+        rows.append(r)
+
+    peak = SGEMM_GFLOPS.get(dev.type)
+    for r in rows:
+        r["floor_ms"] = r["gflop"] / peak * 1e3 if peak else None
+    return rows
+
+
+def ratios(rows):
+    """The figures the targets are stated in, per (case, mode)."""
+    by = {(r["case"], r["mode"], r["impl"]): r["median_ms"] for r in rows}
+    out = []
+    for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in rows):
+        def t(impl):
+            return by.get((case, mode, impl))
+        ours = t("ours") or t("ours dual")
+        tv = t("torchvision") or t("torchvision 2 calls")
+        dense = t("dense conv2d") or t("dense conv2d 2 calls")
+        item = dict(case=case, mode=mode, torchvision_over_ours=tv / ours, ours_over_dense=ours / dense)
+        if t("ours 2 calls"):
+            item["separate_over_dual"] = t("ours 2 calls") / t("ours dual")
+        out.append(item)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation (interleaved)")
+    p.add_argument("--twin-reps", type=int, default=1, help="repetitions of the (slow) reference twin")
+    p.add_argument("--no-twin", action="store_true", help="skip the reference twin")
+    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
+    p.add_argument("--json", default=None, help="write rows, ratios and the machine to this file")
+    args = p.parse_args(argv)
+
+    rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps)
+    rat = ratios(rows)
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}")
+    for r in rows:
+        if r["impl"] in ("dense conv2d", "dense conv2d 2 calls") and r["floor_ms"] is not None:
+            print(f"floor {r['case']} {r['mode']}: {r['gflop']:.1f} GFLOP / {SGEMM_GFLOPS['cpu']:.0f} GFLOP/s = "
+                  f"{r['floor_ms']:.0f} ms")
+    print(table(rat, [("case", "case", "{}"), ("mode", "pass", "{}"),
+                      ("torchvision_over_ours", "torchvision/ours", "{:.1f}x"),
+                      ("ours_over_dense", "ours/dense", "{:.2f}x"),
+                      ("separate_over_dual", "separate/dual", "{:.2f}x")]))
+    if args.json:
+        write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__,
+                                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
+                                   rows=rows, ratios=rat))
+    print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
+                       ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),
+                       ("peak_mb", "peak MiB", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}")]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

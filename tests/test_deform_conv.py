@@ -1,0 +1,546 @@
+"""csfrn.ops.deform_conv2d / dual_deform_conv2d, their reference twins and csfrn.nn.DeformConv2d.
+
+The ground truth is `expected_fn`, a per-element loop written from torchvision's definition of deformable
+convolution (bilinear sampling, zeros outside, offsets (dy, dx) per tap, DCN v2 mask), differentiated by
+autograd; torchvision.ops.deform_conv2d is checked beside it on random configurations.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import csfrn.nn
+import csfrn.ops as ops
+from csfrn.ops import reference
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------- the loop-based ground truth
+def _bilinear(plane, y, x):
+    h, w = plane.shape
+    if not (-1 < float(y.detach()) < h and -1 < float(x.detach()) < w):
+        return plane.new_zeros(())
+    y0, x0 = math.floor(float(y.detach())), math.floor(float(x.detach()))
+    ly, lx = y - y0, x - x0
+    out = plane.new_zeros(())
+    for yy, xx, wgt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx), (y0 + 1, x0, ly * (1 - lx)),
+                        (y0 + 1, x0 + 1, ly * lx)):
+        if 0 <= yy < h and 0 <= xx < w:
+            out = out + wgt * plane[yy, xx]
+    return out
+
+
+def expected_fn(x, offset, weight, bias, stride, padding, dilation, mask):
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n, c_in, h, w = x.shape
+    c_out, c_per_wg, kh, kw = weight.shape
+    out_h = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    out_w = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    offset_groups = offset.shape[1] // (2 * kh * kw)
+    c_per_og = c_in // offset_groups
+    out_per_wg = c_out // (c_in // c_per_wg)
+    rows = []
+    for b in range(n):
+        for co in range(c_out):
+            for i in range(out_h):
+                for j in range(out_w):
+                    acc = x.new_zeros(())
+                    for c in range(c_per_wg):
+                        ci = (co // out_per_wg) * c_per_wg + c
+                        og = ci // c_per_og
+                        for di in range(kh):
+                            for dj in range(kw):
+                                tap = og * kh * kw + di * kw + dj
+                                y = sh * i - ph + dh * di + offset[b, 2 * tap, i, j]
+                                xx = sw * j - pw + dw * dj + offset[b, 2 * tap + 1, i, j]
+                                m = 1.0 if mask is None else mask[b, tap, i, j]
+                                acc = acc + m * weight[co, c, di, dj] * _bilinear(x[b, ci], y, xx)
+                    rows.append(acc + (0 if bias is None else bias[co]))
+    return torch.stack(rows).reshape(n, c_out, out_h, out_w) if rows else x.new_zeros(n, c_out, out_h, out_w)
+
+
+def make_case(n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, use_mask, dtype=F64,
+              device="cpu", scale=2.0, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = k
+    h, w = size
+    out_h = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+
+    def rnd(*shape, s=1.0, positive=False):
+        t = torch.rand(*shape, generator=g, dtype=F64) if positive else torch.randn(*shape, generator=g, dtype=F64) * s
+        return t.to(device=device, dtype=dtype).requires_grad_()
+    return dict(
+        input=rnd(n, c_in, h, w),
+        offset=rnd(n, 2 * offset_groups * kh * kw, out_h, out_w, s=scale),
+        weight=rnd(c_out, c_in // groups, kh, kw),
+        bias=rnd(c_out) if bias else None,
+        mask=rnd(n, offset_groups * kh * kw, out_h, out_w, positive=True) if use_mask else None,
+        stride=stride, padding=padding, dilation=dilation)
+
+
+def call(fn, case):
+    return fn(case["input"], case["offset"], case["weight"], case["bias"], stride=case["stride"],
+              padding=case["padding"], dilation=case["dilation"], mask=case["mask"])
+
+
+def call_expected(case):
+    return expected_fn(case["input"], case["offset"], case["weight"], case["bias"], case["stride"], case["padding"],
+                       case["dilation"], case["mask"])
+
+
+def grads(out, case, grad_out):
+    names = [k for k in ("input", "offset", "weight", "bias", "mask") if case[k] is not None]
+    gs = torch.autograd.grad(out, [case[k] for k in names], grad_out)
+    return dict(zip(names, gs))
+
+
+def assert_same(a, b, **tol):
+    torch.testing.assert_close(a, b, **tol)
+
+
+AWKWARD = dict(n=2, c_in=6, c_out=2, groups=2, offset_groups=3, k=(3, 2), stride=(2, 1), padding=(1, 0),
+               dilation=(2, 1), size=(5, 4))
+
+
+def random_config(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+    groups, offset_groups = r(1, 2), r(1, 2)
+    c_in = groups * offset_groups * r(1, 2)
+    k = (r(1, 3), r(1, 3))
+    return dict(n=r(1, 2), c_in=c_in, c_out=groups * r(1, 2), groups=groups, offset_groups=offset_groups, k=k,
+                stride=(r(1, 2), r(1, 2)), padding=(r(0, 2), r(0, 2)), dilation=(r(1, 2), r(1, 2)),
+                size=(r(4, 7), r(4, 7)))
+
+
+# ---------------------------------------------------------------- forward and gradients vs the loop
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("config", [AWKWARD, random_config(1), random_config(2)], ids=["awkward", "rand1", "rand2"])
+@pytest.mark.parametrize("fn", [ops.deform_conv2d, reference.deform_conv2d], ids=["kernel", "twin"])
+def test_matches_loop(fn, config, use_mask):
+    case = make_case(**config, use_mask=use_mask)
+    out, exp = call(fn, case), call_expected(case)
+    assert_same(out, exp)
+    go = torch.randn_like(exp)
+    got, want = grads(out, case, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], msg=name)
+
+
+@pytest.mark.parametrize("n", [0, 1, 33])
+def test_batch_sizes(n):
+    config = dict(AWKWARD, n=n)
+    case = make_case(**config, use_mask=True)
+    out = call(ops.deform_conv2d, case)
+    exp = call(torchvision.ops.deform_conv2d, case)
+    assert out.shape == exp.shape == (n, 2, 2, 3)
+    assert_same(out, exp)
+    if n:
+        go = torch.randn_like(exp)
+        got, want = grads(out, case, go), grads(exp, case, go)
+        for name in want:
+            assert_same(got[name], want[name], msg=name)
+    else:
+        out.sum().backward()
+        assert case["weight"].grad is not None and bool((case["weight"].grad == 0).all())
+
+
+@pytest.mark.parametrize("layout", ["permuted", "channels_last"])
+def test_memory_layouts(layout):
+    case = make_case(**AWKWARD, use_mask=True)
+    exp = call_expected(case)
+    laid = dict(case)
+    for name in ("input", "offset", "mask"):
+        t = case[name].detach()
+        if layout == "channels_last":
+            t = t.contiguous(memory_format=torch.channels_last)
+        else:  # same values, non-contiguous strides
+            t = t.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+        assert not t.is_contiguous()
+        laid[name] = t.requires_grad_()
+    laid["weight"] = case["weight"].detach().permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3).requires_grad_()
+    out = call(ops.deform_conv2d, laid)
+    assert_same(out, exp)
+    go = torch.randn_like(exp)
+    got, want = grads(out, laid, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], msg=name)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_zero_offset_is_conv2d(use_mask):
+    case = make_case(n=2, c_in=6, c_out=4, groups=2, offset_groups=3, k=(3, 2), stride=(2, 1), padding=(1, 1),
+                     dilation=(1, 2), size=(7, 6), use_mask=use_mask)
+    offset = torch.zeros_like(case["offset"])
+    mask = torch.ones_like(case["mask"]) if use_mask else None
+    out = ops.deform_conv2d(case["input"], offset, case["weight"], case["bias"], (2, 1), (1, 1), (1, 2), mask)
+    exp = F.conv2d(case["input"], case["weight"], case["bias"], (2, 1), (1, 1), (1, 2), groups=2)
+    assert_same(out, exp)
+
+
+def test_multi_tile_float32_vs_torchvision():
+    # 512 input channels x 3 x 3 taps: several pixel tiles per image in the CPU kernel.
+    case = make_case(n=2, c_in=512, c_out=4, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
+                     dilation=(1, 1), size=(32, 32), use_mask=True, dtype=torch.float32)
+    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
+    assert_same(out, exp, rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(exp)
+    got, want = grads(out, case, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], rtol=1e-3, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_torchvision(seed):
+    config = random_config(100 + seed)
+    config["size"] = (config["size"][0] + 4, config["size"][1] + 5)
+    case = make_case(**config, use_mask=seed % 2 == 1, bias=seed != 2, seed=seed)
+    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
+    assert_same(out, exp)
+    go = torch.randn_like(exp)
+    got, want = grads(out, case, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], msg=name)
+
+
+def test_only_needed_gradients():
+    case = make_case(**AWKWARD, use_mask=True)
+    for name in ("input", "offset", "weight", "bias", "mask"):
+        case[name].requires_grad_(name == "offset")
+    out = call(ops.deform_conv2d, case)
+    out.sum().backward()
+    assert case["offset"].grad is not None
+    assert all(case[k].grad is None for k in ("input", "weight", "bias", "mask"))
+    go = torch.ones_like(out)
+    grads_ = torch.ops.csfrn.deform_conv2d_backward.default(
+        go, case["input"], case["offset"], case["weight"], case["mask"], [2, 1], [1, 0], [2, 1],
+        [False, True, False, False, False])
+    assert [g.numel() for g in grads_] == [0, case["offset"].numel(), 0, 0, 0]
+    assert_same(grads_[1], case["offset"].grad)
+
+
+# ---------------------------------------------------------------- gradcheck, opcheck, torch.compile
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_gradcheck(use_mask):
+    case = make_case(n=1, c_in=4, c_out=2, groups=2, offset_groups=2, k=(2, 3), stride=(1, 2), padding=(1, 1),
+                     dilation=(1, 1), size=(4, 5), use_mask=use_mask, scale=0.7)
+    names = [k for k in ("input", "offset", "weight", "bias", "mask") if case[k] is not None]
+
+    def f(*tensors):
+        c = dict(case, **dict(zip(names, tensors)))
+        return call(ops.deform_conv2d, c)
+    assert torch.autograd.gradcheck(f, [case[k] for k in names])
+
+
+def test_gradcheck_dual():
+    case = make_case(n=1, c_in=4, c_out=2, groups=2, offset_groups=2, k=(2, 2), stride=(1, 1), padding=(1, 0),
+                     dilation=(1, 1), size=(4, 4), use_mask=True, scale=0.7)
+    y = torch.randn(1, 2, 4, 4, dtype=F64, requires_grad=True)
+    wy = torch.randn(4, 1, 2, 2, dtype=F64, requires_grad=True)
+    by = torch.randn(4, dtype=F64, requires_grad=True)
+
+    def f(x, y, offset, wx, wy, bx, by, mask):
+        return ops.dual_deform_conv2d(x, y, offset, wx, wy, bx, by, padding=(1, 0), mask=mask)
+    assert torch.autograd.gradcheck(f, [case["input"], y, case["offset"], case["weight"], wy, case["bias"], by,
+                                        case["mask"]])
+
+
+def test_opcheck():
+    case = make_case(**AWKWARD, use_mask=True)
+    args = (case["input"], case["offset"], case["weight"], case["bias"], case["mask"], [2, 1], [1, 0], [2, 1])
+    torch.library.opcheck(torch.ops.csfrn.deform_conv2d.default, args)
+    nomask = (case["input"], case["offset"], case["weight"], None, None, [2, 1], [1, 0], [2, 1])
+    torch.library.opcheck(torch.ops.csfrn.deform_conv2d.default, nomask)
+    y = torch.randn(2, 6, 5, 4, dtype=F64, requires_grad=True)
+    wy = torch.randn(5, 6, 3, 2, dtype=F64, requires_grad=True)
+    dual = (case["input"], y, case["offset"], case["weight"], wy, case["bias"], None, case["mask"], [2, 1], [1, 0],
+            [2, 1])
+    torch.library.opcheck(torch.ops.csfrn.dual_deform_conv2d.default, dual)
+    # The backward ops, on plain tensors (they have no derivative themselves; see test_no_double_backward).
+    plain = [t.detach() if torch.is_tensor(t) else t for t in args]
+    go = torch.randn(2, 2, 2, 3, dtype=F64)
+    torch.library.opcheck(torch.ops.csfrn.deform_conv2d_backward.default,
+                          (go, *plain[:3], plain[4], [2, 1], [1, 0], [2, 1], [True, False, True, True, True]))
+    torch.library.opcheck(torch.ops.csfrn.dual_deform_conv2d_backward.default,
+                          (go, torch.randn(2, 5, 2, 3, dtype=F64), plain[0], y.detach(), plain[1], plain[2],
+                           wy.detach(), plain[4], [2, 1], [1, 0], [2, 1], [True] * 8))
+
+
+def test_no_double_backward():
+    case = make_case(**AWKWARD, use_mask=True)
+    g, = torch.autograd.grad(call(ops.deform_conv2d, case).sum(), [case["offset"]], create_graph=True)
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        g.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(**AWKWARD, use_mask=True)
+    y = torch.randn(2, 6, 5, 4, dtype=F64, requires_grad=True)
+    wy = torch.randn(6, 2, 3, 2, dtype=F64, requires_grad=True)
+
+    def f(x, offset, weight, bias, mask, y, wy):
+        a = ops.deform_conv2d(x, offset, weight, bias, (2, 1), (1, 0), (2, 1), mask)
+        bx, by = ops.dual_deform_conv2d(x, y, offset, weight, wy, None, None, (2, 1), (1, 0), (2, 1), mask)
+        return (a.relu() * 2).sum() + bx.sum() + (by ** 2).sum()
+    inputs = [case["input"], case["offset"], case["weight"], case["bias"], case["mask"], y, wy]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    want = f(*inputs)
+    assert_same(got, want)
+    for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        assert_same(a, b)
+
+
+# ---------------------------------------------------------------- the dual op
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("fn", [ops.dual_deform_conv2d, reference.dual_deform_conv2d], ids=["kernel", "twin"])
+def test_dual_equals_two_calls(fn, use_mask):
+    case = make_case(**AWKWARD, use_mask=use_mask)
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(2, 9, 5, 4, generator=g, dtype=F64).requires_grad_()
+    wy = torch.randn(6, 3, 3, 2, generator=g, dtype=F64).requires_grad_()   # groups 3 for y
+    by = torch.randn(6, generator=g, dtype=F64).requires_grad_()
+    x, off, wx, bx, mask = case["input"], case["offset"], case["weight"], case["bias"], case["mask"]
+    conv = dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1), mask=mask)
+    out_x, out_y = fn(x, y, off, wx, wy, bx, by, **conv)
+    exp_x = ops.deform_conv2d(x, off, wx, bx, **conv)
+    exp_y = ops.deform_conv2d(y, off, wy, by, **conv)
+    assert_same(out_x, exp_x)
+    assert_same(out_y, exp_y)
+    leaves = [t for t in (x, y, off, wx, wy, bx, by, mask) if t is not None]
+    gx, gy = torch.randn_like(exp_x), torch.randn_like(exp_y)
+    got = torch.autograd.grad((out_x, out_y), leaves, (gx, gy))
+    want = torch.autograd.grad((exp_x, exp_y), leaves, (gx, gy))
+    for a, b in zip(got, want):
+        assert_same(a, b)
+
+
+def test_dual_one_output_used():
+    case = make_case(**AWKWARD, use_mask=False)
+    y = torch.randn(2, 3, 5, 4, dtype=F64, requires_grad=True)
+    wy = torch.randn(2, 3, 3, 2, dtype=F64, requires_grad=True)
+    out_x, _ = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None,
+                                      (2, 1), (1, 0), (2, 1))
+    out_x.sum().backward()
+    exp = ops.deform_conv2d(case["input"], case["offset"], case["weight"], None, (2, 1), (1, 0), (2, 1))
+    g_off, = torch.autograd.grad(exp.sum(), [case["offset"]])
+    assert_same(case["offset"].grad, g_off)
+    assert wy.grad is None or bool((wy.grad == 0).all())
+
+
+# ---------------------------------------------------------------- determinism
+@pytest.mark.parametrize("n", [1, 2])
+def test_deterministic_cpu_backward(n):
+    # n = 1: the image's pixels are split between threads, whose input-gradient parts are added afterwards.
+    case = make_case(n=n, c_in=64, c_out=8, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
+                     dilation=(1, 1), size=(24, 24), use_mask=True, dtype=torch.float32)
+    y = torch.randn(n, 32, 24, 24, requires_grad=True)
+    wy = torch.randn(8, 32, 3, 3, requires_grad=True)
+    leaves = [case[k] for k in ("input", "offset", "weight", "bias", "mask")] + [y, wy]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            a = call(ops.deform_conv2d, case)
+            bx, by = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, padding=1,
+                                            mask=case["mask"])
+            runs.append(torch.autograd.grad(a.square().sum() + bx.sum() + by.square().sum(), leaves))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    tv = torchvision.ops.deform_conv2d
+    exp = call(tv, case)
+    ex = tv(case["input"], case["offset"], case["weight"], None, padding=1, mask=case["mask"])
+    ey = tv(y, case["offset"], wy, None, padding=1, mask=case["mask"])
+    want = torch.autograd.grad(exp.square().sum() + ex.sum() + ey.square().sum(), leaves)
+    for a, b in zip(runs[0], want):
+        assert_same(a, b, rtol=1e-3, atol=1e-2)
+
+
+# ---------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    case = make_case(n=3, c_in=8, c_out=6, groups=2, offset_groups=2, k=(3, 2), stride=(2, 1), padding=(1, 0),
+                     dilation=(2, 1), size=(9, 8), use_mask=True)
+    ref = call(ops.deform_conv2d, case)
+    go = torch.randn_like(ref)
+    want = grads(ref, case, go)
+    cuda = {k: (v.detach().cuda().to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in case.items()}
+    out = call(ops.deform_conv2d, cuda)
+    assert out.dtype == dtype and out.is_cuda
+    assert_same(out.double().cpu(), ref, rtol=tol, atol=tol)
+    got = grads(out, cuda, go.cuda().to(dtype))
+    for name in want:
+        scale = max(1.0, float(want[name].abs().max()))
+        assert_same(got[name].double().cpu(), want[name], rtol=tol, atol=tol * scale, msg=name)
+    y = torch.randn(3, 4, 9, 8, dtype=F64)
+    wy = torch.randn(5, 4, 3, 2, dtype=F64)
+    ox, oy = ops.dual_deform_conv2d(cuda["input"], y.cuda().to(dtype), cuda["offset"], cuda["weight"],
+                                    wy.cuda().to(dtype), None, None, (2, 1), (1, 0), (2, 1), cuda["mask"])
+    ey = ops.deform_conv2d(y, case["offset"].detach(), wy, None, (2, 1), (1, 0), (2, 1), case["mask"].detach())
+    assert_same(oy.double().cpu(), ey, rtol=tol, atol=tol * max(1.0, float(ey.abs().max())))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_devices_and_determinism_alert():
+    case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = call(ops.deform_conv2d, case)
+    assert out.dtype == torch.float16
+    with pytest.raises(ValueError, match="all tensors must be on one device, got input on cuda:0, weight on cpu"):
+        call(ops.deform_conv2d, dict(case, weight=case["weight"].detach().cpu()))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deform_conv2d_backward on CUDA"):
+            call(ops.deform_conv2d, case).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_cpu_autocast_runs_float32():
+    case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.deform_conv2d(case["input"].to(torch.bfloat16), case["offset"], case["weight"], case["bias"],
+                                (2, 1), (1, 0), (2, 1), case["mask"])
+    assert out.dtype == torch.float32
+    exp = call(ops.deform_conv2d, dict(case, input=case["input"].to(torch.bfloat16).float()))
+    assert_same(out, exp)
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_cases():
+    base = make_case(**AWKWARD, use_mask=True)
+    base = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in base.items()}
+    yield ("offset channels", dict(offset=base["offset"][:, :35]),
+            r"offset must have 2 \* offset_groups \* kh \* kw channels.*got 35")
+    yield ("offset size", dict(offset=base["offset"][:, :, :1]),
+            r"offset must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[1, 3\]")
+    yield "offset batch", dict(offset=base["offset"][:1]), r"offset must have batch size 2"
+    yield ("mask size", dict(mask=base["mask"][..., :2]),
+            r"mask must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[2, 2\]")
+    yield ("mask channels", dict(mask=base["mask"][:, :17]),
+            r"mask must have offset_groups \* kh \* kw = 18 channels, got 17")
+    yield ("weight channels", dict(weight=torch.randn(2, 4, 3, 2, dtype=F64)),
+            r"weight.shape\[1\] \(C_in / groups\) must divide the 6 channels of input")
+    yield ("out channels", dict(weight=torch.randn(3, 3, 3, 2, dtype=F64), bias=None),
+            r"weight.shape\[0\] \(C_out\) must be divisible by groups = 2")
+    yield ("offset groups", dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None),
+            r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input")
+    yield "bias", dict(bias=torch.randn(3, dtype=F64)), r"bias must be a 1-D tensor of size 2"
+    yield "dtype", dict(offset=base["offset"].float()), r"all floating-point tensors must share one dtype"
+    yield "device", dict(weight=base["weight"].to("meta")), r"all tensors must be on one device"
+    yield "integer input", dict(input=base["input"].long()), r"input must be a floating-point tensor"
+    yield "rank", dict(input=base["input"][0]), r"input must be a 4-D tensor \[N, C_in, H, W\]"
+    yield "stride", dict(stride=(0, 1)), r"stride must be >= 1, got \[0, 1\]"
+    yield "output size", dict(padding=(0, 0), dilation=(3, 3)), r"the output size must be positive"
+
+
+BAD = list(_bad_cases())
+
+
+@pytest.mark.parametrize("path", ["kernel", "twin"])
+@pytest.mark.parametrize("name,change,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(path, name, change, message):
+    case = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in make_case(**AWKWARD, use_mask=True).items()}
+    case.update(change)
+    if path == "twin":
+        with ops.use_reference(), pytest.raises(ValueError, match=message):
+            call(ops.deform_conv2d, case)
+    else:
+        with pytest.raises(ValueError, match=message):
+            call(ops.deform_conv2d, case)
+
+
+def _bad_dual_cases():
+    x = torch.randn(2, 6, 5, 4, dtype=F64)
+    y = torch.randn(2, 4, 5, 4, dtype=F64)
+    off = torch.randn(2, 24, 2, 3, dtype=F64)   # offset_groups 2
+    wx, wy = torch.randn(2, 3, 3, 2, dtype=F64), torch.randn(2, 4, 3, 2, dtype=F64)
+    base = dict(x=x, y=y, offset=off, weight_x=wx, weight_y=wy)
+    yield ("y size", dict(base, y=torch.randn(2, 4, 5, 5, dtype=F64)),
+            r"y must have the batch and spatial size of x \[N, H, W\] = \[2, 5, 4\]")
+    yield ("kernel", dict(base, weight_y=torch.randn(2, 4, 2, 2, dtype=F64)),
+            r"weight_y must have the kernel size of weight_x \[kh, kw\] = \[3, 2\], got \[2, 2\]")
+    yield ("y offset groups",
+            dict(base, y=torch.randn(2, 3, 5, 4, dtype=F64), weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
+            r"offset_groups = .* = 2 must divide the 3 channels of y")
+    yield ("weight_y channels", dict(base, weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
+            r"weight_y.shape\[1\] \(C_in / groups\) must divide the 4 channels of y")
+    yield "y dtype", dict(base, y=y.float()), r"all floating-point tensors must share one dtype"
+
+
+BAD_DUAL = list(_bad_dual_cases())
+
+
+@pytest.mark.parametrize("path", ["kernel", "twin"])
+@pytest.mark.parametrize("name,args,message", BAD_DUAL, ids=[b[0] for b in BAD_DUAL])
+def test_bad_dual_input(path, name, args, message):
+    def run():
+        return ops.dual_deform_conv2d(args["x"], args["y"], args["offset"], args["weight_x"], args["weight_y"],
+                                      stride=(2, 1), padding=(1, 0), dilation=(2, 1))
+    if path == "twin":
+        with ops.use_reference(), pytest.raises(ValueError, match=message):
+            run()
+    else:
+        with pytest.raises(ValueError, match=message):
+            run()
+
+
+def test_bad_input_fake_kernel_and_cpu_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    case = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in make_case(**AWKWARD, use_mask=True).items()}
+    with FakeTensorMode() as mode:
+        fake = {k: (mode.from_tensor(v) if torch.is_tensor(v) else v) for k, v in case.items()}
+        fake["offset"] = fake["offset"][:, :35]
+        with pytest.raises(ValueError, match=r"offset must have 2 \* offset_groups"):
+            call(ops.deform_conv2d, fake)
+    with pytest.raises(ValueError, match=r"input must be float32 or float64 on the CPU, got dtype Half"):
+        call(ops.deform_conv2d, {k: (v.half() if torch.is_tensor(v) else v) for k, v in case.items()})
+    with pytest.raises(ValueError, match=r"stride must be an int or a pair of ints"):
+        ops.deform_conv2d(case["input"], case["offset"], case["weight"], stride=(1, 2, 3))
+
+
+# ---------------------------------------------------------------- the module and the switch
+def test_module():
+    torch.manual_seed(0)
+    m = csfrn.nn.DeformConv2d(6, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2).double()
+    assert m.weight.shape == (4, 3, 3, 2) and m.bias.shape == (4,)
+    assert repr(m) == ("DeformConv2d(6, 4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), "
+                       "groups=2)")
+    assert repr(csfrn.nn.DeformConv2d(3, 5, 3, bias=False)) == ("DeformConv2d(3, 5, kernel_size=(3, 3), stride=(1, 1), "
+                                                                 "bias=False)")
+    bound = 1 / math.sqrt(3 * 3 * 2)   # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(m.weight.detach().abs().max()) <= bound and float(m.bias.detach().abs().max()) <= bound
+    assert float(m.weight.detach().std()) > bound / 4
+    case = make_case(**AWKWARD, use_mask=True)
+    x, off, mask = case["input"], case["offset"], case["mask"]
+    off = torch.cat([off, off[:, :12]], 1)[:, :36]
+    out = m(x, off, mask)
+    exp = torchvision.ops.deform_conv2d(x, off, m.weight, m.bias, (2, 1), (1, 0), (2, 1), mask)
+    assert_same(out, exp)
+    out.sum().backward()
+    assert m.weight.grad is not None and m.bias.grad is not None
+    with pytest.raises(ValueError, match="in_channels must be divisible by groups"):
+        csfrn.nn.DeformConv2d(5, 4, 3, groups=2)
+
+
+def test_use_reference_routes_to_twin(monkeypatch):
+    calls = []
+    real = reference.deform_conv2d
+    monkeypatch.setattr(reference, "deform_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = make_case(**AWKWARD, use_mask=True)
+    with ops.use_reference():
+        out = call(ops.deform_conv2d, case)
+    assert calls and out.grad_fn is not None and "csfrn" not in type(out.grad_fn).__name__
+    assert_same(out, call(ops.deform_conv2d, case))
