@@ -212,7 +212,7 @@ COLUMNS = [("mode", "mode", "{}"), ("variant", "variant", "{}"), ("median_ms", "
 def summary_lines(result):
     r, g = result["ratios"], result["gflops"]
     lines = [f"(b)/(a) step time: {r['csfrn_over_baseline']:.3f}  (GFLOPs ratio {g['ratio']:.3f}: "
-             f"{g["csfrn"]:.4g} vs {g["baseline"]:.4g} per image)"]
+             f"{g['csfrn']:.4g} vs {g['baseline']:.4g} per image)"]
     if "extra_cut" in r:
         cut = "n/a (no extra time)" if r["extra_cut"] is None else f"{r['extra_cut']:.2f}x"
         lines.append(f"CSFRN's extra time over the baseline: ours {r['extra_ms_csfrn']:.1f} ms, reference "
