@@ -79,3 +79,12 @@ def test_report_quick(tmp_path):
     for key in ("ops_png", "step_png"):
         with Image.open(paths[key]) as img:
             assert img.format == "PNG" and img.width >= 800
+
+
+def test_report_reuses_a_step_json(tmp_path):
+    step = tmp_path / "step.json"
+    train_step.main(["--quick", "--reps", "1", "--variants", "baseline", "csfrn", "--no-inference",
+                     "--json", str(step)])
+    paths = report.main(["--quick", "--out", str(tmp_path / "out"), "--step-json", str(step)])
+    saved = json.loads(open(paths["json"]).read())
+    assert saved["train_step"] == json.loads(step.read_text())

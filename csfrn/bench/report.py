@@ -6,6 +6,7 @@ written as ``<out>/<device>-<date>.json`` and ``.md`` plus two PNG charts drawn 
 """
 import argparse
 import datetime
+import json
 import math
 import os
 import re
@@ -218,15 +219,23 @@ def slug(text):
 
 
 def run(device="cpu", out_dir=os.path.join("benchmarks", "results"), reps=5, quick=False, size=None, batch=2,
-        amp=None, log=print):
-    """Runs everything, writes the JSON, Markdown and PNGs; returns {"json", "md", "ops_png", "step_png"}."""
+        amp=None, step_json=None, log=print):
+    """Runs everything, writes the JSON, Markdown and PNGs; returns {"json", "md", "ops_png", "step_png"}.
+    ``step_json``: the JSON of an earlier ``bench_train_step.py --json`` run to report instead of running the
+    step benchmark again (on the CPU it takes minutes); the breakdown then uses its size, batch and amp."""
     if quick:
         reps = 1
     date = datetime.date.today().isoformat()
     stem = os.path.join(out_dir, f"{slug(device_name(device))}-{date}")
     rows, deform_included = op_rows(device, reps, quick, log)
-    log("training step ...")
-    step = train_step.run(device, size, batch, reps, amp, quick, log=log)
+    if step_json:
+        with open(step_json) as f:
+            step = json.load(f)
+        size, batch, amp = tuple(step["meta"]["size"]), step["meta"]["batch"], step["meta"]["amp"]
+        quick = step["meta"].get("quick", False)
+    else:
+        log("training step ...")
+        step = train_step.run(device, size, batch, reps, amp, quick, log=log)
     log("training step by module ...")
     parts = step_breakdown(device, size, batch, amp, quick, max(1, reps // 2))
     report = {"meta": {"device": device_name(device), "torch": torch.__version__, "date": date,
@@ -255,8 +264,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--amp", default=None, choices=list(train_step.AMP_DTYPES))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition, for tests")
+    parser.add_argument("--step-json", default=None, help="report this bench_train_step.py JSON instead of "
+                        "running the step benchmark again")
     args = parser.parse_args(argv)
-    paths = run(args.device, args.out, args.reps, args.quick, args.size, args.batch, args.amp)
+    paths = run(args.device, args.out, args.reps, args.quick, args.size, args.batch, args.amp, args.step_json)
     for p in paths.values():
         print(f"wrote {p}")
     return paths

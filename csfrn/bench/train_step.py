@@ -263,7 +263,7 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
     flops = gflops(quick, size)
     meta = {"device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "time": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC"),
-            "model": "deeplabv3plus resnet50c" + (" (quick: tiny widths)" if quick else ""),
+            "model": "deeplabv3plus resnet50c" + (" (quick: tiny widths)" if quick else ""), "quick": quick,
             "classes": NUM_CLASSES, "batch": batch, "size": list(size), "amp": amp, "reps": reps,
             "threads": torch.get_num_threads(), "load_average": _load_average()}
     return {"meta": meta, "rows": rows, "ratios": ratios(results["train step"]),
