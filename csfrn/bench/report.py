@@ -266,7 +266,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition, for tests")
     parser.add_argument("--step-json", default=None, help="report this bench_train_step.py JSON instead of "
                         "running the step benchmark again")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
+                             "parallel op on a descheduled thread")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     paths = run(args.device, args.out, args.reps, args.quick, args.size, args.batch, args.amp, args.step_json)
     for p in paths.values():
         print(f"wrote {p}")

@@ -314,7 +314,12 @@ def main(argv=None):
     parser.add_argument("--no-inference", dest="inference", action="store_false")
     parser.add_argument("--json", default=None, help="where to write the results (default: no file)")
     parser.add_argument("--quick", action="store_true", help="tiny model and size, for tests")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
+                             "parallel op on a descheduled thread")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     result = run(args.device, args.size, args.batch, args.reps, args.amp, args.quick, variants=args.variants,
                  inference=args.inference)
