@@ -79,7 +79,7 @@ def line_panel(draw, box, title, series, xlabel, ylabel):
     x0, y0, x1, y1 = box
     small, mid = _font(12), _font(14)
     draw.text(((x0 + x1) / 2, y0 + 4), title, fill="black", font=_font(15), anchor="mt")
-    px0, py0, px1, py1 = x0 + 70, y0 + 30, x1 - 15, y1 - 50
+    px0, py0, px1, py1 = x0 + 70, y0 + 50, x1 - 15, y1 - 50
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts if y > 0]
     lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
@@ -118,8 +118,10 @@ def line_panel(draw, box, title, series, xlabel, ylabel):
         # every other series labels below its point, so close lines keep legible values
         draw.text((last_x - 6, last_y + (-6 if i % 2 == 0 else 6)), _fmt_ms(sorted(pts)[-1][1]), fill=color,
                   font=small, anchor="rb" if i % 2 == 0 else "rt")
-        draw.line((px0 + 10, py0 + 12 + 17 * i, px0 + 30, py0 + 12 + 17 * i), fill=color, width=3)
-        draw.text((px0 + 36, py0 + 12 + 17 * i), name, fill="black", font=small, anchor="lm")
+        # legend in one row between the title and the plot, where it hides no point
+        lx = px0 + i * (px1 - px0) / len(series)
+        draw.line((lx, y0 + 32, lx + 20, y0 + 32), fill=color, width=3)
+        draw.text((lx + 26, y0 + 32), name, fill="black", font=small, anchor="lm")
 
 
 def ops_chart(rows, path, title):
@@ -201,7 +203,7 @@ def markdown(report, png_names):
              f"torch {m['torch']}, {m['threads']} threads, load average {sm['load_average']} at the step "
              "benchmark.", "",
              f"## Training step: {sm['model']}, {sm['classes']} classes, N={sm['batch']} "
-             f"3x{sm['size'][0]}x{sm['size'][1]}, amp {sm['amp']}, median of {sm['reps']}", "",
+             f"3x{sm['size'][0]}x{sm['size'][1]}, amp {sm['amp']}, {sm['threads']} threads, median of {sm['reps']}", "",
              md_table(step["rows"], train_step.COLUMNS), ""]
     lines += [f"- {line}" for line in train_step.summary_lines(step)]
     lines += ["", "## Training step by module (our kernels; forward parts by module hooks)", "",
