@@ -260,3 +260,27 @@ def test_loss_argument_checks():
         lovasz_hinge(torch.randn(2, 3), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels \[N, H, W\]"):
         OhemCrossEntropy()(torch.randn(1, 3, 4, 4), torch.zeros(1, 5, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- shared label index, half precision
+def test_losses_take_a_shared_class_index(ops_path):
+    from csfrn.losses import class_index
+    g = torch.Generator().manual_seed(7)
+    emb, margin = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 1, 4, 5, generator=g) * 0.1
+    labels = torch.randint(0, 4, (2, 8, 10), generator=g)
+    labels[:, 0] = 255
+    index = class_index(labels, (4, 5), 255)
+    torch.testing.assert_close(CACLoss()(emb, margin, index), CACLoss()(emb, margin, labels))
+    torch.testing.assert_close(SmoothLoss()(margin, index), SmoothLoss()(margin, labels))
+    with pytest.raises(ValueError, match="ClassIndex"):
+        CACLoss()(torch.randn(2, 3, 2, 5), None, index)
+
+
+def test_lovasz_half_precision_counts_exactly():
+    from csfrn.losses.lovasz import lovasz_hinge_rows
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 1000, generator=g).to(torch.bfloat16)
+    positive = torch.rand(3, 1000, generator=g) < 0.3
+    valid = torch.rand(3, 1000, generator=g) < 0.9
+    want = lovasz_hinge_rows(logits.float(), positive, valid)
+    torch.testing.assert_close(lovasz_hinge_rows(logits, positive, valid), want)

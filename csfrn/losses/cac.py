@@ -1,4 +1,6 @@
 """Class-aware consistency loss (CAC, paper Eq. 4) and the margin smoothness loss (Eq. 5)."""
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,11 +25,36 @@ def compact_labels(labels, ignore_index):
 
     Returns (compact labels with ignored pixels set to K, K, original class ids [K]).
     """
-    valid = labels != ignore_index
-    present = torch.unique(labels[valid])
+    values = torch.unique(labels)              # sorted; the ignore index dropped after (no masked copy)
+    present = values[values != ignore_index]
     k = present.numel()
     compact = torch.searchsorted(present, labels.clamp(min=0).contiguous())
-    return torch.where(valid, compact, torch.full_like(compact, k)), k, present
+    return compact.masked_fill_(labels == ignore_index, k), k, present
+
+
+class ClassIndex(NamedTuple):
+    """Labels at the embedding size with the batch's present classes renumbered (``class_index``)."""
+    compact: torch.Tensor   # [N, h, w] int64: 0..k-1, ignored pixels k
+    k: int                  # number of classes present in the batch
+    present: torch.Tensor   # [k] their original ids
+    ignore_index: int
+
+
+def class_index(labels, size, ignore_index=255):
+    """``resize_labels`` then ``compact_labels``, once for every loss of a step: CACLoss and SmoothLoss take
+    the result in place of labels, so the segmentor resizes and renumbers once (it is the same for both)."""
+    compact, k, present = compact_labels(resize_labels(labels, size), ignore_index)
+    return ClassIndex(compact, k, present, ignore_index)
+
+
+def _index(labels, size, ignore_index):
+    """The ClassIndex of ``labels`` (raw labels [N, H, W] or a ClassIndex made for this size and ignore_index)."""
+    if isinstance(labels, ClassIndex):
+        if tuple(labels.compact.shape[1:]) != tuple(size) or labels.ignore_index != ignore_index:
+            raise ValueError(f"the ClassIndex was made for size {list(labels.compact.shape[1:])} and ignore_index "
+                             f"{labels.ignore_index}, the loss needs {list(size)} and {ignore_index}")
+        return labels
+    return class_index(labels, size, ignore_index)
 
 
 def mean_over_present(values, counts):
@@ -61,7 +88,7 @@ class CACLoss(nn.Module):
 
     Called as ``loss(embeddings [N, D, h, w], margin_map [N, 1, h, w] or None, labels [N, H, W])``; labels of
     another size are resized to (h, w) by nearest neighbour; margin_map None fixes every margin at 0
-    (Table 5's "w/o margin").
+    (Table 5's "w/o margin"). ``labels`` may also be a ``class_index(labels, (h, w), ignore_index)``.
     """
 
     def __init__(self, delta=10.0, binary="lovasz", ignore_index=255):
@@ -76,8 +103,7 @@ class CACLoss(nn.Module):
         n, d, h, w = embeddings.shape
         if margin_map is not None and list(margin_map.shape) != [n, 1, h, w]:
             raise ValueError(f"margin_map must have shape [N, 1, h, w] = {[n, 1, h, w]}, got {list(margin_map.shape)}")
-        labels = resize_labels(labels, (h, w))
-        compact, k, _ = compact_labels(labels, self.ignore_index)
+        compact, k = _index(labels, (h, w), self.ignore_index)[:2]
         if k == 0:   # nothing labelled in the whole batch
             zero = embeddings.sum() * 0.0
             return zero if margin_map is None else zero + margin_map.sum() * 0.0
@@ -110,7 +136,8 @@ class SmoothLoss(nn.Module):
     mean without moving the mean. (For this loss the two are the same gradient: the derivative through m_k
     is proportional to sum_ij (c_ij - m_k) = 0.)
 
-    Called as ``loss(margin_map [N, 1, h, w], labels [N, H, W])``; labels are resized like CACLoss's.
+    Called as ``loss(margin_map [N, 1, h, w], labels [N, H, W])``; labels are resized like CACLoss's (or given
+    as a ``class_index``).
     """
 
     def __init__(self, ignore_index=255):
@@ -121,8 +148,7 @@ class SmoothLoss(nn.Module):
         if margin_map.dim() != 4 or margin_map.shape[1] != 1:
             raise ValueError(f"margin_map must be a 4-D tensor [N, 1, h, w], got shape {list(margin_map.shape)}")
         n, _, h, w = margin_map.shape
-        labels = resize_labels(labels, (h, w))
-        compact, k, _ = compact_labels(labels, self.ignore_index)
+        compact, k = _index(labels, (h, w), self.ignore_index)[:2]
         if k == 0:
             return margin_map.sum() * 0.0
         means, counts = ops.class_avg_pool(margin_map.detach(), compact, k, ignore_index=k)

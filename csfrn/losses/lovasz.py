@@ -37,11 +37,14 @@ def lovasz_hinge_rows(logits, positive, valid):
     """The Lovasz hinge of every row of ``logits`` [R, P] (one sort for all rows), as a [R] tensor.
 
     ``positive`` / ``valid`` are [R, P] bool masks: the target class, and the pixels that take part.
+    Half-precision logits (autocast) are taken in float32: the running counts of Berman's Alg. 1 pass 256,
+    which float16 / bfloat16 cannot count to exactly.
     """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     gt = (positive & valid).to(logits.dtype)
     signs = 2.0 * gt - 1.0
-    errors = 1.0 - logits * signs
-    errors = torch.where(valid, errors, torch.full_like(errors, float("-inf")))
+    errors = (1.0 - logits * signs).masked_fill(~valid, float("-inf"))
     errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
     gt_sorted = torch.gather(gt, 1, perm)
     grad = _lovasz_grad(gt_sorted)
@@ -49,9 +52,13 @@ def lovasz_hinge_rows(logits, positive, valid):
 
 
 def _lovasz_grad(gt_sorted):
-    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors, row by row (Berman's Alg. 1)."""
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors, row by row (Berman's Alg. 1).
+
+    One cumsum serves both running counts: the negatives seen so far are the position minus the positives
+    (all exact integers in float32 up to 2^24 pixels per row).
+    """
+    positives = gt_sorted.cumsum(dim=1)
     gts = gt_sorted.sum(dim=1, keepdim=True)
-    intersection = gts - gt_sorted.cumsum(dim=1)
-    union = gts + (1.0 - gt_sorted).cumsum(dim=1)
-    jaccard = 1.0 - intersection / union
-    return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    seen = torch.arange(1, gt_sorted.shape[1] + 1, dtype=gt_sorted.dtype, device=gt_sorted.device)
+    jaccard = 1.0 - (gts - positives) / (gts + seen - positives)
+    return torch.diff(jaccard, dim=1, prepend=jaccard.new_zeros(jaccard.shape[0], 1))

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import CACLoss, SmoothLoss
+from ..losses import CACLoss, SmoothLoss, class_index
 
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 
@@ -77,9 +77,11 @@ class CSFRN(nn.Module):
             aux = F.interpolate(self.aux_head(feats[2]), size=images.shape[2:], mode="bilinear", align_corners=False)
             losses["aux"] = w["aux"] * F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
         if out is not None:
-            losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, labels)
+            # one resize and renumbering of the labels for both losses
+            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
+            losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)
             if out.margins is not None:
-                losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, labels)
+                losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, index)
         return logits, losses
 
     @torch.no_grad()

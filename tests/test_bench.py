@@ -1,0 +1,90 @@
+"""The training-step benchmark and the report run end to end in --quick mode and write what they promise.
+No timing assertions: timing is checked by the benchmarks themselves."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from csfrn.bench import report, train_step
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared, loaded CPU: a second OpenMP thread only waits for the busy core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_step_quick(tmp_path, capsys):
+    path = tmp_path / "step.json"
+    result = train_step.main(["--quick", "--reps", "1", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert set(saved) == {"meta", "rows", "ratios", "gflops"}
+    variants = ["baseline", "csfrn", "reference"] + (["torchvision"] if train_step.have_torchvision() else [])
+    assert [(r["mode"], r["variant"]) for r in saved["rows"]] == \
+        [(m, v) for m in ("train step", "inference") for v in variants]
+    for r in saved["rows"]:
+        assert {"median_ms", "min_ms", "max_ms", "peak_mb", "vs_baseline"} <= set(r)
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    assert {"csfrn_over_baseline", "extra_ms_csfrn", "extra_ms_reference", "extra_cut"} <= set(saved["ratios"])
+    assert saved["gflops"]["csfrn"] > saved["gflops"]["baseline"] > 0
+    assert saved["meta"]["size"] == [33, 33] and saved["meta"]["amp"] == "none"
+    out = capsys.readouterr().out
+    assert "(b)/(a) step time" in out and out.rstrip().splitlines()[-1].lstrip().startswith("inference")
+    assert result["rows"] == saved["rows"]
+
+
+def test_torchvision_variant_matches_ours():
+    """(d) times the same computation as (b): torchvision's two deform convs give our dual op's result."""
+    pytest.importorskip("torchvision")
+    from csfrn import ops
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 3, 5, 6, generator=g), torch.randn(1, 4, 5, 6, generator=g)
+    offset = torch.randn(1, 18, 5, 6, generator=g)
+    wx, wy = torch.randn(3, 3, 3, 3, generator=g), torch.randn(4, 4, 3, 3, generator=g)
+    ours = ops.dual_deform_conv2d(x, y, offset, wx, wy, padding=1)
+    with train_step.variant_context("torchvision"):
+        theirs = ops.dual_deform_conv2d(x, y, offset, wx, wy, padding=1)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_breakdown_parts():
+    images, labels = train_step.make_batch(2, (33, 33), "cpu")
+    model = train_step.build(True, True, "cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    parts = train_step.breakdown(model, optimizer, images, labels)
+    assert list(parts) == ["backbone", "head", "aux head", "CSFLM", "AAM", "losses", "other forward", "backward",
+                           "optimizer"]
+    assert all(v >= 0 for k, v in parts.items() if k != "other forward")
+
+
+def test_report_quick(tmp_path):
+    paths = report.main(["--quick", "--out", str(tmp_path)])
+    assert set(paths) == {"json", "md", "ops_png", "step_png"}
+    for p in paths.values():
+        assert os.path.dirname(p) == str(tmp_path) and os.path.getsize(p) > 0
+    saved = json.loads(open(paths["json"]).read())
+    assert set(saved) == {"meta", "ops", "deform_included", "train_step", "breakdown"}
+    assert {r["op"] for r in saved["ops"]} >= {"class_avg_pool", "center_distance"}
+    assert len({r["pixels"] for r in saved["ops"] if r["op"] == "class_avg_pool"}) >= 2
+    assert set(saved["breakdown"]) == {"baseline", "csfrn"}
+    assert "AAM" in saved["breakdown"]["csfrn"] and "AAM" not in saved["breakdown"]["baseline"]
+    md = open(paths["md"]).read()
+    assert "## Training step" in md and os.path.basename(paths["step_png"]) in md
+    for key in ("ops_png", "step_png"):
+        with Image.open(paths[key]) as img:
+            assert img.format == "PNG" and img.width >= 800
+
+
+def test_report_reuses_a_step_json(tmp_path):
+    step = tmp_path / "step.json"
+    train_step.main(["--quick", "--reps", "1", "--variants", "baseline", "csfrn", "--no-inference",
+                     "--json", str(step)])
+    paths = report.main(["--quick", "--out", str(tmp_path / "out"), "--step-json", str(step)])
+    saved = json.loads(open(paths["json"]).read())
+    assert saved["train_step"] == json.loads(step.read_text())
