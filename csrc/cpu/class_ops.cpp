@@ -32,11 +32,24 @@ void note_bad_label(std::atomic<int64_t>& bad, int64_t value) {
   bad.compare_exchange_strong(expected, value);
 }
 
+// Sums values[p] into bank[(p % 4) * (K + 1) + slot[p]]: four banks break the chain of dependent adds that
+// neighbouring pixels of one class would otherwise form; slot K is the bucket of ignored pixels (no branch).
+template <typename scalar_t, typename acc_t>
+inline void bank_sum(acc_t* __restrict__ bank, const int32_t* __restrict__ slot, const scalar_t* __restrict__ values,
+                     int64_t K, int64_t np) {
+  std::fill(bank, bank + 4 * (K + 1), acc_t(0));
+  int64_t p = 0;
+  for (; p + 4 <= np; p += 4)
+    for (int64_t j = 0; j < 4; ++j) bank[j * (K + 1) + slot[p + j]] += static_cast<acc_t>(values[p + j]);
+  for (; p < np; ++p) bank[slot[p]] += static_cast<acc_t>(values[p]);
+}
+
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                       int64_t num_classes, int64_t ignore_index) {
   check_class_avg_pool_args(features, labels, num_classes);
   const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = num_classes, D1 = D + 1;  // one extra slot per class for the pixel count
+  TORCH_CHECK_VALUE(K < std::numeric_limits<int32_t>::max(), "num_classes must be < 2^31, got ", K);
   at::Tensor means = at::zeros({N, K, D}, features.options());
   at::Tensor counts = at::zeros({N, K}, features.options());
   if (N == 0) return {means, counts};
@@ -53,26 +66,32 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
     const int64_t* l = lab.const_data_ptr<int64_t>();
 
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int64_t> slot(chunk);
+      std::vector<int32_t> slot(chunk);
+      std::vector<acc_t> bank(4 * (K + 1)), ones(chunk, acc_t(1));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
         acc_t* buf = partial.data() + b * K * D1;
         const scalar_t* fn = f + n * fv.sn + p0 * fv.sp;
         for (int64_t p = 0; p < np; ++p) {
           const int64_t label = l[n * P + p0 + p];
-          slot[p] = label_slot(label, K, ignore_index);
-          if (slot[p] == -2) note_bad_label(bad, label);
-          if (slot[p] >= 0) buf[slot[p] * D1 + D] += acc_t(1);
+          const int64_t k = label_slot(label, K, ignore_index);
+          if (k == -2) note_bad_label(bad, label);
+          slot[p] = static_cast<int32_t>(k < 0 ? K : k);
         }
+        auto fold_banks = [&](int64_t d) {  // add the four banks of one channel into buf[k][d]
+          for (int64_t k = 0; k < K; ++k)
+            buf[k * D1 + d] += bank[k] + bank[(K + 1) + k] + bank[2 * (K + 1) + k] + bank[3 * (K + 1) + k];
+        };
+        bank_sum(bank.data(), slot.data(), ones.data(), K, np);
+        fold_banks(D);
         if (fv.sp == 1) {  // NCHW: walk each channel plane in memory order
           for (int64_t d = 0; d < D; ++d) {
-            const scalar_t* fd = fn + d * fv.sc;
-            for (int64_t p = 0; p < np; ++p)
-              if (slot[p] >= 0) buf[slot[p] * D1 + d] += static_cast<acc_t>(fd[p]);
+            bank_sum(bank.data(), slot.data(), fn + d * fv.sc, K, np);
+            fold_banks(d);
           }
         } else {  // channels_last: each pixel's channels are adjacent
           for (int64_t p = 0; p < np; ++p) {
-            if (slot[p] < 0) continue;
+            if (slot[p] == K) continue;
             const scalar_t* fp = fn + p * fv.sp;
             acc_t* row = buf + slot[p] * D1;
             for (int64_t d = 0; d < D; ++d) row[d] += static_cast<acc_t>(fp[d * fv.sc]);
@@ -114,21 +133,31 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
 
   AT_DISPATCH_FLOATING_TYPES(grad_means.scalar_type(), "class_avg_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // d means[n,k,d] / d features[n,d,p] = 1 / counts[n,k] for the pixels p of class k, so
+    // grad[n,d,p] = table[n][d][class of p] with table = grad_means / counts, transposed, and a zero column K
+    // for ignored pixels (and for labels outside [0, K), which the forward has refused).
+    std::vector<scalar_t> table(N * D * (K + 1), scalar_t(0));
     const scalar_t* gm = g.const_data_ptr<scalar_t>();
     const scalar_t* cn = cnt.const_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t count = static_cast<acc_t>(cn[n * K + k]);
+        if (count > 0)
+          for (int64_t d = 0; d < D; ++d)
+            table[(n * D + d) * (K + 1) + k] =
+                static_cast<scalar_t>(static_cast<acc_t>(gm[(n * K + k) * D + d]) / count);
+      }
     const int64_t* l = lab.const_data_ptr<int64_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    // d means[n,k,d] / d features[n,d,p] = 1 / counts[n,k] for pixels p of class k.
     at::parallel_for(0, N * D, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = i / D, d = i % D;
+        const int64_t n = i / D;
         const int64_t* ln = l + n * P;
+        const scalar_t* row = table.data() + i * (K + 1);
         scalar_t* o = out + i * P;
         for (int64_t p = 0; p < P; ++p) {
-          const int64_t k = label_slot(ln[p], K, ignore_index);
-          o[p] = k < 0 ? scalar_t(0)
-                       : static_cast<scalar_t>(static_cast<acc_t>(gm[(n * K + k) * D + d]) /
-                                               static_cast<acc_t>(cn[n * K + k]));
+          const int64_t k = ln[p];
+          o[p] = row[(k >= 0 && k < K && k != ignore_index) ? k : K];
         }
       }
     });
@@ -184,15 +213,28 @@ inline double exp_nonpositive(double x) {
 template <typename T>
 inline void chunk_decay_impl(T* __restrict__ dist, T* __restrict__ decay, const T* __restrict__ e,
                              const T* __restrict__ c, T scale, int64_t D, int64_t np) {
-  for (int64_t p = 0; p < np; ++p) dist[p] = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const T cd = c[d];
-    const T* __restrict__ ed = e + d * kDistChunk;
+  // 16 pixels at a time over all channels: their partial sums stay in registers.
+  constexpr int64_t kLanes = 16;
+  for (int64_t p0 = 0; p0 < np; p0 += kLanes) {
+    T acc[kLanes] = {};
+    if (p0 + kLanes <= np) {
+      for (int64_t d = 0; d < D; ++d) {
+        const T cd = c[d];
+        const T* __restrict__ ed = e + d * kDistChunk + p0;
 #pragma omp simd
-    for (int64_t p = 0; p < np; ++p) {
-      const T t = ed[p] - cd;
-      dist[p] += t * t;
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const T t = ed[j] - cd;
+          acc[j] += t * t;
+        }
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < np - p0; ++j) {
+          const T t = e[d * kDistChunk + p0 + j] - c[d];
+          acc[j] += t * t;
+        }
     }
+    for (int64_t j = 0; j < kLanes && p0 + j < np; ++j) dist[p0 + j] = acc[j];
   }
 #pragma omp simd
   for (int64_t p = 0; p < np; ++p) decay[p] = exp_nonpositive(-dist[p] * scale);
