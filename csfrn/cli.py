@@ -1,12 +1,17 @@
 """``csfrn <verb>``: parse the command line, then call the library.
 
-Verbs: train, eval, predict, visualize, flops, bench-ops, demo. Each takes ``--config FILE.yaml`` and any
+Verbs: train, eval, predict, visualize, flops, bench-ops, bench, demo. Each takes ``--config FILE.yaml`` and any
 number of ``--set section.key=value`` overrides (YAML values; unknown keys are errors).
 """
 import argparse
 import glob
 import os
 import sys
+
+
+# csfrn bench --what NAME runs NAME's main(argv).
+BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
+              "report": "csfrn.bench.report"}
 
 
 def _common(parser):
@@ -53,6 +58,10 @@ def _parser():
     p = verbs.add_parser("bench-ops", help="kernel benchmarks (csfrn.bench.ops, csfrn.bench.deform); extra "
                          "args pass through")
     _common(p)
+
+    p = verbs.add_parser("bench", help="benchmarks: --what ops | deform | train | report; extra args pass through")
+    _common(p)
+    p.add_argument("--what", choices=sorted(BENCHMARKS), default="train")
 
     p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set and compare")
     _common(p)
@@ -128,7 +137,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb not in ("flops", "bench-ops"):
+    if extra and args.verb not in ("flops", "bench-ops", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.verb == "train":
@@ -199,6 +208,11 @@ def main(argv=None):
 
     if args.verb == "bench-ops":
         return _bench_ops(extra)
+
+    if args.verb == "bench":
+        import importlib
+        importlib.import_module(BENCHMARKS[args.what]).main(extra)
+        return 0
 
     if args.verb == "demo":
         from .engine.demo import DEMO_CONFIG, run_demo

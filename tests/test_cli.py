@@ -111,6 +111,16 @@ def test_bench_ops_calls_the_benchmark_modules(monkeypatch, capsys):
     assert cli.main(["bench-ops"]) == 1
 
 
+def test_bench_dispatches_by_what(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "csfrn.bench.train_step",
+                        types.SimpleNamespace(main=lambda argv: calls.append(argv)))
+    assert cli.main(["bench", "--what", "train", "--quick", "--reps", "1"]) == 0
+    assert calls == [["--quick", "--reps", "1"]]
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--what", "nothing"])
+
+
 def test_demo_writes_summary_and_pictures(tmp_path, ops_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--set", "train.iters=2", "--set", "data.size=32",

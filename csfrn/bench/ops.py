@@ -138,8 +138,10 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="where to write the rows (default benchmarks/results/…)")
+    parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke test")
     args = parser.parse_args(argv)
-    rows = run(args.device, args.reps, dtype=getattr(torch, args.dtype))
+    shapes = [(2, 8, 24, 24, 5)] if args.quick else None
+    rows = run(args.device, args.reps, shapes=shapes, dtype=getattr(torch, args.dtype))
     meta = {"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
             "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
     path = args.json or os.path.join("benchmarks", "results", f"class_ops-{torch.device(args.device).type}.json")
