@@ -79,7 +79,9 @@ def line_panel(draw, box, title, series, xlabel, ylabel):
     x0, y0, x1, y1 = box
     small, mid = _font(12), _font(14)
     draw.text(((x0 + x1) / 2, y0 + 4), title, fill="black", font=_font(15), anchor="mt")
-    px0, py0, px1, py1 = x0 + 70, y0 + 50, x1 - 15, y1 - 50
+    per_row = 3                                                    # legend entries per row
+    legend_rows = math.ceil(len(series) / per_row)
+    px0, py0, px1, py1 = x0 + 70, y0 + 38 + 16 * legend_rows, x1 - 15, y1 - 50
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts if y > 0]
     lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
@@ -118,10 +120,11 @@ def line_panel(draw, box, title, series, xlabel, ylabel):
         # every other series labels below its point, so close lines keep legible values
         draw.text((last_x - 6, last_y + (-6 if i % 2 == 0 else 6)), _fmt_ms(sorted(pts)[-1][1]), fill=color,
                   font=small, anchor="rb" if i % 2 == 0 else "rt")
-        # legend in one row between the title and the plot, where it hides no point
-        lx = px0 + i * (px1 - px0) / len(series)
-        draw.line((lx, y0 + 32, lx + 20, y0 + 32), fill=color, width=3)
-        draw.text((lx + 26, y0 + 32), name, fill="black", font=small, anchor="lm")
+        # legend in rows of three between the title and the plot, where it hides no point
+        lx = px0 + (i % per_row) * (px1 - px0) / per_row
+        ly = y0 + 30 + 16 * (i // per_row)
+        draw.line((lx, ly, lx + 20, ly), fill=color, width=3)
+        draw.text((lx + 26, ly), name, fill="black", font=small, anchor="lm")
 
 
 def ops_chart(rows, path, title):
