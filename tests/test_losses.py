@@ -5,19 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import csfrn.ops
 from csfrn.losses import CACLoss, OhemCrossEntropy, SmoothLoss, lovasz_hinge
 
 
-@pytest.fixture
-def ops_path():
-    """The compiled CPU kernels of the class-wise ops when they exist, else their reference twins."""
-    ops = ("class_avg_pool", "center_distance")
-    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"csfrn::{op}", "CPU") for op in ops):
-        yield "kernels"
-    else:
-        with csfrn.ops.use_reference():
-            yield "reference"
 
 
 # ---------------------------------------------------------------- Lovasz hinge, one image at a time

@@ -12,16 +12,6 @@ FUSIONS = (None, "concat", "aam")      # None: the plain baseline
 TINY = dict(width=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8, embed_dim=8)
 
 
-@pytest.fixture
-def ops_path():
-    """The compiled CPU kernels when every op the models use has one, else the reference twins (each kernel is
-    tested against its twin in the ops tests); the model code calls ``csfrn.ops.*`` either way."""
-    ops = ("class_avg_pool", "center_distance", "dual_deform_conv2d")
-    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"csfrn::{op}", "CPU") for op in ops):
-        yield "kernels"
-    else:
-        with csfrn.ops.use_reference():
-            yield "reference"
 
 
 def tiny(head, fusion, **kw):
