@@ -1,6 +1,9 @@
 """class_avg_pool and center_distance: kernels vs reference twins (float64, fresh random inputs), gradients,
 opcheck, torch.compile, layouts, edge cases, bad input, and CUDA vs CPU."""
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,6 +116,51 @@ def test_class_avg_pool_custom_ignore_index_and_float32():
     torch.testing.assert_close(means, ref_means)
     torch.testing.assert_close(counts, ref_counts)
     assert means.dtype == counts.dtype == torch.float32
+
+
+VECTOR_CASES = [  # (N, D, H, W, K, ignore_index): float32 NCHW takes the AVX-512 loops where torch runs AVX-512
+    (2, 16, 50, 53, 19, 255),   # two pixel chunks, the second ending in a partial 16-pixel tile
+    (1, 33, 9, 7, 31, 255),     # 16-channel blocks plus a leftover channel; K + 1 = 32 rows fill the permute table
+    (2, 48, 11, 13, 32, 3),     # K + 1 = 33: the lookup's portable loop; ignore_index inside [0, K)
+    (1, 20, 17, 19, 150, 255),
+    (2, 16, 4, 3, 1, 255),      # fewer pixels than one tile
+]
+
+
+def check_float32_pool(n, d, h, w, k, ignore_index, seed=0, blocky=False, channel_stride=1):
+    """float32 kernel vs the float64 twin on the same (upcast) inputs."""
+    g = seeded(seed)
+    features = torch.randn(n, d * channel_stride, h, w, generator=g)[:, ::channel_stride].requires_grad_()
+    labels = random_labels(g, n, h, w, k, absent=(0,) if k > 2 else ())
+    if blocky:   # runs of one class, as real label maps have: consecutive pixels hit the same class row
+        labels = labels[:, :, :1].expand(n, h, w).contiguous()
+    labels[labels == 255] = ignore_index
+    means, counts = ops.class_avg_pool(features, labels, k, ignore_index)
+    f64 = features.detach().double().requires_grad_()
+    ref_means, ref_counts = reference.class_avg_pool(f64, labels, k, ignore_index)
+    torch.testing.assert_close(means.double(), ref_means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(counts.double(), ref_counts, rtol=0, atol=0)
+    upstream = torch.randn(means.shape, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(means, features, upstream.float())
+    (ref_grad,) = torch.autograd.grad(ref_means, f64, upstream)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n,d,h,w,k,ignore_index", VECTOR_CASES)
+@pytest.mark.parametrize("blocky", [False, True])
+def test_class_avg_pool_float32_vector_paths(n, d, h, w, k, ignore_index, blocky):
+    check_float32_pool(n, d, h, w, k, ignore_index, seed=k, blocky=blocky)
+    check_float32_pool(n, d, h, w, k, ignore_index, seed=k + 1, channel_stride=2)
+
+
+def test_class_avg_pool_float32_portable_loops():
+    """The same checks with torch (and so our kernels) limited to AVX2: the loops every other CPU runs."""
+    code = ("import test_class_ops as t, torch; assert torch.backends.cpu.get_cpu_capability() != 'AVX512';"
+            "[t.check_float32_pool(*c, blocky=b) for c in t.VECTOR_CASES for b in (False, True)]")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- center_distance

@@ -6,12 +6,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <cstdint>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -44,6 +48,131 @@ inline void bank_sum(acc_t* __restrict__ bank, const int32_t* __restrict__ slot,
   for (; p < np; ++p) bank[slot[p]] += static_cast<acc_t>(values[p]);
 }
 
+// ---------------------------------------------------------------- AVX-512 paths of the pooling (float32)
+// Used when torch itself runs its AVX-512 kernels (torch.backends.cpu.get_cpu_capability(); the
+// ATEN_CPU_CAPABILITY variable lowers it, which is how the tests also reach the portable loops).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+
+bool use_avx512() {
+  static const bool yes = at::get_cpu_capability() == "AVX512";
+  return yes;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#pragma GCC diagnostic push
+// gcc 12's intrinsics start from _mm512_undefined_ps(), which this warning takes for an uninitialised read
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace avx512 {
+
+inline __m512 lo64(__m512 x, __m512 y) {
+  return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y)));
+}
+inline __m512 hi64(__m512 x, __m512 y) {
+  return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y)));
+}
+
+// r[i][j] -> r[j][i] for a 16x16 block of floats: 32-bit, then 64-bit interleaves within 128-bit lanes, then
+// two rounds of 128-bit lane shuffles.
+inline void transpose16(__m512 r[16]) {
+  __m512 a[16], b[16];
+  for (int k = 0; k < 8; ++k) {
+    a[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    a[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    b[4 * k] = lo64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 1] = hi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 2] = lo64(a[4 * k + 1], a[4 * k + 3]);
+    b[4 * k + 3] = hi64(a[4 * k + 1], a[4 * k + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // b[4g + m] holds pixel 4L + m of channels 4g..4g+3 in 128-bit lane L
+    const __m512 c0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0x88), c1 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0xDD);
+    const __m512 c2 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0x88);
+    const __m512 c3 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0xDD);
+    r[m] = _mm512_shuffle_f32x4(c0, c2, 0x88);
+    r[4 + m] = _mm512_shuffle_f32x4(c1, c3, 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(c0, c2, 0xDD);
+    r[12 + m] = _mm512_shuffle_f32x4(c1, c3, 0xDD);
+  }
+}
+
+// Class sums of channels c0..c0+15 over one pixel chunk of an NCHW plane set: each 16 channels x 16 pixels tile
+// is transposed in registers, so a pixel adds its 16 channels to its class row with one vector add. Pixel j of
+// a tile goes to bank j % 4: neighbouring pixels of one class then do not wait on each other's adds. Rows of
+// bank b: b * (K + 1) + slot, slot K being the ignored pixels. Adds the banks into buf[k * D1 + c0 + i].
+void pool_block16(float* __restrict__ buf, int64_t D1, float* __restrict__ bank, const int32_t* __restrict__ slot,
+                  const float* __restrict__ f, int64_t sc, int64_t c0, int64_t np, int64_t K) {
+  const int64_t rows = K + 1;
+  std::fill(bank, bank + 4 * rows * 16, 0.0f);
+  auto add = [&](int64_t j, int64_t p, __m512 v) {
+    float* a = bank + ((j & 3) * rows + slot[p]) * 16;
+    _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), v));
+  };
+  const float* fc = f + c0 * sc;
+  int64_t p0 = 0;
+  for (; p0 + 16 <= np; p0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(fc + i * sc + p0);
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) add(j, p0 + j, r[j]);
+  }
+  if (p0 < np) {  // the last, partial tile: absent pixels load as zeros and are not added
+    const __mmask16 m = static_cast<__mmask16>((1u << (np - p0)) - 1);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(m, fc + i * sc + p0);
+    transpose16(r);
+    for (int j = 0; j < np - p0; ++j) add(j, p0 + j, r[j]);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    float* out = buf + k * D1 + c0;
+    const float *b0 = bank + k * 16, *b1 = b0 + rows * 16, *b2 = b1 + rows * 16, *b3 = b2 + rows * 16;
+    for (int i = 0; i < 16; ++i) out[i] += (b0[i] + b1[i]) + (b2[i] + b3[i]);
+  }
+}
+
+// out[p] = row[slot[p]] for one (image, channel) row of the pooling's gradient, row holding the K + 1 <= 32
+// table entries (zero-padded to 32): a two-register permute does 16 lookups at once.
+void lookup_row32(float* __restrict__ out, const float* __restrict__ row, const int32_t* __restrict__ slot,
+                  int64_t P) {
+  const __m512 lo = _mm512_loadu_ps(row), hi = _mm512_loadu_ps(row + 16);
+  int64_t p = 0;
+  for (; p + 16 <= P; p += 16)
+    _mm512_storeu_ps(out + p, _mm512_permutex2var_ps(lo, _mm512_loadu_si512(slot + p), hi));
+  if (p < P) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (P - p)) - 1);
+    _mm512_mask_storeu_ps(out + p, m, _mm512_permutex2var_ps(lo, _mm512_maskz_loadu_epi32(m, slot + p), hi));
+  }
+}
+
+}  // namespace avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+// Class sums of the channels of one chunk, 16 at a time; returns the first channel left to the portable loop.
+inline int64_t pool_blocks16(float* buf, int64_t D1, float* bank, const int32_t* slot, const float* f, int64_t sc,
+                             int64_t D, int64_t np, int64_t K) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) avx512::pool_block16(buf, D1, bank, slot, f, sc, d, np, K);
+  return d;
+}
+
+inline bool lookup_row32(float* out, const float* row, const int32_t* slot, int64_t P) {
+  avx512::lookup_row32(out, row, slot, P);
+  return true;
+}
+#else
+bool use_avx512() { return false; }
+#endif
+// Elsewhere (double, other CPUs) there is no vector path: the portable loops do all the work.
+template <typename scalar_t>
+bool lookup_row32(scalar_t*, const scalar_t*, const int32_t*, int64_t) { return false; }
+template <typename acc_t, typename scalar_t>
+int64_t pool_blocks16(acc_t*, int64_t, float*, const int32_t*, const scalar_t*, int64_t, int64_t, int64_t, int64_t) {
+  return 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                       int64_t num_classes, int64_t ignore_index) {
   check_class_avg_pool_args(features, labels, num_classes);
@@ -65,9 +194,16 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
     const scalar_t* f = fv.t.const_data_ptr<scalar_t>();
     const int64_t* l = lab.const_data_ptr<int64_t>();
 
+    const bool simd = std::is_same_v<scalar_t, float> && use_avx512() && fv.sp == 1 && D >= 16;
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<int32_t> slot(chunk);
       std::vector<acc_t> bank(4 * (K + 1)), ones(chunk, acc_t(1));
+      // the AVX-512 path's four banks of [K + 1][16] rows, 64-byte aligned
+      std::vector<float> tile_store(simd ? 4 * (K + 1) * 16 + 16 : 0);
+      void* tiles_at = tile_store.data();
+      size_t room = tile_store.size() * sizeof(float);
+      float* tiles = simd ? static_cast<float*>(std::align(64, 4 * (K + 1) * 16 * sizeof(float), tiles_at, room))
+                          : nullptr;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
         acc_t* buf = partial.data() + b * K * D1;
@@ -85,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
         bank_sum(bank.data(), slot.data(), ones.data(), K, np);
         fold_banks(D);
         if (fv.sp == 1) {  // NCHW: walk each channel plane in memory order
-          for (int64_t d = 0; d < D; ++d) {
+          int64_t d = simd ? pool_blocks16(buf, D1, tiles, slot.data(), fn, fv.sc, D, np, K) : 0;
+          for (; d < D; ++d) {
             bank_sum(bank.data(), slot.data(), fn + d * fv.sc, K, np);
             fold_banks(d);
           }
@@ -103,7 +240,9 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
 
     scalar_t* m = means.data_ptr<scalar_t>();
     scalar_t* c = counts.data_ptr<scalar_t>();
-    at::parallel_for(0, N * K, 16, [&](int64_t i0, int64_t i1) {
+    // Small reductions run on this thread: waking the pool would cost more than the adds.
+    const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / (nchunks * D1));
+    at::parallel_for(0, N * K, grain, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> sum(D1);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = i / K, k = i % K;
@@ -134,9 +273,12 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
   AT_DISPATCH_FLOATING_TYPES(grad_means.scalar_type(), "class_avg_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // d means[n,k,d] / d features[n,d,p] = 1 / counts[n,k] for the pixels p of class k, so
-    // grad[n,d,p] = table[n][d][class of p] with table = grad_means / counts, transposed, and a zero column K
-    // for ignored pixels (and for labels outside [0, K), which the forward has refused).
-    std::vector<scalar_t> table(N * D * (K + 1), scalar_t(0));
+    // grad[n,d,p] = table[n][d][slot of p] with table = grad_means / counts, transposed, and a zero column K
+    // for ignored pixels (and for labels outside [0, K), which the forward has refused). Rows of up to 32
+    // entries are looked up 16 pixels at a time by the AVX-512 path; they are zero-padded to 32 for it.
+    const bool simd = std::is_same_v<scalar_t, float> && use_avx512() && K + 1 <= 32;
+    const int64_t R = simd ? 32 : K + 1;
+    std::vector<scalar_t> table(N * D * R, scalar_t(0));
     const scalar_t* gm = g.const_data_ptr<scalar_t>();
     const scalar_t* cn = cnt.const_data_ptr<scalar_t>();
     for (int64_t n = 0; n < N; ++n)
@@ -144,20 +286,26 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
         const acc_t count = static_cast<acc_t>(cn[n * K + k]);
         if (count > 0)
           for (int64_t d = 0; d < D; ++d)
-            table[(n * D + d) * (K + 1) + k] =
-                static_cast<scalar_t>(static_cast<acc_t>(gm[(n * K + k) * D + d]) / count);
+            table[(n * D + d) * R + k] = static_cast<scalar_t>(static_cast<acc_t>(gm[(n * K + k) * D + d]) / count);
       }
+    // One parallel region over (image, pixel chunk) units: a unit finds its pixels' slots once and writes
+    // its stretch of every channel row.
     const int64_t* l = lab.const_data_ptr<int64_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, N * D, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = i / D;
-        const int64_t* ln = l + n * P;
-        const scalar_t* row = table.data() + i * (K + 1);
-        scalar_t* o = out + i * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t k = ln[p];
-          o[p] = row[(k >= 0 && k < K && k != ignore_index) ? k : K];
+    const int64_t chunk = pool_chunk(P), nchunks = (P + chunk - 1) / chunk;
+    at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<int32_t> slot(chunk);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t k = label_slot(l[n * P + p0 + p], K, ignore_index);
+          slot[p] = static_cast<int32_t>(k < 0 ? K : k);
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t* row = table.data() + (n * D + d) * R;
+          scalar_t* o = out + (n * D + d) * P + p0;
+          if (simd && lookup_row32(o, row, slot.data(), np)) continue;
+          for (int64_t p = 0; p < np; ++p) o[p] = row[slot[p]];
         }
       }
     });
