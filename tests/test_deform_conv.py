@@ -438,6 +438,10 @@ def _bad_cases():
     yield ("offset groups", dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None),
             r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input")
     yield "bias", dict(bias=torch.randn(3, dtype=F64)), r"bias must be a 1-D tensor of size 2"
+    # Zero channels / an empty kernel once divided by zero in the C++ checks (SIGFPE, the process died).
+    yield "no channels", dict(input=base["input"][:, :0]), r"input must have at least one channel"
+    yield ("empty kernel", dict(weight=torch.randn(2, 3, 0, 2, dtype=F64)),
+            r"weight must have a kernel size \[kh, kw\] of at least \[1, 1\]")
     yield "dtype", dict(offset=base["offset"].float()), r"all floating-point tensors must share one dtype"
     yield "device", dict(weight=base["weight"].to("meta")), r"all tensors must be on one device"
     yield "integer input", dict(input=base["input"].long()), r"input must be a floating-point tensor"
