@@ -172,6 +172,12 @@ def test_center_distance_layouts_and_edge_cases():
     torch.testing.assert_close(grad, want)
     # batch 0 and no classes
     assert ops.center_distance(torch.randn(0, 3, 4, 4), torch.randn(0, 2, 3), torch.randn(0, 2)).shape == (0, 2, 4, 4)
+    for n, d in ((0, 3), (2, 0)):  # the backward of an empty batch / no channels once failed in a reshape
+        inputs = [torch.randn(n, d, 4, 4, requires_grad=True), torch.randn(n, 2, d, requires_grad=True),
+                  torch.randn(n, 2, requires_grad=True)]
+        grads = torch.autograd.grad(ops.center_distance(*inputs).sum(), inputs)
+        assert [gr.shape for gr in grads] == [t.shape for t in inputs]
+        assert all(bool(gr.eq(0).all()) for gr in grads)
     e = torch.randn(1, 3, 4, 4, requires_grad=True)
     phi = ops.center_distance(e, torch.randn(1, 0, 3), torch.randn(1, 0))
     assert phi.shape == (1, 0, 4, 4)
