@@ -151,6 +151,19 @@ def test_batch_sizes(n):
         assert case["weight"].grad is not None and bool((case["weight"].grad == 0).all())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_no_output_channels(device):
+    # C_out = 0 once failed in the kernels' weight.view(..., -1) (ambiguous beside a zero size).
+    case = make_case(**dict(AWKWARD, c_out=0), use_mask=True, device=device)
+    out = call(ops.deform_conv2d, case)
+    assert out.shape == (2, 0, 2, 3)
+    got = grads(out, case, torch.randn_like(out))
+    for name in ("input", "offset", "mask"):
+        assert got[name].shape == case[name].shape and bool((got[name] == 0).all()), name
+    assert got["weight"].shape == case["weight"].shape and got["bias"].shape == (0,)
+
+
 @pytest.mark.parametrize("layout", ["permuted", "channels_last"])
 def test_memory_layouts(layout):
     case = make_case(**AWKWARD, use_mask=True)

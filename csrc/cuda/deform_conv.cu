@@ -163,8 +163,10 @@ struct Branch {
 
 Branch make_branch(const at::Tensor& input, const at::Tensor& weight) {
   const int64_t groups = input.size(1) / weight.size(1);
-  return {input.contiguous(), weight.contiguous().view({groups, weight.size(0) / groups, -1}), input.size(1), groups,
-          weight.size(0)};
+  // Sizes spelled out: view cannot infer a -1 beside a zero size (C_out = 0).
+  return {input.contiguous(),
+          weight.contiguous().view({groups, weight.size(0) / groups, weight.size(1) * weight.size(2) * weight.size(3)}),
+          input.size(1), groups, weight.size(0)};
 }
 
 // Images per chunk so that the columns of all branches stay under the budget.
