@@ -220,6 +220,12 @@ def test_center_distance_layouts_and_edge_cases():
     torch.testing.assert_close(grad, want)
     # batch 0 and no classes
     assert ops.center_distance(torch.randn(0, 3, 4, 4), torch.randn(0, 2, 3), torch.randn(0, 2)).shape == (0, 2, 4, 4)
+    for n, d in ((0, 3), (2, 0)):  # the backward of an empty batch / no channels once failed in a reshape
+        inputs = [torch.randn(n, d, 4, 4, requires_grad=True), torch.randn(n, 2, d, requires_grad=True),
+                  torch.randn(n, 2, requires_grad=True)]
+        grads = torch.autograd.grad(ops.center_distance(*inputs).sum(), inputs)
+        assert [gr.shape for gr in grads] == [t.shape for t in inputs]
+        assert all(bool(gr.eq(0).all()) for gr in grads)
     e = torch.randn(1, 3, 4, 4, requires_grad=True)
     phi = ops.center_distance(e, torch.randn(1, 0, 3), torch.randn(1, 0))
     assert phi.shape == (1, 0, 4, 4)
@@ -388,3 +394,68 @@ def test_cuda_compile_and_opcheck():
     torch.library.opcheck(torch.ops.csfrn.class_avg_pool.default, (features, labels, 4, 255))
     inputs = [t.cuda().requires_grad_() for t in distance_inputs(g, 2, 3, 4, 5, 4)]
     torch.library.opcheck(torch.ops.csfrn.center_distance.default, (*inputs, 10.0))
+
+
+def _laid(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "permuted":  # same values, non-contiguous strides
+        return t.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    return t
+
+
+def _both_ops_with_grads(features, labels, k, embeddings, centers, margins, g):
+    """Outputs and input gradients of both ops, with fixed random upstream gradients drawn from g."""
+    means, counts = ops.class_avg_pool(features, labels, k)
+    up = torch.randn(means.shape, generator=g, dtype=torch.float64).to(means.device, means.dtype)
+    grad_f = torch.autograd.grad((means * up).sum(), features)
+    phi = ops.center_distance(embeddings, centers, margins)
+    up = torch.randn(phi.shape, generator=g, dtype=torch.float64).to(phi.device, phi.dtype)
+    grad_d = torch.autograd.grad((phi * up).sum(), (embeddings, centers, margins))
+    return [t.detach().cpu() for t in (means, counts, phi, *grad_f, *grad_d)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+def test_cuda_layouts_many_chunks_and_empty(layout):
+    # 130 x 150 pixels: all 64 pixel chunks of the CUDA pooling; non-contiguous labels too.
+    g = seeded(41)
+    features = torch.randn(2, 5, 130, 150, generator=g, dtype=torch.float64)
+    labels = random_labels(g, 2, 130, 150, 7, absent=(2,))
+    dist = distance_inputs(g, 2, 4, 130, 150, 7)
+    want = _both_ops_with_grads(features.clone().requires_grad_(), labels, 7,
+                                *[t.clone().requires_grad_() for t in dist], seeded(5))
+    f = _laid(features.cuda(), layout).requires_grad_()
+    lab = labels.cuda().transpose(1, 2).contiguous().transpose(1, 2)
+    e = _laid(dist[0].cuda(), layout).requires_grad_()
+    got = _both_ops_with_grads(f, lab, 7, e, *[t.cuda().requires_grad_() for t in dist[1:]], seeded(5))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # empty batch and empty images, forward and backward
+    for n, h in ((0, 4), (2, 0)):
+        f = torch.randn(n, 3, h, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+        lab = torch.zeros(n, h, 5, dtype=torch.long, device="cuda")
+        d = [t.cuda().requires_grad_() for t in distance_inputs(seeded(1), n, 3, h, 5, 4)]
+        got = _both_ops_with_grads(f, lab, 4, *d, seeded(6))
+        want = _both_ops_with_grads(f.detach().cpu().requires_grad_(), lab.cpu(), 4,
+                                    *[t.detach().cpu().requires_grad_() for t in d], seeded(6))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_second_device():
+    # The kernels (and the label check) must run on their inputs' device, whatever the current device is.
+    g = seeded(43)
+    features = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
+    labels = random_labels(g, 2, 9, 11, 6)
+    dist = distance_inputs(g, 2, 4, 9, 11, 6)
+    want = _both_ops_with_grads(features.clone().requires_grad_(), labels, 6,
+                                *[t.clone().requires_grad_() for t in dist], seeded(7))
+    with torch.cuda.device(0):
+        got = _both_ops_with_grads(features.to("cuda:1").requires_grad_(), labels.to("cuda:1"), 6,
+                                   *[t.to("cuda:1").requires_grad_() for t in dist], seeded(7))
+        with pytest.raises(ValueError, match="value 6"):
+            ops.class_avg_pool(features.to("cuda:1"), labels.to("cuda:1").fill_(6), 6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -151,6 +151,19 @@ def test_batch_sizes(n):
         assert case["weight"].grad is not None and bool((case["weight"].grad == 0).all())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_no_output_channels(device):
+    # C_out = 0 once failed in the kernels' weight.view(..., -1) (ambiguous beside a zero size).
+    case = make_case(**dict(AWKWARD, c_out=0), use_mask=True, device=device)
+    out = call(ops.deform_conv2d, case)
+    assert out.shape == (2, 0, 2, 3)
+    got = grads(out, case, torch.randn_like(out))
+    for name in ("input", "offset", "mask"):
+        assert got[name].shape == case[name].shape and bool((got[name] == 0).all()), name
+    assert got["weight"].shape == case["weight"].shape and got["bias"].shape == (0,)
+
+
 @pytest.mark.parametrize("layout", ["permuted", "channels_last"])
 def test_memory_layouts(layout):
     case = make_case(**AWKWARD, use_mask=True)
@@ -251,25 +264,30 @@ def test_gradcheck_dual():
                                         case["mask"]])
 
 
-def test_opcheck():
-    case = make_case(**AWKWARD, use_mask=True)
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_opcheck(device):
+    case = make_case(**AWKWARD, use_mask=True, device=device)
     args = (case["input"], case["offset"], case["weight"], case["bias"], case["mask"], [2, 1], [1, 0], [2, 1])
     torch.library.opcheck(torch.ops.csfrn.deform_conv2d.default, args)
     nomask = (case["input"], case["offset"], case["weight"], None, None, [2, 1], [1, 0], [2, 1])
     torch.library.opcheck(torch.ops.csfrn.deform_conv2d.default, nomask)
-    y = torch.randn(2, 6, 5, 4, dtype=F64, requires_grad=True)
-    wy = torch.randn(5, 6, 3, 2, dtype=F64, requires_grad=True)
+    y = torch.randn(2, 6, 5, 4, dtype=F64, device=device, requires_grad=True)
+    wy = torch.randn(5, 6, 3, 2, dtype=F64, device=device, requires_grad=True)
     dual = (case["input"], y, case["offset"], case["weight"], wy, case["bias"], None, case["mask"], [2, 1], [1, 0],
             [2, 1])
     torch.library.opcheck(torch.ops.csfrn.dual_deform_conv2d.default, dual)
     # The backward ops, on plain tensors (they have no derivative themselves; see test_no_double_backward).
     plain = [t.detach() if torch.is_tensor(t) else t for t in args]
-    go = torch.randn(2, 2, 2, 3, dtype=F64)
+    go = torch.randn(2, 2, 2, 3, dtype=F64, device=device)
     torch.library.opcheck(torch.ops.csfrn.deform_conv2d_backward.default,
                           (go, *plain[:3], plain[4], [2, 1], [1, 0], [2, 1], [True, False, True, True, True]))
     torch.library.opcheck(torch.ops.csfrn.dual_deform_conv2d_backward.default,
-                          (go, torch.randn(2, 5, 2, 3, dtype=F64), plain[0], y.detach(), plain[1], plain[2],
-                           wy.detach(), plain[4], [2, 1], [1, 0], [2, 1], [True] * 8))
+                          (go, torch.randn(2, 5, 2, 3, dtype=F64, device=device), plain[0], y.detach(), plain[1],
+                           plain[2], wy.detach(), plain[4], [2, 1], [1, 0], [2, 1], [True] * 8))
 
 
 def test_no_double_backward():
@@ -399,13 +417,168 @@ def test_cuda_autocast_devices_and_determinism_alert():
     assert out.dtype == torch.float16
     with pytest.raises(ValueError, match="all tensors must be on one device, got input on cuda:0, weight on cpu"):
         call(ops.deform_conv2d, dict(case, weight=case["weight"].detach().cpu()))
+    out = call(ops.deform_conv2d, case)  # the forward outside: older torch also alerts on cuBLAS without a config
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         with pytest.raises(RuntimeError, match="deform_conv2d_backward on CUDA"):
-            call(ops.deform_conv2d, case).sum().backward()
+            out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def on(case, device, dtype=None):
+    """The case's tensors as fresh leaves on `device` (and `dtype`)."""
+    return {k: (v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_() if torch.is_tensor(v) else v)
+            for k, v in case.items()}
+
+
+def run_with_grads(case, go):
+    out = call(ops.deform_conv2d, case)
+    return out, grads(out, case, go.to(out.device, out.dtype))
+
+
+def assert_cuda_like_cpu(case, **tol):
+    """Forward and every gradient of the CUDA kernel against the CPU kernel, on the same float64 case."""
+    cpu = on(case, "cpu")
+    want_out = call(ops.deform_conv2d, cpu)
+    go = torch.randn_like(want_out)
+    want = grads(want_out, cpu, go)
+    got_out, got = run_with_grads(on(case, "cuda"), go)
+    assert got_out.is_cuda and got_out.is_contiguous()
+    assert_same(got_out.cpu(), want_out, **tol)
+    for name in want:
+        assert_same(got[name].cpu(), want[name], msg=name, **tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("size", [(0, 5), (5, 0)])
+def test_cuda_empty_image_with_padding(size):
+    # H * W = 0 still has output pixels when padded. The CUDA im2col once read plane[0] of the (empty)
+    # input for the corners outside, with weight 0: an illegal address on the device.
+    case = make_case(n=2, c_in=4, c_out=3, groups=1, offset_groups=2, k=(1, 1), stride=(1, 1), padding=(1, 1),
+                     dilation=(1, 1), size=size, use_mask=True, scale=0.5)
+    assert_cuda_like_cpu(case)
+    out = call(ops.deform_conv2d, on(case, "cuda"))
+    torch.cuda.synchronize()
+    assert_same(out.cpu(), case["bias"].detach().view(1, -1, 1, 1).expand_as(out.cpu()))
+
+
+@needs_cuda
+def test_cuda_corners_outside_are_never_read():
+    # An inf in pixel (0, 0) must reach only the samples whose bilinear corners include it. The CUDA im2col
+    # once multiplied every corner outside the image by weight 0 and plane[0]: 0 * inf = NaN there.
+    case = make_case(n=1, c_in=2, c_out=2, groups=1, offset_groups=1, k=(3, 3), stride=(1, 1), padding=(1, 1),
+                     dilation=(1, 1), size=(12, 12), use_mask=True, scale=0.5)
+    x = case["input"].detach().clone()
+    x[:, :, 0, 0] = float("inf")
+    case = dict(case, input=x)
+    want = call(ops.deform_conv2d, on(case, "cpu")).detach()
+    assert int(want.isfinite().sum()) > want.numel() // 2
+    got = call(ops.deform_conv2d, on(case, "cuda")).detach().cpu()
+    assert_same(got, want, equal_nan=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["permuted", "channels_last"])
+def test_cuda_memory_layouts_and_empty_batch(layout):
+    case = make_case(**AWKWARD, use_mask=True)
+    laid = dict(case)
+    for name in ("input", "offset", "mask", "weight"):
+        t = case[name].detach()
+        t = (t.contiguous(memory_format=torch.channels_last) if layout == "channels_last"
+             else t.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2))
+        laid[name] = t
+    # .cuda() keeps the strides
+    cuda = {k: (v.detach().cuda().requires_grad_() if torch.is_tensor(v) else v) for k, v in laid.items()}
+    assert not cuda["input"].is_contiguous()
+    go = torch.randn(2, 2, 2, 3, dtype=F64)
+    want_out, want = run_with_grads(on(case, "cpu"), go)
+    got_out, got = run_with_grads(cuda, go)
+    assert_same(got_out.cpu(), want_out)
+    for name in want:
+        assert_same(got[name].cpu(), want[name], msg=name)
+    empty = on(make_case(**dict(AWKWARD, n=0), use_mask=True), "cuda")
+    out = call(ops.deform_conv2d, empty)
+    assert out.shape == (0, 2, 2, 3) and out.is_cuda
+    out.sum().backward()
+    assert empty["input"].grad.shape == empty["input"].shape and bool((empty["weight"].grad == 0).all())
+    ox, oy = ops.dual_deform_conv2d(empty["input"], empty["input"], empty["offset"], empty["weight"],
+                                    empty["weight"], padding=(1, 0), stride=(2, 1), dilation=(2, 1),
+                                    mask=empty["mask"])
+    assert ox.shape == oy.shape == (0, 2, 2, 3)
+    (ox.sum() + oy.sum()).backward()
+
+
+@needs_cuda
+def test_cuda_several_column_chunks_vs_torchvision():
+    # 64 channels * 9 taps * 64 * 64 pixels * 8 bytes = 18.9 MB of columns per image: 14 images per 256 MiB
+    # chunk, so 31 images make three chunks, the last one short; weight grads add up across chunks.
+    case = make_case(n=31, c_in=64, c_out=8, groups=2, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
+                     dilation=(1, 1), size=(64, 64), use_mask=True, device="cuda", scale=1.0)
+    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
+    assert_same(out, exp)
+    go = torch.randn_like(exp)
+    got, want = grads(out, case, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], msg=name)
+
+
+@needs_cuda
+def test_cuda_determinism_alert_only_for_input_grads():
+    import warnings
+    case = make_case(**AWKWARD, use_mask=True, device="cuda")
+    y = torch.randn(2, 6, 5, 4, dtype=F64, device="cuda", requires_grad=True)
+    wy = torch.randn(3, 6, 3, 2, dtype=F64, device="cuda", requires_grad=True)
+    out = call(ops.deform_conv2d, dict(case, input=case["input"].detach()))  # no grad of input: no atomics
+    full = call(ops.deform_conv2d, case)
+    ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0),
+                                    (2, 1), case["mask"])
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warnings: older torch also alerts on cuBLAS
+
+    def ours(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+        return [str(w.message) for w in caught if "on CUDA (grad" in str(w.message)]
+    try:
+        assert ours(lambda: torch.autograd.grad(out.sum(), [case["offset"], case["weight"], case["mask"]],
+                                                retain_graph=True)) == []
+        assert ours(lambda: torch.autograd.grad(full.sum(), case["offset"]))  # the input's grad is computed too
+        msgs = ours(lambda: torch.autograd.grad(ox.sum() + oy.sum(), y))
+        assert msgs and "dual_deform_conv2d_backward on CUDA" in msgs[0]
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    # the offset, mask and weight gradients are deterministic: bitwise equal on a second run
+    names = ["offset", "weight", "mask"]
+    first = torch.autograd.grad(out.sum(), [case[n] for n in names], retain_graph=True)
+    again = torch.autograd.grad(out.sum(), [case[n] for n in names])
+    for name, a, b in zip(names, first, again):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_second_device():
+    # The kernels must launch on their inputs' device (CUDAGuard), whatever the current device is.
+    case = make_case(**AWKWARD, use_mask=True)
+    go = torch.randn(2, 2, 2, 3, dtype=F64)
+    want_out, want = run_with_grads(on(case, "cpu"), go)
+    with torch.cuda.device(0):
+        got_out, got = run_with_grads(on(case, "cuda:1"), go)
+        assert got_out.device == torch.device("cuda:1")
+        d1 = on(case, "cuda:1")
+        ox, oy = ops.dual_deform_conv2d(d1["input"], d1["input"], d1["offset"], d1["weight"], d1["weight"],
+                                        d1["bias"], None, (2, 1), (1, 0), (2, 1), d1["mask"])
+        (ox.sum() + oy.sum()).backward()
+    torch.cuda.synchronize(1)
+    assert_same(got_out.cpu(), want_out)
+    for name in want:
+        assert_same(got[name].cpu(), want[name], msg=name)
+    assert_same(ox.detach().cpu(), want_out)
 
 
 def test_cpu_autocast_runs_float32():
@@ -438,6 +611,10 @@ def _bad_cases():
     yield ("offset groups", dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None),
             r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input")
     yield "bias", dict(bias=torch.randn(3, dtype=F64)), r"bias must be a 1-D tensor of size 2"
+    # Zero channels / an empty kernel once divided by zero in the C++ checks (SIGFPE, the process died).
+    yield "no channels", dict(input=base["input"][:, :0]), r"input must have at least one channel"
+    yield ("empty kernel", dict(weight=torch.randn(2, 3, 0, 2, dtype=F64)),
+            r"weight must have a kernel size \[kh, kw\] of at least \[1, 1\]")
     yield "dtype", dict(offset=base["offset"].float()), r"all floating-point tensors must share one dtype"
     yield "device", dict(weight=base["weight"].to("meta")), r"all tensors must be on one device"
     yield "integer input", dict(input=base["input"].long()), r"input must be a floating-point tensor"

@@ -91,6 +91,11 @@ def check_deform_branch(input_name, input, weight_name, weight, bias_name, bias)
     check_floating(input_name, input)
     check_rank(weight_name, weight, 4, "[C_out, C_in / groups, kh, kw]")
     c_in, wc = input.shape[1], weight.shape[1]
+    if c_in < 1:
+        raise ValueError(f"{input_name} must have at least one channel, got shape {_shape(input)}")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"{weight_name} must have a kernel size [kh, kw] of at least [1, 1], "
+                         f"got shape {_shape(weight)}")
     if wc < 1 or c_in % wc != 0:
         raise ValueError(f"{weight_name}.shape[1] (C_in / groups) must divide the {c_in} channels of {input_name}, "
                          f"got {weight_name} shape {_shape(weight)}")

@@ -29,6 +29,11 @@ inline DeformBranch check_deform_branch(const char* input_name, const at::Tensor
   check_floating(input_name, input);
   check_rank(weight_name, weight, 4, "[C_out, C_in / groups, kh, kw]");
   const int64_t c_in = input.size(1), wc = weight.size(1);
+  // Both guard divisions below (groups = c_in / wc, then C_out % groups and offset.shape[1] % (2 * kh * kw)):
+  // a zero there is a SIGFPE that kills the process, not an error.
+  TORCH_CHECK_VALUE(c_in >= 1, input_name, " must have at least one channel, got shape ", shape_str(input));
+  TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(3) >= 1, weight_name,
+                    " must have a kernel size [kh, kw] of at least [1, 1], got shape ", shape_str(weight));
   TORCH_CHECK_VALUE(wc >= 1 && c_in % wc == 0, weight_name, ".shape[1] (C_in / groups) must divide the ", c_in,
                     " channels of ", input_name, ", got ", weight_name, " shape ", shape_str(weight));
   const int64_t groups = c_in / wc;

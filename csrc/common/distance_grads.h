@@ -14,7 +14,8 @@ inline std::tuple<at::Tensor, at::Tensor> distance_grads_from_weights(const at::
   at::Tensor grad_e = at::empty({0}, opts), grad_s = at::empty({0}, opts);
   if (!need_e && !need_s) return {grad_e, grad_s};
   const int64_t N = embeddings.size(0), D = embeddings.size(1);
-  const at::Tensor e = embeddings.to(w.scalar_type()).reshape({N, D, -1});
+  // P spelled out: reshape cannot infer a -1 beside a zero size (empty batch, D = 0).
+  const at::Tensor e = embeddings.to(w.scalar_type()).reshape({N, D, w.size(2)});
   const at::Tensor s = centers.to(w.scalar_type());
   // baddbmm folds the scaling and the subtraction into the matmul: one elementwise pass each.
   if (need_e)

@@ -409,8 +409,10 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
 // threads, whose matmuls must not record any either.
 Branch make_branch(const at::Tensor& input, const at::Tensor& weight) {
   const int64_t groups = input.size(1) / weight.size(1);
-  return {input.detach().contiguous(), weight.detach().contiguous().view({weight.size(0), -1}), input.size(1), groups,
-          weight.size(0)};
+  // Sizes spelled out: view cannot infer a -1 beside a zero size (C_out = 0).
+  return {input.detach().contiguous(),
+          weight.detach().contiguous().view({weight.size(0), weight.size(1) * weight.size(2) * weight.size(3)}),
+          input.size(1), groups, weight.size(0)};
 }
 
 at::Tensor plain(const at::Tensor& t) { return t.detach().contiguous(); }

@@ -73,11 +73,11 @@ __global__ void im2col_kernel(int64_t items, int64_t n0, KernelGeom g, const sca
                          : acc_t(1);
     acc_t w[4];
     bilinear_weights(pt.ly, pt.lx, m, w);
+    bool ok[4];
     int64_t idx[4];
     for (int c = 0; c < 4; ++c) {
-      const bool ok = corner_inside(pt, c, g.h, g.w);
-      if (!ok) w[c] = acc_t(0);
-      idx[c] = ok ? (pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : 0;
+      ok[c] = corner_inside(pt, c, g.h, g.w);
+      idx[c] = ok[c] ? (pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : 0;
     }
     const KernelBranch<scalar_t> branches[2] = {b0, b1};
     for (int bi = 0; bi < 2; ++bi) {
@@ -87,7 +87,11 @@ __global__ void im2col_kernel(int64_t items, int64_t n0, KernelGeom g, const sca
       for (int64_t c = og * per_group; c < (og + 1) * per_group; ++c) {
         const scalar_t* plane = br.input + (n * br.channels + c) * hw;
         acc_t v = acc_t(0);
-        for (int j = 0; j < 4; ++j) v += w[j] * static_cast<acc_t>(plane[idx[j]]);
+        // Corners outside are skipped, never read: a zero weight times plane[0] would turn an inf or NaN
+        // there into NaN (the CPU kernel reads zero padding), and with H * W = 0 plane[0] does not exist.
+        for (int j = 0; j < 4; ++j) {
+          if (ok[j]) v += w[j] * static_cast<acc_t>(plane[idx[j]]);
+        }
         br.cols[((b * br.channels + c) * g.taps + k) * g.pixels + pix] = static_cast<scalar_t>(v);
       }
     }
@@ -163,8 +167,10 @@ struct Branch {
 
 Branch make_branch(const at::Tensor& input, const at::Tensor& weight) {
   const int64_t groups = input.size(1) / weight.size(1);
-  return {input.contiguous(), weight.contiguous().view({groups, weight.size(0) / groups, -1}), input.size(1), groups,
-          weight.size(0)};
+  // Sizes spelled out: view cannot infer a -1 beside a zero size (C_out = 0).
+  return {input.contiguous(),
+          weight.contiguous().view({groups, weight.size(0) / groups, weight.size(1) * weight.size(2) * weight.size(3)}),
+          input.size(1), groups, weight.size(0)};
 }
 
 // Images per chunk so that the columns of all branches stay under the budget.
