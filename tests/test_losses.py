@@ -274,3 +274,21 @@ def test_lovasz_half_precision_counts_exactly():
     valid = torch.rand(3, 1000, generator=g) < 0.9
     want = lovasz_hinge_rows(logits.float(), positive, valid)
     torch.testing.assert_close(lovasz_hinge_rows(logits, positive, valid), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_class_losses_run_half_precision_inputs_in_float32(dtype, ops_path):
+    """Under autocast the embeddings arrive in half precision; the losses compute in float32, so a class of
+    more than 65504 pixels (a float16 count saturates) or 256 (bfloat16 rounds) keeps its exact mean."""
+    g = torch.Generator().manual_seed(9)
+    labels = torch.zeros(1, 300, 300, dtype=torch.long)    # 90000 pixels of class 0
+    labels[:, :, :7] = 1
+    emb = (torch.randn(1, 4, 300, 300, generator=g) * 0.3).to(dtype)
+    margin = (torch.randn(1, 1, 300, 300, generator=g) * 0.1).to(dtype)
+    for loss, args in ((CACLoss(), (emb, margin)), (SmoothLoss(), (margin,))):
+        half = [a.clone().requires_grad_() for a in args]
+        full = [a.float().requires_grad_() for a in args]
+        got, want = loss(*half, labels), loss(*full, labels)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        for a, b in zip(torch.autograd.grad(got, half), torch.autograd.grad(want, full)):
+            assert a.dtype == dtype and torch.equal(a, b.to(dtype))

@@ -57,6 +57,13 @@ def _index(labels, size, ignore_index):
     return class_index(labels, size, ignore_index)
 
 
+def full_precision(*tensors):
+    """float16 / bfloat16 tensors (autocast outputs) as float32, others (and None) as they are. The class-wise
+    losses always run in float32 or wider: in float16 a class count saturates at 65504 pixels (its gradient
+    would silently vanish), bfloat16 rounds counts above 256, and exp(delta * m) overflows float16 for m > 1.1."""
+    return [t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def mean_over_present(values, counts):
     """values [N, K] per (image, class): the mean over each image's present classes, then over the images
     that have any; 0 (still attached to the graph) when no image has a labelled pixel."""
@@ -104,6 +111,7 @@ class CACLoss(nn.Module):
         if margin_map is not None and list(margin_map.shape) != [n, 1, h, w]:
             raise ValueError(f"margin_map must have shape [N, 1, h, w] = {[n, 1, h, w]}, got {list(margin_map.shape)}")
         compact, k = _index(labels, (h, w), self.ignore_index)[:2]
+        embeddings, margin_map = full_precision(embeddings, margin_map)
         if k == 0:   # nothing labelled in the whole batch
             zero = embeddings.sum() * 0.0
             return zero if margin_map is None else zero + margin_map.sum() * 0.0
@@ -149,6 +157,7 @@ class SmoothLoss(nn.Module):
             raise ValueError(f"margin_map must be a 4-D tensor [N, 1, h, w], got shape {list(margin_map.shape)}")
         n, _, h, w = margin_map.shape
         compact, k = _index(labels, (h, w), self.ignore_index)[:2]
+        (margin_map,) = full_precision(margin_map)
         if k == 0:
             return margin_map.sum() * 0.0
         means, counts = ops.class_avg_pool(margin_map.detach(), compact, k, ignore_index=k)
