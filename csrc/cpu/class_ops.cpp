@@ -11,8 +11,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -318,6 +318,15 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
 // centre is compared with it.
 constexpr int64_t kDistChunk = 256;
 
+// The float / double with the bits of `bits` (std::bit_cast, spelled for C++17 builds such as older torch's).
+template <typename To, typename From>
+inline To bits_as(From bits) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To out;
+  std::memcpy(&out, &bits, sizeof(To));
+  return out;
+}
+
 // exp(x) for x <= 0, vectorisable (no libm call): Cody-Waite range reduction and Cephes' polynomials, within
 // 2 ulp; results below the smallest normal number are 0 (as flush_tiny does on the GPU). NaN stays NaN.
 inline float exp_nonpositive(float x) {
@@ -333,7 +342,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  return underflow ? 0.0f : y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return underflow ? 0.0f : y * bits_as<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 inline double exp_nonpositive(double x) {
@@ -347,7 +356,7 @@ inline double exp_nonpositive(double x) {
   const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr +
                    2.00000000000000000009e0;
   const double y = 1.0 + 2.0 * px / (q - px);
-  return underflow ? 0.0 : y * std::bit_cast<double>((static_cast<int64_t>(n) + 1023) << 52);
+  return underflow ? 0.0 : y * bits_as<double>((static_cast<int64_t>(n) + 1023) << 52);
 }
 
 // The two hot loops, compiled twice on x86-64 (AVX2 + FMA, and the baseline) and picked at load time.
