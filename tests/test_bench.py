@@ -88,3 +88,14 @@ def test_report_reuses_a_step_json(tmp_path):
     paths = report.main(["--quick", "--out", str(tmp_path / "out"), "--step-json", str(step)])
     saved = json.loads(open(paths["json"]).read())
     assert saved["train_step"] == json.loads(step.read_text())
+
+
+def test_deform_bench_quick_under_autocast(tmp_path, capsys):
+    """The deform conv benchmark's mixed-precision run (what a GPU session measures in bf16), smoke-sized."""
+    from csfrn.bench import deform
+    path = tmp_path / "deform.json"
+    rows = deform.main(["--quick", "--no-twin", "--reps", "1", "--amp", "bf16", "--json", str(path)])
+    assert {r["impl"] for r in rows} >= {"ours", "torchvision", "dense conv2d", "ours dual", "ours 2 calls"}
+    assert all(r["median_ms"] > 0 and r["floor_ms"] is None for r in rows)   # no float32 floor under autocast
+    assert json.loads(path.read_text())["amp"] == "bf16"
+    assert "autocast bf16" in capsys.readouterr().out

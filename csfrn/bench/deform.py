@@ -61,9 +61,22 @@ def _no_grad(fn):
     return run
 
 
-def _measure_case(case, impls, leaves, device, reps, twin_reps):
+def _autocast(fn, device, amp):
+    """fn under torch.autocast to ``amp`` (a dtype), as a mixed-precision training step runs it: our kernels
+    compute in that dtype, torchvision's deform_conv2d casts itself back to float32 (its autocast rule)."""
+    if amp is None:
+        return fn
+
+    def run():
+        with torch.autocast(device.type, dtype=amp):
+            return fn()
+    return run
+
+
+def _measure_case(case, impls, leaves, device, reps, twin_reps, amp=None):
     """impls: name -> fn returning output(s). Twins run in their own (short) measurement."""
     rows = []
+    impls = {k: _autocast(f, device, amp) for k, f in impls.items()}
     for mode in ("fwd", "fwd+bwd"):
         wrap = _no_grad if mode == "fwd" else (lambda fn: _fwd_bwd(fn, leaves))
         main = {k: wrap(f) for k, f in impls.items() if not k.startswith("twin")}
@@ -76,8 +89,9 @@ def _measure_case(case, impls, leaves, device, reps, twin_reps):
     return rows
 
 
-def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1):
-    """Returns one row per (case, mode, implementation): median / min / max ms and peak MiB."""
+def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None):
+    """Returns one row per (case, mode, implementation): median / min / max ms and peak MiB. ``amp``: None
+    (float32) or a dtype to run every implementation under autocast with."""
     import torchvision
     from csfrn import ops
     from csfrn.ops import reference
@@ -102,7 +116,7 @@ def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1):
         impls["twin"] = lambda: reference.deform_conv2d(x, off, w, b, padding=1)
     case = f"generic N={n} {c_in}->{c_out} {size}x{size}"
     flops = _flops(n, c_in, c_out, size)
-    for r in _measure_case(case, impls, leaves, dev, reps, twin_reps):
+    for r in _measure_case(case, impls, leaves, dev, reps, twin_reps, amp):
         r["gflop"] = flops * (1 if r["mode"] == "fwd" else 3) / 1e9
         rows.append(r)
 
@@ -124,11 +138,11 @@ def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1):
         impls["twin dual"] = lambda: reference.dual_deform_conv2d(xa, ya, off, wa, wb, ba, bb, padding=1)
     case = f"AAM N={n} X {cx}->{cxo} + Y {cy}->{cyo} {size}x{size}"
     flops = _flops(n, cx, cxo, size) + _flops(n, cy, cyo, size)
-    for r in _measure_case(case, impls, leaves, dev, reps, twin_reps):
+    for r in _measure_case(case, impls, leaves, dev, reps, twin_reps, amp):
         r["gflop"] = flops * (1 if r["mode"] == "fwd" else 3) / 1e9
         rows.append(r)
 
-    peak = SGEMM_GFLOPS.get(dev.type)
+    peak = SGEMM_GFLOPS.get(dev.type) if amp is None else None
     for r in rows:
         r["floor_ms"] = r["gflop"] / peak * 1e3 if peak else None
     return rows
@@ -158,12 +172,16 @@ def main(argv=None):
     p.add_argument("--twin-reps", type=int, default=1, help="repetitions of the (slow) reference twin")
     p.add_argument("--no-twin", action="store_true", help="skip the reference twin")
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="run every implementation under autocast to this dtype (default: float32)")
     p.add_argument("--json", default=None, help="write rows, ratios and the machine to this file")
     args = p.parse_args(argv)
 
-    rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
+               amp=amp)
     rat = ratios(rows)
-    print(f"device: {device_name(args.device)}; torch {torch.__version__}")
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}; autocast {args.amp}")
     for r in rows:
         if r["impl"] in ("dense conv2d", "dense conv2d 2 calls") and r["floor_ms"] is not None:
             print(f"floor {r['case']} {r['mode']}: {r['gflop']:.1f} GFLOP / {SGEMM_GFLOPS['cpu']:.0f} GFLOP/s = "
@@ -173,7 +191,7 @@ def main(argv=None):
                       ("ours_over_dense", "ours/dense", "{:.2f}x"),
                       ("separate_over_dual", "separate/dual", "{:.2f}x")]))
     if args.json:
-        write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__,
+        write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__, amp=args.amp,
                                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
                                    rows=rows, ratios=rat))
     print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
