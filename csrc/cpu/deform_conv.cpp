@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,12 @@ constexpr int64_t kTileBytes = int64_t(16) << 20;
 #define CSFRN_DEFORM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CSFRN_DEFORM_CLONES
+#endif
+// The loops must be compiled inside each clone, not called from it as baseline code.
+#if defined(__GNUC__)
+#define CSFRN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define CSFRN_ALWAYS_INLINE inline
 #endif
 
 // A run of channels inside one group and one offset group: contiguous in the padded image and, for each tap,
@@ -108,25 +115,25 @@ Layout layout_of(const DeformGeom& g, const Branch& b) {
           static_cast<int64_t>(b.segments.size())};
 }
 
-// dst[j * dst_stride + i] = src[i * src_stride + j], in square blocks so both sides use whole cache lines.
+// dst[j * dst_stride + i] = src[i * src_stride + j]. Inner loop along dst: each source line then serves the next
+// columns from L1/L2 (faster here than square blocks, whose channels-last side has a power-of-two stride).
 template <typename scalar_t>
-inline void transpose_impl(const scalar_t* __restrict__ src, int64_t src_stride, scalar_t* __restrict__ dst,
+CSFRN_ALWAYS_INLINE void transpose_impl(const scalar_t* __restrict__ src, int64_t src_stride, scalar_t* __restrict__ dst,
                            int64_t dst_stride, int64_t rows, int64_t cols) {
-  constexpr int64_t kB = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kB) {
-    const int64_t ie = std::min(rows, i0 + kB);
-    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
-      const int64_t je = std::min(cols, j0 + kB);
-      for (int64_t j = j0; j < je; ++j) {
-        for (int64_t i = i0; i < ie; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
-      }
-    }
+  for (int64_t j = 0; j < cols; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < rows; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
   }
+}
+
+// Where the columns of segment sg, tap k, pixel p start.
+inline int64_t s_offset(int64_t p, int64_t row, const Segment& sg, int64_t k, const Layout& lay) {
+  return p * row + sg.col + k * lay.per_group;
 }
 
 // cols[p][col(c, k)] = channel c sampled at tap k of pixel p, times the mask.
 template <typename scalar_t>
-inline void im2col_impl(const Layout& lay, const scalar_t* pad, const Sample<scalar_t>* smp, int64_t np,
+CSFRN_ALWAYS_INLINE void im2col_impl(const Layout& lay, const scalar_t* pad, const Sample<scalar_t>* smp, int64_t np,
                         scalar_t* cols) {
   const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps;
   for (int64_t p = 0; p < np; ++p) {
@@ -145,64 +152,88 @@ inline void im2col_impl(const Layout& lay, const scalar_t* pad, const Sample<sca
   }
 }
 
-// The transpose of im2col, into the padded gradient buffer; one thread per unit: deterministic.
-template <typename scalar_t>
-inline void col2im_impl(const Layout& lay, const scalar_t* grad_cols, const Sample<scalar_t>* smp, int64_t np,
-                        scalar_t* grad_pad) {
+// The backward's sampling pass over one unit, each part optional: the columns for the weight gradient (cols),
+// the transpose of im2col into the padded input gradient (grad_pad), and acc[item][j] += sum over the item's
+// channels of grad_cols * corner j (acc): the sampled value and its derivatives are linear in the corners, so
+// these four sums give the offset and mask gradients. One pass reads each corner and grad_cols vector once.
+// A unit runs on one thread, in a fixed order: deterministic.
+template <typename scalar_t, bool kCols, bool kInput, bool kCoords>
+CSFRN_ALWAYS_INLINE void backward_pass_impl(const Layout& lay, const scalar_t* pad, const scalar_t* grad_cols,
+                               const Sample<scalar_t>* smp, int64_t np, scalar_t* cols, scalar_t* grad_pad,
+                               scalar_t* acc) {
   const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps;
   for (int64_t p = 0; p < np; ++p) {
     for (int64_t si = 0; si < lay.nseg; ++si) {
       const Segment sg = lay.segs[si];
       for (int64_t k = 0; k < lay.taps; ++k) {
-        const Sample<scalar_t>& s = smp[p * per_pixel + sg.og * lay.taps + k];
-        // The four corner vectors are C apart or more, and len <= C: no two overlap.
-        scalar_t* q0 = grad_pad + s.base * C + sg.c0;
-        scalar_t *q1 = q0 + C, *q2 = q0 + lay.wp * C, *q3 = q2 + C;
+        const int64_t item = p * per_pixel + sg.og * lay.taps + k, at = s_offset(p, row, sg, k, lay);
+        const Sample<scalar_t>& s = smp[item];
         const scalar_t w0 = s.w[0], w1 = s.w[1], w2 = s.w[2], w3 = s.w[3];
-        const scalar_t* v = grad_cols + p * row + sg.col + k * lay.per_group;
+        const scalar_t* v = kCoords || kInput ? grad_cols + at : nullptr;
+        if constexpr (kCols || kCoords) {
+          const scalar_t* q0 = pad + s.base * C + sg.c0;
+          const scalar_t *q1 = q0 + C, *q2 = q0 + lay.wp * C, *q3 = q2 + C;
+          if constexpr (kCols) {
+            scalar_t* o = cols + at;
 #pragma omp simd
-        for (int64_t c = 0; c < sg.len; ++c) {
-          const scalar_t x = v[c];
-          q0[c] += w0 * x;
-          q1[c] += w1 * x;
-          q2[c] += w2 * x;
-          q3[c] += w3 * x;
+            for (int64_t c = 0; c < sg.len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
+          }
+          if constexpr (kCoords) {
+            scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t c = 0; c < sg.len; ++c) {
+              const scalar_t x = v[c];
+              s0 += x * q0[c];
+              s1 += x * q1[c];
+              s2 += x * q2[c];
+              s3 += x * q3[c];
+            }
+            scalar_t* a = acc + 4 * item;
+            a[0] += s0;
+            a[1] += s1;
+            a[2] += s2;
+            a[3] += s3;
+          }
+        }
+        if constexpr (kInput) {
+          // The four corner vectors are C apart or more, and len <= C: no two overlap.
+          scalar_t* g0 = grad_pad + s.base * C + sg.c0;
+          scalar_t *g1 = g0 + C, *g2 = g0 + lay.wp * C, *g3 = g2 + C;
+#pragma omp simd
+          for (int64_t c = 0; c < sg.len; ++c) {
+            const scalar_t x = v[c];
+            g0[c] += w0 * x;
+            g1[c] += w1 * x;
+            g2[c] += w2 * x;
+            g3[c] += w3 * x;
+          }
         }
       }
     }
   }
 }
 
-// acc[item][j] += sum over the item's channels of grad_cols * corner j. The sampled value and its derivatives
-// are linear in the corners, so these four sums give the offset and mask gradients of the item.
+// backward_pass_impl with the parts whose buffers are given (not null).
 template <typename scalar_t>
-inline void corner_dots_impl(const Layout& lay, const scalar_t* pad, const scalar_t* grad_cols,
-                             const Sample<scalar_t>* smp, int64_t np, scalar_t* acc) {
-  const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps;
-  for (int64_t p = 0; p < np; ++p) {
-    for (int64_t si = 0; si < lay.nseg; ++si) {
-      const Segment sg = lay.segs[si];
-      for (int64_t k = 0; k < lay.taps; ++k) {
-        const int64_t item = p * per_pixel + sg.og * lay.taps + k;
-        const scalar_t* q0 = pad + smp[item].base * C + sg.c0;
-        const scalar_t *q1 = q0 + C, *q2 = q0 + lay.wp * C, *q3 = q2 + C;
-        const scalar_t* v = grad_cols + p * row + sg.col + k * lay.per_group;
-        scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t c = 0; c < sg.len; ++c) {
-          const scalar_t x = v[c];
-          s0 += x * q0[c];
-          s1 += x * q1[c];
-          s2 += x * q2[c];
-          s3 += x * q3[c];
-        }
-        scalar_t* a = acc + 4 * item;
-        a[0] += s0;
-        a[1] += s1;
-        a[2] += s2;
-        a[3] += s3;
-      }
-    }
+CSFRN_ALWAYS_INLINE void backward_pass_any(const Layout& lay, const scalar_t* pad, const scalar_t* grad_cols,
+                              const Sample<scalar_t>* smp, int64_t np, scalar_t* cols, scalar_t* grad_pad,
+                              scalar_t* acc) {
+  switch ((cols ? 1 : 0) | (grad_pad ? 2 : 0) | (acc ? 4 : 0)) {
+#define CSFRN_PASS(M)                                                                                     \
+  case M:                                                                                                 \
+    backward_pass_impl<scalar_t, (M & 1) != 0, (M & 2) != 0, (M & 4) != 0>(lay, pad, grad_cols, smp, np, \
+                                                                          cols, grad_pad, acc);          \
+    break;
+    CSFRN_PASS(1)
+    CSFRN_PASS(2)
+    CSFRN_PASS(3)
+    CSFRN_PASS(4)
+    CSFRN_PASS(5)
+    CSFRN_PASS(6)
+    CSFRN_PASS(7)
+#undef CSFRN_PASS
+    default:
+      break;
   }
 }
 
@@ -214,22 +245,18 @@ inline void corner_dots_impl(const Layout& lay, const scalar_t* pad, const scala
   CSFRN_DEFORM_CLONES void im2col(const Layout& lay, const T* pad, const Sample<T>* smp, int64_t np, T* cols) {  \
     im2col_impl(lay, pad, smp, np, cols);                                                                        \
   }                                                                                                              \
-  CSFRN_DEFORM_CLONES void col2im(const Layout& lay, const T* gcols, const Sample<T>* smp, int64_t np, T* gpad) { \
-    col2im_impl(lay, gcols, smp, np, gpad);                                                                      \
-  }                                                                                                              \
-  CSFRN_DEFORM_CLONES void corner_dots(const Layout& lay, const T* pad, const T* gcols, const Sample<T>* smp,     \
-                                       int64_t np, T* acc) {                                                     \
-    corner_dots_impl(lay, pad, gcols, smp, np, acc);                                                             \
+  CSFRN_DEFORM_CLONES void backward_pass(const Layout& lay, const T* pad, const T* gcols, const Sample<T>* smp,   \
+                                         int64_t np, T* cols, T* gpad, T* acc) {                                 \
+    backward_pass_any(lay, pad, gcols, smp, np, cols, gpad, acc);                                                \
   }
 CSFRN_DEFORM_KERNELS(float)
 CSFRN_DEFORM_KERNELS(double)
 #undef CSFRN_DEFORM_KERNELS
 
-// Image [C, H, W] into the interior of a padded channels-last buffer.
-template <typename scalar_t>
-void to_channels_last(const DeformGeom& g, const scalar_t* image, int64_t C, scalar_t* pad) {
-  const int64_t wp = padded_width(g);
-  for (int64_t y = 0; y < g.h; ++y) transpose(image + y * g.w, g.h * g.w, pad + ((y + 1) * wp + 1) * C, C, C, g.w);
+// Image [C, H, W] into the interior of a padded channels-last buffer (ATen's strided copy is fast this way).
+void to_channels_last(const DeformGeom& g, const at::Tensor& image, at::Tensor& pad) {
+  const int64_t C = image.size(0);
+  pad.view({g.h + 3, g.w + 2, C}).narrow(0, 1, g.h).narrow(1, 1, g.w).copy_(image.permute({1, 2, 0}));
 }
 
 // The interior of a padded channels-last buffer into an image [C, H, W].
@@ -292,10 +319,7 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t n = unit / u.per_image, p0 = (unit % u.per_image) * u.pixels, np = std::min(u.pixels, L - p0);
       if (n != image) {
-        for (size_t i = 0; i < branches.size(); ++i) {
-          to_channels_last(g, branches[i].input[n].data_ptr<scalar_t>(), branches[i].channels,
-                           padded[i].data_ptr<scalar_t>());
-        }
+        for (size_t i = 0; i < branches.size(); ++i) to_channels_last(g, branches[i].input[n], padded[i]);
         image = n;
       }
       compute_samples(g, off + n * g.offset_groups * 2 * taps * L, msk ? msk + n * g.offset_groups * taps * L : msk,
@@ -340,7 +364,7 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
   bool need_grad_cols = need_coords;
   for (size_t i = 0; i < branches.size(); ++i) {
     const Branch& b = branches[i];
-    r.grad_input.push_back(need_input[i] ? at::zeros({g.n, b.channels, g.h, g.w}, opts) : at::empty({0}, opts));
+    r.grad_input.push_back(need_input[i] ? at::empty({g.n, b.channels, g.h, g.w}, opts) : at::empty({0}, opts));
     r.grad_weight.push_back(need_weight[i] ? at::zeros_like(b.weight) : at::empty({0}, opts));
     need_grad_cols = need_grad_cols || need_input[i];
   }
@@ -392,10 +416,7 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
         finish_image();
         image = n;
         for (size_t i = 0; i < branches.size(); ++i) {
-          if (padded[i].defined()) {
-            to_channels_last(g, branches[i].input[n].data_ptr<scalar_t>(), branches[i].channels,
-                             padded[i].data_ptr<scalar_t>());
-          }
+          if (padded[i].defined()) to_channels_last(g, branches[i].input[n], padded[i]);
           if (grad_padded[i].defined()) grad_padded[i].zero_();
         }
       }
@@ -406,14 +427,6 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
         const Layout lay = layout_of(g, b);
         const int64_t rows = b.channels / b.groups * taps, og = b.out_channels / b.groups, row = b.channels * taps;
         const at::Tensor gout = grad_outs[i][n].narrow(1, p0, np);  // [C_out, np]
-        if (need_weight[i]) {
-          im2col(lay, padded[i].data_ptr<scalar_t>(), smp.data(), np, cols[i].data_ptr<scalar_t>());
-          const at::Tensor c2 = block(cols[i], np, row);
-          for (int64_t gi = 0; gi < b.groups; ++gi) {
-            mine.grad_weight[i].narrow(0, gi * og, og).addmm_(gout.narrow(0, gi * og, og),
-                                                              c2.narrow(1, gi * rows, rows));
-          }
-        }
         if (need_grad_cols) {
           const at::Tensor gc = block(grad_cols[i], np, row);
           for (int64_t gi = 0; gi < b.groups; ++gi) {
@@ -421,12 +434,17 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
             at::mm_out(dst, gout.narrow(0, gi * og, og).t(), b.weight.narrow(0, gi * og, og));
           }
         }
-        if (need_input[i]) {
-          col2im(lay, grad_cols[i].data_ptr<scalar_t>(), smp.data(), np, grad_padded[i].data_ptr<scalar_t>());
-        }
-        if (need_coords) {
-          corner_dots(lay, padded[i].data_ptr<scalar_t>(), grad_cols[i].data_ptr<scalar_t>(), smp.data(), np,
-                      acc.data());
+        backward_pass(lay, padded[i].defined() ? padded[i].data_ptr<scalar_t>() : nullptr,
+                      need_grad_cols ? grad_cols[i].data_ptr<scalar_t>() : nullptr, smp.data(), np,
+                      need_weight[i] ? cols[i].data_ptr<scalar_t>() : nullptr,
+                      need_input[i] ? grad_padded[i].data_ptr<scalar_t>() : nullptr,
+                      need_coords ? acc.data() : nullptr);
+        if (need_weight[i]) {
+          const at::Tensor c2 = block(cols[i], np, row);
+          for (int64_t gi = 0; gi < b.groups; ++gi) {
+            mine.grad_weight[i].narrow(0, gi * og, og).addmm_(gout.narrow(0, gi * og, og),
+                                                              c2.narrow(1, gi * rows, rows));
+          }
         }
       }
       if (need_coords) {
@@ -455,13 +473,20 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
   // Add the runs' partial sums in a fixed order: the result does not depend on thread timing.
   std::sort(partials.begin(), partials.end(),
             [](const PartialGrads& a, const PartialGrads& b) { return a.begin < b.begin; });
+  std::set<int64_t> written;  // split images: the first part is copied (grad_input starts uninitialised)
   for (const PartialGrads& part : partials) {
     for (size_t i = 0; i < branches.size(); ++i) {
       if (need_weight[i]) r.grad_weight[i].add_(part.grad_weight[i]);
     }
     for (const auto& [n, grads] : part.images) {
+      const bool first = written.insert(n).second;
       for (size_t i = 0; i < branches.size(); ++i) {
-        if (need_input[i]) r.grad_input[i][n].add_(grads[i]);
+        if (!need_input[i]) continue;
+        if (first) {
+          r.grad_input[i][n].copy_(grads[i]);
+        } else {
+          r.grad_input[i][n].add_(grads[i]);
+        }
       }
     }
   }
