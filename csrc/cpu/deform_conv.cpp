@@ -297,12 +297,11 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
                                      const std::optional<at::Tensor>& mask) {
   const int64_t taps = g.taps(), L = g.pixels();
   const auto opts = offset.options();
-  std::vector<at::Tensor> outs;
+  // Every output element is written by one matmul (beta = 0, or the bias copied in by addmm_out): no fill.
+  std::vector<at::Tensor> outs, bias;
   for (size_t i = 0; i < branches.size(); ++i) {
-    const Branch& b = branches[i];
-    outs.push_back(biases[i].has_value()
-                       ? biases[i]->view({1, b.out_channels, 1}).expand({g.n, b.out_channels, L}).contiguous()
-                       : at::zeros({g.n, b.out_channels, L}, opts));
+    outs.push_back(at::empty({g.n, branches[i].out_channels, L}, opts));
+    bias.push_back(biases[i].has_value() ? biases[i]->detach() : at::Tensor());
   }
   if (g.n == 0) return outs;
   const Units u = make_units(g, branches, 1, sizeof(scalar_t));
@@ -330,8 +329,13 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
         const at::Tensor c2 = block(cols[i], np, b.channels * taps);
         const int64_t rows = b.channels / b.groups * taps, og = b.out_channels / b.groups;
         for (int64_t gi = 0; gi < b.groups; ++gi) {
-          outs[i][n].narrow(0, gi * og, og).narrow(1, p0, np).addmm_(b.weight.narrow(0, gi * og, og),
-                                                                      c2.narrow(1, gi * rows, rows).t());
+          at::Tensor dst = outs[i][n].narrow(0, gi * og, og).narrow(1, p0, np);
+          const at::Tensor w = b.weight.narrow(0, gi * og, og), c = c2.narrow(1, gi * rows, rows).t();
+          if (bias[i].defined()) {
+            at::addmm_out(dst, bias[i].narrow(0, gi * og, og).view({og, 1}), w, c);
+          } else {
+            at::mm_out(dst, w, c);
+          }
         }
       }
     }
