@@ -88,13 +88,15 @@ struct Units {
   int64_t pixels, per_image, count;  // output pixels per unit, units per image, units in all
 };
 
-// Pixels per unit: the most whose column buffers fit kTileBytes, fewer when the batch alone would leave
-// threads idle, then evened out over the image.
-Units make_units(const DeformGeom& g, const std::vector<Branch>& branches, int64_t buffers, int64_t elem) {
+// Pixels per unit: the most whose column buffers and samples fit kTileBytes, fewer when the batch alone would
+// leave threads idle, then evened out over the image.
+Units make_units(const DeformGeom& g, const std::vector<Branch>& branches, int64_t buffers, int64_t elem,
+                 int64_t sample_bytes) {
   int64_t rows = 0;
   for (const Branch& b : branches) rows += b.channels * g.taps();
   const int64_t L = g.pixels(), threads = at::get_num_threads();
-  int64_t most = std::max<int64_t>(64, kTileBytes / std::max<int64_t>(1, rows * buffers * elem));
+  const int64_t per_pixel = rows * buffers * elem + g.offset_groups * g.taps() * sample_bytes;
+  int64_t most = std::max<int64_t>(64, kTileBytes / std::max<int64_t>(1, per_pixel));
   const int64_t wanted = (threads + g.n - 1) / std::max<int64_t>(1, g.n);
   most = std::min(most, std::max<int64_t>(16, (L + wanted - 1) / wanted));
   const int64_t tiles = (L + most - 1) / most;
@@ -126,27 +128,89 @@ CSFRN_ALWAYS_INLINE void transpose_impl(const scalar_t* __restrict__ src, int64_
   }
 }
 
-// Where the columns of segment sg, tap k, pixel p start.
-inline int64_t s_offset(int64_t p, int64_t row, const Segment& sg, int64_t k, const Layout& lay) {
-  return p * row + sg.col + k * lay.per_group;
+// The loops over a run of channels. Runs shorter than kShortRun (a group or offset group of few channels) take
+// plain scalar loops: the vector loop's set-up and remainder would cost more than the run.
+constexpr int64_t kShortRun = 8;
+
+// o[c] = w0 q0[c] + w1 q1[c] + w2 q2[c] + w3 q3[c]: one channel run of one sample.
+template <typename scalar_t>
+CSFRN_ALWAYS_INLINE void sample_run(scalar_t* o, const scalar_t* q0, int64_t C, int64_t wpc, const scalar_t* w,
+                                    int64_t len) {
+  const scalar_t *q1 = q0 + C, *q2 = q0 + wpc, *q3 = q2 + C;
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  if (len < kShortRun) {
+    for (int64_t c = 0; c < len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
+}
+
+// a[j] += sum_c v[c] * corner j [c].
+template <typename scalar_t>
+CSFRN_ALWAYS_INLINE void dot_run(scalar_t* a, const scalar_t* v, const scalar_t* q0, int64_t C, int64_t wpc,
+                                 int64_t len) {
+  const scalar_t *q1 = q0 + C, *q2 = q0 + wpc, *q3 = q2 + C;
+  scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  if (len < kShortRun) {
+    for (int64_t c = 0; c < len; ++c) {
+      s0 += v[c] * q0[c];
+      s1 += v[c] * q1[c];
+      s2 += v[c] * q2[c];
+      s3 += v[c] * q3[c];
+    }
+  } else {
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t c = 0; c < len; ++c) {
+      const scalar_t x = v[c];
+      s0 += x * q0[c];
+      s1 += x * q1[c];
+      s2 += x * q2[c];
+      s3 += x * q3[c];
+    }
+  }
+  a[0] += s0;
+  a[1] += s1;
+  a[2] += s2;
+  a[3] += s3;
+}
+
+// corner j [c] += w[j] * v[c]. The four corner vectors are C apart or more, and len <= C: no two overlap.
+template <typename scalar_t>
+CSFRN_ALWAYS_INLINE void scatter_run(scalar_t* g0, int64_t C, int64_t wpc, const scalar_t* w, const scalar_t* v,
+                                     int64_t len) {
+  scalar_t *g1 = g0 + C, *g2 = g0 + wpc, *g3 = g2 + C;
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  if (len < kShortRun) {
+    for (int64_t c = 0; c < len; ++c) {
+      g0[c] += w0 * v[c];
+      g1[c] += w1 * v[c];
+      g2[c] += w2 * v[c];
+      g3[c] += w3 * v[c];
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) {
+    const scalar_t x = v[c];
+    g0[c] += w0 * x;
+    g1[c] += w1 * x;
+    g2[c] += w2 * x;
+    g3[c] += w3 * x;
+  }
 }
 
 // cols[p][col(c, k)] = channel c sampled at tap k of pixel p, times the mask.
 template <typename scalar_t>
 CSFRN_ALWAYS_INLINE void im2col_impl(const Layout& lay, const scalar_t* pad, const Sample<scalar_t>* smp, int64_t np,
-                        scalar_t* cols) {
-  const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps;
+                                     scalar_t* cols) {
+  const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps, wpc = lay.wp * C;
   for (int64_t p = 0; p < np; ++p) {
     for (int64_t si = 0; si < lay.nseg; ++si) {
       const Segment sg = lay.segs[si];
       for (int64_t k = 0; k < lay.taps; ++k) {
         const Sample<scalar_t>& s = smp[p * per_pixel + sg.og * lay.taps + k];
-        const scalar_t* q0 = pad + s.base * C + sg.c0;
-        const scalar_t *q1 = q0 + C, *q2 = q0 + lay.wp * C, *q3 = q2 + C;
-        const scalar_t w0 = s.w[0], w1 = s.w[1], w2 = s.w[2], w3 = s.w[3];
-        scalar_t* o = cols + p * row + sg.col + k * lay.per_group;
-#pragma omp simd
-        for (int64_t c = 0; c < sg.len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
+        sample_run(cols + p * row + sg.col + k * lay.per_group, pad + s.base * C + sg.c0, C, wpc, s.w, sg.len);
       }
     }
   }
@@ -159,55 +223,19 @@ CSFRN_ALWAYS_INLINE void im2col_impl(const Layout& lay, const scalar_t* pad, con
 // A unit runs on one thread, in a fixed order: deterministic.
 template <typename scalar_t, bool kCols, bool kInput, bool kCoords>
 CSFRN_ALWAYS_INLINE void backward_pass_impl(const Layout& lay, const scalar_t* pad, const scalar_t* grad_cols,
-                               const Sample<scalar_t>* smp, int64_t np, scalar_t* cols, scalar_t* grad_pad,
-                               scalar_t* acc) {
-  const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps;
+                                            const Sample<scalar_t>* smp, int64_t np, scalar_t* cols,
+                                            scalar_t* grad_pad, scalar_t* acc) {
+  const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps, wpc = lay.wp * C;
   for (int64_t p = 0; p < np; ++p) {
     for (int64_t si = 0; si < lay.nseg; ++si) {
       const Segment sg = lay.segs[si];
       for (int64_t k = 0; k < lay.taps; ++k) {
-        const int64_t item = p * per_pixel + sg.og * lay.taps + k, at = s_offset(p, row, sg, k, lay);
+        const int64_t item = p * per_pixel + sg.og * lay.taps + k, at = p * row + sg.col + k * lay.per_group;
         const Sample<scalar_t>& s = smp[item];
-        const scalar_t w0 = s.w[0], w1 = s.w[1], w2 = s.w[2], w3 = s.w[3];
-        const scalar_t* v = kCoords || kInput ? grad_cols + at : nullptr;
-        if constexpr (kCols || kCoords) {
-          const scalar_t* q0 = pad + s.base * C + sg.c0;
-          const scalar_t *q1 = q0 + C, *q2 = q0 + lay.wp * C, *q3 = q2 + C;
-          if constexpr (kCols) {
-            scalar_t* o = cols + at;
-#pragma omp simd
-            for (int64_t c = 0; c < sg.len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
-          }
-          if constexpr (kCoords) {
-            scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-            for (int64_t c = 0; c < sg.len; ++c) {
-              const scalar_t x = v[c];
-              s0 += x * q0[c];
-              s1 += x * q1[c];
-              s2 += x * q2[c];
-              s3 += x * q3[c];
-            }
-            scalar_t* a = acc + 4 * item;
-            a[0] += s0;
-            a[1] += s1;
-            a[2] += s2;
-            a[3] += s3;
-          }
-        }
-        if constexpr (kInput) {
-          // The four corner vectors are C apart or more, and len <= C: no two overlap.
-          scalar_t* g0 = grad_pad + s.base * C + sg.c0;
-          scalar_t *g1 = g0 + C, *g2 = g0 + lay.wp * C, *g3 = g2 + C;
-#pragma omp simd
-          for (int64_t c = 0; c < sg.len; ++c) {
-            const scalar_t x = v[c];
-            g0[c] += w0 * x;
-            g1[c] += w1 * x;
-            g2[c] += w2 * x;
-            g3[c] += w3 * x;
-          }
-        }
+        const int64_t corner = s.base * C + sg.c0;
+        if constexpr (kCols) sample_run(cols + at, pad + corner, C, wpc, s.w, sg.len);
+        if constexpr (kCoords) dot_run(acc + 4 * item, grad_cols + at, pad + corner, C, wpc, sg.len);
+        if constexpr (kInput) scatter_run(grad_pad + corner, C, wpc, s.w, grad_cols + at, sg.len);
       }
     }
   }
@@ -267,23 +295,31 @@ void from_channels_last(const DeformGeom& g, const scalar_t* pad, int64_t C, sca
 }
 
 // Sampling of every item = (p * offset groups + offset group) * taps + tap of the tile [p0, p0 + np) of image n.
+// Pixels innermost: the offsets and the mask are read along their rows, and (ho, wo) advance without divisions.
 template <typename scalar_t>
 void compute_samples(const DeformGeom& g, const scalar_t* off_n, const scalar_t* mask_n, int64_t p0, int64_t np,
                      Sample<scalar_t>* smp) {
-  const int64_t taps = g.taps(), L = g.pixels(), wp = padded_width(g), nowhere = (g.h + 1) * wp;
-  for (int64_t p = 0; p < np; ++p) {
-    const int64_t pix = p0 + p, ho = pix / g.w_out, wo = pix % g.w_out;
-    for (int64_t gk = 0; gk < g.offset_groups * taps; ++gk) {
-      const int64_t k = gk % taps, og = gk / taps;
-      const BilinearPoint<scalar_t> pt = deform_point<scalar_t>(
-          ho, wo, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w,
-          off_n[(og * 2 * taps + 2 * k) * L + pix], off_n[(og * 2 * taps + 2 * k + 1) * L + pix], g.h, g.w);
-      Sample<scalar_t>& s = smp[p * g.offset_groups * taps + gk];
-      s.m = mask_n ? mask_n[gk * L + pix] : scalar_t(1);
+  const int64_t taps = g.taps(), items = g.offset_groups * taps, L = g.pixels();
+  const int64_t wp = padded_width(g), nowhere = (g.h + 1) * wp;
+  for (int64_t gk = 0; gk < items; ++gk) {
+    const int64_t og = gk / taps, k = gk % taps, i = k / g.kw, j = k % g.kw;
+    const scalar_t* dy = off_n + (og * 2 * taps + 2 * k) * L;
+    const scalar_t* dx = dy + L;
+    const scalar_t* mk = mask_n ? mask_n + gk * L : nullptr;
+    int64_t ho = p0 / g.w_out, wo = p0 % g.w_out;
+    for (int64_t pix = p0; pix < p0 + np; ++pix) {
+      const BilinearPoint<scalar_t> pt = deform_point<scalar_t>(ho, wo, i, j, g.stride_h, g.stride_w, g.pad_h,
+                                                                g.pad_w, g.dil_h, g.dil_w, dy[pix], dx[pix], g.h, g.w);
+      Sample<scalar_t>& s = smp[(pix - p0) * items + gk];
+      s.m = mk ? mk[pix] : scalar_t(1);
       s.base = pt.inside ? (pt.y0 + 1) * wp + pt.x0 + 1 : nowhere;
       s.ly = pt.ly;
       s.lx = pt.lx;
       bilinear_weights(pt.ly, pt.lx, pt.inside ? s.m : scalar_t(0), s.w);
+      if (++wo == g.w_out) {
+        wo = 0;
+        ++ho;
+      }
     }
   }
 }
@@ -304,7 +340,7 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
     bias.push_back(biases[i].has_value() ? biases[i]->detach() : at::Tensor());
   }
   if (g.n == 0) return outs;
-  const Units u = make_units(g, branches, 1, sizeof(scalar_t));
+  const Units u = make_units(g, branches, 1, sizeof(scalar_t), sizeof(Sample<scalar_t>));
   const scalar_t* off = offset.data_ptr<scalar_t>();
   const scalar_t* msk = mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, u.count, 1, [&](int64_t begin, int64_t end) {
@@ -376,7 +412,7 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
   r.grad_mask = need_mask ? at::zeros({g.n, items, g.h_out, g.w_out}, opts) : at::empty({0}, opts);
   if (g.n == 0) return r;
 
-  const Units u = make_units(g, branches, 2, sizeof(scalar_t));
+  const Units u = make_units(g, branches, 2, sizeof(scalar_t), sizeof(Sample<scalar_t>));
   const scalar_t* off = offset.data_ptr<scalar_t>();
   const scalar_t* msk = mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr;
   std::mutex partial_mutex;
