@@ -12,8 +12,8 @@
 // The backward is deterministic for a given thread count: a unit runs start to end on one thread, each unit
 // writes its own offset / mask gradient pixels, and the weight gradients and the input gradients of images split
 // between threads are per-thread partial sums added in a fixed order afterwards.
-// Weak spot: groups of one or two channels (depthwise) leave runs too short to vectorise; the old NCHW kernel was
-// about 2x faster there.
+// One-channel groups (depthwise) loop across the channels of an offset group with strided columns; groups of 2 to
+// 7 channels take short scalar runs, the one shape family where the NCHW kernel this replaced could be faster.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,9 +47,11 @@ constexpr int64_t kTileBytes = int64_t(16) << 20;
 #endif
 
 // A run of channels inside one group and one offset group: contiguous in the padded image and, for each tap,
-// in a pixel's row of columns, where channel c0 + j of tap k sits at col + k * (C / groups) + j.
+// in a pixel's row of columns, where channel c0 + j of tap k sits at col + k * (C / groups) + j. Groups of one
+// channel make one segment per offset group instead (len 1, count channels, kh * kw columns apart), whose loops
+// run across the channels.
 struct Segment {
-  int64_t c0, len, og, col;
+  int64_t c0, len, og, col, count;
 };
 
 // One convolution of a (dual) call.
@@ -135,12 +137,18 @@ CSFRN_ALWAYS_INLINE void transpose_impl(const scalar_t* __restrict__ src, int64_
 // plain scalar loops: the vector loop's set-up and remainder would cost more than the run.
 constexpr int64_t kShortRun = 8;
 
-// o[c] = w0 q0[c] + w1 q1[c] + w2 q2[c] + w3 q3[c]: one channel run of one sample.
+// o[c] = w0 q0[c] + w1 q1[c] + w2 q2[c] + w3 q3[c]: one channel run of one sample; with one-channel groups,
+// o[c * stride] for count channels.
 template <typename scalar_t>
 CSFRN_ALWAYS_INLINE void sample_run(scalar_t* o, const scalar_t* q0, int64_t C, int64_t wpc, const scalar_t* w,
-                                    int64_t len) {
+                                    int64_t len, int64_t count, int64_t stride) {
   const scalar_t *q1 = q0 + C, *q2 = q0 + wpc, *q3 = q2 + C;
   const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  if (count > 1) {
+#pragma omp simd
+    for (int64_t c = 0; c < count; ++c) o[c * stride] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
+    return;
+  }
   if (len < kShortRun) {
     for (int64_t c = 0; c < len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
     return;
@@ -149,13 +157,22 @@ CSFRN_ALWAYS_INLINE void sample_run(scalar_t* o, const scalar_t* q0, int64_t C, 
   for (int64_t c = 0; c < len; ++c) o[c] = w0 * q0[c] + w1 * q1[c] + w2 * q2[c] + w3 * q3[c];
 }
 
-// a[j] += sum_c v[c] * corner j [c].
+// a[j] += sum_c v[c] * corner j [c] (v[c * stride] with one-channel groups).
 template <typename scalar_t>
 CSFRN_ALWAYS_INLINE void dot_run(scalar_t* a, const scalar_t* v, const scalar_t* q0, int64_t C, int64_t wpc,
-                                 int64_t len) {
+                                 int64_t len, int64_t count, int64_t stride) {
   const scalar_t *q1 = q0 + C, *q2 = q0 + wpc, *q3 = q2 + C;
   scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  if (len < kShortRun) {
+  if (count > 1) {
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t c = 0; c < count; ++c) {
+      const scalar_t x = v[c * stride];
+      s0 += x * q0[c];
+      s1 += x * q1[c];
+      s2 += x * q2[c];
+      s3 += x * q3[c];
+    }
+  } else if (len < kShortRun) {
     for (int64_t c = 0; c < len; ++c) {
       s0 += v[c] * q0[c];
       s1 += v[c] * q1[c];
@@ -178,12 +195,24 @@ CSFRN_ALWAYS_INLINE void dot_run(scalar_t* a, const scalar_t* v, const scalar_t*
   a[3] += s3;
 }
 
-// corner j [c] += w[j] * v[c]. The four corner vectors are C apart or more, and len <= C: no two overlap.
+// corner j [c] += w[j] * v[c] (v[c * stride] with one-channel groups). The four corner vectors are C apart or
+// more, and the run is at most C long: no two overlap.
 template <typename scalar_t>
 CSFRN_ALWAYS_INLINE void scatter_run(scalar_t* g0, int64_t C, int64_t wpc, const scalar_t* w, const scalar_t* v,
-                                     int64_t len) {
+                                     int64_t len, int64_t count, int64_t stride) {
   scalar_t *g1 = g0 + C, *g2 = g0 + wpc, *g3 = g2 + C;
   const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  if (count > 1) {
+#pragma omp simd
+    for (int64_t c = 0; c < count; ++c) {
+      const scalar_t x = v[c * stride];
+      g0[c] += w0 * x;
+      g1[c] += w1 * x;
+      g2[c] += w2 * x;
+      g3[c] += w3 * x;
+    }
+    return;
+  }
   if (len < kShortRun) {
     for (int64_t c = 0; c < len; ++c) {
       g0[c] += w0 * v[c];
@@ -213,7 +242,8 @@ CSFRN_ALWAYS_INLINE void im2col_impl(const Layout& lay, const scalar_t* pad, con
       const Segment sg = lay.segs[si];
       for (int64_t k = 0; k < lay.taps; ++k) {
         const Sample<scalar_t>& s = smp[p * per_pixel + sg.og * lay.taps + k];
-        sample_run(cols + p * row + sg.col + k * lay.per_group, pad + s.base * C + sg.c0, C, wpc, s.w, sg.len);
+        sample_run(cols + p * row + sg.col + k * lay.per_group, pad + s.base * C + sg.c0, C, wpc, s.w, sg.len,
+                   sg.count, lay.taps);
       }
     }
   }
@@ -236,9 +266,11 @@ CSFRN_ALWAYS_INLINE void backward_pass_impl(const Layout& lay, const scalar_t* p
         const int64_t item = p * per_pixel + sg.og * lay.taps + k, at = p * row + sg.col + k * lay.per_group;
         const Sample<scalar_t>& s = smp[item];
         const int64_t corner = s.base * C + sg.c0;
-        if constexpr (kCols) sample_run(cols + at, pad + corner, C, wpc, s.w, sg.len);
-        if constexpr (kCoords) dot_run(acc + 4 * item, grad_cols + at, pad + corner, C, wpc, sg.len);
-        if constexpr (kInput) scatter_run(grad_pad + corner, C, wpc, s.w, grad_cols + at, sg.len);
+        if constexpr (kCols) sample_run(cols + at, pad + corner, C, wpc, s.w, sg.len, sg.count, lay.taps);
+        if constexpr (kCoords) {
+          dot_run(acc + 4 * item, grad_cols + at, pad + corner, C, wpc, sg.len, sg.count, lay.taps);
+        }
+        if constexpr (kInput) scatter_run(grad_pad + corner, C, wpc, s.w, grad_cols + at, sg.len, sg.count, lay.taps);
       }
     }
   }
@@ -545,7 +577,13 @@ std::vector<Segment> make_segments(int64_t channels, int64_t groups, int64_t off
   for (int64_t c = 0; c < channels;) {
     const int64_t gi = c / per_group, og = c / per_og;
     const int64_t end = std::min((gi + 1) * per_group, (og + 1) * per_og);
-    segs.push_back({c, end - c, og, gi * taps * per_group + c - gi * per_group});
+    if (per_group == 1) {  // the rest of the offset group, one column block per channel
+      const int64_t count = (og + 1) * per_og - c;
+      segs.push_back({c, 1, og, c * taps, count});
+      c += count;
+      continue;
+    }
+    segs.push_back({c, end - c, og, gi * taps * per_group + c - gi * per_group, 1});
     c = end;
   }
   return segs;
