@@ -104,9 +104,11 @@ def assert_same(a, b, **tol):
 
 AWKWARD = dict(n=2, c_in=6, c_out=2, groups=2, offset_groups=3, k=(3, 2), stride=(2, 1), padding=(1, 0),
                dilation=(2, 1), size=(5, 4))
-# One channel per group (the CPU kernel loops across the channels of an offset group), 2 and 5 per offset group.
+# One or two channels per group (the CPU kernel loops across the groups of an offset group).
 DEPTHWISE = dict(n=2, c_in=4, c_out=8, groups=4, offset_groups=2, k=(3, 2), stride=(1, 2), padding=(1, 1),
                  dilation=(1, 1), size=(5, 6))
+PAIRS = dict(n=1, c_in=8, c_out=4, groups=4, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
+             dilation=(1, 1), size=(5, 5))
 DEPTHWISE_ONE_OFFSET_GROUP = dict(n=1, c_in=5, c_out=5, groups=5, offset_groups=1, k=(2, 3), stride=(1, 1),
                                   padding=(0, 1), dilation=(2, 1), size=(6, 5))
 
@@ -126,8 +128,8 @@ def random_config(seed):
 
 # ---------------------------------------------------------------- forward and gradients vs the loop
 @pytest.mark.parametrize("use_mask", [False, True])
-@pytest.mark.parametrize("config", [AWKWARD, random_config(1), random_config(2), DEPTHWISE, DEPTHWISE_ONE_OFFSET_GROUP],
-                         ids=["awkward", "rand1", "rand2", "depthwise", "depthwise1"])
+@pytest.mark.parametrize("config", [AWKWARD, random_config(1), random_config(2), DEPTHWISE, DEPTHWISE_ONE_OFFSET_GROUP,
+                                    PAIRS], ids=["awkward", "rand1", "rand2", "depthwise", "depthwise1", "pairs"])
 @pytest.mark.parametrize("fn", [ops.deform_conv2d, reference.deform_conv2d], ids=["kernel", "twin"])
 def test_matches_loop(fn, config, use_mask):
     case = make_case(**config, use_mask=use_mask)
