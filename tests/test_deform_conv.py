@@ -104,6 +104,13 @@ def assert_same(a, b, **tol):
 
 AWKWARD = dict(n=2, c_in=6, c_out=2, groups=2, offset_groups=3, k=(3, 2), stride=(2, 1), padding=(1, 0),
                dilation=(2, 1), size=(5, 4))
+# One or two channels per group (the CPU kernel loops across the groups of an offset group).
+DEPTHWISE = dict(n=2, c_in=4, c_out=8, groups=4, offset_groups=2, k=(3, 2), stride=(1, 2), padding=(1, 1),
+                 dilation=(1, 1), size=(5, 6))
+PAIRS = dict(n=1, c_in=8, c_out=4, groups=4, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
+             dilation=(1, 1), size=(5, 5))
+DEPTHWISE_ONE_OFFSET_GROUP = dict(n=1, c_in=5, c_out=5, groups=5, offset_groups=1, k=(2, 3), stride=(1, 1),
+                                  padding=(0, 1), dilation=(2, 1), size=(6, 5))
 
 
 def random_config(seed):
@@ -121,7 +128,8 @@ def random_config(seed):
 
 # ---------------------------------------------------------------- forward and gradients vs the loop
 @pytest.mark.parametrize("use_mask", [False, True])
-@pytest.mark.parametrize("config", [AWKWARD, random_config(1), random_config(2)], ids=["awkward", "rand1", "rand2"])
+@pytest.mark.parametrize("config", [AWKWARD, random_config(1), random_config(2), DEPTHWISE, DEPTHWISE_ONE_OFFSET_GROUP,
+                                    PAIRS], ids=["awkward", "rand1", "rand2", "depthwise", "depthwise1", "pairs"])
 @pytest.mark.parametrize("fn", [ops.deform_conv2d, reference.deform_conv2d], ids=["kernel", "twin"])
 def test_matches_loop(fn, config, use_mask):
     case = make_case(**config, use_mask=use_mask)
@@ -201,6 +209,18 @@ def test_multi_tile_float32_vs_torchvision():
     # 512 input channels x 3 x 3 taps: several pixel tiles per image in the CPU kernel.
     case = make_case(n=2, c_in=512, c_out=4, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
                      dilation=(1, 1), size=(32, 32), use_mask=True, dtype=torch.float32)
+    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
+    assert_same(out, exp, rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(exp)
+    got, want = grads(out, case, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_depthwise_float32_vs_torchvision():
+    # 64 one-channel groups in one offset group: the CPU kernel's loops across channels run full vectors.
+    case = make_case(n=2, c_in=64, c_out=64, groups=64, offset_groups=1, k=(3, 3), stride=(1, 1), padding=(1, 1),
+                     dilation=(1, 1), size=(24, 24), use_mask=True, dtype=torch.float32)
     out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
     assert_same(out, exp, rtol=1e-4, atol=1e-4)
     go = torch.randn_like(exp)
