@@ -146,6 +146,27 @@ def check_float32_pool(n, d, h, w, k, ignore_index, seed=0, blocky=False, channe
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
 
+def check_bad_label_positions():
+    """A bad label anywhere (first, middle or last lane of an 8-label vector, the partial last vector, a second
+    pixel chunk) is reported with its value; an ignore_index outside [0, K), negative too, is not."""
+    f = torch.randn(1, 2, 61, 67)                            # 4087 pixels: two chunks, the last vector partial
+    for ignore_index in (255, -1):
+        for position in (0, 7, 8, 2051, 4080, 4086):
+            for value in (5, -3, 1 << 40):
+                labels = torch.randint(0, 5, (1, 61, 67))
+                labels.view(-1)[::13] = ignore_index
+                labels.view(-1)[position] = value
+                with pytest.raises(ValueError, match=f"value {value}$"):
+                    ops.class_avg_pool(f, labels, 5, ignore_index)
+        labels.view(-1)[position] = ignore_index
+        means, counts = ops.class_avg_pool(f, labels, 5, ignore_index)
+        assert counts.sum() == (labels != ignore_index).sum()
+
+
+def test_class_avg_pool_bad_label_positions():
+    check_bad_label_positions()
+
+
 @pytest.mark.parametrize("n,d,h,w,k,ignore_index", VECTOR_CASES)
 @pytest.mark.parametrize("blocky", [False, True])
 def test_class_avg_pool_float32_vector_paths(n, d, h, w, k, ignore_index, blocky):
@@ -156,7 +177,8 @@ def test_class_avg_pool_float32_vector_paths(n, d, h, w, k, ignore_index, blocky
 def test_class_avg_pool_float32_portable_loops():
     """The same checks with torch (and so our kernels) limited to AVX2: the loops every other CPU runs."""
     code = ("import test_class_ops as t, torch; assert torch.backends.cpu.get_cpu_capability() != 'AVX512';"
-            "[t.check_float32_pool(*c, blocky=b) for c in t.VECTOR_CASES for b in (False, True)]")
+            "[t.check_float32_pool(*c, blocky=b) for c in t.VECTOR_CASES for b in (False, True)];"
+            "t.check_bad_label_positions()")
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

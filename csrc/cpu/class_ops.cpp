@@ -48,6 +48,33 @@ inline void bank_sum(acc_t* __restrict__ bank, const int32_t* __restrict__ slot,
   for (; p < np; ++p) bank[slot[p]] += static_cast<acc_t>(values[p]);
 }
 
+// slot[p] = the label of pixel p when it is a class, K when it is ignore_index or outside [0, K). Returns the
+// first label that is neither (the forward reports it), or kNoBadLabel.
+inline int64_t fill_slots_portable(int32_t* __restrict__ slot, const int64_t* __restrict__ labels, int64_t np,
+                                   int64_t K, int64_t ignore_index) {
+  int64_t bad = kNoBadLabel;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t k = label_slot(labels[p], K, ignore_index);
+    if (k == -2 && bad == kNoBadLabel) bad = labels[p];
+    slot[p] = static_cast<int32_t>(k < 0 ? K : k);
+  }
+  return bad;
+}
+
+// count[k] += number of pixels in slot k, for k < K; four banks of counters, as in bank_sum.
+template <typename acc_t>
+inline void add_slot_counts(acc_t* __restrict__ count, int64_t stride, const int32_t* __restrict__ slot, int64_t np,
+                            int64_t K, std::vector<int32_t>& banks) {
+  banks.assign(4 * (K + 1), 0);
+  int32_t* b = banks.data();
+  int64_t p = 0;
+  for (; p + 4 <= np; p += 4)
+    for (int64_t j = 0; j < 4; ++j) ++b[j * (K + 1) + slot[p + j]];
+  for (; p < np; ++p) ++b[slot[p]];
+  for (int64_t k = 0; k < K; ++k)
+    count[k * stride] += static_cast<acc_t>(b[k] + b[(K + 1) + k] + b[2 * (K + 1) + k] + b[3 * (K + 1) + k]);
+}
+
 // ---------------------------------------------------------------- AVX-512 paths of the pooling (float32)
 // Used when torch itself runs its AVX-512 kernels (torch.backends.cpu.get_cpu_capability(); the
 // ATEN_CPU_CAPABILITY variable lowers it, which is how the tests also reach the portable loops).
@@ -132,6 +159,22 @@ void pool_block16(float* __restrict__ buf, int64_t D1, float* __restrict__ bank,
   }
 }
 
+// fill_slots_portable, eight labels at a time: an unsigned compare finds the classes, a narrowing move
+// stores the slots. Bad labels only set a mask; the portable loop then finds the first of them.
+int64_t fill_slots(int32_t* __restrict__ slot, const int64_t* __restrict__ labels, int64_t np, int64_t K,
+                   int64_t ignore_index) {
+  const __m512i k = _mm512_set1_epi64(K), ignore = _mm512_set1_epi64(ignore_index);
+  __mmask8 bad = 0;
+  for (int64_t p = 0; p < np; p += 8) {
+    const __mmask8 m = np - p >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (np - p)) - 1);
+    const __m512i l = _mm512_maskz_loadu_epi64(m, labels + p);
+    const __mmask8 cls = _mm512_cmplt_epu64_mask(l, k) & ~_mm512_cmpeq_epi64_mask(l, ignore);
+    bad |= m & ~cls & ~_mm512_cmpeq_epi64_mask(l, ignore);
+    _mm512_mask_cvtepi64_storeu_epi32(slot + p, m, _mm512_mask_blend_epi64(cls, k, l));
+  }
+  return bad ? fill_slots_portable(slot, labels, np, K, ignore_index) : kNoBadLabel;
+}
+
 // out[p] = row[slot[p]] for one (image, channel) row of the pooling's gradient, row holding the K + 1 <= 32
 // table entries (zero-padded to 32): a two-register permute does 16 lookups at once.
 void lookup_row32(float* __restrict__ out, const float* __restrict__ row, const int32_t* __restrict__ slot,
@@ -162,8 +205,16 @@ inline bool lookup_row32(float* out, const float* row, const int32_t* slot, int6
   avx512::lookup_row32(out, row, slot, P);
   return true;
 }
+
+inline int64_t fill_slots(int32_t* slot, const int64_t* labels, int64_t np, int64_t K, int64_t ignore_index) {
+  return use_avx512() ? avx512::fill_slots(slot, labels, np, K, ignore_index)
+                      : fill_slots_portable(slot, labels, np, K, ignore_index);
+}
 #else
 bool use_avx512() { return false; }
+inline int64_t fill_slots(int32_t* slot, const int64_t* labels, int64_t np, int64_t K, int64_t ignore_index) {
+  return fill_slots_portable(slot, labels, np, K, ignore_index);
+}
 #endif
 // Elsewhere (double, other CPUs) there is no vector path: the portable loops do all the work.
 template <typename scalar_t>
@@ -196,8 +247,8 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
 
     const bool simd = std::is_same_v<scalar_t, float> && use_avx512() && fv.sp == 1 && D >= 16;
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int32_t> slot(chunk);
-      std::vector<acc_t> bank(4 * (K + 1)), ones(chunk, acc_t(1));
+      std::vector<int32_t> slot(chunk), count_banks;
+      std::vector<acc_t> bank(4 * (K + 1));
       // the AVX-512 path's four banks of [K + 1][16] rows, 64-byte aligned
       std::vector<float> tile_store(simd ? 4 * (K + 1) * 16 + 16 : 0);
       void* tiles_at = tile_store.data();
@@ -208,18 +259,13 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
         const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
         acc_t* buf = partial.data() + b * K * D1;
         const scalar_t* fn = f + n * fv.sn + p0 * fv.sp;
-        for (int64_t p = 0; p < np; ++p) {
-          const int64_t label = l[n * P + p0 + p];
-          const int64_t k = label_slot(label, K, ignore_index);
-          if (k == -2) note_bad_label(bad, label);
-          slot[p] = static_cast<int32_t>(k < 0 ? K : k);
-        }
+        const int64_t first_bad = fill_slots(slot.data(), l + n * P + p0, np, K, ignore_index);
+        if (first_bad != kNoBadLabel) note_bad_label(bad, first_bad);
+        add_slot_counts(buf + D, D1, slot.data(), np, K, count_banks);
         auto fold_banks = [&](int64_t d) {  // add the four banks of one channel into buf[k][d]
           for (int64_t k = 0; k < K; ++k)
             buf[k * D1 + d] += bank[k] + bank[(K + 1) + k] + bank[2 * (K + 1) + k] + bank[3 * (K + 1) + k];
         };
-        bank_sum(bank.data(), slot.data(), ones.data(), K, np);
-        fold_banks(D);
         if (fv.sp == 1) {  // NCHW: walk each channel plane in memory order
           int64_t d = simd ? pool_blocks16(buf, D1, tiles, slot.data(), fn, fv.sc, D, np, K) : 0;
           for (; d < D; ++d) {
@@ -297,10 +343,7 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
       std::vector<int32_t> slot(chunk);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
-        for (int64_t p = 0; p < np; ++p) {
-          const int64_t k = label_slot(l[n * P + p0 + p], K, ignore_index);
-          slot[p] = static_cast<int32_t>(k < 0 ? K : k);
-        }
+        fill_slots(slot.data(), l + n * P + p0, np, K, ignore_index);  // bad labels get a zero gradient
         for (int64_t d = 0; d < D; ++d) {
           const scalar_t* row = table.data() + (n * D + d) * R;
           scalar_t* o = out + (n * D + d) * P + p0;
