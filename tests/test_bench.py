@@ -99,3 +99,18 @@ def test_deform_bench_quick_under_autocast(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["floor_ms"] is None for r in rows)   # no float32 floor under autocast
     assert json.loads(path.read_text())["amp"] == "bf16"
     assert "autocast bf16" in capsys.readouterr().out
+
+
+def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):
+    """bench-ops times the bare forward and backward ops beside the autograd path and the peers, in one run."""
+    from csfrn.bench import ops as ops_bench
+    path = tmp_path / "ops.json"
+    rows = ops_bench.main(["--quick", "--reps", "1", "--json", str(path)])
+    for op in ("class_avg_pool", "center_distance"):
+        for pass_ in ("fwd", "fwd+bwd"):
+            impls = {r["impl"] for r in rows if r["op"] == op and r["pass"] == pass_}
+            assert impls == {"csfrn", "reference", ops_bench.PEER[op], "kernels only"}
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert json.loads(path.read_text())["rows"] == rows
+    out = capsys.readouterr().out
+    assert out.count("for our kernels alone, without autograd") == 2

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -22,8 +23,10 @@ def _sync(device):
 
 def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
     """Time each callable of ``fns`` (name -> fn), interleaving the repetitions so machine noise hits all
-    alike. Returns name -> {"median_ms", "min_ms", "max_ms", "peak_mb"}. Peak memory: CUDA's allocator peak
-    on GPUs; on the CPU, the peak of bytes held by tensors allocated during one call (torch profiler)."""
+    alike, in a new order each repetition: a call runs in the state its predecessor left (caches, the malloc
+    heap, sleeping threads), so no implementation may always follow the same one. Returns name ->
+    {"median_ms", "min_ms", "max_ms", "peak_mb"}. Peak memory: CUDA's allocator peak on GPUs; on the CPU, the
+    peak of bytes held by tensors allocated during one call (torch profiler)."""
     times = {name: [] for name in fns}
     peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}   # also serves as a warm-up
     for _ in range(max(warmup - 1, 0)):
@@ -31,9 +34,12 @@ def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
             fn()
     _sync(device)
     start = time.perf_counter()
+    order, shuffle = list(fns), random.Random(0).shuffle
     rep = 0
     while rep < reps or time.perf_counter() - start < min_time:
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()
