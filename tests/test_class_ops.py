@@ -209,6 +209,36 @@ def test_center_distance_matches_reference(seed, n, d, h, w, k):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+BLOCK_CASES = [  # (N, D, H, W, K): the CPU kernels' register blocks and every leftover path
+    (2, 32, 23, 29, 19),    # 3 pixel chunks, the last 155 pixels (two 64-pixel groups + 27); K = 8 + 8 + 2 + 1
+    (1, 20, 17, 31, 11),    # 16 channels + 4 past the last group of 16; 4 channel rows past the blocks of 8
+    (1, 16, 16, 16, 8),     # whole blocks only
+]
+
+
+@pytest.mark.parametrize("n,d,h,w,k", BLOCK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_center_distance_register_blocks(n, d, h, w, k, dtype, layout):
+    g = seeded(n * 100 + d + k)
+    embeddings, centers, margins = (t.to(dtype) for t in distance_inputs(g, n, d, h, w, k))
+    embeddings = embeddings.contiguous(memory_format=layout)
+    upstream = torch.randn(n, k, h, w, generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for mask in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        inputs = [t.detach().requires_grad_(m) for t, m in zip((embeddings, centers, margins), mask)]
+        phi = ops.center_distance(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad(phi, wanted, upstream.to(dtype))
+        ref_inputs = [t.detach().double().requires_grad_(m) for t, m in zip(inputs, mask)]
+        ref = reference.center_distance(*ref_inputs)
+        ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], upstream)
+        torch.testing.assert_close(phi.double(), ref, **tol)
+        for got, want in zip(grads, ref_grads):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), want, **tol)
+
+
 def test_center_distance_gradcheck():
     g = seeded(5)
     inputs = [t.requires_grad_() for t in distance_inputs(g, 2, 3, 4, 3, 3)]

@@ -20,7 +20,7 @@
 
 #include "common/checks.h"
 #include "common/class_ops.h"
-#include "common/distance_grads.h"
+#include "common/cpu_clones.h"
 
 namespace csfrn {
 namespace {
@@ -402,39 +402,36 @@ inline double exp_nonpositive(double x) {
   return underflow ? 0.0 : y * bits_as<double>((static_cast<int64_t>(n) + 1023) << 52);
 }
 
-// The two hot loops, compiled twice on x86-64 (AVX2 + FMA, and the baseline) and picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CSFRN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define CSFRN_CPU_CLONES
-#endif
-
 // decay[p] = exp(-scale * sum_d (e[d][p] - c[d])^2) for one chunk and one centre; dist kept for the backward.
 template <typename T>
-inline void chunk_decay_impl(T* __restrict__ dist, T* __restrict__ decay, const T* __restrict__ e,
+CSFRN_ALWAYS_INLINE void chunk_decay_impl(T* __restrict__ dist, T* __restrict__ decay, const T* __restrict__ e,
                              const T* __restrict__ c, T scale, int64_t D, int64_t np) {
-  // 16 pixels at a time over all channels: their partial sums stay in registers.
-  constexpr int64_t kLanes = 16;
-  for (int64_t p0 = 0; p0 < np; p0 += kLanes) {
-    T acc[kLanes] = {};
-    if (p0 + kLanes <= np) {
-      for (int64_t d = 0; d < D; ++d) {
-        const T cd = c[d];
-        const T* __restrict__ ed = e + d * kDistChunk + p0;
+  // 64 pixels at a time over all channels: four independent chains of 16-pixel partial sums, in registers.
+  constexpr int64_t kLanes = 16, kGroups = 4;
+  int64_t p0 = 0;
+  for (; p0 + kGroups * kLanes <= np; p0 += kGroups * kLanes) {
+    T acc[kGroups][kLanes] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const T cd = c[d];
+      for (int64_t g = 0; g < kGroups; ++g) {
+        const T* __restrict__ ed = e + d * kDistChunk + p0 + g * kLanes;
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) {
           const T t = ed[j] - cd;
-          acc[j] += t * t;
+          acc[g][j] += t * t;
         }
       }
-    } else {
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t j = 0; j < np - p0; ++j) {
-          const T t = e[d * kDistChunk + p0 + j] - c[d];
-          acc[j] += t * t;
-        }
     }
-    for (int64_t j = 0; j < kLanes && p0 + j < np; ++j) dist[p0 + j] = acc[j];
+    for (int64_t g = 0; g < kGroups; ++g)
+      for (int64_t j = 0; j < kLanes; ++j) dist[p0 + g * kLanes + j] = acc[g][j];
+  }
+  for (; p0 < np; ++p0) {  // the last pixels of a short chunk, in the same order of sums
+    T acc = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T t = e[d * kDistChunk + p0] - c[d];
+      acc += t * t;
+    }
+    dist[p0] = acc;
   }
 #pragma omp simd
   for (int64_t p = 0; p < np; ++p) decay[p] = exp_nonpositive(-dist[p] * scale);
@@ -449,15 +446,16 @@ CSFRN_CPU_CLONES void chunk_decay(double* dist, double* decay, const double* e, 
   chunk_decay_impl(dist, decay, e, c, scale, D, np);
 }
 
-// Calls body(n, p0, np, eb, ctr) for every (image, pixel chunk) in parallel, with the chunk's embeddings staged
-// as eb[d * kDistChunk + p] and the image's centres as ctr[k * D + d], both in the accumulation type.
+// Calls body(b, n, p0, np, eb, ctr, work) for every (image, pixel chunk) b in parallel, with the chunk's
+// embeddings staged as eb[d * kDistChunk + p], the image's centres as ctr[k * D + d], both in the accumulation
+// type, and `work` elements of scratch space owned by the calling thread.
 template <typename scalar_t, typename acc_t, typename Body>
 void for_each_pixel_chunk(const PixelView& ev, const scalar_t* centers, int64_t N, int64_t D, int64_t P, int64_t K,
-                          const Body& body) {
+                          int64_t work, const Body& body) {
   const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
   const int64_t nchunks = (P + kDistChunk - 1) / kDistChunk;
   at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> eb(D * kDistChunk), ctr(K * D);
+    std::vector<acc_t> eb(D * kDistChunk), ctr(K * D), scratch(work);
     int64_t staged_n = -1;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / nchunks, p0 = (b % nchunks) * kDistChunk, np = std::min(kDistChunk, P - p0);
@@ -465,10 +463,15 @@ void for_each_pixel_chunk(const PixelView& ev, const scalar_t* centers, int64_t 
         for (int64_t i = 0; i < K * D; ++i) ctr[i] = static_cast<acc_t>(centers[n * K * D + i]);
         staged_n = n;
       }
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t p = 0; p < np; ++p)
-          eb[d * kDistChunk + p] = static_cast<acc_t>(e[n * ev.sn + d * ev.sc + (p0 + p) * ev.sp]);
-      body(b, n, p0, np, eb.data(), ctr.data());
+      const scalar_t* en = e + n * ev.sn + p0 * ev.sp;
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t* row = eb.data() + d * kDistChunk;
+        if (ev.sp == 1)  // NCHW: each channel's pixels are contiguous
+          std::copy(en + d * ev.sc, en + d * ev.sc + np, row);
+        else
+          for (int64_t p = 0; p < np; ++p) row[p] = static_cast<acc_t>(en[d * ev.sc + p * ev.sp]);
+      }
+      body(b, n, p0, np, eb.data(), ctr.data(), scratch.data());
     }
   });
 }
@@ -488,9 +491,9 @@ at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& c
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     scalar_t* out = phi.data_ptr<scalar_t>();
     const acc_t dl = static_cast<acc_t>(delta);
-    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K,
+    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K, 0,
                                           [&](int64_t, int64_t n, int64_t p0, int64_t np, const acc_t* eb,
-                                              const acc_t* ctr) {
+                                              const acc_t* ctr, acc_t*) {
       acc_t dist[kDistChunk], decay[kDistChunk];
       for (int64_t k = 0; k < K; ++k) {
         chunk_decay(dist, decay, eb, ctr + k * D, margin_scale(static_cast<acc_t>(mp[n * K + k]), dl), D, np);
@@ -502,48 +505,189 @@ at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& c
   return phi;
 }
 
+// The embedding and centre gradients of one chunk, from w[k][p] = dL/d dist (rows kDistChunk apart), the
+// chunk's embeddings e[d][p] (rows kDistChunk apart) and the same transposed, et[p][d]:
+//   ge[d][p] = 2 (e[d][p] sum_k w[k][p] - sum_k s[k][d] w[k][p])     written to the chunk's gradient rows
+//   A[k][d] += sum_p w[k][p] e[d][p],  A[k][D] += sum_p w[k][p]       the centre gradient's two sums
+// Both are register-blocked: NR channel rows x 16 pixels of ge, NK centres x 16 channels of A, so every
+// loaded vector feeds NR (NK) independent FMA chains and no horizontal sums are needed.
+constexpr int64_t kLanes = 16;
+
+template <int NR, typename T>
+CSFRN_ALWAYS_INLINE void ge_block(T* __restrict__ ge, int64_t ge_stride, const T* __restrict__ w,
+                                  const T* __restrict__ e, const T* __restrict__ wsum, const T* __restrict__ s,
+                                  int64_t D, int64_t K, int64_t d0, int64_t p0) {
+  T acc[NR][kLanes];
+  for (int i = 0; i < NR; ++i)
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) acc[i][j] = e[(d0 + i) * kDistChunk + p0 + j] * wsum[p0 + j];
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict__ wk = w + k * kDistChunk + p0;
+    for (int i = 0; i < NR; ++i) {
+      const T sk = s[k * D + d0 + i];
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) acc[i][j] -= sk * wk[j];
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) ge[(d0 + i) * ge_stride + p0 + j] = T(2) * acc[i][j];
+}
+
+template <int NK, typename T>
+CSFRN_ALWAYS_INLINE void a_block(T* __restrict__ A, const T* __restrict__ w, const T* __restrict__ et, int64_t D,
+                                 int64_t k0, int64_t d0, int64_t np) {
+  T acc[NK][kLanes] = {};
+  for (int64_t p = 0; p < np; ++p) {
+    const T* __restrict__ ep = et + p * D + d0;
+    for (int i = 0; i < NK; ++i) {
+      const T wv = w[(k0 + i) * kDistChunk + p];
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) acc[i][j] += wv * ep[j];
+    }
+  }
+  for (int i = 0; i < NK; ++i)
+    for (int64_t j = 0; j < kLanes; ++j) A[(k0 + i) * (D + 1) + d0 + j] += acc[i][j];
+}
+
+template <typename T>
+CSFRN_ALWAYS_INLINE void chunk_distance_grads_impl(T* __restrict__ ge, int64_t ge_stride, T* __restrict__ A,
+                                                   const T* __restrict__ w, const T* __restrict__ e,
+                                                   const T* __restrict__ et, const T* __restrict__ s, int64_t D,
+                                                   int64_t K, int64_t np, bool need_e, bool need_s) {
+  const int64_t full_p = np - np % kLanes;
+  if (need_e) {
+    T wsum[kDistChunk];
+    for (int64_t p = 0; p < np; ++p) wsum[p] = T(0);
+    for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
+      for (int64_t p = 0; p < np; ++p) wsum[p] += w[k * kDistChunk + p];
+    for (int64_t p0 = 0; p0 < full_p; p0 += kLanes) {
+      int64_t d0 = 0;
+      for (; d0 + 8 <= D; d0 += 8) ge_block<8>(ge, ge_stride, w, e, wsum, s, D, K, d0, p0);
+      for (; d0 < D; ++d0) ge_block<1>(ge, ge_stride, w, e, wsum, s, D, K, d0, p0);
+    }
+    for (int64_t d = 0; d < D; ++d)  // the pixels past the last group of sixteen
+      for (int64_t p = full_p; p < np; ++p) {
+        T acc = e[d * kDistChunk + p] * wsum[p];
+        for (int64_t k = 0; k < K; ++k) acc -= s[k * D + d] * w[k * kDistChunk + p];
+        ge[d * ge_stride + p] = T(2) * acc;
+      }
+  }
+  if (need_s) {
+    const int64_t D1 = D + 1, full_d = D - D % kLanes;
+    for (int64_t k = 0; k < K; ++k) {
+      T total = 0;
+      for (int64_t p = 0; p < np; ++p) total += w[k * kDistChunk + p];
+      A[k * D1 + D] += total;
+    }
+    for (int64_t d0 = 0; d0 < full_d; d0 += kLanes) {
+      int64_t k0 = 0;
+      for (; k0 + 8 <= K; k0 += 8) a_block<8>(A, w, et, D, k0, d0, np);
+      for (; k0 + 2 <= K; k0 += 2) a_block<2>(A, w, et, D, k0, d0, np);
+      for (; k0 < K; ++k0) a_block<1>(A, w, et, D, k0, d0, np);
+    }
+    for (int64_t k = 0; k < K; ++k)  // the channels past the last group of sixteen
+      for (int64_t d = full_d; d < D; ++d) {
+        T sum = 0;
+        for (int64_t p = 0; p < np; ++p) sum += w[k * kDistChunk + p] * e[d * kDistChunk + p];
+        A[k * D1 + d] += sum;
+      }
+  }
+}
+
+CSFRN_CPU_CLONES void chunk_distance_grads(float* ge, int64_t ge_stride, float* A, const float* w, const float* e,
+                                           const float* et, const float* s, int64_t D, int64_t K, int64_t np,
+                                           bool need_e, bool need_s) {
+  chunk_distance_grads_impl(ge, ge_stride, A, w, e, et, s, D, K, np, need_e, need_s);
+}
+CSFRN_CPU_CLONES void chunk_distance_grads(double* ge, int64_t ge_stride, double* A, const double* w,
+                                           const double* e, const double* et, const double* s, int64_t D, int64_t K,
+                                           int64_t np, bool need_e, bool need_s) {
+  chunk_distance_grads_impl(ge, ge_stride, A, w, e, et, s, D, K, np, need_e, need_s);
+}
+
+// One pass per pixel chunk: the decays are recomputed, turned into w = dL/d dist for every centre (kept in a
+// chunk-sized buffer, never a tensor the size of phi), and w gives the chunk's rows of the embedding gradient
+// and its shares of the centre and margin gradients. The shares are reduced in chunk order afterwards.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
     const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
     double delta, std::array<bool, 3> output_mask) {
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
-  const int64_t P = H * W, K = centers.size(1);
-  const auto acc_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t P = H * W, K = centers.size(1), D1 = D + 1;
+  const bool need_e = output_mask[0], need_s = output_mask[1], need_m = output_mask[2];
+  at::Tensor grad_e = need_e ? at::empty({N, D, H, W}, embeddings.options()) : at::empty({0}, embeddings.options());
+  at::Tensor grad_s = need_s ? at::zeros({N, K, D}, centers.options()) : at::empty({0}, centers.options());
+  at::Tensor grad_m = need_m ? at::zeros({N, K}, margins.options()) : at::empty({0}, margins.options());
+  if (!need_e && !need_s && !need_m) return {grad_e, grad_s, grad_m};
+  if (N * K * P == 0) {  // no distances: the embedding gradient is zero too (K = 0), and nothing else is left
+    if (need_e) grad_e.zero_();
+    return {grad_e, grad_s, grad_m};
+  }
   const PixelView ev = pixel_view(embeddings);
   const at::Tensor g = grad_phi.contiguous(), s = centers.contiguous(), m = margins.contiguous();
-  const int64_t nchunks = std::max<int64_t>(1, (P + kDistChunk - 1) / kDistChunk);
-  // w = dL/d dist for every (n, k, p); the margin gradient is summed per chunk, then over chunks in order.
-  at::Tensor w = at::empty({N, K, P}, embeddings.options().dtype(acc_type));  // every element is written
-  at::Tensor gm_part = at::zeros({N, nchunks, K}, embeddings.options().dtype(acc_type));
+  const int64_t nchunks = (P + kDistChunk - 1) / kDistChunk;
 
   AT_DISPATCH_FLOATING_TYPES(embeddings.scalar_type(), "center_distance_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    static_assert(std::is_same_v<acc_t, scalar_t>, "the CPU kernels accumulate in float or double");
+    // per chunk: the centre sums A[k][0..D] (D + 1 each) and the margin shares, reduced below in chunk order
+    std::vector<acc_t> part_s(need_s ? N * nchunks * K * D1 : 0), part_m(N * nchunks * K);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
-    acc_t* wp = w.data_ptr<acc_t>();
-    acc_t* gmp = gm_part.data_ptr<acc_t>();
+    scalar_t* gep = need_e ? grad_e.data_ptr<scalar_t>() : nullptr;
     const acc_t dl = static_cast<acc_t>(delta);
-    if (w.numel() == 0) return;
-    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K,
+    // scratch: w for every centre, then the chunk's embeddings pixel-major (for the centre sums)
+    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K, (K + D) * kDistChunk,
                                           [&](int64_t b, int64_t n, int64_t p0, int64_t np, const acc_t* eb,
-                                              const acc_t* ctr) {
+                                              const acc_t* ctr, acc_t* wb) {
       acc_t dist[kDistChunk], decay[kDistChunk];
       for (int64_t k = 0; k < K; ++k) {
         const acc_t scale = margin_scale(static_cast<acc_t>(mp[n * K + k]), dl);
         chunk_decay(dist, decay, eb, ctr + k * D, scale, D, np);
         const scalar_t* gk = gp + (n * K + k) * P + p0;
-        acc_t* wk = wp + (n * K + k) * P + p0;
+        acc_t* wk = wb + k * kDistChunk;
         acc_t gm_sum = 0;
         for (int64_t p = 0; p < np; ++p) {
           acc_t gm;
           phi_backward(static_cast<acc_t>(gk[p]), decay[p], dist[p], scale, dl, wk[p], gm);
           gm_sum += gm;
         }
-        gmp[b * K + k] = gm_sum;
+        part_m[b * K + k] = gm_sum;
       }
+      acc_t* et = wb + K * kDistChunk;
+      if (need_s)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t p = 0; p < np; ++p) et[p * D + d] = eb[d * kDistChunk + p];
+      if (need_e || need_s)
+        chunk_distance_grads(need_e ? gep + n * D * P + p0 : nullptr, P,
+                             need_s ? part_s.data() + b * K * D1 : nullptr, wb, eb, et, ctr, D, K, np, need_e,
+                             need_s);
     });
+    // grad_s = -2 (sum_p w e^T - s sum_p w), grad_m = the margin shares, both summed over chunks in order
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    scalar_t* gsp = need_s ? grad_s.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gmp = need_m ? grad_m.data_ptr<scalar_t>() : nullptr;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        if (need_m) {
+          acc_t sum = 0;
+          for (int64_t c = 0; c < nchunks; ++c) sum += part_m[(n * nchunks + c) * K + k];
+          gmp[n * K + k] = static_cast<scalar_t>(sum);
+        }
+        if (need_s) {
+          std::vector<acc_t> sum(D1, acc_t(0));
+          for (int64_t c = 0; c < nchunks; ++c) {
+            const acc_t* a = part_s.data() + ((n * nchunks + c) * K + k) * D1;
+            for (int64_t d = 0; d < D1; ++d) sum[d] += a[d];
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t centre = static_cast<acc_t>(sp[(n * K + k) * D + d]);
+            gsp[(n * K + k) * D + d] = static_cast<scalar_t>(-2 * (sum[d] - centre * sum[D]));
+          }
+        }
+      }
   });
-  auto [grad_e, grad_s] = distance_grads_from_weights(w, embeddings, centers, output_mask[0], output_mask[1]);
-  at::Tensor grad_m = output_mask[2] ? gm_part.sum(1).to(margins.scalar_type()) : at::empty({0}, margins.options());
   return {grad_e, grad_s, grad_m};
 }
 

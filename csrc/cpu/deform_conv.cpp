@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu_clones.h"
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
 
@@ -38,19 +39,6 @@ constexpr int64_t kTileBytes = int64_t(16) << 20;
 constexpr int64_t kShortRun = 8;
 // Groups of at most this many channels are looped across (see Segment).
 constexpr int64_t kAcrossGroups = 2;
-
-// The hot loops, compiled for AVX-512, AVX2 + FMA and the baseline and picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CSFRN_DEFORM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CSFRN_DEFORM_CLONES
-#endif
-// The loops must be compiled inside each clone, not called from it as baseline code.
-#if defined(__GNUC__)
-#define CSFRN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define CSFRN_ALWAYS_INLINE inline
-#endif
 
 // A run of channels inside one group and one offset group: contiguous in the padded image and, for each tap,
 // in a pixel's row of columns, where channel c0 + j of tap k sits at col + k * (C / groups) + j. Groups of one or
@@ -345,13 +333,13 @@ CSFRN_ALWAYS_INLINE void backward_pass_any(const Layout& lay, const scalar_t* pa
 
 // The clones, one per dtype (target_clones does not take templates).
 #define CSFRN_DEFORM_KERNELS(T)                                                                                    \
-  CSFRN_DEFORM_CLONES void transpose(const T* src, int64_t ss, T* dst, int64_t ds, int64_t rows, int64_t cols) { \
+  CSFRN_CPU_CLONES void transpose(const T* src, int64_t ss, T* dst, int64_t ds, int64_t rows, int64_t cols) { \
     transpose_impl(src, ss, dst, ds, rows, cols);                                                                \
   }                                                                                                              \
-  CSFRN_DEFORM_CLONES void im2col(const Layout& lay, const T* pad, const Sample<T>* smp, int64_t np, T* cols) {  \
+  CSFRN_CPU_CLONES void im2col(const Layout& lay, const T* pad, const Sample<T>* smp, int64_t np, T* cols) {  \
     im2col_impl(lay, pad, smp, np, cols);                                                                        \
   }                                                                                                              \
-  CSFRN_DEFORM_CLONES void backward_pass(const Layout& lay, const T* pad, const T* gcols, const Sample<T>* smp,   \
+  CSFRN_CPU_CLONES void backward_pass(const Layout& lay, const T* pad, const T* gcols, const Sample<T>* smp,   \
                                          int64_t np, T* cols, T* gpad, T* acc) {                                 \
     backward_pass_any(lay, pad, gcols, smp, np, cols, gpad, acc);                                                \
   }
