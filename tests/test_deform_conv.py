@@ -205,22 +205,13 @@ def test_zero_offset_is_conv2d(use_mask):
     assert_same(out, exp)
 
 
-def test_multi_tile_float32_vs_torchvision():
-    # 512 input channels x 3 x 3 taps: several pixel tiles per image in the CPU kernel.
-    case = make_case(n=2, c_in=512, c_out=4, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
-                     dilation=(1, 1), size=(32, 32), use_mask=True, dtype=torch.float32)
-    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
-    assert_same(out, exp, rtol=1e-4, atol=1e-4)
-    go = torch.randn_like(exp)
-    got, want = grads(out, case, go), grads(exp, case, go)
-    for name in want:
-        assert_same(got[name], want[name], rtol=1e-3, atol=1e-3, msg=name)
-
-
-def test_depthwise_float32_vs_torchvision():
-    # 64 one-channel groups in one offset group: the CPU kernel's loops across channels run full vectors.
-    case = make_case(n=2, c_in=64, c_out=64, groups=64, offset_groups=1, k=(3, 3), stride=(1, 1), padding=(1, 1),
-                     dilation=(1, 1), size=(24, 24), use_mask=True, dtype=torch.float32)
+@pytest.mark.parametrize("c_in,c_out,groups,offset_groups,size", [
+    (512, 4, 1, 2, (32, 32)),   # 512 input channels x 3 x 3 taps: several pixel tiles per image in the CPU kernel
+    (64, 64, 64, 1, (24, 24)),  # 64 one-channel groups in one offset group: the loops across channels run full vectors
+], ids=["multi_tile", "depthwise"])
+def test_float32_vs_torchvision(c_in, c_out, groups, offset_groups, size):
+    case = make_case(n=2, c_in=c_in, c_out=c_out, groups=groups, offset_groups=offset_groups, k=(3, 3),
+                     stride=(1, 1), padding=(1, 1), dilation=(1, 1), size=size, use_mask=True, dtype=torch.float32)
     out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
     assert_same(out, exp, rtol=1e-4, atol=1e-4)
     go = torch.randn_like(exp)

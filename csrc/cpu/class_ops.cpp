@@ -168,8 +168,9 @@ int64_t fill_slots(int32_t* __restrict__ slot, const int64_t* __restrict__ label
   for (int64_t p = 0; p < np; p += 8) {
     const __mmask8 m = np - p >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (np - p)) - 1);
     const __m512i l = _mm512_maskz_loadu_epi64(m, labels + p);
-    const __mmask8 cls = _mm512_cmplt_epu64_mask(l, k) & ~_mm512_cmpeq_epi64_mask(l, ignore);
-    bad |= m & ~cls & ~_mm512_cmpeq_epi64_mask(l, ignore);
+    const __mmask8 ignored = _mm512_cmpeq_epi64_mask(l, ignore);
+    const __mmask8 cls = _mm512_cmplt_epu64_mask(l, k) & ~ignored;
+    bad |= m & ~cls & ~ignored;
     _mm512_mask_cvtepi64_storeu_epi32(slot + p, m, _mm512_mask_blend_epi64(cls, k, l));
   }
   return bad ? fill_slots_portable(slot, labels, np, K, ignore_index) : kNoBadLabel;
@@ -668,6 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     scalar_t* gsp = need_s ? grad_s.data_ptr<scalar_t>() : nullptr;
     scalar_t* gmp = need_m ? grad_m.data_ptr<scalar_t>() : nullptr;
+    std::vector<acc_t> sums(D1);  // one centre's two sums over the chunks
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
         if (need_m) {
@@ -676,14 +678,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
           gmp[n * K + k] = static_cast<scalar_t>(sum);
         }
         if (need_s) {
-          std::vector<acc_t> sum(D1, acc_t(0));
+          std::fill(sums.begin(), sums.end(), acc_t(0));
           for (int64_t c = 0; c < nchunks; ++c) {
             const acc_t* a = part_s.data() + ((n * nchunks + c) * K + k) * D1;
-            for (int64_t d = 0; d < D1; ++d) sum[d] += a[d];
+            for (int64_t d = 0; d < D1; ++d) sums[d] += a[d];
           }
           for (int64_t d = 0; d < D; ++d) {
             const acc_t centre = static_cast<acc_t>(sp[(n * K + k) * D + d]);
-            gsp[(n * K + k) * D + d] = static_cast<scalar_t>(-2 * (sum[d] - centre * sum[D]));
+            gsp[(n * K + k) * D + d] = static_cast<scalar_t>(-2 * (sums[d] - centre * sums[D]));
           }
         }
       }
