@@ -37,7 +37,7 @@ def test_train_writes_checkpoints_metrics_and_report(trained):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in records if r["kind"] == "train"]
     assert [r["iter"] for r in train_rows] == [1, 2, 3]
-    assert {"seg", "aux", "cac", "smooth", "loss", "lr", "it/s"} <= set(train_rows[0])
+    assert {"seg", "aux", "cac", "smooth", "loss", "lr", "it/s", "images/s"} <= set(train_rows[0])
     assert train_rows[0]["loss"] == pytest.approx(sum(train_rows[0][k] for k in ("seg", "aux", "cac", "smooth")),
                                                   rel=1e-5)
     assert [r["kind"] for r in records].count("val") == 1

@@ -27,10 +27,10 @@ from .timing import device_name, measure, table, write_json
 SGEMM_GFLOPS = {"cpu": 300.0}   # measured peak of this machine's fp32 matmul; no floor in seconds elsewhere
 
 
-def _shapes(quick):
+def _shapes(quick, batch=None):
     if quick:
-        return dict(n=1, size=33, generic=(64, 32), aam=((16, 16), (64, 64)))
-    return dict(n=2, size=97, generic=(512, 256), aam=((32, 32), (512, 512)))
+        return dict(n=batch or 1, size=33, generic=(64, 32), aam=((16, 16), (64, 64)))
+    return dict(n=batch or 2, size=97, generic=(512, 256), aam=((32, 32), (512, 512)))
 
 
 def _flops(n, c_in, c_out, size, taps=9):
@@ -73,10 +73,17 @@ def _autocast(fn, device, amp):
     return run
 
 
+def _first(outs):
+    return outs[0] if isinstance(outs, tuple) else outs
+
+
 def _measure_case(case, impls, leaves, device, reps, twin_reps, amp=None):
     """impls: name -> fn returning output(s). Twins run in their own (short) measurement."""
     rows = []
     impls = {k: _autocast(f, device, amp) for k, f in impls.items()}
+    # The dtype each implementation returns (under autocast torchvision's deform conv runs in float32).
+    with torch.no_grad():
+        dtypes = {k: str(_first(f()).dtype).replace("torch.", "") for k, f in impls.items()}
     for mode in ("fwd", "fwd+bwd"):
         wrap = _no_grad if mode == "fwd" else (lambda fn: _fwd_bwd(fn, leaves))
         main = {k: wrap(f) for k, f in impls.items() if not k.startswith("twin")}
@@ -85,20 +92,21 @@ def _measure_case(case, impls, leaves, device, reps, twin_reps, amp=None):
         if twins:
             results.update(measure(twins, device=device, reps=twin_reps))
         for name, r in results.items():
-            rows.append(dict(case=case, mode=mode, impl=name, **r))
+            rows.append(dict(case=case, mode=mode, impl=name, **r, out_dtype=dtypes[name]))
     return rows
 
 
-def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None):
-    """Returns one row per (case, mode, implementation): median / min / max ms and peak MiB. ``amp``: None
-    (float32) or a dtype to run every implementation under autocast with."""
+def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, batch=None):
+    """Returns one row per (case, mode, implementation): median / min / max ms, peak MiB and the output dtype.
+    ``amp``: None (float32) or a dtype to run every implementation under autocast with. ``batch``: N (default
+    2, 1 with ``quick``)."""
     import torchvision
     from csfrn import ops
     from csfrn.ops import reference
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
-    s = _shapes(quick)
+    s = _shapes(quick, batch)
     n, size = s["n"], s["size"]
     rows = []
 
@@ -174,12 +182,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="run every implementation under autocast to this dtype (default: float32)")
+    p.add_argument("--batch", type=int, default=None, help="N of every shape (default 2, 1 with --quick)")
     p.add_argument("--json", default=None, help="write rows, ratios and the machine to this file")
     args = p.parse_args(argv)
 
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
-               amp=amp)
+               amp=amp, batch=args.batch)
     rat = ratios(rows)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; autocast {args.amp}")
     for r in rows:
@@ -196,7 +205,8 @@ def main(argv=None):
                                    rows=rows, ratios=rat))
     print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
                        ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),
-                       ("peak_mb", "peak MiB", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}")]))
+                       ("peak_mb", "peak MiB", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
+                       ("out_dtype", "output dtype", "{}")]))
     return rows
 
 

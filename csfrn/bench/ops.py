@@ -101,14 +101,16 @@ def _dist_case(impl, n, d, h, w, k, device, dtype, backward):
     return run
 
 
-def _floor_ms(op, n, d, h, w, k, backward, itemsize=4):
+def floor_ms(op, n, d, h, w, k, backward, itemsize=4, bandwidth=CPU_BANDWIDTH, flops_per_s=CPU_FLOPS):
+    """The least time an op can take: bytes it must move over ``bandwidth`` (B/s, read + write) or its
+    arithmetic over ``flops_per_s``, whichever is larger."""
     p = n * h * w
     if op == "class_avg_pool":
         moved = p * (d * itemsize + 8) * (2 if backward else 1)
-        return moved / CPU_BANDWIDTH * 1e3
+        return moved / bandwidth * 1e3
     moved = (p * d + p * k) * itemsize * (2 if backward else 1)
     flops = 3 * k * d * p * (3 if backward else 1)
-    return max(moved / CPU_BANDWIDTH, flops / CPU_FLOPS) * 1e3
+    return max(moved / bandwidth, flops / flops_per_s) * 1e3
 
 
 def _with_reference(fn):
@@ -138,7 +140,7 @@ def run(device="cpu", reps=10, shapes=None, dtype=torch.float32):
                 fns = {name: make(impl, *shape, device, dtype, backward) for name, impl in impls.items()}
                 result = measure(fns, device=device, reps=reps, warmup=2)
                 ours = result["csfrn"]["median_ms"]
-                floor = _floor_ms(op, *shape, backward) if torch.device(device).type == "cpu" else None
+                floor = floor_ms(op, *shape, backward) if torch.device(device).type == "cpu" else None
                 for name, r in result.items():
                     rows.append({"op": op, "shape": "N=%d D=%d %dx%d K=%d" % shape, "pass": "fwd+bwd" if backward
                                  else "fwd", "impl": name, **r, "speedup": r["median_ms"] / ours,
@@ -164,6 +166,16 @@ def summary_lines(rows):
     return lines
 
 
+def parse_shape(text):
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--shape must be five positive integers N,D,H,W,K, got {text!r}")
+    return shape
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="csfrn bench-ops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,8 +183,10 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="where to write the rows (default benchmarks/results/…)")
     parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke test")
+    parser.add_argument("--shape", action="append", type=parse_shape, default=None, metavar="N,D,H,W,K",
+                        help="a shape to time (repeatable; default N=2 D=32 97x97 with K=19 and K=150)")
     args = parser.parse_args(argv)
-    shapes = [(2, 8, 24, 24, 5)] if args.quick else None
+    shapes = [(2, 8, 24, 24, 5)] if args.quick else args.shape
     rows = run(args.device, args.reps, shapes=shapes, dtype=getattr(torch, args.dtype))
     meta = {"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
             "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}

@@ -24,7 +24,8 @@ def _sync(device):
 def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
     """Time each callable of ``fns`` (name -> fn), interleaving the repetitions so machine noise hits all
     alike, in a new order each repetition: a call runs in the state its predecessor left (caches, the malloc
-    heap, sleeping threads), so no implementation may always follow the same one. Returns name ->
+    heap, sleeping threads), so no implementation may always follow the same one. CUDA events time GPU calls.
+    Returns name ->
     {"median_ms", "min_ms", "max_ms", "peak_mb"}. Peak memory: CUDA's allocator peak on GPUs; on the CPU, the
     peak of bytes held by tensors allocated during one call (torch profiler)."""
     times = {name: [] for name in fns}
@@ -39,15 +40,26 @@ def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
     while rep < reps or time.perf_counter() - start < min_time:
         shuffle(order)
         for name in order:
-            fn = fns[name]
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(_time_once(fns[name], device))
         rep += 1
     return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
                    "peak_mb": peaks[name]} for name, ts in times.items()}
+
+
+def _time_once(fn, device):
+    """Milliseconds of one call: CUDA events around it on a GPU (device time of everything it queued, the
+    device idle before), the host clock on the CPU."""
+    _sync(device)
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def peak_memory_mb(fn, device="cpu"):

@@ -209,7 +209,7 @@ def ratios(step):
 
 
 def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=1, variants=VARIANTS,
-        inference=True, log=print):
+        inference=True, infer_size=None, infer_batch=None, log=print):
     """Measures the variants; returns {"meta", "rows", "ratios", "gflops"}.
 
     Args:
@@ -221,6 +221,8 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
         quick: tiny widths and blocks (``QUICK``) for tests.
         variants: the subset of ``VARIANTS`` to run ("baseline" and "csfrn" are always run).
         inference: also time inference.
+        infer_size, infer_batch: the input of the inference timing (default: the training batch), e.g.
+            (1024, 2048) and 1 for one Cityscapes image in whole-image mode.
     """
     device = torch.device(device)
     if size is None:
@@ -250,7 +252,11 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
     if inference:
         for model in models.values():
             model.eval()
-        infers = {v: inference_fn(models[model_of(v)], images, amp_dtype, lambda v=v: variant_context(v))
+        infer_images = images
+        if infer_size is not None or infer_batch is not None:
+            infer_size = tuple(infer_size or size)
+            infer_images, _ = make_batch(infer_batch or batch, infer_size, device, seed=1)
+        infers = {v: inference_fn(models[model_of(v)], infer_images, amp_dtype, lambda v=v: variant_context(v))
                   for v in variants}
         log(f"timing inference of {', '.join(variants)}")
         results["inference"] = measure(infers, device=device, reps=reps, warmup=warmup)
@@ -266,6 +272,8 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
             "model": "deeplabv3plus resnet50c" + (" (quick: tiny widths)" if quick else ""), "quick": quick,
             "classes": NUM_CLASSES, "batch": batch, "size": list(size), "amp": amp, "reps": reps,
             "threads": torch.get_num_threads(), "load_average": _load_average()}
+    if inference:
+        meta["infer_batch"], meta["infer_size"] = int(infer_images.shape[0]), list(infer_images.shape[-2:])
     return {"meta": meta, "rows": rows, "ratios": ratios(results["train step"]),
             "gflops": {**flops, "ratio": flops["csfrn"] / flops["baseline"]}}
 
@@ -312,6 +320,9 @@ def main(argv=None):
     parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default bf16 on CUDA, none on CPU")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-inference", dest="inference", action="store_false")
+    parser.add_argument("--infer-size", type=parse_size, default=None,
+                        help="H or HxW of the inference input (default: the training size)")
+    parser.add_argument("--infer-batch", type=int, default=None, help="images per inference (default --batch)")
     parser.add_argument("--json", default=None, help="where to write the results (default: no file)")
     parser.add_argument("--quick", action="store_true", help="tiny model and size, for tests")
     parser.add_argument("--threads", type=int, default=None,
@@ -322,7 +333,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     result = run(args.device, args.size, args.batch, args.reps, args.amp, args.quick, variants=args.variants,
-                 inference=args.inference)
+                 inference=args.inference, infer_size=args.infer_size, infer_batch=args.infer_batch)
     m = result["meta"]
     if args.json:
         write_json(args.json, result)

@@ -12,9 +12,13 @@ import torch
 from ._base import make_palette
 
 # (kind, angle in degrees, period in pixels); background (class 0) gets the first texture at low contrast.
+# Up to 19 classes (Cityscapes' count); classes 2k+1 and 2k+2 share MEAN_COLOURS[k].
 TEXTURES = (("stripes", 0, 4), ("stripes", 90, 4), ("checker", 0, 6), ("stripes", 45, 6), ("stripes", 0, 8),
-            ("stripes", 90, 8), ("checker", 45, 4), ("stripes", 135, 6))
-MEAN_COLOURS = ((170, 110, 100), (100, 150, 170), (150, 160, 90), (160, 110, 160))
+            ("stripes", 90, 8), ("checker", 45, 4), ("stripes", 135, 6), ("stripes", 45, 4), ("stripes", 135, 4),
+            ("checker", 0, 10), ("stripes", 0, 12), ("stripes", 90, 12), ("checker", 45, 8), ("stripes", 45, 10),
+            ("stripes", 135, 10), ("checker", 0, 4), ("stripes", 60, 6))
+MEAN_COLOURS = ((170, 110, 100), (100, 150, 170), (150, 160, 90), (160, 110, 160), (120, 170, 120),
+                (190, 150, 90), (110, 110, 180), (180, 120, 130), (130, 180, 180))
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
@@ -70,17 +74,22 @@ class Synthetic(torch.utils.data.Dataset):
             k = int(torch.randint(1, self.num_classes, (1,), generator=g))
             cy, cx = (torch.rand(2, generator=g) * s).tolist()
             ry, rx = (s * (0.12 + 0.2 * torch.rand(2, generator=g))).tolist()
-            if bool(torch.rand(1, generator=g) < 0.5):
-                mask = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1
+            ellipse = bool(torch.rand(1, generator=g) < 0.5)
+            # The shape lies inside its bounding box: compute it there only (same values, less work).
+            box = (slice(max(0, math.floor(cy - ry)), max(0, min(s, math.ceil(cy + ry) + 1))),
+                   slice(max(0, math.floor(cx - rx)), max(0, min(s, math.ceil(cx + rx) + 1))))
+            by, bx = ys[box], xs[box]
+            if ellipse:
+                mask = ((by - cy) / ry) ** 2 + ((bx - cx) / rx) ** 2 <= 1
             else:
-                mask = ((ys - cy).abs() <= ry) & ((xs - cx).abs() <= rx)
+                mask = ((by - cy).abs() <= ry) & ((bx - cx).abs() <= rx)
             kind, angle, period = TEXTURES[k - 1]
             # A random phase keeps the texture from being a fixed pixel-position code.
             oy, ox = (torch.rand(2, generator=g) * period).tolist()
             colour = torch.tensor(MEAN_COLOURS[(k - 1) // 2], dtype=torch.float32)[:, None, None]
-            pattern = colour + 45 * _texture(kind, angle, period, ys + oy, xs + ox)
-            image = torch.where(mask, pattern, image)
-            label[mask] = k
+            pattern = colour + 45 * _texture(kind, angle, period, by + oy, bx + ox)
+            image[(slice(None),) + box] = torch.where(mask, pattern, image[(slice(None),) + box])
+            label[box][mask] = k
         image += (torch.rand(3, 1, 1, generator=g) - 0.5) * 60        # per-image colour shift
         image += torch.randn(3, s, s, generator=g) * self.noise       # per-pixel noise
         return image.round().clamp(0, 255).to(torch.uint8), label

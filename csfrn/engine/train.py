@@ -203,8 +203,12 @@ def _train(cfg, model, info):
             lr = optimizer.param_groups[0]["lr"]
             speed = (it - tic_iter) / max(time.perf_counter() - tic, 1e-9)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()}, "lr": f"{lr:.2e}"})
+            record = {"kind": "train", "iter": it, **values, "lr": lr, "it/s": speed,
+                      "images/s": speed * dcfg.batch_size}
+            if device.type == "cuda":   # peak since the start, as mmseg's "memory"
+                record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if log is not None:
-                log.write({"kind": "train", "iter": it, **values, "lr": lr, "it/s": speed})
+                log.write(record)
             tic, tic_iter = time.perf_counter(), it
 
         do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)

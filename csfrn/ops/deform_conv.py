@@ -13,6 +13,21 @@ def _pairs(stride, padding, dilation):
     return _checks.pair("stride", stride), _checks.pair("padding", padding), _checks.pair("dilation", dilation)
 
 
+def _reference_under_autocast(twin, *tensors, **kwargs):
+    """Runs a reference twin with the C++ ops' autocast rule (csrc/deform_conv_autocast.cpp): under autocast
+    every floating-point tensor argument except float64 is cast to one dtype (the autocast dtype on CUDA,
+    float32 on the CPU) and the op runs outside autocast, so the twin computes what the kernel computes."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return twin(*tensors, **kwargs)
+    dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    with torch.autocast(device_type, enabled=False):
+        return twin(*(cast(t) for t in tensors), **kwargs)
+
+
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
     """Deformable 2-D convolution with the semantics of ``torchvision.ops.deform_conv2d``.
 
@@ -32,7 +47,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     """
     stride, padding, dilation = _pairs(stride, padding, dilation)
     if reference_enabled():
-        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        return _reference_under_autocast(reference.deform_conv2d, input, offset, weight, bias, stride=stride,
+                                         padding=padding, dilation=dilation, mask=mask)
     return torch.ops.csfrn.deform_conv2d.default(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
@@ -55,8 +71,8 @@ def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=Non
     """
     stride, padding, dilation = _pairs(stride, padding, dilation)
     if reference_enabled():
-        return reference.dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, stride, padding,
-                                            dilation, mask)
+        return _reference_under_autocast(reference.dual_deform_conv2d, x, y, offset, weight_x, weight_y, bias_x,
+                                         bias_y, stride=stride, padding=padding, dilation=dilation, mask=mask)
     return torch.ops.csfrn.dual_deform_conv2d.default(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
                                                       stride, padding, dilation)
 
