@@ -5,7 +5,7 @@
 #                                             summary.json
 #   bash benchmarks/gpu_session.sh smoke      build and the CUDA tests only (well inside 5 minutes)
 #   bash benchmarks/gpu_session.sh STAGE ...  any of: build info tests cuda-tests sanitizer bench-ops
-#                                             bench-deform bench-step train train-baseline summary
+#                                             bench-deform bench-step profile train train-baseline summary
 # It uses the machine's own python3 and torch (no network there: nothing is installed) and builds in place.
 # A failing stage does not stop the later ones; the exit code is 1 if any failed. Logs and results go to
 # $RESULTS (default build/gpu-results) and are packed after every stage into ONE tarball,
@@ -133,12 +133,16 @@ train_run() {   # train_run NAME ITERS [--set ...]
 do_train() { train_run csfrn "$TRAIN_ITERS"; }
 do_train_baseline() { train_run baseline "$BASELINE_ITERS" --set model.csflm=false; }
 
+do_profile() {
+  $PY benchmarks/profile_gpu.py --rows 30
+}
+
 do_summary() {
   $PY benchmarks/gpu_summary.py "$RES"
 }
 
 export -f do_build do_info pytest_args do_tests do_cuda_tests do_sanitizer do_bench_ops do_bench_deform \
-  do_bench_step train_run do_train do_train_baseline do_summary
+  do_bench_step do_profile train_run do_train do_train_baseline do_summary
 export TRAIN_ITERS BASELINE_ITERS
 
 run_one() {
@@ -151,12 +155,13 @@ run_one() {
     bench-ops) stage bench-ops 120 do_bench_ops ;;
     bench-deform) stage bench-deform 180 do_bench_deform ;;
     bench-step) stage bench-step 200 do_bench_step ;;
+    profile) stage profile 120 do_profile ;;
     # The CSFRN run leaves time for the baseline's short run and the summary.
     train) RESERVE=${TRAIN_RESERVE:-80} stage train 400 do_train ;;
     train-baseline) stage train-baseline 120 do_train_baseline ;;
     summary) RESERVE=-30 stage summary 30 do_summary ;;   # runs even at the deadline
     *) echo "unknown stage '$1'; stages: build info tests cuda-tests sanitizer bench-ops bench-deform bench-step" \
-            "train train-baseline summary, or all / smoke" >&2; exit 2 ;;
+            "profile train train-baseline summary, or all / smoke" >&2; exit 2 ;;
   esac
   pack
 }

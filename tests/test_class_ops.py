@@ -441,7 +441,7 @@ def test_cuda_matches_cpu(dtype):
 @needs_cuda
 def test_cuda_compile_and_opcheck():
     g = seeded(2)
-    features = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, device="cuda", requires_grad=True)
+    features = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64).cuda().requires_grad_()
     labels = random_labels(g, 2, 4, 5, 4).cuda()
     torch.library.opcheck(torch.ops.csfrn.class_avg_pool.default, (features, labels, 4, 255))
     inputs = [t.cuda().requires_grad_() for t in distance_inputs(g, 2, 3, 4, 5, 4)]
