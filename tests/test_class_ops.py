@@ -321,6 +321,20 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+def test_no_double_backward():
+    """A second derivative through either op is an error, never a silent zero (as for the deform ops)."""
+    g = seeded(23)
+    features = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    means, _ = ops.class_avg_pool(features, random_labels(g, 2, 4, 5, 4), 4)
+    (gf,) = torch.autograd.grad(means.square().sum(), features, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward is not supported"):
+        torch.autograd.grad(gf.sum(), features)
+    inputs = [t.requires_grad_() for t in distance_inputs(g, 2, 3, 4, 5, 4)]
+    (ge,) = torch.autograd.grad(ops.center_distance(*inputs, delta=0.5).sum(), inputs[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward is not supported"):
+        torch.autograd.grad(ge.sum(), inputs)
+
+
 def test_use_reference_routes_to_twins(monkeypatch):
     called = []
     monkeypatch.setattr(reference, "center_distance", lambda *a, **k: called.append(1) or torch.zeros(1))

@@ -302,9 +302,17 @@ def test_opcheck(device):
 
 
 def test_no_double_backward():
+    """Every csfrn backward op raises the same error (class ops: tests/test_class_ops.py)."""
     case = make_case(**AWKWARD, use_mask=True)
     g, = torch.autograd.grad(call(ops.deform_conv2d, case).sum(), [case["offset"]], create_graph=True)
-    with pytest.raises(NotImplementedError, match="first derivatives only"):
+    with pytest.raises(NotImplementedError, match="double backward is not supported.*first derivatives only"):
+        g.sum().backward()
+    y = torch.randn(2, 6, 5, 4, dtype=F64, requires_grad=True)
+    wy = torch.randn(4, 3, 3, 2, dtype=F64, requires_grad=True)
+    ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0),
+                                    (2, 1), case["mask"])
+    g, = torch.autograd.grad(ox.sum() + oy.sum(), [case["offset"]], create_graph=True)
+    with pytest.raises(NotImplementedError, match="csfrn::dual_deform_conv2d_backward: double backward is not"):
         g.sum().backward()
 
 

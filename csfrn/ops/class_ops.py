@@ -5,7 +5,7 @@ torch.compile) and its autograd formula, whose backward is an op too, are regist
 """
 import torch
 
-from . import _checks, reference
+from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
@@ -114,3 +114,5 @@ def _center_distance_backward(ctx, grad_phi):
 
 torch.library.register_autograd("csfrn::center_distance", _center_distance_backward,
                                 setup_context=_center_distance_setup)
+
+_autograd.forbid_double_backward("class_avg_pool_backward", "center_distance_backward")

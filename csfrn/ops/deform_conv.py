@@ -5,7 +5,7 @@ torch.compile) and its autograd formula, whose backward is an op too, are regist
 """
 import torch
 
-from . import _checks, reference
+from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
@@ -138,13 +138,4 @@ torch.library.register_autograd("csfrn::dual_deform_conv2d", _dual_deform_conv2d
                                 setup_context=_dual_deform_conv2d_setup)
 
 
-def _no_double_backward(name):
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"csfrn::{name} has no derivative: deform_conv2d / dual_deform_conv2d support "
-                                  "first derivatives only (gradients of gradients are not implemented)")
-    return backward
-
-
-# Without these, a second derivative would silently come out as zero.
-for _name in ("deform_conv2d_backward", "dual_deform_conv2d_backward"):
-    torch.library.register_autograd(f"csfrn::{_name}", _no_double_backward(_name))
+_autograd.forbid_double_backward("deform_conv2d_backward", "dual_deform_conv2d_backward")
