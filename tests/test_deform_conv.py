@@ -610,6 +610,47 @@ def test_cpu_autocast_runs_float32():
     assert_same(out, exp)
 
 
+@pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
+@pytest.mark.parametrize("device,amp", [("cpu", torch.bfloat16),
+                                        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+                                        pytest.param("cuda", torch.float16, marks=needs_cuda)])
+def test_use_reference_under_autocast(device, amp, dual):
+    """The twin path applies the C++ autocast wrapper's rule (csrc/deform_conv_autocast.cpp): every floating-point
+    argument but float64 runs in float32 on CPU and in the autocast dtype on CUDA, so a low-precision offset beside
+    float32 weights works, and the twin agrees with the kernel, forward and backward."""
+    case = on(make_case(**AWKWARD, use_mask=True, dtype=torch.float32), device)
+    y = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(3)).to(device)
+    wy = torch.randn(4, 3, 3, 2, generator=torch.Generator().manual_seed(4)).to(device)   # groups 2 for y
+    run_dtype = torch.float32 if device == "cpu" else amp
+    tol = 1e-4 if run_dtype == torch.float32 else 5e-2
+
+    def run():
+        leaves = on(dict(case, offset=case["offset"].to(amp)), device)
+        args = (leaves["input"], leaves["offset"], leaves["weight"])
+        with torch.autocast(device, dtype=amp):
+            if dual:
+                outs = ops.dual_deform_conv2d(args[0], y, args[1], args[2], wy, leaves["bias"], None, (2, 1), (1, 0),
+                                              (2, 1), leaves["mask"])
+            else:
+                outs = (ops.deform_conv2d(*args, leaves["bias"], (2, 1), (1, 0), (2, 1), leaves["mask"]),)
+            loss = sum(o.float().square().sum() for o in outs)
+        names = ["input", "offset", "weight", "bias", "mask"]
+        return outs, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+    outs, got = run()
+    with ops.use_reference():
+        ref_outs, ref_got = run()
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == r.dtype == run_dtype
+        assert_same(r.float(), o.float(), rtol=tol, atol=tol * max(1.0, float(o.detach().abs().max())))
+    for name in got:
+        assert ref_got[name].dtype == got[name].dtype
+        if run_dtype == torch.float32:   # low-precision gradients differ by rounding wherever a sample crosses
+            assert_same(ref_got[name], got[name], rtol=1e-4, atol=1e-3, msg=name)   # a grid line
+        else:
+            assert bool(ref_got[name].isfinite().all())
+
+
 # ---------------------------------------------------------------- bad input
 def _bad_cases():
     base = make_case(**AWKWARD, use_mask=True)

@@ -13,6 +13,21 @@ def _pairs(stride, padding, dilation):
     return _checks.pair("stride", stride), _checks.pair("padding", padding), _checks.pair("dilation", dilation)
 
 
+def _twin_under_autocast(twin, device_type, tensors, **rest):
+    """Runs a reference twin as csrc/deform_conv_autocast.cpp runs the kernel: under autocast on ``device_type``,
+    every floating-point tensor on that device but float64 is cast to one dtype (CUDA: the autocast dtype; CPU:
+    float32, the kernels' own) and the twin runs with autocast off (the kernel's matmuls are not autocast either)."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return twin(**tensors, **rest)
+    dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+
+    def cast(t):
+        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.device.type == device_type else t
+    with torch.autocast(device_type, enabled=False):
+        return twin(**{k: cast(t) for k, t in tensors.items()}, **rest)
+
+
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
     """Deformable 2-D convolution with the semantics of ``torchvision.ops.deform_conv2d``.
 
@@ -32,7 +47,9 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     """
     stride, padding, dilation = _pairs(stride, padding, dilation)
     if reference_enabled():
-        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        return _twin_under_autocast(reference.deform_conv2d, input.device.type,
+                                    dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask),
+                                    stride=stride, padding=padding, dilation=dilation)
     return torch.ops.csfrn.deform_conv2d.default(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
@@ -55,8 +72,10 @@ def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=Non
     """
     stride, padding, dilation = _pairs(stride, padding, dilation)
     if reference_enabled():
-        return reference.dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, stride, padding,
-                                            dilation, mask)
+        return _twin_under_autocast(reference.dual_deform_conv2d, x.device.type,
+                                    dict(x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x,
+                                         bias_y=bias_y, mask=mask),
+                                    stride=stride, padding=padding, dilation=dilation)
     return torch.ops.csfrn.dual_deform_conv2d.default(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
                                                       stride, padding, dilation)
 
