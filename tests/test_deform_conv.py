@@ -406,25 +406,32 @@ def test_deterministic_cpu_backward(n):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
+    """The CUDA kernel in `dtype` against the CPU kernel in float64 on the same inputs: the inputs rounded to
+    `dtype` (an unrounded offset can sit on the other side of a grid line, which flips its gradient), and every
+    tensor, the upstream gradient included, drawn from one seeded generator."""
     tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    gen = torch.Generator().manual_seed(7)
     case = make_case(n=3, c_in=8, c_out=6, groups=2, offset_groups=2, k=(3, 2), stride=(2, 1), padding=(1, 0),
-                     dilation=(2, 1), size=(9, 8), use_mask=True)
-    ref = call(ops.deform_conv2d, case)
-    go = torch.randn_like(ref)
-    want = grads(ref, case, go)
-    cuda = {k: (v.detach().cuda().to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in case.items()}
+                     dilation=(2, 1), size=(9, 8), use_mask=True, seed=7)
+    low = {k: (v.detach().to(dtype) if torch.is_tensor(v) else v) for k, v in case.items()}
+    exact = on(low, "cpu", F64)                     # float64 leaves holding the rounded values
+    ref = call(ops.deform_conv2d, exact)
+    go = torch.randn(ref.shape, generator=gen, dtype=F64).to(dtype)
+    want = grads(ref, exact, go.double())
+    cuda = on(low, "cuda")
     out = call(ops.deform_conv2d, cuda)
     assert out.dtype == dtype and out.is_cuda
     assert_same(out.double().cpu(), ref, rtol=tol, atol=tol)
-    got = grads(out, cuda, go.cuda().to(dtype))
+    got = grads(out, cuda, go.cuda())
     for name in want:
         scale = max(1.0, float(want[name].abs().max()))
         assert_same(got[name].double().cpu(), want[name], rtol=tol, atol=tol * scale, msg=name)
-    y = torch.randn(3, 4, 9, 8, dtype=F64)
-    wy = torch.randn(5, 4, 3, 2, dtype=F64)
-    ox, oy = ops.dual_deform_conv2d(cuda["input"], y.cuda().to(dtype), cuda["offset"], cuda["weight"],
-                                    wy.cuda().to(dtype), None, None, (2, 1), (1, 0), (2, 1), cuda["mask"])
-    ey = ops.deform_conv2d(y, case["offset"].detach(), wy, None, (2, 1), (1, 0), (2, 1), case["mask"].detach())
+    y = torch.randn(3, 4, 9, 8, generator=gen, dtype=F64).to(dtype)
+    wy = torch.randn(5, 4, 3, 2, generator=gen, dtype=F64).to(dtype)
+    ox, oy = ops.dual_deform_conv2d(cuda["input"], y.cuda(), cuda["offset"], cuda["weight"], wy.cuda(), None, None,
+                                    (2, 1), (1, 0), (2, 1), cuda["mask"])
+    ey = ops.deform_conv2d(y.double(), exact["offset"].detach(), wy.double(), None, (2, 1), (1, 0), (2, 1),
+                           exact["mask"].detach())
     assert_same(oy.double().cpu(), ey, rtol=tol, atol=tol * max(1.0, float(ey.abs().max())))
 
 
