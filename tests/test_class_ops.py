@@ -335,6 +335,34 @@ def test_no_double_backward():
         torch.autograd.grad(ge.sum(), inputs)
 
 
+@pytest.mark.parametrize("device,amp", [("cpu", torch.bfloat16),
+                                        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+                                        pytest.param("cuda", torch.float16, marks=needs_cuda)])
+def test_float32_inside_autocast_stays_float32(device, amp):
+    """Neither op has an autocast rule, so float32 inputs run in float32 inside torch.autocast, and so must the
+    backward: the kernels' own ATen calls (the CUDA centre-distance matmuls) must not be autocast."""
+    g = seeded(27)
+    features = torch.randn(2, 6, 9, 11, generator=g).to(device)
+    labels = random_labels(g, 2, 9, 11, 5).to(device)
+    dist = [t.float().to(device) for t in distance_inputs(g, 2, 6, 9, 11, 5)]
+    up = torch.randn(2, 5, 9, 11, generator=g).to(device)
+
+    def run():
+        f = features.clone().requires_grad_()
+        inputs = [t.clone().requires_grad_() for t in dist]
+        means, counts = ops.class_avg_pool(f, labels, 5)
+        phi = ops.center_distance(*inputs, delta=2.0)
+        grads = torch.autograd.grad((means * means).sum() + (phi * up).sum(), [f, *inputs])
+        return [means, counts, phi, *grads]
+
+    want = run()
+    with torch.autocast(device, dtype=amp):
+        got = run()
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_use_reference_routes_to_twins(monkeypatch):
     called = []
     monkeypatch.setattr(reference, "center_distance", lambda *a, **k: called.append(1) or torch.zeros(1))

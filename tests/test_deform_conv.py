@@ -658,6 +658,35 @@ def test_use_reference_under_autocast(device, amp, dual):
             assert bool(ref_got[name].isfinite().all())
 
 
+AUTOCAST_DEVICES = [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+                    pytest.param("cuda", torch.float16, marks=needs_cuda)]
+
+
+@pytest.mark.parametrize("device,amp", AUTOCAST_DEVICES)
+def test_backward_inside_autocast_stays_float32(device, amp):
+    """A float32 forward's backward run inside torch.autocast: the kernels' own matmuls must not be autocast (they
+    would hand half-precision columns to the float32 scatter kernel, or silently round the gradients)."""
+    case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32, device=device)
+    gen = torch.Generator().manual_seed(8)
+    y = torch.randn(2, 6, 5, 4, generator=gen).to(device).requires_grad_()
+    wy = torch.randn(4, 3, 3, 2, generator=gen).to(device).requires_grad_()   # groups 2 for y
+    leaves = [case[k] for k in ("input", "offset", "weight", "bias", "mask")] + [y, wy]
+
+    def loss():
+        out = call(ops.deform_conv2d, case)
+        ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1),
+                                        (1, 0), (2, 1), case["mask"])
+        return out.square().sum() + (ox * oy[:, :2]).sum()
+
+    want = torch.autograd.grad(loss(), leaves)
+    first = loss()
+    with torch.autocast(device, dtype=amp):
+        got = torch.autograd.grad(first, leaves)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert_same(g, w, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- bad input
 def _bad_cases():
     base = make_case(**AWKWARD, use_mask=True)

@@ -1,7 +1,7 @@
 // Host-side tail of the center_distance backward on the GPU (the CPU kernel fuses it into its chunk loop). Given
 // w[n,k,p] = dL/d dist (a tensor the size of phi), the embedding and centre gradients are two batched matmuls:
 //   grad_s = -2 (w e^T - s * sum_p w),   grad_e = 2 (e * sum_k w - s^T w),
-// so no [N, K, D, P] tensor is ever made.
+// so no [N, K, D, P] tensor is ever made. The caller (a launcher) holds a KernelScope: no autocast here.
 #pragma once
 #include <ATen/ATen.h>
 

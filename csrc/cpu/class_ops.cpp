@@ -21,6 +21,7 @@
 #include "common/checks.h"
 #include "common/class_ops.h"
 #include "common/cpu_clones.h"
+#include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
@@ -227,6 +228,7 @@ int64_t pool_blocks16(acc_t*, int64_t, float*, const int32_t*, const scalar_t*, 
 
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                       int64_t num_classes, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = num_classes, D1 = D + 1;  // one extra slot per class for the pixel count
@@ -311,6 +313,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
 
 at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::Tensor& labels,
                                        const at::Tensor& counts, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   const int64_t N = grad_means.size(0), K = grad_means.size(1), D = grad_means.size(2);
   const int64_t H = labels.size(1), W = labels.size(2), P = H * W;
   at::Tensor grad = at::empty({N, D, H, W}, grad_means.options());
@@ -479,6 +482,7 @@ void for_each_pixel_chunk(const PixelView& ev, const scalar_t* centers, int64_t 
 
 at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
                                double delta) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_center_distance_args(embeddings, centers, margins);
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1);
@@ -614,6 +618,7 @@ CSFRN_CPU_CLONES void chunk_distance_grads(double* ge, int64_t ge_stride, double
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
     const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
     double delta, std::array<bool, 3> output_mask) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1), D1 = D + 1;
   const bool need_e = output_mask[0], need_s = output_mask[1], need_m = output_mask[2];

@@ -12,6 +12,7 @@
 #include "common/checks.h"
 #include "common/class_ops.h"
 #include "common/distance_grads.h"
+#include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
@@ -129,6 +130,7 @@ void check_labels_cuda(const at::Tensor& labels, int64_t num_classes, int64_t ig
 
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& features, const at::Tensor& labels,
                                                        int64_t num_classes, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
@@ -161,6 +163,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
 
 at::Tensor class_avg_pool_backward_cuda(const at::Tensor& grad_means, const at::Tensor& labels,
                                         const at::Tensor& counts, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   c10::cuda::CUDAGuard guard(grad_means.device());
   const int64_t N = grad_means.size(0), K = grad_means.size(1), D = grad_means.size(2);
   const int64_t H = labels.size(1), W = labels.size(2), P = H * W;
@@ -181,6 +184,7 @@ at::Tensor class_avg_pool_backward_cuda(const at::Tensor& grad_means, const at::
 
 at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
                                 double delta) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_center_distance_args(embeddings, centers, margins);
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
@@ -203,6 +207,7 @@ at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
     const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
     double delta, std::array<bool, 3> output_mask) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1);
