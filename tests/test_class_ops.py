@@ -290,6 +290,22 @@ def test_center_distance_layouts_and_edge_cases():
     assert phi[0, 0, 0, 0] == 0 and phi[0, 0, 0, 1] == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_center_distance_no_classes_zero_gradient_with_inf(device, dtype):
+    """K = 0: phi is empty, so every gradient is zero, also where an embedding is inf (not inf * 0 = NaN)."""
+    e = torch.randn(2, 3, 4, 5, dtype=dtype)
+    e[0, 1, 2, 3], e[1, 0, 0, 0] = float("inf"), float("-inf")
+    e = e.to(device).requires_grad_()
+    s = torch.randn(2, 0, 3, dtype=dtype, device=device, requires_grad=True)
+    m = torch.randn(2, 0, dtype=dtype, device=device, requires_grad=True)
+    phi = ops.center_distance(e, s, m)
+    assert phi.shape == (2, 0, 4, 5)
+    grads = torch.autograd.grad(phi.sum(), [e, s, m])
+    assert [g.shape for g in grads] == [e.shape, s.shape, m.shape]
+    assert bool(grads[0].eq(0).all())
+
+
 # ---------------------------------------------------------------- op machinery
 def test_opcheck_both_ops():
     g = seeded(21)
