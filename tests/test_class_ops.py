@@ -463,6 +463,51 @@ def test_device_mismatch_is_named():
         reference.class_avg_pool(torch.randn(1, 2, 3, 3, device="meta"), torch.zeros(1, 3, 3, dtype=torch.long), 2)
 
 
+def big_class_case(n=2, seed=41):
+    """301 x 301 labels: classes of 70000 (above float16's 65504), 257 (not a bfloat16: rounds to 256), 19741 and
+    2 pixels, 601 ignored, shuffled per image; and the exact pooling gradient for an upstream gradient of 4096."""
+    g = seeded(seed)
+    sizes = torch.tensor([70000, 257, 19741, 2, 601])
+    slots = torch.tensor([0, 1, 2, 3, 255]).repeat_interleave(sizes)
+    labels = torch.stack([slots[torch.randperm(slots.numel(), generator=g)] for _ in range(n)]).view(n, 301, 301)
+    features = torch.randn(n, 3, 301, 301, generator=g, dtype=torch.float64)
+    per_class = torch.cat([4096.0 / sizes[:4].double(), torch.zeros(1, dtype=torch.float64)])
+    grad = per_class[labels.clamp(max=4)].unsqueeze(1).expand(n, 3, 301, 301)
+    return features, labels, grad
+
+
+def check_big_classes(device, dtype):
+    features, labels, want = big_class_case()
+    f = features.to(device, dtype).requires_grad_()
+    means, counts = ops.class_avg_pool(f, labels.to(device), 4)
+    assert means.dtype == counts.dtype == dtype
+    ref_means, ref_counts = reference.class_avg_pool(f.detach().double().cpu(), labels, 4)
+    torch.testing.assert_close(means.double().cpu(), ref_means, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(counts.cpu(), ref_counts.to(dtype), rtol=0, atol=0)   # in dtype, as documented
+    (got,) = torch.autograd.grad(means, f, torch.full_like(means, 4096))
+    # exact counts in the accumulation type: the float64 gradient rounded once to dtype, bit for bit
+    assert torch.equal(got.cpu(), want.to(dtype))
+
+
+def test_class_avg_pool_counts_beyond_half_precision_cpu():
+    """The CPU kernels run float32 / float64 only, where the counts are exact: the backward's path for them."""
+    check_big_classes("cpu", torch.float32)
+    # the op's own counts are in the accumulation type (exact), the public function's in the features' dtype
+    for dtype in (torch.float16, torch.bfloat16):
+        features = torch.empty(2, 3, 4, 5, device="meta", dtype=dtype)
+        labels = torch.empty(2, 4, 5, device="meta", dtype=torch.long)
+        assert torch.ops.csfrn.class_avg_pool.default(features, labels, 3, 255)[1].dtype == torch.float32
+        assert ops.class_avg_pool(features, labels, 3)[1].dtype == dtype
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_class_avg_pool_counts_beyond_half_precision(dtype):
+    """A class of 70000 pixels (inf as a float16 count) and one of 257 (256 as a bfloat16 count): the backward
+    divides by exact counts, so it gives the float64 gradient rounded to dtype."""
+    check_big_classes("cuda", dtype)
+
+
 # ---------------------------------------------------------------- CUDA vs CPU
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
