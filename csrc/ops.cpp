@@ -24,7 +24,9 @@ bool built_with_cuda() {
 TORCH_LIBRARY(csfrn, m) {
   m.def("built_with_cuda() -> bool", &csfrn::built_with_cuda);
 
-  // Class-wise average pooling: per image, the mean feature vector of every class, and the pixel counts.
+  // Class-wise average pooling: per image, the mean feature vector of every class, and the pixel counts in the
+  // accumulation type (float32 for half and bfloat16: exact, for the backward; csfrn.ops.class_avg_pool returns
+  // them in the features' dtype). The backward takes counts of any real dtype and divides in the accumulation type.
   m.def("class_avg_pool(Tensor features, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
   m.def("class_avg_pool_backward(Tensor grad_means, Tensor labels, Tensor counts, int ignore_index) -> Tensor");
 

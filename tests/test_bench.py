@@ -1,5 +1,6 @@
 """The training-step benchmark and the report run end to end in --quick mode and write what they promise.
-No timing assertions: timing is checked by the benchmarks themselves."""
+No timing assertions: timing is checked by the benchmarks themselves. Every run names --device cpu: on a GPU
+machine the benchmarks default to CUDA (and bf16), which these CPU-sized expectations do not describe."""
 import json
 import os
 
@@ -21,7 +22,7 @@ def one_thread():
 
 def test_train_step_quick(tmp_path, capsys):
     path = tmp_path / "step.json"
-    result = train_step.main(["--quick", "--reps", "1", "--json", str(path)])
+    result = train_step.main(["--quick", "--device", "cpu", "--reps", "1", "--json", str(path)])
     saved = json.loads(path.read_text())
     assert set(saved) == {"meta", "rows", "ratios", "gflops"}
     variants = ["baseline", "csfrn", "reference"] + (["torchvision"] if train_step.have_torchvision() else [])
@@ -64,7 +65,7 @@ def test_breakdown_parts():
 
 
 def test_report_quick(tmp_path):
-    paths = report.main(["--quick", "--out", str(tmp_path)])
+    paths = report.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     assert set(paths) == {"json", "md", "ops_png", "step_png"}
     for p in paths.values():
         assert os.path.dirname(p) == str(tmp_path) and os.path.getsize(p) > 0
@@ -83,9 +84,9 @@ def test_report_quick(tmp_path):
 
 def test_report_reuses_a_step_json(tmp_path):
     step = tmp_path / "step.json"
-    train_step.main(["--quick", "--reps", "1", "--variants", "baseline", "csfrn", "--no-inference",
+    train_step.main(["--quick", "--device", "cpu", "--reps", "1", "--variants", "baseline", "csfrn", "--no-inference",
                      "--json", str(step)])
-    paths = report.main(["--quick", "--out", str(tmp_path / "out"), "--step-json", str(step)])
+    paths = report.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "out"), "--step-json", str(step)])
     saved = json.loads(open(paths["json"]).read())
     assert saved["train_step"] == json.loads(step.read_text())
 
@@ -94,7 +95,7 @@ def test_deform_bench_quick_under_autocast(tmp_path, capsys):
     """The deform conv benchmark's mixed-precision run (what a GPU session measures in bf16), smoke-sized."""
     from csfrn.bench import deform
     path = tmp_path / "deform.json"
-    rows = deform.main(["--quick", "--no-twin", "--reps", "1", "--amp", "bf16", "--json", str(path)])
+    rows = deform.main(["--quick", "--device", "cpu", "--no-twin", "--reps", "1", "--amp", "bf16", "--json", str(path)])
     assert {r["impl"] for r in rows} >= {"ours", "torchvision", "dense conv2d", "ours dual", "ours 2 calls"}
     assert all(r["median_ms"] > 0 and r["floor_ms"] is None for r in rows)   # no float32 floor under autocast
     assert json.loads(path.read_text())["amp"] == "bf16"
@@ -105,7 +106,7 @@ def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):
     """bench-ops times the bare forward and backward ops beside the autograd path and the peers, in one run."""
     from csfrn.bench import ops as ops_bench
     path = tmp_path / "ops.json"
-    rows = ops_bench.main(["--quick", "--reps", "1", "--json", str(path)])
+    rows = ops_bench.main(["--quick", "--device", "cpu", "--reps", "1", "--json", str(path)])
     for op in ("class_avg_pool", "center_distance"):
         for pass_ in ("fwd", "fwd+bwd"):
             impls = {r["impl"] for r in rows if r["op"] == op and r["pass"] == pass_}

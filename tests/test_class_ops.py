@@ -290,6 +290,22 @@ def test_center_distance_layouts_and_edge_cases():
     assert phi[0, 0, 0, 0] == 0 and phi[0, 0, 0, 1] == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_center_distance_no_classes_zero_gradient_with_inf(device, dtype):
+    """K = 0: phi is empty, so every gradient is zero, also where an embedding is inf (not inf * 0 = NaN)."""
+    e = torch.randn(2, 3, 4, 5, dtype=dtype)
+    e[0, 1, 2, 3], e[1, 0, 0, 0] = float("inf"), float("-inf")
+    e = e.to(device).requires_grad_()
+    s = torch.randn(2, 0, 3, dtype=dtype, device=device, requires_grad=True)
+    m = torch.randn(2, 0, dtype=dtype, device=device, requires_grad=True)
+    phi = ops.center_distance(e, s, m)
+    assert phi.shape == (2, 0, 4, 5)
+    grads = torch.autograd.grad(phi.sum(), [e, s, m])
+    assert [g.shape for g in grads] == [e.shape, s.shape, m.shape]
+    assert bool(grads[0].eq(0).all())
+
+
 # ---------------------------------------------------------------- op machinery
 def test_opcheck_both_ops():
     g = seeded(21)
@@ -319,6 +335,48 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss, want)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_no_double_backward():
+    """A second derivative through either op is an error, never a silent zero (as for the deform ops)."""
+    g = seeded(23)
+    features = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    means, _ = ops.class_avg_pool(features, random_labels(g, 2, 4, 5, 4), 4)
+    (gf,) = torch.autograd.grad(means.square().sum(), features, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward is not supported"):
+        torch.autograd.grad(gf.sum(), features)
+    inputs = [t.requires_grad_() for t in distance_inputs(g, 2, 3, 4, 5, 4)]
+    (ge,) = torch.autograd.grad(ops.center_distance(*inputs, delta=0.5).sum(), inputs[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward is not supported"):
+        torch.autograd.grad(ge.sum(), inputs)
+
+
+@pytest.mark.parametrize("device,amp", [("cpu", torch.bfloat16),
+                                        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+                                        pytest.param("cuda", torch.float16, marks=needs_cuda)])
+def test_float32_inside_autocast_stays_float32(device, amp):
+    """Neither op has an autocast rule, so float32 inputs run in float32 inside torch.autocast, and so must the
+    backward: the kernels' own ATen calls (the CUDA centre-distance matmuls) must not be autocast."""
+    g = seeded(27)
+    features = torch.randn(2, 6, 9, 11, generator=g).to(device)
+    labels = random_labels(g, 2, 9, 11, 5).to(device)
+    dist = [t.float().to(device) for t in distance_inputs(g, 2, 6, 9, 11, 5)]
+    up = torch.randn(2, 5, 9, 11, generator=g).to(device)
+
+    def run():
+        f = features.clone().requires_grad_()
+        inputs = [t.clone().requires_grad_() for t in dist]
+        means, counts = ops.class_avg_pool(f, labels, 5)
+        phi = ops.center_distance(*inputs, delta=2.0)
+        grads = torch.autograd.grad((means * means).sum() + (phi * up).sum(), [f, *inputs])
+        return [means, counts, phi, *grads]
+
+    want = run()
+    with torch.autocast(device, dtype=amp):
+        got = run()
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_use_reference_routes_to_twins(monkeypatch):
@@ -403,6 +461,51 @@ def test_device_mismatch_is_named():
         ops.center_distance(e, s, m)
     with pytest.raises(ValueError, match="one device.*features on meta.*labels on cpu"):
         reference.class_avg_pool(torch.randn(1, 2, 3, 3, device="meta"), torch.zeros(1, 3, 3, dtype=torch.long), 2)
+
+
+def big_class_case(n=2, seed=41):
+    """301 x 301 labels: classes of 70000 (above float16's 65504), 257 (not a bfloat16: rounds to 256), 19741 and
+    2 pixels, 601 ignored, shuffled per image; and the exact pooling gradient for an upstream gradient of 4096."""
+    g = seeded(seed)
+    sizes = torch.tensor([70000, 257, 19741, 2, 601])
+    slots = torch.tensor([0, 1, 2, 3, 255]).repeat_interleave(sizes)
+    labels = torch.stack([slots[torch.randperm(slots.numel(), generator=g)] for _ in range(n)]).view(n, 301, 301)
+    features = torch.randn(n, 3, 301, 301, generator=g, dtype=torch.float64)
+    per_class = torch.cat([4096.0 / sizes[:4].double(), torch.zeros(1, dtype=torch.float64)])
+    grad = per_class[labels.clamp(max=4)].unsqueeze(1).expand(n, 3, 301, 301)
+    return features, labels, grad
+
+
+def check_big_classes(device, dtype):
+    features, labels, want = big_class_case()
+    f = features.to(device, dtype).requires_grad_()
+    means, counts = ops.class_avg_pool(f, labels.to(device), 4)
+    assert means.dtype == counts.dtype == dtype
+    ref_means, ref_counts = reference.class_avg_pool(f.detach().double().cpu(), labels, 4)
+    torch.testing.assert_close(means.double().cpu(), ref_means, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(counts.cpu(), ref_counts.to(dtype), rtol=0, atol=0)   # in dtype, as documented
+    (got,) = torch.autograd.grad(means, f, torch.full_like(means, 4096))
+    # exact counts in the accumulation type: the float64 gradient rounded once to dtype, bit for bit
+    assert torch.equal(got.cpu(), want.to(dtype))
+
+
+def test_class_avg_pool_counts_beyond_half_precision_cpu():
+    """The CPU kernels run float32 / float64 only, where the counts are exact: the backward's path for them."""
+    check_big_classes("cpu", torch.float32)
+    # the op's own counts are in the accumulation type (exact), the public function's in the features' dtype
+    for dtype in (torch.float16, torch.bfloat16):
+        features = torch.empty(2, 3, 4, 5, device="meta", dtype=dtype)
+        labels = torch.empty(2, 4, 5, device="meta", dtype=torch.long)
+        assert torch.ops.csfrn.class_avg_pool.default(features, labels, 3, 255)[1].dtype == torch.float32
+        assert ops.class_avg_pool(features, labels, 3)[1].dtype == dtype
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_class_avg_pool_counts_beyond_half_precision(dtype):
+    """A class of 70000 pixels (inf as a float16 count) and one of 257 (256 as a bfloat16 count): the backward
+    divides by exact counts, so it gives the float64 gradient rounded to dtype."""
+    check_big_classes("cuda", dtype)
 
 
 # ---------------------------------------------------------------- CUDA vs CPU

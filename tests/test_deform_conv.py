@@ -302,9 +302,17 @@ def test_opcheck(device):
 
 
 def test_no_double_backward():
+    """Every csfrn backward op raises the same error (class ops: tests/test_class_ops.py)."""
     case = make_case(**AWKWARD, use_mask=True)
     g, = torch.autograd.grad(call(ops.deform_conv2d, case).sum(), [case["offset"]], create_graph=True)
-    with pytest.raises(NotImplementedError, match="first derivatives only"):
+    with pytest.raises(NotImplementedError, match="double backward is not supported.*first derivatives only"):
+        g.sum().backward()
+    y = torch.randn(2, 6, 5, 4, dtype=F64, requires_grad=True)
+    wy = torch.randn(4, 3, 3, 2, dtype=F64, requires_grad=True)
+    ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0),
+                                    (2, 1), case["mask"])
+    g, = torch.autograd.grad(ox.sum() + oy.sum(), [case["offset"]], create_graph=True)
+    with pytest.raises(NotImplementedError, match="csfrn::dual_deform_conv2d_backward: double backward is not"):
         g.sum().backward()
 
 
@@ -398,25 +406,32 @@ def test_deterministic_cpu_backward(n):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
+    """The CUDA kernel in `dtype` against the CPU kernel in float64 on the same inputs: the inputs rounded to
+    `dtype` (an unrounded offset can sit on the other side of a grid line, which flips its gradient), and every
+    tensor, the upstream gradient included, drawn from one seeded generator."""
     tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    gen = torch.Generator().manual_seed(7)
     case = make_case(n=3, c_in=8, c_out=6, groups=2, offset_groups=2, k=(3, 2), stride=(2, 1), padding=(1, 0),
-                     dilation=(2, 1), size=(9, 8), use_mask=True)
-    ref = call(ops.deform_conv2d, case)
-    go = torch.randn_like(ref)
-    want = grads(ref, case, go)
-    cuda = {k: (v.detach().cuda().to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in case.items()}
+                     dilation=(2, 1), size=(9, 8), use_mask=True, seed=7)
+    low = {k: (v.detach().to(dtype) if torch.is_tensor(v) else v) for k, v in case.items()}
+    exact = on(low, "cpu", F64)                     # float64 leaves holding the rounded values
+    ref = call(ops.deform_conv2d, exact)
+    go = torch.randn(ref.shape, generator=gen, dtype=F64).to(dtype)
+    want = grads(ref, exact, go.double())
+    cuda = on(low, "cuda")
     out = call(ops.deform_conv2d, cuda)
     assert out.dtype == dtype and out.is_cuda
     assert_same(out.double().cpu(), ref, rtol=tol, atol=tol)
-    got = grads(out, cuda, go.cuda().to(dtype))
+    got = grads(out, cuda, go.cuda())
     for name in want:
         scale = max(1.0, float(want[name].abs().max()))
         assert_same(got[name].double().cpu(), want[name], rtol=tol, atol=tol * scale, msg=name)
-    y = torch.randn(3, 4, 9, 8, dtype=F64)
-    wy = torch.randn(5, 4, 3, 2, dtype=F64)
-    ox, oy = ops.dual_deform_conv2d(cuda["input"], y.cuda().to(dtype), cuda["offset"], cuda["weight"],
-                                    wy.cuda().to(dtype), None, None, (2, 1), (1, 0), (2, 1), cuda["mask"])
-    ey = ops.deform_conv2d(y, case["offset"].detach(), wy, None, (2, 1), (1, 0), (2, 1), case["mask"].detach())
+    y = torch.randn(3, 4, 9, 8, generator=gen, dtype=F64).to(dtype)
+    wy = torch.randn(5, 4, 3, 2, generator=gen, dtype=F64).to(dtype)
+    ox, oy = ops.dual_deform_conv2d(cuda["input"], y.cuda(), cuda["offset"], cuda["weight"], wy.cuda(), None, None,
+                                    (2, 1), (1, 0), (2, 1), cuda["mask"])
+    ey = ops.deform_conv2d(y.double(), exact["offset"].detach(), wy.double(), None, (2, 1), (1, 0), (2, 1),
+                           exact["mask"].detach())
     assert_same(oy.double().cpu(), ey, rtol=tol, atol=tol * max(1.0, float(ey.abs().max())))
 
 
@@ -600,6 +615,76 @@ def test_cpu_autocast_runs_float32():
     assert out.dtype == torch.float32
     exp = call(ops.deform_conv2d, dict(case, input=case["input"].to(torch.bfloat16).float()))
     assert_same(out, exp)
+
+
+@pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
+@pytest.mark.parametrize("device,amp", [("cpu", torch.bfloat16),
+                                        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+                                        pytest.param("cuda", torch.float16, marks=needs_cuda)])
+def test_use_reference_under_autocast(device, amp, dual):
+    """The twin path applies the C++ autocast wrapper's rule (csrc/deform_conv_autocast.cpp): every floating-point
+    argument but float64 runs in float32 on CPU and in the autocast dtype on CUDA, so a low-precision offset beside
+    float32 weights works, and the twin agrees with the kernel, forward and backward."""
+    case = on(make_case(**AWKWARD, use_mask=True, dtype=torch.float32), device)
+    y = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(3)).to(device)
+    wy = torch.randn(4, 3, 3, 2, generator=torch.Generator().manual_seed(4)).to(device)   # groups 2 for y
+    run_dtype = torch.float32 if device == "cpu" else amp
+    tol = 1e-4 if run_dtype == torch.float32 else 5e-2
+
+    def run():
+        leaves = on(dict(case, offset=case["offset"].to(amp)), device)
+        args = (leaves["input"], leaves["offset"], leaves["weight"])
+        with torch.autocast(device, dtype=amp):
+            if dual:
+                outs = ops.dual_deform_conv2d(args[0], y, args[1], args[2], wy, leaves["bias"], None, (2, 1), (1, 0),
+                                              (2, 1), leaves["mask"])
+            else:
+                outs = (ops.deform_conv2d(*args, leaves["bias"], (2, 1), (1, 0), (2, 1), leaves["mask"]),)
+            loss = sum(o.float().square().sum() for o in outs)
+        names = ["input", "offset", "weight", "bias", "mask"]
+        return outs, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+    outs, got = run()
+    with ops.use_reference():
+        ref_outs, ref_got = run()
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == r.dtype == run_dtype
+        assert_same(r.float(), o.float(), rtol=tol, atol=tol * max(1.0, float(o.detach().abs().max())))
+    for name in got:
+        assert ref_got[name].dtype == got[name].dtype
+        if run_dtype == torch.float32:   # low-precision gradients differ by rounding wherever a sample crosses
+            assert_same(ref_got[name], got[name], rtol=1e-4, atol=1e-3, msg=name)   # a grid line
+        else:
+            assert bool(ref_got[name].isfinite().all())
+
+
+AUTOCAST_DEVICES = [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+                    pytest.param("cuda", torch.float16, marks=needs_cuda)]
+
+
+@pytest.mark.parametrize("device,amp", AUTOCAST_DEVICES)
+def test_backward_inside_autocast_stays_float32(device, amp):
+    """A float32 forward's backward run inside torch.autocast: the kernels' own matmuls must not be autocast (they
+    would hand half-precision columns to the float32 scatter kernel, or silently round the gradients)."""
+    case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32, device=device)
+    gen = torch.Generator().manual_seed(8)
+    y = torch.randn(2, 6, 5, 4, generator=gen).to(device).requires_grad_()
+    wy = torch.randn(4, 3, 3, 2, generator=gen).to(device).requires_grad_()   # groups 2 for y
+    leaves = [case[k] for k in ("input", "offset", "weight", "bias", "mask")] + [y, wy]
+
+    def loss():
+        out = call(ops.deform_conv2d, case)
+        ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1),
+                                        (1, 0), (2, 1), case["mask"])
+        return out.square().sum() + (ox * oy[:, :2]).sum()
+
+    want = torch.autograd.grad(loss(), leaves)
+    first = loss()
+    with torch.autocast(device, dtype=amp):
+        got = torch.autograd.grad(first, leaves)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert_same(g, w, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

@@ -5,7 +5,7 @@ torch.compile) and its autograd formula, whose backward is an op too, are regist
 """
 import torch
 
-from . import _checks, reference
+from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
@@ -25,7 +25,9 @@ def class_avg_pool(features, labels, num_classes, ignore_index=255):
     """
     if reference_enabled():
         return reference.class_avg_pool(features, labels, num_classes, ignore_index)
-    return torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index)
+    # The op's counts are in the accumulation type (exact: the backward divides by them); ours in the features'.
+    means, counts = torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index)
+    return means, counts.to(features.dtype)
 
 
 def center_distance(embeddings, centers, margins, delta=10.0):
@@ -49,11 +51,16 @@ def center_distance(embeddings, centers, margins, delta=10.0):
 
 
 # ---------------------------------------------------------------- fake kernels (shapes only)
+def _acc_dtype(dtype):
+    """The kernels' accumulation type (at::toOpMathType)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @torch.library.register_fake("csfrn::class_avg_pool")
 def _class_avg_pool_fake(features, labels, num_classes, ignore_index):
     _checks.check_class_avg_pool(features, labels, num_classes, ignore_index)
     n, d = features.shape[0], features.shape[1]
-    return features.new_empty(n, num_classes, d), features.new_empty(n, num_classes)
+    return features.new_empty(n, num_classes, d), features.new_empty(n, num_classes, dtype=_acc_dtype(features.dtype))
 
 
 @torch.library.register_fake("csfrn::class_avg_pool_backward")
@@ -114,3 +121,5 @@ def _center_distance_backward(ctx, grad_phi):
 
 torch.library.register_autograd("csfrn::center_distance", _center_distance_backward,
                                 setup_context=_center_distance_setup)
+
+_autograd.forbid_double_backward("class_avg_pool_backward", "center_distance_backward")

@@ -5,7 +5,7 @@ torch.compile) and its autograd formula, whose backward is an op too, are regist
 """
 import torch
 
-from . import _checks, reference
+from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
@@ -13,19 +13,19 @@ def _pairs(stride, padding, dilation):
     return _checks.pair("stride", stride), _checks.pair("padding", padding), _checks.pair("dilation", dilation)
 
 
-def _reference_under_autocast(twin, *tensors, **kwargs):
-    """Runs a reference twin with the C++ ops' autocast rule (csrc/deform_conv_autocast.cpp): under autocast
-    every floating-point tensor argument except float64 is cast to one dtype (the autocast dtype on CUDA,
-    float32 on the CPU) and the op runs outside autocast, so the twin computes what the kernel computes."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return twin(*tensors, **kwargs)
+def _twin_under_autocast(twin, device_type, tensors, **rest):
+    """Runs a reference twin as csrc/deform_conv_autocast.cpp runs the kernel: under autocast on ``device_type``,
+    every floating-point tensor on that device but float64 is cast to one dtype (CUDA: the autocast dtype; CPU:
+    float32, the kernels' own) and the twin runs with autocast off (the kernel's matmuls are not autocast either)."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return twin(**tensors, **rest)
     dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
 
     def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.device.type == device_type else t
     with torch.autocast(device_type, enabled=False):
-        return twin(*(cast(t) for t in tensors), **kwargs)
+        return twin(**{k: cast(t) for k, t in tensors.items()}, **rest)
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
@@ -47,8 +47,9 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     """
     stride, padding, dilation = _pairs(stride, padding, dilation)
     if reference_enabled():
-        return _reference_under_autocast(reference.deform_conv2d, input, offset, weight, bias, stride=stride,
-                                         padding=padding, dilation=dilation, mask=mask)
+        return _twin_under_autocast(reference.deform_conv2d, input.device.type,
+                                    dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask),
+                                    stride=stride, padding=padding, dilation=dilation)
     return torch.ops.csfrn.deform_conv2d.default(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
@@ -71,8 +72,10 @@ def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=Non
     """
     stride, padding, dilation = _pairs(stride, padding, dilation)
     if reference_enabled():
-        return _reference_under_autocast(reference.dual_deform_conv2d, x, y, offset, weight_x, weight_y, bias_x,
-                                         bias_y, stride=stride, padding=padding, dilation=dilation, mask=mask)
+        return _twin_under_autocast(reference.dual_deform_conv2d, x.device.type,
+                                    dict(x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x,
+                                         bias_y=bias_y, mask=mask),
+                                    stride=stride, padding=padding, dilation=dilation)
     return torch.ops.csfrn.dual_deform_conv2d.default(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
                                                       stride, padding, dilation)
 
@@ -154,13 +157,4 @@ torch.library.register_autograd("csfrn::dual_deform_conv2d", _dual_deform_conv2d
                                 setup_context=_dual_deform_conv2d_setup)
 
 
-def _no_double_backward(name):
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"csfrn::{name} has no derivative: deform_conv2d / dual_deform_conv2d support "
-                                  "first derivatives only (gradients of gradients are not implemented)")
-    return backward
-
-
-# Without these, a second derivative would silently come out as zero.
-for _name in ("deform_conv2d_backward", "dual_deform_conv2d_backward"):
-    torch.library.register_autograd(f"csfrn::{_name}", _no_double_backward(_name))
+_autograd.forbid_double_backward("deform_conv2d_backward", "dual_deform_conv2d_backward")

@@ -21,6 +21,7 @@
 #include "common/checks.h"
 #include "common/class_ops.h"
 #include "common/cpu_clones.h"
+#include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
@@ -227,12 +228,14 @@ int64_t pool_blocks16(acc_t*, int64_t, float*, const int32_t*, const scalar_t*, 
 
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                       int64_t num_classes, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = num_classes, D1 = D + 1;  // one extra slot per class for the pixel count
   TORCH_CHECK_VALUE(K < std::numeric_limits<int32_t>::max(), "num_classes must be < 2^31, got ", K);
   at::Tensor means = at::zeros({N, K, D}, features.options());
-  at::Tensor counts = at::zeros({N, K}, features.options());
+  // counts in the accumulation type, as on CUDA (the same dtype here: the CPU kernels run float32 and float64)
+  at::Tensor counts = at::zeros({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
   if (N == 0) return {means, counts};
 
   const PixelView fv = pixel_view(features);
@@ -286,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
     if (bad.load() != kNoBadLabel) return;
 
     scalar_t* m = means.data_ptr<scalar_t>();
-    scalar_t* c = counts.data_ptr<scalar_t>();
+    acc_t* c = counts.data_ptr<acc_t>();
     // Small reductions run on this thread: waking the pool would cost more than the adds.
     const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / (nchunks * D1));
     at::parallel_for(0, N * K, grain, [&](int64_t i0, int64_t i1) {
@@ -299,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
           for (int64_t d = 0; d < D1; ++d) sum[d] += buf[d];
         }
         const acc_t count = sum[D];
-        c[i] = static_cast<scalar_t>(count);
+        c[i] = count;
         if (count > 0)
           for (int64_t d = 0; d < D; ++d) m[i * D + d] = static_cast<scalar_t>(sum[d] / count);
       }
@@ -311,11 +314,13 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
 
 at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::Tensor& labels,
                                        const at::Tensor& counts, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   const int64_t N = grad_means.size(0), K = grad_means.size(1), D = grad_means.size(2);
   const int64_t H = labels.size(1), W = labels.size(2), P = H * W;
   at::Tensor grad = at::empty({N, D, H, W}, grad_means.options());
   if (grad.numel() == 0) return grad;
-  const at::Tensor g = grad_means.contiguous(), lab = labels.contiguous(), cnt = counts.contiguous();
+  const at::Tensor g = grad_means.contiguous(), lab = labels.contiguous();
+  const at::Tensor cnt = counts.to(at::toOpMathType(grad_means.scalar_type())).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(grad_means.scalar_type(), "class_avg_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -327,10 +332,10 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
     const int64_t R = simd ? 32 : K + 1;
     std::vector<scalar_t> table(N * D * R, scalar_t(0));
     const scalar_t* gm = g.const_data_ptr<scalar_t>();
-    const scalar_t* cn = cnt.const_data_ptr<scalar_t>();
+    const acc_t* cn = cnt.const_data_ptr<acc_t>();
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t count = static_cast<acc_t>(cn[n * K + k]);
+        const acc_t count = cn[n * K + k];
         if (count > 0)
           for (int64_t d = 0; d < D; ++d)
             table[(n * D + d) * R + k] = static_cast<scalar_t>(static_cast<acc_t>(gm[(n * K + k) * D + d]) / count);
@@ -479,6 +484,7 @@ void for_each_pixel_chunk(const PixelView& ev, const scalar_t* centers, int64_t 
 
 at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
                                double delta) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_center_distance_args(embeddings, centers, margins);
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1);
@@ -614,6 +620,7 @@ CSFRN_CPU_CLONES void chunk_distance_grads(double* ge, int64_t ge_stride, double
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
     const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
     double delta, std::array<bool, 3> output_mask) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1), D1 = D + 1;
   const bool need_e = output_mask[0], need_s = output_mask[1], need_m = output_mask[2];

@@ -28,6 +28,7 @@
 #include "common/cpu_clones.h"
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
+#include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
@@ -645,8 +646,7 @@ std::optional<at::Tensor> plain(const std::optional<at::Tensor>& t) {
 at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   check_cpu_dtype("input", input);
   const std::vector<Branch> branches{make_branch(input, weight, g.offset_groups)};
@@ -662,8 +662,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& offset, const at::Tensor& weight_x,
     const at::Tensor& weight_y, const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g =
       check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation);
   check_cpu_dtype("x", x);
@@ -686,8 +685,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     std::array<bool, 5> output_mask) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, std::nullopt, mask, stride, padding, dilation);
   check_cpu_dtype("input", input);
   check_deform_same("input", input, "grad_out", grad_out);
@@ -709,8 +707,7 @@ dual_deform_conv2d_backward_cpu(const at::Tensor& grad_out_x, const at::Tensor& 
                                 const at::Tensor& weight_y, const std::optional<at::Tensor>& mask,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 std::array<bool, 8> output_mask) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, std::nullopt, std::nullopt,
                                                      mask, stride, padding, dilation);
   check_cpu_dtype("x", x);

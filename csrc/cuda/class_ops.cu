@@ -12,6 +12,7 @@
 #include "common/checks.h"
 #include "common/class_ops.h"
 #include "common/distance_grads.h"
+#include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
@@ -48,10 +49,10 @@ __global__ void class_pool_partial_kernel(const scalar_t* __restrict__ f, const 
   }
 }
 
-// Thread (n, d, k): sums the chunks in order; writes means (and counts from slot D).
+// Thread (n, d, k): sums the chunks in order; writes means (and counts, exact in acc_t, from slot D).
 template <typename scalar_t, typename acc_t>
 __global__ void class_pool_reduce_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ means,
-                                         scalar_t* __restrict__ counts, int64_t N, int64_t D, int64_t K,
+                                         acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t K,
                                          int64_t nchunks) {
   const int64_t D1 = D + 1;
   CSFRN_GRID_STRIDE(t, N * D1 * K) {
@@ -63,22 +64,22 @@ __global__ void class_pool_reduce_kernel(const acc_t* __restrict__ partial, scal
       count += base[D * K];
     }
     if (d == D)
-      counts[n * K + k] = static_cast<scalar_t>(count);
+      counts[n * K + k] = count;
     else
       means[(n * K + k) * D + d] = static_cast<scalar_t>(count > 0 ? sum / count : acc_t(0));
   }
 }
 
+// Divides by the exact counts in acc_t: a half count is inf above 65504, a bfloat16 one is rounded above 256.
 template <typename scalar_t, typename acc_t>
-__global__ void class_pool_backward_kernel(const scalar_t* __restrict__ grad_means, const scalar_t* __restrict__ counts,
+__global__ void class_pool_backward_kernel(const scalar_t* __restrict__ grad_means, const acc_t* __restrict__ counts,
                                            const int64_t* __restrict__ labels, scalar_t* __restrict__ grad,
                                            int64_t N, int64_t D, int64_t P, int64_t K, int64_t ignore_index) {
   CSFRN_GRID_STRIDE(t, N * D * P) {
     const int64_t p = t % P, d = (t / P) % D, n = t / (P * D);
     const int64_t k = label_slot(labels[n * P + p], K, ignore_index);
     grad[t] = k < 0 ? scalar_t(0)
-                    : static_cast<scalar_t>(static_cast<acc_t>(grad_means[(n * K + k) * D + d]) /
-                                            static_cast<acc_t>(counts[n * K + k]));
+                    : static_cast<scalar_t>(static_cast<acc_t>(grad_means[(n * K + k) * D + d]) / counts[n * K + k]);
   }
 }
 
@@ -129,12 +130,14 @@ void check_labels_cuda(const at::Tensor& labels, int64_t num_classes, int64_t ig
 
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& features, const at::Tensor& labels,
                                                        int64_t num_classes, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = num_classes;
   at::Tensor means = at::zeros({N, K, D}, features.options());
-  at::Tensor counts = at::zeros({N, K}, features.options());
+  // counts in the accumulation type (float32 for half and bfloat16), exact for the backward
+  at::Tensor counts = at::zeros({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
   if (N == 0) return {means, counts};
   check_labels_cuda(labels, K, ignore_index);
   const PixelView fv = pixel_view(features);
@@ -153,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
         chunk, nchunks, ignore_index, fv.sn, fv.sc, fv.sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     class_pool_reduce_kernel<scalar_t, acc_t><<<blocks_for(N * (D + 1) * K), kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), means.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), N, D, K, nchunks);
+        partial.const_data_ptr<acc_t>(), means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, K, nchunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {means, counts};
@@ -161,18 +164,20 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
 
 at::Tensor class_avg_pool_backward_cuda(const at::Tensor& grad_means, const at::Tensor& labels,
                                         const at::Tensor& counts, int64_t ignore_index) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   c10::cuda::CUDAGuard guard(grad_means.device());
   const int64_t N = grad_means.size(0), K = grad_means.size(1), D = grad_means.size(2);
   const int64_t H = labels.size(1), W = labels.size(2), P = H * W;
   at::Tensor grad = at::empty({N, D, H, W}, grad_means.options());
   if (grad.numel() == 0) return grad;
-  const at::Tensor g = grad_means.contiguous(), lab = labels.contiguous(), cnt = counts.contiguous();
+  const at::Tensor g = grad_means.contiguous(), lab = labels.contiguous();
+  const at::Tensor cnt = counts.to(at::toOpMathType(grad_means.scalar_type())).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_means.scalar_type(), "class_avg_pool_backward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     class_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), cnt.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+        g.const_data_ptr<scalar_t>(), cnt.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(),
         grad.data_ptr<scalar_t>(), N, D, P, K, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -181,6 +186,7 @@ at::Tensor class_avg_pool_backward_cuda(const at::Tensor& grad_means, const at::
 
 at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
                                 double delta) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_center_distance_args(embeddings, centers, margins);
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
@@ -203,6 +209,7 @@ at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
     const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
     double delta, std::array<bool, 3> output_mask) {
+  const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1);

@@ -17,6 +17,7 @@
 
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
+#include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
@@ -328,8 +329,7 @@ at::Tensor grad_bias(const at::Tensor& grad_out, bool needed) {
 at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto outs = forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous(mask));
@@ -340,8 +340,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& offset, const at::Tensor& weight_x,
     const at::Tensor& weight_y, const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g =
       check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -355,8 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     std::array<bool, 5> output_mask) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, std::nullopt, mask, stride, padding, dilation);
   check_deform_same("input", input, "grad_out", grad_out);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -375,8 +373,7 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
                                  const at::Tensor& weight_y, const std::optional<at::Tensor>& mask,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  std::array<bool, 8> output_mask) {
-  // A kernel: the matmuls inside must not record autograd history.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, std::nullopt, std::nullopt,
                                                      mask, stride, padding, dilation);
   check_deform_same("x", x, "grad_out_x", grad_out_x);
