@@ -324,6 +324,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const char* kernel, voi
   b.warp_kind.assign(warps, 0);
   std::vector<unsigned char> shared(smem);
   b.dynamic_smem = shared.data();
+  ucontext_t fresh;  // a thread's starting context, less its stack: one getcontext (a system call) per launch
+  getcontext(&fresh);
   Block* const outer = tl_block;
   tl_block = &b;
   struct Restore {  // leave this OS thread as we found it, also when a thread throws
@@ -348,7 +350,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const char* kernel, voi
                    static_cast<unsigned int>(t / (int64_t(block.x) * block.y))};
           f.state = Fiber::kReady;
           f.error = nullptr;
-          getcontext(&f.ctx);
+          f.ctx = fresh;
           f.ctx.uc_stack.ss_sp = stack_of(static_cast<int>(t));
           f.ctx.uc_stack.ss_size = kStackBytes;
           f.ctx.uc_link = &b.scheduler;
