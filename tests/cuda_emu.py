@@ -7,6 +7,8 @@ first build takes about a minute on two cores, later ones only recompile what ch
 """
 import glob
 import os
+import shutil
+import sys
 
 import torch
 from torch.utils import cpp_extension
@@ -42,10 +44,17 @@ def sources():
     return out
 
 
+def _ninja_on_path():
+    """torch's builder runs `ninja` from PATH; pip's ninja sits beside this interpreter (the venv's bin)."""
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+
 def load(verbose=False):
     """Build (when needed) and load the library; returns ``torch.ops.csfrn_emu``."""
     global _loaded
     if not _loaded:
+        _ninja_on_path()
         cpp_extension.load(name="csfrn_emu", sources=sources(), extra_include_paths=[CSRC], extra_cflags=CFLAGS,
                            build_directory=BUILD_DIR, is_python_module=False, verbose=verbose)
         _loaded = True
