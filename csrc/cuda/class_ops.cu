@@ -3,9 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "cuda/launch.h"
 
 #include <algorithm>
 
@@ -151,11 +151,11 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     at::Tensor partial = at::empty({N, nchunks, D + 1, K}, features.options().dtype(acc_type));
     const int64_t total = partial.numel();
-    class_pool_partial_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+    CSFRN_LAUNCH(blocks_for(total), kThreads, 0, stream, class_pool_partial_kernel<scalar_t, acc_t>)(
         fv.t.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), partial.data_ptr<acc_t>(), N, D, P, K,
         chunk, nchunks, ignore_index, fv.sn, fv.sc, fv.sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    class_pool_reduce_kernel<scalar_t, acc_t><<<blocks_for(N * (D + 1) * K), kThreads, 0, stream>>>(
+    CSFRN_LAUNCH(blocks_for(N * (D + 1) * K), kThreads, 0, stream, class_pool_reduce_kernel<scalar_t, acc_t>)(
         partial.const_data_ptr<acc_t>(), means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, K, nchunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -176,7 +176,7 @@ at::Tensor class_avg_pool_backward_cuda(const at::Tensor& grad_means, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_means.scalar_type(), "class_avg_pool_backward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    class_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
+    CSFRN_LAUNCH(blocks_for(grad.numel()), kThreads, 0, stream, class_pool_backward_kernel<scalar_t, acc_t>)(
         g.const_data_ptr<scalar_t>(), cnt.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(),
         grad.data_ptr<scalar_t>(), N, D, P, K, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -198,7 +198,7 @@ at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& 
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "center_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    center_distance_kernel<scalar_t, acc_t><<<blocks_for(phi.numel()), kThreads, 0, stream>>>(
+    CSFRN_LAUNCH(blocks_for(phi.numel()), kThreads, 0, stream, center_distance_kernel<scalar_t, acc_t>)(
         ev.t.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
         phi.data_ptr<scalar_t>(), N, D, P, K, static_cast<acc_t>(delta), ev.sn, ev.sc, ev.sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                     "center_distance_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      center_distance_weights_kernel<scalar_t, acc_t><<<blocks_for(w.numel()), kThreads, 0, stream>>>(
+      CSFRN_LAUNCH(blocks_for(w.numel()), kThreads, 0, stream, center_distance_weights_kernel<scalar_t, acc_t>)(
           g.const_data_ptr<scalar_t>(), ev.t.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
           m.const_data_ptr<scalar_t>(), w.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), N, D, P, K,
           static_cast<acc_t>(delta), ev.sn, ev.sc, ev.sp);
@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(csfrn, CUDA, m) {
+TORCH_LIBRARY_IMPL(CSFRN_CUDA_LIBRARY, CSFRN_CUDA_KEY, m) {
   m.impl("class_avg_pool", &class_avg_pool_cuda);
   m.impl("class_avg_pool_backward", &class_avg_pool_backward_cuda);
   m.impl("center_distance", &center_distance_cuda);

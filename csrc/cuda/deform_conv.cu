@@ -8,9 +8,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "cuda/launch.h"
 
 #include <algorithm>
 #include <vector>
@@ -195,7 +195,7 @@ void launch_im2col(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
   if (items == 0) return;
-  im2col_kernel<scalar_t, acc_t><<<grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  CSFRN_LAUNCH(grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t, acc_t>)(
       items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
       mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, cols, 0),
       kernel_branch<scalar_t>(branches, cols, 1));
@@ -302,7 +302,8 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
       auto grad_in = [&](size_t i) {
         return i < branches.size() && need_input[i] ? r.grad_input[i].data_ptr<acc_t>() : nullptr;
       };
-      col2im_coords_kernel<scalar_t, acc_t><<<grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      CSFRN_LAUNCH(grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                   col2im_coords_kernel<scalar_t, acc_t>)(
           items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
           mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, grad_cols, 0),
           kernel_branch<scalar_t>(branches, grad_cols, 1), grad_in(0), grad_in(1),
@@ -394,7 +395,7 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(csfrn, CUDA, m) {
+TORCH_LIBRARY_IMPL(CSFRN_CUDA_LIBRARY, CSFRN_CUDA_KEY, m) {
   m.impl("deform_conv2d", &deform_conv2d_cuda);
   m.impl("deform_conv2d_backward", &deform_conv2d_backward_cuda);
   m.impl("dual_deform_conv2d", &dual_deform_conv2d_cuda);
