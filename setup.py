@@ -41,6 +41,23 @@ def _cuda_decision():
     return True, f"CUDA {torch.version.cuda} toolkit at {CUDA_HOME}"
 
 
+def _shared_cxx_runtime():
+    """Linker arguments that make _C use the C++ runtime torch runs on, the shared libstdc++ this process has
+    loaded. A toolchain whose own libstdc++ is static-only (seen: a GCC under /opt/gcc on a GPU machine) would
+    otherwise copy libstdc++ into _C; two C++ runtimes in one process break iostreams, so the first error
+    message built with one crashed the process (or came out truncated)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})
+    except OSError:
+        return []
+    if not loaded:
+        return []
+    return [f"-L{os.path.dirname(loaded[0])}", f"-l:{os.path.basename(loaded[0])}"]
+
+
 def _extension():
     use_cuda, reason = _cuda_decision()
     if not use_cuda and _flag("CSFRN_FORCE_CUDA"):
@@ -52,10 +69,11 @@ def _extension():
     # gcc turn the branches of the CPU kernels' exp into blends, so their loops vectorise.
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     define_macros = []
+    link_flags = ["-fopenmp"] + _shared_cxx_runtime()
     if not use_cuda:
         print(f"csfrn: building the CPU-only extension: {reason}", flush=True)
         return CppExtension("csfrn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
     print(f"csfrn: building the CPU + CUDA extension ({reason})", flush=True)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -75,7 +93,7 @@ def _extension():
         os.environ["PYTORCH_NVCC"] = f"{ccache} {os.path.join(CUDA_HOME, 'bin', 'nvcc')}"
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("csfrn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
 def _requirements():
