@@ -45,14 +45,15 @@ def junit_counts(path):
 
 
 def sanitizer_errors(path):
-    """Errors compute-sanitizer reported (the sum of its 'ERROR SUMMARY: N errors' lines); None when it did
-    not get as far as a summary."""
+    """Errors compute-sanitizer reported (the sum of memcheck's 'ERROR SUMMARY: N errors' and racecheck's
+    'RACECHECK SUMMARY: ... (N errors' lines); None when it did not get as far as a summary."""
     try:
         with open(path, errors="replace") as f:
             text = f.read()
     except OSError:
         return None
-    found = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", text)]
+    matches = re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: .*?\((\d+) error", text)
+    found = [int(memcheck or racecheck) for memcheck, racecheck in matches]
     return sum(found) if found else None
 
 
