@@ -3,7 +3,7 @@ CSFRN_CUDA_EMU into a test-only library whose ops are ``torch.ops.csfrn_emu.*`` 
 
 Each .cu file is compiled unchanged, through a generated one-line .cpp that includes it (torch's builder would
 hand a .cu to nvcc). The build lives in build/emu (``CSFRN_EMU_BUILD_DIR`` overrides) and is incremental: the
-first build takes about a minute on two cores, later ones only recompile what changed (ninja tracks the headers).
+first build takes about half a minute on two cores, later ones only recompile what changed (ninja tracks the headers).
 """
 import glob
 import os

@@ -75,7 +75,10 @@ def assert_matches(got, want, dtype, what=""):
 
 
 def random_labels(g, n, h, w, k, ignore=255, ignore_frac=0.2):
+    """Random classes, the first and the last one present whatever K, about ignore_frac of the pixels ignored."""
     labels = torch.randint(0, k, (n, h, w), generator=g)
+    labels.view(-1)[::13] = 0
+    labels.view(-1)[5::17] = k - 1
     return labels.masked_fill(torch.rand(n, h, w, generator=g) < ignore_frac, ignore)
 
 
@@ -133,16 +136,22 @@ def test_every_op_is_emulated(emu):
 
 
 # ---------------------------------------------------------------- class_avg_pool
-# The forward's pixel chunks: 256 pixels each up to 64 chunks, then 64 chunks of ceil(P / 64) pixels.
+# The forward's plan (class_pool_plan in class_ops.cu, for the emulated device's 132 SMs and 48 KiB of shared
+# memory per block) stages 64-pixel tiles, cuts each image into chunks of >= 256 pixels (a multiple of 64) when
+# there are few images, keeps up to 8 accumulator copies per block, splits the channels into tiles when K * (D + 1)
+# sums do not fit, and takes a global-memory path when not even one channel's do.
 POOL_CASES = [  # (N, D, H, W, K)
-    (2, 5, 7, 9, 1),
-    (2, 8, 13, 11, 7),
-    (1, 3, 16, 16, 4),        # exactly one chunk
-    (1, 3, 1, 257, 3),        # one pixel into a second chunk
-    (2, 4, 33, 65, 19),       # 9 chunks, the last one short
-    (1, 2, 129, 129, 5),      # 16641 pixels: 64 chunks of 261
+    (2, 5, 7, 9, 1),          # one partial tile, 8 copies, means written by the block
+    (2, 8, 13, 11, 7),        # three tiles, the last partial
+    (1, 3, 16, 16, 4),        # exactly one chunk of four full tiles
+    (1, 3, 1, 257, 3),        # two chunks (192 + 65 pixels): partial sums and the reduce kernel
+    (2, 4, 33, 65, 19),       # 9 chunks of 256, the last one 97
+    (1, 2, 129, 129, 5),      # 66 chunks, the last one a single pixel
     (1, 3, 5, 6, 171),        # more classes than pixels: most are absent
-    (2, 33, 6, 7, 256),
+    (2, 33, 6, 7, 256),       # float64: two channel tiles of 17 (16 + the count)
+    (1, 100, 9, 31, 150),     # float32 two channel tiles of 50, float64 four of 25
+    (2, 3, 5, 10, 3000),      # one channel per tile, one copy: 47.7 KiB of shared memory (float64)
+    (2, 2, 5, 10, 7000),      # K too large for shared memory: the global-memory path
 ]
 
 
@@ -153,7 +162,8 @@ def check_pool(emu, n, d, h, w, k, dtype, layout="nchw", seed=0, ignore=255):
     means, counts = emu.class_avg_pool(lay(features, layout), lay(labels, layout), k, ignore)
     want_means, want_counts = CPU.class_avg_pool(wide(features), labels, k, ignore)
     assert_matches(means, want_means, dtype, "means")
-    assert torch.equal(counts, want_counts.to(dtype)), "counts"   # exact, but in the features' dtype
+    # exact, in the accumulation type (float32 for half and bfloat16): the backward divides by them
+    assert torch.equal(counts, want_counts.to(torch.float64 if dtype == torch.float64 else torch.float32)), "counts"
     grad_means = torch.randn(n, k, d, generator=g, dtype=F64).to(dtype)
     grad = emu.class_avg_pool_backward(lay(grad_means, layout), lay(labels, layout), counts, ignore)
     want = CPU.class_avg_pool_backward(wide(grad_means), labels, want_counts, ignore)

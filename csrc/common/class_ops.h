@@ -13,6 +13,12 @@ C10_HOST_DEVICE inline int64_t label_slot(int64_t label, int64_t num_classes, in
   return (label >= 0 && label < num_classes) ? label : -2;
 }
 
+// The mean of a class from its feature sum and pixel count; an absent class (count 0) has mean 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t class_mean(acc_t sum, acc_t count) {
+  return count > acc_t(0) ? sum / count : acc_t(0);
+}
+
 // exp(delta * m): the class-aware margin turns into a per-class scale of the squared distance.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t margin_scale(acc_t margin, acc_t delta) {

@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
         const acc_t count = sum[D];
         c[i] = count;
         if (count > 0)
-          for (int64_t d = 0; d < D; ++d) m[i * D + d] = static_cast<scalar_t>(sum[d] / count);
+          for (int64_t d = 0; d < D; ++d) m[i * D + d] = static_cast<scalar_t>(class_mean(sum[d], count));
       }
     });
   });

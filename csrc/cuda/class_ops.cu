@@ -26,47 +26,161 @@ int64_t blocks_for(int64_t total) {
 #define CSFRN_GRID_STRIDE(i, total) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(blockDim.x) * gridDim.x)
 
-// Thread (n, chunk, d, k), k fastest: a warp's threads read the same feature and label (broadcast) and
-// each sums the pixels of its class k in pixel order. Slot d == D counts pixels.
-template <typename scalar_t, typename acc_t>
-__global__ void class_pool_partial_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels,
-                                          acc_t* __restrict__ partial, int64_t N, int64_t D, int64_t P, int64_t K,
-                                          int64_t chunk, int64_t nchunks, int64_t ignore_index, int64_t sn,
-                                          int64_t sc, int64_t sp) {
-  const int64_t D1 = D + 1;
-  const int64_t total = N * nchunks * D1 * K;
-  CSFRN_GRID_STRIDE(t, total) {
-    const int64_t k = t % K, d = (t / K) % D1, c = (t / (K * D1)) % nchunks, n = t / (K * D1 * nchunks);
-    const int64_t p0 = c * chunk, p1 = min(P, p0 + chunk);
-    const int64_t* ln = labels + n * P;
-    const scalar_t* fd = f + n * sn + d * sc;
-    acc_t acc = 0;
-    for (int64_t p = p0; p < p1; ++p) {
-      if (label_slot(ln[p], K, ignore_index) != k) continue;
-      acc += d < D ? static_cast<acc_t>(fd[p * sp]) : acc_t(1);
+// ---- class_avg_pool forward: O(N * P * (D + 1)) work, no atomics, a fixed summation order ----
+// A block takes units (image n, chunk of pixels, tile of channels) and sums, per class, the unit's channels and the
+// pixel count in shared memory:
+//   1. the slots of kPoolTile pixels, and their features [channels][kPoolTile], are staged in shared memory, read
+//      along pixels (NCHW) or along channels (channels_last): coalesced either way;
+//   2. thread (copy g, role r) adds the staged values of pixels g, g + copies, ... to acc[g][slot][r] (role r ==
+//      channels adds 1: the count). Every accumulator has one owner thread, so no atomics and a fixed order;
+//   3. the copies are summed in order into the unit's partial sums, or, with one chunk per image, into the means
+//      and counts.
+// class_pool_reduce_kernel sums the chunks in order. The plan (class_pool_plan) takes few chunks: enough units to
+// fill the GPU, at least 256 pixels each, and a partial buffer N * chunks * K * (D + 1) at most half the features.
+// When not even one channel's accumulators fit in shared memory (K in the thousands), class_pool_global_kernel
+// walks every image with one thread per (n, channel) into a global [N, K, D + 1] buffer instead.
+constexpr int kPoolTile = 64;          // pixels staged per step
+constexpr int64_t kPoolMinChunk = 256;  // pixels per chunk, at least
+constexpr int kPoolMaxCopies = 8;
+
+struct PoolPlan {
+  int64_t channels;  // per unit (the last tile may have fewer)
+  int64_t dtiles;    // channel tiles per image
+  int64_t copies;    // accumulator copies per block
+  int64_t chunk;     // pixels per chunk, a multiple of kPoolTile
+  int64_t nchunks;   // chunks per image
+  size_t smem;       // dynamic shared memory, bytes
+  bool shared;       // false: class_pool_global_kernel
+};
+
+size_t class_pool_smem(int64_t K, int64_t channels, int64_t copies, size_t acc_bytes) {
+  return (copies * K * (channels + 1) + channels * (kPoolTile + 1)) * acc_bytes + kPoolTile * sizeof(int);
+}
+
+PoolPlan class_pool_plan(int64_t N, int64_t D, int64_t P, int64_t K, size_t acc_bytes) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t budget = prop->sharedMemPerBlock;  // 48 KiB: no opt-in needed
+  PoolPlan plan{0, 1, 1, 0, 1, 0, false};
+  // Channel tiles: as few as fit (channels + 1 roles per copy <= kThreads).
+  for (int64_t dtiles = std::max<int64_t>(1, (D + kThreads - 2) / (kThreads - 1));; ++dtiles) {
+    const int64_t ch = (D + dtiles - 1) / dtiles;
+    if (class_pool_smem(K, ch, 1, acc_bytes) <= budget) {
+      plan.channels = ch;
+      break;
     }
-    partial[t] = acc;
+    if (ch <= 1) return plan;  // K too large for shared memory
+  }
+  plan.dtiles = plan.channels > 0 ? (D + plan.channels - 1) / plan.channels : 1;
+  const int64_t row = K * (plan.channels + 1) * static_cast<int64_t>(acc_bytes);
+  const int64_t room =
+      static_cast<int64_t>(budget) - static_cast<int64_t>(class_pool_smem(K, plan.channels, 0, acc_bytes));
+  plan.copies = std::max<int64_t>(1, std::min<int64_t>({kThreads / (plan.channels + 1), room / row, kPoolMaxCopies}));
+  int64_t nchunks = (4 * prop->multiProcessorCount + N * plan.dtiles - 1) / (N * plan.dtiles);
+  nchunks = std::min(nchunks, (P + kPoolMinChunk - 1) / kPoolMinChunk);
+  nchunks = std::min(nchunks, P * std::max<int64_t>(D, 1) / (2 * K * (D + 1)));
+  nchunks = std::max<int64_t>(1, nchunks);
+  plan.chunk = ((P + nchunks - 1) / nchunks + kPoolTile - 1) / kPoolTile * kPoolTile;
+  plan.nchunks = (P + plan.chunk - 1) / plan.chunk;
+  plan.smem = class_pool_smem(K, plan.channels, plan.copies, acc_bytes);
+  plan.shared = true;
+  return plan;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void class_pool_shared_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels,
+                                         acc_t* __restrict__ partial, scalar_t* __restrict__ means,
+                                         acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t P, int64_t K,
+                                         int64_t ignore_index, int64_t sn, int64_t sc, int64_t sp, PoolPlan plan) {
+  const int64_t S = plan.channels + 1, copies = plan.copies;
+  acc_t* acc = dynamic_shared<acc_t>();                                     // [copies][K][S]
+  acc_t* tile = acc + copies * K * S;                                       // [channels][kPoolTile + 1]
+  int* slot = reinterpret_cast<int*>(tile + plan.channels * (kPoolTile + 1));  // [kPoolTile]
+  // Block-local indices are ints: a 64-bit division costs tens of instructions on a GPU.
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int g = tid / static_cast<int>(S), r = tid % static_cast<int>(S);  // copy g, role r
+  const bool along_pixels = !(sc == 1 && sp != 1);
+  const int64_t units = N * plan.nchunks * plan.dtiles;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t t = u % plan.dtiles, c = (u / plan.dtiles) % plan.nchunks, n = u / (plan.dtiles * plan.nchunks);
+    const int64_t d0 = t * plan.channels;
+    const int dn = static_cast<int>(min(plan.channels, D - d0));  // this unit's channels; row dn counts
+    const int64_t p_end = min(P, (c + 1) * plan.chunk);
+    const scalar_t* fn = f + n * sn + d0 * sc;
+    const int64_t* ln = labels + n * P;
+    for (int64_t i = tid; i < copies * K * S; i += nthreads) acc[i] = acc_t(0);
+    for (int64_t q0 = c * plan.chunk; q0 < p_end; q0 += kPoolTile) {
+      const int np = static_cast<int>(min(int64_t(kPoolTile), p_end - q0));
+      __syncthreads();  // acc zeroed, the previous tile consumed
+      for (int i = tid; i < np; i += nthreads)
+        slot[i] = static_cast<int>(label_slot(ln[q0 + i], K, ignore_index));
+      for (int e = tid; e < dn * np; e += nthreads) {
+        const int d = along_pixels ? e / np : e % dn, p = along_pixels ? e % np : e / dn;
+        tile[d * (kPoolTile + 1) + p] = static_cast<acc_t>(fn[d * sc + (q0 + p) * sp]);
+      }
+      __syncthreads();
+      if (g < copies && r <= dn) {
+        acc_t* a = acc + g * K * S + r;
+        const acc_t* v = tile + r * (kPoolTile + 1);
+        for (int p = g; p < np; p += static_cast<int>(copies)) {
+          const int s = slot[p];
+          if (s >= 0) a[s * S] += r < dn ? v[p] : acc_t(1);
+        }
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < K * S; i += nthreads) {
+      const int k = i / static_cast<int>(S), j = i % static_cast<int>(S);
+      if (j > dn || (j == dn && t != 0)) continue;  // the count is written by the first tile only
+      acc_t sum = 0, count = 0;
+      for (int64_t h = 0; h < copies; ++h) {
+        sum += acc[(h * K + k) * S + j];
+        count += acc[(h * K + k) * S + dn];
+      }
+      if (plan.nchunks > 1)
+        partial[((n * plan.nchunks + c) * K + k) * (D + 1) + (j == dn ? D : d0 + j)] = sum;
+      else if (j == dn)
+        counts[n * K + k] = count;
+      else
+        means[(n * K + k) * D + d0 + j] = static_cast<scalar_t>(class_mean(sum, count));
+    }
+    __syncthreads();  // before the next unit zeroes acc
   }
 }
 
-// Thread (n, d, k): sums the chunks in order; writes means (and counts, exact in acc_t, from slot D).
+// Thread (n, j): every pixel of image n in order, into row j of the zeroed partial[n] ([K][D + 1]; j == D counts).
+template <typename scalar_t, typename acc_t>
+__global__ void class_pool_global_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels,
+                                         acc_t* __restrict__ partial, int64_t N, int64_t D, int64_t P, int64_t K,
+                                         int64_t ignore_index, int64_t sn, int64_t sc, int64_t sp) {
+  CSFRN_GRID_STRIDE(t, N * (D + 1)) {
+    const int64_t j = t % (D + 1), n = t / (D + 1);
+    acc_t* row = partial + n * K * (D + 1) + j;
+    const int64_t* ln = labels + n * P;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t s = label_slot(ln[p], K, ignore_index);
+      if (s >= 0) row[s * (D + 1)] += j < D ? static_cast<acc_t>(f[n * sn + j * sc + p * sp]) : acc_t(1);
+    }
+  }
+}
+
+// Thread (n, k, j), j fastest: sums the chunks of partial [N][nchunks][K][D + 1] in order; writes the means and
+// (j == D) the counts.
 template <typename scalar_t, typename acc_t>
 __global__ void class_pool_reduce_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ means,
                                          acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t K,
                                          int64_t nchunks) {
-  const int64_t D1 = D + 1;
-  CSFRN_GRID_STRIDE(t, N * D1 * K) {
-    const int64_t k = t % K, d = (t / K) % D1, n = t / (K * D1);
+  CSFRN_GRID_STRIDE(t, N * K * (D + 1)) {
+    const int64_t j = t % (D + 1), nk = t / (D + 1), n = nk / K, k = nk % K;
     acc_t sum = 0, count = 0;
     for (int64_t c = 0; c < nchunks; ++c) {
-      const acc_t* base = partial + ((n * nchunks + c) * D1) * K + k;
-      sum += base[d * K];
-      count += base[D * K];
+      const acc_t* row = partial + ((n * nchunks + c) * K + k) * (D + 1);
+      sum += row[j];
+      count += row[D];
     }
-    if (d == D)
-      counts[n * K + k] = count;
+    if (j == D)
+      counts[nk] = count;
     else
-      means[(n * K + k) * D + d] = static_cast<scalar_t>(count > 0 ? sum / count : acc_t(0));
+      means[nk * D + j] = static_cast<scalar_t>(class_mean(sum, count));
   }
 }
 
@@ -133,30 +247,43 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
   const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   c10::cuda::CUDAGuard guard(features.device());
-  const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
-  const int64_t K = num_classes;
+  const int64_t N = features.size(0), D = features.size(1), K = num_classes;
   at::Tensor means = at::zeros({N, K, D}, features.options());
   // counts in the accumulation type (float32 for half and bfloat16), exact for the backward
   at::Tensor counts = at::zeros({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
   if (N == 0) return {means, counts};
   check_labels_cuda(labels, K, ignore_index);
+  const int64_t P = features.size(2) * features.size(3);
+  if (P == 0) return {means, counts};
   const PixelView fv = pixel_view(features);
   const at::Tensor lab = labels.contiguous();
-  // Enough chunks to fill the GPU, at most 64 partial buffers per image.
-  const int64_t chunk = std::max<int64_t>(256, (P + 63) / 64), nchunks = std::max<int64_t>(1, (P + chunk - 1) / chunk);
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "class_avg_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor partial = at::empty({N, nchunks, D + 1, K}, features.options().dtype(acc_type));
-    const int64_t total = partial.numel();
-    CSFRN_LAUNCH(blocks_for(total), kThreads, 0, stream, class_pool_partial_kernel<scalar_t, acc_t>)(
-        fv.t.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), partial.data_ptr<acc_t>(), N, D, P, K,
-        chunk, nchunks, ignore_index, fv.sn, fv.sc, fv.sp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    CSFRN_LAUNCH(blocks_for(N * (D + 1) * K), kThreads, 0, stream, class_pool_reduce_kernel<scalar_t, acc_t>)(
-        partial.const_data_ptr<acc_t>(), means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, K, nchunks);
+    const PoolPlan plan = class_pool_plan(N, D, P, K, sizeof(acc_t));
+    const scalar_t* f = fv.t.const_data_ptr<scalar_t>();
+    at::Tensor partial;
+    if (plan.shared) {
+      if (plan.nchunks > 1) partial = at::empty({N, plan.nchunks, K, D + 1}, features.options().dtype(acc_type));
+      CSFRN_LAUNCH(std::min<int64_t>(N * plan.nchunks * plan.dtiles, int64_t(1) << 20), kThreads, plan.smem, stream,
+                   class_pool_shared_kernel<scalar_t, acc_t>)(
+          f, lab.const_data_ptr<int64_t>(), plan.nchunks > 1 ? partial.data_ptr<acc_t>() : nullptr,
+          means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc, fv.sp,
+          plan);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (plan.nchunks == 1) return;
+    } else {
+      partial = at::zeros({N, 1, K, D + 1}, features.options().dtype(acc_type));
+      CSFRN_LAUNCH(blocks_for(N * (D + 1)), kThreads, 0, stream, class_pool_global_kernel<scalar_t, acc_t>)(
+          f, lab.const_data_ptr<int64_t>(), partial.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc,
+          fv.sp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    CSFRN_LAUNCH(blocks_for(N * K * (D + 1)), kThreads, 0, stream, class_pool_reduce_kernel<scalar_t, acc_t>)(
+        partial.const_data_ptr<acc_t>(), means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, K,
+        partial.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {means, counts};

@@ -20,7 +20,10 @@
 //   H100 (132 SMs). The shims live in unnamed namespaces, so they never collide with a CUDA build of libtorch.
 // - Test hook: set_grid_x_cap(c) runs at most c blocks along x (gridDim.x reads c), to drive grid-stride loops
 //   past their first stride with small inputs. Valid only for kernels written as grid-stride loops.
-// What it cannot see: races between blocks, memory-model subtleties, timing, real device memory limits.
+// - Tensors are CPU tensors, so a launcher must take devices and options from its inputs (x.options()), never
+//   name at::kCUDA itself.
+// What it cannot see: races between blocks, memory-model subtleties, timing, real device memory limits, and
+// out-of-bounds accesses (raw pointers are not checked: a stray write corrupts the heap, as on a GPU it faults).
 #pragma once
 
 #ifdef __CUDACC__
