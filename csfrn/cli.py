@@ -2,11 +2,18 @@
 
 Verbs: train, eval, predict, visualize, flops, bench-ops, bench, demo. Each takes ``--config FILE.yaml`` and any
 number of ``--set section.key=value`` overrides (YAML values; unknown keys are errors).
+
+A user's mistake (a :class:`csfrn.errors.UserError`: bad config value, missing file, broken dataset folder) ends
+as one line on stderr, ``csfrn <verb>: error: <message>``, with exit status 2; ``--debug`` adds the traceback.
+Any other exception is a bug and shows its traceback.
 """
 import argparse
 import glob
 import os
 import sys
+import traceback
+
+from .errors import MissingPathError, UserError
 
 
 # csfrn bench --what NAME runs NAME's main(argv).
@@ -18,6 +25,7 @@ def _common(parser):
     parser.add_argument("--config", help="YAML config (sections model / data / train / eval)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="on a user error, show the traceback too")
 
 
 def _parser():
@@ -71,10 +79,27 @@ def _parser():
 
 def _config(args, base=None):
     from .engine.config import load_config
-    try:
-        return load_config(args.config, args.overrides, base)
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"csfrn {args.verb}: bad config: {err.args[0] if err.args else err}")
+    return load_config(args.config, args.overrides, base)
+
+
+def _check_paths(args):
+    """The files and folders named on the command line exist, before any work starts."""
+    files = [("--config", args.config, "a YAML config file"),
+             ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)")]
+    if getattr(args, "resume", None) != "auto":
+        files.append(("--resume", getattr(args, "resume", None), "a checkpoint file, or 'auto'"))
+    for flag, path, expected in files:
+        if path is not None and not os.path.isfile(path):
+            what = "is a directory" if os.path.isdir(path) else "no such file"
+            raise MissingPathError(f"{flag} {path}: {what} (expected {expected})")
+    for path in getattr(args, "input", None) or []:
+        if not os.path.exists(path):
+            raise MissingPathError(f"--input {path}: no such file or directory (expected image files or folders "
+                                   f"of images)")
+
+
+def _one_line(err):
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 def _image_files(inputs):
@@ -139,7 +164,19 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     if extra and args.verb not in ("flops", "bench-ops", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        _check_paths(args)
+        return _run(parser, args, extra)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+            if err.worker_traceback:
+                print(err.worker_traceback, file=sys.stderr)
+        print(f"csfrn {args.verb}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
 
+
+def _run(parser, args, extra):
     if args.verb == "train":
         from .engine.train import train
         if args.resume:

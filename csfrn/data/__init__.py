@@ -3,6 +3,7 @@
 Every dataset is ``Dataset(root, split="train"|"val"|"test", transforms=None)`` (Synthetic: no root, a seed) and
 has ``classes`` and ``palette``; item i is ``(image uint8 [3, H, W], label int64 [H, W], 255 = ignore)``.
 """
+from ..errors import ConfigError
 from . import transforms
 from ._base import IGNORE_INDEX, SegDataset
 from .ade20k import ADE20K
@@ -20,7 +21,7 @@ def build_dataset(data_cfg, split, transforms=None, num_classes=None, seed=0):
     """The dataset named by ``data_cfg.dataset`` (a :class:`csfrn.engine.config.DataConfig`)."""
     name = data_cfg.dataset
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
+        raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
     if name == "synthetic":
         length = data_cfg.length if split == "train" else data_cfg.val_length
         return Synthetic(split=split, transforms=transforms, seed=seed, size=data_cfg.size, length=length,

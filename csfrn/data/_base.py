@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError, DataError, MissingPathError, UnreadableFileError
+
 IGNORE_INDEX = 255
 
 
 def require_dir(path, what):
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what}: expected a directory at {path}")
+        raise MissingPathError(f"{what}: expected a directory at {path} (check data.root and the split name)")
     return path
 
 
@@ -24,7 +26,7 @@ def read_image(path):
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+        raise UnreadableFileError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -36,9 +38,9 @@ def read_label_png(path):
                 raise ValueError(f"expected a single-channel label image, got mode {img.mode}")
             array = np.asarray(img)
     except (OSError, ValueError) as err:
-        raise OSError(f"cannot read label {path}: {err}") from err
+        raise UnreadableFileError(f"cannot read label {path}: {err}") from err
     if array.max(initial=0) > 255 or array.min(initial=0) < 0:
-        raise ValueError(f"label {path}: values must lie in 0..255, found {int(array.min())}..{int(array.max())}")
+        raise DataError(f"label {path}: values must lie in 0..255, found {int(array.min())}..{int(array.max())}")
     return array.astype(np.uint8)
 
 
@@ -61,13 +63,25 @@ def reduce_zero_lut(num_classes):
                            IGNORE_INDEX: IGNORE_INDEX})
 
 
+def _ranges(values):
+    """[0, 1, 2, 3, 255] -> '0..3 or 255'."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1] if parts else "nothing"
+
+
 def apply_lut(raw, lut, path):
     mapped = lut[raw]
     bad = mapped < 0
     if bad.any():
         value = int(raw[bad][0])
-        raise ValueError(f"label {path}: value {value} is not a valid class id here "
-                         f"(expected one of the dataset's label values or {IGNORE_INDEX})")
+        raise DataError(f"label {path}: value {value} is not a valid class id here "
+                        f"(expected {_ranges(np.flatnonzero(lut >= 0))})")
     return torch.from_numpy(mapped)
 
 
@@ -97,9 +111,11 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split, transforms=None, splits=("train", "val", "test")):
         if split not in splits:
-            raise ValueError(f"{type(self).__name__}: split must be one of {splits}, got {split!r}")
+            raise ConfigError(f"{type(self).__name__}: split {split!r} does not exist; expected one of "
+                              f"{', '.join(splits)} (data.train_split / data.val_split / --split)")
         if root is None or not os.path.isdir(root):
-            raise FileNotFoundError(f"{type(self).__name__}: dataset root {root} does not exist")
+            raise MissingPathError(f"{type(self).__name__}: dataset root {root} does not exist (data.root: expected "
+                                   f"the folder that holds the dataset)")
         self.root = root
         self.split = split
         self.transforms = transforms
@@ -117,10 +133,27 @@ class SegDataset(torch.utils.data.Dataset):
 
     def _check_nonempty(self, where):
         if not self.samples:
-            raise ValueError(f"{type(self).__name__}: no images found for split '{self.split}' in {where}")
+            raise DataError(f"{type(self).__name__}: no images found for split '{self.split}' in {where}")
 
     def __len__(self):
         return len(self.samples)
+
+    def check_samples(self):
+        """Read every label (and every image header) once, in this process: a bad label value, a label whose
+        size differs from its image's or an unreadable file is reported here, before a DataLoader worker
+        meets it in the middle of training. Costs one label decode per sample."""
+        for image_path, label_path in self.samples:
+            try:
+                with Image.open(image_path) as img:
+                    width, height = img.size
+            except (OSError, ValueError) as err:
+                raise UnreadableFileError(f"cannot read image {image_path}: {err}") from err
+            if label_path is None:
+                continue
+            label = apply_lut(self.read_label_raw(label_path), self.label_lut(label_path), label_path)
+            if tuple(label.shape) != (height, width):
+                raise DataError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
+                                f"{(height, width)} (expected the same height and width)")
 
     def load(self, index):
         """(image, label) before transforms."""
@@ -130,7 +163,7 @@ class SegDataset(torch.utils.data.Dataset):
             return image, torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
         label = apply_lut(self.read_label_raw(label_path), self.label_lut(label_path), label_path)
         if tuple(label.shape) != tuple(image.shape[1:]):
-            raise ValueError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
+            raise DataError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
                              f"{tuple(image.shape[1:])}")
         return image, label
 

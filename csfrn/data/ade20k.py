@@ -2,6 +2,7 @@
 import glob
 import os
 
+from ..errors import MissingPathError
 from ._base import SegDataset, make_palette, reduce_zero_lut, require_dir
 
 CLASSES = (
@@ -44,7 +45,7 @@ class ADE20K(SegDataset):
             if split == "test":
                 self.samples.append((image_path, label_path if os.path.isfile(label_path) else None))
             elif not os.path.isfile(label_path):
-                raise FileNotFoundError(f"ADE20K: no annotation for {image_path}: expected {label_path}")
+                raise MissingPathError(f"ADE20K: no annotation for {image_path}: expected {label_path}")
             else:
                 self.samples.append((image_path, label_path))
         self._check_nonempty(f"{image_dir}/*.jpg")

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from ..errors import MissingPathError
 from ._base import IGNORE_INDEX, SegDataset, lut_from_pairs, require_dir
 
 # cityscapesScripts labels.py: label id -> train id (255: not evaluated). License plate has id -1, which a
@@ -51,7 +52,7 @@ class Cityscapes(SegDataset):
             elif os.path.isfile(label_ids):
                 self.samples.append((image_path, label_ids))
             else:
-                raise FileNotFoundError(f"Cityscapes: no label for {image_path}: expected {train_ids} or {label_ids}")
+                raise MissingPathError(f"Cityscapes: no label for {image_path}: expected {train_ids} or {label_ids}")
         self._check_nonempty(f"{image_dir}/<city>/*_leftImg8bit.png")
 
     def label_lut(self, label_path):

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ..errors import ConfigError, DataError, MissingPathError, UnreadableFileError
 from ._base import IGNORE_INDEX, SegDataset, lut_from_pairs, make_palette, require_dir
 
 UNUSED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
@@ -48,9 +49,9 @@ def _read_mat(path):
     try:
         raw = np.asarray(loadmat(path)["S"], dtype=np.int64)
     except (OSError, ValueError, KeyError) as err:
-        raise OSError(f"cannot read label {path}: {err}") from err
+        raise UnreadableFileError(f"cannot read label {path}: {err}") from err
     if raw.min(initial=0) < 0 or raw.max(initial=0) > 182:
-        raise ValueError(f"label {path}: value {int(raw.max())} is outside the COCO-Stuff 10k range 0..182")
+        raise DataError(f"label {path}: value {int(raw.max())} is outside the COCO-Stuff 10k range 0..182")
     return np.where(raw == 0, IGNORE_INDEX, raw - 1).astype(np.uint8)
 
 
@@ -65,14 +66,14 @@ class COCOStuff(SegDataset):
         elif os.path.isdir(os.path.join(root, "stuffthingmaps_trainval2017")):
             self._init_164k(root, split)
         else:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"COCOStuff: {root} has neither the 10k layout (imageLists/, images/, annotations/) nor the "
                 f"164k layout (images/{{train2017,val2017}}, stuffthingmaps_trainval2017/)")
 
     def _init_10k(self, root, split):
         list_path = os.path.join(root, "imageLists", "train.txt" if split == "train" else "test.txt")
         if not os.path.isfile(list_path):
-            raise FileNotFoundError(f"COCOStuff 10k: image list not found: {list_path}")
+            raise MissingPathError(f"COCOStuff 10k: image list not found: {list_path}")
         image_dir = require_dir(os.path.join(root, "images"), "COCOStuff 10k images")
         label_dir = require_dir(os.path.join(root, "annotations"), "COCOStuff 10k annotations")
         with open(list_path) as f:
@@ -80,20 +81,20 @@ class COCOStuff(SegDataset):
         for name in names:
             image_path = os.path.join(image_dir, name + ".jpg")
             if not os.path.isfile(image_path):
-                raise FileNotFoundError(f"COCOStuff 10k: {list_path} lists {name}, but {image_path} is missing")
+                raise MissingPathError(f"COCOStuff 10k: {list_path} lists {name}, but {image_path} is missing")
             for ext in (".mat", ".png"):
                 label_path = os.path.join(label_dir, name + ext)
                 if os.path.isfile(label_path):
                     break
             else:
-                raise FileNotFoundError(f"COCOStuff 10k: no annotation for {name}: expected "
+                raise MissingPathError(f"COCOStuff 10k: no annotation for {name}: expected "
                                         f"{os.path.join(label_dir, name)}.mat or .png")
             self.samples.append((image_path, label_path))
         self._check_nonempty(list_path)
 
     def _init_164k(self, root, split):
         if split == "test":
-            raise ValueError("COCOStuff 164k: there is no labelled test split; use 'train' or 'val'")
+            raise ConfigError("COCOStuff 164k: there is no labelled test split; use 'train' or 'val'")
         sub = "train2017" if split == "train" else "val2017"
         image_dir = require_dir(os.path.join(root, "images", sub), "COCOStuff 164k images")
         label_dir = require_dir(os.path.join(root, "stuffthingmaps_trainval2017", sub), "COCOStuff 164k labels")
@@ -101,7 +102,7 @@ class COCOStuff(SegDataset):
             stem = os.path.splitext(os.path.basename(image_path))[0]
             label_path = os.path.join(label_dir, stem + ".png")
             if not os.path.isfile(label_path):
-                raise FileNotFoundError(f"COCOStuff 164k: no label for {image_path}: expected {label_path}")
+                raise MissingPathError(f"COCOStuff 164k: no label for {image_path}: expected {label_path}")
             self.samples.append((image_path, label_path))
         self._check_nonempty(f"{image_dir}/*.jpg")
 

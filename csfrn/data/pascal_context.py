@@ -2,6 +2,7 @@
 ImageSets/SegmentationContext/{train,val}.txt} (the label PNGs made by mmseg's pascal_context converter)."""
 import os
 
+from ..errors import MissingPathError
 from ._base import SegDataset, make_palette, reduce_zero_lut, require_dir
 
 CLASSES = (
@@ -26,7 +27,7 @@ class PascalContext(SegDataset):
         label_dir = require_dir(os.path.join(voc, "SegmentationClassContext"), "PascalContext labels")
         list_path = os.path.join(voc, "ImageSets", "SegmentationContext", f"{split}.txt")
         if not os.path.isfile(list_path):
-            raise FileNotFoundError(f"PascalContext: split list not found: {list_path}")
+            raise MissingPathError(f"PascalContext: split list not found: {list_path}")
         with open(list_path) as f:
             names = [line.strip() for line in f if line.strip()]
         for name in names:
@@ -34,7 +35,7 @@ class PascalContext(SegDataset):
             label_path = os.path.join(label_dir, name + ".png")
             for path in (image_path, label_path):
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"PascalContext: {list_path} lists {name}, but {path} is missing")
+                    raise MissingPathError(f"PascalContext: {list_path} lists {name}, but {path} is missing")
             self.samples.append((image_path, label_path))
         self._check_nonempty(list_path)
 

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ..errors import ConfigError
 from ._base import make_palette
 
 # (kind, angle in degrees, period in pixels); background (class 0) gets the first texture at low contrast.
@@ -38,11 +39,11 @@ class Synthetic(torch.utils.data.Dataset):
     def __init__(self, split="train", transforms=None, seed=0, size=64, length=256, num_classes=5,
                  noise=30.0, max_shapes=4):
         if split not in SPLIT_OFFSETS:
-            raise ValueError(f"Synthetic: split must be one of {tuple(SPLIT_OFFSETS)}, got {split!r}")
+            raise ConfigError(f"Synthetic: split must be one of {tuple(SPLIT_OFFSETS)}, got {split!r}")
         if not 2 <= num_classes <= 1 + 2 * len(MEAN_COLOURS):
-            raise ValueError(f"Synthetic: num_classes must be in [2, {1 + 2 * len(MEAN_COLOURS)}], got {num_classes}")
+            raise ConfigError(f"Synthetic: num_classes must be in [2, {1 + 2 * len(MEAN_COLOURS)}], got {num_classes}")
         if size < 16:
-            raise ValueError(f"Synthetic: size must be at least 16, got {size}")
+            raise ConfigError(f"Synthetic: size must be at least 16, got {size}")
         self.split, self.transforms, self.seed = split, transforms, seed
         self.size, self.length, self.noise, self.max_shapes = size, length, noise, max_shapes
         self.classes = ("background",) + tuple(

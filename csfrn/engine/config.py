@@ -5,10 +5,14 @@ Unknown keys are errors that name the key; values are YAML-parsed (``--set train
 """
 import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import yaml
+
+from ..errors import ConfigError, ConfigKeyError, MissingPathError
 
 
 @dataclass
@@ -107,34 +111,56 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _check_value(key, default_field, value):
-    """Loose type check against the field's annotation: catches ``train.iters=abc`` and ``flip=3``."""
-    ann = str(default_field.type)
-    if value is None:
-        if "Optional" not in ann:
-            raise ValueError(f"config key '{key}' may not be null")
-        return value
-    if "Dict" in ann:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key '{key}' expects a mapping, got {value!r}")
-        return value
-    if "List" in ann:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
-        return list(value)
-    if ann.endswith("bool") or ann == "<class 'bool'>":
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _scalar(key, kind, value):
+    """``value`` as ``kind`` (bool, int, float or str), or a ConfigError naming ``key``. PyYAML (YAML 1.1)
+    reads ``1e-3`` and ``4e4`` as strings: numbers written that way are accepted for number fields."""
+    if kind is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"config key '{key}' expects true/false, got {value!r}")
-    elif "float" in ann:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"config key '{key}' expects a number, got {value!r}")
-        return float(value)
-    elif "int" in ann:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key '{key}' expects an integer, got {value!r}")
-    elif "str" in ann and not isinstance(value, str):
-        raise ValueError(f"config key '{key}' expects a string, got {value!r}")
+            raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        number = value
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            number = float(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"config key '{key}' expects {what}, got {value!r}")
+        if kind is float:
+            return float(number)
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+            number = int(number)
+        return number
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
     return value
+
+
+def _check_value(key, default_field, value):
+    """Type check against the field's annotation: catches ``train.iters=abc``, ``flip=3`` and
+    ``crop_size=[64, x]``; returns the value converted (numbers written as ``1e-3`` become floats)."""
+    ann = default_field.type
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Union and type(None) in args:   # Optional[X]
+        if value is None:
+            return None
+        ann = next(a for a in args if a is not type(None))
+    elif value is None:
+        raise ConfigError(f"config key '{key}' may not be null")
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return {k: _scalar(f"{key}.{k}", args[1], v) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_scalar(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    return _scalar(key, ann, value)
 
 
 def _apply(section_obj, values, prefix):
@@ -142,24 +168,37 @@ def _apply(section_obj, values, prefix):
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            raise KeyError(f"unknown config key '{full}' (known in '{prefix or 'config'}': {', '.join(fields)})")
+            raise ConfigKeyError(f"unknown config key '{full}' (known in '{prefix or 'config'}': "
+                                 f"{', '.join(fields)})")
         current = getattr(section_obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"config key '{full}' is a section and needs a mapping, got {value!r}")
+                raise ConfigError(f"config key '{full}' is a section and needs a mapping, got {value!r}")
             _apply(current, value, full)
         else:
             setattr(section_obj, key, _check_value(full, fields[key], value))
 
 
-def _set_nested(tree, dotted, value):
+def _set_nested(tree, dotted, value, pair):
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {pair}: '{dotted}' is not a key (expected section.key=value, "
+                          f"e.g. train.lr=0.02)")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override '{dotted}': '{part}' is not a section")
+            raise ConfigError(f"--set {pair}: '{part}' is not a section")
     node[parts[-1]] = value
+
+
+def _yaml_problem(err, line=True):
+    """``line L, column C: problem`` from a PyYAML error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).split("\n")[0]
+    if mark is None:
+        return problem
+    return (f"line {mark.line + 1}, " if line else "") + f"column {mark.column + 1}: {problem}"
 
 
 def parse_overrides(pairs):
@@ -167,9 +206,14 @@ def parse_overrides(pairs):
     tree = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ValueError(f"override '{pair}' is not of the form key=value")
+            raise ConfigError(f"--set {pair}: not of the form key=value (e.g. train.lr=0.02)")
         key, raw = pair.split("=", 1)
-        _set_nested(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair}: malformed value for '{key.strip()}' (YAML error at {_yaml_problem(err, line=False)}); "
+                              f"expected a YAML value such as 0.02, true, some_name or [64, 64]") from None
+        _set_nested(tree, key.strip(), value, pair)
     return tree
 
 
@@ -180,17 +224,148 @@ def from_dict(values):
     return cfg
 
 
+def _file_error(path, err):
+    """The same error type with the config file named in front."""
+    return type(err)(f"{path}: {err}")
+
+
 def load_config(path=None, overrides=None, base=None):
     """Defaults (or the nested dict ``base``, e.g. a checkpoint's config), then the YAML file at ``path`` (when
-    given), then the ``key=value`` overrides."""
+    given), then the ``key=value`` overrides; the result is checked by :func:`validate`. Mistakes raise a
+    :class:`csfrn.errors.UserError` naming the file or key and what was expected."""
     cfg = from_dict(base) if base is not None else Config()
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise MissingPathError(f"config file not found: {path} (expected a YAML file)")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping with sections model/data/train/eval")
-        _apply(cfg, values, "")
+            raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
+                              f"got {type(values).__name__}")
+        try:
+            _apply(cfg, values, "")
+        except (ConfigError, ConfigKeyError) as err:
+            raise _file_error(path, err) from None
     _apply(cfg, parse_overrides(overrides), "")
+    validate(cfg)
     return cfg
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
+
+
+def _at_least(key, value, low, what="an integer"):
+    if value < low:
+        raise ConfigError(f"config key '{key}' must be {what} >= {low}, got {value}")
+
+
+def _positive(key, value, what="a number"):
+    if not value > 0:
+        raise ConfigError(f"config key '{key}' must be {what} > 0, got {value}")
+
+
+def _pair(key, value, what="positive integers"):
+    if value is None:
+        return
+    if len(value) != 2 or not all(v > 0 for v in value):
+        raise ConfigError(f"config key '{key}' expects two {what} [height, width], got {value}")
+
+
+def validate(cfg):
+    """Check every value of a :class:`Config` that can be checked without touching files: names against their
+    choices, counts and sizes against their ranges. Raises :class:`csfrn.errors.ConfigError` naming the key and
+    what was expected. (Files are checked where they are opened: dataset folders by the datasets, checkpoints
+    by the loader.)"""
+    from ..data import DATASETS
+    from ..losses.cac import BINARY_LOSSES
+    from ..models.backbones.resnet import ARCHS
+    from ..models.builder import ASPP_DILATIONS
+    from ..models.heads import HEADS
+    from ..models.segmentor import DEFAULT_LOSS_WEIGHTS
+    from ..nn.csflm import FUSIONS
+
+    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    _choice("model.head", m.head, sorted(HEADS))
+    _choice("model.backbone", m.backbone, sorted(ARCHS))
+    _choice("model.fusion", m.fusion, FUSIONS)
+    _choice("model.binary", m.binary, BINARY_LOSSES)
+    _choice("model.output_stride", m.output_stride, sorted(ASPP_DILATIONS))
+    _at_least("model.num_classes", m.num_classes, 1)
+    for key in ("embed_dim", "width", "channels", "aux_channels", "min_kept"):
+        _at_least(f"model.{key}", getattr(m, key), 1)
+    if m.blocks is not None and (len(m.blocks) != 4 or min(m.blocks) < 1):
+        raise ConfigError(f"config key 'model.blocks' expects four block counts >= 1 (one per ResNet stage) "
+                          f"or null, got {m.blocks}")
+    if not 0 < m.thresh <= 1:
+        raise ConfigError(f"config key 'model.thresh' must lie in (0, 1], got {m.thresh}")
+    _positive("model.delta", m.delta)
+    unknown = sorted(set(m.loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS))
+    if unknown:
+        raise ConfigError(f"config key 'model.loss_weights' has unknown keys {unknown}; expected some of "
+                          f"{', '.join(DEFAULT_LOSS_WEIGHTS)}")
+
+    _choice("data.dataset", d.dataset, list(DATASETS))
+    if d.dataset != "synthetic" and not d.root:
+        raise ConfigError(f"config key 'data.root' is empty; dataset '{d.dataset}' needs its folder")
+    _pair("data.crop_size", d.crop_size)
+    _pair("data.base_size", d.base_size)
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise ConfigError(f"config key 'data.scale_range' expects [low, high] with 0 < low <= high, "
+                          f"got {d.scale_range}")
+    _at_least("data.batch_size", d.batch_size, 1)
+    _at_least("data.num_workers", d.num_workers, 0)
+    _at_least("data.size", d.size, 16)
+    _at_least("data.length", d.length, 1)
+    _at_least("data.val_length", d.val_length, 1)
+
+    _at_least("train.iters", t.iters, 1)
+    _positive("train.lr", t.lr)
+    for key in ("momentum", "weight_decay", "power", "min_lr"):
+        _at_least(f"train.{key}", getattr(t, key), 0, "a number")
+    _positive("train.head_lr_mult", t.head_lr_mult)
+    _at_least("train.warmup_iters", t.warmup_iters, 0)
+    if not 0 <= t.warmup_ratio <= 1:
+        raise ConfigError(f"config key 'train.warmup_ratio' must lie in [0, 1], got {t.warmup_ratio}")
+    _choice("train.amp", t.amp, ("none", "bf16", "fp16"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    if t.threads is not None:
+        _at_least("train.threads", t.threads, 1)
+    _at_least("train.log_interval", t.log_interval, 1)
+    _at_least("train.eval_interval", t.eval_interval, 0)
+    _at_least("train.checkpoint_interval", t.checkpoint_interval, 1)
+
+    _choice("eval.mode", e.mode, ("slide", "whole"))
+    _pair("eval.crop_size", e.crop_size)
+    _pair("eval.stride", e.stride)
+    _at_least("eval.crop_batch", e.crop_batch, 1)
+    if not e.scales or min(e.scales) <= 0:
+        raise ConfigError(f"config key 'eval.scales' expects a non-empty list of positive numbers, got {e.scales}")
+    if e.max_images is not None:
+        _at_least("eval.max_images", e.max_images, 1)
+    return cfg
+
+
+def check_training(cfg, world_size=1):
+    """What only training needs: the files it starts from exist, the global batch splits evenly over the
+    ``world_size`` processes, and BatchNorm sees at least two samples (per process, unless SyncBN pools them over
+    the processes)."""
+    for key, path, expected in (("train.resume", cfg.train.resume, "a checkpoint file, or 'auto'"),
+                                ("model.pretrained", cfg.model.pretrained, "an ImageNet checkpoint file, or null")):
+        if path is not None and not (key == "train.resume" and path == "auto") and not os.path.isfile(path):
+            raise MissingPathError(f"config key '{key}': {path} does not exist (expected {expected})")
+    batch = cfg.data.batch_size
+    if batch % world_size:
+        raise ConfigError(f"config key 'data.batch_size' is {batch}, which does not split evenly over "
+                          f"{world_size} processes; expected a multiple of {world_size}")
+    per_process = batch // world_size
+    synced = world_size > 1 and cfg.train.sync_bn
+    if per_process < 2 and not synced:
+        hint = "train.sync_bn=true or " if world_size > 1 else ""
+        raise ConfigError(f"config key 'data.batch_size' is {batch}: {per_process} sample per process "
+                          f"({world_size} process{'es' if world_size > 1 else ''}), but BatchNorm needs at least "
+                          f"2 in training; expected {hint}data.batch_size >= {2 * world_size}")

@@ -7,6 +7,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import ConfigError
+
 
 @dataclasses.dataclass
 class DistInfo:
@@ -29,11 +31,12 @@ def resolve_device(preference="auto", local_rank=0):
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
+            raise ConfigError("train.device is 'cuda' but no CUDA device is available; expected train.device=cpu "
+                              "or auto on this machine")
         return torch.device("cuda", local_rank)
     if preference == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
+    raise ConfigError(f"train.device is {preference!r}; expected one of auto, cpu, cuda")
 
 
 def init_distributed(device="auto"):

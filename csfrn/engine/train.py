@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
+from ..errors import ConfigError
 from .checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state
-from .config import Config, from_dict
+from .config import Config, check_training, from_dict
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
 from .evaluate import evaluate, write_report
 
@@ -59,9 +60,9 @@ def _amp_settings(amp, device):
     if amp == "none":
         return None, False
     if amp not in ("bf16", "fp16"):
-        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
+        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
     if device.type != "cuda":
-        raise ValueError(f"train.amp={amp} needs a CUDA device; use train.amp=none on {device}")
+        raise ConfigError(f"train.amp={amp} needs a CUDA device; use train.amp=none on {device}")
     return (torch.bfloat16 if amp == "bf16" else torch.float16), amp == "fp16"
 
 
@@ -110,6 +111,7 @@ def train(cfg: Config, model=None):
 
     Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``.
     """
+    check_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg.train.device)
     try:
         return _train(cfg, model, info)
@@ -131,8 +133,8 @@ def _train(cfg, model, info):
     num_classes = cfg.model.num_classes
     train_set = build_dataset(dcfg, dcfg.train_split, num_classes=num_classes, seed=tcfg.seed)
     if train_set.num_classes != num_classes:
-        raise ValueError(f"model.num_classes is {num_classes} but dataset '{dcfg.dataset}' has "
-                         f"{train_set.num_classes} classes")
+        raise ConfigError(f"model.num_classes is {num_classes} but dataset '{dcfg.dataset}' has "
+                          f"{train_set.num_classes} classes; expected model.num_classes={train_set.num_classes}")
     val_set = build_dataset(dcfg, dcfg.val_split, eval_transforms(), num_classes=num_classes, seed=tcfg.seed)
     if info.distributed and tcfg.sync_bn:
         model = convert_sync_batchnorm(model, device)
