@@ -91,19 +91,22 @@ def _image_files(inputs):
     return files
 
 
-def _model_and_config(args):
-    """The checkpoint's model, with the checkpoint's config unless a config file is given (then that file's;
-    its model section must match the checkpoint)."""
-    from .engine.checkpoint import load_checkpoint
-    from .engine.distributed import resolve_device
-    from .engine.train import build_model_from_config
+def _fail(verb, message):
+    """A user mistake: one line on stderr, exit status 2."""
+    print(f"csfrn {verb}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = _config(args, base=None if args.config else state["config"])
+
+def _model_and_config(args):
+    """The checkpoint's model and config (the checkpoint's own config, --config and --set layered on top)."""
+    from .engine.distributed import resolve_device
+    from .engine.train import load_model_from_checkpoint
+    try:
+        model, cfg = load_model_from_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides)
+    except (OSError, ValueError, KeyError) as err:   # checkpoint and config errors name the file and the key
+        _fail(args.verb, err.args[0] if isinstance(err, KeyError) and err.args else err)
     device = resolve_device(cfg.train.device)
-    model = build_model_from_config(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, device
+    return model.to(device), cfg, device
 
 
 def _flops_argv(cfg, given):
@@ -141,12 +144,16 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.verb == "train":
+        from .engine.checkpoint import CheckpointError
         from .engine.train import train
         if args.resume:
             args.overrides.append(f"train.resume={args.resume}")
         if args.work_dir:
             args.overrides.append(f"train.work_dir={args.work_dir}")
-        train(_config(args))
+        try:
+            train(_config(args))
+        except CheckpointError as err:   # --resume with an unusable checkpoint
+            _fail("train", err)
         return 0
 
     if args.verb == "eval":
@@ -162,6 +169,9 @@ def main(argv=None):
             split = args.split or cfg.data.val_split
             dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
                                     seed=cfg.train.seed)
+            if dataset.num_classes != cfg.model.num_classes:
+                _fail("eval", f"checkpoint {args.checkpoint} has {cfg.model.num_classes} classes, dataset "
+                      f"'{cfg.data.dataset}' has {dataset.num_classes}")
             summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device,
                                   cfg.data.base_size, progress=True)
             if info.is_main:

@@ -1,0 +1,168 @@
+"""Issue 14: checkpoints that work anywhere. CLI behaviour is checked through
+the real entry point (``python -m csfrn.cli``) in a subprocess, on tiny models."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from csfrn import cli
+from csfrn.engine import checkpoint as ckpt
+from csfrn.engine.config import load_config
+from csfrn.engine.train import build_model_from_config, checkpoint_config, train
+
+from conftest import rgb, tiny_overrides, write_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sets(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def csfrn(*args, cwd=None):
+    """``csfrn ARGS`` in a fresh process on this checkout's code."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "csfrn.cli", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, verb, *phrases):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"csfrn {verb}: error: "), result.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run trained from an "ImageNet" backbone file (model.pretrained) that is deleted afterwards."""
+    root = tmp_path_factory.mktemp("pretrained_run")
+    imagenet = root / "imagenet.pth"
+    base = load_config(None, tiny_overrides(root / "unused"))
+    torch.save(build_model_from_config(base.model).backbone.state_dict(), imagenet)
+    overrides = tiny_overrides(root / "work", iters=2, extra=[f"model.pretrained={imagenet}",
+                                                              "train.eval_interval=2"])
+    assert cli.main(["train", *_sets(overrides)]) == 0
+    imagenet.unlink()
+    return {"work": root / "work", "overrides": overrides, "imagenet": imagenet}
+
+
+# ---------------------------------------------------------------- checkpoints that work anywhere
+def test_checkpoint_needs_no_pretrained_file(run, tmp_path):
+    """eval, predict, visualize and --resume all work once model.pretrained's file is gone."""
+    best, work = run["work"] / "best.pth", run["work"]
+    assert ckpt.load_checkpoint(best)["config"]["model"]["pretrained"] == str(run["imagenet"])
+    with pytest.raises(FileNotFoundError):          # the file really is gone: building *with* it fails
+        build_model_from_config(load_config(None, [*run["overrides"]]).model)
+
+    r = csfrn("eval", "--checkpoint", best, "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads((tmp_path / "eval" / "eval_val.json").read_text())["IoU"]) == 4
+    write_png(str(tmp_path / "in" / "x.png"), rgb(20, 28))
+    r = csfrn("predict", "--checkpoint", best, "--input", tmp_path / "in", "--out", tmp_path / "pred")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "pred" / "x_trainid.png").is_file()
+    r = csfrn("visualize", "--checkpoint", best, "--out", tmp_path / "fig.png", "--points", "5,5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "fig.png").is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(work, resumed)
+    r = csfrn("train", *_sets(run["overrides"]), "--set", f"train.work_dir={resumed}", "--set", "train.iters=3",
+              "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {resumed / 'last.pth'} at iteration 2" in r.stdout
+    assert ckpt.load_checkpoint(resumed / "last.pth")["iter"] == 3
+
+
+def test_every_verb_builds_its_model_with_the_one_function(run, tmp_path, monkeypatch):
+    train_module = sys.modules["csfrn.engine.train"]
+    calls = []
+    real = train_module.load_model_from_checkpoint
+    monkeypatch.setattr(train_module, "load_model_from_checkpoint",
+                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    best = str(run["work"] / "best.pth")
+    write_png(str(tmp_path / "in" / "x.png"), rgb(20, 28))
+    assert cli.main(["eval", "--checkpoint", best, "--out", str(tmp_path)]) == 0
+    assert cli.main(["predict", "--checkpoint", best, "--input", str(tmp_path / "in"),
+                     "--out", str(tmp_path / "pred")]) == 0
+    assert cli.main(["visualize", "--checkpoint", best, "--out", str(tmp_path / "f.png")]) == 0
+    assert calls == [best] * 3
+
+
+def test_a_config_file_is_layered_on_the_checkpoint_config(run, tmp_path):
+    best = run["work"] / "best.pth"
+    (tmp_path / "eval.yaml").write_text("eval:\n  mode: whole\n  max_images: 2\n")
+    # the training machine's device is not inherited: a checkpoint from train.device=cuda works on a CPU box
+    state = ckpt.load_checkpoint(best)
+    state["config"]["train"]["device"] = "cuda"
+    cfg = checkpoint_config(state, str(tmp_path / "eval.yaml"), ["eval.flip=true"])
+    assert (cfg.model.head, cfg.model.num_classes, cfg.model.width) == ("fcn", 4, 8)   # the checkpoint's
+    assert cfg.data.dataset == "synthetic" and cfg.data.size == 32
+    assert cfg.eval.max_images == 2 and cfg.eval.flip                                    # file, then --set
+    assert cfg.train.device == "auto"
+
+    r = csfrn("eval", "--checkpoint", best, "--config", tmp_path / "eval.yaml", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads((tmp_path / "o" / "eval_val.json").read_text())["IoU"]) == 4
+
+
+def _bad_checkpoints(best, d):
+    data = best.read_bytes()
+    (d / "empty.pth").write_bytes(b"")
+    (d / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (d / "notes.pth").write_text("these are not weights\n")
+    torch.save(ckpt.load_checkpoint(best)["model"], d / "bare.pth")
+    torch.save({"state_dict": ckpt.load_checkpoint(best)["model"], "meta": {}}, d / "mmseg.pth")
+    (d / "five.yaml").write_text("model:\n  num_classes: 5\n")
+
+
+@pytest.mark.parametrize("name, args, phrases", [
+    ("missing.pth", [], ["checkpoint not found", "missing.pth"]),
+    ("empty.pth", [], ["empty.pth is empty (0 bytes)"]),
+    ("truncated.pth", [], ["truncated.pth is truncated or corrupt"]),
+    ("notes.pth", [], ["notes.pth is not a PyTorch checkpoint file"]),
+    ("bare.pth", [], ["bare.pth is a bare state_dict", "load_state_dict"]),
+    ("mmseg.pth", [], ["mmseg.pth is an mmcv / mmsegmentation checkpoint"]),
+    ("best.pth", ["--set", "model.num_classes=5"], ["best.pth has 4 classes, the config asks for 5"]),
+    ("best.pth", ["--config", "five.yaml"], ["best.pth has 4 classes, the config asks for 5"]),
+    ("best.pth", ["--set", "model.channels=32"], ["best.pth does not fit the configured model",
+                                                  "channels: checkpoint 16, config 32"]),
+])
+def test_loading_errors_name_the_file_and_the_problem(run, tmp_path, name, args, phrases):
+    _bad_checkpoints(run["work"] / "best.pth", tmp_path)
+    path = run["work"] / "best.pth" if name == "best.pth" else tmp_path / name
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    r = csfrn("eval", "--checkpoint", path, *args)
+    assert_one_line_error(r, "eval", *phrases)
+
+
+def test_resume_errors_name_the_file(run, tmp_path):
+    work = tmp_path / "w"
+    r = csfrn("train", *_sets(run["overrides"]), "--set", f"train.work_dir={work}",
+              "--resume", run["work"] / "best.pth")
+    assert_one_line_error(r, "train", "best.pth holds model weights only", "cannot be resumed from",
+                          "last.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="empty.pth is empty"):      # the library's error
+        train(load_config(None, [*run["overrides"], f"train.work_dir={work}",
+                                 f"train.resume={tmp_path / 'empty.pth'}"]))
+
+
+def test_unsafe_checkpoint_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": Evil(), "config": {}}, f, protocol=2)
+    r = csfrn("predict", "--checkpoint", tmp_path / "evil.pth", "--input", tmp_path / "evil.pth",
+              "--out", tmp_path / "o")
+    assert_one_line_error(r, "predict", "evil.pth is refused", "system")
+    assert not (tmp_path / "pwned").exists()
