@@ -28,6 +28,8 @@ def _parser():
     _common(p)
     p.add_argument("--resume", help="checkpoint to resume from ('auto': work_dir/last.pth when it exists)")
     p.add_argument("--work-dir", help="output directory (same as --set train.work_dir=...)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a work_dir that holds a previous run "
+                   "(its checkpoints, metrics and reports are removed); without it such a work_dir is refused")
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     _common(p)
@@ -145,13 +147,18 @@ def main(argv=None):
 
     if args.verb == "train":
         from .engine.checkpoint import CheckpointError
-        from .engine.train import train
+        from .engine.train import check_work_dir, train
         if args.resume:
             args.overrides.append(f"train.resume={args.resume}")
         if args.work_dir:
             args.overrides.append(f"train.work_dir={args.work_dir}")
+        cfg = _config(args)
         try:
-            train(_config(args))
+            check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
+        except (FileExistsError, ValueError) as err:
+            _fail("train", err)
+        try:
+            train(cfg, overwrite=args.overwrite)
         except CheckpointError as err:   # --resume with an unusable checkpoint
             _fail("train", err)
         return 0

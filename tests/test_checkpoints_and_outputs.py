@@ -1,4 +1,4 @@
-"""Issue 14: checkpoints that work anywhere. CLI behaviour is checked through
+"""Issue 14: checkpoints that work anywhere, and no output destroyed silently. CLI behaviour is checked through
 the real entry point (``python -m csfrn.cli``) in a subprocess, on tiny models."""
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 from csfrn import cli
 from csfrn.engine import checkpoint as ckpt
 from csfrn.engine.config import load_config
-from csfrn.engine.train import build_model_from_config, checkpoint_config, train
+from csfrn.engine.train import build_model_from_config, check_work_dir, checkpoint_config, train
 
 from conftest import rgb, tiny_overrides, write_png
 
@@ -166,3 +166,40 @@ def test_unsafe_checkpoint_is_refused_in_one_line(tmp_path):
               "--out", tmp_path / "o")
     assert_one_line_error(r, "predict", "evil.pth is refused", "system")
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- never destroy output silently
+def test_train_refuses_a_work_dir_with_a_run_unless_resume_or_overwrite(tmp_path):
+    work = tmp_path / "w"
+    first = tiny_overrides(work, iters=1, extra=["train.keep_checkpoints=true"])
+    assert cli.main(["train", *_sets(first)]) == 0
+    before = {n: (work / n).read_bytes() for n in ("last.pth", "best.pth", "metrics.jsonl", "iter_000001.pth")}
+
+    again = tiny_overrides(work, iters=2, extra=["train.keep_checkpoints=true"])
+    r = csfrn("train", *_sets(again))
+    assert_one_line_error(r, "train", str(work), "last.pth", "--resume auto", "--overwrite")
+    assert {n: (work / n).read_bytes() for n in before} == before            # nothing touched
+    r = csfrn("train", *_sets(again), "--overwrite", "--resume", "auto")
+    assert_one_line_error(r, "train", "--overwrite", "--resume")
+
+    r = csfrn("train", *_sets(again), "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed" not in r.stdout
+    assert ckpt.load_checkpoint(work / "last.pth")["iter"] == 2
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2]   # the new run's records only
+    assert not (work / "iter_000001.pth").exists() and (work / "iter_000002.pth").is_file()
+
+
+def test_work_dir_check_covers_best_only_and_auto_without_last(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path))
+    assert check_work_dir(cfg.train) == []                                   # empty work_dir: fine
+    (tmp_path / "best.pth").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="best.pth.*--overwrite"):
+        check_work_dir(cfg.train)
+    cfg.train.resume = "auto"                                                # nothing to resume from
+    with pytest.raises(FileExistsError, match="best.pth"):
+        check_work_dir(cfg.train)
+    cfg.train.resume = None
+    (tmp_path / "notes.txt").write_text("mine")
+    assert check_work_dir(cfg.train, overwrite=True) == [str(tmp_path / "best.pth")]   # only the run's files

@@ -108,20 +108,52 @@ def _resume_path(train_cfg):
     return train_cfg.resume
 
 
-def train(cfg: Config, model=None):
+# What a training run writes into its work_dir; --overwrite removes the previous run's copies first.
+RUN_OUTPUTS = ("last.pth", "best.pth", "metrics.jsonl", "val_last.json", "val_last.csv")
+
+
+def check_work_dir(train_cfg, overwrite=False):
+    """Refuse to start a new run over a previous one (its last.pth / best.pth) unless ``overwrite``; with
+    ``overwrite``, return the previous run's files to remove (checkpoints, metrics, reports, TensorBoard events)."""
+    work_dir = train_cfg.work_dir
+    if overwrite and train_cfg.resume:
+        raise ValueError("--overwrite starts over and --resume continues: give one of them")
+    if _resume_path(train_cfg) or not os.path.isdir(work_dir):
+        return []
+    names = set(os.listdir(work_dir))
+    if not overwrite:
+        if "last.pth" in names:
+            raise FileExistsError(f"work_dir {work_dir} already holds a run (last.pth): continue it with "
+                                  f"--resume auto, or start over with --overwrite")
+        if "best.pth" in names:
+            raise FileExistsError(f"work_dir {work_dir} already holds a run (best.pth): start over with "
+                                  f"--overwrite, or choose another --work-dir")
+        return []
+    old = [n for n in names if n in RUN_OUTPUTS or (n.startswith("iter_") and n.endswith(".pth"))]
+    tb = os.path.join(work_dir, "tb")
+    old = [os.path.join(work_dir, n) for n in sorted(old)]
+    if os.path.isdir(tb):
+        old += [os.path.join(tb, n) for n in sorted(os.listdir(tb)) if n.startswith("events.out.tfevents.")]
+    return old
+
+
+def train(cfg: Config, model=None, overwrite=False):
     """Train as ``cfg`` says; returns {"iter", "best_mIoU", "last": last evaluation summary or None,
     "model": the trained module (unwrapped)}.
 
-    Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``.
+    Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``. A work_dir
+    that holds a previous run (last.pth or best.pth) is refused (FileExistsError) unless the run resumes
+    (``train.resume``) or ``overwrite`` is true (the previous run's checkpoints, metrics and reports are removed).
     """
+    old_files = check_work_dir(cfg.train, overwrite)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, model, info)
+        return _train(cfg, model, info, old_files)
     finally:
         cleanup()
 
 
-def _train(cfg, model, info):
+def _train(cfg, model, info, old_files=()):
     tcfg, dcfg = cfg.train, cfg.data
     device = info.device
     if tcfg.threads:
@@ -129,6 +161,11 @@ def _train(cfg, model, info):
     os.makedirs(tcfg.work_dir, exist_ok=True)
     if info.is_main:
         remove_stale_temp_files(tcfg.work_dir)
+    if info.distributed:  # every rank has checked the work_dir before the main one empties it
+        torch.distributed.barrier()
+    if info.is_main:
+        for path in old_files:
+            os.unlink(path)
     resume = _resume_path(tcfg)
     state = None
     if resume:
