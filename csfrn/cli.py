@@ -4,7 +4,6 @@ Verbs: train, eval, predict, visualize, flops, bench-ops, bench, demo. Each take
 number of ``--set section.key=value`` overrides (YAML values; unknown keys are errors).
 """
 import argparse
-import glob
 import os
 import sys
 
@@ -77,20 +76,6 @@ def _config(args, base=None):
         return load_config(args.config, args.overrides, base)
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"csfrn {args.verb}: bad config: {err.args[0] if err.args else err}")
-
-
-def _image_files(inputs):
-    from .data.folder import IMAGE_EXTENSIONS
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
-                            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise SystemExit(f"csfrn predict: no such file or directory: {item}")
-    return files
 
 
 def _fail(verb, message):
@@ -191,14 +176,28 @@ def main(argv=None):
     if args.verb == "predict":
         from .data import DATASETS
         from .data._base import make_palette
-        from .engine.evaluate import predict
+        from tqdm import tqdm
+
+        from .engine.evaluate import find_images, predict
+        try:
+            images = find_images(args.input, exclude=args.out)
+        except (OSError, ValueError) as err:
+            _fail("predict", err)
         model, cfg, device = _model_and_config(args)
+        if args.cityscapes_ids and (cfg.model.num_classes != 19 or cfg.data.dataset != "cityscapes"):
+            _fail("predict", f"--cityscapes-ids maps Cityscapes' 19 train ids to label ids, but the model in "
+                  f"{args.checkpoint} has {cfg.model.num_classes} classes (data.dataset '{cfg.data.dataset}'); "
+                  f"add --set data.dataset=cityscapes if they are Cityscapes' 19 train ids")
         dataset_cls = DATASETS.get(cfg.data.dataset)
         # Datasets with a fixed class list carry their palette; the others (folder, synthetic) use make_palette.
         palette = getattr(dataset_cls, "palette", None) or make_palette(cfg.model.num_classes)
-        predict(model, _image_files(args.input), args.out, cfg.model.num_classes, palette, cfg.eval, device,
-                cfg.data.base_size, cityscapes_ids=args.cityscapes_ids)
-        return 0
+        written, failed = predict(model, images, args.out, cfg.model.num_classes, palette, cfg.eval, device,
+                                  cfg.data.base_size, cityscapes_ids=args.cityscapes_ids,
+                                  on_error=lambda path, why: tqdm.write(f"csfrn predict: skipped {path}: {why}",
+                                                                        file=sys.stderr))
+        print(f"csfrn predict: {len(written)} of {len(images)} images predicted into {args.out}, "
+              f"{len(failed)} failed", file=sys.stderr if failed else sys.stdout)
+        return 1 if failed else 0
 
     if args.verb == "visualize":
         from .data import build_dataset

@@ -6,15 +6,17 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from csfrn import cli
 from csfrn.engine import checkpoint as ckpt
 from csfrn.engine.config import load_config
 from csfrn.engine.train import build_model_from_config, check_work_dir, checkpoint_config, train
 
-from conftest import rgb, tiny_overrides, write_png
+from conftest import rgb, tiny_overrides, write_jpg, write_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,3 +205,91 @@ def test_work_dir_check_covers_best_only_and_auto_without_last(tmp_path):
     cfg.train.resume = None
     (tmp_path / "notes.txt").write_text("mine")
     assert check_work_dir(cfg.train, overwrite=True) == [str(tmp_path / "best.pth")]   # only the run's files
+
+
+def _write_16bit_png(path, array16):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array16, dtype=np.uint16)).save(path)
+
+
+def test_predict_mirrors_the_tree_skips_bad_images_and_reports(run, tmp_path):
+    src = tmp_path / "in"
+    write_png(str(src / "a" / "x.png"), rgb(20, 28, seed=1))
+    write_jpg(str(src / "x.jpg"), rgb(24, 20, seed=2))
+    gradient = (np.arange(24)[:, None] * np.ones(32)[None] * 2800).astype(np.uint16)   # 0 .. 64400
+    _write_16bit_png(str(src / "deep" / "b" / "g16.png"), gradient)
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = (src / "a" / "x.png").read_bytes()
+    (src / "a" / "cut.png").write_bytes(good[: len(good) // 2])
+    out = src / "pred"                       # inside the input folder: a second run must not predict it
+    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", src, "--out", out)
+    assert r.returncode == 1, r.stderr[-2000:]
+    skipped = [line for line in r.stderr.splitlines() if "skipped" in line]
+    assert len(skipped) == 2 and any(str(src / "bad.png") in s for s in skipped) \
+        and any(str(src / "a" / "cut.png") in s for s in skipped), r.stderr
+    assert "3 of 5 images predicted" in r.stderr and "2 failed" in r.stderr
+    for stem in ("a/x", "x", "deep/b/g16"):
+        for kind in ("trainid", "color", "overlay"):
+            assert (out / f"{stem}_{kind}.png").is_file(), (stem, kind)
+    assert np.asarray(Image.open(out / "a" / "x_trainid.png")).shape == (20, 28)
+    assert np.asarray(Image.open(out / "x_trainid.png")).shape == (24, 20)
+    # the 16-bit image was read as a gradient, not as white: the overlay (half image) has dark pixels
+    assert np.asarray(Image.open(out / "deep" / "b" / "g16_overlay.png")).min() < 64
+
+    from csfrn.engine.evaluate import find_images
+    assert len(find_images([str(src)], exclude=str(out))) == 5
+
+
+def test_read_image_scales_16_bit_files(tmp_path):
+    from csfrn.data._base import read_image
+    values = np.array([[0, 257, 1000], [32768, 65280, 65535]], dtype=np.uint16)
+    _write_16bit_png(str(tmp_path / "g.png"), values)
+    image = read_image(str(tmp_path / "g.png"))
+    expected = np.round(values / 257.0).astype(np.uint8)
+    assert image.dtype == torch.uint8 and image.shape == (3, 2, 3)
+    assert (image.numpy() == expected[None]).all()
+
+
+def test_find_images_keeps_same_stems_apart(tmp_path):
+    from csfrn.engine.evaluate import find_images
+    write_png(str(tmp_path / "d" / "x.png"), rgb(4, 4))
+    write_jpg(str(tmp_path / "d" / "x.jpg"), rgb(4, 4))
+    write_png(str(tmp_path / "d" / "a" / "x.png"), rgb(4, 4))
+    write_png(str(tmp_path / "e" / "x.png"), rgb(4, 4))
+    stems = sorted(s for _, s in find_images([str(tmp_path / "d")]))
+    assert stems == ["a/x", "x_jpg", "x_png"]
+    both = sorted(s for _, s in find_images([str(tmp_path / "d" / "x.png"), str(tmp_path / "e")]))
+    assert both == ["d/x", "e/x"]
+
+
+def test_predict_input_errors(run, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "empty",
+              "--out", tmp_path / "o")
+    assert_one_line_error(r, "predict", f"no images in {tmp_path / 'empty'}")
+    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "nope",
+              "--out", tmp_path / "o")
+    assert_one_line_error(r, "predict", f"no such file or directory: {tmp_path / 'nope'}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cityscapes_ids_need_cityscapes_classes(run, tmp_path):
+    write_png(str(tmp_path / "in" / "berlin_000000_000019_leftImg8bit.png"), rgb(30, 40))
+    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "in",
+              "--out", tmp_path / "o", "--cityscapes-ids")
+    assert_one_line_error(r, "predict", "--cityscapes-ids", "has 4 classes", "data.dataset 'synthetic'")
+    assert not (tmp_path / "o").exists()
+
+    # a 19-class Cityscapes model (its data root is not on this machine: predict needs none)
+    cfg = load_config(None, tiny_overrides(tmp_path / "w", extra=[
+        "model.num_classes=19", "data.dataset=cityscapes", f"data.root={tmp_path / 'gone'}"]))
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg.model)
+    ckpt.save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict()}, tmp_path / "city.pth")
+    r = csfrn("predict", "--checkpoint", tmp_path / "city.pth", "--input", tmp_path / "in",
+              "--out", tmp_path / "o", "--cityscapes-ids")
+    assert r.returncode == 0, r.stderr[-2000:]
+    train_ids = np.asarray(Image.open(tmp_path / "o" / "berlin_000000_000019_trainid.png"))
+    label_ids = np.asarray(Image.open(tmp_path / "o" / "labelIds" / "berlin_000000_000019.png"))
+    from csfrn.data.cityscapes import train_ids_to_label_ids
+    assert train_ids.shape == (30, 40) and (label_ids == train_ids_to_label_ids(train_ids)).all()
