@@ -8,12 +8,11 @@ as one line on stderr, ``csfrn <verb>: error: <message>``, with exit status 2; `
 Any other exception is a bug and shows its traceback.
 """
 import argparse
-import glob
 import os
 import sys
 import traceback
 
-from .errors import MissingPathError, UserError
+from .errors import ConfigError, MissingPathError, UserError
 
 
 # csfrn bench --what NAME runs NAME's main(argv).
@@ -36,6 +35,8 @@ def _parser():
     _common(p)
     p.add_argument("--resume", help="checkpoint to resume from ('auto': work_dir/last.pth when it exists)")
     p.add_argument("--work-dir", help="output directory (same as --set train.work_dir=...)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a work_dir that holds a previous run "
+                   "(its checkpoints, metrics and reports are removed); without it such a work_dir is refused")
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     _common(p)
@@ -102,33 +103,13 @@ def _one_line(err):
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
-def _image_files(inputs):
-    from .data.folder import IMAGE_EXTENSIONS
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
-                            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise SystemExit(f"csfrn predict: no such file or directory: {item}")
-    return files
-
-
 def _model_and_config(args):
-    """The checkpoint's model, with the checkpoint's config unless a config file is given (then that file's;
-    its model section must match the checkpoint)."""
-    from .engine.checkpoint import load_checkpoint
+    """The checkpoint's model and config (the checkpoint's own config, --config and --set layered on top)."""
     from .engine.distributed import resolve_device
-    from .engine.train import build_model_from_config
-
-    state = load_checkpoint(args.checkpoint)
-    cfg = _config(args, base=None if args.config else state["config"])
+    from .engine.train import load_model_from_checkpoint
+    model, cfg = load_model_from_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides)
     device = resolve_device(cfg.train.device)
-    model = build_model_from_config(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, device
+    return model.to(device), cfg, device
 
 
 def _flops_argv(cfg, given):
@@ -178,12 +159,14 @@ def main(argv=None):
 
 def _run(parser, args, extra):
     if args.verb == "train":
-        from .engine.train import train
+        from .engine.train import check_work_dir, train
         if args.resume:
             args.overrides.append(f"train.resume={args.resume}")
         if args.work_dir:
             args.overrides.append(f"train.work_dir={args.work_dir}")
-        train(_config(args))
+        cfg = _config(args)
+        check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
+        train(cfg, overwrite=args.overwrite)
         return 0
 
     if args.verb == "eval":
@@ -199,6 +182,9 @@ def _run(parser, args, extra):
             split = args.split or cfg.data.val_split
             dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
                                     seed=cfg.train.seed)
+            if dataset.num_classes != cfg.model.num_classes:
+                raise ConfigError(f"checkpoint {args.checkpoint} has {cfg.model.num_classes} classes, dataset "
+                                  f"'{cfg.data.dataset}' has {dataset.num_classes}")
             summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device,
                                   cfg.data.base_size, progress=True)
             if info.is_main:
@@ -211,14 +197,26 @@ def _run(parser, args, extra):
     if args.verb == "predict":
         from .data import DATASETS
         from .data._base import make_palette
-        from .engine.evaluate import predict
+        from tqdm import tqdm
+
+        from .engine.evaluate import find_images, predict
+        images = find_images(args.input, exclude=args.out)
         model, cfg, device = _model_and_config(args)
+        if args.cityscapes_ids and (cfg.model.num_classes != 19 or cfg.data.dataset != "cityscapes"):
+            raise ConfigError(f"--cityscapes-ids maps Cityscapes' 19 train ids to label ids, but the model in "
+                              f"{args.checkpoint} has {cfg.model.num_classes} classes (data.dataset "
+                              f"'{cfg.data.dataset}'); add --set data.dataset=cityscapes if they are Cityscapes' "
+                              "19 train ids")
         dataset_cls = DATASETS.get(cfg.data.dataset)
         # Datasets with a fixed class list carry their palette; the others (folder, synthetic) use make_palette.
         palette = getattr(dataset_cls, "palette", None) or make_palette(cfg.model.num_classes)
-        predict(model, _image_files(args.input), args.out, cfg.model.num_classes, palette, cfg.eval, device,
-                cfg.data.base_size, cityscapes_ids=args.cityscapes_ids)
-        return 0
+        written, failed = predict(model, images, args.out, cfg.model.num_classes, palette, cfg.eval, device,
+                                  cfg.data.base_size, cityscapes_ids=args.cityscapes_ids,
+                                  on_error=lambda path, why: tqdm.write(f"csfrn predict: skipped {path}: {why}",
+                                                                        file=sys.stderr))
+        print(f"csfrn predict: {len(written)} of {len(images)} images predicted into {args.out}, "
+              f"{len(failed)} failed", file=sys.stderr if failed else sys.stdout)
+        return 1 if failed else 0
 
     if args.verb == "visualize":
         from .data import build_dataset

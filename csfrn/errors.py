@@ -49,5 +49,9 @@ class DataError(UserError, ValueError):
     """Dataset contents that break the dataset's contract (label values, sizes, empty splits)."""
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """An output the command would replace, which the user did not ask to replace."""
+
+
 class UnreadableFileError(UserError, OSError):
     """A file that exists but cannot be read as what it should be (corrupt image, wrong label mode)."""

@@ -21,10 +21,15 @@ def require_dir(path, what):
 
 
 def read_image(path):
-    """RGB image file -> uint8 tensor [3, H, W]; an unreadable file is an error naming it."""
+    """RGB image file -> uint8 tensor [3, H, W]; an unreadable file is an error naming it. A 16-bit greyscale
+    file (PNG / TIFF, Pillow modes I;16 and I) is scaled from 0..65535 to 0..255, not clipped to white."""
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+            if img.mode.startswith("I;16") or img.mode == "I":
+                grey = np.clip(np.round(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+                array = np.repeat(grey[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as err:
         raise UnreadableFileError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

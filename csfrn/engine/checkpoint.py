@@ -1,10 +1,26 @@
 """Atomic checkpoint files that load without executing code (``torch.load(weights_only=True)``)."""
 import os
+import pickle
 import random
+import re
 import tempfile
 
 import numpy as np
 import torch
+
+from ..errors import UserError
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used; the message names the file and says what is wrong."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    pass
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The file holds objects whose loading would run code; it is refused without running any."""
 
 
 def save_checkpoint(state, path):
@@ -42,11 +58,71 @@ def remove_stale_temp_files(directory):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by :func:`save_checkpoint`; only tensors and plain containers are accepted."""
+    """Load a checkpoint written by :func:`save_checkpoint`; only tensors and plain containers are accepted.
+
+    Errors (:class:`CheckpointError`, a ValueError) name the file and say what is wrong: missing (also a
+    FileNotFoundError), empty, truncated or not a PyTorch file, holding objects whose loading would run code
+    (also a pickle.UnpicklingError)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        what = "is a directory, not a checkpoint file" if os.path.isdir(path) else "not found"
+        raise CheckpointNotFoundError(f"checkpoint {what}: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the run that wrote it was probably killed, or "
+                         f"the copy failed")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} is refused: it holds a Python object ({found.group(1)}) that loading would "
+                f"have to run; csfrn checkpoints hold only tensors and plain containers") from None
+        problem = err
+    except Exception as err:  # torch.load's errors on damaged files are OSError, EOFError, KeyError, RuntimeError
+        problem = err
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    detail = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+    what = "is truncated or corrupt" if zipped else "is not a PyTorch checkpoint file"
+    raise CheckpointError(f"checkpoint {path} {what} ({size} bytes; torch.load: {detail})") from None
+
+
+def require_keys(state, path, keys, purpose):
+    """Check that ``state`` (what :func:`load_checkpoint` returned) is a csfrn checkpoint holding ``keys``;
+    the error says what the file is instead and how to use it."""
+    path = os.fspath(path)
+    if isinstance(state, dict) and all(k in state for k in keys):
+        return state
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} is a bare state_dict ({len(state)} tensors), not a csfrn checkpoint "
+                         f"(no config is stored with it): build the model with csfrn.models.build_model(...) and "
+                         f"call model.load_state_dict(torch.load(path, weights_only=True)), or give an ImageNet "
+                         f"backbone file as model.pretrained")
+    if isinstance(state, dict) and "state_dict" in state and "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is an mmcv / mmsegmentation checkpoint, not a csfrn checkpoint; "
+                         f"an ImageNet backbone file of that kind goes into model.pretrained")
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        missing = [k for k in keys if k not in state]
+        raise CheckpointError(f"checkpoint {path} holds model weights only (no {', '.join(missing)}), so it cannot be "
+                         f"{purpose}; use work_dir/last.pth or an iter_*.pth")
+    found = f"keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+    raise CheckpointError(f"checkpoint {path} is not a csfrn checkpoint (expected keys {', '.join(keys)}; found "
+                     f"{found})")
+
+
+def checkpoint_num_classes(state):
+    """The class count a csfrn checkpoint was trained for (from its config)."""
+    return int(state["config"].get("model", {}).get("num_classes", 19))
+
+
+def check_num_classes(state, path, num_classes):
+    """A clear error when the configured class count is not the checkpoint's."""
+    have = checkpoint_num_classes(state)
+    if have != num_classes:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} has {have} classes, the config asks for {num_classes} "
+                         f"(model.num_classes)")
 
 
 # RNG states are kept as tensors / plain lists so that weights_only loading accepts them.

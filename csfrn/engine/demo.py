@@ -33,7 +33,7 @@ def run_demo(out_dir, config_path=None, overrides=None):
         run.train.resume = None
         print(f"== training {name} (csflm={csflm}) for {run.train.iters} iterations", flush=True)
         t0 = time.perf_counter()
-        result = train(run)
+        result = train(run, overwrite=True)   # the demo's own folders: a rerun starts over
         models[name] = result["model"].eval()
         table = write_report(result["last"], val_set.classes, out_dir, name=f"{name}_metrics")
         print(f"-- {name} on the synthetic val set ({len(val_set)} images):\n{table}", flush=True)

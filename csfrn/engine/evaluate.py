@@ -1,6 +1,8 @@
 """Dataset evaluation (sharded over processes, confusion matrices summed with all_reduce), reports and
 prediction pictures (train-id, colour, overlay, Cityscapes label-id PNGs)."""
+import glob
 import os
+import sys
 
 import numpy as np
 import torch
@@ -8,6 +10,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..data.cityscapes import train_ids_to_label_ids
+from ..errors import DataError, MissingPathError
 from .distributed import all_reduce_sum
 from .inference import inference_from_config
 from .metrics import confusion_matrix, format_table, save_summary, summarize
@@ -65,39 +68,102 @@ def overlay(image_hwc, color_hwc, alpha=0.5):
 
 def save_prediction(pred, image_hwc, stem, out_dir, palette, cityscapes_ids=False):
     """Write <stem>_trainid.png, <stem>_color.png, <stem>_overlay.png and, for the Cityscapes test server,
-    labelIds/<stem>.png (train ids mapped back to label ids)."""
-    os.makedirs(out_dir, exist_ok=True)
+    labelIds/<stem>.png (train ids mapped back to label ids). ``stem`` may hold folders ("a/x")."""
     pred = np.asarray(pred, dtype=np.uint8)
     color = colorize(pred, palette)
-    Image.fromarray(pred).save(os.path.join(out_dir, f"{stem}_trainid.png"))
-    Image.fromarray(color).save(os.path.join(out_dir, f"{stem}_color.png"))
-    Image.fromarray(overlay(image_hwc, color)).save(os.path.join(out_dir, f"{stem}_overlay.png"))
+    base = os.path.join(out_dir, stem)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    Image.fromarray(pred).save(f"{base}_trainid.png")
+    Image.fromarray(color).save(f"{base}_color.png")
+    Image.fromarray(overlay(image_hwc, color)).save(f"{base}_overlay.png")
     if cityscapes_ids:
-        os.makedirs(os.path.join(out_dir, "labelIds"), exist_ok=True)
-        Image.fromarray(train_ids_to_label_ids(pred)).save(os.path.join(out_dir, "labelIds", f"{stem}.png"))
+        label_path = os.path.join(out_dir, "labelIds", f"{stem}.png")
+        os.makedirs(os.path.dirname(label_path), exist_ok=True)
+        Image.fromarray(train_ids_to_label_ids(pred)).save(label_path)
+
+
+def _output_stem(relative):
+    stem = os.path.splitext(relative)[0]
+    return stem[: -len("_leftImg8bit")] if stem.endswith("_leftImg8bit") else stem
+
+
+def find_images(inputs, exclude=None):
+    """Image files under ``inputs`` (files, or folders searched recursively) with the output stem each gets:
+    its path relative to the inputs' common folder, so that ``--out`` mirrors the input tree. Returns
+    [(path, stem)].
+
+    Errors (ValueError / FileNotFoundError, naming the path): a missing input, a folder without images, two
+    inputs that would write the same outputs (x.png and x.jpg in one folder keep their extension: x_png, x_jpg).
+    Files under ``exclude`` (the output folder) are left out, so a second run does not predict its outputs.
+    """
+    from ..data.folder import IMAGE_EXTENSIONS
+
+    skip = os.path.join(os.path.abspath(exclude), "") if exclude else None
+    files, roots = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(f for f in glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True)
+                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(f)
+                           and not (skip and os.path.abspath(f).startswith(skip)))
+            if not found:
+                raise DataError(f"no images in {item} (looked for {' '.join(IMAGE_EXTENSIONS)} files in it and "
+                                 f"its subfolders)")
+            files += found
+            roots.append(os.path.abspath(item))
+        elif os.path.isfile(item):
+            files.append(item)
+            roots.append(os.path.dirname(os.path.abspath(item)))
+        else:
+            raise MissingPathError(f"no such file or directory: {item}")
+    root = os.path.commonpath(roots) if roots else ""
+    files = list(dict.fromkeys(files))
+    rel = [os.path.relpath(os.path.abspath(f), root) for f in files]
+    stems = [_output_stem(r) for r in rel]
+    counts = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    stems = [f"{s}_{os.path.splitext(r)[1][1:].lower()}" if counts[s] > 1 else s for s, r in zip(stems, rel)]
+    seen = {}
+    for path, stem in zip(files, stems):
+        if stem in seen:
+            raise DataError(f"{seen[stem]} and {path} would both write {stem}_*.png; rename one of them")
+        seen[stem] = path
+    return list(zip(files, stems))
 
 
 @torch.no_grad()
-def predict(model, image_paths, out_dir, num_classes, palette, eval_cfg, device, base_size=None,
-            cityscapes_ids=False, progress=True):
-    """Predict every image file and write the pictures of :func:`save_prediction`; returns the stems written."""
+def predict(model, images, out_dir, num_classes, palette, eval_cfg, device, base_size=None,
+            cityscapes_ids=False, progress=True, on_error=None):
+    """Predict every image and write the pictures of :func:`save_prediction` under ``out_dir``.
+
+    ``images``: [(path, stem)] as :func:`find_images` gives, or bare paths (stem: the file name without its
+    extension). An unreadable or corrupt image is skipped: ``on_error(path, message)`` is called (default: a
+    line on stderr) and the others are written. Returns (stems written, [(path, message)] of skipped images).
+    """
     from ..data._base import read_image
     from ..data.transforms import Normalize
 
     model.eval()
     normalize = Normalize()
-    stems = []
-    for path in tqdm(image_paths, desc="predict", disable=not progress):
-        image = read_image(path)
+    written, failed = [], []
+    for item in tqdm(images, desc="predict", disable=not progress):
+        path, stem = item if isinstance(item, (tuple, list)) else (item, _output_stem(os.path.basename(item)))
+        try:
+            image = read_image(path)
+        except (OSError, ValueError) as err:
+            message = str(err.__cause__ or err)
+            failed.append((path, message))
+            if on_error is not None:
+                on_error(path, message)
+            else:
+                tqdm.write(f"skipped {path}: {message}", file=sys.stderr)
+            continue
         x, _ = normalize(image, None)
         probs = inference_from_config(model, x[None].to(device), num_classes, eval_cfg, base_size=base_size)
         pred = probs.argmax(1)[0].cpu().numpy()
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem.endswith("_leftImg8bit"):
-            stem = stem[: -len("_leftImg8bit")]
         save_prediction(pred, image.permute(1, 2, 0).numpy(), stem, out_dir, palette, cityscapes_ids)
-        stems.append(stem)
-    return stems
+        written.append(stem)
+    return written, failed
 
 
 @torch.no_grad()

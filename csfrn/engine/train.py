@@ -15,18 +15,22 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
-from ..errors import ConfigError
-from .checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state
-from .config import Config, check_training, from_dict
+from ..errors import ConfigError, OutputExistsError
+from .checkpoint import (CheckpointError, check_num_classes, load_checkpoint, remove_stale_temp_files, require_keys,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import Config, check_training, from_dict, load_config
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
 from .evaluate import evaluate, write_report
 
 
-def build_model_from_config(model_cfg):
-    """:func:`csfrn.models.build_model` with the keyword arguments of a ModelConfig."""
+def build_model_from_config(model_cfg, load_pretrained=True):
+    """:func:`csfrn.models.build_model` with the keyword arguments of a ModelConfig. ``load_pretrained=False``
+    leaves ``model.pretrained`` unread: a model that a checkpoint is loaded into needs no ImageNet file."""
     from ..models import build_model
 
     kwargs = dataclasses.asdict(model_cfg)
+    if not load_pretrained:
+        kwargs["pretrained"] = None
     if kwargs["blocks"] is not None:
         kwargs["blocks"] = tuple(kwargs["blocks"])
     return build_model(**kwargs)
@@ -105,21 +109,53 @@ def _resume_path(train_cfg):
     return train_cfg.resume
 
 
-def train(cfg: Config, model=None):
+# What a training run writes into its work_dir; --overwrite removes the previous run's copies first.
+RUN_OUTPUTS = ("last.pth", "best.pth", "metrics.jsonl", "val_last.json", "val_last.csv")
+
+
+def check_work_dir(train_cfg, overwrite=False):
+    """Refuse to start a new run over a previous one (its last.pth / best.pth) unless ``overwrite``; with
+    ``overwrite``, return the previous run's files to remove (checkpoints, metrics, reports, TensorBoard events)."""
+    work_dir = train_cfg.work_dir
+    if overwrite and train_cfg.resume:
+        raise ConfigError("--overwrite starts over and --resume continues: give one of them")
+    if _resume_path(train_cfg) or not os.path.isdir(work_dir):
+        return []
+    names = set(os.listdir(work_dir))
+    if not overwrite:
+        if "last.pth" in names:
+            raise OutputExistsError(f"work_dir {work_dir} already holds a run (last.pth): continue it with "
+                                  f"--resume auto, or start over with --overwrite")
+        if "best.pth" in names:
+            raise OutputExistsError(f"work_dir {work_dir} already holds a run (best.pth): start over with "
+                                  f"--overwrite, or choose another --work-dir")
+        return []
+    old = [n for n in names if n in RUN_OUTPUTS or (n.startswith("iter_") and n.endswith(".pth"))]
+    tb = os.path.join(work_dir, "tb")
+    old = [os.path.join(work_dir, n) for n in sorted(old)]
+    if os.path.isdir(tb):
+        old += [os.path.join(tb, n) for n in sorted(os.listdir(tb)) if n.startswith("events.out.tfevents.")]
+    return old
+
+
+def train(cfg: Config, model=None, overwrite=False):
     """Train as ``cfg`` says; returns {"iter", "best_mIoU", "last": last evaluation summary or None,
     "model": the trained module (unwrapped)}.
 
-    Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``.
+    Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``. A work_dir
+    that holds a previous run (last.pth or best.pth) is refused (FileExistsError) unless the run resumes
+    (``train.resume``) or ``overwrite`` is true (the previous run's checkpoints, metrics and reports are removed).
     """
     check_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    old_files = check_work_dir(cfg.train, overwrite)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, model, info)
+        return _train(cfg, model, info, old_files)
     finally:
         cleanup()
 
 
-def _train(cfg, model, info):
+def _train(cfg, model, info, old_files=()):
     tcfg, dcfg = cfg.train, cfg.data
     device = info.device
     if tcfg.threads:
@@ -127,9 +163,22 @@ def _train(cfg, model, info):
     os.makedirs(tcfg.work_dir, exist_ok=True)
     if info.is_main:
         remove_stale_temp_files(tcfg.work_dir)
+    if info.distributed:  # every rank has checked the work_dir before the main one empties it
+        torch.distributed.barrier()
+    if info.is_main:
+        for path in old_files:
+            os.unlink(path)
+    resume = _resume_path(tcfg)
+    state = None
+    if resume:
+        state = require_keys(load_checkpoint(resume), resume, ("model", "config", "optimizer", "scheduler",
+                                                               "scaler", "rng", "iter", "best_mIoU", "world_size"),
+                             "resumed from")
+        check_num_classes(state, resume, cfg.model.num_classes)
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
     if model is None:
-        model = build_model_from_config(cfg.model)
+        # A resumed model gets its weights from the checkpoint: model.pretrained may be gone by now.
+        model = build_model_from_config(cfg.model, load_pretrained=state is None)
     num_classes = cfg.model.num_classes
     train_set = build_dataset(dcfg, dcfg.train_split, num_classes=num_classes, seed=tcfg.seed)
     if train_set.num_classes != num_classes:
@@ -145,10 +194,8 @@ def _train(cfg, model, info):
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     start_iter, best = 0, float("-inf")
-    resume = _resume_path(tcfg)
-    if resume:
-        state = load_checkpoint(resume)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        load_model_state(model, state["model"], resume, cfg.model, state["config"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -263,12 +310,46 @@ def _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info):
         "config": cfg.to_dict()}
 
 
-def load_model_from_checkpoint(path, cfg=None, device="cpu"):
-    """A model in eval mode from best.pth / last.pth; the model section of the checkpoint's config is used
-    unless ``cfg`` is given. Returns (model, Config)."""
-    state = load_checkpoint(path)
+# ModelConfig keys that change no tensor of the state_dict.
+_LOSS_ONLY = ("pretrained", "ohem", "thresh", "min_kept", "loss_weights", "binary", "delta")
+
+
+def load_model_state(model, weights, path, model_cfg, saved_config):
+    """``model.load_state_dict(weights)``; a mismatch is an error naming the checkpoint and the model keys in
+    which the config differs from the checkpoint's own."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        saved = from_dict({"model": (saved_config or {}).get("model", {})}).model
+        diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, config {getattr(model_cfg, k)!r}"
+                 for k in dataclasses.asdict(model_cfg) if k not in _LOSS_ONLY
+                 and getattr(saved, k) != getattr(model_cfg, k)]
+        lines = str(err).splitlines()
+        detail = "; ".join(diffs) if diffs else (lines[1].strip() if len(lines) > 1 else lines[0])
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model ({detail})") from None
+
+
+def checkpoint_config(state, config=None, overrides=None):
+    """The Config of a checkpoint's model: the checkpoint's own config, then the YAML file ``config`` layered
+    on top (a file with only an ``eval:`` section is fine), then ``key=value`` overrides. The training
+    machine's ``train.device`` is not inherited (``auto``, unless the file or the overrides say otherwise)."""
+    base = dict(state["config"])
+    base["train"] = {**base.get("train", {}), "device": "auto"}
+    return load_config(config, overrides, base=base)
+
+
+def load_model_from_checkpoint(path, cfg=None, device="cpu", config=None, overrides=None):
+    """A model in eval mode from best.pth / last.pth / iter_*.pth, and its Config. Returns (model, Config).
+
+    The config is the checkpoint's own with the YAML file ``config`` and the ``overrides`` layered on top
+    (:func:`checkpoint_config`), or ``cfg`` when given. ``model.pretrained`` is never read: the weights come
+    from the checkpoint, and the ImageNet file may be gone. Errors name the file: missing, empty, truncated,
+    not a csfrn checkpoint (a bare state_dict), a class count other than the config's, another architecture.
+    """
+    state = require_keys(load_checkpoint(path), path, ("model", "config"), "loaded")
     if cfg is None:
-        cfg = from_dict(state["config"])
-    model = build_model_from_config(cfg.model)
-    model.load_state_dict(state["model"])
+        cfg = checkpoint_config(state, config, overrides)
+    check_num_classes(state, path, cfg.model.num_classes)
+    model = build_model_from_config(cfg.model, load_pretrained=False)
+    load_model_state(model, state["model"], path, cfg.model, state["config"])
     return model.to(device).eval(), cfg
