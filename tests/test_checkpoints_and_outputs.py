@@ -125,7 +125,7 @@ def _bad_checkpoints(best, d):
 
 
 @pytest.mark.parametrize("name, args, phrases", [
-    ("missing.pth", [], ["checkpoint not found", "missing.pth"]),
+    ("missing.pth", [], ["no such file", "missing.pth"]),
     ("empty.pth", [], ["empty.pth is empty (0 bytes)"]),
     ("truncated.pth", [], ["truncated.pth is truncated or corrupt"]),
     ("notes.pth", [], ["notes.pth is not a PyTorch checkpoint file"]),
@@ -269,7 +269,7 @@ def test_predict_input_errors(run, tmp_path):
     assert_one_line_error(r, "predict", f"no images in {tmp_path / 'empty'}")
     r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "nope",
               "--out", tmp_path / "o")
-    assert_one_line_error(r, "predict", f"no such file or directory: {tmp_path / 'nope'}")
+    assert_one_line_error(r, "predict", f"{tmp_path / 'nope'}: no such file or directory")
     assert not (tmp_path / "o").exists()
 
 

@@ -353,9 +353,13 @@ def validate(cfg):
 def check_training(cfg, world_size=1):
     """What only training needs: the files it starts from exist, the global batch splits evenly over the
     ``world_size`` processes, and BatchNorm sees at least two samples (per process, unless SyncBN pools them over
-    the processes)."""
-    for key, path, expected in (("train.resume", cfg.train.resume, "a checkpoint file, or 'auto'"),
-                                ("model.pretrained", cfg.model.pretrained, "an ImageNet checkpoint file, or null")):
+    the processes). A resumed run takes its weights from the checkpoint: its ``model.pretrained`` may be gone."""
+    resume = cfg.train.resume
+    resuming = resume not in (None, "auto") or (
+        resume == "auto" and os.path.isfile(os.path.join(cfg.train.work_dir, "last.pth")))
+    for key, path, expected in (("train.resume", resume, "a checkpoint file, or 'auto'"),
+                                ("model.pretrained", None if resuming else cfg.model.pretrained,
+                                 "an ImageNet checkpoint file, or null")):
         if path is not None and not (key == "train.resume" and path == "auto") and not os.path.isfile(path):
             raise MissingPathError(f"config key '{key}': {path} does not exist (expected {expected})")
     batch = cfg.data.batch_size
