@@ -239,3 +239,18 @@ def test_figure3_has_a_colour_bar_a_class_legend_and_numbered_rings(tmp_path):
     assert set(visualize.QUERY_COLOURS) <= grid                 # the rings
     assert visualize.QUERY_COLOURS[:3] == [(255, 0, 0), (0, 255, 0), (0, 64, 255)]
 
+
+# ---------------------------------------------------------------- README: what the demo gives
+def test_readme_quotes_the_demo_line_and_its_direction():
+    """The README's demo sentence quotes the line `csfrn demo` prints (not a prose claim such as "within about
+    a point"), says which model is ahead as the quoted numbers do, and that one seed's numbers vary."""
+    import re
+    from csfrn.engine.demo import result_line
+    text = open(os.path.join(ROOT, "README.md")).read()
+    paragraph = text[text.index("`csfrn demo` trains"):].split("\n\n")[0]
+    found = re.search(r"CSFRN mIoU (\d+\.\d\d)  vs  baseline \(no CSFLM/AAM\) mIoU (\d+\.\d\d)", paragraph)
+    assert found, paragraph
+    ours, base = (float(v) for v in found.groups())
+    assert found.group(0) == result_line({"csfrn": {"mIoU": ours / 100}, "baseline": {"mIoU": base / 100}})
+    assert ("baseline ahead" in paragraph) == (base > ours) and "within about a point" not in paragraph
+    assert "seed" in paragraph
