@@ -119,6 +119,8 @@ def _parser():
     p.add_argument("-h", "--help", action=_BenchHelp, help="show this help (with --what X: X's options only)")
     p.add_argument("--what", choices=sorted(BENCHMARKS), default=None,
                    help="which benchmark (default: train; ops for the bench-ops alias)")
+    # bench takes no config: the keys code common to all verbs reads are there, empty
+    p.set_defaults(config=None, overrides=[], debug=False)
 
     p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set and compare")
     _common(p)
