@@ -1,7 +1,8 @@
 """``csfrn <verb>``: parse the command line, then call the library.
 
-Verbs: train, eval, predict, visualize, flops, bench-ops, bench, demo. Each takes ``--config FILE.yaml`` and any
-number of ``--set section.key=value`` overrides (YAML values; unknown keys are errors).
+Verbs: train, eval, predict, visualize, flops, bench (``bench-ops`` is ``bench --what ops``), demo. All but bench
+take ``--config FILE.yaml`` and any number of ``--set section.key=value`` overrides (YAML values; unknown keys are
+errors); ``csfrn bench --what X`` takes X's own options (``csfrn bench --help`` lists them).
 
 A user's mistake (a :class:`csfrn.errors.UserError`: bad config value, missing file, broken dataset folder) ends
 as one line on stderr, ``csfrn <verb>: error: <message>``, with exit status 2; ``--debug`` adds the traceback.
@@ -12,12 +13,48 @@ import os
 import sys
 import traceback
 
-from .errors import ConfigError, MissingPathError, UserError
+from .errors import ConfigError, MissingPathError, UsageError, UserError
 
 
-# csfrn bench --what NAME runs NAME's main(argv).
+# csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
 BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
               "report": "csfrn.bench.report"}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (``csfrn bench: error: ...``), without the usage block."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments") and getattr(self, "hint", None):
+            message += f" ({self.hint})"
+        raise UsageError(message)
+
+
+def _bench_parser(what):
+    """The benchmark module of ``csfrn bench --what WHAT`` and an empty parser for it: the module's
+    ``add_arguments`` (called by its ``main``) gives it the module's own options."""
+    import importlib
+    module = importlib.import_module(BENCHMARKS[what])
+    parser = _OneLineParser(prog="csfrn bench", usage=f"csfrn bench --what {what} [options]",
+                            description=(module.__doc__ or "").split("\n\n")[0])
+    parser.hint = f"see csfrn bench --what {what} --help"
+    return module, parser
+
+
+class _BenchHelp(argparse.Action):
+    """``csfrn bench --help``: the verb's usage, then every benchmark's options (``--what X --help``: X's only)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=kwargs.get("help"))
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        chosen = getattr(namespace, "what", None)
+        parser.print_help()
+        for what in ([chosen] if chosen else sorted(BENCHMARKS)):
+            print(f"\n==== --what {what} ({BENCHMARKS[what]})")
+            module, sub = _bench_parser(what)
+            print(module.add_arguments(sub).format_help().rstrip())
+        parser.exit()
 
 
 def _common(parser):
@@ -55,22 +92,38 @@ def _parser():
     p = verbs.add_parser("visualize", help="the paper's Figure 3: phi-distance maps of query pixels")
     _common(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (its folders are created); a folder (existing, "
+                   "ending in / or without an extension) gets figure3.png")
     p.add_argument("--split", help="dataset split (default: data.val_split)")
     p.add_argument("--indices", type=int, nargs="+", default=[0], help="dataset items to draw")
-    p.add_argument("--points", nargs="+", metavar="Y,X", help="query pixels (default: one per large class)")
-    p.add_argument("--scale", type=int, default=1, help="integer upscaling of the tiles")
+    p.add_argument("--points", nargs="+", metavar="Y,X", help="query pixels, numbered rings in red, green, blue "
+                   "(default: one per large class)")
+    p.add_argument("--scale", type=int, default=None, help="integer upscaling of the tiles (default: tiles at "
+                   "least 128 px wide)")
 
-    p = verbs.add_parser("flops", help="parameters and GFLOPs (csfrn.models.complexity); extra args pass through")
+    p = verbs.add_parser("flops", help="parameters and GFLOPs of the model a config describes",
+                         description="Parameters and GFLOPs (paper counting, csfrn.models.complexity) of the model "
+                         "that --config / --set describe: every model key counts (width, blocks, channels, "
+                         "aux_channels, aux, ...); model.pretrained is never read. The flags below override the "
+                         "config's model keys.")
     _common(p)
+    p.add_argument("--size", type=int, nargs="+", metavar="PIXELS",
+                   help="input size, H or H W (default: data.crop_size of --config; 512 without --config)")
+    for flag, key, kind in _FLOPS_FLAGS:
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=f"same as --set model.{key}")
+        else:
+            p.add_argument(flag, type=kind, help=f"same as --set model.{key}=...")
 
-    p = verbs.add_parser("bench-ops", help="kernel benchmarks (csfrn.bench.ops, csfrn.bench.deform); extra "
-                         "args pass through")
-    _common(p)
-
-    p = verbs.add_parser("bench", help="benchmarks: --what ops | deform | train | report; extra args pass through")
-    _common(p)
-    p.add_argument("--what", choices=sorted(BENCHMARKS), default="train")
+    p = verbs.add_parser("bench", aliases=["bench-ops"], add_help=False,
+                         help="benchmarks: --what ops | deform | train | report (bench-ops: --what ops)",
+                         description="Benchmarks. Each --what takes its own options, listed below; results "
+                         "are written under --out DIR only (the report needs it), never to the current folder.")
+    p.add_argument("-h", "--help", action=_BenchHelp, help="show this help (with --what X: X's options only)")
+    p.add_argument("--what", choices=sorted(BENCHMARKS), default=None,
+                   help="which benchmark (default: train; ops for the bench-ops alias)")
+    # bench takes no config: the keys code common to all verbs reads are there, empty
+    p.set_defaults(config=None, overrides=[], debug=False)
 
     p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set and compare")
     _common(p)
@@ -112,38 +165,49 @@ def _model_and_config(args):
     return model.to(device), cfg, device
 
 
-def _flops_argv(cfg, given):
-    m = cfg.model
-    argv = ["--head", m.head, "--backbone", m.backbone, "--num-classes", str(m.num_classes),
-            "--embed-dim", str(m.embed_dim), "--output-stride", str(m.output_stride), "--fusion", m.fusion,
-            "--size", *[str(s) for s in cfg.data.crop_size]]
-    argv += [] if m.csflm else ["--no-csflm"]
-    argv += [] if m.margins else ["--no-margins"]
-    argv += ["--multi-grid"] if m.multi_grid else []
-    return argv + given
+# csfrn flops flags: (flag, model key, type); bool flags set the key to the flag's meaning.
+_FLOPS_FLAGS = [("--head", "head", str), ("--backbone", "backbone", str), ("--num-classes", "num_classes", int),
+                ("--fusion", "fusion", str), ("--embed-dim", "embed_dim", int),
+                ("--output-stride", "output_stride", int), ("--no-csflm", "csflm=false", bool),
+                ("--no-margins", "margins=false", bool), ("--multi-grid", "multi_grid=true", bool)]
 
 
-def _bench_ops(argv):
-    import importlib
-    ran = False
-    for name in ("csfrn.bench.ops", "csfrn.bench.deform"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            print(f"csfrn bench-ops: {name} is not installed in this build; skipping its benchmarks", file=sys.stderr)
-            continue
-        module.main(argv)
-        ran = True
-    return 0 if ran else 1
+def _flops(args):
+    """Count the model of --config / --set / the flags (every model key, ``pretrained`` never read)."""
+    import dataclasses
+    from .models.complexity import count_model
+    for flag, key, kind in _FLOPS_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if kind is bool and value:
+            args.overrides.append(f"model.{key}")
+        elif kind is not bool and value is not None:
+            args.overrides.append(f"model.{key}={value}")
+    cfg = _config(args)
+    size = args.size or (cfg.data.crop_size if args.config else [512])
+    if not 1 <= len(size) <= 2 or min(size) < 1:
+        raise UsageError(f"--size takes H or H W (positive), got {' '.join(str(v) for v in size)}")
+    size = (size[0], size[-1])
+    try:
+        count_model(dataclasses.asdict(cfg.model), size)
+    except ValueError as err:          # an unknown head / output stride that the config let through
+        raise UsageError(str(err))
+    return 0
+
+
+def _bench(args, extra):
+    """``csfrn bench --what X [X's options]`` (``bench-ops`` is ``bench --what ops``): X's own parser takes the
+    rest of the command line, so an option X does not take is an error, not dropped."""
+    what = args.what or ("ops" if args.verb == "bench-ops" else "train")
+    module, parser = _bench_parser(what)
+    module.main(extra, parser=parser)
+    return 0
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb not in ("flops", "bench-ops", "bench"):
+    if extra and args.verb not in ("bench-ops", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         _check_paths(args)
@@ -222,32 +286,38 @@ def _run(parser, args, extra):
         from .data import build_dataset
         from .data.transforms import eval_transforms
         from .engine.visualize import visualize_dataset
-        model, cfg, device = _model_and_config(args)
-        dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, eval_transforms(),
-                                num_classes=cfg.model.num_classes, seed=cfg.train.seed)
         points = None
         if args.points:
             try:
                 points = [tuple(int(v) for v in p.split(",")) for p in args.points]
             except ValueError:
-                parser.error(f"--points takes Y,X pairs, got {args.points}")
-        path = visualize_dataset(model, dataset, args.indices, args.out, dataset.palette, device, points,
-                                 delta=cfg.model.delta, scale=args.scale)
+                points = []
+            if any(len(p) != 2 for p in points) or not points:
+                raise UsageError(f"--points takes Y,X pairs of integers, got {' '.join(args.points)}")
+        if args.scale is not None and args.scale < 1:
+            raise UsageError(f"--scale must be a positive integer, got {args.scale}")
+        out = args.out
+        if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
+            out = os.path.join(out, "figure3.png")          # a folder (created)
+        from PIL import Image
+        if os.path.splitext(out)[1].lower() not in Image.registered_extensions():
+            raise UsageError(f"--out {out}: unknown picture extension {os.path.splitext(out)[1]} (use .png)")
+        model, cfg, device = _model_and_config(args)
+        dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, eval_transforms(),
+                                num_classes=cfg.model.num_classes, seed=cfg.train.seed)
+        try:
+            path = visualize_dataset(model, dataset, args.indices, out, dataset.palette, device, points,
+                                     delta=cfg.model.delta, scale=args.scale)
+        except ValueError as err:      # indices / points out of range, a model without CSFLM, a bad extension
+            raise UsageError(str(err))
         print(f"wrote {path}")
         return 0
 
     if args.verb == "flops":
-        from .models.complexity import main as flops_main
-        flops_main(_flops_argv(_config(args), extra) if args.config or args.overrides else extra)
-        return 0
+        return _flops(args)
 
-    if args.verb == "bench-ops":
-        return _bench_ops(extra)
-
-    if args.verb == "bench":
-        import importlib
-        importlib.import_module(BENCHMARKS[args.what]).main(extra)
-        return 0
+    if args.verb in ("bench", "bench-ops"):
+        return _bench(args, extra)
 
     if args.verb == "demo":
         from .engine.demo import DEMO_CONFIG, run_demo

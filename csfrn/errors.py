@@ -37,6 +37,10 @@ class ConfigError(UserError, ValueError):
     """A config value (YAML file, --set override or checkpoint config) that is malformed or out of range."""
 
 
+class UsageError(UserError, ValueError):
+    """A command-line argument that is malformed, out of range or not taken by the command."""
+
+
 class ConfigKeyError(UserError, KeyError):
     """A config key that does not exist."""
 

@@ -66,36 +66,46 @@ def test_eval_predict_visualize(trained, tmp_path, capsys):
 
     png = tmp_path / "fig3.png"
     assert cli.main(["visualize", "--checkpoint", ckpt, "--out", str(png), "--indices", "0", "1",
-                     "--points", "5,5", "20,10"]) == 0
+                     "--points", "5,5", "20,10", "--scale", "4"]) == 0
     with Image.open(png) as img:
-        # titles; then image, gt, pred + 2 maps per row, 2 rows
-        assert img.size == (4 + 5 * (32 + 4), 14 + 4 + 2 * (32 + 4))
+        # image, gt, pred + 2 maps per row, 2 rows of 4x upscaled 32 px tiles; titles above, colour bar and
+        # legend below
+        assert img.width == 4 + 5 * (4 * 32 + 4) and img.height > 20 + 4 + 2 * (4 * 32 + 4) + 46
 
 
 def test_flops_uses_the_config(capsys):
     c = cli.main(["flops", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--size", "64"])
     assert c == 0
     out = capsys.readouterr().out
-    assert "deeplabv3plus resnet50c +CSFLM(aam, D=8) @ 64x64" in out and "GFLOPs" in out
+    assert "deeplabv3plus resnet50c (num_classes 7, width 8, blocks [1, 1, 1, 1], channels 32, aux_channels 16) " \
+           "+CSFLM(aam, D=8) @ 64x64" in out and "GFLOPs" in out
 
 
-def test_bench_ops_calls_the_benchmark_modules(monkeypatch, capsys):
+def test_bench_ops_is_bench_what_ops(monkeypatch, capsys):
     calls = []
-    monkeypatch.setitem(sys.modules, "csfrn.bench.ops", types.SimpleNamespace(main=lambda argv: calls.append(argv)))
-    monkeypatch.setitem(sys.modules, "csfrn.bench.deform", None)       # missing
+
+    def fake_main(argv, parser):
+        calls.append(argv)
+        parser.add_argument("--quick", action="store_true")
+        return parser.parse_args(argv)
+    monkeypatch.setitem(sys.modules, "csfrn.bench.ops", types.SimpleNamespace(main=fake_main, __doc__="ops"))
     assert cli.main(["bench-ops", "--quick"]) == 0
-    assert calls == [["--quick"]]
-    assert "csfrn.bench.deform is not installed" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "csfrn.bench.ops", None)
-    assert cli.main(["bench-ops"]) == 1
+    assert cli.main(["bench", "--what", "ops", "--quick"]) == 0
+    assert calls == [["--quick"], ["--quick"]]
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["bench-ops", "--reps", "3"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        "csfrn bench: error: unrecognized arguments: --reps 3 (see csfrn bench --what ops --help)"
 
 
 def test_bench_dispatches_by_what(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "csfrn.bench.train_step",
-                        types.SimpleNamespace(main=lambda argv: calls.append(argv)))
+                        types.SimpleNamespace(main=lambda argv, parser: calls.append(argv), __doc__="train"))
     assert cli.main(["bench", "--what", "train", "--quick", "--reps", "1"]) == 0
-    assert calls == [["--quick", "--reps", "1"]]
+    assert cli.main(["bench", "--quick"]) == 0                          # train is the default
+    assert calls == [["--quick", "--reps", "1"], ["--quick"]]
     with pytest.raises(SystemExit):
         cli.main(["bench", "--what", "nothing"])
 

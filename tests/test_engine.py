@@ -189,10 +189,33 @@ def test_slide_equals_whole_when_the_crop_covers_the_image():
     whole = model(x)
     slide = slide_inference(model, x, 4, crop_size=(24, 32), stride=(16, 16))
     assert torch.allclose(slide, whole, atol=1e-6)
+    # a crop larger than the image (the 769 default on a small image) is cut to the image, not zero-padded
+    for crop in [(769, 769), (24, 769), (769, 32), (100, 40)]:
+        slide = slide_inference(model, x, 4, crop_size=crop, stride=(513, 513))
+        assert torch.allclose(slide, whole, atol=1e-6), crop
+
+
+def test_slide_crop_larger_in_one_dimension_is_cut_to_the_image():
+    """mmsegmentation's windows: the crop spans the whole height, and slides over the width."""
+    model = _tiny_model()
+    x = torch.randn(1, 3, 24, 40)
+    calls = []
+
+    def record(crops):
+        calls.append(tuple(crops.shape[-2:]))
+        return model(crops)
+    slide = slide_inference(record, x, 4, crop_size=(64, 24), stride=(8, 16), crop_batch=1)
+    assert calls == [(24, 24), (24, 24)]                 # windows x = 0 and 16; never padded to 64 rows
+    expected = torch.zeros(1, 4, 24, 40)
+    count = torch.zeros(1, 1, 24, 40)
+    for x0 in (0, 16):
+        expected[..., x0:x0 + 24] += model(x[..., x0:x0 + 24])
+        count[..., x0:x0 + 24] += 1
+    assert torch.allclose(slide, expected / count, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [(37, 50), (10, 12)])
-def test_slide_overlap_averaging_and_padding(size):
+def test_slide_overlap_averaging_and_small_images(size):
     model = _Pointwise().eval()
     x = torch.randn(1, 3, *size)
     a = slide_inference(model, x, 3, crop_size=(16, 20), stride=(7, 9), crop_batch=3)

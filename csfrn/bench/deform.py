@@ -17,6 +17,7 @@ The twin materialises every bilinear gather; at full size it takes seconds and g
 (``twin_reps``, default 1) or not at all (``--no-twin``).
 """
 import argparse
+import os
 import time
 
 import torch
@@ -173,8 +174,9 @@ def ratios(rows):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser):
+    """The options of this benchmark (``csfrn bench --what deform`` and ``benchmarks/bench_deform_conv.py``)."""
+    p = parser
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation (interleaved)")
     p.add_argument("--twin-reps", type=int, default=1, help="repetitions of the (slow) reference twin")
@@ -183,8 +185,19 @@ def main(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="run every implementation under autocast to this dtype (default: float32)")
     p.add_argument("--batch", type=int, default=None, help="N of every shape (default 2, 1 with --quick)")
-    p.add_argument("--json", default=None, help="write rows, ratios and the machine to this file")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write rows, ratios and the machine to DIR/deform_conv_<device>[-<amp>].json "
+                        "(default: no file)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write them to FILE (instead of --out's)")
+    return parser
+
+
+def main(argv=None, parser=None):
+    args = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/bench_deform_conv.py",
+                                                           description=__doc__.splitlines()[0])).parse_args(argv)
+    if args.out and not args.json:
+        suffix = "" if args.amp == "none" else f"-{args.amp}"
+        args.json = os.path.join(args.out, f"deform_conv_{torch.device(args.device).type}{suffix}.json")
 
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
@@ -203,6 +216,7 @@ def main(argv=None):
         write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__, amp=args.amp,
                                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
                                    rows=rows, ratios=rat))
+        print(f"wrote {args.json}")
     print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
                        ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),
                        ("peak_mb", "peak MiB", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),

@@ -1,6 +1,6 @@
 """Benchmark of the class-wise ops: our kernel vs its reference twin vs the pure-PyTorch formulation a user
 would write (one-hot + bmm for the pooling, torch.cdist for the distance), forward and forward+backward,
-time and peak memory, measured in one run. ``csfrn bench-ops`` and ``benchmarks/bench_ops.py`` run it.
+time and peak memory, measured in one run. ``csfrn bench --what ops`` and ``benchmarks/bench_ops.py`` run it.
 
 Floors at the Cityscapes training shape (N=2, D=32, 97x97, K=19; this CPU: ~24 GB/s copy counting read +
 write, ~300 GFLOP/s fp32 peak on 2 threads), float32:
@@ -176,26 +176,35 @@ def parse_shape(text):
     return shape
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="csfrn bench-ops", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
+    """The options of this benchmark (``csfrn bench --what ops`` and ``benchmarks/bench_ops.py``)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--json", default=None, help="where to write the rows (default benchmarks/results/…)")
-    parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke test")
     parser.add_argument("--shape", action="append", type=parse_shape, default=None, metavar="N,D,H,W,K",
                         help="a shape to time (repeatable; default N=2 D=32 97x97 with K=19 and K=150)")
+    parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke test")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write the rows to DIR/class_ops-<device>.json (default: no file)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the rows to FILE (instead of --out's)")
+    return parser
+
+
+def main(argv=None, parser=None):
+    parser = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/bench_ops.py",
+                                                             description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
     shapes = [(2, 8, 24, 24, 5)] if args.quick else args.shape
     rows = run(args.device, args.reps, shapes=shapes, dtype=getattr(torch, args.dtype))
     meta = {"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
             "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
-    path = args.json or os.path.join("benchmarks", "results", f"class_ops-{torch.device(args.device).type}.json")
-    write_json(path, {"meta": meta, "rows": rows})
+    path = args.json or (args.out and os.path.join(args.out, f"class_ops-{torch.device(args.device).type}.json"))
+    if path:
+        write_json(path, {"meta": meta, "rows": rows})
     print(f"class-wise ops on {meta['device']}, torch {meta['torch']}, {args.dtype}, median of {args.reps}")
     print(table(rows, COLUMNS))
     print("\n".join(summary_lines(rows)))
-    print(f"wrote {path}")
+    print(f"wrote {path}" if path else "(no --out: nothing written)")
     return rows
 
 

@@ -74,14 +74,34 @@ def _fmt_ms(v):
     return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
 
 
+def spread(ys, step, lo, hi):
+    """Positions near ``ys`` (same order) at least ``step`` apart, inside [lo, hi] when they fit: end labels
+    that do not overlap however close their lines end."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    pos = [0.0] * len(ys)
+    prev = -math.inf
+    for i in order:                                   # push down
+        pos[i] = max(ys[i], lo, prev + step)
+        prev = pos[i]
+    nxt = math.inf
+    for i in reversed(order):                         # then up from the bottom bound
+        pos[i] = min(pos[i], hi, nxt - step)
+        nxt = pos[i]
+    return pos
+
+
 def line_panel(draw, box, title, series, xlabel, ylabel):
-    """Log-log line chart of ``series`` (label -> [(x, y)]) inside ``box`` (x0, y0, x1, y1)."""
+    """Log-log line chart of ``series`` (label -> [(x, y)]) inside ``box`` (x0, y0, x1, y1). Each line's last
+    value is written right of the plot, the labels spread apart so none overlaps another. Returns the
+    bounding boxes of those end labels."""
     x0, y0, x1, y1 = box
     small, mid = _font(12), _font(14)
     draw.text(((x0 + x1) / 2, y0 + 4), title, fill="black", font=_font(15), anchor="mt")
-    per_row = 3                                                    # legend entries per row
+    # legend entries per row: as many as fit in the panel's width at the longest name
+    entry_w = max(draw.textbbox((0, 0), name, font=small)[2] for name in series) + 40
+    per_row = max(1, min(len(series), int((x1 - 15 - (x0 + 70)) // entry_w)))
     legend_rows = math.ceil(len(series) / per_row)
-    px0, py0, px1, py1 = x0 + 70, y0 + 38 + 16 * legend_rows, x1 - 15, y1 - 50
+    px0, py0, px1, py1 = x0 + 70, y0 + 38 + 16 * legend_rows, x1 - 58, y1 - 50
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts if y > 0]
     lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
@@ -109,6 +129,7 @@ def line_panel(draw, box, title, series, xlabel, ylabel):
     label = Image.new("RGB", (int(py1 - py0), 18), "white")
     ImageDraw.Draw(label).text((label.width / 2, 0), ylabel, fill="black", font=mid, anchor="mt")
     draw._image.paste(label.rotate(90, expand=True), (x0 + 4, int(py0)))
+    ends = []
     for i, (name, pts) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         coords = [to_px(x, y) for x, y in sorted(pts)]
@@ -116,19 +137,26 @@ def line_panel(draw, box, title, series, xlabel, ylabel):
             draw.line(coords, fill=color, width=3)
         for cx, cy in coords:
             draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=color)
-        last_x, last_y = coords[-1]
-        # every other series labels below its point, so close lines keep legible values
-        draw.text((last_x - 6, last_y + (-6 if i % 2 == 0 else 6)), _fmt_ms(sorted(pts)[-1][1]), fill=color,
-                  font=small, anchor="rb" if i % 2 == 0 else "rt")
-        # legend in rows of three between the title and the plot, where it hides no point
-        lx = px0 + (i % per_row) * (px1 - px0) / per_row
+        ends.append((coords[-1], _fmt_ms(sorted(pts)[-1][1]), color))
+        # legend in rows between the title and the plot, where it hides no point
+        lx = px0 + (i % per_row) * entry_w
         ly = y0 + 30 + 16 * (i // per_row)
         draw.line((lx, ly, lx + 20, ly), fill=color, width=3)
         draw.text((lx + 26, ly), name, fill="black", font=small, anchor="lm")
+    # end values right of the plot, spread apart vertically, each joined to its point by a thin line
+    label_h = draw.textbbox((0, 0), "0.123", font=small)[3] + 3
+    placed = spread([cy for (_, cy), _, _ in ends], label_h, py0 + label_h / 2, py1 - label_h / 2)
+    boxes = []
+    for ((cx, cy), text, color), ty in zip(ends, placed):
+        draw.line((cx + 5, cy, px1 + 4, ty), fill=color, width=1)
+        draw.text((px1 + 6, ty), text, fill=color, font=small, anchor="lm")
+        boxes.append(draw.textbbox((px1 + 6, ty), text, font=small, anchor="lm"))
+    return boxes
 
 
 def ops_chart(rows, path, title):
-    """One log-log panel per (op, pass): median time vs pixels, one line per implementation."""
+    """One log-log panel per (op, pass): median time vs pixels, one line per implementation. Returns the end
+    labels' boxes by (op, pass)."""
     panels = {}
     for r in rows:
         panels.setdefault((r["op"], r["pass"]), {}).setdefault(r["impl"], []).append((r["pixels"], r["median_ms"]))
@@ -138,11 +166,13 @@ def ops_chart(rows, path, title):
     img = Image.new("RGB", (cols * pw, rows_n * ph + 50), "white")
     draw = ImageDraw.Draw(img)
     draw.text((img.width / 2, 12), title, fill="black", font=_font(18), anchor="mt")
+    labels = {}
     for i, ((op, pas), series) in enumerate(sorted(panels.items())):
         x, y = (i % cols) * pw, 50 + (i // cols) * ph
-        line_panel(draw, (x, y, x + pw, y + ph), f"{op} ({pas})", series, "pixels (N x H x W)",
-                   "median time (ms, log)")
+        labels[op, pas] = line_panel(draw, (x, y, x + pw, y + ph), f"{op} ({pas})", series, "pixels (N x H x W)",
+                                     "median time (ms, log)")
     img.save(path)
+    return labels
 
 
 def breakdown_chart(parts, path, title):
@@ -223,11 +253,13 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def run(device="cpu", out_dir=os.path.join("benchmarks", "results"), reps=5, quick=False, size=None, batch=2,
+def run(device="cpu", out_dir=None, reps=5, quick=False, size=None, batch=2,
         amp=None, step_json=None, log=print):
     """Runs everything, writes the JSON, Markdown and PNGs; returns {"json", "md", "ops_png", "step_png"}.
     ``step_json``: the JSON of an earlier ``bench_train_step.py --json`` run to report instead of running the
     step benchmark again (on the CPU it takes minutes); the breakdown then uses its size, batch and amp."""
+    if out_dir is None:
+        raise ValueError("report.run needs out_dir, the folder the report goes to")
     if quick:
         reps = 1
     date = datetime.date.today().isoformat()
@@ -260,10 +292,11 @@ def run(device="cpu", out_dir=os.path.join("benchmarks", "results"), reps=5, qui
     return paths
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="benchmarks/report.py", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
+    """The options of the report (``csfrn bench --what report`` and ``benchmarks/report.py``)."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created): "
+                        "<device>-<date>.json, .md, -ops.png and -step.png go there")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size", type=train_step.parse_size, default=None, help="training-step input H or HxW")
     parser.add_argument("--batch", type=int, default=2)
@@ -274,6 +307,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
                              "parallel op on a descheduled thread")
+    return parser
+
+
+def main(argv=None, parser=None):
+    parser = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/report.py",
+                                                             description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,13 @@
 """Timing and peak-memory helpers shared by every benchmark: one process, interleaved repetitions, medians."""
+import contextlib
 import json
 import os
 import platform
 import random
+import re
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -62,6 +66,38 @@ def _time_once(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
+# What kineto (the torch profiler's backend) writes to the C-level stderr at every profile: "USDT: ...
+# profiler_start / profiler_stop", "STAGE: ... Completed Stage" and, on a machine without a GPU,
+# "ERROR: ... gpuGetDeviceCount failed with code 35"; and c10's "Memory block of unknown size was allocated
+# before the profiling started" when the call frees a tensor made before it (the peak counts the call's own
+# allocations by design). None of it is ours or actionable.
+_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):.*\]|gpuGetDeviceCount failed|"
+                             r"allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def profiler_quiet():
+    """Run a torch profiler without its log lines: file descriptor 2 goes to a temporary file for the block,
+    and afterwards every line of it that is not profiler noise (a warning of the profiled code, say) is written
+    to stderr as it would have been."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _PROFILER_NOISE.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def peak_memory_mb(fn, device="cpu"):
     """Peak extra memory of one call of ``fn`` in MiB."""
     device = torch.device(device)
@@ -73,8 +109,10 @@ def peak_memory_mb(fn, device="cpu"):
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with profiler_quiet():                 # kineto logs at start, stop and when its events are read
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        recorded = prof.events()
     # Walk allocation events in time order; the running sum of bytes is what the call holds.
     # Self memory counts each allocation once (an operator's total would count its children's again);
     # frees appear as "[memory]" events with negative sizes. An operator that frees its children's
@@ -83,7 +121,7 @@ def peak_memory_mb(fn, device="cpu"):
     def when(e):
         own_frees = e.self_cpu_memory_usage < 0 and e.name != "[memory]"
         return e.time_range.end if own_frees else e.time_range.start
-    events = sorted((when(e), e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    events = sorted((when(e), e.self_cpu_memory_usage) for e in recorded if e.self_cpu_memory_usage)
     held = peak = 0
     for _, size in events:
         held += size

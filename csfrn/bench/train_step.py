@@ -17,6 +17,7 @@ context: it cannot go below the FLOP ratio when both run at the same rate.
 import argparse
 import contextlib
 import datetime
+import os
 import statistics
 import time
 import unittest.mock
@@ -311,8 +312,8 @@ def parse_size(text):
     return (parts[0], parts[-1])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="csfrn bench --what train", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
+    """The options of this benchmark (``csfrn bench --what train`` and ``benchmarks/bench_train_step.py``)."""
     parser.add_argument("--size", type=parse_size, default=None, help="H or HxW (default 321 CPU, 769 CUDA)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
@@ -323,12 +324,22 @@ def main(argv=None):
     parser.add_argument("--infer-size", type=parse_size, default=None,
                         help="H or HxW of the inference input (default: the training size)")
     parser.add_argument("--infer-batch", type=int, default=None, help="images per inference (default --batch)")
-    parser.add_argument("--json", default=None, help="where to write the results (default: no file)")
     parser.add_argument("--quick", action="store_true", help="tiny model and size, for tests")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
                              "parallel op on a descheduled thread")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write the results to DIR/train_step-<device>.json (default: no file)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the results to FILE (instead of --out's)")
+    return parser
+
+
+def main(argv=None, parser=None):
+    parser = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/bench_train_step.py",
+                                                             description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
+    if args.out and not args.json:
+        args.json = os.path.join(args.out, f"train_step-{torch.device(args.device).type}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -52,6 +52,11 @@ def run_demo(out_dir, config_path=None, overrides=None):
     summary["config"] = cfg.to_dict()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"CSFRN mIoU {100 * summary['csfrn']['mIoU']:.2f}  vs  baseline (no CSFLM/AAM) mIoU "
-          f"{100 * summary['baseline']['mIoU']:.2f}  ({summary['seconds']:.0f} s; pictures in {out_dir})", flush=True)
+    print(f"{result_line(summary)}  ({summary['seconds']:.0f} s; pictures in {out_dir})", flush=True)
     return summary
+
+
+def result_line(summary):
+    """The demo's verdict as it prints it (the README quotes it)."""
+    return (f"CSFRN mIoU {100 * summary['csfrn']['mIoU']:.2f}  vs  baseline (no CSFLM/AAM) mIoU "
+            f"{100 * summary['baseline']['mIoU']:.2f}")

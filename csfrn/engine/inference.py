@@ -25,9 +25,10 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
     """Logits of overlapping crop windows, averaged where they overlap (each pixel divided by its window count).
 
     Args:
-        image: [N, 3, H, W] normalised float tensor; an image smaller than the crop is padded with 0 (the
-            normalised mean) to the crop size and the result cut back.
-        crop_size, stride: (h, w) pairs (or ints).
+        image: [N, 3, H, W] normalised float tensor.
+        crop_size, stride: (h, w) pairs (or ints). A crop larger than the image is cut to the image, as
+            mmsegmentation's slide inference does (windows ``[max(end - crop, 0), end)``): the model never
+            sees padding, and a crop covering the image gives exactly the whole-image logits.
         crop_batch: crops per forward pass: memory is bounded by this, not by the image size.
 
     Returns:
@@ -36,13 +37,12 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
     ch, cw = _pair(crop_size)
     sh, sw = _pair(stride)
     n, _, h, w = image.shape
-    ph, pw = max(ch - h, 0), max(cw - w, 0)
-    if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph))
-    H, W = image.shape[-2:]
-    boxes = [(y, x) for y in _windows(H, ch, sh) for x in _windows(W, cw, sw)]
-    out = image.new_zeros(n, num_classes, H, W, dtype=torch.float32)
-    count = image.new_zeros(1, 1, H, W, dtype=torch.float32)
+    # Zero-padding a small image up to the crop would make the model see a mostly-grey picture (a 64 px
+    # image in a 769 crop): cut the crop to the image instead.
+    ch, cw = min(ch, h), min(cw, w)
+    boxes = [(y, x) for y in _windows(h, ch, sh) for x in _windows(w, cw, sw)]
+    out = image.new_zeros(n, num_classes, h, w, dtype=torch.float32)
+    count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
     for i in range(n):
         for start in range(0, len(boxes), crop_batch):
             chunk = boxes[start:start + crop_batch]
@@ -52,7 +52,7 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
                 out[i, :, y:y + ch, x:x + cw] += crop_logits
                 if i == 0:
                     count[0, 0, y:y + ch, x:x + cw] += 1
-    return (out / count)[:, :, :h, :w]
+    return out / count
 
 
 @torch.no_grad()

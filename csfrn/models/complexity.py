@@ -99,12 +99,50 @@ def flops_table(rows, size=(512, 512), num_classes=19):
     return out
 
 
-def main(argv=None):
-    """``csfrn flops --head deeplabv3plus --backbone resnet50c --size 512 [--no-csflm] [--fusion concat]``."""
+# Model keys that change the network's shape, with build_model's defaults: the ones that differ are named in
+# the printed line, so the line says which network was counted.
+SHAPE_DEFAULTS = {"num_classes": 19, "width": 64, "blocks": None, "channels": 512, "aux_channels": 256, "aux": True,
+                  "output_stride": 8, "multi_grid": False, "margins": True}
+
+
+def model_name(kwargs):
+    """"deeplabv3plus resnet50c (width 8, blocks [1, 1, 1, 1]) +CSFLM(aam, D=8)" for build_model keywords."""
+    name = f"{kwargs.get('head', 'deeplabv3plus')} {kwargs.get('backbone', 'resnet50c')}"
+    shape = [f"{key} {list(kwargs[key]) if isinstance(kwargs[key], tuple) else kwargs[key]}"
+             for key, default in SHAPE_DEFAULTS.items()
+             if key in kwargs and (list(kwargs[key]) if isinstance(kwargs[key], tuple) else kwargs[key]) != default]
+    if shape:
+        name += f" ({', '.join(shape)})"
+    if kwargs.get("csflm", True):
+        name += f" +CSFLM({kwargs.get('fusion', 'aam')}, D={kwargs.get('embed_dim', 32)})"
+    return name
+
+
+def count_model(kwargs, size):
+    """Build ``build_model(**kwargs)`` on the meta device (``pretrained`` is never read: counting needs shapes
+    only), count it at ``size`` (H, W), print one line and return :func:`complexity`'s dict."""
     from .builder import build_model
+    kwargs = {**kwargs, "pretrained": None}
+    if kwargs.get("blocks") is not None:
+        kwargs["blocks"] = tuple(kwargs["blocks"])
+    with torch.device("meta"):
+        model = build_model(**kwargs)
+    c = complexity(model, size)
+    def g(v):                                          # 178.48, and 0.0213 for a tiny model
+        return f"{v:.2f}" if v >= 1 else f"{v:.3g}"
+    print(f"{model_name(kwargs)} @ {size[0]}x{size[1]}: params {c['params'] / 1e6:.2f} M, GFLOPs {g(c['gflops'])} "
+          f"(paper counting), {g(c['gflops_all'])} (FlopCounterMode / 2)")
+    return c
+
+
+def main(argv=None):
+    """``python -m csfrn.models.complexity --head deeplabv3plus --backbone resnet50c --size 512 [--no-csflm]
+    [--fusion concat]``: the paper's models by name. ``csfrn flops --config X`` counts the model a config
+    describes (every model key)."""
     from .heads import HEADS
     from .backbones import ARCHS
-    parser = argparse.ArgumentParser(prog="csfrn flops", description="parameters and GFLOPs of a CSFRN model "
+    parser = argparse.ArgumentParser(prog="python -m csfrn.models.complexity",
+                                     description="parameters and GFLOPs of a CSFRN model "
                                      "(paper counting: mmcv convention, aux head excluded)")
     parser.add_argument("--head", default="deeplabv3plus", choices=sorted(HEADS))
     parser.add_argument("--backbone", default="resnet50c", choices=sorted(ARCHS))
@@ -117,16 +155,12 @@ def main(argv=None):
     parser.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
     parser.add_argument("--multi-grid", action="store_true")
     args = parser.parse_args(argv)
+    if len(args.size) > 2:
+        parser.error(f"--size takes H or H W, got {len(args.size)} numbers")
     size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
-    with torch.device("meta"):
-        model = build_model(args.head, args.num_classes, backbone=args.backbone, csflm=args.csflm,
-                            fusion=args.fusion, embed_dim=args.embed_dim, margins=args.margins,
-                            output_stride=args.output_stride, multi_grid=args.multi_grid)
-    c = complexity(model, size)
-    name = f"{args.head} {args.backbone}" + ("" if not args.csflm else f" +CSFLM({args.fusion}, D={args.embed_dim})")
-    print(f"{name} @ {size[0]}x{size[1]}: params {c['params'] / 1e6:.2f} M, GFLOPs {c['gflops']:.2f} "
-          f"(paper counting), {c['gflops_all']:.2f} (FlopCounterMode / 2)")
-    return c
+    return count_model(dict(head=args.head, num_classes=args.num_classes, backbone=args.backbone,
+                            csflm=args.csflm, fusion=args.fusion, embed_dim=args.embed_dim, margins=args.margins,
+                            output_stride=args.output_stride, multi_grid=args.multi_grid), size)
 
 
 if __name__ == "__main__":
