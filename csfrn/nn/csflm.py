@@ -22,7 +22,8 @@ class CSFLM(nn.Module):
 
     A' = conv3x3(A) + BN + ReLU; B = conv1x1(A') -> embeddings; C = conv1x1(A') -> one-channel margin map.
     Fusion "concat": conv1x1(concat[A, B]) + BN + ReLU (the paper's "+CSFLM" ablation rows); "aam": the
-    Adaptive Aggregation Module with X = B, Y = A.
+    Adaptive Aggregation Module with X = B, Y = A; None: no fusion (``features`` is A itself and the module
+    has no fusion layers), for CSFLM run only to feed the losses (``csfrn.models.add_csflm(fusion="loss_only")``).
 
     The module makes features only. The class centres s_k and margins m_k (one ``class_avg_pool`` call over
     B and C stacked) and the distances phi (``center_distance``) are made by ``csfrn.losses.CACLoss`` from
@@ -36,21 +37,23 @@ class CSFLM(nn.Module):
     Args:
         channels: channels of A (and of the output), 512 in the paper.
         embed_dim: width D of the C-S features (8, 16, 32 or 64; 32 in the paper).
-        fusion: "concat" or "aam".
+        fusion: "concat", "aam" or None (no fusion).
         margins: learn the margin map; False fixes every margin at 0 (paper Table 5).
     """
 
     def __init__(self, channels=512, embed_dim=32, fusion="aam", margins=True):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(FUSIONS)}")
+        if fusion is not None and fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(FUSIONS)} or None")
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1 (the paper uses {EMBED_DIMS}), got {embed_dim}")
         self.fusion = fusion
         self.conv = ConvBNReLU(channels, channels, 3)
         self.embed = nn.Conv2d(channels, embed_dim, 1)
         self.margin = nn.Conv2d(channels, 1, 1) if margins else None
-        if fusion == "concat":
+        if fusion is None:
+            self.fuse = None
+        elif fusion == "concat":
             self.fuse = ConvBNReLU(channels + embed_dim, channels, 1)
         else:
             self.fuse = AAM(embed_dim, channels, channels)
@@ -62,7 +65,9 @@ class CSFLM(nn.Module):
         a2 = self.conv(a)
         b = self.embed(a2)
         c = self.margin(a2) if self.margin is not None else None
-        if self.fusion == "concat":
+        if self.fuse is None:
+            f = a
+        elif self.fusion == "concat":
             f = self.fuse(torch.cat([a, b], dim=1))
         else:
             f = self.fuse(b, a)
