@@ -62,6 +62,12 @@ class _Inference(torch.nn.Module):
         return self.model(images)
 
 
+def _dynamic_dims():
+    """Batch, height and width dynamic (any batch, images of 16 pixels or more each side)."""
+    return {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=16),
+            3: torch.export.Dim("width", min=16)}
+
+
 def inference_module(model):
     """The model in eval mode wrapped so that its forward takes only the images."""
     return _Inference(model.eval()).eval()
@@ -133,12 +139,10 @@ def export_onnx(model, path, size, opset=19, dynamic=False, config=None, check=T
     if int(opset) < MIN_OPSET:
         raise ConfigError(f"opset {opset}: DeformConv needs ONNX opset {MIN_OPSET} or later")
     module = inference_module(model)
-    example = (_example(size),)
+    example = (_example(size, batch=2 if dynamic else 1),)   # batch 1 would be specialised
     kwargs = {}
     if dynamic:
-        dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=16),
-                3: torch.export.Dim("width", min=16)}
-        kwargs["dynamic_shapes"] = {"images": dims}
+        kwargs["dynamic_shapes"] = {"images": _dynamic_dims()}
     with torch.no_grad():
         program = torch.onnx.export(module, example, None, dynamo=True, opset_version=int(opset),
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -183,11 +187,9 @@ def export_program(model, path, size, dynamic=False):
     module = inference_module(model)
     kwargs = {}
     if dynamic:
-        dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=16),
-                3: torch.export.Dim("width", min=16)}
-        kwargs["dynamic_shapes"] = {"images": dims}
+        kwargs["dynamic_shapes"] = {"images": _dynamic_dims()}
     with torch.no_grad():
-        program = torch.export.export(module, (_example(size),), **kwargs)
+        program = torch.export.export(module, (_example(size, batch=2 if dynamic else 1),), **kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.export.save(program, path)
     return path
