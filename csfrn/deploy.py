@@ -92,7 +92,7 @@ def _deform_attrs(input, offset, weight, stride, padding, dilation):
                 dilations=[int(d) for d in dilation])
 
 
-def _translation_table():
+def _translation_table(dynamic=False):
     from onnxscript import opset19 as op
 
     def deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation):
@@ -106,8 +106,33 @@ def _translation_table():
                               **_deform_attrs(y, offset, weight_y, stride, padding, dilation))
         return out_x, out_y
 
-    return {torch.ops.csfrn.deform_conv2d.default: deform_conv2d,
-            torch.ops.csfrn.dual_deform_conv2d.default: dual_deform_conv2d}
+    def adaptive_avg_pool2d(x, output_size):
+        """PSP's pyramid pooling for inputs of any size: bin i of n covers [floor(i*L/n), ceil((i+1)*L/n)) as in
+        PyTorch, a Slice and ReduceMean per bin and axis (a mean over a rectangle is the mean of its row means).
+        The exporter's own decomposition fixes the bins at the example's size."""
+        def const(v):
+            return op.Constant(value_ints=[int(v)])
+
+        def pool(t, axis, n):
+            if n == 1:
+                return op.ReduceMean(t, const(axis), keepdims=1)
+            length = op.Shape(t, start=axis, end=axis + 1)
+            parts = []
+            for i in range(n):
+                start = op.Div(op.Mul(length, const(i)), const(n))
+                end = op.Div(op.Add(op.Mul(length, const(i + 1)), const(n - 1)), const(n))
+                parts.append(op.ReduceMean(op.Slice(t, start, end, const(axis)), const(axis), keepdims=1))
+            return op.Concat(*parts, axis=axis)
+
+        oh, ow = (int(v) for v in output_size)
+        return pool(pool(x, 2, oh), 3, ow)
+
+    table = {torch.ops.csfrn.deform_conv2d.default: deform_conv2d,
+             torch.ops.csfrn.dual_deform_conv2d.default: dual_deform_conv2d}
+    if dynamic:
+        table[torch.ops.aten.adaptive_avg_pool2d.default] = adaptive_avg_pool2d
+        table[torch.ops.aten._adaptive_avg_pool2d.default] = adaptive_avg_pool2d
+    return table
 
 
 def _metadata(config):
@@ -146,7 +171,7 @@ def export_onnx(model, path, size, opset=19, dynamic=False, config=None, check=T
     with torch.no_grad():
         program = torch.onnx.export(module, example, None, dynamo=True, opset_version=int(opset),
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    custom_translation_table=_translation_table(), verbose=False,
+                                    custom_translation_table=_translation_table(dynamic), verbose=False,
                                     optimize=True, **kwargs)
     proto = program.model_proto
     for key, value in _metadata(config).items():

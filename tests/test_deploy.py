@@ -136,6 +136,15 @@ def test_tiny_csfrn_onnx_dynamic(tiny_aam, tmp_path):
     assert deploy.check_onnx(tiny_aam, path, [(48, 64), (72, 40)], batch=2) <= TOL
 
 
+@pytest.mark.parametrize("head", ("psp", "nonlocal", "fcn"))
+def test_other_heads_onnx_dynamic(tmp_path, head):
+    """PSP's pyramid pooling stays right at any size (bins 1, 2, 3, 6 over a 5-pixel-wide map included)."""
+    model = _deformed(build_model(head, 4, backbone="resnet50c", fusion="aam", **TINY))
+    path = deploy.export_onnx(model, str(tmp_path / f"{head}.onnx"), (48, 64), dynamic=True)
+    _assert_standard_onnx(path, 2)
+    assert deploy.check_onnx(model, path, [(48, 64), (64, 40), (96, 88)], batch=2) <= TOL
+
+
 @pytest.mark.parametrize("size", ((32, 32), (40, 56)))
 def test_tiny_csfrn_onnx_fixed_sizes(tiny_aam, tmp_path, size):
     path = deploy.export_onnx(tiny_aam, str(tmp_path / "tiny.onnx"), size)
