@@ -221,7 +221,7 @@ def export_program(model, path, size, dynamic=False):
 
 
 # ---------------------------------------------------------------- onnxruntime
-def _ort_session(path, threads=None):
+def _ort_session(path, threads=None, spin=True):
     ort = _require("onnxruntime")
     onnx = _require("onnx")
     try:
@@ -232,6 +232,8 @@ def _ort_session(path, threads=None):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = int(threads)
+    if not spin:   # idle pool threads sleep instead of spinning (they would steal the cores of torch's threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]), proto
     except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
@@ -248,9 +250,9 @@ class OnnxModel:
     (torch tensors in and out, float32). A model exported without ``--dynamic`` takes only its export size: other
     images are resized to it and the logits resized back (bilinear), as :attr:`fixed_size` says."""
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, spin=True):
         self.path = path
-        self.session, self.proto = _ort_session(path, threads)
+        self.session, self.proto = _ort_session(path, threads, spin)
         self.metadata = {p.key: p.value for p in self.proto.metadata_props}
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

@@ -5,7 +5,8 @@
 Without ``--checkpoint`` the model is the demo's (``configs/demo.yaml``, random init, AAM offsets perturbed so that
 the deformable convs sample off the grid). Each size gets its own fixed-size ONNX export; the implementations are
 timed interleaved (``csfrn.bench.timing.measure``, median), batch 1, float32, same thread count. Writes a
-Markdown row per size to stdout and, with ``--out``, the numbers as JSON.
+Markdown row per size to stdout (onnxruntime's pool threads do not spin
+between runs, as they would take the cores from torch's) and, with ``--out``, the numbers as JSON.
 """
 import argparse
 import json
@@ -49,7 +50,8 @@ def main(argv=None):
             h, w = (int(v) for v in text.lower().split("x"))
             onnx_path = deploy.export_onnx(model, os.path.join(tmp, f"m{h}x{w}.onnx"), (h, w))
             pt2_path = deploy.export_program(model, os.path.join(tmp, f"m{h}x{w}.pt2"), (h, w))
-            runner = deploy.OnnxModel(onnx_path, threads=args.threads)
+            # no spinning: onnxruntime's idle pool threads would otherwise take the cores from torch's threads
+            runner = deploy.OnnxModel(onnx_path, threads=args.threads, spin=False)
             program = torch.export.load(pt2_path).module()
             x = torch.randn(1, 3, h, w)
             xn = x.numpy()
