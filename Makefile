@@ -28,8 +28,10 @@ $(VENV)/.deps: requirements.txt | $(PY)
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
+# The package with its optional deploy dependencies (onnx, onnxruntime, onnxscript: the export tests need them);
+# install_requires are already there from the requirements, so pip only adds the extras.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m pip install --no-build-isolation -e ".[deploy]"
 	touch $@
 
 demo: setup

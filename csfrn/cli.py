@@ -1,8 +1,8 @@
 """``csfrn <verb>``: parse the command line, then call the library.
 
-Verbs: train, eval, predict, visualize, flops, bench (``bench-ops`` is ``bench --what ops``), demo. All but bench
-take ``--config FILE.yaml`` and any number of ``--set section.key=value`` overrides (YAML values; unknown keys are
-errors); ``csfrn bench --what X`` takes X's own options (``csfrn bench --help`` lists them).
+Verbs: train, eval, predict, export, visualize, flops, bench (``bench-ops`` is ``bench --what ops``), demo. All but
+bench take ``--config FILE.yaml`` and any number of ``--set section.key=value`` overrides (YAML values; unknown keys
+are errors); ``csfrn bench --what X`` takes X's own options (``csfrn bench --help`` lists them).
 
 A user's mistake (a :class:`csfrn.errors.UserError`: bad config value, missing file, broken dataset folder) ends
 as one line on stderr, ``csfrn <verb>: error: <message>``, with exit status 2; ``--debug`` adds the traceback.
@@ -83,11 +83,25 @@ def _parser():
 
     p = verbs.add_parser("predict", help="write prediction PNGs (train ids, colour, overlay) for images")
     _common(p)
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--model", help="an exported .onnx file (csfrn export), run by onnxruntime instead of "
+                        "a checkpoint in PyTorch; its config comes from the file, --config / --set on top")
     p.add_argument("--input", nargs="+", required=True, help="image files or directories")
     p.add_argument("--out", required=True)
     p.add_argument("--cityscapes-ids", action="store_true", help="also write Cityscapes label-id PNGs "
                    "(trainId -> id) for the official test server")
+
+    p = verbs.add_parser("export", help="export a checkpoint's inference graph to ONNX (.onnx, deformable convs as "
+                         "DeformConv) or torch.export (.pt2), checked against PyTorch")
+    _common(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="FILE.onnx or FILE.pt2")
+    p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input size of the export")
+    p.add_argument("--opset", type=int, default=19, help="ONNX opset (at least 19, the first with DeformConv)")
+    p.add_argument("--dynamic", action="store_true", help="batch, height and width dynamic")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch on random images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = verbs.add_parser("visualize", help="the paper's Figure 3: phi-distance maps of query pixels")
     _common(p)
@@ -139,7 +153,8 @@ def _config(args, base=None):
 def _check_paths(args):
     """The files and folders named on the command line exist, before any work starts."""
     files = [("--config", args.config, "a YAML config file"),
-             ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)")]
+             ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
+             ("--model", getattr(args, "model", None), "an exported .onnx file (csfrn export)")]
     if getattr(args, "resume", None) != "auto":
         files.append(("--resume", getattr(args, "resume", None), "a checkpoint file, or 'auto'"))
     for flag, path, expected in files:
@@ -266,10 +281,15 @@ def _run(parser, args, extra):
 
         from .engine.evaluate import find_images, predict
         images = find_images(args.input, exclude=args.out)
-        model, cfg, device = _model_and_config(args)
+        if args.model:
+            from .deploy import onnx_model_and_config
+            model, cfg = onnx_model_and_config(args.model, args.config, args.overrides)
+            device = "cpu"
+        else:
+            model, cfg, device = _model_and_config(args)
         if args.cityscapes_ids and (cfg.model.num_classes != 19 or cfg.data.dataset != "cityscapes"):
             raise ConfigError(f"--cityscapes-ids maps Cityscapes' 19 train ids to label ids, but the model in "
-                              f"{args.checkpoint} has {cfg.model.num_classes} classes (data.dataset "
+                              f"{args.checkpoint or args.model} has {cfg.model.num_classes} classes (data.dataset "
                               f"'{cfg.data.dataset}'); add --set data.dataset=cityscapes if they are Cityscapes' "
                               "19 train ids")
         dataset_cls = DATASETS.get(cfg.data.dataset)
@@ -282,6 +302,12 @@ def _run(parser, args, extra):
         print(f"csfrn predict: {len(written)} of {len(images)} images predicted into {args.out}, "
               f"{len(failed)} failed", file=sys.stderr if failed else sys.stdout)
         return 1 if failed else 0
+
+    if args.verb == "export":
+        from .deploy import export_from_checkpoint
+        return export_from_checkpoint(args.checkpoint, args.out, args.size, opset=args.opset, dynamic=args.dynamic,
+                                      check=not args.no_check, overwrite=args.overwrite, config=args.config,
+                                      overrides=args.overrides)
 
     if args.verb == "visualize":
         from .data import build_dataset

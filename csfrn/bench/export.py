@@ -1,0 +1,83 @@
+"""Inference time of an exported model: onnxruntime (CPU) vs PyTorch eager, and torch.export's program.
+
+    python -m csfrn.bench.export [--checkpoint best.pth] [--sizes 64x64 512x1024] [--threads 2] [--reps 5]
+
+Without ``--checkpoint`` the model is the demo's (``configs/demo.yaml``, random init, AAM offsets perturbed so that
+the deformable convs sample off the grid). Each size gets its own fixed-size ONNX export; the implementations are
+timed interleaved (``csfrn.bench.timing.measure``, median), batch 1, float32, same thread count. Writes a
+Markdown row per size to stdout (onnxruntime's pool threads do not spin
+between runs, as they would take the cores from torch's) and, with ``--out``, the numbers as JSON.
+"""
+import argparse
+import json
+import os
+import tempfile
+
+import torch
+
+from .. import deploy
+from .timing import device_name, measure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _model(checkpoint):
+    from ..engine.config import load_config
+    from ..engine.train import build_model_from_config, load_model_from_checkpoint
+    if checkpoint:
+        return load_model_from_checkpoint(checkpoint)[0], checkpoint
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg.model, load_pretrained=False).eval()
+    with torch.no_grad():
+        model.csflm.fuse.offset.bias.normal_(0, 1.5)
+    return model, "configs/demo.yaml (random init)"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m csfrn.bench.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--sizes", nargs="+", default=["64x64", "512x1024"], help="HxW input sizes")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", help="JSON file for the results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, what = _model(args.checkpoint)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in args.sizes:
+            h, w = (int(v) for v in text.lower().split("x"))
+            onnx_path = deploy.export_onnx(model, os.path.join(tmp, f"m{h}x{w}.onnx"), (h, w))
+            pt2_path = deploy.export_program(model, os.path.join(tmp, f"m{h}x{w}.pt2"), (h, w))
+            # no spinning: onnxruntime's idle pool threads would otherwise take the cores from torch's threads
+            runner = deploy.OnnxModel(onnx_path, threads=args.threads, spin=False)
+            program = torch.export.load(pt2_path).module()
+            x = torch.randn(1, 3, h, w)
+            xn = x.numpy()
+            with torch.no_grad():
+                diff = (torch.from_numpy(runner.run(xn)) - model(x)).abs().max().item()
+                fns = {"eager": lambda: model(x), "onnxruntime": lambda: runner.run(xn),
+                       "torch.export": lambda: program(x)}
+                res = measure(fns, "cpu", reps=args.reps, warmup=2)
+            row = {"size": [h, w], "max_abs_diff": diff,
+                   **{k: round(v["median_ms"], 2) for k, v in res.items()}}
+            row["eager_over_ort"] = round(row["eager"] / row["onnxruntime"], 2)
+            rows.append(row)
+    import onnxruntime
+    head = (f"model: {what}; {device_name('cpu')}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"batch 1, float32, median of {args.reps}")
+    print(head)
+    print("| input | PyTorch eager ms | onnxruntime ms | torch.export ms | eager / onnxruntime | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| 1x3x{r['size'][0]}x{r['size'][1]} | {r['eager']:.1f} | {r['onnxruntime']:.1f} | "
+              f"{r['torch.export']:.1f} | {r['eager_over_ort']:.2f}x | {r['max_abs_diff']:.1e} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"setup": head, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
