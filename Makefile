@@ -37,8 +37,10 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 demo: setup
 	$(VENV)/bin/csfrn demo --out demo_out
 
+# The tests run one torch thread each: TEST_WORKERS processes (pytest-xdist) share the cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: setup
 	$(PY) benchmarks/bench_ops.py

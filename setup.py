@@ -99,7 +99,7 @@ def _extension():
 def _requirements():
     with open(os.path.join(HERE, "requirements.txt")) as f:
         lines = [line.split("#")[0].strip() for line in f]
-    return [line for line in lines if line and line.split(">")[0].split("=")[0] not in ("pytest", "ninja", "pybind11", "setuptools")]
+    return [line for line in lines if line and line.split(">")[0].split("=")[0] not in ("pytest", "pytest-xdist", "ninja", "pybind11", "setuptools")]
 
 
 os.environ.setdefault("MAX_JOBS", "2")
