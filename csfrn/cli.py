@@ -43,6 +43,8 @@ def _parser():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", help="dataset split (default: data.val_split)")
     p.add_argument("--out", help="where metrics.json / metrics.csv go (default: next to the checkpoint)")
+    p.add_argument("--no-consistency", action="store_true", help="skip the feature-consistency scores (intra-class "
+                   "variance, centre distance and their ratio of the features F and embeddings B; one more pass)")
 
     p = verbs.add_parser("predict", help="write prediction PNGs (train ids, colour, overlay) for images")
     _common(p)
@@ -189,7 +191,13 @@ def _run(parser, args, extra):
                                   cfg.data.base_size, progress=True)
             if info.is_main:
                 out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+                if not args.no_consistency:
+                    from .engine.evaluate import dataset_feature_consistency, format_consistency
+                    summary["consistency"] = dataset_feature_consistency(model, dataset, info.device,
+                                                                         cfg.eval.max_images, progress=True)
                 print(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
+                if "consistency" in summary:
+                    print(format_consistency(summary["consistency"]))
         finally:
             cleanup()
         return 0

@@ -53,6 +53,8 @@ def test_eval_predict_visualize(trained, tmp_path, capsys):
     assert "mIoU" in out and "background" in out
     metrics = json.loads((tmp_path / "eval_val.json").read_text())
     assert 0 <= metrics["mIoU"] <= 1 and len(metrics["IoU"]) == 4
+    assert "feature consistency, features F" in out and "feature consistency, embeddings B" in out
+    assert set(metrics["consistency"]) == {"F", "B"} and metrics["consistency"]["F"]["intra"] >= 0
 
     write_png(str(tmp_path / "in" / "berlin_000000_000019_leftImg8bit.png"), rgb(30, 40))
     assert cli.main(["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "in"), "--out",
