@@ -1,6 +1,6 @@
 """``csfrn <verb>``: parse the command line, then call the library.
 
-Verbs: train, eval, predict, visualize, flops, bench-ops, bench, demo. Each takes ``--config FILE.yaml`` and any
+Verbs: train, eval, predict, visualize, flops, bench-ops, bench, demo, ablate. Each takes ``--config FILE.yaml`` and any
 number of ``--set section.key=value`` overrides (YAML values; unknown keys are errors).
 
 A user's mistake (a :class:`csfrn.errors.UserError`: bad config value, missing file, broken dataset folder) ends
@@ -77,6 +77,24 @@ def _parser():
     p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set and compare")
     _common(p)
     p.add_argument("--out", default="demo_out")
+
+    from .engine.ablate import variants_help
+    p = verbs.add_parser(
+        "ablate", help="train the paper's ablation variants with several seeds; mean +- std, paired difference "
+        "to the baseline with a 95%% t-interval, feature consistency, a plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every variant with every seed (seed s: the same initial stream, data order and schedule "
+        "for every variant, so the comparison with the baseline is paired), evaluate on --split, and write "
+        "OUT/runs/<variant>_seed<s>.json, OUT/summary.json, OUT/table.md and OUT/ablation.png. Runs already in "
+        "OUT are not trained again.\n\nVariants and the paper's rows they stand for:\n" + variants_help())
+    _common(p)
+    p.add_argument("--variants", default="baseline,concat,aam,no-margins,bce",
+                   help="comma-separated variant names (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (runs in it are reused)")
+    p.add_argument("--split", default="test", help="split the results are reported on; choices are made on "
+                   "data.val_split, so keep this another split (default: %(default)s)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pth")
     return parser
 
 
@@ -263,6 +281,14 @@ def _run(parser, args, extra):
             args.config = DEMO_CONFIG
         _config(args)  # report bad keys before any work
         run_demo(args.out, args.config, args.overrides)
+        return 0
+    if args.verb == "ablate":
+        from .engine.ablate import ablate, parse_variants
+        variants = parse_variants(args.variants)
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+        ablate(args.config, variants, args.seeds, args.out, args.overrides, split=args.split,
+               keep_checkpoints=args.keep_checkpoints)
         return 0
     parser.error(f"unknown verb {args.verb}")
 
