@@ -114,8 +114,9 @@ def _comparable(cfg_dict):
     return d
 
 
-def train_and_evaluate(cfg, split, keep_checkpoint=False):
-    """Train one run, evaluate it on ``split`` (mIoU & co. and feature consistency). Returns the run's record."""
+def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False):
+    """Train one run, evaluate it on ``split`` (mIoU & co. and feature consistency). Returns the run's record
+    (and the trained model with ``return_model``)."""
     from ..data import build_dataset
     from ..data.transforms import eval_transforms
     from .evaluate import dataset_feature_consistency, evaluate
@@ -136,9 +137,10 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False):
             if os.path.isfile(path):
                 os.unlink(path)
     val = result["last"] or {}
-    return {"split": split, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
+    record = {"split": split, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
             "IoU": summary["IoU"], "val_mIoU": val.get("mIoU"), "consistency": consistency,
             "train_seconds": time.perf_counter() - t0}
+    return (record, model) if return_model else record
 
 
 def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bce"), seeds=5, out_dir="ablation",
