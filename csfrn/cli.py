@@ -79,6 +79,9 @@ def _parser():
     _common(p)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model, 0..N-1 (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=500, help="training iterations per run (default: %(default)s, so that "
+                   "3 seeds x 2 models fit in about 5 minutes on a 2-core CPU; configs/demo.yaml's 1000 is the "
+                   "scale of the README's study; same as --set train.iters=N)")
 
     from .engine.ablate import variants_help
     p = verbs.add_parser(
@@ -284,6 +287,9 @@ def _run(parser, args, extra):
         _config(args)  # report bad keys before any work
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+        if args.iters < 1:
+            raise ConfigError(f"--iters must be at least 1, got {args.iters}")
+        args.overrides.insert(0, f"train.iters={args.iters}")   # a --set train.iters=N given too wins
         run_demo(args.out, args.config, args.overrides, seeds=args.seeds)
         return 0
     if args.verb == "ablate":

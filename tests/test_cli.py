@@ -104,7 +104,7 @@ def test_bench_dispatches_by_what(monkeypatch):
 
 def test_demo_writes_summary_and_pictures(tmp_path, ops_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--set", "train.iters=2", "--set", "data.size=32",
+    assert cli.main(["demo", "--out", str(out), "--iters", "2", "--set", "data.size=32",
                      "--set", "data.crop_size=[32,32]", "--set", "data.val_length=2", "--set", "data.batch_size=2",
                      "--set", "train.warmup_iters=0", "--seeds", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
