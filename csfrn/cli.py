@@ -100,6 +100,8 @@ def _parser():
     p.add_argument("--split", default="test", help="split the results are reported on; choices are made on "
                    "data.val_split, so keep this another split (default: %(default)s)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pth")
+    p.add_argument("--report-only", action="store_true", help="train nothing: the table, summary and plot of the runs "
+                   "already in --out")
     return parser
 
 
@@ -298,7 +300,7 @@ def _run(parser, args, extra):
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
         ablate(args.config, variants, args.seeds, args.out, args.overrides, split=args.split,
-               keep_checkpoints=args.keep_checkpoints)
+               keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
         return 0
     parser.error(f"unknown verb {args.verb}")
 

@@ -73,6 +73,10 @@ def test_ablate_resumes_and_writes_outputs(tmp_path, monkeypatch):
     summary = ab.ablate(None, "baseline,concat", 2, str(out), overrides, progress=False, log=lambda *a: None)
     assert trained == [1, 1]                                 # seed 0's runs were not trained again
     assert summary["variants"]["concat"]["diff"]["n"] == 2
+    trained.clear()
+    summary = ab.ablate(None, "baseline,concat", 3, str(out), overrides, progress=False, log=lambda *a: None,
+                        report_only=True)
+    assert trained == [] and summary["variants"]["baseline"]["n"] == 2   # seed 2 is missing and not trained
     with pytest.raises(ConfigError, match="another config"):
         ab.ablate(None, "baseline", 1, str(out), overrides + ["train.lr=0.5"], progress=False, log=lambda *a: None)
 

@@ -144,7 +144,7 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False):
 
 
 def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bce"), seeds=5, out_dir="ablation",
-           overrides=(), split="test", keep_checkpoints=False, progress=True, log=print):
+           overrides=(), split="test", keep_checkpoints=False, progress=True, log=print, report_only=False):
     """Train every variant with every seed and compare them; see the module doc.
 
     Args:
@@ -155,6 +155,7 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
         out_dir: where runs/, summary.json, table.md and ablation.png go. Runs found there are not retrained;
             a run there made with another config is an error (use another folder).
         split: the split the results are reported on (not the one choices were tuned on: data.val_split).
+        report_only: train nothing; write the table, summary and plot from the runs already in ``out_dir``.
 
     Returns:
         the summary dict (also written to summary.json).
@@ -187,6 +188,9 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
             records[(variant, seed)] = record
             bar.write(f"{variant} seed {seed}: done before, {split} mIoU {100 * record['mIoU']:.2f}")
             continue
+        if report_only:
+            bar.update(1)
+            continue
         record = train_and_evaluate(cfg, split, keep_checkpoints)
         record.update(variant=variant, seed=seed, config=cfg.to_dict())
         tmp = path + ".tmp"
@@ -199,6 +203,8 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
         bar.write(f"{variant} seed {seed}: {split} mIoU {100 * record['mIoU']:.2f} (val {100 * record['val_mIoU']:.2f})"
                   f", separability of F {fc:.3g}, {record['train_seconds']:.0f} s")
     bar.close()
+    if not records:
+        raise ConfigError(f"no finished run in {run_dir} to report")
     summary = summarize_runs(records, names, seed_list, split)
     summary["config"] = base.to_dict()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
