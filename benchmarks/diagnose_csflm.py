@@ -28,6 +28,9 @@ def main(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--every", type=int, default=25)
+    p.add_argument("--identity-fusion", action="store_true", help="an experiment, not the library's init: start "
+                   "the fusion as (nearly) the identity on A (1x1 weights [I on A, 0 on B]; AAM's 3x3 convs Dirac), so that "
+                   "F = ReLU(BN(A)) at step 0")
     p.add_argument("--labels-only", action="store_true", help="only the label statistics at the feature size")
     args = p.parse_args(argv)
     if args.labels_only:
@@ -38,6 +41,8 @@ def main(argv=None):
     torch.manual_seed(cfg.train.seed)
     model = build_model_from_config(cfg.model)
     delta = cfg.model.delta
+    if args.identity_fusion:
+        identity_fusion(model.csflm)
     state = {"step": 0, "csflm": None}
     out = open(args.out, "w")
 
@@ -92,6 +97,23 @@ def main(argv=None):
     result = train(cfg, model=model, overwrite=True)
     out.write(json.dumps({"final_val_mIoU": result["last"]["mIoU"]}) + "\n")
     out.close()
+
+
+@torch.no_grad()
+def identity_fusion(csflm):
+    c = csflm.embed.in_channels
+    d = csflm.embed.out_channels
+    if csflm.fusion == "concat":
+        w = csflm.fuse[0].weight if isinstance(csflm.fuse, torch.nn.Sequential) else csflm.fuse.conv.weight
+        w.zero_()
+        w[:, :c, 0, 0] = torch.eye(c)
+    else:
+        aam = csflm.fuse
+        torch.nn.init.dirac_(aam.weight_x)
+        torch.nn.init.dirac_(aam.weight_y)
+        w = aam.fuse[0].weight if isinstance(aam.fuse, torch.nn.Sequential) else aam.fuse.conv.weight
+        w.zero_()
+        w[:, d:, 0, 0] = torch.eye(c)
 
 
 def label_stats(cfg, images=256):
