@@ -122,3 +122,20 @@ def test_mask_supervision_variant_trains_a_class_mask_on_b():
     perfect = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
     assert float(lovasz_softmax(perfect, target)) == 0.0
     assert float(lovasz_softmax(1 - perfect, target)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "aam"])
+def test_fusion_starts_as_the_identity_on_a(fusion, ops_path):
+    from csfrn.nn import CSFLM
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(2, 16, 6, 6))
+    module = CSFLM(16, 8, fusion).train()
+    f = module(a).features
+    mean = a.mean((0, 2, 3), keepdim=True)
+    var = a.var((0, 2, 3), unbiased=False, keepdim=True)
+    expected = torch.relu((a - mean) / torch.sqrt(var + 1e-5))
+    torch.testing.assert_close(f, expected, atol=1e-4, rtol=1e-4)
+    random = CSFLM(16, 8, fusion, fusion_init="random").train()
+    assert not torch.allclose(random(a).features, expected, atol=1e-2)
+    with pytest.raises(ValueError, match="fusion_init"):
+        CSFLM(16, 8, fusion, fusion_init="zeros")

@@ -105,9 +105,17 @@ def _run_config(config, overrides, variant, seed, work_dir):
         f"train.seed={seed}", f"train.work_dir={work_dir}", "train.resume=null", "train.progress=false"])
 
 
+# Model keys that change nothing in a network without CSFLM.
+_CSFLM_ONLY = ("fusion", "embed_dim", "margins", "binary", "delta", "fusion_init", "csflm_supervision")
+
+
 def _comparable(cfg_dict):
-    """The parts of a run's config that decide its result (not where it was written)."""
+    """The parts of a run's config that decide its result (not where it was written; not CSFLM's settings for
+    a run without CSFLM, so baseline runs are shared by studies that differ only in them)."""
     d = copy.deepcopy(cfg_dict)
+    if not d["model"].get("csflm", True):
+        for key in _CSFLM_ONLY:
+            d["model"].pop(key, None)
     for key in ("work_dir", "resume", "progress", "log_interval", "tensorboard", "checkpoint_interval",
                 "keep_checkpoints", "threads", "device"):
         d["train"].pop(key, None)
