@@ -53,6 +53,8 @@ def test_eval_predict_visualize(trained, tmp_path, capsys):
     assert "mIoU" in out and "background" in out
     metrics = json.loads((tmp_path / "eval_val.json").read_text())
     assert 0 <= metrics["mIoU"] <= 1 and len(metrics["IoU"]) == 4
+    assert "feature consistency, features F" in out and "feature consistency, embeddings B" in out
+    assert set(metrics["consistency"]) == {"F", "B"} and metrics["consistency"]["F"]["intra"] >= 0
 
     write_png(str(tmp_path / "in" / "berlin_000000_000019_leftImg8bit.png"), rgb(30, 40))
     assert cli.main(["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "in"), "--out",
@@ -110,18 +112,21 @@ def test_bench_dispatches_by_what(monkeypatch):
 
 def test_demo_writes_summary_and_pictures(tmp_path, ops_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--set", "train.iters=2", "--set", "data.size=32",
+    assert cli.main(["demo", "--out", str(out), "--iters", "2", "--set", "data.size=32",
                      "--set", "data.crop_size=[32,32]", "--set", "data.val_length=2", "--set", "data.batch_size=2",
-                     "--set", "train.warmup_iters=0"]) == 0
+                     "--set", "train.warmup_iters=0", "--seeds", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for name in ("csfrn", "baseline"):
-        assert 0 <= summary[name]["mIoU"] <= 1
-        assert (out / f"{name}_metrics.csv").is_file()
+        assert len(summary[name]["mIoU"]) == 2 and all(0 <= v <= 100 for v in summary[name]["mIoU"])
+        assert "ratio" in summary[name]["consistency"][0]["F"]
+    assert "B" in summary["csfrn"]["consistency"][0] and "B" not in summary["baseline"]["consistency"][0]
     assert summary["csfrn"]["params"] > summary["baseline"]["params"]
+    d = summary["difference"]
+    assert d["low"] <= d["mean"] <= d["high"] and summary["split"] == "test"
     assert summary["seconds"] > 0
     assert (out / "predictions.png").is_file() and (out / "figure3_distance_maps.png").is_file()
     printed = capsys.readouterr().out
-    assert printed.count("mIoU") >= 3 and "baseline" in printed
+    assert "paired by seed" in printed and "95% CI" in printed and "feature consistency" in printed
 
 
 def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):

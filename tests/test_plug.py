@@ -228,7 +228,7 @@ def test_options_and_copies():
     twin = copy.deepcopy(plug)
     with torch.no_grad():
         assert torch.equal(twin(images), plug(images))
-        twin.csflm.embed.weight.add_(1.0)
+        twin.csflm.fuse.fuse[0].weight.add_(1.0)   # the fusion: F depends on it from step 0
         assert not torch.equal(twin(images), plug(images))
         plug.load_state_dict(twin.state_dict())
         assert torch.equal(twin(images), plug(images))

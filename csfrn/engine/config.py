@@ -39,6 +39,8 @@ class ModelConfig:
     loss_weights: Optional[Dict[str, float]] = None
     binary: str = "lovasz"        # CAC binary loss: lovasz | bce
     delta: float = 10.0
+    fusion_init: str = "identity"  # identity (F = ReLU(BN(A)) at step 0) | random (nn.Conv2d's default)
+    csflm_supervision: str = "cac"  # cac (the paper's) | mask (Table 4's "+Aux Loss": Lovasz-softmax on B's class mask)
 
 
 @dataclass
@@ -294,6 +296,8 @@ def validate(cfg):
     _choice("model.backbone", m.backbone, sorted(ARCHS))
     _choice("model.fusion", m.fusion, FUSIONS)
     _choice("model.binary", m.binary, BINARY_LOSSES)
+    _choice("model.csflm_supervision", m.csflm_supervision, ("cac", "mask"))
+    _choice("model.fusion_init", m.fusion_init, ("identity", "random"))
     _choice("model.output_stride", m.output_stride, sorted(ASPP_DILATIONS))
     _at_least("model.num_classes", m.num_classes, 1)
     for key in ("embed_dim", "width", "channels", "aux_channels", "min_kept"):

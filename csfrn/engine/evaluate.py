@@ -191,3 +191,32 @@ def predict_dataset_grid(models, dataset, indices, path, eval_cfg, device, scale
         draw.text((c * tile + 2, 1), title, fill=(0, 0, 0))
     canvas.save(path)
     return path
+
+
+@torch.no_grad()
+def dataset_feature_consistency(model, dataset, device, max_images=None, progress=False):
+    """:func:`csfrn.engine.metrics.feature_consistency` over a split (whole images, one at a time; the class
+    centres pooled over the split): {"F": scores of the features that reach the decoder (CSFLM's fused F, or
+    the baseline head's output A), "B": scores of CSFRN's embeddings B (absent without CSFLM)}."""
+    from .metrics import FeatureConsistency
+
+    was_training = model.training
+    model.eval()
+    stats = {"F": FeatureConsistency(), "B": FeatureConsistency()}
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    for i in tqdm(range(count), desc="consistency", disable=not progress, leave=False):
+        image, label = dataset[i]
+        out = model.forward_features(image[None].to(device))
+        stats["F"].update(out["features"], label[None])
+        if out["embeddings"] is not None:
+            stats["B"].update(out["embeddings"], label[None])
+    model.train(was_training)
+    return {name: s.result() for name, s in stats.items() if s.count is not None}
+
+
+def format_consistency(scores):
+    """One line per feature kind: intra-class variance, centre distance and their ratio."""
+    names = {"F": "features F (reaching the decoder)", "B": "embeddings B (C-S features)"}
+    return "\n".join(f"feature consistency, {names.get(k, k)}: intra-class variance {v['intra']:.4g}, "
+                     f"centre distance {v['inter']:.4g}, separability (centre dist^2 / intra) {v['ratio']:.4g}"
+                     for k, v in scores.items())

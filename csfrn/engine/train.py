@@ -311,7 +311,7 @@ def _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info):
 
 
 # ModelConfig keys that change no tensor of the state_dict.
-_LOSS_ONLY = ("pretrained", "ohem", "thresh", "min_kept", "loss_weights", "binary", "delta")
+_LOSS_ONLY = ("pretrained", "ohem", "thresh", "min_kept", "loss_weights", "binary", "delta", "fusion_init")
 
 
 def load_model_state(model, weights, path, model_cfg, saved_config):

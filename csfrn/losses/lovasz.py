@@ -62,3 +62,24 @@ def _lovasz_grad(gt_sorted):
     seen = torch.arange(1, gt_sorted.shape[1] + 1, dtype=gt_sorted.dtype, device=gt_sorted.device)
     jaccard = 1.0 - (gts - positives) / (gts + seen - positives)
     return torch.diff(jaccard, dim=1, prepend=jaccard.new_zeros(jaccard.shape[0], 1))
+
+
+def lovasz_softmax(probs, labels, ignore_index=255):
+    """Lovasz-softmax loss (Berman et al. 2018) of class probabilities [N, C, h, w] against labels [N, h, w],
+    over all pixels together, averaged over the classes present in the labels (Berman's classes='present')."""
+    if probs.dim() != 4 or labels.shape != (probs.shape[0],) + probs.shape[2:]:
+        raise ValueError(f"probs must be [N, C, h, w] and labels [N, h, w], got {list(probs.shape)} and "
+                         f"{list(labels.shape)}")
+    c = probs.shape[1]
+    p = probs.float().permute(1, 0, 2, 3).reshape(c, -1)                     # [C, P]
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    p, labels = p[:, valid], labels[valid]
+    present = torch.unique(labels)
+    if present.numel() == 0:
+        return probs.sum() * 0.0
+    fg = (labels[None] == present[:, None]).to(p.dtype)                      # [K, P]
+    errors = (fg - p[present]).abs()
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
+    grad = _lovasz_grad(torch.gather(fg, 1, perm))
+    return (errors_sorted * grad).sum(dim=1).mean()

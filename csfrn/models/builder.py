@@ -1,4 +1,6 @@
 """``build_model``: one call from names and numbers to a CSFRN segmentor."""
+from torch import nn
+
 from ..losses import OhemCrossEntropy
 from ..nn import CSFLM
 from .backbones import build_backbone
@@ -12,7 +14,8 @@ ASPP_DILATIONS = {8: (12, 24, 36), 16: (6, 12, 18)}
 def build_model(head, num_classes, backbone="resnet50c", csflm=True, fusion="aam", embed_dim=32, margins=True,
                 aux=True, output_stride=8, multi_grid=False, pretrained=None, *, width=64, blocks=None,
                 channels=512, aux_channels=256, ohem=False, thresh=0.7, min_kept=100000, loss_weights=None,
-                binary="lovasz", delta=10.0, ignore_index=255):
+                binary="lovasz", delta=10.0, csflm_supervision="cac", fusion_init="identity",
+                ignore_index=255):
     """Build a CSFRN segmentor (or, with ``csflm=False``, the plain head baseline).
 
     Args:
@@ -33,6 +36,11 @@ def build_model(head, num_classes, backbone="resnet50c", csflm=True, fusion="aam
         ohem, thresh, min_kept: OHEM cross-entropy for the segmentation loss.
         loss_weights: overrides of {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}.
         binary, delta: the CAC loss's binary loss ("lovasz" or "bce") and margin temperature.
+        fusion_init: "identity" (CSFLM's fusion starts as the identity on A: F = ReLU(BN(A)) at step 0) or
+            "random" (nn.Conv2d's default init).
+        csflm_supervision: "cac" (the paper's CAC + smoothness losses) or "mask" (Table 4's "+Aux Loss" row: a
+            1x1 classifier on the embeddings B, supervised by Lovasz-softmax on the class mask at B's size,
+            weighted as the CAC loss; no CAC or smoothness loss).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
@@ -44,9 +52,13 @@ def build_model(head, num_classes, backbone="resnet50c", csflm=True, fusion="aam
         decode = DeepLabV3PlusHead(net.out_channels, num_classes, channels, ASPP_DILATIONS[output_stride])
     else:
         decode = HEADS[head](net.out_channels, num_classes, channels)
-    module = CSFLM(channels, embed_dim, fusion, margins) if csflm else None
+    module = CSFLM(channels, embed_dim, fusion, margins, fusion_init) if csflm else None
     aux_head = AuxHead(net.out_channels[2], num_classes, aux_channels) if aux else None
     seg_loss = OhemCrossEntropy(thresh, min_kept, ignore_index) if ohem else None
-    model = CSFRN(net, decode, module, aux_head, seg_loss, loss_weights, delta, binary, ignore_index)
+    if csflm_supervision not in ("cac", "mask"):
+        raise ValueError(f"unknown csflm_supervision {csflm_supervision!r}; choose one of ['cac', 'mask']")
+    mask_head = nn.Conv2d(embed_dim, num_classes, 1) if csflm and csflm_supervision == "mask" else None
+    model = CSFRN(net, decode, module, aux_head, seg_loss, loss_weights, delta, binary, ignore_index,
+                  mask_head=mask_head)
     model.pretrained_report = report
     return model

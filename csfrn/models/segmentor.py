@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import CACLoss, SmoothLoss, class_index
+from ..losses import CACLoss, SmoothLoss, class_index, lovasz_softmax
 
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 
@@ -24,11 +24,14 @@ class CSFRN(nn.Module):
         seg_loss: loss on the upsampled logits (CE or OHEM CE).
         loss_weights: weights of "seg", "aux", "cac", "smooth".
         delta, binary: the CAC loss's margin temperature and binary loss.
+        mask_head: a 1x1 conv from the embeddings B to class logits: B is then supervised by Lovasz-softmax on
+            the class mask (Table 4's "+Aux Loss" row, weight loss_weights["cac"]) instead of CAC + smoothness.
     """
 
     def __init__(self, backbone, head, csflm=None, aux_head=None, seg_loss=None, loss_weights=None,
-                 delta=10.0, binary="lovasz", ignore_index=255):
+                 delta=10.0, binary="lovasz", ignore_index=255, mask_head=None):
         super().__init__()
+        self.mask_head = mask_head
         self.backbone = backbone
         self.decode_head = head
         self.csflm = csflm
@@ -51,7 +54,8 @@ class CSFRN(nn.Module):
             raise ValueError(f"images must be a 4-D float tensor [N, 3, H, W] (normalised RGB), got {got}")
 
     def _run(self, images):
-        """Backbone, head and CSFLM: (logits at input size, stage outputs, CSFLM output or None)."""
+        """Backbone, head and CSFLM: (logits at input size, stage outputs, CSFLM output or None, the features
+        that go on to the decoder: CSFLM's fused F, or the head's context output A without CSFLM)."""
         self.check_input(images)
         feats = self.backbone(images)
         a = self.decode_head.context(feats)
@@ -61,10 +65,10 @@ class CSFRN(nn.Module):
             a = out.features
         logits = self.decode_head.classify(self.decode_head.decode(a, feats))
         logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
-        return logits, feats, out
+        return logits, feats, out, a
 
     def forward(self, images, labels=None):
-        logits, feats, out = self._run(images)
+        logits, feats, out, _ = self._run(images)
         if labels is None:
             return logits
         if labels.shape != (images.shape[0],) + images.shape[2:]:
@@ -76,7 +80,14 @@ class CSFRN(nn.Module):
         if self.aux_head is not None and self.training:
             aux = F.interpolate(self.aux_head(feats[2]), size=images.shape[2:], mode="bilinear", align_corners=False)
             losses["aux"] = w["aux"] * F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
-        if out is not None:
+        if out is not None and self.mask_head is not None:
+            if self.training:
+                index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
+                target = torch.where(index.compact == index.k, torch.full_like(index.compact, self.ignore_index),
+                                     index.present[index.compact.clamp(max=max(index.k - 1, 0))])
+                probs = F.softmax(self.mask_head(out.embeddings).float(), dim=1)
+                losses["mask"] = w["cac"] * lovasz_softmax(probs, target, self.ignore_index)
+        elif out is not None:
             # one resize and renumbering of the labels for both losses
             index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
             losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)
@@ -86,9 +97,11 @@ class CSFRN(nn.Module):
 
     @torch.no_grad()
     def forward_features(self, images):
-        """{"logits": [N, C, H, W], "embeddings": C-S features [N, D, h, w] or None, "margins": margin map
-        [N, 1, h, w] or None} for an input (paper Figure 3); runs in the module's current mode."""
-        logits, _, out = self._run(images)
-        return {"logits": logits,
+        """{"logits": [N, C, H, W], "features": the features that replace the head's A (CSFLM's fused F; the
+        head's context output without CSFLM) [N, channels, h, w], "embeddings": C-S features [N, D, h, w] or
+        None, "margins": margin map [N, 1, h, w] or None} for an input (paper Figure 3); runs in the module's
+        current mode."""
+        logits, _, out, features = self._run(images)
+        return {"logits": logits, "features": features,
                 "embeddings": out.embeddings if out is not None else None,
                 "margins": out.margins if out is not None else None}
