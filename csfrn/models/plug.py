@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import CACLoss, SmoothLoss, class_index
+from ..losses import class_index
 from ..nn import CSFLM
-from .segmentor import DEFAULT_LOSS_WEIGHTS, CSFRN
+from .segmentor import CSFRN, set_losses
 
 PLUG_FUSIONS = ("concat", "aam", "loss_only")
 
@@ -100,13 +100,7 @@ class CSFLMPlug(nn.Module):
         self.fusion = fusion
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.seg_loss = seg_loss or nn.CrossEntropyLoss(ignore_index=ignore_index)
-        self.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
-        self.smooth_loss = SmoothLoss(ignore_index=ignore_index)
-        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; choose from {list(DEFAULT_LOSS_WEIGHTS)}")
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        set_losses(self, seg_loss, loss_weights, delta, binary, ignore_index)
         self._record = None        # a list while a forward with labels collects CSFLM's outputs
         model.get_submodule(tap).register_forward_pre_hook(self._tap_hook)
 

@@ -8,6 +8,18 @@ from ..losses import CACLoss, SmoothLoss, class_index, lovasz_softmax
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 
 
+def set_losses(module, seg_loss=None, loss_weights=None, delta=10.0, binary="lovasz", ignore_index=255):
+    """Gives ``module`` the losses of Eq. 7 (``seg_loss``, ``cac_loss``, ``smooth_loss``) and its
+    ``loss_weights`` (DEFAULT_LOSS_WEIGHTS updated by ``loss_weights``; an unknown key is an error)."""
+    module.seg_loss = seg_loss or nn.CrossEntropyLoss(ignore_index=ignore_index)
+    module.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
+    module.smooth_loss = SmoothLoss(ignore_index=ignore_index)
+    unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; choose from {list(DEFAULT_LOSS_WEIGHTS)}")
+    module.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+
+
 class CSFRN(nn.Module):
     """A segmentor (``csfrn.models.build_model`` makes one).
 
@@ -37,13 +49,7 @@ class CSFRN(nn.Module):
         self.csflm = csflm
         self.aux_head = aux_head
         self.ignore_index = ignore_index
-        self.seg_loss = seg_loss or nn.CrossEntropyLoss(ignore_index=ignore_index)
-        self.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
-        self.smooth_loss = SmoothLoss(ignore_index=ignore_index)
-        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; choose from {list(DEFAULT_LOSS_WEIGHTS)}")
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        set_losses(self, seg_loss, loss_weights, delta, binary, ignore_index)
 
     @staticmethod
     def check_input(images):
