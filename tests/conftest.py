@@ -1,4 +1,5 @@
 """Shared helpers for the engine / data / CLI tests: tiny configs of the real model and PNG writers."""
+import glob
 import os
 import socket
 
@@ -6,6 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shipped_configs():
+    """The configs a user runs (relative to the repository), not the ``configs/_base_`` parts they inherit."""
+    paths = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    return sorted(os.path.relpath(p, ROOT) for p in paths if "_base_" not in p.split(os.sep))
 
 
 # The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.

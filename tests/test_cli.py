@@ -14,9 +14,8 @@ import torch
 from csfrn import cli
 from csfrn.engine.checkpoint import load_checkpoint
 
-from conftest import rgb, tiny_overrides, write_png
+from conftest import ROOT, rgb, shipped_configs, tiny_overrides, write_png
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sets(overrides):
@@ -164,9 +163,7 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
     assert iters == list(range(1, final + 1))      # records after the checkpoint are not duplicated
 
 
-@pytest.mark.parametrize("path", sorted(
-    os.path.relpath(p, ROOT) for p in __import__("glob").glob(os.path.join(ROOT, "configs", "**", "*.yaml"),
-                                                              recursive=True)))
+@pytest.mark.parametrize("path", shipped_configs())
 def test_every_shipped_config_loads_and_builds(path):
     from csfrn.data import DATASETS
     from csfrn.engine.config import load_config

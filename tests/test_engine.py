@@ -134,6 +134,46 @@ def test_config_files_overrides_and_errors(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_config_bases_apply_in_order_then_the_file_then_set(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "data.yaml").write_text("data:\n  crop_size: [32, 32]\n  batch_size: 4\nmodel:\n  num_classes: 5\n")
+    (tmp_path / "b" / "sched.yaml").write_text("_base_: data.yaml\ntrain:\n  iters: 100\n  lr: 0.5\n"
+                                              "data:\n  batch_size: 6\nmodel:\n  loss_weights: {cac: 2.0}\n")
+    (tmp_path / "b" / "model.yaml").write_text("model:\n  head: psp\n  loss_weights: {smooth: 3.0}\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("_base_: [b/sched.yaml, b/model.yaml]\ntrain:\n  lr: 0.02\n")
+    cfg = load_config(str(path), ["train.iters=7"])
+    assert cfg.data.crop_size == [32, 32] and cfg.model.num_classes == 5      # from the base of a base
+    assert cfg.data.batch_size == 6                     # a later base replaces an earlier one, key by key
+    assert cfg.model.head == "psp" and cfg.model.loss_weights == {"smooth": 3.0}   # a mapping value is replaced
+    assert cfg.train.lr == 0.02 and cfg.train.iters == 7  # the file, then --set
+    # Mistakes name the file they are in.
+    (tmp_path / "b" / "model.yaml").write_text("model:\n  haed: psp\n")
+    with pytest.raises(KeyError, match=r"model\.yaml.*model\.haed"):
+        load_config(str(path))
+    path.write_text("_base_: [b/missing.yaml]\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml \(a _base_ of .*c\.yaml\)"):
+        load_config(str(path))
+    path.write_text("_base_: {a: 1}\n")
+    with pytest.raises(ValueError, match="'_base_' expects a file path or a list"):
+        load_config(str(path))
+    (tmp_path / "b" / "data.yaml").write_text("_base_: ../c.yaml\n")
+    path.write_text("_base_: b/sched.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(str(path))
+
+
+def test_shipped_configs_resolve_as_before_they_inherited():
+    """Every shipped config yields the config it did before the shared parts moved to configs/_base_ (the
+    fixture was written from the configs as they were)."""
+    from conftest import ROOT, shipped_configs
+    with open(os.path.join(ROOT, "tests", "fixtures", "resolved_configs.json")) as f:
+        expected = json.load(f)
+    assert sorted(expected) == shipped_configs()
+    for path, resolved in expected.items():
+        assert load_config(os.path.join(ROOT, path)).to_dict() == resolved, path
+
+
 def test_amp_needs_cuda(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path, iters=1, extra=["train.amp=bf16"]))
     with pytest.raises(ValueError, match="train.amp=bf16 needs a CUDA device"):

@@ -1,7 +1,15 @@
 """Configuration: a tree of dataclasses (model / data / train / eval) filled from YAML and ``key=value`` overrides.
 
 Unknown keys are errors that name the key; values are YAML-parsed (``--set train.lr=0.02``,
-``--set data.crop_size=[512,512]``).
+``--set data.crop_size=[512,512]``). A YAML file may start from others, as mmsegmentation's configs do::
+
+    _base_: [../_base_/datasets/cityscapes_769.yaml, ../_base_/schedules/40k.yaml]
+    model:
+      head: fcn
+
+The ``_base_`` files (paths relative to the file naming them; they may have bases of their own) are applied
+in order, then the file itself, then ``--set``: a later value replaces an earlier one key by key, and a value
+that is itself a mapping of the config (``model.loss_weights``) is replaced whole.
 """
 import dataclasses
 import os
@@ -231,26 +239,51 @@ def _file_error(path, err):
     return type(err)(f"{path}: {err}")
 
 
+BASE_KEY = "_base_"
+
+
+def config_files(path, _named_by=None, _chain=()):
+    """``[(file, values), ...]``: the ``_base_`` files of the YAML file at ``path`` (recursively, in order), then
+    the file itself, each with its mapping (``_base_`` taken out). Missing files, YAML errors, a ``_base_`` that
+    is not a path or a list of paths and files that are their own bases are errors naming the file."""
+    whose = f" (a {BASE_KEY} of {_named_by})" if _named_by else ""
+    if not os.path.isfile(path):
+        raise MissingPathError(f"config file not found: {path}{whose} (expected a YAML file)")
+    real = os.path.realpath(path)
+    if real in _chain:
+        raise ConfigError(f"{_named_by}: {BASE_KEY} includes {path}, which includes this file again "
+                          f"(expected {BASE_KEY} files that do not include each other in a cycle)")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
+                          f"got {type(values).__name__}")
+    bases = values.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: '{BASE_KEY}' expects a file path or a list of file paths (relative to "
+                          f"this file), got {bases!r}")
+    files = []
+    for name in bases:
+        files += config_files(os.path.join(os.path.dirname(path), name), path, _chain + (real,))
+    return files + [(path, values)]
+
+
 def load_config(path=None, overrides=None, base=None):
     """Defaults (or the nested dict ``base``, e.g. a checkpoint's config), then the YAML file at ``path`` (when
-    given), then the ``key=value`` overrides; the result is checked by :func:`validate`. Mistakes raise a
-    :class:`csfrn.errors.UserError` naming the file or key and what was expected."""
+    given: its ``_base_`` files first, see the module doc), then the ``key=value`` overrides; the result is
+    checked by :func:`validate`. Mistakes raise a :class:`csfrn.errors.UserError` naming the file or key and
+    what was expected."""
     cfg = from_dict(base) if base is not None else Config()
-    if path is not None:
-        if not os.path.isfile(path):
-            raise MissingPathError(f"config file not found: {path} (expected a YAML file)")
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
-                              f"got {type(values).__name__}")
+    for file, values in config_files(path) if path is not None else []:
         try:
             _apply(cfg, values, "")
         except (ConfigError, ConfigKeyError) as err:
-            raise _file_error(path, err) from None
+            raise _file_error(file, err) from None
     _apply(cfg, parse_overrides(overrides), "")
     validate(cfg)
     return cfg
