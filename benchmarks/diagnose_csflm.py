@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from csfrn import ops  # noqa: E402
 from csfrn.engine.config import load_config  # noqa: E402
 from csfrn.engine.demo import DEMO_CONFIG  # noqa: E402
-from csfrn.engine.train import build_model_from_config, train  # noqa: E402
+from csfrn.engine.checkpoint import build_model_from_config  # noqa: E402
+from csfrn.engine.train import train  # noqa: E402
 from csfrn.losses.cac import class_index  # noqa: E402
 
 

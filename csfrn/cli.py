@@ -57,7 +57,9 @@ class _BenchHelp(argparse.Action):
         parser.exit()
 
 
-def _common(parser):
+def _common(parser, handler):
+    """The options every verb but bench takes, and the function that runs the verb."""
+    parser.set_defaults(func=handler)
     parser.add_argument("--config", help="YAML config (sections model / data / train / eval)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
@@ -69,14 +71,14 @@ def _parser():
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="train a model (run under torchrun for several processes)")
-    _common(p)
+    _common(p, _train)
     p.add_argument("--resume", help="checkpoint to resume from ('auto': work_dir/last.pth when it exists)")
     p.add_argument("--work-dir", help="output directory (same as --set train.work_dir=...)")
     p.add_argument("--overwrite", action="store_true", help="start over in a work_dir that holds a previous run "
                    "(its checkpoints, metrics and reports are removed); without it such a work_dir is refused")
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset split")
-    _common(p)
+    _common(p, _eval)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", help="dataset split (default: data.val_split)")
     p.add_argument("--out", help="where metrics.json / metrics.csv go (default: next to the checkpoint)")
@@ -84,7 +86,7 @@ def _parser():
                    "variance, centre distance and their ratio of the features F and embeddings B; one more pass)")
 
     p = verbs.add_parser("predict", help="write prediction PNGs (train ids, colour, overlay) for images")
-    _common(p)
+    _common(p, _predict)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint")
     source.add_argument("--model", help="an exported .onnx file (csfrn export), run by onnxruntime instead of "
@@ -96,7 +98,7 @@ def _parser():
 
     p = verbs.add_parser("export", help="export a checkpoint's inference graph to ONNX (.onnx, deformable convs as "
                          "DeformConv) or torch.export (.pt2), checked against PyTorch")
-    _common(p)
+    _common(p, _export)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="FILE.onnx or FILE.pt2")
     p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input size of the export")
@@ -106,7 +108,7 @@ def _parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = verbs.add_parser("visualize", help="the paper's Figure 3: phi-distance maps of query pixels")
-    _common(p)
+    _common(p, _visualize)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="PNG file to write (its folders are created); a folder (existing, "
                    "ending in / or without an extension) gets figure3.png")
@@ -122,7 +124,7 @@ def _parser():
                          "that --config / --set describe: every model key counts (width, blocks, channels, "
                          "aux_channels, aux, ...); model.pretrained is never read. The flags below override the "
                          "config's model keys.")
-    _common(p)
+    _common(p, _flops)
     p.add_argument("--size", type=int, nargs="+", metavar="PIXELS",
                    help="input size, H or H W (default: data.crop_size of --config; 512 without --config)")
     for flag, key, kind in _FLOPS_FLAGS:
@@ -139,11 +141,11 @@ def _parser():
     p.add_argument("--what", choices=sorted(BENCHMARKS), default=None,
                    help="which benchmark (default: train; ops for the bench-ops alias)")
     # bench takes no config: the keys code common to all verbs reads are there, empty
-    p.set_defaults(config=None, overrides=[], debug=False)
+    p.set_defaults(func=_bench, config=None, overrides=[], debug=False)
 
     p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set with several seeds "
                          "and compare (mean ± std, paired difference with a 95%% interval, feature consistency)")
-    _common(p)
+    _common(p, _demo)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model, 0..N-1 (default: %(default)s)")
     p.add_argument("--iters", type=int, default=500, help="training iterations per run (default: %(default)s, so that "
@@ -159,7 +161,7 @@ def _parser():
         "for every variant, so the comparison with the baseline is paired), evaluate on --split, and write "
         "OUT/runs/<variant>_seed<s>.json, OUT/summary.json, OUT/table.md and OUT/ablation.png. Runs already in "
         "OUT are not trained again.\n\nVariants and the paper's rows they stand for:\n" + variants_help())
-    _common(p)
+    _common(p, _ablate)
     p.add_argument("--variants", default="baseline,concat,aam,no-margins,bce",
                    help="comma-separated variant names (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default: %(default)s)")
@@ -198,15 +200,6 @@ def _one_line(err):
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
-def _model_and_config(args):
-    """The checkpoint's model and config (the checkpoint's own config, --config and --set layered on top)."""
-    from .engine.distributed import resolve_device
-    from .engine.train import load_model_from_checkpoint
-    model, cfg = load_model_from_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides)
-    device = resolve_device(cfg.train.device)
-    return model.to(device), cfg, device
-
-
 # csfrn flops flags: (flag, model key, type); bool flags set the key to the flag's meaning.
 _FLOPS_FLAGS = [("--head", "head", str), ("--backbone", "backbone", str), ("--num-classes", "num_classes", int),
                 ("--fusion", "fusion", str), ("--embed-dim", "embed_dim", int),
@@ -236,12 +229,12 @@ def _flops(args):
     return 0
 
 
-def _bench(args, extra):
+def _bench(args):
     """``csfrn bench --what X [X's options]`` (``bench-ops`` is ``bench --what ops``): X's own parser takes the
     rest of the command line, so an option X does not take is an error, not dropped."""
     what = args.what or ("ops" if args.verb == "bench-ops" else "train")
     module, parser = _bench_parser(what)
-    module.main(extra, parser=parser)
+    module.main(args.extra, parser=parser)
     return 0
 
 
@@ -251,9 +244,10 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     if extra and args.verb not in ("bench-ops", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         _check_paths(args)
-        return _run(parser, args, extra)
+        return args.func(args)
     except UserError as err:
         if args.debug:
             traceback.print_exc()
@@ -264,142 +258,102 @@ def main(argv=None):
         return 2
 
 
-def _run(parser, args, extra):
-    if args.verb == "train":
-        from .engine.train import check_work_dir, train
-        if args.resume:
-            args.overrides.append(f"train.resume={args.resume}")
-        if args.work_dir:
-            args.overrides.append(f"train.work_dir={args.work_dir}")
-        cfg = _config(args)
-        check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
-        train(cfg, overwrite=args.overwrite)
-        return 0
+def _train(args):
+    from .engine.train import check_work_dir, train
+    if args.resume:
+        args.overrides.append(f"train.resume={args.resume}")
+    if args.work_dir:
+        args.overrides.append(f"train.work_dir={args.work_dir}")
+    cfg = _config(args)
+    check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
+    train(cfg, overwrite=args.overwrite)
+    return 0
 
-    if args.verb == "eval":
-        from .data import build_dataset
-        from .data.transforms import eval_transforms
-        from .engine.distributed import cleanup, init_distributed
-        from .engine.evaluate import evaluate, write_report
-        model, cfg, _ = _model_and_config(args)
-        # Under torchrun every process evaluates a shard; the confusion matrices are summed.
-        info = init_distributed(cfg.train.device)
-        try:
-            model.to(info.device)
-            split = args.split or cfg.data.val_split
-            dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
-                                    seed=cfg.train.seed)
-            if dataset.num_classes != cfg.model.num_classes:
-                raise ConfigError(f"checkpoint {args.checkpoint} has {cfg.model.num_classes} classes, dataset "
-                                  f"'{cfg.data.dataset}' has {dataset.num_classes}")
-            summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device,
-                                  cfg.data.base_size, progress=True)
-            if info.is_main:
-                out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-                if not args.no_consistency:
-                    from .engine.evaluate import dataset_feature_consistency, format_consistency
-                    summary["consistency"] = dataset_feature_consistency(model, dataset, info.device,
-                                                                         cfg.eval.max_images, progress=True)
-                print(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
-                if "consistency" in summary:
-                    print(format_consistency(summary["consistency"]))
-        finally:
-            cleanup()
-        return 0
 
-    if args.verb == "predict":
-        from .data import DATASETS
-        from .data._base import make_palette
-        from tqdm import tqdm
+def _eval(args):
+    from .engine.evaluate import evaluate_checkpoint
+    evaluate_checkpoint(args.checkpoint, args.split, args.out, not args.no_consistency, args.config, args.overrides)
+    return 0
 
-        from .engine.evaluate import find_images, predict
-        images = find_images(args.input, exclude=args.out)
-        if args.model:
-            from .deploy import onnx_model_and_config
-            model, cfg = onnx_model_and_config(args.model, args.config, args.overrides)
-            device = "cpu"
-        else:
-            model, cfg, device = _model_and_config(args)
-        if args.cityscapes_ids and (cfg.model.num_classes != 19 or cfg.data.dataset != "cityscapes"):
-            raise ConfigError(f"--cityscapes-ids maps Cityscapes' 19 train ids to label ids, but the model in "
-                              f"{args.checkpoint or args.model} has {cfg.model.num_classes} classes (data.dataset "
-                              f"'{cfg.data.dataset}'); add --set data.dataset=cityscapes if they are Cityscapes' "
-                              "19 train ids")
-        dataset_cls = DATASETS.get(cfg.data.dataset)
-        # Datasets with a fixed class list carry their palette; the others (folder, synthetic) use make_palette.
-        palette = getattr(dataset_cls, "palette", None) or make_palette(cfg.model.num_classes)
-        written, failed = predict(model, images, args.out, cfg.model.num_classes, palette, cfg.eval, device,
-                                  cfg.data.base_size, cityscapes_ids=args.cityscapes_ids,
-                                  on_error=lambda path, why: tqdm.write(f"csfrn predict: skipped {path}: {why}",
-                                                                        file=sys.stderr))
-        print(f"csfrn predict: {len(written)} of {len(images)} images predicted into {args.out}, "
-              f"{len(failed)} failed", file=sys.stderr if failed else sys.stdout)
-        return 1 if failed else 0
 
-    if args.verb == "export":
-        from .deploy import export_from_checkpoint
-        return export_from_checkpoint(args.checkpoint, args.out, args.size, opset=args.opset, dynamic=args.dynamic,
-                                      check=not args.no_check, overwrite=args.overwrite, config=args.config,
-                                      overrides=args.overrides)
+def _predict(args):
+    from tqdm import tqdm
+    from .engine.evaluate import predict_files
+    written, failed, total = predict_files(
+        args.input, args.out, args.checkpoint, args.model, args.config, args.overrides, args.cityscapes_ids,
+        on_error=lambda path, why: tqdm.write(f"csfrn predict: skipped {path}: {why}", file=sys.stderr))
+    print(f"csfrn predict: {len(written)} of {total} images predicted into {args.out}, {len(failed)} failed",
+          file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
 
-    if args.verb == "visualize":
-        from .data import build_dataset
-        from .data.transforms import eval_transforms
-        from .engine.visualize import visualize_dataset
-        points = None
-        if args.points:
-            try:
-                points = [tuple(int(v) for v in p.split(",")) for p in args.points]
-            except ValueError:
-                points = []
-            if any(len(p) != 2 for p in points) or not points:
-                raise UsageError(f"--points takes Y,X pairs of integers, got {' '.join(args.points)}")
-        if args.scale is not None and args.scale < 1:
-            raise UsageError(f"--scale must be a positive integer, got {args.scale}")
-        out = args.out
-        if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
-            out = os.path.join(out, "figure3.png")          # a folder (created)
-        from PIL import Image
-        if os.path.splitext(out)[1].lower() not in Image.registered_extensions():
-            raise UsageError(f"--out {out}: unknown picture extension {os.path.splitext(out)[1]} (use .png)")
-        model, cfg, device = _model_and_config(args)
-        dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, eval_transforms(),
-                                num_classes=cfg.model.num_classes, seed=cfg.train.seed)
-        try:
-            path = visualize_dataset(model, dataset, args.indices, out, dataset.palette, device, points,
-                                     delta=cfg.model.delta, scale=args.scale)
-        except ValueError as err:      # indices / points out of range, a model without CSFLM, a bad extension
-            raise UsageError(str(err))
-        print(f"wrote {path}")
-        return 0
 
-    if args.verb == "flops":
-        return _flops(args)
+def _export(args):
+    from .deploy import export_from_checkpoint
+    return export_from_checkpoint(args.checkpoint, args.out, args.size, opset=args.opset, dynamic=args.dynamic,
+                                  check=not args.no_check, overwrite=args.overwrite, config=args.config,
+                                  overrides=args.overrides)
 
-    if args.verb in ("bench", "bench-ops"):
-        return _bench(args, extra)
 
-    if args.verb == "demo":
-        from .engine.demo import DEMO_CONFIG, run_demo
-        if args.config is None and os.path.isfile(DEMO_CONFIG):
-            args.config = DEMO_CONFIG
-        _config(args)  # report bad keys before any work
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-        if args.iters < 1:
-            raise ConfigError(f"--iters must be at least 1, got {args.iters}")
-        args.overrides.insert(0, f"train.iters={args.iters}")   # a --set train.iters=N given too wins
-        run_demo(args.out, args.config, args.overrides, seeds=args.seeds)
-        return 0
-    if args.verb == "ablate":
-        from .engine.ablate import ablate, parse_variants
-        variants = parse_variants(args.variants)
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-        ablate(args.config, variants, args.seeds, args.out, args.overrides, split=args.split,
-               keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
-        return 0
-    parser.error(f"unknown verb {args.verb}")
+def _points(values):
+    """--points Y,X ... -> [(y, x), ...]."""
+    try:
+        points = [tuple(int(v) for v in p.split(",")) for p in values]
+    except ValueError:
+        points = []
+    if not points or any(len(p) != 2 for p in points):
+        raise UsageError(f"--points takes Y,X pairs of integers, got {' '.join(values)}")
+    return points
+
+
+def _picture_path(out):
+    """--out of visualize: a PNG file, or a folder (existing, ending in /, or without an extension) that gets
+    figure3.png."""
+    from PIL import Image
+    if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
+        out = os.path.join(out, "figure3.png")
+    if os.path.splitext(out)[1].lower() not in Image.registered_extensions():
+        raise UsageError(f"--out {out}: unknown picture extension {os.path.splitext(out)[1]} (use .png)")
+    return out
+
+
+def _visualize(args):
+    from .engine.visualize import visualize_checkpoint
+    points = _points(args.points) if args.points else None
+    if args.scale is not None and args.scale < 1:
+        raise UsageError(f"--scale must be a positive integer, got {args.scale}")
+    try:
+        path = visualize_checkpoint(args.checkpoint, _picture_path(args.out), args.split, args.indices, points,
+                                    args.scale, args.config, args.overrides)
+    except ValueError as err:      # indices / points out of range, a model without CSFLM, a bad extension
+        raise UsageError(str(err))
+    print(f"wrote {path}")
+    return 0
+
+
+def _demo(args):
+    from .engine.demo import DEMO_CONFIG, run_demo
+    if args.config is None and os.path.isfile(DEMO_CONFIG):
+        args.config = DEMO_CONFIG
+    _config(args)  # report bad keys before any work
+    _at_least_one("--seeds", args.seeds)
+    _at_least_one("--iters", args.iters)
+    args.overrides.insert(0, f"train.iters={args.iters}")   # a --set train.iters=N given too wins
+    run_demo(args.out, args.config, args.overrides, seeds=args.seeds)
+    return 0
+
+
+def _ablate(args):
+    from .engine.ablate import ablate, parse_variants
+    variants = parse_variants(args.variants)
+    _at_least_one("--seeds", args.seeds)
+    ablate(args.config, variants, args.seeds, args.out, args.overrides, split=args.split,
+           keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
+    return 0
+
+
+def _at_least_one(flag, value):
+    if value < 1:
+        raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
 if __name__ == "__main__":

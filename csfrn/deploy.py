@@ -340,7 +340,7 @@ def export_from_checkpoint(checkpoint, out, size, opset=19, dynamic=False, check
     import sys
     import time
 
-    from .engine.train import load_model_from_checkpoint
+    from .engine.checkpoint import load_model_from_checkpoint
     from .errors import OutputExistsError
     stream = stream or sys.stdout
     kind = os.path.splitext(out)[1].lower()

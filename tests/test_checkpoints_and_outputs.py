@@ -14,7 +14,8 @@ from PIL import Image
 from csfrn import cli
 from csfrn.engine import checkpoint as ckpt
 from csfrn.engine.config import load_config
-from csfrn.engine.train import build_model_from_config, check_work_dir, checkpoint_config, train
+from csfrn.engine.checkpoint import build_model_from_config, checkpoint_config
+from csfrn.engine.train import check_work_dir, train
 
 from conftest import rgb, tiny_overrides, write_jpg, write_png
 
@@ -83,18 +84,19 @@ def test_checkpoint_needs_no_pretrained_file(run, tmp_path):
 
 
 def test_every_verb_builds_its_model_with_the_one_function(run, tmp_path, monkeypatch):
-    train_module = sys.modules["csfrn.engine.train"]
     calls = []
-    real = train_module.load_model_from_checkpoint
-    monkeypatch.setattr(train_module, "load_model_from_checkpoint",
-                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = ckpt.load_model_from_checkpoint
+    monkeypatch.setattr(ckpt, "load_model_from_checkpoint", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     best = str(run["work"] / "best.pth")
     write_png(str(tmp_path / "in" / "x.png"), rgb(20, 28))
     assert cli.main(["eval", "--checkpoint", best, "--out", str(tmp_path)]) == 0
     assert cli.main(["predict", "--checkpoint", best, "--input", str(tmp_path / "in"),
                      "--out", str(tmp_path / "pred")]) == 0
     assert cli.main(["visualize", "--checkpoint", best, "--out", str(tmp_path / "f.png")]) == 0
-    assert calls == [best] * 3
+    assert cli.main(["export", "--checkpoint", best, "--out", str(tmp_path / "m.pt2"), "--size", "32", "32",
+                     "--no-check"]) == 0
+    assert calls == [best] * 4
+    assert not hasattr(cli, "_model_and_config")
 
 
 def test_a_config_file_is_layered_on_the_checkpoint_config(run, tmp_path):

@@ -167,7 +167,7 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
 def test_every_shipped_config_loads_and_builds(path):
     from csfrn.data import DATASETS
     from csfrn.engine.config import load_config
-    from csfrn.engine.train import build_model_from_config
+    from csfrn.engine.checkpoint import build_model_from_config
     cfg = load_config(os.path.join(ROOT, path), ["model.pretrained=null"])
     assert cfg.data.dataset in DATASETS
     assert cfg.data.batch_size >= 1 and cfg.train.iters >= 1

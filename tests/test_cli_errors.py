@@ -244,10 +244,10 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_bugs_keep_their_traceback(monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(cli, "_run", broken)
+    monkeypatch.setattr(cli, "_train", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["train"])
-    monkeypatch.setattr(cli, "_run", lambda *args: (_ for _ in ()).throw(ConfigError("config key 'x' is bad")))
+    monkeypatch.setattr(cli, "_eval", lambda *args: (_ for _ in ()).throw(ConfigError("config key 'x' is bad")))
     assert cli.main(["eval", "--checkpoint", __file__]) == 2
     assert capsys.readouterr().err == "csfrn eval: error: config key 'x' is bad\n"
 

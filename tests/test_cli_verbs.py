@@ -50,7 +50,7 @@ def checkpoint(tmp_path_factory):
 # ---------------------------------------------------------------- flops
 def _params(*overrides):
     from csfrn.engine.config import load_config
-    from csfrn.engine.train import build_model_from_config
+    from csfrn.engine.checkpoint import build_model_from_config
     cfg = load_config(DEMO, list(overrides))
     with torch.device("meta"):
         return sum(p.numel() for p in build_model_from_config(cfg.model).parameters())

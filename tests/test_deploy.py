@@ -9,7 +9,7 @@ from torch import nn
 
 from csfrn import cli, deploy, ops
 from csfrn.engine.config import load_config
-from csfrn.engine.train import build_model_from_config
+from csfrn.engine.checkpoint import build_model_from_config
 from csfrn.models import build_model
 from csfrn.nn import DeformConv2d
 

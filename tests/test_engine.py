@@ -14,7 +14,8 @@ from csfrn.engine import checkpoint as ckpt
 from csfrn.engine.config import load_config, parse_overrides
 from csfrn.engine.inference import inference, slide_inference
 from csfrn.engine.metrics import confusion_matrix, format_table, save_summary, summarize
-from csfrn.engine.train import build_model_from_config, poly_lambda, train
+from csfrn.engine.checkpoint import build_model_from_config
+from csfrn.engine.train import poly_lambda, train
 
 from conftest import free_port, tiny_overrides
 

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _model(checkpoint):
     from ..engine.config import load_config
-    from ..engine.train import build_model_from_config, load_model_from_checkpoint
+    from ..engine.checkpoint import build_model_from_config, load_model_from_checkpoint
     if checkpoint:
         return load_model_from_checkpoint(checkpoint)[0], checkpoint
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"))

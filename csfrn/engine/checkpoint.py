@@ -1,4 +1,7 @@
-"""Atomic checkpoint files that load without executing code (``torch.load(weights_only=True)``)."""
+"""Checkpoints and the one place models are built: atomic checkpoint files that load without executing code
+(``torch.load(weights_only=True)``), a model from a config (:func:`build_model_from_config`) and a model from a
+checkpoint (:func:`load_model_from_checkpoint`, which every verb and the library use)."""
+import dataclasses
 import os
 import pickle
 import random
@@ -9,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .config import from_dict, load_config
 
 
 class CheckpointError(UserError, ValueError):
@@ -152,3 +156,65 @@ def set_rng_state(state):
     random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_model_from_config(model_cfg, load_pretrained=True):
+    """:func:`csfrn.models.build_model` with the keyword arguments of a ModelConfig. ``load_pretrained=False``
+    leaves ``model.pretrained`` unread: a model that a checkpoint is loaded into needs no ImageNet file."""
+    from ..models import build_model
+
+    kwargs = dataclasses.asdict(model_cfg)
+    if not load_pretrained:
+        kwargs["pretrained"] = None
+    if kwargs["blocks"] is not None:
+        kwargs["blocks"] = tuple(kwargs["blocks"])
+    return build_model(**kwargs)
+
+
+# ModelConfig keys that change no tensor of the state_dict.
+_LOSS_ONLY = ("pretrained", "ohem", "thresh", "min_kept", "loss_weights", "binary", "delta", "fusion_init")
+
+
+def load_model_state(model, weights, path, model_cfg, saved_config):
+    """``model.load_state_dict(weights)``; a mismatch is an error naming the checkpoint and the model keys in
+    which the config differs from the checkpoint's own."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        saved = from_dict({"model": (saved_config or {}).get("model", {})}).model
+        diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, config {getattr(model_cfg, k)!r}"
+                 for k in dataclasses.asdict(model_cfg) if k not in _LOSS_ONLY
+                 and getattr(saved, k) != getattr(model_cfg, k)]
+        lines = str(err).splitlines()
+        detail = "; ".join(diffs) if diffs else (lines[1].strip() if len(lines) > 1 else lines[0])
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model ({detail})") from None
+
+
+def checkpoint_config(state, config=None, overrides=None):
+    """The Config of a checkpoint's model: the checkpoint's own config, then the YAML file ``config`` layered
+    on top (a file with only an ``eval:`` section is fine), then ``key=value`` overrides. The training
+    machine's ``train.device`` is not inherited (``auto``, unless the file or the overrides say otherwise)."""
+    base = dict(state["config"])
+    base["train"] = {**base.get("train", {}), "device": "auto"}
+    return load_config(config, overrides, base=base)
+
+
+def load_model_from_checkpoint(path, cfg=None, device="cpu", config=None, overrides=None):
+    """A model in eval mode from best.pth / last.pth / iter_*.pth, and its Config. Returns (model, Config).
+
+    The config is the checkpoint's own with the YAML file ``config`` and the ``overrides`` layered on top
+    (:func:`checkpoint_config`), or ``cfg`` when given. ``device=None`` puts the model where the config's
+    ``train.device`` says (``auto``: CUDA when there is one). ``model.pretrained`` is never read: the weights come
+    from the checkpoint, and the ImageNet file may be gone. Errors name the file: missing, empty, truncated,
+    not a csfrn checkpoint (a bare state_dict), a class count other than the config's, another architecture.
+    """
+    state = require_keys(load_checkpoint(path), path, ("model", "config"), "loaded")
+    if cfg is None:
+        cfg = checkpoint_config(state, config, overrides)
+    check_num_classes(state, path, cfg.model.num_classes)
+    model = build_model_from_config(cfg.model, load_pretrained=False)
+    load_model_state(model, state["model"], path, cfg.model, state["config"])
+    if device is None:
+        from .distributed import resolve_device
+        device = resolve_device(cfg.train.device)
+    return model.to(device).eval(), cfg

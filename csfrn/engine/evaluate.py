@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..data.cityscapes import train_ids_to_label_ids
-from ..errors import DataError, MissingPathError
+from ..errors import ConfigError, DataError, MissingPathError
 from .distributed import all_reduce_sum
 from .inference import inference_from_config
 from .metrics import confusion_matrix, format_table, save_summary, summarize
@@ -45,6 +45,41 @@ def evaluate(model, dataset, num_classes, eval_cfg, device, base_size=None, prog
     all_reduce_sum(cm)
     model.train(was_training)
     return summarize(cm), cm.cpu()
+
+
+def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, config=None, overrides=(), log=print):
+    """``csfrn eval``: the checkpoint's model (its own config, ``config`` and ``overrides`` on top) on ``split``
+    (default ``data.val_split``); under torchrun every process evaluates a shard and the confusion matrices are
+    summed. Writes ``eval_<split>.json`` / ``.csv`` to ``out`` (default: beside the checkpoint), logs the table
+    and, unless ``consistency=False``, the feature-consistency scores. Returns the summary."""
+    from ..data import build_dataset
+    from ..data.transforms import eval_transforms
+    from .checkpoint import load_model_from_checkpoint
+    from .distributed import cleanup, init_distributed
+
+    model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
+    info = init_distributed(cfg.train.device)
+    try:
+        model.to(info.device)
+        split = split or cfg.data.val_split
+        dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
+                                seed=cfg.train.seed)
+        if dataset.num_classes != cfg.model.num_classes:
+            raise ConfigError(f"checkpoint {checkpoint} has {cfg.model.num_classes} classes, dataset "
+                              f"'{cfg.data.dataset}' has {dataset.num_classes}")
+        summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device, cfg.data.base_size,
+                              progress=True)
+        if info.is_main:
+            if consistency:
+                summary["consistency"] = dataset_feature_consistency(model, dataset, info.device,
+                                                                     cfg.eval.max_images, progress=True)
+            log(write_report(summary, dataset.classes, out or os.path.dirname(os.path.abspath(checkpoint)),
+                             name=f"eval_{split}"))
+            if consistency:
+                log(format_consistency(summary["consistency"]))
+        return summary
+    finally:
+        cleanup()
 
 
 def write_report(summary, classes, out_dir, name="metrics"):
@@ -166,6 +201,36 @@ def predict(model, images, out_dir, num_classes, palette, eval_cfg, device, base
     return written, failed
 
 
+def predict_files(inputs, out, checkpoint=None, onnx_model=None, config=None, overrides=(), cityscapes_ids=False,
+                  on_error=None):
+    """``csfrn predict``: the pictures of :func:`predict` for the image files and folders ``inputs``, from a
+    ``checkpoint`` (PyTorch) or an exported ``onnx_model`` (onnxruntime, its config stored in the file), with
+    ``config`` / ``overrides`` layered on the model's config. ``cityscapes_ids`` also writes Cityscapes label
+    ids. Returns (stems written, [(path, message)] of skipped images, the image count)."""
+    from ..data import DATASETS
+    from ..data._base import make_palette
+
+    images = find_images(inputs, exclude=out)
+    if onnx_model is not None:
+        from ..deploy import onnx_model_and_config
+        model, cfg = onnx_model_and_config(onnx_model, config, overrides)
+        device = "cpu"
+    else:
+        from .checkpoint import load_model_from_checkpoint
+        model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
+        device = next(model.parameters()).device
+    if cityscapes_ids and (cfg.model.num_classes != 19 or cfg.data.dataset != "cityscapes"):
+        raise ConfigError(f"--cityscapes-ids maps Cityscapes' 19 train ids to label ids, but the model in "
+                          f"{checkpoint or onnx_model} has {cfg.model.num_classes} classes (data.dataset "
+                          f"'{cfg.data.dataset}'); add --set data.dataset=cityscapes if they are Cityscapes' "
+                          "19 train ids")
+    # Datasets with a fixed class list carry their palette; the others (folder, synthetic) use make_palette.
+    palette = getattr(DATASETS.get(cfg.data.dataset), "palette", None) or make_palette(cfg.model.num_classes)
+    written, failed = predict(model, images, out, cfg.model.num_classes, palette, cfg.eval, device,
+                              cfg.data.base_size, cityscapes_ids=cityscapes_ids, on_error=on_error)
+    return written, failed, len(images)
+
+
 @torch.no_grad()
 def predict_dataset_grid(models, dataset, indices, path, eval_cfg, device, scale=1):
     """One row per image: image, ground truth, then each model's prediction (``models``: name -> model), under
@@ -206,7 +271,7 @@ def dataset_feature_consistency(model, dataset, device, max_images=None, progres
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     for i in tqdm(range(count), desc="consistency", disable=not progress, leave=False):
         image, label = dataset[i]
-        out = model.forward_features(image[None].to(device))
+        out = model.predict_maps(image[None].to(device))
         stats["F"].update(out["features"], label[None])
         if out["embeddings"] is not None:
             stats["B"].update(out["embeddings"], label[None])

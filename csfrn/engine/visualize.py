@@ -27,7 +27,7 @@ def distance_maps(model, image, points, delta=10.0):
     """phi maps of the query pixels.
 
     Args:
-        model: a CSFRN model (``forward_features`` gives "embeddings" and "margins").
+        model: a CSFRN model (``predict_maps`` gives "embeddings" and "margins").
         image: normalised [1, 3, H, W].
         points: [(y, x), ...] in image pixels.
 
@@ -35,7 +35,7 @@ def distance_maps(model, image, points, delta=10.0):
         (logits [1, K, H, W], float32 [Q, H, W] numpy array of phi in [0, 1]); phi is 0 at the query's own
         feature and grows with distance, scaled by the query's margin (0 when the model has no margins).
     """
-    feats = model.forward_features(image)
+    feats = model.predict_maps(image)
     emb = feats["embeddings"]
     if emb is None:
         raise ValueError("distance maps need a model with CSFLM (its C-S features); this one has csflm=False")
@@ -213,3 +213,19 @@ def visualize_dataset(model, dataset, indices, path, palette, device, points=Non
         rows.append({"image": denormalize(image).permute(1, 2, 0).numpy(), "label": label.numpy(),
                      "pred": logits.argmax(1)[0].cpu().numpy(), "points": pts, "maps": maps})
     return figure3(rows, path, palette, scale, classes if classes is not None else getattr(dataset, "classes", None))
+
+
+def visualize_checkpoint(checkpoint, path, split=None, indices=(0,), points=None, scale=None, config=None,
+                         overrides=()):
+    """``csfrn visualize``: Figure 3 (:func:`visualize_dataset`) of the checkpoint's model on items ``indices``
+    of ``split`` (default ``data.val_split``), written to ``path``; ``config`` / ``overrides`` are layered on
+    the checkpoint's config. Returns the path written."""
+    from ..data import build_dataset
+    from ..data.transforms import eval_transforms
+    from .checkpoint import load_model_from_checkpoint
+
+    model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
+    dataset = build_dataset(cfg.data, split or cfg.data.val_split, eval_transforms(),
+                            num_classes=cfg.model.num_classes, seed=cfg.train.seed)
+    return visualize_dataset(model, dataset, indices, path, dataset.palette, next(model.parameters()).device,
+                             points, delta=cfg.model.delta, scale=scale)
