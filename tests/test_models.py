@@ -128,8 +128,11 @@ def test_shapes_train_and_eval(head, fusion, ops_path):
     with torch.no_grad():
         out = model(images)
     assert out.shape == (2, 3, 32, 32)
-    feats = model.forward_features(images)
+    feats = model.predict_maps(images)
     assert feats["logits"].shape == (2, 3, 32, 32)
+    with pytest.warns(FutureWarning, match="forward_features is deprecated.*predict_maps"):
+        old = model.forward_features(images)
+    assert old.keys() == feats.keys() and torch.equal(old["logits"], feats["logits"])
     if fusion:
         assert feats["embeddings"].shape == (2, 8, 4, 4) and feats["margins"].shape == (2, 1, 4, 4)
     else:
@@ -189,7 +192,7 @@ def test_eval_needs_no_labels_and_computes_no_centres(monkeypatch, ops_path):
     monkeypatch.setattr(csfrn.ops, "center_distance", forbidden)
     with torch.no_grad():
         assert model(batch()[0]).shape == (2, 3, 32, 32)
-        model.forward_features(batch()[0])
+        model.predict_maps(batch()[0])
 
 
 def test_input_checks():

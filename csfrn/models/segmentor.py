@@ -1,4 +1,6 @@
 """The CSFRN segmentor: dilated ResNet -> context head -> (CSFLM -> concat or AAM fusion) -> classifier."""
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,12 +104,19 @@ class CSFRN(nn.Module):
         return logits, losses
 
     @torch.no_grad()
-    def forward_features(self, images):
+    def predict_maps(self, images):
         """{"logits": [N, C, H, W], "features": the features that replace the head's A (CSFLM's fused F; the
         head's context output without CSFLM) [N, channels, h, w], "embeddings": C-S features [N, D, h, w] or
         None, "margins": margin map [N, 1, h, w] or None} for an input (paper Figure 3); runs in the module's
-        current mode."""
+        current mode, without gradients."""
         logits, _, out, features = self._run(images)
         return {"logits": logits, "features": features,
                 "embeddings": out.embeddings if out is not None else None,
                 "margins": out.margins if out is not None else None}
+
+    def forward_features(self, images):
+        """Deprecated alias of :meth:`predict_maps` (timm's ``forward_features`` means the backbone's feature
+        map, which this is not); it will be removed in the next release."""
+        warnings.warn("CSFRN.forward_features is deprecated and will be removed in the next release; use "
+                      "predict_maps (same arguments and result)", FutureWarning, stacklevel=2)
+        return self.predict_maps(images)
