@@ -262,3 +262,19 @@ def test_user_errors_are_still_the_builtin_types():
                     "  File \"x.py\", line 1, in f\ncsfrn.errors.DataError: label a.png: value 7\n")
     assert str(err) == "label a.png: value 7" and "worker process 3" in err.worker_traceback
     assert isinstance(err, UserError)
+
+
+def test_a_missing_extension_says_how_to_build_it():
+    """Without the compiled csfrn._C (not built, or built for another torch), importing the ops says what to run."""
+    code = ("import importlib.abc, sys\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'csfrn._C':\n"
+            "            raise ImportError('undefined symbol: _ZN3c10 (simulated)')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import csfrn.ops\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: csfrn's compiled extension csfrn._C could not be loaded (undefined symbol")
+    assert "make setup" in last and "pip install --no-build-isolation -e ." in last

@@ -10,7 +10,15 @@
 """
 import torch
 
-from .. import _C  # noqa: F401  (loads the shared library, which registers torch.ops.csfrn.*)
+try:
+    from .. import _C  # noqa: F401  (loads the shared library, which registers torch.ops.csfrn.*)
+except ImportError as err:
+    import os as _os
+    _root = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    raise ImportError(
+        f"csfrn's compiled extension csfrn._C could not be loaded ({err}). It is built when the package is "
+        f"installed: run `make setup` in {_root} (or `pip install --no-build-isolation -e .` there, with torch "
+        f"already installed); after changing csrc/ or torch, run it again.") from err
 from . import reference  # noqa: F401
 from ._switch import use_reference
 from .class_ops import center_distance, class_avg_pool
