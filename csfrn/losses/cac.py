@@ -1,5 +1,5 @@
 """Class-aware consistency loss (CAC, paper Eq. 4) and the margin smoothness loss (Eq. 5)."""
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class ClassIndex(NamedTuple):
     ignore_index: int
 
 
-def class_index(labels, size, ignore_index=255):
+def class_index(labels: torch.Tensor, size: Tuple[int, int], ignore_index: int = 255) -> ClassIndex:
     """``resize_labels`` then ``compact_labels``, once for every loss of a step: CACLoss and SmoothLoss take
     the result in place of labels, so the segmentor resizes and renumbers once (it is the same for both)."""
     compact, k, present = compact_labels(resize_labels(labels, size), ignore_index)
@@ -98,13 +98,14 @@ class CACLoss(nn.Module):
     (Table 5's "w/o margin"). ``labels`` may also be a ``class_index(labels, (h, w), ignore_index)``.
     """
 
-    def __init__(self, delta=10.0, binary="lovasz", ignore_index=255):
+    def __init__(self, delta: float = 10.0, binary: str = "lovasz", ignore_index: int = 255):
         super().__init__()
         if binary not in BINARY_LOSSES:
             raise ValueError(f"unknown binary loss {binary!r}; choose one of {list(BINARY_LOSSES)}")
         self.delta, self.binary, self.ignore_index = float(delta), binary, ignore_index
 
-    def forward(self, embeddings, margin_map, labels):
+    def forward(self, embeddings: torch.Tensor, margin_map: Optional[torch.Tensor],
+                labels: Union[torch.Tensor, ClassIndex]) -> torch.Tensor:
         if embeddings.dim() != 4:
             raise ValueError(f"embeddings must be a 4-D tensor [N, D, h, w], got shape {list(embeddings.shape)}")
         n, d, h, w = embeddings.shape
@@ -148,11 +149,11 @@ class SmoothLoss(nn.Module):
     as a ``class_index``).
     """
 
-    def __init__(self, ignore_index=255):
+    def __init__(self, ignore_index: int = 255):
         super().__init__()
         self.ignore_index = ignore_index
 
-    def forward(self, margin_map, labels):
+    def forward(self, margin_map: torch.Tensor, labels: Union[torch.Tensor, ClassIndex]) -> torch.Tensor:
         if margin_map.dim() != 4 or margin_map.shape[1] != 1:
             raise ValueError(f"margin_map must be a 4-D tensor [N, 1, h, w], got shape {list(margin_map.shape)}")
         n, _, h, w = margin_map.shape

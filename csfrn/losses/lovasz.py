@@ -1,8 +1,11 @@
 """Binary Lovasz hinge (Berman, Triki, Blaschko, CVPR 2018), vectorised over rows: one sort for everything."""
+from typing import Optional
+
 import torch
 
 
-def lovasz_hinge(logits, labels, per_image=True, ignore_index=None):
+def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True,
+                 ignore_index: Optional[int] = None) -> torch.Tensor:
     """Binary Lovasz hinge loss, a convex surrogate of 1 - IoU of the positive class.
 
     Args:
@@ -64,7 +67,7 @@ def _lovasz_grad(gt_sorted):
     return torch.diff(jaccard, dim=1, prepend=jaccard.new_zeros(jaccard.shape[0], 1))
 
 
-def lovasz_softmax(probs, labels, ignore_index=255):
+def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Lovasz-softmax loss (Berman et al. 2018) of class probabilities [N, C, h, w] against labels [N, h, w],
     over all pixels together, averaged over the classes present in the labels (Berman's classes='present')."""
     if probs.dim() != 4 or labels.shape != (probs.shape[0],) + probs.shape[2:]:

@@ -16,7 +16,7 @@ class OhemCrossEntropy(nn.Module):
     Called as ``loss(logits [N, C, H, W], labels [N, H, W])`` with logits already at the labels' size.
     """
 
-    def __init__(self, thresh=0.7, min_kept=100000, ignore_index=255):
+    def __init__(self, thresh: float = 0.7, min_kept: int = 100000, ignore_index: int = 255):
         super().__init__()
         if not 0.0 < thresh <= 1.0:
             raise ValueError(f"thresh must be in (0, 1], got {thresh}")
@@ -38,7 +38,7 @@ class OhemCrossEntropy(nn.Module):
             mask[valid] = chosen
         return mask
 
-    def forward(self, logits, labels):
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
             raise ValueError(f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W, got "
                              f"{list(logits.shape)} and {list(labels.shape)}")

@@ -1,4 +1,6 @@
 """``build_model``: one call from names and numbers to a CSFRN segmentor."""
+from typing import Mapping, Optional, Sequence
+
 from torch import nn
 
 from ..losses import OhemCrossEntropy
@@ -11,11 +13,13 @@ from .segmentor import CSFRN
 ASPP_DILATIONS = {8: (12, 24, 36), 16: (6, 12, 18)}
 
 
-def build_model(head, num_classes, backbone="resnet50c", csflm=True, fusion="aam", embed_dim=32, margins=True,
-                aux=True, output_stride=8, multi_grid=False, pretrained=None, *, width=64, blocks=None,
-                channels=512, aux_channels=256, ohem=False, thresh=0.7, min_kept=100000, loss_weights=None,
-                binary="lovasz", delta=10.0, csflm_supervision="cac", fusion_init="identity",
-                ignore_index=255):
+def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm: bool = True, fusion: str = "aam",
+                embed_dim: int = 32, margins: bool = True, aux: bool = True, output_stride: int = 8,
+                multi_grid: bool = False, pretrained: Optional[str] = None, *, width: int = 64,
+                blocks: Optional[Sequence[int]] = None, channels: int = 512, aux_channels: int = 256,
+                ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
+                loss_weights: Optional[Mapping[str, float]] = None, binary: str = "lovasz", delta: float = 10.0,
+                csflm_supervision: str = "cac", fusion_init: str = "identity", ignore_index: int = 255) -> CSFRN:
     """Build a CSFRN segmentor (or, with ``csflm=False``, the plain head baseline).
 
     Args:

@@ -12,6 +12,7 @@ final classifier conv, see ``default_tap``) through a forward pre-hook on that s
   model (CSFLM is built without fusion layers: it adds its 3x3 conv, embedding and margin convs only).
 """
 from collections.abc import Mapping
+from typing import Callable, Optional, Union
 
 import torch.nn.functional as F
 from torch import nn
@@ -165,8 +166,11 @@ class CSFLMPlug(nn.Module):
         return f"tap={self.tap!r}, fusion={self.fusion!r}, num_classes={self.num_classes}"
 
 
-def add_csflm(model, num_classes, fusion="aam", embed_dim=32, *, tap=None, channels=None, margins=True,
-              loss_weights=None, seg_loss=None, delta=10.0, binary="lovasz", ignore_index=255):
+def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim: int = 32, *,
+              tap: Union[None, str, nn.Module, Callable[[nn.Module], nn.Module]] = None,
+              channels: Optional[int] = None, margins: bool = True,
+              loss_weights: Optional[Mapping[str, float]] = None, seg_loss: Optional[nn.Module] = None,
+              delta: float = 10.0, binary: str = "lovasz", ignore_index: int = 255) -> "CSFLMPlug":
     """Plug CSFLM into a segmentation model; returns a ``CSFLMPlug`` wrapping ``model``.
 
     ``model`` is modified in place (a forward pre-hook on the tapped submodule) and becomes ``plug.model``:

@@ -1,4 +1,6 @@
 """AAM, the Adaptive Aggregation Module (paper Figure 2)."""
+from typing import Optional
+
 import math
 
 import torch
@@ -25,7 +27,7 @@ class AAM(nn.Module):
         out_channels: channels of F (default y_channels).
     """
 
-    def __init__(self, x_channels=32, y_channels=512, out_channels=None):
+    def __init__(self, x_channels: int = 32, y_channels: int = 512, out_channels: Optional[int] = None):
         super().__init__()
         out_channels = out_channels or y_channels
         self.offset = nn.Conv2d(x_channels + y_channels, 2 * 3 * 3, 3, padding=1)
@@ -40,7 +42,7 @@ class AAM(nn.Module):
         for w in (self.weight_x, self.weight_y):
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))   # nn.Conv2d's default
 
-    def forward(self, x, y):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         offset = self.offset(torch.cat([x, y], dim=1))
         x2, y2 = ops.dual_deform_conv2d(x, y, offset, self.weight_x, self.weight_y, padding=1)
         return self.fuse(torch.cat([x2, y2], dim=1))

@@ -53,7 +53,8 @@ class CSFLM(nn.Module):
         fusion_init: "identity" (F = ReLU(BN(A)) at step 0) or "random" (nn.Conv2d's default init).
     """
 
-    def __init__(self, channels=512, embed_dim=32, fusion="aam", margins=True, fusion_init="identity"):
+    def __init__(self, channels: int = 512, embed_dim: int = 32, fusion: Optional[str] = "aam", margins: bool = True,
+                 fusion_init: str = "identity"):
         super().__init__()
         if fusion is not None and fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(FUSIONS)} or None")
@@ -90,7 +91,7 @@ class CSFLM(nn.Module):
             weight.zero_()
             weight[:, embed_dim:, 0, 0] = torch.eye(channels)
 
-    def forward(self, a):
+    def forward(self, a: torch.Tensor) -> CSFLMOutput:
         a2 = self.conv(a)
         b = self.embed(a2)
         c = self.margin(a2) if self.margin is not None else None

@@ -1,10 +1,12 @@
 """DeformConv2d: a deformable convolution layer whose offsets (and mask) come from the caller."""
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..ops import _checks, deform_conv2d
+from ..ops.deform_conv import IntPair
 
 
 class DeformConv2d(nn.Module):
@@ -22,8 +24,8 @@ class DeformConv2d(nn.Module):
     [N, offset_groups * kh * kw, H_out, W_out]; see :func:`csfrn.ops.deform_conv2d`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True):
         super().__init__()
         if groups < 1 or in_channels % groups != 0:
             raise ValueError(f"in_channels must be divisible by groups, got in_channels={in_channels}, groups={groups}")
@@ -49,7 +51,7 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input, offset, mask=None):
+    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
                              dilation=self.dilation, mask=mask)
 

@@ -1,4 +1,6 @@
 """The switch that routes the public csfrn.ops functions to their pure-PyTorch reference twins."""
+from typing import Iterator
+
 import contextlib
 
 _reference_depth = 0
@@ -9,7 +11,7 @@ def reference_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def use_reference():
+def use_reference() -> Iterator[None]:
     """Inside this block every public ``csfrn.ops`` function runs its reference twin from
     ``csfrn.ops.reference`` (plain PyTorch, slow, obviously correct). Used by benchmarks and for debugging."""
     global _reference_depth

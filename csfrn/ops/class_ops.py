@@ -3,13 +3,17 @@
 Each public function runs the fused C++/CUDA op ``torch.ops.csfrn.*``; its fake kernel (shapes for
 torch.compile) and its autograd formula, whose backward is an op too, are registered here.
 """
+from typing import Tuple
+
 import torch
+from torch import Tensor
 
 from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
-def class_avg_pool(features, labels, num_classes, ignore_index=255):
+def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
+                   ignore_index: int = 255) -> Tuple[Tensor, Tensor]:
     """Per-image mean feature vector of every class.
 
     Args:
@@ -30,7 +34,7 @@ def class_avg_pool(features, labels, num_classes, ignore_index=255):
     return means, counts.to(features.dtype)
 
 
-def center_distance(embeddings, centers, margins, delta=10.0):
+def center_distance(embeddings: Tensor, centers: Tensor, margins: Tensor, delta: float = 10.0) -> Tensor:
     """Gaussian distance of every pixel embedding to every class centre, with class-aware margins.
 
     ``phi[n, k, i, j] = 1 - exp(-||embeddings[n, :, i, j] - centers[n, k]||^2 * exp(delta * margins[n, k]))``

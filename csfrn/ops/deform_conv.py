@@ -3,10 +3,15 @@
 Each public function runs the fused C++/CUDA op ``torch.ops.csfrn.*``; its fake kernel (shapes for
 torch.compile) and its autograd formula, whose backward is an op too, are registered here.
 """
+from typing import Optional, Tuple, Union
+
 import torch
+from torch import Tensor
 
 from . import _autograd, _checks, reference
 from ._switch import reference_enabled
+
+IntPair = Union[int, Tuple[int, int]]   # one value for both sides, or (height, width)
 
 
 def _pairs(stride, padding, dilation):
@@ -28,7 +33,8 @@ def _twin_under_autocast(twin, device_type, tensors, **rest):
         return twin(**{k: cast(t) for k, t in tensors.items()}, **rest)
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, mask: Optional[Tensor] = None) -> Tensor:
     """Deformable 2-D convolution with the semantics of ``torchvision.ops.deform_conv2d``.
 
     Args:
@@ -53,8 +59,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     return torch.ops.csfrn.deform_conv2d.default(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1, padding=0, dilation=1,
-                       mask=None):
+def dual_deform_conv2d(x: Tensor, y: Tensor, offset: Tensor, weight_x: Tensor, weight_y: Tensor,
+                       bias_x: Optional[Tensor] = None, bias_y: Optional[Tensor] = None, stride: IntPair = 1,
+                       padding: IntPair = 0, dilation: IntPair = 1,
+                       mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Two deformable convolutions that share one offset field (and mask), as in AAM.
 
     Equal to ``(deform_conv2d(x, offset, weight_x, bias_x, ...), deform_conv2d(y, offset, weight_y, bias_y, ...))``,

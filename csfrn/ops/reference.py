@@ -3,12 +3,18 @@
 Tests compare the kernels with these in float64; ``csfrn.ops.use_reference()`` routes the public functions
 here; benchmarks time them beside the kernels.
 """
+from typing import Optional, Tuple, Union
+
 import torch
+from torch import Tensor
 
 from . import _checks
 
+IntPair = Union[int, Tuple[int, int]]   # one value for both sides, or (height, width)
 
-def class_avg_pool(features, labels, num_classes, ignore_index=255):
+
+def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
+                   ignore_index: int = 255) -> Tuple[Tensor, Tensor]:
     """Twin of :func:`csfrn.ops.class_avg_pool`: one index_add per image."""
     _checks.check_class_avg_pool(features, labels, num_classes, ignore_index)
     _checks.check_label_values(labels, num_classes, ignore_index)
@@ -28,7 +34,7 @@ def class_avg_pool(features, labels, num_classes, ignore_index=255):
     return means, counts
 
 
-def center_distance(embeddings, centers, margins, delta=10.0):
+def center_distance(embeddings: Tensor, centers: Tensor, margins: Tensor, delta: float = 10.0) -> Tensor:
     """Twin of :func:`csfrn.ops.center_distance`: builds the whole [N, K, D, H, W] difference tensor."""
     _checks.check_center_distance(embeddings, centers, margins)
     diff = embeddings.unsqueeze(1) - centers[..., None, None]
@@ -85,7 +91,8 @@ def _grouped_matmul(weight, cols, bias, h_out, w_out):
     return out if bias is None else out + bias[:, None, None]
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, mask: Optional[Tensor] = None) -> Tensor:
     """Twin of :func:`csfrn.ops.deform_conv2d`: explicit bilinear gathers per tap, then a matmul."""
     stride, padding, dilation = (_checks.pair(k, v) for k, v in
                                  (("stride", stride), ("padding", padding), ("dilation", dilation)))
@@ -96,8 +103,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     return _grouped_matmul(weight, cols, bias, *offset.shape[2:])
 
 
-def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1, padding=0, dilation=1,
-                       mask=None):
+def dual_deform_conv2d(x: Tensor, y: Tensor, offset: Tensor, weight_x: Tensor, weight_y: Tensor,
+                       bias_x: Optional[Tensor] = None, bias_y: Optional[Tensor] = None, stride: IntPair = 1,
+                       padding: IntPair = 0, dilation: IntPair = 1,
+                       mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Twin of :func:`csfrn.ops.dual_deform_conv2d`: one set of sampling positions, two gathers, two matmuls."""
     stride, padding, dilation = (_checks.pair(k, v) for k, v in
                                  (("stride", stride), ("padding", padding), ("dilation", dilation)))
