@@ -8,10 +8,10 @@ one interleaved run. Shapes:
   deform conv a on X (32 -> 32) and deform conv b on Y (512 -> 512). Timed as dual_deform_conv2d, as two
   deform_conv2d calls, as two torchvision calls and as two dense convolutions.
 
-The floor in numbers: the dense convolution's flops, 2 * N * C_out * C_in * 9 * H * W per pass (x 3 for
-forward + backward: the input and weight gradients are one matmul each), at ~300 GFLOP/s (fp32 sgemm on this
-machine's 2 threads, measured). Generic: 44.4 GFLOP forward -> 0.15 s, 133 GFLOP forward + backward -> 0.44 s.
-AAM: 89.1 GFLOP forward -> 0.30 s, 267 GFLOP forward + backward -> 0.89 s.
+The floor: the dense convolution's flops, 2 * N * C_out * C_in * 9 * H * W per pass (x 3 for forward +
+backward: the input and weight gradients are one matmul each), over the float32 matmul rate. On the CPU that
+rate is measured at the start of the run (:func:`csfrn.bench.timing.cpu_ceilings`); figures for the machines
+we ran on are in ``benchmarks/results/``.
 
 The twin materialises every bilinear gather; at full size it takes seconds and gigabytes, so it runs once
 (``twin_reps``, default 1) or not at all (``--no-twin``).
@@ -23,9 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .timing import device_name, measure, table, write_json
-
-SGEMM_GFLOPS = {"cpu": 300.0}   # measured peak of this machine's fp32 matmul; no floor in seconds elsewhere
+from .timing import cpu_ceilings, device_name, measure, table, write_json
 
 
 def _shapes(quick, batch=None):
@@ -97,7 +95,7 @@ def _measure_case(case, impls, leaves, device, reps, twin_reps, amp=None):
     return rows
 
 
-def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, batch=None):
+def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, batch=None, matmul_gflops=None):
     """Returns one row per (case, mode, implementation): median / min / max ms, peak MiB and the output dtype.
     ``amp``: None (float32) or a dtype to run every implementation under autocast with. ``batch``: N (default
     2, 1 with ``quick``)."""
@@ -151,7 +149,7 @@ def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, bat
         r["gflop"] = flops * (1 if r["mode"] == "fwd" else 3) / 1e9
         rows.append(r)
 
-    peak = SGEMM_GFLOPS.get(dev.type) if amp is None else None
+    peak = matmul_gflops if amp is None else None   # the floor is float32's
     for r in rows:
         r["floor_ms"] = r["gflop"] / peak * 1e3 if peak else None
     return rows
@@ -200,13 +198,14 @@ def main(argv=None, parser=None):
         args.json = os.path.join(args.out, f"deform_conv_{torch.device(args.device).type}{suffix}.json")
 
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    peak = cpu_ceilings()["matmul_gflops_fp32"] if torch.device(args.device).type == "cpu" else None
     rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
-               amp=amp, batch=args.batch)
+               amp=amp, batch=args.batch, matmul_gflops=peak)
     rat = ratios(rows)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; autocast {args.amp}")
     for r in rows:
         if r["impl"] in ("dense conv2d", "dense conv2d 2 calls") and r["floor_ms"] is not None:
-            print(f"floor {r['case']} {r['mode']}: {r['gflop']:.1f} GFLOP / {SGEMM_GFLOPS['cpu']:.0f} GFLOP/s = "
+            print(f"floor {r['case']} {r['mode']}: {r['gflop']:.1f} GFLOP / {peak:.0f} GFLOP/s (measured now) = "
                   f"{r['floor_ms']:.0f} ms")
     print(table(rat, [("case", "case", "{}"), ("mode", "pass", "{}"),
                       ("torchvision_over_ours", "torchvision/ours", "{:.1f}x"),
@@ -214,6 +213,7 @@ def main(argv=None, parser=None):
                       ("separate_over_dual", "separate/dual", "{:.2f}x")]))
     if args.json:
         write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__, amp=args.amp,
+                                   matmul_gflops_fp32=peak,
                                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
                                    rows=rows, ratios=rat))
         print(f"wrote {args.json}")

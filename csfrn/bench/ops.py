@@ -2,14 +2,16 @@
 would write (one-hot + bmm for the pooling, torch.cdist for the distance), forward and forward+backward,
 time and peak memory, measured in one run. ``csfrn bench --what ops`` and ``benchmarks/bench_ops.py`` run it.
 
-Floors at the Cityscapes training shape (N=2, D=32, 97x97, K=19; this CPU: ~24 GB/s copy counting read +
-write, ~300 GFLOP/s fp32 peak on 2 threads), float32:
-  class_avg_pool  fwd reads features + labels (2.4 MB + 0.15 MB)                  ~0.11 ms (bandwidth)
-                  bwd writes grad features (2.4 MB) and reads labels             ~0.11 ms
-  center_distance fwd reads embeddings (2.4 MB), writes phi (N*K*P*4 = 1.4 MB)  ~0.16 ms (bandwidth);
-                  3*N*K*D*P = 34 MFLOP                                           ~0.11 ms (compute)
-                  bwd ~6*N*K*D*P = 69 MFLOP plus the same traffic twice          ~0.3 ms
-The table prints each row's time beside its floor.
+Each row's time is printed beside its floor (:func:`floor_ms`): the bytes the op must move over the copy
+bandwidth, or its arithmetic over the float32 matmul rate, whichever is larger; P = N*H*W pixels.
+
+  class_avg_pool  fwd reads the features and labels, P*(D*4 + 8) bytes; bwd writes the gradient and reads the
+                  labels again
+  center_distance fwd reads the embeddings, writes phi: (P*D + P*K)*4 bytes, 3*K*D*P flops; bwd about twice
+                  the traffic and 3x the flops
+
+On the CPU both ceilings are measured at the start of the run (:func:`csfrn.bench.timing.cpu_ceilings`) and
+written with the rows; figures for the machines we ran on are in ``benchmarks/results/``.
 """
 import argparse
 import datetime
@@ -20,10 +22,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import reference
-from .timing import device_name, measure, table, write_json
-
-CPU_BANDWIDTH = 24e9      # bytes/s, copy counting read + write (DESIGN.md)
-CPU_FLOPS = 300e9         # fp32 FLOP/s on 2 threads (DESIGN.md)
+from .timing import cpu_ceilings, device_name, measure, table, write_json
 
 
 # ---------------------------------------------------------------- the peers a user would write
@@ -101,7 +100,7 @@ def _dist_case(impl, n, d, h, w, k, device, dtype, backward):
     return run
 
 
-def floor_ms(op, n, d, h, w, k, backward, itemsize=4, bandwidth=CPU_BANDWIDTH, flops_per_s=CPU_FLOPS):
+def floor_ms(op, n, d, h, w, k, backward, bandwidth, flops_per_s, itemsize=4):
     """The least time an op can take: bytes it must move over ``bandwidth`` (B/s, read + write) or its
     arithmetic over ``flops_per_s``, whichever is larger."""
     p = n * h * w
@@ -129,8 +128,9 @@ IMPLS = {
 PEER = {"class_avg_pool": "onehot+bmm", "center_distance": "cdist"}
 
 
-def run(device="cpu", reps=10, shapes=None, dtype=torch.float32):
-    """Returns one row per (op, shape, pass, implementation)."""
+def run(device="cpu", reps=10, shapes=None, dtype=torch.float32, ceilings=None):
+    """Returns one row per (op, shape, pass, implementation). ``ceilings`` (:func:`cpu_ceilings`'s keys) give
+    the csfrn rows a floor; none without them."""
     shapes = shapes or [(2, 32, 97, 97, 19), (2, 32, 97, 97, 150)]
     rows = []
     for op, impls in IMPLS.items():
@@ -140,7 +140,8 @@ def run(device="cpu", reps=10, shapes=None, dtype=torch.float32):
                 fns = {name: make(impl, *shape, device, dtype, backward) for name, impl in impls.items()}
                 result = measure(fns, device=device, reps=reps, warmup=2)
                 ours = result["csfrn"]["median_ms"]
-                floor = floor_ms(op, *shape, backward) if torch.device(device).type == "cpu" else None
+                floor = floor_ms(op, *shape, backward, ceilings["copy_gb_s"] * 1e9,
+                                 ceilings["matmul_gflops_fp32"] * 1e9) if ceilings else None
                 for name, r in result.items():
                     rows.append({"op": op, "shape": "N=%d D=%d %dx%d K=%d" % shape, "pass": "fwd+bwd" if backward
                                  else "fwd", "impl": name, **r, "speedup": r["median_ms"] / ours,
@@ -195,13 +196,17 @@ def main(argv=None, parser=None):
                                                              description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
     shapes = [(2, 8, 24, 24, 5)] if args.quick else args.shape
-    rows = run(args.device, args.reps, shapes=shapes, dtype=getattr(torch, args.dtype))
+    ceilings = cpu_ceilings() if torch.device(args.device).type == "cpu" else None
+    rows = run(args.device, args.reps, shapes=shapes, dtype=getattr(torch, args.dtype), ceilings=ceilings)
     meta = {"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
-            "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
+            "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "ceilings": ceilings}
     path = args.json or (args.out and os.path.join(args.out, f"class_ops-{torch.device(args.device).type}.json"))
     if path:
         write_json(path, {"meta": meta, "rows": rows})
     print(f"class-wise ops on {meta['device']}, torch {meta['torch']}, {args.dtype}, median of {args.reps}")
+    if ceilings:
+        print(f"floors from this CPU's ceilings, measured now: {ceilings['copy_gb_s']:.1f} GB/s copy, "
+              f"{ceilings['matmul_gflops_fp32']:.0f} GFLOP/s float32 matmul")
     print(table(rows, COLUMNS))
     print("\n".join(summary_lines(rows)))
     print(f"wrote {path}" if path else "(no --out: nothing written)")

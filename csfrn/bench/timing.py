@@ -20,6 +20,26 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def cpu_ceilings(copy_mib=64, n=1536, reps=5):
+    """The two ceilings a CPU kernel's floor is computed from, measured now at torch's current thread count
+    (median of ``reps``): {"copy_gb_s": a large tensor copy, bytes read plus bytes written,
+    "matmul_gflops_fp32": an n x n x n float32 matrix product}."""
+    src = torch.randn(copy_mib * 2**18)
+    dst = torch.empty_like(src)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    result = {}
+    for key, fn, work in (("copy_gb_s", lambda: dst.copy_(src), 2 * src.numel() * 4),
+                          ("matmul_gflops_fp32", lambda: a @ b, 2 * n ** 3)):
+        fn()
+        seconds = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - t0)
+        result[key] = work / statistics.median(seconds) / 1e9
+    return result
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
