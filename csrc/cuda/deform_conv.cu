@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cuda_helpers.cuh"
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
 #include "common/kernel_scope.h"
@@ -22,7 +23,6 @@
 namespace csfrn {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kColumnBytes = int64_t(256) << 20;
 
 // DeformGeom's numbers, for the device.
@@ -43,10 +43,6 @@ struct KernelBranch {
   int64_t channels;       // 0: absent
 };
 
-unsigned int grid_for(int64_t items) {
-  return static_cast<unsigned int>(std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
-
 // The sampling of one item = ((b * offset_groups + og) * taps + k) * pixels + pix of the chunk at image n0.
 template <typename acc_t, typename scalar_t>
 __device__ inline BilinearPoint<acc_t> item_point(const KernelGeom& g, const scalar_t* offset, int64_t n,
@@ -62,8 +58,7 @@ __global__ void im2col_kernel(int64_t items, int64_t n0, KernelGeom g, const sca
                               const scalar_t* __restrict__ mask, KernelBranch<scalar_t> b0,
                               KernelBranch<scalar_t> b1) {
   const int64_t hw = g.h * g.w;
-  for (int64_t it = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; it < items;
-       it += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  CSFRN_KERNEL_LOOP(it, items) {
     const int64_t pix = it % g.pixels;
     int64_t t = it / g.pixels;
     const int64_t k = t % g.taps;
@@ -106,8 +101,7 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
                                      KernelBranch<scalar_t> b1, acc_t* grad_in0, acc_t* grad_in1,
                                      scalar_t* grad_offset, scalar_t* grad_mask) {
   const int64_t hw = g.h * g.w;
-  for (int64_t it = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; it < items;
-       it += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  CSFRN_KERNEL_LOOP(it, items) {
     const int64_t pix = it % g.pixels;
     int64_t t = it / g.pixels;
     const int64_t k = t % g.taps;
@@ -195,7 +189,7 @@ void launch_im2col(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
   if (items == 0) return;
-  CSFRN_LAUNCH(grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t, acc_t>)(
+  CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t, acc_t>)(
       items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
       mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, cols, 0),
       kernel_branch<scalar_t>(branches, cols, 1));
@@ -302,7 +296,7 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
       auto grad_in = [&](size_t i) {
         return i < branches.size() && need_input[i] ? r.grad_input[i].data_ptr<acc_t>() : nullptr;
       };
-      CSFRN_LAUNCH(grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+      CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(),
                    col2im_coords_kernel<scalar_t, acc_t>)(
           items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
           mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, grad_cols, 0),
