@@ -18,6 +18,7 @@
 #include "common/cuda_helpers.cuh"
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
+#include "common/deform_conv_launch.h"
 #include "common/kernel_scope.h"
 
 namespace csfrn {
@@ -313,21 +314,14 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
   return r;
 }
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
-at::Tensor grad_bias(const at::Tensor& grad_out, bool needed) {
-  return needed ? grad_out.sum({0, 2, 3}) : at::empty({0}, grad_out.options());
-}
-
 at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto outs = forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous(mask));
+  const auto outs =
+      forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous_if_present(mask));
   return outs[0].view({g.n, weight.size(0), g.h_out, g.w_out});
 }
 
@@ -340,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
       check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto outs = forward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {bias_x, bias_y},
-                                 offset.contiguous(), contiguous(mask));
+                                 offset.contiguous(), contiguous_if_present(mask));
   return {outs[0].view({g.n, weight_x.size(0), g.h_out, g.w_out}),
           outs[1].view({g.n, weight_y.size(0), g.h_out, g.w_out})};
 }
@@ -354,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   check_deform_same("input", input, "grad_out", grad_out);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor go = grad_out.contiguous().view({g.n, weight.size(0), g.pixels()});
-  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {go}, offset.contiguous(), contiguous(mask),
-                                   {output_mask[0]}, {output_mask[2]}, output_mask[1],
+  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {go}, offset.contiguous(),
+                                   contiguous_if_present(mask), {output_mask[0]}, {output_mask[2]}, output_mask[1],
                                    output_mask[4] && mask.has_value(), "csfrn::deform_conv2d_backward on CUDA "
                                    "(grad of input uses atomicAdd; the CPU kernel is deterministic)");
   at::Tensor gw = output_mask[2] ? r.grad_weight[0].view(weight.sizes()) : r.grad_weight[0];
@@ -377,7 +371,7 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
   const at::Tensor gx = grad_out_x.contiguous().view({g.n, weight_x.size(0), g.pixels()});
   const at::Tensor gy = grad_out_y.contiguous().view({g.n, weight_y.size(0), g.pixels()});
   BackwardResult r = backward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {gx, gy},
-                                   offset.contiguous(), contiguous(mask), {output_mask[0], output_mask[1]},
+                                   offset.contiguous(), contiguous_if_present(mask), {output_mask[0], output_mask[1]},
                                    {output_mask[3], output_mask[4]}, output_mask[2],
                                    output_mask[7] && mask.has_value(), "csfrn::dual_deform_conv2d_backward on CUDA "
                                    "(grads of x and y use atomicAdd; the CPU kernel is deterministic)");
