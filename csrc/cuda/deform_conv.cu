@@ -26,11 +26,6 @@ namespace {
 
 constexpr int64_t kColumnBytes = int64_t(256) << 20;
 
-// DeformGeom's numbers, for the device.
-struct KernelGeom {
-  int64_t h, w, h_out, w_out, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, offset_groups, taps, pixels;
-};
-
 KernelGeom kernel_geom(const DeformGeom& g) {
   return {g.h,      g.w,      g.h_out, g.w_out, g.kh,          g.kw,   g.stride_h, g.stride_w,
           g.pad_h,  g.pad_w,  g.dil_h, g.dil_w, g.offset_groups, g.taps(), g.pixels()};
@@ -44,52 +39,27 @@ struct KernelBranch {
   int64_t channels;       // 0: absent
 };
 
-// The sampling of one item = ((b * offset_groups + og) * taps + k) * pixels + pix of the chunk at image n0.
-template <typename acc_t, typename scalar_t>
-__device__ inline BilinearPoint<acc_t> item_point(const KernelGeom& g, const scalar_t* offset, int64_t n,
-                                                  int64_t og, int64_t k, int64_t pix) {
-  const int64_t base = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
-  return deform_point<acc_t>(pix / g.w_out, pix % g.w_out, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h,
-                             g.pad_w, g.dil_h, g.dil_w, static_cast<acc_t>(offset[base]),
-                             static_cast<acc_t>(offset[base + g.pixels]), g.h, g.w);
-}
-
 template <typename scalar_t, typename acc_t>
 __global__ void im2col_kernel(int64_t items, int64_t n0, KernelGeom g, const scalar_t* __restrict__ offset,
                               const scalar_t* __restrict__ mask, KernelBranch<scalar_t> b0,
                               KernelBranch<scalar_t> b1) {
   const int64_t hw = g.h * g.w;
   CSFRN_KERNEL_LOOP(it, items) {
-    const int64_t pix = it % g.pixels;
-    int64_t t = it / g.pixels;
-    const int64_t k = t % g.taps;
-    t /= g.taps;
-    const int64_t og = t % g.offset_groups, b = t / g.offset_groups, n = n0 + b;
-    const BilinearPoint<acc_t> pt = item_point<acc_t>(g, offset, n, og, k, pix);
-    const acc_t m = mask ? static_cast<acc_t>(mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix])
-                         : acc_t(1);
-    acc_t w[4];
-    bilinear_weights(pt.ly, pt.lx, m, w);
-    bool ok[4];
-    int64_t idx[4];
-    for (int c = 0; c < 4; ++c) {
-      ok[c] = corner_inside(pt, c, g.h, g.w);
-      idx[c] = ok[c] ? (pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : 0;
-    }
+    const DeformItem<acc_t> d = deform_item<acc_t>(g, it, n0, offset, mask);
     const KernelBranch<scalar_t> branches[2] = {b0, b1};
     for (int bi = 0; bi < 2; ++bi) {
       const KernelBranch<scalar_t>& br = branches[bi];
       if (br.channels == 0) continue;
       const int64_t per_group = br.channels / g.offset_groups;
-      for (int64_t c = og * per_group; c < (og + 1) * per_group; ++c) {
-        const scalar_t* plane = br.input + (n * br.channels + c) * hw;
+      for (int64_t c = d.og * per_group; c < (d.og + 1) * per_group; ++c) {
+        const scalar_t* plane = br.input + (d.n * br.channels + c) * hw;
         acc_t v = acc_t(0);
         // Corners outside are skipped, never read: a zero weight times plane[0] would turn an inf or NaN
         // there into NaN (the CPU kernel reads zero padding), and with H * W = 0 plane[0] does not exist.
         for (int j = 0; j < 4; ++j) {
-          if (ok[j]) v += w[j] * static_cast<acc_t>(plane[idx[j]]);
+          if (d.ok[j]) v += d.w[j] * static_cast<acc_t>(plane[d.idx[j]]);
         }
-        br.cols[((b * br.channels + c) * g.taps + k) * g.pixels + pix] = static_cast<scalar_t>(v);
+        br.cols[((d.b * br.channels + c) * g.taps + d.k) * g.pixels + d.pix] = static_cast<scalar_t>(v);
       }
     }
   }
@@ -103,22 +73,7 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
                                      scalar_t* grad_offset, scalar_t* grad_mask) {
   const int64_t hw = g.h * g.w;
   CSFRN_KERNEL_LOOP(it, items) {
-    const int64_t pix = it % g.pixels;
-    int64_t t = it / g.pixels;
-    const int64_t k = t % g.taps;
-    t /= g.taps;
-    const int64_t og = t % g.offset_groups, b = t / g.offset_groups, n = n0 + b;
-    const BilinearPoint<acc_t> pt = item_point<acc_t>(g, offset, n, og, k, pix);
-    const int64_t mask_at = ((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix;
-    const acc_t m = mask ? static_cast<acc_t>(mask[mask_at]) : acc_t(1);
-    acc_t w[4];
-    bilinear_weights(pt.ly, pt.lx, m, w);
-    bool ok[4];
-    int64_t idx[4];
-    for (int c = 0; c < 4; ++c) {
-      ok[c] = corner_inside(pt, c, g.h, g.w);
-      idx[c] = ok[c] ? (pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : 0;
-    }
+    const DeformItem<acc_t> d = deform_item<acc_t>(g, it, n0, offset, mask);
     acc_t sum_y = acc_t(0), sum_x = acc_t(0), sum_m = acc_t(0);
     const KernelBranch<scalar_t> branches[2] = {b0, b1};
     acc_t* grads[2] = {grad_in0, grad_in1};
@@ -126,19 +81,19 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
       const KernelBranch<scalar_t>& br = branches[bi];
       if (br.channels == 0) continue;
       const int64_t per_group = br.channels / g.offset_groups;
-      for (int64_t c = og * per_group; c < (og + 1) * per_group; ++c) {
-        const acc_t gv = static_cast<acc_t>(br.cols[((b * br.channels + c) * g.taps + k) * g.pixels + pix]);
-        const int64_t plane_at = (n * br.channels + c) * hw;
-        if (grads[bi] != nullptr && pt.inside) {
+      for (int64_t c = d.og * per_group; c < (d.og + 1) * per_group; ++c) {
+        const acc_t gv = static_cast<acc_t>(br.cols[((d.b * br.channels + c) * g.taps + d.k) * g.pixels + d.pix]);
+        const int64_t plane_at = (d.n * br.channels + c) * hw;
+        if (grads[bi] != nullptr && d.pt.inside) {
           for (int j = 0; j < 4; ++j) {
-            if (ok[j]) atomicAdd(grads[bi] + plane_at + idx[j], w[j] * gv);
+            if (d.ok[j]) atomicAdd(grads[bi] + plane_at + d.idx[j], d.w[j] * gv);
           }
         }
         if (grad_offset != nullptr || grad_mask != nullptr) {
           acc_t v[4];
-          for (int j = 0; j < 4; ++j) v[j] = ok[j] ? static_cast<acc_t>(br.input[plane_at + idx[j]]) : acc_t(0);
+          for (int j = 0; j < 4; ++j) v[j] = d.ok[j] ? static_cast<acc_t>(br.input[plane_at + d.idx[j]]) : acc_t(0);
           acc_t value, d_y, d_x;
-          bilinear_value_grad(pt.ly, pt.lx, v, value, d_y, d_x);
+          bilinear_value_grad(d.pt.ly, d.pt.lx, v, value, d_y, d_x);
           sum_y += gv * d_y;
           sum_x += gv * d_x;
           sum_m += gv * value;
@@ -146,11 +101,10 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
       }
     }
     if (grad_offset != nullptr) {
-      const int64_t at = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
-      grad_offset[at] = static_cast<scalar_t>(sum_y * m);
-      grad_offset[at + g.pixels] = static_cast<scalar_t>(sum_x * m);
+      grad_offset[d.offset_at] = static_cast<scalar_t>(sum_y * d.m);
+      grad_offset[d.offset_at + g.pixels] = static_cast<scalar_t>(sum_x * d.m);
     }
-    if (grad_mask != nullptr) grad_mask[mask_at] = static_cast<scalar_t>(sum_m);
+    if (grad_mask != nullptr) grad_mask[d.mask_at] = static_cast<scalar_t>(sum_m);
   }
 }
 
