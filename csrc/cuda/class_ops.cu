@@ -9,8 +9,8 @@
 
 #include <algorithm>
 
-#include "common/checks.h"
 #include "common/class_ops.h"
+#include "common/class_ops_checks.h"
 #include "common/cuda_helpers.cuh"
 #include "common/distance_grads.h"
 #include "common/kernel_scope.h"
