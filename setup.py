@@ -63,7 +63,7 @@ def _extension():
     if not use_cuda and _flag("CSFRN_FORCE_CUDA"):
         sys.exit(f"csfrn: CSFRN_FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(f for d in ("", "cpu", "autocast") for f in glob.glob(os.path.join("csrc", d, "*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc")]
     # torch picks the C++ standard its headers need. -fno-trapping-math (we never unmask FP exceptions) lets
     # gcc turn the branches of the CPU kernels' exp into blends, so their loops vectorise.

@@ -66,4 +66,48 @@ C10_HOST_DEVICE inline void bilinear_value_grad(acc_t ly, acc_t lx, const acc_t 
   d_x = hy * (v[1] - v[0]) + ly * (v[3] - v[2]);
 }
 
+// The numbers of one problem, by value for a kernel: DeformGeom's (common/deform_conv_checks.h), taps and pixels.
+struct KernelGeom {
+  int64_t h, w, h_out, w_out, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, offset_groups, taps, pixels;
+};
+
+// One item of the CUDA kernels, item = ((b * offset_groups + og) * taps + k) * pixels + pix of the chunk of
+// images at n0: its sampling, computed once and used by every channel of its offset group.
+template <typename acc_t>
+struct DeformItem {
+  int64_t b, n, og, k, pix;
+  int64_t offset_at;  // where its dy is in offset (dx: pixels further), and its grad in the grad of offset
+  int64_t mask_at;    // where its value is in the mask, and its grad in the grad of mask
+  BilinearPoint<acc_t> pt;
+  acc_t m;          // the mask value, 1 without a mask
+  acc_t w[4];       // bilinear weights times m
+  bool ok[4];       // corner c inside the input (corner_inside)
+  int64_t idx[4];   // corner c's index in an H * W plane; 0 when outside
+};
+
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline DeformItem<acc_t> deform_item(const KernelGeom& g, int64_t it, int64_t n0,
+                                                     const scalar_t* offset, const scalar_t* mask) {
+  DeformItem<acc_t> d;
+  d.pix = it % g.pixels;
+  int64_t t = it / g.pixels;
+  d.k = t % g.taps;
+  t /= g.taps;
+  d.og = t % g.offset_groups;
+  d.b = t / g.offset_groups;
+  d.n = n0 + d.b;
+  d.offset_at = ((d.n * g.offset_groups + d.og) * 2 * g.taps + 2 * d.k) * g.pixels + d.pix;
+  d.mask_at = ((d.n * g.offset_groups + d.og) * g.taps + d.k) * g.pixels + d.pix;
+  d.pt = deform_point<acc_t>(d.pix / g.w_out, d.pix % g.w_out, d.k / g.kw, d.k % g.kw, g.stride_h, g.stride_w,
+                             g.pad_h, g.pad_w, g.dil_h, g.dil_w, static_cast<acc_t>(offset[d.offset_at]),
+                             static_cast<acc_t>(offset[d.offset_at + g.pixels]), g.h, g.w);
+  d.m = mask ? static_cast<acc_t>(mask[d.mask_at]) : acc_t(1);
+  bilinear_weights(d.pt.ly, d.pt.lx, d.m, d.w);
+  for (int c = 0; c < 4; ++c) {
+    d.ok[c] = corner_inside(d.pt, c, g.h, g.w);
+    d.idx[c] = d.ok[c] ? (d.pt.y0 + (c >> 1)) * g.w + d.pt.x0 + (c & 1) : 0;
+  }
+  return d;
+}
+
 }  // namespace csfrn

@@ -18,8 +18,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/class_ops.h"
+#include "common/class_ops_checks.h"
 #include "common/cpu_clones.h"
 #include "common/kernel_scope.h"
 

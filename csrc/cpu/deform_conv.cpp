@@ -28,6 +28,7 @@
 #include "common/cpu_clones.h"
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
+#include "common/deform_conv_launch.h"
 #include "common/kernel_scope.h"
 
 namespace csfrn {
@@ -637,11 +638,8 @@ at::Tensor weight_order(const at::Tensor& grad, const at::Tensor& weight, bool n
   return grad.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)}).permute({0, 3, 1, 2}).contiguous();
 }
 
+// Detached (see make_branch). The mask is not: it is read only through its data pointer, by no ATen call.
 at::Tensor plain(const at::Tensor& t) { return t.detach().contiguous(); }
-
-std::optional<at::Tensor> plain(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(plain(*t)) : std::nullopt;
-}
 
 at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
@@ -650,7 +648,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, 
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   check_cpu_dtype("input", input);
   const std::vector<Branch> branches{make_branch(input, weight, g.offset_groups)};
-  const auto m = plain(mask);
+  const auto m = contiguous_if_present(mask);
   std::vector<at::Tensor> outs;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
     outs = forward_impl<scalar_t>(g, branches, {bias}, plain(offset), m);
@@ -668,17 +666,13 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cpu(
   check_cpu_dtype("x", x);
   const std::vector<Branch> branches{make_branch(x, weight_x, g.offset_groups),
                                      make_branch(y, weight_y, g.offset_groups)};
-  const auto m = plain(mask);
+  const auto m = contiguous_if_present(mask);
   std::vector<at::Tensor> outs;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dual_deform_conv2d_cpu", [&] {
     outs = forward_impl<scalar_t>(g, branches, {bias_x, bias_y}, plain(offset), m);
   });
   return {outs[0].view({g.n, weight_x.size(0), g.h_out, g.w_out}),
           outs[1].view({g.n, weight_y.size(0), g.h_out, g.w_out})};
-}
-
-at::Tensor grad_bias(const at::Tensor& grad_out, bool needed) {
-  return needed ? grad_out.sum({0, 2, 3}) : at::empty({0}, grad_out.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
@@ -690,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   check_cpu_dtype("input", input);
   check_deform_same("input", input, "grad_out", grad_out);
   const std::vector<Branch> branches{make_branch(input, weight, g.offset_groups)};
-  const auto m = plain(mask);
+  const auto m = contiguous_if_present(mask);
   const at::Tensor go = plain(grad_out).view({g.n, weight.size(0), g.pixels()});
   BackwardResult r;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
@@ -715,7 +709,7 @@ dual_deform_conv2d_backward_cpu(const at::Tensor& grad_out_x, const at::Tensor& 
   check_deform_same("x", x, "grad_out_y", grad_out_y);
   const std::vector<Branch> branches{make_branch(x, weight_x, g.offset_groups),
                                      make_branch(y, weight_y, g.offset_groups)};
-  const auto m = plain(mask);
+  const auto m = contiguous_if_present(mask);
   const at::Tensor gx = plain(grad_out_x).view({g.n, weight_x.size(0), g.pixels()});
   const at::Tensor gy = plain(grad_out_y).view({g.n, weight_y.size(0), g.pixels()});
   BackwardResult r;

@@ -9,22 +9,14 @@
 
 #include <algorithm>
 
-#include "common/checks.h"
 #include "common/class_ops.h"
+#include "common/class_ops_checks.h"
+#include "common/cuda_helpers.cuh"
 #include "common/distance_grads.h"
 #include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t total) {
-  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
-
-#define CSFRN_GRID_STRIDE(i, total) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(blockDim.x) * gridDim.x)
 
 // ---- class_avg_pool forward: O(N * P * (D + 1)) work, no atomics, a fixed summation order ----
 // A block takes units (image n, chunk of pixels, tile of channels) and sums, per class, the unit's channels and the
@@ -152,7 +144,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void class_pool_global_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels,
                                          acc_t* __restrict__ partial, int64_t N, int64_t D, int64_t P, int64_t K,
                                          int64_t ignore_index, int64_t sn, int64_t sc, int64_t sp) {
-  CSFRN_GRID_STRIDE(t, N * (D + 1)) {
+  CSFRN_KERNEL_LOOP(t, N * (D + 1)) {
     const int64_t j = t % (D + 1), n = t / (D + 1);
     acc_t* row = partial + n * K * (D + 1) + j;
     const int64_t* ln = labels + n * P;
@@ -169,7 +161,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void class_pool_reduce_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ means,
                                          acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t K,
                                          int64_t nchunks) {
-  CSFRN_GRID_STRIDE(t, N * K * (D + 1)) {
+  CSFRN_KERNEL_LOOP(t, N * K * (D + 1)) {
     const int64_t j = t % (D + 1), nk = t / (D + 1), n = nk / K, k = nk % K;
     acc_t sum = 0, count = 0;
     for (int64_t c = 0; c < nchunks; ++c) {
@@ -189,7 +181,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void class_pool_backward_kernel(const scalar_t* __restrict__ grad_means, const acc_t* __restrict__ counts,
                                            const int64_t* __restrict__ labels, scalar_t* __restrict__ grad,
                                            int64_t N, int64_t D, int64_t P, int64_t K, int64_t ignore_index) {
-  CSFRN_GRID_STRIDE(t, N * D * P) {
+  CSFRN_KERNEL_LOOP(t, N * D * P) {
     const int64_t p = t % P, d = (t / P) % D, n = t / (P * D);
     const int64_t k = label_slot(labels[n * P + p], K, ignore_index);
     grad[t] = k < 0 ? scalar_t(0)
@@ -214,7 +206,7 @@ __global__ void center_distance_kernel(const scalar_t* __restrict__ e, const sca
                                        const scalar_t* __restrict__ m, scalar_t* __restrict__ phi, int64_t N,
                                        int64_t D, int64_t P, int64_t K, acc_t delta, int64_t sn, int64_t sc,
                                        int64_t sp) {
-  CSFRN_GRID_STRIDE(t, N * K * P) {
+  CSFRN_KERNEL_LOOP(t, N * K * P) {
     const int64_t p = t % P, nk = t / P, n = nk / K;
     const acc_t dist = squared_distance<scalar_t, acc_t>(e + n * sn + p * sp, s + nk * D, D, sc);
     phi[t] = static_cast<scalar_t>(phi_of_decay(decay_of(dist, margin_scale(static_cast<acc_t>(m[nk]), delta))));
@@ -228,7 +220,7 @@ __global__ void center_distance_weights_kernel(const scalar_t* __restrict__ grad
                                                acc_t* __restrict__ w, acc_t* __restrict__ gm, int64_t N, int64_t D,
                                                int64_t P, int64_t K, acc_t delta, int64_t sn, int64_t sc,
                                                int64_t sp) {
-  CSFRN_GRID_STRIDE(t, N * K * P) {
+  CSFRN_KERNEL_LOOP(t, N * K * P) {
     const int64_t p = t % P, nk = t / P, n = nk / K;
     const acc_t dist = squared_distance<scalar_t, acc_t>(e + n * sn + p * sp, s + nk * D, D, sc);
     const acc_t scale = margin_scale(static_cast<acc_t>(m[nk]), delta);
@@ -267,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
     at::Tensor partial;
     if (plan.shared) {
       if (plan.nchunks > 1) partial = at::empty({N, plan.nchunks, K, D + 1}, features.options().dtype(acc_type));
-      CSFRN_LAUNCH(std::min<int64_t>(N * plan.nchunks * plan.dtiles, int64_t(1) << 20), kThreads, plan.smem, stream,
+      CSFRN_LAUNCH(std::min<int64_t>(N * plan.nchunks * plan.dtiles, kMaxBlocks), kThreads, plan.smem, stream,
                    class_pool_shared_kernel<scalar_t, acc_t>)(
           f, lab.const_data_ptr<int64_t>(), plan.nchunks > 1 ? partial.data_ptr<acc_t>() : nullptr,
           means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc, fv.sp,

@@ -15,20 +15,16 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cuda_helpers.cuh"
 #include "common/deform_conv.h"
 #include "common/deform_conv_checks.h"
+#include "common/deform_conv_launch.h"
 #include "common/kernel_scope.h"
 
 namespace csfrn {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kColumnBytes = int64_t(256) << 20;
-
-// DeformGeom's numbers, for the device.
-struct KernelGeom {
-  int64_t h, w, h_out, w_out, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, offset_groups, taps, pixels;
-};
 
 KernelGeom kernel_geom(const DeformGeom& g) {
   return {g.h,      g.w,      g.h_out, g.w_out, g.kh,          g.kw,   g.stride_h, g.stride_w,
@@ -43,57 +39,27 @@ struct KernelBranch {
   int64_t channels;       // 0: absent
 };
 
-unsigned int grid_for(int64_t items) {
-  return static_cast<unsigned int>(std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
-
-// The sampling of one item = ((b * offset_groups + og) * taps + k) * pixels + pix of the chunk at image n0.
-template <typename acc_t, typename scalar_t>
-__device__ inline BilinearPoint<acc_t> item_point(const KernelGeom& g, const scalar_t* offset, int64_t n,
-                                                  int64_t og, int64_t k, int64_t pix) {
-  const int64_t base = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
-  return deform_point<acc_t>(pix / g.w_out, pix % g.w_out, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h,
-                             g.pad_w, g.dil_h, g.dil_w, static_cast<acc_t>(offset[base]),
-                             static_cast<acc_t>(offset[base + g.pixels]), g.h, g.w);
-}
-
 template <typename scalar_t, typename acc_t>
 __global__ void im2col_kernel(int64_t items, int64_t n0, KernelGeom g, const scalar_t* __restrict__ offset,
                               const scalar_t* __restrict__ mask, KernelBranch<scalar_t> b0,
                               KernelBranch<scalar_t> b1) {
   const int64_t hw = g.h * g.w;
-  for (int64_t it = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; it < items;
-       it += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pix = it % g.pixels;
-    int64_t t = it / g.pixels;
-    const int64_t k = t % g.taps;
-    t /= g.taps;
-    const int64_t og = t % g.offset_groups, b = t / g.offset_groups, n = n0 + b;
-    const BilinearPoint<acc_t> pt = item_point<acc_t>(g, offset, n, og, k, pix);
-    const acc_t m = mask ? static_cast<acc_t>(mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix])
-                         : acc_t(1);
-    acc_t w[4];
-    bilinear_weights(pt.ly, pt.lx, m, w);
-    bool ok[4];
-    int64_t idx[4];
-    for (int c = 0; c < 4; ++c) {
-      ok[c] = corner_inside(pt, c, g.h, g.w);
-      idx[c] = ok[c] ? (pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : 0;
-    }
+  CSFRN_KERNEL_LOOP(it, items) {
+    const DeformItem<acc_t> d = deform_item<acc_t>(g, it, n0, offset, mask);
     const KernelBranch<scalar_t> branches[2] = {b0, b1};
     for (int bi = 0; bi < 2; ++bi) {
       const KernelBranch<scalar_t>& br = branches[bi];
       if (br.channels == 0) continue;
       const int64_t per_group = br.channels / g.offset_groups;
-      for (int64_t c = og * per_group; c < (og + 1) * per_group; ++c) {
-        const scalar_t* plane = br.input + (n * br.channels + c) * hw;
+      for (int64_t c = d.og * per_group; c < (d.og + 1) * per_group; ++c) {
+        const scalar_t* plane = br.input + (d.n * br.channels + c) * hw;
         acc_t v = acc_t(0);
         // Corners outside are skipped, never read: a zero weight times plane[0] would turn an inf or NaN
         // there into NaN (the CPU kernel reads zero padding), and with H * W = 0 plane[0] does not exist.
         for (int j = 0; j < 4; ++j) {
-          if (ok[j]) v += w[j] * static_cast<acc_t>(plane[idx[j]]);
+          if (d.ok[j]) v += d.w[j] * static_cast<acc_t>(plane[d.idx[j]]);
         }
-        br.cols[((b * br.channels + c) * g.taps + k) * g.pixels + pix] = static_cast<scalar_t>(v);
+        br.cols[((d.b * br.channels + c) * g.taps + d.k) * g.pixels + d.pix] = static_cast<scalar_t>(v);
       }
     }
   }
@@ -106,24 +72,8 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
                                      KernelBranch<scalar_t> b1, acc_t* grad_in0, acc_t* grad_in1,
                                      scalar_t* grad_offset, scalar_t* grad_mask) {
   const int64_t hw = g.h * g.w;
-  for (int64_t it = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; it < items;
-       it += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pix = it % g.pixels;
-    int64_t t = it / g.pixels;
-    const int64_t k = t % g.taps;
-    t /= g.taps;
-    const int64_t og = t % g.offset_groups, b = t / g.offset_groups, n = n0 + b;
-    const BilinearPoint<acc_t> pt = item_point<acc_t>(g, offset, n, og, k, pix);
-    const int64_t mask_at = ((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix;
-    const acc_t m = mask ? static_cast<acc_t>(mask[mask_at]) : acc_t(1);
-    acc_t w[4];
-    bilinear_weights(pt.ly, pt.lx, m, w);
-    bool ok[4];
-    int64_t idx[4];
-    for (int c = 0; c < 4; ++c) {
-      ok[c] = corner_inside(pt, c, g.h, g.w);
-      idx[c] = ok[c] ? (pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : 0;
-    }
+  CSFRN_KERNEL_LOOP(it, items) {
+    const DeformItem<acc_t> d = deform_item<acc_t>(g, it, n0, offset, mask);
     acc_t sum_y = acc_t(0), sum_x = acc_t(0), sum_m = acc_t(0);
     const KernelBranch<scalar_t> branches[2] = {b0, b1};
     acc_t* grads[2] = {grad_in0, grad_in1};
@@ -131,19 +81,19 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
       const KernelBranch<scalar_t>& br = branches[bi];
       if (br.channels == 0) continue;
       const int64_t per_group = br.channels / g.offset_groups;
-      for (int64_t c = og * per_group; c < (og + 1) * per_group; ++c) {
-        const acc_t gv = static_cast<acc_t>(br.cols[((b * br.channels + c) * g.taps + k) * g.pixels + pix]);
-        const int64_t plane_at = (n * br.channels + c) * hw;
-        if (grads[bi] != nullptr && pt.inside) {
+      for (int64_t c = d.og * per_group; c < (d.og + 1) * per_group; ++c) {
+        const acc_t gv = static_cast<acc_t>(br.cols[((d.b * br.channels + c) * g.taps + d.k) * g.pixels + d.pix]);
+        const int64_t plane_at = (d.n * br.channels + c) * hw;
+        if (grads[bi] != nullptr && d.pt.inside) {
           for (int j = 0; j < 4; ++j) {
-            if (ok[j]) atomicAdd(grads[bi] + plane_at + idx[j], w[j] * gv);
+            if (d.ok[j]) atomicAdd(grads[bi] + plane_at + d.idx[j], d.w[j] * gv);
           }
         }
         if (grad_offset != nullptr || grad_mask != nullptr) {
           acc_t v[4];
-          for (int j = 0; j < 4; ++j) v[j] = ok[j] ? static_cast<acc_t>(br.input[plane_at + idx[j]]) : acc_t(0);
+          for (int j = 0; j < 4; ++j) v[j] = d.ok[j] ? static_cast<acc_t>(br.input[plane_at + d.idx[j]]) : acc_t(0);
           acc_t value, d_y, d_x;
-          bilinear_value_grad(pt.ly, pt.lx, v, value, d_y, d_x);
+          bilinear_value_grad(d.pt.ly, d.pt.lx, v, value, d_y, d_x);
           sum_y += gv * d_y;
           sum_x += gv * d_x;
           sum_m += gv * value;
@@ -151,11 +101,10 @@ __global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, co
       }
     }
     if (grad_offset != nullptr) {
-      const int64_t at = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
-      grad_offset[at] = static_cast<scalar_t>(sum_y * m);
-      grad_offset[at + g.pixels] = static_cast<scalar_t>(sum_x * m);
+      grad_offset[d.offset_at] = static_cast<scalar_t>(sum_y * d.m);
+      grad_offset[d.offset_at + g.pixels] = static_cast<scalar_t>(sum_x * d.m);
     }
-    if (grad_mask != nullptr) grad_mask[mask_at] = static_cast<scalar_t>(sum_m);
+    if (grad_mask != nullptr) grad_mask[d.mask_at] = static_cast<scalar_t>(sum_m);
   }
 }
 
@@ -195,7 +144,7 @@ void launch_im2col(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
   if (items == 0) return;
-  CSFRN_LAUNCH(grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t, acc_t>)(
+  CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t, acc_t>)(
       items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
       mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, cols, 0),
       kernel_branch<scalar_t>(branches, cols, 1));
@@ -302,7 +251,7 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
       auto grad_in = [&](size_t i) {
         return i < branches.size() && need_input[i] ? r.grad_input[i].data_ptr<acc_t>() : nullptr;
       };
-      CSFRN_LAUNCH(grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+      CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(),
                    col2im_coords_kernel<scalar_t, acc_t>)(
           items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
           mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, grad_cols, 0),
@@ -319,21 +268,14 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
   return r;
 }
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
-at::Tensor grad_bias(const at::Tensor& grad_out, bool needed) {
-  return needed ? grad_out.sum({0, 2, 3}) : at::empty({0}, grad_out.options());
-}
-
 at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto outs = forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous(mask));
+  const auto outs =
+      forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous_if_present(mask));
   return outs[0].view({g.n, weight.size(0), g.h_out, g.w_out});
 }
 
@@ -346,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
       check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto outs = forward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {bias_x, bias_y},
-                                 offset.contiguous(), contiguous(mask));
+                                 offset.contiguous(), contiguous_if_present(mask));
   return {outs[0].view({g.n, weight_x.size(0), g.h_out, g.w_out}),
           outs[1].view({g.n, weight_y.size(0), g.h_out, g.w_out})};
 }
@@ -360,8 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   check_deform_same("input", input, "grad_out", grad_out);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor go = grad_out.contiguous().view({g.n, weight.size(0), g.pixels()});
-  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {go}, offset.contiguous(), contiguous(mask),
-                                   {output_mask[0]}, {output_mask[2]}, output_mask[1],
+  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {go}, offset.contiguous(),
+                                   contiguous_if_present(mask), {output_mask[0]}, {output_mask[2]}, output_mask[1],
                                    output_mask[4] && mask.has_value(), "csfrn::deform_conv2d_backward on CUDA "
                                    "(grad of input uses atomicAdd; the CPU kernel is deterministic)");
   at::Tensor gw = output_mask[2] ? r.grad_weight[0].view(weight.sizes()) : r.grad_weight[0];
@@ -383,7 +325,7 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
   const at::Tensor gx = grad_out_x.contiguous().view({g.n, weight_x.size(0), g.pixels()});
   const at::Tensor gy = grad_out_y.contiguous().view({g.n, weight_y.size(0), g.pixels()});
   BackwardResult r = backward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {gx, gy},
-                                   offset.contiguous(), contiguous(mask), {output_mask[0], output_mask[1]},
+                                   offset.contiguous(), contiguous_if_present(mask), {output_mask[0], output_mask[1]},
                                    {output_mask[3], output_mask[4]}, output_mask[2],
                                    output_mask[7] && mask.has_value(), "csfrn::dual_deform_conv2d_backward on CUDA "
                                    "(grads of x and y use atomicAdd; the CPU kernel is deterministic)");
