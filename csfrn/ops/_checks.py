@@ -1,5 +1,6 @@
 """Argument checks shared by the reference twins and the fake kernels. The C++ kernels make the same checks
-with the same words (csrc/common/checks.h), so an error reads alike whichever path raised it."""
+with the same words (csrc/common/checks.h, class_ops_checks.h, deform_conv_checks.h), so an error reads alike
+whichever path raised it."""
 import torch
 
 
