@@ -21,7 +21,8 @@ def _pairs(stride, padding, dilation):
 def _twin_under_autocast(twin, device_type, tensors, **rest):
     """Runs a reference twin as csrc/autocast/deform_conv_autocast.cpp runs the kernel: under autocast on
     ``device_type``, every floating-point tensor on that device but float64 is cast to one dtype (CUDA: the
-    autocast dtype; CPU: float32, the kernels' own) and the twin runs with autocast off (the kernel's matmuls are not autocast either)."""
+    autocast dtype; CPU: float32, the kernels' own) and the twin runs with autocast off (the kernel's matmuls
+    are not autocast either)."""
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return twin(**tensors, **rest)
     dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
