@@ -1,4 +1,5 @@
-"""Shared helpers for the engine / data / CLI tests: tiny configs of the real model and PNG writers."""
+"""Shared helpers: where and by what the csfrn ops run (devices, kernel / twin), tiny configs of the real model for
+the engine / data / CLI tests, the shipped configs, and PNG writers."""
 import glob
 import os
 import socket
@@ -21,6 +22,48 @@ def shipped_configs():
 # The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.
 torch.set_num_threads(1)
 
+# ---------------------------------------------------------------- the ops: devices and backends
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Where an op's kernels run: the CPU kernels; the CUDA kernels on a GPU; and "emu", the same CUDA kernels compiled
+# for the host (tests/cuda_emu.py, built on first use: torch.ops.csfrn_emu.* on CPU tensors). op_samples.kernel(op,
+# device) runs an op on any of them, with autograd.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda), "emu"]
+# The devices torch.ops.csfrn dispatches to (opcheck, torch.compile, autocast): the emulation is not one of them.
+DISPATCH_DEVICES = DEVICES[:2]
+# The CUDA kernels, on a GPU and emulated.
+CUDA_KERNELS = DEVICES[1:]
+# The dtypes each device's kernels run (the CPU kernels: float32 and float64 only).
+DEVICE_DTYPES = {"cpu": [torch.float64, torch.float32],
+                 "cuda": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                 "emu": [torch.float64, torch.float32, torch.float16, torch.bfloat16]}
+
+
+def device_dtype_params(dtypes):
+    """Parameters (device, dtype) for every device of DEVICES and every one of ``dtypes`` its kernels run."""
+    return [pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=needs_cuda if device == "cuda" else ())
+            for device in DEVICE_DTYPES for dtype in dtypes if dtype in DEVICE_DTYPES[device]]
+
+
+# What runs an op: the *kernel* (our C++/CUDA op, through csfrn.ops) or its *twin* (csfrn/ops/reference.py, which
+# csfrn.ops.use_reference() routes to).
+BACKENDS = ["kernel", "twin"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each of DEVICES in turn (a test's own parametrize of "device" takes precedence)."""
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each of BACKENDS in turn."""
+    return request.param
+
+
+# ---------------------------------------------------------------- the engine, data and CLI tests
 # The real build_model at test size; fusion "concat" keeps deformable convs out of the engine tests
 # (tests/test_models.py covers AAM).
 TINY_MODEL = ["model.head=fcn", "model.num_classes=4", "model.backbone=resnet50c", "model.width=8",
@@ -44,7 +87,7 @@ def ops_path():
     ops = ("class_avg_pool", "center_distance", "dual_deform_conv2d")
     missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"csfrn::{op}", "CPU")]
     assert not missing, f"the extension has no CPU kernel for {missing}"
-    return "kernels"
+    return "kernel"
 
 
 def free_port():

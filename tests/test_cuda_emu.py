@@ -1,34 +1,30 @@
 """The CUDA kernels without a GPU: csrc/cuda/*.cu, compiled by the host compiler with the CUDA emulation
 (csrc/emu/cuda_emu.h, built by tests/cuda_emu.py on first use), run every block and thread on the CPU as
-torch.ops.csfrn_emu.*, and are checked here against the CPU kernels (torch.ops.csfrn.*): every op, forward and
-backward with every output mask, layouts, empty sizes, the launchers' chunk and grid-stride boundaries, bad labels.
+torch.ops.csfrn_emu.*. Here: the emulation itself (launch limits, barriers, warp intrinsics, misuse), and what is
+particular to the CUDA kernels: their launch plans (chunk and tile boundaries, the global-memory path, column
+chunks), grid-stride loops and empty grids, against the twin (or the CPU kernel) in float64 on the same rounded
+values. The sample-driven checks (tests/test_ops.py) run on the emulation too, as the device "emu": every op
+forward and backward with every output mask, every layout of the samples, float32, float16 and bfloat16; and so do
+the CUDA kernels' bad labels (test_class_ops.py) and corners outside the image (test_deform_conv.py).
 
-Tolerances. float64: 1e-12 (relative, and absolute times the largest |value| of the tensor). float32, float16,
-bfloat16: the emulated kernel gets inputs rounded to the dtype and is compared with the float64 CPU kernel on those
-rounded inputs, so only the kernel's own rounding counts: the kernels accumulate in float32 but round their outputs
-(and deform conv its column buffers) to the dtype. Tolerance (relative, and absolute times the tensor's largest
-|value|): float32 2e-6 (17 eps), float16 2e-3 (2 eps), bfloat16 1.6e-2 (2 eps); the worst errors seen are about
-a tenth of that (float32 2.6e-7, float16 3.6e-4, bfloat16 2.8e-3).
+Tolerances (tests/op_samples.py, TOL): float64 1e-12 (relative, and absolute times the largest |value| of the
+tensor); float32 2e-6, float16 2e-3, bfloat16 1.6e-2: the kernels accumulate in float32 but round their outputs
+(and deform conv its column buffers) to the dtype.
 """
-import itertools
 import re
 
 import pytest
 import torch
 
-import csfrn.ops  # noqa: F401  (loads csfrn._C: torch.ops.csfrn.* on the CPU)
-import cuda_emu
+from op_samples import (F64, OPS, center_distance_sample, check_ops, class_avg_pool_sample, deform_conv2d_sample,
+                        dual_deform_conv2d_sample, emulation, output_masks)
 
-CPU = torch.ops.csfrn
-F64 = torch.float64
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-LAYOUTS = ["nchw", "channels_last", "permuted", "sliced"]
 
 
 @pytest.fixture(scope="module")
 def emu():
-    return cuda_emu.load()
+    return emulation()
 
 
 @pytest.fixture
@@ -41,45 +37,6 @@ def grid_cap(emu):
     yield set_cap
     if previous:
         emu.set_grid_x_cap(previous[0])
-
-
-def lay(t, layout):
-    """Same values, other strides: channels_last, H and W strides swapped, or every other element of a wider
-    tensor. 3-D tensors (labels) get the permuted / sliced treatment on their last two dims."""
-    if layout == "channels_last" and t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "permuted":
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "sliced":
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
-        wide[..., 1::2] = t
-        return wide[..., 1::2]
-    return t.contiguous()
-
-
-def rounded(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
-def wide(t):
-    return None if t is None else t.to(F64)
-
-
-def assert_matches(got, want, dtype, what=""):
-    """got: the emulated kernel's output (in dtype); want: the float64 CPU kernel on the rounded inputs."""
-    assert got.dtype == (dtype if want.dtype == F64 else want.dtype), what
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
-    tol = TOL[dtype]
-    scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got.to(want.dtype), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
-def random_labels(g, n, h, w, k, ignore=255, ignore_frac=0.2):
-    """Random classes, the first and the last one present whatever K, about ignore_frac of the pixels ignored."""
-    labels = torch.randint(0, k, (n, h, w), generator=g)
-    labels.view(-1)[::13] = 0
-    labels.view(-1)[5::17] = k - 1
-    return labels.masked_fill(torch.rand(n, h, w, generator=g) < ignore_frac, ignore)
 
 
 # ---------------------------------------------------------------- the emulation itself
@@ -135,6 +92,10 @@ def test_every_op_is_emulated(emu):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csfrn_emu::{op}", "CPU"), op
 
 
+def every(sample):
+    return [[True] * len(sample.info.differentiable)]
+
+
 # ---------------------------------------------------------------- class_avg_pool
 # The forward's plan (class_pool_plan in class_ops.cu, for the emulated device's 132 SMs and 48 KiB of shared
 # memory per block) stages 64-pixel tiles, cuts each image into chunks of >= 256 pixels (a multiple of 64) when
@@ -155,67 +116,23 @@ POOL_CASES = [  # (N, D, H, W, K)
 ]
 
 
-def check_pool(emu, n, d, h, w, k, dtype, layout="nchw", seed=0, ignore=255):
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(n, d, h, w, generator=g, dtype=F64).to(dtype)
-    labels = random_labels(g, n, h, w, k, ignore)
-    means, counts = emu.class_avg_pool(lay(features, layout), lay(labels, layout), k, ignore)
-    want_means, want_counts = CPU.class_avg_pool(wide(features), labels, k, ignore)
-    assert_matches(means, want_means, dtype, "means")
-    # exact, in the accumulation type (float32 for half and bfloat16): the backward divides by them
-    assert torch.equal(counts, want_counts.to(torch.float64 if dtype == torch.float64 else torch.float32)), "counts"
-    grad_means = torch.randn(n, k, d, generator=g, dtype=F64).to(dtype)
-    grad = emu.class_avg_pool_backward(lay(grad_means, layout), lay(labels, layout), counts, ignore)
-    want = CPU.class_avg_pool_backward(wide(grad_means), labels, want_counts, ignore)
-    assert_matches(grad, want, dtype, "grad of features")
-
-
 @pytest.mark.parametrize("n,d,h,w,k", POOL_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_class_avg_pool(emu, n, d, h, w, k, dtype):
-    check_pool(emu, n, d, h, w, k, dtype, seed=k)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
-def test_class_avg_pool_layouts(emu, layout, dtype):
-    check_pool(emu, 2, 6, 19, 23, 5, dtype, layout, seed=3)
-    check_pool(emu, 1, 3, 1, 300, 4, dtype, layout, seed=4)   # W > 1 = H: the pixel stride is W's
+def test_class_avg_pool_plans(emu, n, d, h, w, k, dtype):
+    check_ops(class_avg_pool_sample(n, d, h, w, k, seed=k, device="emu", dtype=dtype), "emu")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 31, 32, 33, 64, 100, 150, 255, 256])
 def test_class_avg_pool_every_k(emu, k):
-    check_pool(emu, 2, 3, 11, 13, k, torch.float64, seed=k, ignore=-1)
+    check_ops(class_avg_pool_sample(2, 3, 11, 13, k, ignore_index=-1, seed=k, device="emu"), "emu")
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0), (2, 0, 4, 5)],
                          ids=["batch0", "H0", "W0", "D0"])
-def test_class_avg_pool_empty(emu, shape):
-    check_pool(emu, *shape, 4, torch.float64)
-    check_pool(emu, *shape, 4, torch.float32)
-
-
-def test_class_avg_pool_grid_stride(emu, grid_cap):
-    grid_cap(2)   # 512 threads walk every item of every kernel
-    for case in POOL_CASES[1:6]:
-        check_pool(emu, *case, torch.float64, seed=1)
-    check_pool(emu, 2, 6, 19, 23, 5, torch.float32, "channels_last", seed=2)
-
-
-@pytest.mark.parametrize("ignore_index", [255, -1])
-@pytest.mark.parametrize("value", [5, -3, 1 << 40])
-def test_class_avg_pool_bad_labels(emu, ignore_index, value):
-    f = torch.randn(2, 3, 17, 19, dtype=F64)
-    for position in (0, 300, 2 * 17 * 19 - 1):
-        labels = torch.randint(0, 5, (2, 17, 19))
-        labels.view(-1)[::7] = ignore_index
-        labels.view(-1)[position] = value
-        with pytest.raises(ValueError) as want:
-            CPU.class_avg_pool(f, labels, 5, ignore_index)
-        with pytest.raises(ValueError) as got:
-            emu.class_avg_pool(f, labels, 5, ignore_index)
-        assert str(got.value).splitlines()[0] == str(want.value).splitlines()[0]
-        assert f"value {value}" in str(got.value)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_class_avg_pool_empty(emu, shape, dtype):
+    # against the CPU kernel: the twin fails on D = 0 (test_class_ops.py::test_twin_no_channels)
+    check_ops(class_avg_pool_sample(*shape, 4, device="emu", dtype=dtype), "emu", by="kernel")
 
 
 # ---------------------------------------------------------------- center_distance
@@ -228,189 +145,62 @@ DIST_CASES = [  # (N, D, H, W, K)
 ]
 
 
-def check_distance(emu, n, d, h, w, k, dtype, layout="nchw", seed=0, delta=10.0, masks=None):
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(n, d, h, w, generator=g, dtype=F64).to(dtype)
-    s = (torch.randn(n, k, d, generator=g, dtype=F64) * 0.5).to(dtype)
-    m = (torch.rand(n, k, generator=g, dtype=F64) * 0.2 - 0.3).to(dtype)
-    phi = emu.center_distance(lay(e, layout), s, m, delta)
-    want = CPU.center_distance(wide(e), wide(s), wide(m), delta)
-    assert_matches(phi, want, dtype, "phi")
-    grad_phi = torch.randn(n, k, h, w, generator=g, dtype=F64).to(dtype)
-    for mask in masks or itertools.product([False, True], repeat=3):
-        got = emu.center_distance_backward(lay(grad_phi, layout), lay(e, layout), s, m, delta, list(mask))
-        want = CPU.center_distance_backward(wide(grad_phi), wide(e), wide(s), wide(m), delta, list(mask))
-        for name, a, b, on in zip(("embeddings", "centers", "margins"), got, want, mask):
-            if on:
-                assert_matches(a, b, dtype, f"grad of {name}, mask {mask}")
-            else:
-                assert a.numel() == 0 and b.numel() == 0, f"grad of {name} not asked for, mask {mask}"
-
-
 @pytest.mark.parametrize("n,d,h,w,k", DIST_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_center_distance(emu, n, d, h, w, k, dtype):
-    check_distance(emu, n, d, h, w, k, dtype, seed=k)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_center_distance_layouts(emu, layout, dtype):
-    check_distance(emu, 2, 6, 9, 11, 5, dtype, layout, seed=5)
+def test_center_distance_plans(emu, n, d, h, w, k, dtype):
+    sample = center_distance_sample(n, d, h, w, k, seed=k, device="emu", dtype=dtype)
+    check_ops(sample, "emu", masks=output_masks(sample))
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 3, 4, 0, 2), (2, 0, 4, 5, 2),
                                    (2, 3, 4, 5, 0)], ids=["batch0", "H0", "W0", "D0", "K0"])
 def test_center_distance_empty(emu, shape):
-    check_distance(emu, *shape, torch.float64)
+    sample = center_distance_sample(*shape, device="emu")
+    check_ops(sample, "emu", masks=output_masks(sample))
 
 
 @pytest.mark.parametrize("k", [1, 2, 33, 64, 128, 256])
 def test_center_distance_every_k(emu, k):
-    check_distance(emu, 1, 4, 5, 6, k, torch.float64, seed=k, masks=[(True, True, True)])
-
-
-def test_center_distance_grid_stride(emu, grid_cap):
-    grid_cap(2)
-    for case in DIST_CASES[1:4]:
-        check_distance(emu, *case, torch.float64, seed=2)
-    check_distance(emu, 2, 6, 9, 11, 5, torch.float32, "permuted", seed=3)
+    sample = center_distance_sample(1, 4, 5, 6, k, seed=k, device="emu")
+    check_ops(sample, "emu", masks=every(sample))
 
 
 # ---------------------------------------------------------------- deformable convolution
-DEFORM_CASES = {  # n, c_in, c_out, groups, offset_groups, (kh, kw), stride, padding, dilation, (h, w)
-    "3x3": (2, 4, 3, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 7)),
-    "awkward": (2, 6, 2, 2, 3, (3, 2), (2, 1), (1, 0), (2, 1), (5, 4)),
-    "depthwise": (2, 4, 8, 4, 2, (3, 2), (1, 2), (1, 1), (1, 1), (5, 6)),
-    "1x1": (1, 3, 5, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), (4, 9)),
-    "wide": (1, 2, 2, 1, 2, (2, 3), (2, 2), (2, 1), (1, 3), (9, 8)),
-}
-
-
-def deform_inputs(case, dtype, use_mask, bias=True, seed=0, dual=False, scale=2.0):
-    n, c_in, c_out, groups, og, (kh, kw), stride, padding, dilation, (h, w) = case
-    g = torch.Generator().manual_seed(seed)
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-
-    def rnd(*shape, s=1.0, positive=False):
-        t = torch.rand(*shape, generator=g, dtype=F64) if positive else torch.randn(*shape, generator=g, dtype=F64) * s
-        return t.to(dtype)
-    t = dict(input=rnd(n, c_in, h, w), offset=rnd(n, 2 * og * kh * kw, h_out, w_out, s=scale),
-             weight=rnd(c_out, c_in // groups, kh, kw), bias=rnd(c_out) if bias else None,
-             mask=rnd(n, og * kh * kw, h_out, w_out, positive=True) if use_mask else None,
-             grad_out=rnd(n, c_out, h_out, w_out))
-    if dual:
-        c_out_y = c_out + groups   # the second convolution has other output channels
-        t.update(y=rnd(n, c_in, h, w), weight_y=rnd(c_out_y, c_in // groups, kh, kw),
-                 bias_y=rnd(c_out_y) if bias else None, grad_out_y=rnd(n, c_out_y, h_out, w_out))
-    return t, [list(stride), list(padding), list(dilation)]
-
-
-def laid(t, layout):
-    return {k: (lay(v, layout) if v is not None and v.dim() == 4 else v) for k, v in t.items()}
-
-
-def check_deform(emu, case, dtype, use_mask, layout="nchw", bias=True, seed=0, masks=None):
-    t, geom = deform_inputs(case, dtype, use_mask, bias, seed)
-    w, el = {k: wide(v) for k, v in t.items()}, laid(t, layout)
-    out = emu.deform_conv2d(el["input"], el["offset"], el["weight"], el["bias"], el["mask"], *geom)
-    want = CPU.deform_conv2d(w["input"], w["offset"], w["weight"], w["bias"], w["mask"], *geom)
-    assert_matches(out, want, dtype, "out")
-    names = ("input", "offset", "weight", "bias", "mask")
-    for mask in masks or itertools.product([False, True], repeat=5):
-        got = emu.deform_conv2d_backward(el["grad_out"], el["input"], el["offset"], el["weight"], el["mask"], *geom,
-                                         list(mask))
-        want = CPU.deform_conv2d_backward(w["grad_out"], w["input"], w["offset"], w["weight"], w["mask"], *geom,
-                                          list(mask))
-        for name, a, b in zip(names, got, want):
-            assert_matches(a, b, dtype, f"grad of {name}, mask {mask}")
-
-
-@pytest.mark.parametrize("use_mask", [False, True])
-@pytest.mark.parametrize("case", list(DEFORM_CASES))
-def test_deform_conv2d_every_mask(emu, case, use_mask):
-    check_deform(emu, DEFORM_CASES[case], torch.float64, use_mask, seed=len(case))
-
-
-ALL_TRUE = [(True,) * 5]
-
-
-@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
-@pytest.mark.parametrize("case", ["3x3", "awkward", "depthwise"])
-def test_deform_conv2d_dtypes(emu, case, dtype):
-    check_deform(emu, DEFORM_CASES[case], dtype, True, seed=7, masks=ALL_TRUE)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_deform_conv2d_layouts(emu, layout):
-    check_deform(emu, DEFORM_CASES["awkward"], torch.float64, True, layout, masks=ALL_TRUE)
-    check_deform(emu, DEFORM_CASES["3x3"], torch.float32, False, layout, bias=False, masks=ALL_TRUE)
-
-
 @pytest.mark.parametrize("what", ["batch0", "H0", "W0", "C_out0"])
 def test_deform_conv2d_empty(emu, what):
-    base = (2, 4, 3, 1, 2, (1, 1), (1, 1), (1, 1), (1, 1), (5, 6))   # padding: an empty image has outputs
-    case = {"batch0": (0,) + base[1:], "H0": base[:-1] + ((0, 6),), "W0": base[:-1] + ((5, 0),),
-            "C_out0": base[:2] + (0,) + base[3:]}[what]
-    check_deform(emu, case, torch.float64, True, seed=1)
-
-
-def test_deform_conv2d_grid_stride(emu, grid_cap):
-    grid_cap(2)
-    for case in ("3x3", "awkward", "wide"):
-        check_deform(emu, DEFORM_CASES[case], torch.float64, True, seed=3, masks=ALL_TRUE)
-
-
-def test_deform_conv2d_corners_outside_are_never_read(emu):
-    # An inf in pixel (0, 0) reaches only the samples whose bilinear corners include it.
-    t, geom = deform_inputs((1, 2, 2, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12)), F64, True, scale=0.5)
-    t["input"][:, :, 0, 0] = float("inf")
-    args = (t["input"], t["offset"], t["weight"], t["bias"], t["mask"], *geom)
-    want = CPU.deform_conv2d(*args)
-    assert int(want.isfinite().sum()) > want.numel() // 2
-    torch.testing.assert_close(emu.deform_conv2d(*args), want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    base = dict(n=2, c_in=4, c_out=3, groups=1, offset_groups=2, k=(1, 1), stride=(1, 1), padding=(1, 1),
+                dilation=(1, 1), size=(5, 6))   # padding: an empty image has outputs
+    case = dict(base, **{"batch0": dict(n=0), "H0": dict(size=(0, 6)), "W0": dict(size=(5, 0)),
+                         "C_out0": dict(c_out=0)}[what])
+    sample = deform_conv2d_sample(**case, seed=1, device="emu")
+    # against the CPU kernel: the twin fails on empty padded images (test_deform_conv.py::test_twin_empty_image)
+    check_ops(sample, "emu", masks=output_masks(sample), by="kernel")
 
 
 def test_deform_conv2d_column_chunks(emu):
     # The launchers cut the batch into chunks whose columns stay under 256 MiB: 32 channels * 9 taps * 152 * 256
     # pixels * 8 bytes = 85.5 MiB per image, so 2 images per chunk and 3 images make two chunks, the last short;
-    # the weight gradient adds up across chunks. (About 4 s and 1 GB here: the smallest case that crosses.)
-    case = (3, 32, 1, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (152, 256))
-    check_deform(emu, case, torch.float64, True, seed=2, masks=ALL_TRUE)
+    # the weight gradient adds up across chunks. (About 4 s and 1 GB here: the smallest case that crosses.) Against
+    # the CPU kernel: the twin would hold several such column tensors at once.
+    sample = deform_conv2d_sample(3, 32, 1, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (152, 256), seed=2, device="emu")
+    check_ops(sample, "emu", masks=every(sample), by="kernel")
 
 
-# ---------------------------------------------------------------- dual deformable convolution
-def check_dual(emu, case, dtype, use_mask, layout="nchw", bias=True, seed=0, masks=None):
-    t, geom = deform_inputs(case, dtype, use_mask, bias, seed, dual=True)
-    w, el = {k: wide(v) for k, v in t.items()}, laid(t, layout)
-    fwd = ("input", "y", "offset", "weight", "weight_y", "bias", "bias_y", "mask")
-    got = emu.dual_deform_conv2d(*[el[k] for k in fwd], *geom)
-    want = CPU.dual_deform_conv2d(*[w[k] for k in fwd], *geom)
-    for name, a, b in zip(("out_x", "out_y"), got, want):
-        assert_matches(a, b, dtype, name)
-    bwd = ("grad_out", "grad_out_y", "input", "y", "offset", "weight", "weight_y", "mask")
-    names = ("x", "y", "offset", "weight_x", "weight_y", "bias_x", "bias_y", "mask")
-    for mask in masks or itertools.product([False, True], repeat=8):
-        got = emu.dual_deform_conv2d_backward(*[el[k] for k in bwd], *geom, list(mask))
-        want = CPU.dual_deform_conv2d_backward(*[w[k] for k in bwd], *geom, list(mask))
-        for name, a, b in zip(names, got, want):
-            assert_matches(a, b, dtype, f"grad of {name}, mask {mask}")
+def test_dual_deform_conv2d_empty(emu):
+    sample = dual_deform_conv2d_sample(0, 4, 3, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 7), device="emu")
+    check_ops(sample, "emu", masks=every(sample))
 
 
-def test_dual_deform_conv2d_every_mask(emu):
-    check_dual(emu, (1, 2, 2, 1, 2, (2, 2), (1, 1), (1, 0), (1, 1), (3, 4)), torch.float64, True, seed=4)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
-def test_dual_deform_conv2d(emu, dtype, layout):
-    check_dual(emu, DEFORM_CASES["awkward"], dtype, True, layout, seed=5, masks=[(True,) * 8, (False,) * 8])
-    check_dual(emu, DEFORM_CASES["depthwise"], dtype, False, layout, bias=False, seed=6,
-               masks=[(True, False, True, False, True, False, False, False)])
-
-
-def test_dual_deform_conv2d_empty_and_grid_stride(emu, grid_cap):
-    check_dual(emu, (0,) + DEFORM_CASES["3x3"][1:], torch.float64, True, masks=[(True,) * 8])
+# ---------------------------------------------------------------- grid-stride loops
+@pytest.mark.parametrize("op", list(OPS))
+def test_grid_stride(emu, grid_cap, op):
+    """With at most 2 blocks along x, every kernel's grid-stride loop walks every item: every sample of the op
+    (float64 and float32), and for the class ops the cases of several chunks and blocks."""
     grid_cap(2)
-    check_dual(emu, DEFORM_CASES["wide"], torch.float64, True, seed=8, masks=[(True,) * 8])
+    plans = {"class_avg_pool": [class_avg_pool_sample(*c, seed=1, device="emu") for c in POOL_CASES[1:6]],
+             "center_distance": [center_distance_sample(*c, seed=2, device="emu") for c in DIST_CASES[1:4]]}
+    for dtype in (torch.float64, torch.float32):
+        for sample in OPS[op].sample_inputs("emu", dtype, requires_grad=False):
+            check_ops(sample, "emu", masks=every(sample))
+    for sample in plans.get(op, []):
+        check_ops(sample, "emu", masks=every(sample))
