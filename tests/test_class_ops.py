@@ -56,9 +56,8 @@ def test_class_avg_pool_empty_batch_and_all_ignored():
     assert grad[0].abs().sum() == 0 and grad[1, :, 0, 0].eq(1).all()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="reference.class_avg_pool reshapes features[i] to "
-                   "(D, -1), ambiguous for D = 0 (the kernels return [N, K, 0] means); reported, not fixed here")
 def test_twin_no_channels():
+    """D = 0: the twin, like the kernels, returns [N, K, 0] means (it once reshaped to the ambiguous (D, -1))."""
     check_autograd(class_avg_pool_sample(2, 0, 4, 5, 4, requires_grad=True), "cpu")
 
 

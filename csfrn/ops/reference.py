@@ -21,7 +21,7 @@ def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
     n, d = features.shape[:2]
     sums, counts = [], []
     for i in range(n):
-        flat = features[i].reshape(d, -1).t()              # [P, D]
+        flat = features[i].reshape(d, labels[i].numel()).t()   # [P, D] (explicit P: D may be 0)
         lab = labels[i].reshape(-1)
         keep = lab != ignore_index
         s = features.new_zeros(num_classes, d).index_add(0, lab[keep], flat[keep])
@@ -64,6 +64,8 @@ def _deform_columns(input, py, px, mask):
     n, c, h, w = input.shape
     _, g, taps, h_out, w_out = py.shape
     cg = c // g
+    if h * w == 0:                                         # nothing to sample: every tap reads the zero padding
+        return input.new_zeros(n, c * taps, h_out * w_out)
     valid = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0, x0 = torch.floor(py), torch.floor(px)
     ly, lx = py - y0, px - x0
