@@ -92,6 +92,16 @@ def assert_same(a, b, **tol):
     torch.testing.assert_close(a, b, **tol)
 
 
+def assert_same_as_torchvision(case):
+    """Our deform_conv2d and torchvision's on ``case``: outputs, and the gradients for one random upstream."""
+    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
+    assert_same(out, exp)
+    go = torch.randn_like(exp)
+    got, want = grads(out, case, go), grads(exp, case, go)
+    for name in want:
+        assert_same(got[name], want[name], msg=name)
+
+
 AWKWARD = DEFORM["awkward"]
 
 
@@ -206,12 +216,7 @@ def test_matches_torchvision(seed):
     config = random_deform_config(100 + seed)
     config["size"] = (config["size"][0] + 4, config["size"][1] + 5)
     case = make_case(**config, use_mask=seed % 2 == 1, bias=seed != 2, seed=seed)
-    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
-    assert_same(out, exp)
-    go = torch.randn_like(exp)
-    got, want = grads(out, case, go), grads(exp, case, go)
-    for name in want:
-        assert_same(got[name], want[name], msg=name)
+    assert_same_as_torchvision(case)
 
 
 def test_only_needed_gradients():
@@ -422,12 +427,7 @@ def test_cuda_several_column_chunks_vs_torchvision():
     # chunk, so 31 images make three chunks, the last one short; weight grads add up across chunks.
     case = make_case(n=31, c_in=64, c_out=8, groups=2, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
                      dilation=(1, 1), size=(64, 64), use_mask=True, device="cuda", scale=1.0)
-    out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
-    assert_same(out, exp)
-    go = torch.randn_like(exp)
-    got, want = grads(out, case, go), grads(exp, case, go)
-    for name in want:
-        assert_same(got[name], want[name], msg=name)
+    assert_same_as_torchvision(case)
 
 
 @needs_cuda
