@@ -42,6 +42,31 @@ def test_paired_difference_on_hand_made_runs():
     assert "+1.00 [" in table and "82.00 ±  2.00" in table
 
 
+def test_diverged_runs_are_named_and_left_out_of_the_statistics():
+    def rec(miou):
+        return {"mIoU": miou / 100, "val_mIoU": None, "consistency": {"F": {"ratio": 1.0}}}
+    records = {("baseline", s): rec(v) for s, v in enumerate([80.0, 82.0, 84.0])}
+    records.update({("bce", 0): rec(81.0), ("bce", 1): {"mIoU": None, "diverged": "loss is not finite at 7"},
+                    ("bce", 2): rec(84.0)})
+    summary = ab.summarize_runs(records, ["baseline", "bce"], [0, 1, 2])
+    bce = summary["variants"]["bce"]
+    assert bce["n"] == 2 and bce["mIoU"] == {0: 81.0, 2: 84.0} and bce["diverged"] == {1: "loss is not finite at 7"}
+    assert bce["diff"]["n"] == 2 and bce["diff"]["mean"] == pytest.approx(0.5)     # paired over seeds 0 and 2
+    assert "| 2 (seed 1 diverged) |" in ab.format_ablation(summary)
+
+
+def test_a_run_whose_loss_diverges_is_recorded_not_fatal(tmp_path, monkeypatch):
+    def diverge(cfg, split, keep=False):
+        raise FloatingPointError("loss is not finite at iteration 3: {'loss': nan}")
+    monkeypatch.setattr(ab, "train_and_evaluate", diverge)
+    out = tmp_path / "study"
+    summary = ab.ablate(None, "baseline", 1, str(out), tiny_overrides(tmp_path / "unused", iters=2),
+                        progress=False, log=lambda *a: None)
+    record = json.loads((out / "runs" / "baseline_seed0.json").read_text())
+    assert record["mIoU"] is None and "iteration 3" in record["diverged"] and record["config"]
+    assert summary["variants"]["baseline"]["n"] == 0 and summary["variants"]["baseline"]["diverged"]
+
+
 def test_unknown_variant_is_one_line_error(capsys, tmp_path):
     assert cli.main(["ablate", "--out", str(tmp_path), "--variants", "baseline,nope"]) == 2
     err = capsys.readouterr().err.strip()

@@ -127,6 +127,17 @@ def test_cac_equals_loop(binary, ops_path):
     torch.testing.assert_close(g_got, g_want)
 
 
+@pytest.mark.parametrize("binary", ["lovasz", "bce"])
+def test_cac_of_diverged_embeddings_is_nan_not_an_error(binary, ops_path):
+    """NaN embeddings (a diverged run) give a NaN loss, which the training loop reports with its iteration;
+    BCE used to raise from inside binary_cross_entropy instead."""
+    emb = torch.randn(2, 3, 4, 5)
+    emb[0, :, 1, 1] = float("nan")
+    labels = torch.randint(0, 3, (2, 4, 5))
+    loss = CACLoss(binary=binary)(emb, torch.zeros(2, 1, 4, 5), labels)
+    assert torch.isnan(loss)
+
+
 def separated(scale):
     """Embeddings constant per class, classes ``scale`` apart; labels with an ignored stripe."""
     labels = torch.zeros(2, 8, 8, dtype=torch.long)

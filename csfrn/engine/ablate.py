@@ -194,12 +194,17 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
                                   f"--out, or remove it to run it again")
             bar.update(1)
             records[(variant, seed)] = record
-            bar.write(f"{variant} seed {seed}: done before, {split} mIoU {100 * record['mIoU']:.2f}")
+            result = "diverged" if record.get("diverged") else f"{split} mIoU {100 * record['mIoU']:.2f}"
+            bar.write(f"{variant} seed {seed}: done before, {result}")
             continue
         if report_only:
             bar.update(1)
             continue
-        record = train_and_evaluate(cfg, split, keep_checkpoints)
+        t0 = time.perf_counter()
+        try:
+            record = train_and_evaluate(cfg, split, keep_checkpoints)
+        except FloatingPointError as err:   # the loss went NaN / inf: a result of the variant, kept as such
+            record = {"split": split, "mIoU": None, "diverged": str(err), "train_seconds": time.perf_counter() - t0}
         record.update(variant=variant, seed=seed, config=cfg.to_dict())
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -207,6 +212,9 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
         os.replace(tmp, path)
         records[(variant, seed)] = record
         bar.update(1)
+        if record.get("diverged"):
+            bar.write(f"{variant} seed {seed}: diverged ({record['diverged'][:80]}), {record['train_seconds']:.0f} s")
+            continue
         fc = record["consistency"]["F"]["ratio"]
         bar.write(f"{variant} seed {seed}: {split} mIoU {100 * record['mIoU']:.2f} (val {100 * record['val_mIoU']:.2f})"
                   f", separability of F {fc:.3g}, {record['train_seconds']:.0f} s")
@@ -228,23 +236,27 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
 
 def summarize_runs(records, names, seeds, split="test"):
     """Per variant: the runs' mIoU (percent) by seed, mean, std, and the paired difference to the baseline
-    with its 95% t-interval (over the seeds both have), and the mean feature-consistency scores."""
+    with its 95% t-interval (over the seeds both finished), and the mean feature-consistency scores. Runs whose
+    loss diverged are listed under "diverged" (seed -> message) and left out of the statistics."""
     out = {"split": split, "seeds": list(seeds), "variants": {}}
-    base = {s: 100 * records[("baseline", s)]["mIoU"] for s in seeds if ("baseline", s) in records}
+    finished = {key: r for key, r in records.items() if not r.get("diverged")}
+    base = {s: 100 * finished[("baseline", s)]["mIoU"] for s in seeds if ("baseline", s) in finished}
     for v in names:
-        miou = {s: 100 * records[(v, s)]["mIoU"] for s in seeds if (v, s) in records}
-        val = [100 * records[(v, s)]["val_mIoU"] for s in seeds if (v, s) in records
-               and records[(v, s)].get("val_mIoU") is not None]
+        miou = {s: 100 * finished[(v, s)]["mIoU"] for s in seeds if (v, s) in finished}
+        val = [100 * finished[(v, s)]["val_mIoU"] for s in seeds if (v, s) in finished
+               and finished[(v, s)].get("val_mIoU") is not None]
         mean, std = mean_std(list(miou.values()))
         entry = {"row": VARIANTS[v][1], "mIoU": miou, "mean": mean, "std": std, "n": len(miou),
-                 "val_mean": mean_std(val)[0]}
+                 "val_mean": mean_std(val)[0],
+                 "diverged": {s: records[(v, s)]["diverged"] for s in seeds
+                              if (v, s) in records and records[(v, s)].get("diverged")}}
         if v != "baseline" and base:
             diffs = [miou[s] - base[s] for s in miou if s in base]
             d, lo, hi = t_interval(diffs)
             entry["diff"] = {"mean": d, "low": lo, "high": hi, "n": len(diffs)}
         for kind in ("F", "B"):
-            ratios = [records[(v, s)]["consistency"][kind]["ratio"] for s in seeds
-                      if (v, s) in records and kind in records[(v, s)]["consistency"]]
+            ratios = [finished[(v, s)]["consistency"][kind]["ratio"] for s in seeds
+                      if (v, s) in finished and kind in finished[(v, s)]["consistency"]]
             if ratios:
                 entry[f"separability_{kind}"] = mean_std(ratios)
         out["variants"][v] = entry
@@ -259,7 +271,8 @@ def format_ablation(summary):
     """A Markdown table of the summary."""
     lines = [f"mIoU (%) on the synthetic {summary['split']} split, seeds {summary['seeds']}; difference to the "
              "baseline paired by seed, 95% t-interval over seeds; separability = mean squared distance between "
-             "class centres / mean intra-class variance (higher: more compact and separable)", "",
+             "class centres / mean intra-class variance (higher: more compact and separable); n counts the "
+             "finished runs, and runs whose loss diverged are named beside it and left out of the statistics", "",
              "| variant | paper row | n | mIoU mean ± std | Δ vs baseline [95% CI] | separability F | "
              "separability B |", "|---|---|---|---|---|---|---|"]
     for v, e in summary["variants"].items():
@@ -267,7 +280,9 @@ def format_ablation(summary):
         diff = (f"{_fmt(d['mean'], '+.2f')} [{_fmt(d['low'], '+.2f')}, {_fmt(d['high'], '+.2f')}]" if d else "–")
         sep = {k: (f"{_fmt(e[f'separability_{k}'][0], '.3g')} ± {_fmt(e[f'separability_{k}'][1], '.2g')}"
                    if f"separability_{k}" in e else "–") for k in ("F", "B")}
-        lines.append(f"| {v} | {e['row']} | {e['n']} | {_fmt(e['mean'])} ± {_fmt(e['std'])} | {diff} | "
+        diverged = e.get("diverged") or {}
+        n = f"{e['n']} (seed {', '.join(map(str, diverged))} diverged)" if diverged else f"{e['n']}"
+        lines.append(f"| {v} | {e['row']} | {n} | {_fmt(e['mean'])} ± {_fmt(e['std'])} | {diff} | "
                      f"{sep['F']} | {sep['B']} |")
     return "\n".join(lines)
 

@@ -130,6 +130,8 @@ class CACLoss(nn.Module):
         if self.binary == "lovasz":
             row_loss = lovasz_hinge_rows(1.0 - 2.0 * rows, positive, valid)
         else:
+            if not torch.isfinite(rows).all():   # diverged: a NaN loss the training loop reports (BCE would raise)
+                return rows.sum() * float("nan")
             target = (~positive).to(rows.dtype)
             bce = F.binary_cross_entropy(rows, target, reduction="none") * valid
             row_loss = bce.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
