@@ -59,3 +59,7 @@ class OutputExistsError(UserError, FileExistsError):
 
 class UnreadableFileError(UserError, OSError):
     """A file that exists but cannot be read as what it should be (corrupt image, wrong label mode)."""
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the iteration, the loss terms and what to try."""

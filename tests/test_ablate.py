@@ -10,7 +10,7 @@ from conftest import tiny_overrides
 from csfrn import cli
 from csfrn.engine import ablate as ab
 from csfrn.engine.metrics import FeatureConsistency, feature_consistency
-from csfrn.errors import ConfigError
+from csfrn.errors import ConfigError, TrainingDivergedError
 
 
 def test_t_interval_on_hand_made_numbers():
@@ -57,7 +57,7 @@ def test_diverged_runs_are_named_and_left_out_of_the_statistics():
 
 def test_a_run_whose_loss_diverges_is_recorded_not_fatal(tmp_path, monkeypatch):
     def diverge(cfg, split, keep=False):
-        raise FloatingPointError("loss is not finite at iteration 3: {'loss': nan}")
+        raise TrainingDivergedError("loss is not finite at iteration 3 (loss nan)")
     monkeypatch.setattr(ab, "train_and_evaluate", diverge)
     out = tmp_path / "study"
     summary = ab.ablate(None, "baseline", 1, str(out), tiny_overrides(tmp_path / "unused", iters=2),

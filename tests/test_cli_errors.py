@@ -278,3 +278,8 @@ def test_a_missing_extension_says_how_to_build_it():
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: csfrn's compiled extension csfrn._C could not be loaded (undefined symbol")
     assert "make setup" in last and "pip install --no-build-isolation -e ." in last
+
+
+def test_a_diverging_training_is_one_line_naming_the_iteration(tmp_path):
+    r = csfrn(*tiny_train(tmp_path / "w", "train.lr=1e30", iters=3))
+    assert_user_error(r, "train", "loss is not finite at iteration", "train.lr")

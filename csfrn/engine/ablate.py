@@ -16,7 +16,7 @@ import math
 import os
 import time
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDivergedError
 from .config import load_config
 
 # name -> (config overrides, the paper's row it stands for)
@@ -203,7 +203,7 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
         t0 = time.perf_counter()
         try:
             record = train_and_evaluate(cfg, split, keep_checkpoints)
-        except FloatingPointError as err:   # the loss went NaN / inf: a result of the variant, kept as such
+        except TrainingDivergedError as err:   # the loss went NaN / inf: a result of the variant, kept as such
             record = {"split": split, "mIoU": None, "diverged": str(err), "train_seconds": time.perf_counter() - t0}
         record.update(variant=variant, seed=seed, config=cfg.to_dict())
         tmp = path + ".tmp"

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, OutputExistsError, TrainingDivergedError
 from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
 from .config import Config, check_training
@@ -234,7 +234,11 @@ def _train(cfg, model, info, old_files=()):
             values = {k: float(v.detach()) for k, v in losses.items()}
             values["loss"] = float(loss.detach())
             if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"loss is not finite at iteration {it}: {values}")
+                terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                raise TrainingDivergedError(
+                    f"loss is not finite at iteration {it} ({terms}; checked every train.log_interval="
+                    f"{tcfg.log_interval} iterations); expected finite losses: try a lower train.lr or more "
+                    f"train.warmup_iters")
             lr = optimizer.param_groups[0]["lr"]
             speed = (it - tic_iter) / max(time.perf_counter() - tic, 1e-9)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()}, "lr": f"{lr:.2e}"})
