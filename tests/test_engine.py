@@ -137,7 +137,8 @@ def test_config_files_overrides_and_errors(tmp_path):
 
 def test_config_bases_apply_in_order_then_the_file_then_set(tmp_path):
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "data.yaml").write_text("data:\n  crop_size: [32, 32]\n  batch_size: 4\nmodel:\n  num_classes: 5\n")
+    (tmp_path / "b" / "data.yaml").write_text("data:\n  crop_size: [32, 32]\n  batch_size: 4\n"
+                                             "model:\n  num_classes: 5\n")
     (tmp_path / "b" / "sched.yaml").write_text("_base_: data.yaml\ntrain:\n  iters: 100\n  lr: 0.5\n"
                                               "data:\n  batch_size: 6\nmodel:\n  loss_weights: {cac: 2.0}\n")
     (tmp_path / "b" / "model.yaml").write_text("model:\n  head: psp\n  loss_weights: {smooth: 3.0}\n")
