@@ -130,11 +130,12 @@ class CACLoss(nn.Module):
         if self.binary == "lovasz":
             row_loss = lovasz_hinge_rows(1.0 - 2.0 * rows, positive, valid)
         else:
-            if not torch.isfinite(rows).all():   # diverged: a NaN loss the training loop reports (BCE would raise)
-                return rows.sum() * float("nan")
+            # phi is NaN only in a diverged run, where binary_cross_entropy would raise (a device assert on CUDA):
+            # it gets a finite stand-in, and the NaN reaches the loss through a zero-weighted sum, so the
+            # training loop reports it; no host sync on the way.
             target = (~positive).to(rows.dtype)
-            bce = F.binary_cross_entropy(rows, target, reduction="none") * valid
-            row_loss = bce.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+            bce = F.binary_cross_entropy(rows.nan_to_num(nan=0.5), target, reduction="none") * valid
+            row_loss = bce.sum(dim=1) / valid.sum(dim=1).clamp(min=1) + rows.sum(dim=1) * 0.0
         per_class = torch.zeros_like(counts).index_put((n_idx, k_idx), row_loss)
         return mean_over_present(per_class, counts)
 
