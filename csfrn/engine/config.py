@@ -94,8 +94,12 @@ class TrainConfig:
     eval_interval: int = 4000     # 0: evaluate only at the end
     checkpoint_interval: int = 1000
     keep_checkpoints: bool = False  # also keep iter_XXXXXX.pth at every checkpoint interval
-    tensorboard: bool = True      # used only when the tensorboard package is installed
+    tensorboard: bool = False     # also log to work_dir/tb (needs the tensorboard package: an error without it)
     progress: bool = True
+    ema: Optional[float] = None   # decay of an exponential moving average of the weights (e.g. 0.999): null = off;
+    #                               evaluated beside the raw weights, the best kept as best_ema.pth
+    accumulate: int = 1           # micro-batches per optimizer step; data.batch_size stays the global batch
+    clip_grad: Optional[float] = None  # clip the gradients' global L2 norm to this (null: no clipping)
 
 
 @dataclass
@@ -375,6 +379,12 @@ def validate(cfg):
     _at_least("train.log_interval", t.log_interval, 1)
     _at_least("train.eval_interval", t.eval_interval, 0)
     _at_least("train.checkpoint_interval", t.checkpoint_interval, 1)
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise ConfigError(f"config key 'train.ema' is the EMA decay and must lie in (0, 1) (e.g. 0.999), or null "
+                          f"for no EMA; got {t.ema}")
+    _at_least("train.accumulate", t.accumulate, 1)
+    if t.clip_grad is not None:
+        _positive("train.clip_grad", t.clip_grad, "a max gradient norm")
 
     _choice("eval.mode", e.mode, ("slide", "whole"))
     _pair("eval.crop_size", e.crop_size)
@@ -404,9 +414,19 @@ def check_training(cfg, world_size=1):
         raise ConfigError(f"config key 'data.batch_size' is {batch}, which does not split evenly over "
                           f"{world_size} processes; expected a multiple of {world_size}")
     per_process = batch // world_size
+    accumulate = cfg.train.accumulate
+    if per_process % accumulate:
+        raise ConfigError(f"config key 'train.accumulate' is {accumulate}, but the {per_process} samples per process "
+                          f"(data.batch_size {batch} over {world_size} process{'es' if world_size > 1 else ''}) do "
+                          f"not split into {accumulate} equal micro-batches; expected a divisor of {per_process}")
+    per_process //= accumulate
     synced = world_size > 1 and cfg.train.sync_bn
     if per_process < 2 and not synced:
         hint = "train.sync_bn=true or " if world_size > 1 else ""
+        if accumulate > 1:
+            raise ConfigError(f"config key 'train.accumulate' is {accumulate}: micro-batches of {per_process} sample "
+                              f"per process, but BatchNorm needs at least 2 in training; expected {hint}a smaller "
+                              f"train.accumulate")
         raise ConfigError(f"config key 'data.batch_size' is {batch}: {per_process} sample per process "
                           f"({world_size} process{'es' if world_size > 1 else ''}), but BatchNorm needs at least "
                           f"2 in training; expected {hint}data.batch_size >= {2 * world_size}")

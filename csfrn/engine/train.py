@@ -19,7 +19,11 @@ from .checkpoint import (build_model_from_config, check_num_classes, load_checkp
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
 from .config import Config, check_training
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
+from .ema import build_ema
 from .evaluate import evaluate, write_report
+from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, Timer, TrainLog, check_tensorboard, peak_memory_gib,
+                        write_config, write_env)
+from .step import train_step
 
 
 def poly_lambda(train_cfg):
@@ -68,12 +72,9 @@ class MetricsLog:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(work_dir, "tb"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
+        if tensorboard:   # installed: run_files.check_tensorboard said so before the run started
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(work_dir, "tb"))
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -96,7 +97,8 @@ def _resume_path(train_cfg):
 
 
 # What a training run writes into its work_dir; --overwrite removes the previous run's copies first.
-RUN_OUTPUTS = ("last.pth", "best.pth", "metrics.jsonl", "val_last.json", "val_last.csv")
+RUN_OUTPUTS = ("last.pth", "best.pth", "best_ema.pth", "metrics.jsonl", "val_last.json", "val_last.csv",
+               "val_last_ema.json", "val_last_ema.csv", CONFIG_FILE, ENV_FILE, LOG_FILE)
 
 
 def check_work_dir(train_cfg, overwrite=False):
@@ -133,6 +135,7 @@ def train(cfg: Config, model=None, overwrite=False):
     (``train.resume``) or ``overwrite`` is true (the previous run's checkpoints, metrics and reports are removed).
     """
     check_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_tensorboard(cfg.train)
     old_files = check_work_dir(cfg.train, overwrite)
     info = init_distributed(cfg.train.device)
     try:
@@ -210,25 +213,39 @@ def _train(cfg, model, info, old_files=()):
                                          num_workers=dcfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator())
     log = MetricsLog(tcfg.work_dir, tcfg.tensorboard, keep_until=start_iter) if info.is_main else None
+    ema = build_ema(model, tcfg.ema, state, log=print if info.is_main else None)
+    best_ema = state.get("best_ema_mIoU", float("-inf")) if state is not None else float("-inf")
+    text_log = None
+    if info.is_main:
+        write_config(cfg, tcfg.work_dir)
+        write_env(tcfg.work_dir, device, info.world_size)
+        text_log = TrainLog(tcfg.work_dir, tcfg.iters)
+        text_log.line(f"resumed from {resume} at iteration {start_iter}" if resume else
+                      f"started: {tcfg.iters} iterations, global batch {dcfg.batch_size} on {info.world_size} "
+                      f"process(es), device {device}")
+    clipped = torch.zeros((), dtype=torch.int64, device=device)   # steps clipped since the last log line
     bar = tqdm(total=tcfg.iters, initial=start_iter, desc="train", dynamic_ncols=True,
                disable=not (info.is_main and tcfg.progress))
     last_summary = None
     model.train()
     tic, tic_iter = time.perf_counter(), start_iter
+    timer = Timer()
     it = start_iter
     for images, labels in loader:
+        timer.got_batch()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            _, losses = net(images, labels)
+        losses, grad_norm = train_step(net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate,
+                                       tcfg.clip_grad)
         loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update()
+        if grad_norm is not None:
+            clipped += grad_norm > tcfg.clip_grad
         it += 1
         bar.update(1)
+        timer.step_done()
 
         if it % tcfg.log_interval == 0 or it == tcfg.iters:
             values = {k: float(v.detach()) for k, v in losses.items()}
@@ -246,8 +263,16 @@ def _train(cfg, model, info, old_files=()):
                       "images/s": speed * dcfg.batch_size}
             if device.type == "cuda":   # peak since the start, as mmseg's "memory"
                 record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            data_time, step_time = timer.take()
+            record.update(data_time=data_time, step_time=step_time)
+            clip = None
+            if grad_norm is not None:
+                clip = (tcfg.clip_grad, float(grad_norm), int(clipped), it - tic_iter)
+                record.update(grad_norm=clip[1], clipped=clip[2])
+                clipped.zero_()
             if log is not None:
                 log.write(record)
+                text_log.iteration(it, lr, values, data_time, step_time, peak_memory_gib(device), clip)
             tic, tic_iter = time.perf_counter(), it
 
         do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)
@@ -259,24 +284,51 @@ def _train(cfg, model, info, old_files=()):
             if info.is_main:
                 bar.write(f"iter {it}: mIoU {100 * summary['mIoU']:.2f}  mAcc {100 * summary['mAcc']:.2f}  "
                           f"aAcc {100 * summary['aAcc']:.2f}")
-                log.write({"kind": "val", "iter": it, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"],
-                           "aAcc": summary["aAcc"]})
+                val = {"kind": "val", "iter": it, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"],
+                       "aAcc": summary["aAcc"]}
+                text_log.evaluation(it, summary)
                 write_report(summary, train_set.classes, tcfg.work_dir, name="val_last")
                 if improved:
                     save_checkpoint({"model": model.state_dict(), "iter": it, "mIoU": summary["mIoU"],
                                      "config": cfg.to_dict()}, os.path.join(tcfg.work_dir, "best.pth"))
+                    text_log.line(f"iter {it}: saved best.pth (mIoU {100 * summary['mIoU']:.2f})")
+            if ema is not None:
+                ema_summary, _ = evaluate(ema.module, val_set, num_classes, cfg.eval, device, dcfg.base_size)
+                ema_improved = ema_summary["mIoU"] > best_ema
+                best_ema = max(best_ema, ema_summary["mIoU"])
+                if info.is_main:
+                    val.update({f"ema_{k}": ema_summary[k] for k in ("mIoU", "mAcc", "aAcc")})
+                    text_log.evaluation(it, ema_summary, label="EMA val")
+                    write_report(ema_summary, train_set.classes, tcfg.work_dir, name="val_last_ema")
+                    if ema_improved:
+                        save_checkpoint({"model": ema.state_dict(), "iter": it, "mIoU": ema_summary["mIoU"],
+                                         "config": cfg.to_dict()}, os.path.join(tcfg.work_dir, "best_ema.pth"))
+                        text_log.line(f"iter {it}: saved best_ema.pth (EMA mIoU {100 * ema_summary['mIoU']:.2f})")
+            if info.is_main:
+                log.write(val)
         if it % tcfg.checkpoint_interval == 0 or it == tcfg.iters:
             state = _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info)
+            if ema is not None:
+                state.update(ema=ema.state_dict(), best_ema_mIoU=best_ema)
             if info.is_main:
                 save_checkpoint(state, os.path.join(tcfg.work_dir, "last.pth"))
                 if tcfg.keep_checkpoints:
                     save_checkpoint(state, os.path.join(tcfg.work_dir, f"iter_{it:06d}.pth"))
+                text_log.line(f"iter {it}: saved last.pth" + (f" and iter_{it:06d}.pth" if tcfg.keep_checkpoints
+                                                                 else ""))
             if info.distributed:
                 torch.distributed.barrier()
+        timer.resume()   # evaluation and checkpoints count in neither the data nor the step time
     bar.close()
     if log is not None:
         log.close()
-    return {"iter": it, "best_mIoU": best, "last": last_summary, "model": model}
+        text_log.line(f"finished at iteration {it}: best mIoU {100 * best:.2f}" +
+                      (f", best EMA mIoU {100 * best_ema:.2f}" if ema is not None else ""))
+        text_log.close()
+    result = {"iter": it, "best_mIoU": best, "last": last_summary, "model": model}
+    if ema is not None:
+        result.update(best_ema_mIoU=best_ema, ema=ema.module)
+    return result
 
 
 def _gather_rng(info):
