@@ -63,3 +63,7 @@ class UnreadableFileError(UserError, OSError):
 
 class TrainingDivergedError(UserError, FloatingPointError):
     """The training loss became NaN or infinite; the message names the iteration, the loss terms and what to try."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package that the config or the command needs is not installed; the message says how to get it."""

@@ -119,6 +119,10 @@ def _comparable(cfg_dict):
     for key in ("work_dir", "resume", "progress", "log_interval", "tensorboard", "checkpoint_interval",
                 "keep_checkpoints", "threads", "device"):
         d["train"].pop(key, None)
+    # keys added after runs were recorded: at their defaults they are what those runs did
+    for key, default in (("ema", None), ("accumulate", 1), ("clip_grad", None)):
+        if d["train"].get(key, default) == default:
+            d["train"].pop(key, None)
     return d
 
 
@@ -175,6 +179,8 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
     if not seed_list:
         raise ConfigError("--seeds must be at least 1")
     base = load_config(config, overrides)   # bad keys are reported before any work
+    from ..plotting import pyplot
+    pyplot()                                # and a missing matplotlib (ablation.png) too
     if split == base.data.val_split:
         log(f"note: reporting on {split}, the split that training evaluates on (data.val_split): it is not "
             f"held out from choices made on it")
@@ -287,59 +293,9 @@ def format_ablation(summary):
     return "\n".join(lines)
 
 
-def plot_ablation(summary, path, width=None, height=320):
-    """PNG drawn with Pillow: per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the
-    95% t-interval of the mean; under each name the paired difference to the baseline and its interval."""
-    from PIL import Image, ImageDraw
-
-    entries = list(summary["variants"].items())
-    width = width or max(360, 130 * len(entries) + 60)
-    intervals = {name: t_interval(list(e["mIoU"].values())) for name, e in entries}
-    values = [x for _, e in entries for x in e["mIoU"].values()]
-    values += [v for iv in intervals.values() for v in iv[1:] if not math.isnan(v)]
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    if not values:
-        img.save(path)
-        return path
-    lo, hi = min(values), max(values)
-    pad = max(0.5, 0.05 * (hi - lo))
-    lo, hi = lo - pad, hi + pad
-    top, bottom, left = 20, height - 62, 50
-
-    def y(v):
-        return bottom - (v - lo) / (hi - lo) * (bottom - top)
-
-    draw.line([(left, top), (left, bottom), (width - 10, bottom)], fill="black")
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        draw.line([(left - 4, y(v)), (left, y(v))], fill="black")
-        draw.text((2, y(v) - 6), f"{v:.1f}", fill="black")
-    draw.text((left + 4, 2), f"mIoU % ({summary['split']} split): dots seeds, bar mean, line 95% CI", fill="black")
-    draw.text((left + 4, height - 12), "under the names: paired difference to the baseline [95% CI]", fill="black")
-    base = summary["variants"].get("baseline", {}).get("mean")
-    if base is not None and not math.isnan(base):
-        draw.line([(left, y(base)), (width - 10, y(base))], fill=(200, 200, 200))
-    step = (width - left - 10) / len(entries)
-    for i, (name, e) in enumerate(entries):
-        cx = left + step * (i + 0.5)
-        mean, low, high = intervals[name]
-        if not math.isnan(low):
-            draw.line([(cx + 10, y(low)), (cx + 10, y(high))], fill="black", width=2)
-            for v in (low, high):
-                draw.line([(cx + 6, y(v)), (cx + 14, y(v))], fill="black", width=2)
-        vals = list(e["mIoU"].values())
-        for j, v in enumerate(vals):
-            dx = (j - (len(vals) - 1) / 2) * 5 - 12
-            draw.ellipse([cx + dx - 3, y(v) - 3, cx + dx + 3, y(v) + 3], fill=(40, 90, 200))
-        if not math.isnan(mean):
-            draw.line([(cx - 25, y(mean)), (cx + 14, y(mean))], fill="black", width=3)
-        draw.text((cx - 40, bottom + 6), name, fill="black")
-        d = e.get("diff")
-        if d and not math.isnan(d["mean"]):
-            colour = (200, 40, 40) if d["high"] < 0 else (30, 140, 30) if d["low"] > 0 else (90, 90, 90)
-            draw.text((cx - 40, bottom + 20), f"{d['mean']:+.2f}", fill=colour)
-            if not math.isnan(d["low"]):
-                draw.text((cx - 40, bottom + 33), f"[{d['low']:+.2f}, {d['high']:+.2f}]", fill=colour)
-    img.save(path)
-    return path
+def plot_ablation(summary, path):
+    """PNG (matplotlib): per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the 95%
+    t-interval of the mean; under each name the paired difference to the baseline and its interval."""
+    from ..plotting import ablation_chart
+    intervals = {name: t_interval(list(e["mIoU"].values())) for name, e in summary["variants"].items()}
+    return ablation_chart(summary, intervals, path)

@@ -13,13 +13,9 @@ import time
 
 import yaml
 
-from ..errors import UserError
+from ..errors import MissingDependencyError
 
 CONFIG_FILE, ENV_FILE, LOG_FILE = "config.yaml", "env.json", "train.log"
-
-
-class MissingDependencyError(UserError):
-    """An optional package that the config or the verb asks for is not installed."""
 
 
 def config_yaml(cfg):

@@ -1,0 +1,309 @@
+"""Every chart csfrn draws, with matplotlib (the Agg backend: files only, no display): training curves
+(``csfrn plot``), the confusion matrix (``csfrn eval``), dataset browsing (``csfrn browse``), the ablation plot
+(``csfrn ablate``) and the benchmark report's charts.
+
+matplotlib is optional (``pip install 'csfrn[plot]'``, which ``make`` installs); :func:`pyplot` raises a one-line
+:class:`csfrn.errors.MissingDependencyError` without it. This module imports it only when a chart is drawn.
+"""
+import math
+import os
+
+import numpy as np
+
+from .errors import MissingDependencyError
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+          "#bcbd22"]
+DPI = 100
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError("drawing charts needs matplotlib, which is not installed: "
+                                     "pip install 'csfrn[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    """Write the figure as a 256-colour PNG (a third of the size of matplotlib's RGBA, same look for charts)."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.canvas.draw()
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    pyplot().close(fig)
+    rgb.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+# ---------------------------------------------------------------- training curves (csfrn plot)
+# metrics.jsonl keys of a train record that are not loss terms
+NOT_LOSSES = ("kind", "iter", "lr", "it/s", "images/s", "max_mem_gib", "data_time", "step_time", "grad_norm",
+              "clipped")
+
+
+def training_curves(runs, path):
+    """One panel per loss term (``loss`` first), one for the learning rate and one for val mIoU (the EMA's dashed
+    when there is one), each against iterations; ``runs``: {label: [metrics.jsonl records]}, overlaid in
+    colours named in one legend. Returns ``path``."""
+    plt = pyplot()
+    terms = []
+    for records in runs.values():
+        for r in records:
+            if r.get("kind", "train") == "train":
+                terms += [k for k, v in r.items() if k not in NOT_LOSSES and isinstance(v, (int, float))
+                          and k not in terms]
+    terms.sort(key=lambda k: (k != "loss", terms.index(k)))
+    panels = [(t, f"{t}" + (" (sum of the terms)" if t == "loss" else "")) for t in terms]
+    panels += [("lr", "learning rate"), ("mIoU", "val mIoU (%)")]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for i, (label, records) in enumerate(runs.items()):
+        color = COLORS[i % len(COLORS)]
+        train = [r for r in records if r.get("kind", "train") == "train"]
+        val = [r for r in records if r.get("kind") == "val"]
+        for ax, (key, _) in zip(axes.flat, panels):
+            if key == "mIoU":
+                pts = [(r["iter"], 100 * r["mIoU"]) for r in val if r.get("mIoU") is not None]
+                ema = [(r["iter"], 100 * r["ema_mIoU"]) for r in val if r.get("ema_mIoU") is not None]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=color, markersize=3, label=label)
+                if ema:
+                    ax.plot(*zip(*ema), "s--", color=color, markersize=3, alpha=0.8)
+            else:
+                pts = [(r["iter"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), "-", color=color, linewidth=1.3, label=label)
+    if any(r.get("ema_mIoU") is not None for records in runs.values() for r in records):
+        axes.flat[len(panels) - 1].set_title("val mIoU (%), EMA dashed", fontsize=10)
+    handles = [plt.Line2D([], [], color=COLORS[i % len(COLORS)], linewidth=2) for i in range(len(runs))]
+    fig.legend(handles, list(runs), loc="upper center", ncol=min(len(runs), 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.0 * rows + 0.6)))
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- confusion matrix (csfrn eval)
+def confusion_chart(cm, classes, path, title="confusion matrix"):
+    """The confusion matrix normalised per ground-truth row (each row sums to 1 where the class occurs), class
+    names on both axes, values written in the cells when there are few classes. Returns ``path``."""
+    plt = pyplot()
+    cm = np.asarray(cm, dtype=np.float64)
+    k = cm.shape[0]
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = min(max(4.5, 0.42 * k + 2.5), 24)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), labels=list(classes), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels=list(classes), fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(f"{title} (rows normalised)", fontsize=10)
+    if k <= 25:
+        for g in range(k):
+            for p in range(k):
+                if rows[g, 0] > 0:
+                    ax.text(p, g, f"{norm[g, p]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if norm[g, p] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- dataset browsing (csfrn browse)
+def mask_picture(image, label, palette, classes, path, title="", alpha=0.5, ignore_index=255):
+    """The image beside the image with its mask blended in the dataset's palette (ignored pixels left
+    unblended), and a legend of the classes present. ``image`` uint8 [H, W, 3], ``label`` [H, W] class ids."""
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
+    image = np.asarray(image, dtype=np.uint8)
+    label = np.asarray(label)
+    lut = np.zeros((256, 3), dtype=np.float32)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.float32)
+    colour = lut[label.clip(0, 255).astype(np.uint8)]
+    keep = (label != ignore_index)[..., None]
+    blend = np.where(keep, image * (1 - alpha) + colour * alpha, image).round().astype(np.uint8)
+    h, w = label.shape
+    ids = [int(k) for k in np.unique(label) if k != ignore_index]
+    aspect = h / w
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.4 * aspect + 1.3))
+    for ax, picture, name in zip(axes, (image, blend), ("image", "mask blended")):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="black",
+                     label=classes[k] if k < len(classes) else f"class {k}") for k in ids]
+    if (label == ignore_index).any():
+        handles.append(Patch(facecolor="white", edgecolor="black", label="ignored (not blended)"))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * math.ceil(len(handles) / 4), 1, 1))
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- ablation (csfrn ablate)
+def ablation_chart(summary, intervals, path):
+    """Per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the 95% t-interval of the
+    mean (``intervals``: name -> (mean, low, high)); under each name the paired difference to the baseline and
+    its interval, red when it excludes 0 below, green above. Returns ``path``."""
+    plt = pyplot()
+    entries = list(summary["variants"].items())
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.45 * len(entries) + 1.2), 4.0))
+    ax.set_title(f"mIoU % ({summary['split']} split): dots seeds, bar mean, line 95% CI", fontsize=10)
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(axis="y", alpha=0.3)
+    base = summary["variants"].get("baseline", {}).get("mean")
+    if base is not None and not math.isnan(base):
+        ax.axhline(base, color="#bbbbbb", linewidth=1, zorder=0)
+    labels = []
+    for i, (name, e) in enumerate(entries):
+        vals = list(e["mIoU"].values())
+        xs = [i - 0.12 + (j - (len(vals) - 1) / 2) * 0.05 for j in range(len(vals))]
+        ax.plot(xs, vals, "o", color=COLORS[0], markersize=4)
+        mean, low, high = intervals[name]
+        if not math.isnan(mean):
+            ax.hlines(mean, i - 0.3, i + 0.15, color="black", linewidth=2.5)
+        if not math.isnan(low):
+            ax.errorbar([i + 0.15], [mean], yerr=[[mean - low], [high - mean]], color="black", capsize=4,
+                        linewidth=1.5)
+        label = name
+        d = e.get("diff")
+        if d and not math.isnan(d["mean"]):
+            label += f"\n{d['mean']:+.2f}"
+            if not math.isnan(d["low"]):
+                label += f"\n[{d['low']:+.2f}, {d['high']:+.2f}]"
+        labels.append(label)
+    ax.set_xticks(range(len(entries)), labels=labels, fontsize=8)
+    for tick, (_, e) in zip(ax.get_xticklabels(), entries):
+        d = e.get("diff")
+        if d and not math.isnan(d.get("low", math.nan)):
+            tick.set_color("#c82828" if d["high"] < 0 else "#1e8c1e" if d["low"] > 0 else "#555555")
+    ax.set_xlim(-0.6, len(entries) - 0.4)
+    ax.set_xlabel("under the names: paired difference to the baseline [95% CI]", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- benchmark report (csfrn bench --what report)
+def spread(ys, step, lo, hi):
+    """Positions near ``ys`` (same order) at least ``step`` apart, inside [lo, hi] when they fit: end labels
+    that do not overlap however close their lines end."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    pos = [0.0] * len(ys)
+    prev = -math.inf
+    for i in order:                                   # push up
+        pos[i] = max(ys[i], lo, prev + step)
+        prev = pos[i]
+    nxt = math.inf
+    for i in reversed(order):                         # then down from the upper bound
+        pos[i] = min(pos[i], hi, nxt - step)
+        nxt = pos[i]
+    return pos
+
+
+def _fmt_ms(v):
+    return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
+
+
+def _image_box(artist, renderer, height):
+    """A text's bounding box (an annotation's text alone, not its line) in the saved PNG's pixels
+    (x0, y0, x1, y1), y down from the top."""
+    from matplotlib.text import Text
+    b = Text.get_window_extent(artist, renderer)
+    return (b.x0, height - b.y1, b.x1, height - b.y0)
+
+
+def line_charts(panels, path, title, xlabel, ylabel):
+    """Log-log line charts, two per row: ``panels`` {panel title: {series label: [(x, y)]}}. Each line's last
+    value is written right of its panel, the labels spread apart so that none overlaps another. Returns
+    {panel title: [end labels' boxes in the PNG's pixels (x0, y0, x1, y1)]}."""
+    plt = pyplot()
+    cols = 2 if len(panels) > 1 else 1
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.8 * cols, 4.0 * rows + 0.5), squeeze=False)
+    fig.suptitle(title, fontsize=12)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    ends = {}
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        ax.set_title(name, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.tick_params(labelsize=8)
+        ends[name] = []
+        for i, (label, pts) in enumerate(series.items()):
+            pts = sorted(pts)
+            ax.plot([x for x, _ in pts], [max(y, 1e-9) for _, y in pts], "o-", color=COLORS[i % len(COLORS)],
+                    linewidth=2, markersize=4, label=label)
+            ends[name].append((pts[-1], COLORS[i % len(COLORS)]))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout(rect=(0, 0, 0.93, 0.96))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    height = fig.get_size_inches()[1] * DPI
+    boxes = {}
+    for ax, name in zip(axes.flat, panels):
+        # end values in pixels, right of the axes, spread apart and joined to their points by thin lines
+        to_px = ax.transData.transform
+        points = [to_px((x, max(y, 1e-9))) for (x, y), _ in ends[name]]
+        frame = ax.get_window_extent(renderer)
+        label_h = 13
+        placed = spread([py for _, py in points], label_h, frame.y0 + label_h / 2, frame.y1 - label_h / 2)
+        texts = []
+        for ((x, y), color), (px, py), ty in zip(ends[name], points, placed):
+            text = ax.annotate(_fmt_ms(y), xy=(px, py), xycoords="figure pixels", xytext=(frame.x1 + 6, ty),
+                               textcoords="figure pixels", color=color, fontsize=8, va="center",
+                               arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6},
+                               annotation_clip=False)
+            texts.append(text)
+        fig.canvas.draw()
+        boxes[name] = [_image_box(t, renderer, height) for t in texts]
+    _save(fig, path)
+    return boxes
+
+
+def bar_chart(parts, path, title, xlabel):
+    """Horizontal bars: ``parts`` {model: {part: value}}; for each part one bar per model, its value and share of
+    the model's total written beside it."""
+    plt = pyplot()
+    names = list(dict.fromkeys(k for p in sorted(parts.values(), key=len, reverse=True) for k in p))
+    models = list(parts)
+    totals = {m: sum(parts[m].values()) or 1.0 for m in models}
+    height = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) * len(models) / 2 + 2.2))
+    for i, m in enumerate(models):
+        ys = [n_i + i * height for n_i in range(len(names))]
+        vals = [max(parts[m].get(n, 0.0), 0.0) for n in names]
+        ax.barh(ys, vals, height=height * 0.9, color=COLORS[i % len(COLORS)],
+                label=f"{m}: {sum(parts[m].values()):,.0f} ms in all")
+        for y, v, n in zip(ys, vals, names):
+            if n in parts[m]:        # a part the model does not have gets no label
+                ax.text(v, y, f" {_fmt_ms(v)} ms ({v / totals[m]:.0%})", va="center", fontsize=8)
+    ax.set_yticks([n_i + (len(models) - 1) * height / 2 for n_i in range(len(names))], labels=names, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(v for p in parts.values() for v in p.values()) * 1.25 or 1.0)
+    ax.set_title(title, fontsize=11, pad=26)
+    ax.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(models), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
