@@ -107,6 +107,8 @@ os.environ.setdefault("MAX_JOBS", "2")
 # pip install -e .[deploy]: csfrn export (ONNX) and csfrn predict --model FILE.onnx. onnxruntime 1.25 is the
 # first release whose CPU execution provider implements DeformConv.
 DEPLOY_REQUIREMENTS = ["onnx>=1.16", "onnxruntime>=1.25", "onnxscript>=0.5"]
+# pip install -e .[plot]: every chart (csfrn plot / browse, eval's confusion.png, ablate, the benchmark report).
+PLOT_REQUIREMENTS = ["matplotlib>=3.8"]
 
 setup(
     name="csfrn",
@@ -118,7 +120,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["csfrn", "csfrn.*"]),
     install_requires=_requirements(),
-    extras_require={"deploy": DEPLOY_REQUIREMENTS},
+    extras_require={"deploy": DEPLOY_REQUIREMENTS, "plot": PLOT_REQUIREMENTS},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["csfrn = csfrn.cli:main"]},

@@ -1,6 +1,8 @@
 """``csfrn <verb>``: parse the command line, then call the library.
 
-Verbs: train, eval, predict, export, visualize, flops, bench (``bench-ops`` is ``bench --what ops``), demo, ablate.
+Verbs: train, eval, predict, export, visualize, flops, bench (``bench-ops`` is ``bench --what ops``), demo, ablate,
+config, plot, browse. Each verb's ``--help`` ends with examples (:data:`EXAMPLES`); building the parser imports no
+torch: each verb's handler imports the library it calls.
 All but bench take ``--config FILE.yaml`` and any number of ``--set section.key=value`` overrides (YAML values;
 unknown keys are errors); ``csfrn bench --what X`` takes X's own options (``csfrn bench --help`` lists them).
 
@@ -19,6 +21,87 @@ from .errors import ConfigError, MissingPathError, UsageError, UserError
 # csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
 BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
               "report": "csfrn.bench.report"}
+
+
+# What `csfrn --help` says, for users.
+DESCRIPTION = ("csfrn: CSFRN semantic segmentation (AAAI 2021) with fused C++/CUDA kernels. Train, evaluate, "
+               "predict, export and inspect models and datasets. Every verb but bench and plot reads a YAML "
+               "config (--config) with --set section.key=value overrides.")
+EPILOG = """examples:
+  csfrn demo                       # CSFRN vs its baseline on the built-in synthetic set
+  csfrn train --config configs/demo.yaml --work-dir runs/demo
+  csfrn eval --checkpoint runs/demo/best.pth
+  csfrn plot runs/demo runs/other --out curves.png
+  csfrn config --config configs/demo.yaml --set train.lr=0.02
+
+`csfrn VERB --help` lists a verb's options, with an example."""
+
+# The examples at the end of each verb's --help.
+EXAMPLES = {
+    "train": ["csfrn train --config configs/demo.yaml --work-dir runs/demo",
+              "csfrn train --config runs/demo/config.yaml --resume auto        # continue a stopped run",
+              "torchrun --nproc-per-node 4 -m csfrn.cli train --config configs/cityscapes_deeplabv3plus_r101_769_40k.yaml"],
+    "eval": ["csfrn eval --checkpoint runs/demo/best.pth --split test --out runs/demo/test"],
+    "predict": ["csfrn predict --checkpoint runs/demo/best.pth --input photos/ --out predictions/"],
+    "export": ["csfrn export --checkpoint runs/demo/best.pth --out model.onnx --size 512 512"],
+    "visualize": ["csfrn visualize --checkpoint runs/demo/best.pth --out fig3.png --indices 0 1 2"],
+    "flops": ["csfrn flops --config configs/demo.yaml --size 512 1024"],
+    "bench": ["csfrn bench --what ops --quick", "csfrn bench --what report --out benchmarks/results"],
+    "demo": ["csfrn demo --out demo_out --seeds 3"],
+    "ablate": ["csfrn ablate --config configs/demo.yaml --out ablation --seeds 5"],
+    "config": ["csfrn config --config configs/demo.yaml --set train.lr=0.02 > my.yaml",
+               "csfrn train --config my.yaml"],
+    "plot": ["csfrn plot runs/a runs/b --out curves.png"],
+    "browse": ["csfrn browse --config configs/demo.yaml --split val --out browse/ --n 8",
+               "csfrn browse --config configs/demo.yaml --split train --out browse_aug/ --augmented"],
+}
+
+
+def version_text():
+    """``csfrn --version``: csfrn, its kernels' build, torch and the CUDA it was built with, Python."""
+    import platform
+
+    import torch
+
+    import csfrn
+    from .ops import built_with_cuda
+    cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    kernels = "CPU + CUDA" if built_with_cuda() else "CPU only"
+    return (f"csfrn {csfrn.__version__} (kernels: {kernels}), torch {torch.__version__} ({cuda}), "
+            f"Python {platform.python_version()}")
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=kwargs.get("help"))
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs and keeps the lines of indented ones (examples) as written; lists the verbs one
+    per line without a header line."""
+
+    def _format_action(self, action):
+        if isinstance(action, argparse._SubParsersAction):
+            return "".join(self._format_action(a) for a in action._get_subactions())
+        return super()._format_action(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(
+            "\n".join(indent + line for line in part.splitlines()) if "\n  " in part or part.startswith("  ")
+            else super(_HelpFormatter, self)._fill_text(part, width, indent) for part in text.split("\n\n"))
+
+
+def _add_examples(verbs):
+    for name, sub in verbs.choices.items():
+        lines = EXAMPLES.get(name)
+        if lines and sub.epilog is None:
+            sub.epilog = "example" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join(f"  {x}" for x in lines)
+            if sub.formatter_class is argparse.HelpFormatter:
+                sub.formatter_class = _HelpFormatter
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -67,8 +150,10 @@ def _common(parser, handler):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="csfrn", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = argparse.ArgumentParser(prog="csfrn", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action=_Version, help="csfrn, torch and CUDA build versions, then exit")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", title="verbs")
 
     p = verbs.add_parser("train", help="train a model (run under torchrun for several processes)")
     _common(p, _train)
@@ -85,7 +170,8 @@ def _parser():
     p.add_argument("--no-consistency", action="store_true", help="skip the feature-consistency scores (intra-class "
                    "variance, centre distance and their ratio of the features F and embeddings B; one more pass)")
 
-    p = verbs.add_parser("predict", help="write prediction PNGs (train ids, colour, overlay) for images")
+    p = verbs.add_parser("predict", help="predict images: train-id, colour and overlay PNGs",
+                         description="Write prediction PNGs (train ids, colour, overlay) for images.")
     _common(p, _predict)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint")
@@ -96,8 +182,9 @@ def _parser():
     p.add_argument("--cityscapes-ids", action="store_true", help="also write Cityscapes label-id PNGs "
                    "(trainId -> id) for the official test server")
 
-    p = verbs.add_parser("export", help="export a checkpoint's inference graph to ONNX (.onnx, deformable convs as "
-                         "DeformConv) or torch.export (.pt2), checked against PyTorch")
+    p = verbs.add_parser("export", help="export a checkpoint to ONNX or torch.export (.pt2)",
+                         description="Export a checkpoint's inference graph to ONNX (.onnx, deformable convs as "
+                         "DeformConv) or torch.export (.pt2), checked against PyTorch.")
     _common(p, _export)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="FILE.onnx or FILE.pt2")
@@ -134,7 +221,7 @@ def _parser():
             p.add_argument(flag, type=kind, help=f"same as --set model.{key}=...")
 
     p = verbs.add_parser("bench", aliases=["bench-ops"], add_help=False,
-                         help="benchmarks: --what ops | deform | train | report (bench-ops: --what ops)",
+                         help="benchmarks: --what ops | deform | train | report",
                          description="Benchmarks. Each --what takes its own options, listed below; results "
                          "are written under --out DIR only (the report needs it), never to the current folder.")
     p.add_argument("-h", "--help", action=_BenchHelp, help="show this help (with --what X: X's options only)")
@@ -143,8 +230,10 @@ def _parser():
     # bench takes no config: the keys code common to all verbs reads are there, empty
     p.set_defaults(func=_bench, config=None, overrides=[], debug=False)
 
-    p = verbs.add_parser("demo", help="train CSFRN and its no-CSFLM baseline on the synthetic set with several seeds "
-                         "and compare (mean ± std, paired difference with a 95%% interval, feature consistency)")
+    p = verbs.add_parser("demo", help="train CSFRN and its baseline on synthetic data, compare",
+                         description="Train CSFRN and its no-CSFLM baseline on the synthetic set with several "
+                         "seeds and compare (mean ± std, paired difference with a 95%% interval, feature "
+                         "consistency).")
     _common(p, _demo)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model, 0..N-1 (default: %(default)s)")
@@ -154,8 +243,7 @@ def _parser():
 
     from .engine.ablate import variants_help
     p = verbs.add_parser(
-        "ablate", help="train the paper's ablation variants with several seeds; mean +- std, paired difference "
-        "to the baseline with a 95%% t-interval, feature consistency, a plot",
+        "ablate", help="train the paper's ablation variants with several seeds",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every variant with every seed (seed s: the same initial stream, data order and schedule "
         "for every variant, so the comparison with the baseline is paired), evaluate on --split, and write "
@@ -171,6 +259,31 @@ def _parser():
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pth")
     p.add_argument("--report-only", action="store_true", help="train nothing: the table, summary and plot of the runs "
                    "already in --out")
+
+    p = verbs.add_parser("config", help="print the resolved config (every key) as YAML",
+                         description="Print the config that --config and --set resolve to, every key, as YAML: "
+                         "what a training run writes to work_dir/config.yaml, loadable with --config.")
+    _common(p, _print_config)
+
+    p = verbs.add_parser("plot", help="training curves of runs (losses, lr, val mIoU) to a PNG",
+                         description="Plot the loss terms, the learning rate and val mIoU against iterations "
+                         "from the metrics.jsonl of each WORK_DIR, the runs overlaid with a legend.")
+    p.set_defaults(func=_plot, config=None, overrides=[])
+    p.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="the work_dir of a csfrn train run")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--debug", action="store_true", help="on a user error, show the traceback too")
+
+    p = verbs.add_parser("browse", help="a dataset's images with their masks blended in, to PNGs",
+                         description="Write OUT/<split>_<index>.png for the first --n items of --split: the "
+                         "image beside the image with its mask blended in the dataset's palette, and a legend of "
+                         "the classes present; with --augmented after the training transforms.")
+    _common(p, _browse)
+    p.add_argument("--split", help="dataset split (default: data.val_split)")
+    p.add_argument("--out", required=True, help="folder for the PNGs (created)")
+    p.add_argument("--n", type=int, default=16, help="number of items (default: %(default)s)")
+    p.add_argument("--augmented", action="store_true", help="after the training transforms (data.crop_size, "
+                   "scale_range, flip, photometric)")
+    _add_examples(verbs)
     return parser
 
 
@@ -348,6 +461,26 @@ def _ablate(args):
     _at_least_one("--seeds", args.seeds)
     ablate(args.config, variants, args.seeds, args.out, args.overrides, split=args.split,
            keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
+    return 0
+
+
+def _print_config(args):
+    from .engine.run_files import config_yaml
+    sys.stdout.write(config_yaml(_config(args)))
+    return 0
+
+
+def _plot(args):
+    from .engine.browse import plot_runs
+    print(f"wrote {plot_runs(args.work_dirs, args.out)}")
+    return 0
+
+
+def _browse(args):
+    from .engine.browse import browse_dataset
+    cfg = _config(args)
+    paths = browse_dataset(cfg, args.split or cfg.data.val_split, args.out, args.n, args.augmented)
+    print(f"wrote {len(paths)} pictures to {args.out}")
     return 0
 
 

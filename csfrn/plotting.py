@@ -58,7 +58,7 @@ def training_curves(runs, path):
             if r.get("kind", "train") == "train":
                 terms += [k for k, v in r.items() if k not in NOT_LOSSES and isinstance(v, (int, float))
                           and k not in terms]
-    terms.sort(key=lambda k: (k != "loss", terms.index(k)))
+    terms = sorted(terms, key=lambda k: k != "loss")    # stable: the loss first, the terms as logged
     panels = [(t, f"{t}" + (" (sum of the terms)" if t == "loss" else "")) for t in terms]
     panels += [("lr", "learning rate"), ("mIoU", "val mIoU (%)")]
     cols = min(3, len(panels))

@@ -50,13 +50,16 @@ def evaluate(model, dataset, num_classes, eval_cfg, device, base_size=None, prog
 def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, config=None, overrides=(), log=print):
     """``csfrn eval``: the checkpoint's model (its own config, ``config`` and ``overrides`` on top) on ``split``
     (default ``data.val_split``); under torchrun every process evaluates a shard and the confusion matrices are
-    summed. Writes ``eval_<split>.json`` / ``.csv`` to ``out`` (default: beside the checkpoint), logs the table
-    and, unless ``consistency=False``, the feature-consistency scores. Returns the summary."""
+    summed. Writes ``eval_<split>.json`` / ``.csv`` and the confusion matrix (``confusion.csv``: pixel counts;
+    ``confusion.png``: normalised per ground-truth class) to ``out`` (default: beside the checkpoint), logs the
+    table and, unless ``consistency=False``, the feature-consistency scores. Returns the summary."""
     from ..data import build_dataset
     from ..data.transforms import eval_transforms
     from .checkpoint import load_model_from_checkpoint
     from .distributed import cleanup, init_distributed
+    from ..plotting import pyplot
 
+    pyplot()   # confusion.png needs matplotlib: say so before the evaluation runs
     model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
     info = init_distributed(cfg.train.device)
     try:
@@ -67,14 +70,15 @@ def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, conf
         if dataset.num_classes != cfg.model.num_classes:
             raise ConfigError(f"checkpoint {checkpoint} has {cfg.model.num_classes} classes, dataset "
                               f"'{cfg.data.dataset}' has {dataset.num_classes}")
-        summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device, cfg.data.base_size,
-                              progress=True)
+        summary, cm = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device, cfg.data.base_size,
+                               progress=True)
         if info.is_main:
             if consistency:
                 summary["consistency"] = dataset_feature_consistency(model, dataset, info.device,
                                                                      cfg.eval.max_images, progress=True)
-            log(write_report(summary, dataset.classes, out or os.path.dirname(os.path.abspath(checkpoint)),
-                             name=f"eval_{split}"))
+            out = out or os.path.dirname(os.path.abspath(checkpoint))
+            log(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
+            write_confusion(cm, dataset.classes, out, f"{os.path.basename(checkpoint)} on {split}")
             if consistency:
                 log(format_consistency(summary["consistency"]))
         return summary
@@ -88,6 +92,18 @@ def write_report(summary, classes, out_dir, name="metrics"):
     os.makedirs(out_dir, exist_ok=True)
     save_summary(summary, classes, os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.csv"))
     return table
+
+
+def write_confusion(cm, classes, out_dir, title=""):
+    """``confusion.csv`` (pixel counts, rows: ground truth) and ``confusion.png`` (rows normalised, class names on
+    the axes) in ``out_dir``."""
+    from ..plotting import confusion_chart
+    from .metrics import save_confusion
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_confusion(cm, classes, os.path.join(out_dir, "confusion.csv"))
+    confusion_chart(cm, classes, os.path.join(out_dir, "confusion.png"),
+                    title=f"confusion matrix, {title}" if title else "confusion matrix")
 
 
 def colorize(train_ids, palette):

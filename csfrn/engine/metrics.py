@@ -98,6 +98,17 @@ def save_summary(summary, classes, json_path=None, csv_path=None):
             writer.writerow(["mean", clean(summary["mIoU"]), clean(summary["mAcc"])])
 
 
+def save_confusion(cm, classes, csv_path):
+    """The confusion matrix as CSV: a header row of predicted class names, then one row per ground-truth class
+    (its name, then its pixel counts)."""
+    cm = torch.as_tensor(cm).cpu().tolist()
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ground truth \\ prediction", *classes])
+        for name, row in zip(classes, cm):
+            writer.writerow([name, *row])
+
+
 class FeatureConsistency:
     """Streaming statistics for :func:`feature_consistency` over many batches (a whole split): per class the
     pixel count, the sum of the features and the sum of their squared norms, in float64."""
