@@ -30,7 +30,7 @@ def pyplot():
 
 
 def _save(fig, path):
-    """Write the figure as a 256-colour PNG (a third of the size of matplotlib's RGBA, same look for charts)."""
+    """Write the figure as a 256-colour PNG (a fraction of the size of matplotlib's RGBA, the same look for charts)."""
     from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
@@ -63,7 +63,7 @@ def training_curves(runs, path):
     panels += [("lr", "learning rate"), ("mIoU", "val mIoU (%)")]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 2.7 * rows + 0.5), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (key, title) in zip(axes.flat, panels):
@@ -91,7 +91,7 @@ def training_curves(runs, path):
         axes.flat[len(panels) - 1].set_title("val mIoU (%), EMA dashed", fontsize=10)
     handles = [plt.Line2D([], [], color=COLORS[i % len(COLORS)], linewidth=2) for i in range(len(runs))]
     fig.legend(handles, list(runs), loc="upper center", ncol=min(len(runs), 4), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.0 * rows + 0.6)))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.7 * rows + 0.5)))
     return _save(fig, path)
 
 
@@ -153,7 +153,7 @@ def mask_picture(image, label, palette, classes, path, title="", alpha=0.5, igno
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * math.ceil(len(handles) / 4), 1, 1))
+    fig.tight_layout(rect=(0, 0.01 + 0.05 * math.ceil(len(handles) / 4), 1, 1))
     return _save(fig, path)
 
 
