@@ -66,6 +66,7 @@ class DataConfig:
     photometric: bool = True
     batch_size: int = 8           # global batch, split evenly over the processes
     num_workers: int = 2
+    binary_255: bool = False      # folder dataset with 2 classes: masks of 0 / 255 read 255 as class 1 (not ignore)
     # Synthetic set only (no files): image side, number of train images, number of val images.
     size: int = 64
     length: int = 256
@@ -258,6 +259,9 @@ def config_files(path, _named_by=None, _chain=()):
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
+        except UnicodeDecodeError as err:   # a checkpoint or an image given as the config
+            raise ConfigError(f"{path}: not a YAML text file (binary content at byte {err.start}); expected a YAML "
+                              f"config (a checkpoint goes to --checkpoint / --resume)") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
                           f"got {type(values).__name__}")
@@ -379,6 +383,9 @@ def validate(cfg):
     _choice("eval.mode", e.mode, ("slide", "whole"))
     _pair("eval.crop_size", e.crop_size)
     _pair("eval.stride", e.stride)
+    if any(s > c for s, c in zip(e.stride, e.crop_size)):
+        raise ConfigError(f"config key 'eval.stride' is {e.stride}, larger than eval.crop_size {e.crop_size}: the "
+                          f"sliding windows would leave pixels uncovered; expected a stride <= the crop size")
     _at_least("eval.crop_batch", e.crop_batch, 1)
     if not e.scales or min(e.scales) <= 0:
         raise ConfigError(f"config key 'eval.scales' expects a non-empty list of positive numbers, got {e.scales}")
