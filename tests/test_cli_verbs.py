@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
+from conftest import TINY_CONFIG, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -42,7 +42,7 @@ def assert_one_line_error(result, verb, *fragments):
 def checkpoint(tmp_path_factory):
     """A tiny CSFRN (concat fusion, 4 classes, 32 px synthetic images) trained 2 iterations by `csfrn train`."""
     work = tmp_path_factory.mktemp("run")
-    result = csfrn("train", *_sets(tiny_overrides(work, iters=2)))
+    result = csfrn("train", "--config", TINY_CONFIG, *_sets(tiny_overrides(work, iters=2)))
     assert result.returncode == 0, result.stderr[-2000:]
     return work / "last.pth"
 

@@ -260,6 +260,8 @@ def _train(cfg, model, info, old_files=(), stop=None):
             ckpt = _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info)
             if info.is_main:
                 save_checkpoint(ckpt, path)
+            if info.distributed:   # no rank leaves before the file is complete
+                torch.distributed.barrier()
         bar.close()
         raise TrainingInterrupted(signum, f"interrupted by {signal_name(signum)} at iteration {it} of "
                                   f"{tcfg.iters}; last checkpoint {path} (iteration {it}); continue with "
