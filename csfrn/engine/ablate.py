@@ -306,7 +306,7 @@ def format_ablation(summary):
 def plot_ablation(summary, path, width=None, height=320):
     """PNG drawn with Pillow: per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the
     95% t-interval of the mean; under each name the paired difference to the baseline and its interval."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     entries = list(summary["variants"].items())
     width = width or max(360, 130 * len(entries) + 60)
@@ -315,6 +315,7 @@ def plot_ablation(summary, path, width=None, height=320):
     values += [v for iv in intervals.values() for v in iv[1:] if not math.isnan(v)]
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
+    draw.font = ImageFont.load_default(size=12)   # below 12 px its spaces shrink to nothing ("dotsseeds")
     if not values:
         img.save(path)
         return path
@@ -332,7 +333,7 @@ def plot_ablation(summary, path, width=None, height=320):
         draw.line([(left - 4, y(v)), (left, y(v))], fill="black")
         draw.text((2, y(v) - 6), f"{v:.1f}", fill="black")
     draw.text((left + 4, 2), f"mIoU % ({summary['split']} split): dots seeds, bar mean, line 95% CI", fill="black")
-    draw.text((left + 4, height - 12), "under the names: paired difference to the baseline [95% CI]", fill="black")
+    draw.text((left + 4, height - 16), "under the names: paired difference to the baseline [95% CI]", fill="black")
     base = summary["variants"].get("baseline", {}).get("mean")
     if base is not None and not math.isnan(base):
         draw.line([(left, y(base)), (width - 10, y(base))], fill=(200, 200, 200))
@@ -356,6 +357,6 @@ def plot_ablation(summary, path, width=None, height=320):
             colour = (200, 40, 40) if d["high"] < 0 else (30, 140, 30) if d["low"] > 0 else (90, 90, 90)
             draw.text((cx - 40, bottom + 20), f"{d['mean']:+.2f}", fill=colour)
             if not math.isnan(d["low"]):
-                draw.text((cx - 40, bottom + 33), f"[{d['low']:+.2f}, {d['high']:+.2f}]", fill=colour)
+                draw.text((cx - 40, bottom + 34), f"[{d['low']:+.2f}, {d['high']:+.2f}]", fill=colour)
     img.save(path)
     return path

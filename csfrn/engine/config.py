@@ -254,14 +254,19 @@ def config_files(path, _named_by=None, _chain=()):
     if real in _chain:
         raise ConfigError(f"{_named_by}: {BASE_KEY} includes {path}, which includes this file again "
                           f"(expected {BASE_KEY} files that do not include each other in a cycle)")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
-        except UnicodeDecodeError as err:   # a checkpoint or an image given as the config
-            raise ConfigError(f"{path}: not a YAML text file (binary content at byte {err.start}); expected a YAML "
-                              f"config (a checkpoint goes to --checkpoint / --resume)") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as err:   # a checkpoint or an image given as the config
+        raise ConfigError(f"{path}: not a YAML text file (binary content at byte {err.start}); expected a YAML "
+                          f"config (a checkpoint goes to --checkpoint / --resume)") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
                           f"got {type(values).__name__}")

@@ -117,13 +117,6 @@ def check_work_dir(train_cfg, overwrite=False):
     if _resume_path(train_cfg) or not os.path.isdir(work_dir):
         return []
     names = set(os.listdir(work_dir))
-    if train_cfg.resume == "auto":
-        left = sorted(n for n in names if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
-        if left:
-            raise ConfigError(f"--resume auto: work_dir {work_dir} has no last.pth to resume but holds "
-                              f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''} (a run stopped before its "
-                              f"first checkpoint?); start over with --overwrite, or choose another --work-dir")
-        return []
     if not overwrite:
         if "last.pth" in names:
             raise OutputExistsError(f"work_dir {work_dir} already holds a run (last.pth): continue it with "
@@ -131,6 +124,11 @@ def check_work_dir(train_cfg, overwrite=False):
         if "best.pth" in names:
             raise OutputExistsError(f"work_dir {work_dir} already holds a run (best.pth): start over with "
                                   f"--overwrite, or choose another --work-dir")
+        left = sorted(n for n in names if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
+        if train_cfg.resume == "auto" and left:   # nothing to resume, and not empty: never truncate its metrics
+            raise ConfigError(f"--resume auto: work_dir {work_dir} has no last.pth to resume but holds "
+                              f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''} (a run stopped before its "
+                              f"first checkpoint?); start over with --overwrite, or choose another --work-dir")
         return []
     old = [n for n in names if _is_run_output(n)]
     tb = os.path.join(work_dir, "tb")
