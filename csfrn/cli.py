@@ -301,8 +301,8 @@ def _shipped_configs():
     """The configs in the checkout's configs/ folder (not the _base_ parts), relative to the current folder."""
     import glob
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    found = sorted(p for p in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True)
-                   if "_base_" not in p.split(os.sep))
+    found = sorted((p for p in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True)
+                    if "_base_" not in p.split(os.sep)), key=lambda p: (not p.endswith("demo.yaml"), p))
     return [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in found]
 
 

@@ -201,3 +201,49 @@ def test_resume_finished_lowered_and_raised_schedule(tmp_path):
     assert [lr[i] for i in (3, 4, 5)] == pytest.approx([ref[i] for i in (3, 4, 5)], rel=1e-12)
     cfg = load_config(TINY_CONFIG, tiny_overrides(work, iters=5, extra=["train.lr=0.1"]))
     assert lr[5] == pytest.approx(0.1 * poly_lambda(cfg.train)(5)) and lr[5] >= cfg.train.min_lr
+
+
+# ---------------------------------------------------------------- ablate and demo: one line, --resume auto
+def test_ablate_interrupted_then_resumed(tmp_path):
+    out = tmp_path / "study"
+    args = ["ablate", "--config", TINY_CONFIG, *_sets(tiny_overrides(tmp_path / "unused", iters=40)),
+            "--variants", "baseline", "--seeds", "1", "--out", out, "--split", "val"]
+    work = out / "work" / "baseline_seed0"
+    proc = start(*args)
+    wait_for(lambda: len(train_records(work)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc)
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err, err[-3000:]
+    assert last.startswith("csfrn ablate: baseline seed 0: interrupted by SIGINT at iteration ") and \
+        last.endswith("continue with --resume auto"), last
+    reached = load_checkpoint(work / "last.pth")["iter"]
+    proc = start(*args, "--resume", "auto")
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert json.loads((out / "runs" / "baseline_seed0.json").read_text())["mIoU"] is not None
+    iters = [r["iter"] for r in train_records(work) if r["kind"] == "train"]
+    assert iters == list(range(1, 41)) and reached < 40     # continued, not started over
+
+
+def test_demo_interrupted_refuses_a_rerun_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--iters", "40", "--seeds", "1", "--set", "data.size=32", "--set",
+            "data.crop_size=[32,32]", "--set", "data.val_length=2", "--set", "data.batch_size=2", "--set",
+            "train.log_interval=1"]
+    work = out / "csfrn" / "seed0"
+    proc = start(*args)
+    wait_for(lambda: len(train_records(work)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 143, err[-3000:]
+    line = only_line(err, "csfrn demo: csfrn seed 0: interrupted by SIGTERM at iteration ")
+    assert line.endswith("continue with --resume auto")
+    again = csfrn(*args)
+    assert again.returncode == 2
+    only_line(again.stderr, "csfrn demo: error: --out ")
+    assert "a previous demo" in again.stderr
+    done = csfrn(*args, "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [0]
+    assert [r["iter"] for r in train_records(work) if r["kind"] == "train"] == list(range(1, 41))

@@ -154,7 +154,11 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False, re
             path = os.path.join(cfg.train.work_dir, name)
             if os.path.isfile(path):
                 os.unlink(path)
-    val = result["last"] or {}
+    val = result["last"]
+    if val is None:   # a finished run that was only loaded: its final validation again (the same numbers)
+        val_set = build_dataset(cfg.data, cfg.data.val_split, eval_transforms(), num_classes=cfg.model.num_classes,
+                                seed=cfg.train.seed)
+        val, _ = evaluate(model, val_set, cfg.model.num_classes, cfg.eval, device, cfg.data.base_size)
     record = {"split": split, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
             "IoU": summary["IoU"], "val_mIoU": val.get("mIoU"), "consistency": consistency,
             "train_seconds": time.perf_counter() - t0}

@@ -12,8 +12,6 @@ import contextlib
 import signal
 import threading
 
-import torch
-
 from ..errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -44,6 +42,7 @@ class StopRequests:
         """The signal any rank received (0: none), the same on every rank: a collective when distributed."""
         if not info.distributed:
             return self.signum
+        import torch   # here: the CLI installs its SIGTERM handler from this module before any verb imports torch
         flag = torch.tensor([self.signum], dtype=torch.int64, device=info.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
