@@ -317,12 +317,12 @@ def _paths(args, cfg, **keys):
 
 
 def _train(args):
-    from .engine.outputs import writable_dir
-    from .engine.train import check_work_dir, train
     if args.config is None:
         shipped = _shipped_configs()
         raise UsageError(f"--config is required (a YAML recipe; the built-in defaults are only a base), e.g. one of "
                          f"{', '.join(shipped[:6])}{f' ({len(shipped) - 6} more in configs/)' if len(shipped) > 6 else ''}")
+    from .engine.outputs import writable_dir
+    from .engine.train import check_work_dir, train
     cfg = _paths(args, _config(args), **{"train.work_dir": args.work_dir, "train.resume": args.resume})
     writable_dir(cfg.train.work_dir, "--work-dir" if args.work_dir else "train.work_dir")
     check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently

@@ -287,3 +287,15 @@ def test_readme_python_blocks_run_as_written(index, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, f"README block {index}:\n{code}\n{r.stderr[-3000:]}"
+
+
+def test_an_os_error_on_an_output_is_one_line(run, tmp_path):
+    """Found only while writing: the folder of a nested output is taken by a file."""
+    write_png(str(tmp_path / "in" / "a" / "x.png"), rgb(32, 32))
+    write_png(str(tmp_path / "in" / "y.png"), rgb(32, 32))
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a").write_text("mine")
+    r = csfrn("predict", "--checkpoint", run["best"], "--input", tmp_path / "in", "--out", tmp_path / "p")
+    last = r.stderr.strip().splitlines()[-1]        # after the progress bar
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last == f"csfrn predict: error: {tmp_path / 'p' / 'a'}: File exists", last
