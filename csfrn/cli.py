@@ -391,7 +391,8 @@ def _visualize(args):
         raise UsageError(f"--scale must be a positive integer, got {args.scale}")
     from .engine.outputs import refuse_or_remove, writable_file
     path = writable_file(_picture_path(args.out), "--out")
-    refuse_or_remove([path], args.overwrite, f"--out {path}", "a picture")
+    if not args.overwrite:   # with it the picture is replaced once the new one is drawn
+        refuse_or_remove([path], False, f"--out {path}", "a picture")
     try:
         path = visualize_checkpoint(args.checkpoint, path, args.split, args.indices, points,
                                     args.scale, args.config, args.overrides)

@@ -203,14 +203,18 @@ def test_visualize_creates_out_folders_and_rejects_what_it_cannot_draw(checkpoin
     result = csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "figures")      # a folder
     assert result.returncode == 0 and (tmp_path / "figures" / "figure3.png").is_file()
 
-    # 4 validation images of 32 x 32
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--indices", "0", "4"),
+    # 4 validation images of 32 x 32 (into another file: `out` exists now, and would be refused)
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--indices", "0", "4"),
                           "visualize", "--indices 4 out of range", "4 items")
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--indices", "-1"),
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--indices", "-1"),
                           "visualize", "--indices -1 out of range")
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--points", "5,32"),
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--points", "5,32"),
                           "visualize", "--points 5,32 outside item 0", "32x32")
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--points", "5"),
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--points", "5"),
                           "visualize", "Y,X")
     assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "f.xyz"),
                           "visualize", "unknown picture extension .xyz")

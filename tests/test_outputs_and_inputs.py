@@ -299,3 +299,12 @@ def test_an_os_error_on_an_output_is_one_line(run, tmp_path):
     last = r.stderr.strip().splitlines()[-1]        # after the progress bar
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert last == f"csfrn predict: error: {tmp_path / 'p' / 'a'}: File exists", last
+
+
+def test_slide_inference_refuses_strides_that_leave_pixels_uncovered():
+    from csfrn.engine.inference import slide_inference
+    model = lambda x: x[:, :2]   # noqa: E731  (logits: two "classes")
+    with pytest.raises(ValueError, match=r"stride \(24, 8\) larger than crop_size \(16, 16\)"):
+        slide_inference(model, torch.randn(1, 3, 40, 40), 2, crop_size=(16, 16), stride=(24, 8))
+    out = slide_inference(model, torch.randn(1, 3, 16, 40), 2, crop_size=(32, 16), stride=(64, 8))  # one row
+    assert torch.isfinite(out).all()

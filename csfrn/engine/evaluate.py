@@ -69,8 +69,8 @@ def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, conf
     reports = [os.path.join(out, f"eval_{split}.{ext}") for ext in ("json", "csv")]
     info = init_distributed(cfg.train.device)
     try:
-        if info.is_main:
-            refuse_or_remove(reports, overwrite, f"--out {out}", f"an evaluation of split '{split}'")
+        if info.is_main and not overwrite:   # with overwrite they are replaced once the new ones are ready
+            refuse_or_remove(reports, False, f"--out {out}", f"an evaluation of split '{split}'")
         model.to(info.device)
         dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
                                 seed=cfg.train.seed)
@@ -231,7 +231,8 @@ def predict_files(inputs, out, checkpoint=None, onnx_model=None, config=None, ov
     targets = [os.path.join(out, f"{stem}_{kind}.png") for _, stem in images for kind in ("trainid", "color", "overlay")]
     if cityscapes_ids:
         targets += [os.path.join(out, "labelIds", f"{stem}.png") for _, stem in images]
-    refuse_or_remove(targets, overwrite, f"--out {out}", "predictions of these images")
+    if not overwrite:   # with overwrite each picture is replaced as its new one is written
+        refuse_or_remove(targets, False, f"--out {out}", "predictions of these images")
     if onnx_model is not None:
         from ..deploy import exported_model_and_config
         model, cfg = exported_model_and_config(onnx_model, config, overrides)
