@@ -319,8 +319,9 @@ def _paths(args, cfg, **keys):
 def _train(args):
     if args.config is None:
         shipped = _shipped_configs()
+        more = f" ({len(shipped) - 6} more in configs/)" if len(shipped) > 6 else ""
         raise UsageError(f"--config is required (a YAML recipe; the built-in defaults are only a base), e.g. one of "
-                         f"{', '.join(shipped[:6])}{f' ({len(shipped) - 6} more in configs/)' if len(shipped) > 6 else ''}")
+                         f"{', '.join(shipped[:6])}{more}")
     from .engine.outputs import writable_dir
     from .engine.train import check_work_dir, train
     cfg = _paths(args, _config(args), **{"train.work_dir": args.work_dir, "train.resume": args.resume})

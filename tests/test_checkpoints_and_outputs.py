@@ -76,7 +76,8 @@ def test_checkpoint_needs_no_pretrained_file(run, tmp_path):
     assert (tmp_path / "fig.png").is_file()
     resumed = tmp_path / "resumed"
     shutil.copytree(work, resumed)
-    r = csfrn("train", "--config", TINY_CONFIG, *_sets(run["overrides"]), "--set", f"train.work_dir={resumed}", "--set", "train.iters=3",
+    r = csfrn("train", "--config", TINY_CONFIG, *_sets(run["overrides"]), "--set", f"train.work_dir={resumed}",
+              "--set", "train.iters=3",
               "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from {resumed / 'last.pth'} at iteration 2" in r.stdout

@@ -2,7 +2,6 @@
 inputs that used to be accepted and mis-read (split names, 1-bit and 0/255 masks, float images, eval strides,
 binary configs, work dirs parsed as YAML), and the verbs' manners (eval's header, .pt2 prediction, fast
 --help, README snippets). Everything runs the real entry point (``python -m csfrn.cli``) in a subprocess."""
-import json
 import os
 import re
 import shutil

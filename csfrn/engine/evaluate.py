@@ -228,7 +228,8 @@ def predict_files(inputs, out, checkpoint=None, onnx_model=None, config=None, ov
     from .outputs import refuse_or_remove
 
     images = find_images(inputs, exclude=out)
-    targets = [os.path.join(out, f"{stem}_{kind}.png") for _, stem in images for kind in ("trainid", "color", "overlay")]
+    targets = [os.path.join(out, f"{stem}_{kind}.png") for _, stem in images
+               for kind in ("trainid", "color", "overlay")]
     if cityscapes_ids:
         targets += [os.path.join(out, "labelIds", f"{stem}.png") for _, stem in images]
     if not overwrite:   # with overwrite each picture is replaced as its new one is written
