@@ -1,6 +1,7 @@
 # make demo   set everything up (once) and run the demo
 # make test   set everything up (once) and run the test suite
-# make bench  the kernel benchmarks (benchmarks/bench_ops.py)
+# make bench  the kernel benchmarks (benchmarks/bench_ops.py), written under build/bench
+#             (make bench BENCH_OUT=benchmarks/results refreshes the tracked results)
 # Set-up is idempotent: the venv, the requirements and the extension are redone only when their inputs change.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -43,8 +44,9 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
+BENCH_OUT ?= build/bench
 bench: setup
-	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_ops.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf build csfrn/*.so $(VENV)/.built

@@ -7,15 +7,20 @@ All but bench take ``--config FILE.yaml`` and any number of ``--set section.key=
 unknown keys are errors); ``csfrn bench --what X`` takes X's own options (``csfrn bench --help`` lists them).
 
 A user's mistake (a :class:`csfrn.errors.UserError`: bad config value, missing file, broken dataset folder) ends
-as one line on stderr, ``csfrn <verb>: error: <message>``, with exit status 2; ``--debug`` adds the traceback.
-Any other exception is a bug and shows its traceback.
+as one line on stderr, ``csfrn <verb>: error: <message>``, with exit status 2; ``--debug`` adds the traceback;
+so does an OS error on a file (a full disk, a read-only folder). Ctrl-C / SIGTERM end as one line too, with exit
+status 130 / 143 (a training first writes last.pth). Any other exception is a bug and shows its traceback.
+
+Building the parser imports nothing heavy (``csfrn --help`` takes a fraction of a second): each verb's handler
+imports the library it calls.
 """
 import argparse
 import os
+import signal
 import sys
 import traceback
 
-from .errors import ConfigError, MissingPathError, UsageError, UserError
+from .errors import ConfigError, Interrupted, MissingPathError, UsageError, UserError
 
 
 # csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
@@ -166,7 +171,8 @@ def _parser():
     _common(p, _eval)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", help="dataset split (default: data.val_split)")
-    p.add_argument("--out", help="where metrics.json / metrics.csv go (default: next to the checkpoint)")
+    p.add_argument("--out", help="folder for eval_<split>.json / .csv (default: the checkpoint's folder)")
+    _overwrite(p, "replace eval_<split>.json / .csv in --out")
     p.add_argument("--no-consistency", action="store_true", help="skip the feature-consistency scores (intra-class "
                    "variance, centre distance and their ratio of the features F and embeddings B; one more pass)")
 
@@ -175,10 +181,11 @@ def _parser():
     _common(p, _predict)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint")
-    source.add_argument("--model", help="an exported .onnx file (csfrn export), run by onnxruntime instead of "
-                        "a checkpoint in PyTorch; its config comes from the file, --config / --set on top")
+    source.add_argument("--model", help="an exported .onnx (run by onnxruntime) or .pt2 (torch.export) file from "
+                        "csfrn export instead of a checkpoint; its config comes from the file, --config / --set on top")
     p.add_argument("--input", nargs="+", required=True, help="image files or directories")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    _overwrite(p, "replace prediction pictures already in --out")
     p.add_argument("--cityscapes-ids", action="store_true", help="also write Cityscapes label-id PNGs "
                    "(trainId -> id) for the official test server")
 
@@ -192,7 +199,7 @@ def _parser():
     p.add_argument("--opset", type=int, default=19, help="ONNX opset (at least 19, the first with DeformConv)")
     p.add_argument("--dynamic", action="store_true", help="batch, height and width dynamic")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch on random images")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _overwrite(p, "replace an existing --out file")
 
     p = verbs.add_parser("visualize", help="the paper's Figure 3: phi-distance maps of query pixels")
     _common(p, _visualize)
@@ -205,6 +212,7 @@ def _parser():
                    "(default: one per large class)")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the tiles (default: tiles at "
                    "least 128 px wide)")
+    _overwrite(p, "replace an existing picture")
 
     p = verbs.add_parser("flops", help="parameters and GFLOPs of the model a config describes",
                          description="Parameters and GFLOPs (paper counting, csfrn.models.complexity) of the model "
@@ -240,6 +248,9 @@ def _parser():
     p.add_argument("--iters", type=int, default=500, help="training iterations per run (default: %(default)s, so that "
                    "3 seeds x 2 models fit in about 5 minutes on a 2-core CPU; configs/demo.yaml's 1000 is the "
                    "scale of the README's study; same as --set train.iters=N)")
+    _overwrite(p, "start over in an --out that holds a previous demo (its runs, summary and pictures are removed)")
+    p.add_argument("--resume", choices=["auto"], help="continue the demo in --out: finished runs are loaded, an "
+                   "interrupted one continues from its last.pth")
 
     from .engine.ablate import variants_help
     p = verbs.add_parser(
@@ -259,6 +270,9 @@ def _parser():
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pth")
     p.add_argument("--report-only", action="store_true", help="train nothing: the table, summary and plot of the runs "
                    "already in --out")
+    _overwrite(p, "start over: remove the runs, work folders, table, summary and plot in --out")
+    p.add_argument("--resume", choices=["auto"], help="an interrupted run continues from its last.pth (without: it "
+                   "starts over; finished runs are always reused)")
 
     p = verbs.add_parser("config", help="print the resolved config (every key) as YAML",
                          description="Print the config that --config and --set resolve to, every key, as YAML: "
@@ -271,6 +285,7 @@ def _parser():
     p.set_defaults(func=_plot, config=None, overrides=[])
     p.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="the work_dir of a csfrn train run")
     p.add_argument("--out", required=True, help="the PNG file to write")
+    _overwrite(p, "replace an existing --out file")
     p.add_argument("--debug", action="store_true", help="on a user error, show the traceback too")
 
     p = verbs.add_parser("browse", help="a dataset's images with their masks blended in, to PNGs",
@@ -283,8 +298,13 @@ def _parser():
     p.add_argument("--n", type=int, default=16, help="number of items (default: %(default)s)")
     p.add_argument("--augmented", action="store_true", help="after the training transforms (data.crop_size, "
                    "scale_range, flip, photometric)")
+    _overwrite(p, "remove the split's earlier pictures in --out first")
     _add_examples(verbs)
     return parser
+
+
+def _overwrite(parser, what):
+    parser.add_argument("--overwrite", action="store_true", help=f"{what}; without it existing outputs are refused")
 
 
 def _config(args, base=None):
@@ -296,13 +316,17 @@ def _check_paths(args):
     """The files and folders named on the command line exist, before any work starts."""
     files = [("--config", args.config, "a YAML config file"),
              ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
-             ("--model", getattr(args, "model", None), "an exported .onnx file (csfrn export)")]
+             ("--model", getattr(args, "model", None), "an exported .onnx or .pt2 file (csfrn export)")]
     if getattr(args, "resume", None) != "auto":
         files.append(("--resume", getattr(args, "resume", None), "a checkpoint file, or 'auto'"))
     for flag, path, expected in files:
         if path is not None and not os.path.isfile(path):
             what = "is a directory" if os.path.isdir(path) else "no such file"
             raise MissingPathError(f"{flag} {path}: {what} (expected {expected})")
+    model = getattr(args, "model", None)
+    if model is not None and os.path.splitext(model)[1].lower() not in (".onnx", ".pt2"):
+        raise UsageError(f"--model {model}: unsupported file type {os.path.splitext(model)[1] or '(no suffix)'}; "
+                         f"expected an exported model ending in .onnx or .pt2 (csfrn export)")
     for path in getattr(args, "input", None) or []:
         if not os.path.exists(path):
             raise MissingPathError(f"--input {path}: no such file or directory (expected image files or folders "
@@ -358,6 +382,9 @@ def main(argv=None):
     if extra and args.verb not in ("bench-ops", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    verb = "bench" if args.verb == "bench-ops" else args.verb   # the alias is bench --what ops
+    from .engine.interrupt import raise_interrupted, signal_name
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)   # SIGTERM as Ctrl-C: one line, not a kill
     try:
         _check_paths(args)
         return args.func(args)
@@ -366,18 +393,54 @@ def main(argv=None):
             traceback.print_exc()
             if err.worker_traceback:
                 print(err.worker_traceback, file=sys.stderr)
-        verb = "bench" if args.verb == "bench-ops" else args.verb   # the alias is bench --what ops
         print(f"csfrn {verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.filename is None or isinstance(err, UserError):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"csfrn {verb}: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        if int(os.environ.get("RANK", "0")) == 0:   # under torchrun: one line, from rank 0
+            print(f"csfrn {verb}: {str(err) or 'interrupted by ' + signal_name(signum)}", file=sys.stderr,
+                  flush=True)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _shipped_configs():
+    """The configs in the checkout's configs/ folder (not the _base_ parts), relative to the current folder."""
+    import glob
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    found = sorted((p for p in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True)
+                    if "_base_" not in p.split(os.sep)), key=lambda p: (not p.endswith("demo.yaml"), p))
+    return [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in found]
+
+
+def _paths(args, cfg, **keys):
+    """Config keys set from flags that are paths (never YAML: "exp #1", 2024 and on stay file names)."""
+    from .engine.config import validate
+    for key, value in keys.items():
+        if value is not None:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    return validate(cfg)
 
 
 def _train(args):
+    if args.config is None:
+        shipped = _shipped_configs()
+        more = f" ({len(shipped) - 6} more in configs/)" if len(shipped) > 6 else ""
+        raise UsageError(f"--config is required (a YAML recipe; the built-in defaults are only a base), e.g. one of "
+                         f"{', '.join(shipped[:6])}{more}")
+    from .engine.outputs import writable_dir
     from .engine.train import check_work_dir, train
-    if args.resume:
-        args.overrides.append(f"train.resume={args.resume}")
-    if args.work_dir:
-        args.overrides.append(f"train.work_dir={args.work_dir}")
-    cfg = _config(args)
+    cfg = _paths(args, _config(args), **{"train.work_dir": args.work_dir, "train.resume": args.resume})
+    writable_dir(cfg.train.work_dir, "--work-dir" if args.work_dir else "train.work_dir")
     check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
     train(cfg, overwrite=args.overwrite)
     return 0
@@ -385,16 +448,22 @@ def _train(args):
 
 def _eval(args):
     from .engine.evaluate import evaluate_checkpoint
-    evaluate_checkpoint(args.checkpoint, args.split, args.out, not args.no_consistency, args.config, args.overrides)
+    from .engine.outputs import writable_dir
+    writable_dir(args.out or os.path.dirname(os.path.abspath(args.checkpoint)), "--out")
+    evaluate_checkpoint(args.checkpoint, args.split, args.out, not args.no_consistency, args.config, args.overrides,
+                        overwrite=args.overwrite)
     return 0
 
 
 def _predict(args):
     from tqdm import tqdm
     from .engine.evaluate import predict_files
+    from .engine.outputs import writable_dir
+    writable_dir(args.out, "--out")
     written, failed, total = predict_files(
         args.input, args.out, args.checkpoint, args.model, args.config, args.overrides, args.cityscapes_ids,
-        on_error=lambda path, why: tqdm.write(f"csfrn predict: skipped {path}: {why}", file=sys.stderr))
+        on_error=lambda path, why: tqdm.write(f"csfrn predict: skipped {path}: {why}", file=sys.stderr),
+        overwrite=args.overwrite)
     print(f"csfrn predict: {len(written)} of {total} images predicted into {args.out}, {len(failed)} failed",
           file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
@@ -402,6 +471,8 @@ def _predict(args):
 
 def _export(args):
     from .deploy import export_from_checkpoint
+    from .engine.outputs import writable_file
+    writable_file(args.out, "--out")
     return export_from_checkpoint(args.checkpoint, args.out, args.size, opset=args.opset, dynamic=args.dynamic,
                                   check=not args.no_check, overwrite=args.overwrite, config=args.config,
                                   overrides=args.overrides)
@@ -434,8 +505,12 @@ def _visualize(args):
     points = _points(args.points) if args.points else None
     if args.scale is not None and args.scale < 1:
         raise UsageError(f"--scale must be a positive integer, got {args.scale}")
+    from .engine.outputs import refuse_or_remove, writable_file
+    path = writable_file(_picture_path(args.out), "--out")
+    if not args.overwrite:   # with it the picture is replaced once the new one is drawn
+        refuse_or_remove([path], False, f"--out {path}", "a picture")
     try:
-        path = visualize_checkpoint(args.checkpoint, _picture_path(args.out), args.split, args.indices, points,
+        path = visualize_checkpoint(args.checkpoint, path, args.split, args.indices, points,
                                     args.scale, args.config, args.overrides)
     except ValueError as err:      # indices / points out of range, a model without CSFLM, a bad extension
         raise UsageError(str(err))
@@ -444,23 +519,34 @@ def _visualize(args):
 
 
 def _demo(args):
-    from .engine.demo import DEMO_CONFIG, run_demo
+    from .engine.demo import DEMO_CONFIG, DEMO_OUTPUTS, run_demo
+    from .engine.outputs import refuse_or_remove, writable_dir
     if args.config is None and os.path.isfile(DEMO_CONFIG):
         args.config = DEMO_CONFIG
     _config(args)  # report bad keys before any work
     _at_least_one("--seeds", args.seeds)
     _at_least_one("--iters", args.iters)
+    _one_of(args)
+    writable_dir(args.out, "--out")
+    if not args.resume:
+        refuse_or_remove([os.path.join(args.out, name) for name in DEMO_OUTPUTS], args.overwrite, f"--out {args.out}",
+                         "a previous demo (continue it with --resume auto)")
     args.overrides.insert(0, f"train.iters={args.iters}")   # a --set train.iters=N given too wins
-    run_demo(args.out, args.config, args.overrides, seeds=args.seeds)
+    run_demo(args.out, args.config, args.overrides, seeds=args.seeds, resume=bool(args.resume))
     return 0
 
 
 def _ablate(args):
-    from .engine.ablate import ablate, parse_variants
+    from .engine.ablate import ABLATE_OUTPUTS, ablate, parse_variants
+    from .engine.outputs import refuse_or_remove, writable_dir
     variants = parse_variants(args.variants)
     _at_least_one("--seeds", args.seeds)
+    _one_of(args)
+    writable_dir(args.out, "--out")
+    if args.overwrite:   # without it, finished runs in --out are reused and the report is made again from them
+        refuse_or_remove([os.path.join(args.out, name) for name in ABLATE_OUTPUTS], True, f"--out {args.out}", "")
     ablate(args.config, variants, args.seeds, args.out, args.overrides, split=args.split,
-           keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
+           keep_checkpoints=args.keep_checkpoints, report_only=args.report_only, resume=bool(args.resume))
     return 0
 
 
@@ -472,16 +558,31 @@ def _print_config(args):
 
 def _plot(args):
     from .engine.browse import plot_runs
-    print(f"wrote {plot_runs(args.work_dirs, args.out)}")
+    from .engine.outputs import refuse_or_remove, writable_file
+    path = writable_file(args.out, "--out")
+    if not args.overwrite:   # with it the picture is replaced once the new one is drawn
+        refuse_or_remove([path], False, f"--out {path}", "a picture")
+    print(f"wrote {plot_runs(args.work_dirs, path)}")
     return 0
 
 
 def _browse(args):
+    import glob
     from .engine.browse import browse_dataset
+    from .engine.outputs import refuse_or_remove, writable_dir
     cfg = _config(args)
-    paths = browse_dataset(cfg, args.split or cfg.data.val_split, args.out, args.n, args.augmented)
+    split = args.split or cfg.data.val_split
+    writable_dir(args.out, "--out")
+    old = sorted(glob.glob(os.path.join(glob.escape(args.out), f"{glob.escape(split)}_*.png")))
+    refuse_or_remove(old, args.overwrite, f"--out {args.out}", f"pictures of split '{split}'")
+    paths = browse_dataset(cfg, split, args.out, args.n, args.augmented)
     print(f"wrote {len(paths)} pictures to {args.out}")
     return 0
+
+
+def _one_of(args):
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite starts over and --resume continues: give one of them")
 
 
 def _at_least_one(flag, value):

@@ -204,10 +204,11 @@ def op_types(proto):
 
 
 # ---------------------------------------------------------------- torch.export (.pt2)
-def export_program(model, path, size, dynamic=False):
-    """``torch.export`` of ``model``'s inference graph, saved at ``path`` (.pt2). Reload it with
-    ``torch.export.load(path)`` after ``import csfrn`` (which registers the csfrn ops and their fake kernels);
-    ``.module()(images)`` then returns the logits. Returns ``path``."""
+def export_program(model, path, size, dynamic=False, config=None):
+    """``torch.export`` of ``model``'s inference graph, saved at ``path`` (.pt2) with the csfrn ``config`` (when
+    given) as the extra file ``csfrn.config``. Reload it with ``torch.export.load(path)`` after ``import csfrn``
+    (which registers the csfrn ops and their fake kernels); ``.module()(images)`` then returns the logits.
+    Returns ``path``."""
     size = _pair("size", size)
     module = inference_module(model)
     kwargs = {}
@@ -216,8 +217,39 @@ def export_program(model, path, size, dynamic=False):
     with torch.no_grad():
         program = torch.export.export(module, (_example(size, batch=2 if dynamic else 1),), **kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.export.save(program, path)
+    extra = {}
+    if config is not None:
+        extra[PROGRAM_CONFIG] = json.dumps(config.to_dict() if hasattr(config, "to_dict") else config)
+    torch.export.save(program, path, extra_files=extra)
     return path
+
+
+PROGRAM_CONFIG = "csfrn.config"
+EXPORT_SUFFIXES = (".onnx", ".pt2")
+
+
+class ProgramModel:
+    """A .pt2 file from :func:`export_program`, called like the PyTorch model: ``m(images) -> logits``."""
+
+    def __init__(self, path):
+        self.path = path
+        extra = {PROGRAM_CONFIG: ""}
+        try:
+            self.module = torch.export.load(path, extra_files=extra).module()
+        except Exception as err:  # noqa: BLE001  (torch.export.load raises many kinds on a damaged file)
+            raise UnreadableFileError(f"{path}: not a torch.export program ({type(err).__name__}: "
+                                      f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        self.config = json.loads(extra[PROGRAM_CONFIG]) if extra[PROGRAM_CONFIG] else None
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, images):
+        with torch.no_grad():
+            return self.module(images.float().cpu())
 
 
 # ---------------------------------------------------------------- onnxruntime
@@ -361,7 +393,7 @@ def export_from_checkpoint(checkpoint, out, size, opset=19, dynamic=False, check
         counts = op_types(_require("onnx").load(out))
         what = f"ONNX opset {opset}, {counts.get('DeformConv', 0)} DeformConv nodes"
     else:
-        export_program(model, out, size, dynamic=dynamic)
+        export_program(model, out, size, dynamic=dynamic, config=cfg)
         what = "torch.export program"
     shape = "dynamic batch, height and width" if dynamic else f"input 1x3x{size[0]}x{size[1]}"
     print(f"csfrn export: wrote {out} ({what}, {shape}) in {time.perf_counter() - start:.1f} s", file=stream)
@@ -376,6 +408,25 @@ def export_from_checkpoint(checkpoint, out, size, opset=19, dynamic=False, check
     print(f"csfrn export: {runner} vs PyTorch on random images ({at}): max abs difference {diff:.2e} "
           f"({'within' if ok else 'OVER'} {TOLERANCE:g})", file=stream if ok else sys.stderr)
     return 0 if ok else 1
+
+
+def exported_model_and_config(path, config=None, overrides=None):
+    """``csfrn predict --model FILE``: :func:`onnx_model_and_config` for .onnx, a :class:`ProgramModel` and its
+    stored config for .pt2; any other suffix is an error naming the supported ones."""
+    kind = os.path.splitext(path)[1].lower()
+    if kind == ".onnx":
+        return onnx_model_and_config(path, config, overrides)
+    if kind != ".pt2":
+        raise ConfigError(f"--model {path}: unsupported file type {kind or '(no suffix)'}; expected an exported "
+                          f"model ending in {' or '.join(EXPORT_SUFFIXES)} (csfrn export)")
+    from .engine.config import load_config
+    model = ProgramModel(path)
+    if model.config is None and config is None:
+        raise UnreadableFileError(f"{path}: no csfrn config stored in it (exported before configs were stored); "
+                                  f"give --config with its model.num_classes, or export it again with csfrn export")
+    base = dict(model.config or {})
+    base["train"] = {**base.get("train", {}), "device": "cpu"}
+    return model, load_config(config, overrides, base=base)
 
 
 def onnx_model_and_config(path, config=None, overrides=None):

@@ -67,3 +67,30 @@ class TrainingDivergedError(UserError, FloatingPointError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package that the config or the command needs is not installed; the message says how to get it."""
+class RunLockedError(UserError, BlockingIOError):
+    """The work_dir is in use by another run (its lock file names the process, host and start time)."""
+
+
+class OutputNotWritableError(UserError, PermissionError):
+    """An output folder or file that cannot be written (read-only, a file where a folder is meant, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM: ``signum`` says which; the CLI prints ``str(err)`` (when not empty) as one line and
+    exits with 128 + signum (130, 143)."""
+
+    def __init__(self, signum, message=""):
+        super().__init__(message)
+        self.signum = signum
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class TrainingInterrupted(Interrupted):
+    """A training stopped by SIGINT / SIGTERM between two steps: ``iteration`` reached, ``checkpoint`` (the
+    last.pth written at it, or None) and the message saying how to continue."""
+
+    def __init__(self, signum, message, iteration, checkpoint):
+        super().__init__(signum, message)
+        self.iteration, self.checkpoint = iteration, checkpoint

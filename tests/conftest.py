@@ -75,6 +75,10 @@ TINY_TRAIN = ["train.device=cpu", "train.log_interval=1", "train.eval_interval=0
               "train.progress=false", "eval.mode=whole"]
 
 
+# `csfrn train` needs --config: the built-in defaults, every value the tests use set by tiny_overrides.
+TINY_CONFIG = os.path.join(ROOT, "tests", "defaults.yaml")
+
+
 def tiny_overrides(work_dir, iters=4, extra=()):
     return TINY_MODEL + TINY_DATA + TINY_TRAIN + [f"train.work_dir={work_dir}", f"train.iters={iters}",
                                                   f"train.checkpoint_interval={iters}", *extra]

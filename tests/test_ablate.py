@@ -56,7 +56,7 @@ def test_diverged_runs_are_named_and_left_out_of_the_statistics():
 
 
 def test_a_run_whose_loss_diverges_is_recorded_not_fatal(tmp_path, monkeypatch):
-    def diverge(cfg, split, keep=False):
+    def diverge(cfg, split, keep=False, **kwargs):
         raise TrainingDivergedError("loss is not finite at iteration 3 (loss nan)")
     monkeypatch.setattr(ab, "train_and_evaluate", diverge)
     out = tmp_path / "study"
@@ -91,9 +91,9 @@ def test_ablate_resumes_and_writes_outputs(tmp_path, monkeypatch):
     trained = []
     real = ab.train_and_evaluate
 
-    def spy(cfg, split, keep=False):
+    def spy(cfg, split, keep=False, **kwargs):
         trained.append(cfg.train.seed)
-        return real(cfg, split, keep)
+        return real(cfg, split, keep, **kwargs)
     monkeypatch.setattr(ab, "train_and_evaluate", spy)
     summary = ab.ablate(None, "baseline,concat", 2, str(out), overrides, progress=False, log=lambda *a: None)
     assert trained == [1, 1]                                 # seed 0's runs were not trained again

@@ -17,7 +17,7 @@ from csfrn.engine.config import load_config
 from csfrn.engine.checkpoint import build_model_from_config, checkpoint_config
 from csfrn.engine.train import check_work_dir, train
 
-from conftest import rgb, tiny_overrides, write_jpg, write_png
+from conftest import TINY_CONFIG, rgb, tiny_overrides, write_jpg, write_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
     torch.save(build_model_from_config(base.model).backbone.state_dict(), imagenet)
     overrides = tiny_overrides(root / "work", iters=2, extra=[f"model.pretrained={imagenet}",
                                                               "train.eval_interval=2"])
-    assert cli.main(["train", *_sets(overrides)]) == 0
+    assert cli.main(["train", "--config", TINY_CONFIG, *_sets(overrides)]) == 0
     imagenet.unlink()
     return {"work": root / "work", "overrides": overrides, "imagenet": imagenet}
 
@@ -76,7 +76,8 @@ def test_checkpoint_needs_no_pretrained_file(run, tmp_path):
     assert (tmp_path / "fig.png").is_file()
     resumed = tmp_path / "resumed"
     shutil.copytree(work, resumed)
-    r = csfrn("train", *_sets(run["overrides"]), "--set", f"train.work_dir={resumed}", "--set", "train.iters=3",
+    r = csfrn("train", "--config", TINY_CONFIG, *_sets(run["overrides"]), "--set", f"train.work_dir={resumed}",
+              "--set", "train.iters=3",
               "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from {resumed / 'last.pth'} at iteration 2" in r.stdout
@@ -148,7 +149,7 @@ def test_loading_errors_name_the_file_and_the_problem(run, tmp_path, name, args,
 
 def test_resume_errors_name_the_file(run, tmp_path):
     work = tmp_path / "w"
-    r = csfrn("train", *_sets(run["overrides"]), "--set", f"train.work_dir={work}",
+    r = csfrn("train", "--config", TINY_CONFIG, *_sets(run["overrides"]), "--set", f"train.work_dir={work}",
               "--resume", run["work"] / "best.pth")
     assert_one_line_error(r, "train", "best.pth holds model weights only", "cannot be resumed from",
                           "last.pth")
@@ -176,17 +177,17 @@ def test_unsafe_checkpoint_is_refused_in_one_line(tmp_path):
 def test_train_refuses_a_work_dir_with_a_run_unless_resume_or_overwrite(tmp_path):
     work = tmp_path / "w"
     first = tiny_overrides(work, iters=1, extra=["train.keep_checkpoints=true"])
-    assert cli.main(["train", *_sets(first)]) == 0
+    assert cli.main(["train", "--config", TINY_CONFIG, *_sets(first)]) == 0
     before = {n: (work / n).read_bytes() for n in ("last.pth", "best.pth", "metrics.jsonl", "iter_000001.pth")}
 
     again = tiny_overrides(work, iters=2, extra=["train.keep_checkpoints=true"])
-    r = csfrn("train", *_sets(again))
+    r = csfrn("train", "--config", TINY_CONFIG, *_sets(again))
     assert_one_line_error(r, "train", str(work), "last.pth", "--resume auto", "--overwrite")
     assert {n: (work / n).read_bytes() for n in before} == before            # nothing touched
-    r = csfrn("train", *_sets(again), "--overwrite", "--resume", "auto")
+    r = csfrn("train", "--config", TINY_CONFIG, *_sets(again), "--overwrite", "--resume", "auto")
     assert_one_line_error(r, "train", "--overwrite", "--resume")
 
-    r = csfrn("train", *_sets(again), "--overwrite")
+    r = csfrn("train", "--config", TINY_CONFIG, *_sets(again), "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed" not in r.stdout
     assert ckpt.load_checkpoint(work / "last.pth")["iter"] == 2

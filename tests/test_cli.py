@@ -14,7 +14,7 @@ import torch
 from csfrn import cli
 from csfrn.engine.checkpoint import load_checkpoint
 
-from conftest import ROOT, rgb, shipped_configs, tiny_overrides, write_png
+from conftest import ROOT, TINY_CONFIG, rgb, shipped_configs, tiny_overrides, write_png
 
 
 
@@ -26,7 +26,8 @@ def _sets(overrides):
 def trained(tmp_path_factory):
     """A tiny CSFRN (concat fusion) trained for 3 iterations through `csfrn train`."""
     work = tmp_path_factory.mktemp("run")
-    assert cli.main(["train", *_sets(tiny_overrides(work, iters=3, extra=["train.eval_interval=3"]))]) == 0
+    assert cli.main(["train", "--config", TINY_CONFIG,
+                     *_sets(tiny_overrides(work, iters=3, extra=["train.eval_interval=3"]))]) == 0
     return work
 
 
@@ -132,7 +133,8 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
     work = tmp_path / "run"
     overrides = tiny_overrides(work, iters=500, extra=["train.checkpoint_interval=2"])
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "csfrn.cli", "train", "--config", TINY_CONFIG, *_sets(overrides)],
+                            env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = work / "last.pth"
     deadline = time.time() + 120
@@ -152,7 +154,8 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
     done = state["iter"]
     assert done >= 6 and done % 2 == 0
     final = done + 2
-    resumed = subprocess.run([sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides), "--resume", "auto",
+    resumed = subprocess.run([sys.executable, "-m", "csfrn.cli", "train", "--config", TINY_CONFIG, *_sets(overrides),
+                              "--resume", "auto",
                               "--set", f"train.iters={final}"], env=env, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {last} at iteration {done}" in resumed.stdout

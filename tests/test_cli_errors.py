@@ -12,7 +12,7 @@ from csfrn.data import FolderDataset
 from csfrn.engine.config import Config, check_training, load_config
 from csfrn.errors import ConfigError, DataError, UserError
 
-from conftest import rgb, tiny_overrides, write_png
+from conftest import TINY_CONFIG, rgb, tiny_overrides, write_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def assert_user_error(result, verb, *needles):
 
 
 def tiny_train(work, *extra, iters=1):
-    return ["train", *_sets(tiny_overrides(work, iters=iters)), *_sets(extra)]
+    return ["train", "--config", TINY_CONFIG, *_sets(tiny_overrides(work, iters=iters)), *_sets(extra)]
 
 
 # ---------------------------------------------------------------- config: --set and YAML files

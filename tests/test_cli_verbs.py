@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
+from conftest import TINY_CONFIG, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -42,7 +42,7 @@ def assert_one_line_error(result, verb, *fragments):
 def checkpoint(tmp_path_factory):
     """A tiny CSFRN (concat fusion, 4 classes, 32 px synthetic images) trained 2 iterations by `csfrn train`."""
     work = tmp_path_factory.mktemp("run")
-    result = csfrn("train", *_sets(tiny_overrides(work, iters=2)))
+    result = csfrn("train", "--config", TINY_CONFIG, *_sets(tiny_overrides(work, iters=2)))
     assert result.returncode == 0, result.stderr[-2000:]
     return work / "last.pth"
 
@@ -203,14 +203,18 @@ def test_visualize_creates_out_folders_and_rejects_what_it_cannot_draw(checkpoin
     result = csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "figures")      # a folder
     assert result.returncode == 0 and (tmp_path / "figures" / "figure3.png").is_file()
 
-    # 4 validation images of 32 x 32
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--indices", "0", "4"),
+    # 4 validation images of 32 x 32 (into another file: `out` exists now, and would be refused)
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--indices", "0", "4"),
                           "visualize", "--indices 4 out of range", "4 items")
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--indices", "-1"),
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--indices", "-1"),
                           "visualize", "--indices -1 out of range")
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--points", "5,32"),
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--points", "5,32"),
                           "visualize", "--points 5,32 outside item 0", "32x32")
-    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", out, "--points", "5"),
+    assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "other.png",
+                                "--points", "5"),
                           "visualize", "Y,X")
     assert_one_line_error(csfrn("visualize", "--checkpoint", checkpoint, "--out", tmp_path / "f.xyz"),
                           "visualize", "unknown picture extension .xyz")

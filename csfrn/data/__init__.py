@@ -26,6 +26,8 @@ def build_dataset(data_cfg, split, transforms=None, num_classes=None, seed=0):
         length = data_cfg.length if split == "train" else data_cfg.val_length
         return Synthetic(split=split, transforms=transforms, seed=seed, size=data_cfg.size, length=length,
                          num_classes=num_classes or 5)
+    if name == "folder":
+        return FolderDataset(data_cfg.root, split=split, transforms=transforms, binary_255=data_cfg.binary_255)
     return DATASETS[name](data_cfg.root, split=split, transforms=transforms)
 
 

@@ -4,6 +4,7 @@ Item i of a dataset without transforms is ``(image, label)``: image uint8 [3, H,
 values are class ids in [0, K) or 255 (ignore).
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -20,26 +21,50 @@ def require_dir(path, what):
     return path
 
 
+_FLOAT_NOTED = set()   # processes print the float-image note once
+
+
+def _float_image(img, path):
+    """A float image (Pillow mode F) in [0, 1] -> uint8 0..255 (with a note, once); outside [0, 1] an error."""
+    values = np.asarray(img, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(values).all() and low >= 0 and high <= 1):
+        raise UnreadableFileError(f"cannot read image {path}: a floating-point image with values in "
+                                  f"[{low:.4g}, {high:.4g}]; expected values in [0, 1] (scaled to 0..255), or an "
+                                  f"8-bit image")
+    if "float" not in _FLOAT_NOTED:
+        _FLOAT_NOTED.add("float")
+        print(f"note: {path} is a floating-point image: its values in [0, 1] are scaled to 0..255 (so are those of "
+              f"other float images)", file=sys.stderr, flush=True)
+    return np.round(values * 255).astype(np.uint8)
+
+
 def read_image(path):
     """RGB image file -> uint8 tensor [3, H, W]; an unreadable file is an error naming it. A 16-bit greyscale
-    file (PNG / TIFF, Pillow modes I;16 and I) is scaled from 0..65535 to 0..255, not clipped to white."""
+    file (PNG / TIFF, Pillow modes I;16 and I) is scaled from 0..65535 to 0..255, not clipped to white; a float
+    one (mode F, e.g. a 32-bit TIFF) from [0, 1] to 0..255, and refused outside [0, 1]."""
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I;16") or img.mode == "I":
                 grey = np.clip(np.round(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
                 array = np.repeat(grey[..., None], 3, axis=-1)
+            elif img.mode == "F":
+                array = np.repeat(_float_image(img, path)[..., None], 3, axis=-1)
             else:
                 array = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as err:
+        if isinstance(err, UnreadableFileError):
+            raise
         raise UnreadableFileError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def read_label_png(path):
-    """Single-channel (L or P) label PNG -> uint8 numpy array [H, W] of the stored values."""
+    """Single-channel (L, P, I, I;16, or 1-bit "1", read as 0 / 1) label PNG -> uint8 numpy array [H, W] of the
+    stored values."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
+            if img.mode not in ("L", "P", "I", "I;16", "1"):
                 raise ValueError(f"expected a single-channel label image, got mode {img.mode}")
             array = np.asarray(img)
     except (OSError, ValueError) as err:
@@ -115,7 +140,7 @@ class SegDataset(torch.utils.data.Dataset):
     palette = ()
 
     def __init__(self, root, split, transforms=None, splits=("train", "val", "test")):
-        if split not in splits:
+        if splits is not None and split not in splits:
             raise ConfigError(f"{type(self).__name__}: split {split!r} does not exist; expected one of "
                               f"{', '.join(splits)} (data.train_split / data.val_split / --split)")
         if root is None or not os.path.isdir(root):
@@ -146,7 +171,9 @@ class SegDataset(torch.utils.data.Dataset):
     def check_samples(self):
         """Read every label (and every image header) once, in this process: a bad label value, a label whose
         size differs from its image's or an unreadable file is reported here, before a DataLoader worker
-        meets it in the middle of training. Costs one label decode per sample."""
+        meets it in the middle of training. Costs one label decode per sample. Returns which raw label values
+        (0..255) occur, as a bool array."""
+        seen = np.zeros(256, dtype=bool)
         for image_path, label_path in self.samples:
             try:
                 with Image.open(image_path) as img:
@@ -155,10 +182,13 @@ class SegDataset(torch.utils.data.Dataset):
                 raise UnreadableFileError(f"cannot read image {image_path}: {err}") from err
             if label_path is None:
                 continue
-            label = apply_lut(self.read_label_raw(label_path), self.label_lut(label_path), label_path)
+            raw = self.read_label_raw(label_path)
+            seen[np.unique(raw)] = True
+            label = apply_lut(raw, self.label_lut(label_path), label_path)
             if tuple(label.shape) != (height, width):
                 raise DataError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
                                 f"{(height, width)} (expected the same height and width)")
+        return seen
 
     def load(self, index):
         """(image, label) before transforms."""

@@ -16,8 +16,11 @@ import math
 import os
 import time
 
-from ..errors import ConfigError, TrainingDivergedError
+from ..errors import ConfigError, TrainingDivergedError, TrainingInterrupted
 from .config import load_config
+
+# What a study writes into its folder (``--overwrite`` removes them all).
+ABLATE_OUTPUTS = ("runs", "work", "summary.json", "table.md", "ablation.png")
 
 # name -> (config overrides, the paper's row it stands for)
 VARIANTS = {
@@ -101,8 +104,10 @@ def t_interval(values, confidence=0.95):
 
 
 def _run_config(config, overrides, variant, seed, work_dir):
-    return load_config(config, list(overrides) + VARIANTS[variant][0] + [
-        f"train.seed={seed}", f"train.work_dir={work_dir}", "train.resume=null", "train.progress=false"])
+    cfg = load_config(config, list(overrides) + VARIANTS[variant][0] + [
+        f"train.seed={seed}", "train.resume=null", "train.progress=false"])
+    cfg.train.work_dir = work_dir   # a path, not a YAML value ("exp #1" stays whole)
+    return cfg
 
 
 # Model keys that change nothing in a network without CSFLM.
@@ -126,17 +131,22 @@ def _comparable(cfg_dict):
     return d
 
 
-def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False):
+def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False, resume=False):
     """Train one run, evaluate it on ``split`` (mIoU & co. and feature consistency). Returns the run's record
-    (and the trained model with ``return_model``)."""
+    (and the trained model with ``return_model``). With ``resume``, a run whose work_dir holds a last.pth
+    continues from it (a finished one is only loaded); otherwise the run starts over."""
     from ..data import build_dataset
     from ..data.transforms import eval_transforms
     from .evaluate import dataset_feature_consistency, evaluate
     from .train import train
 
     t0 = time.perf_counter()
+    resume = resume and os.path.isfile(os.path.join(cfg.train.work_dir, "last.pth"))
+    if resume:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.resume = "auto"
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):   # one line per run, from ablate
-        result = train(cfg, overwrite=True)   # a run that was cut off part way starts over
+        result = train(cfg, overwrite=not resume)   # without resume, a run that was cut off part way starts over
     model = result["model"].eval()
     device = next(model.parameters()).device
     dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
@@ -148,7 +158,11 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False):
             path = os.path.join(cfg.train.work_dir, name)
             if os.path.isfile(path):
                 os.unlink(path)
-    val = result["last"] or {}
+    val = result["last"]
+    if val is None:   # a finished run that was only loaded: its final validation again (the same numbers)
+        val_set = build_dataset(cfg.data, cfg.data.val_split, eval_transforms(), num_classes=cfg.model.num_classes,
+                                seed=cfg.train.seed)
+        val, _ = evaluate(model, val_set, cfg.model.num_classes, cfg.eval, device, cfg.data.base_size)
     record = {"split": split, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
             "IoU": summary["IoU"], "val_mIoU": val.get("mIoU"), "consistency": consistency,
             "train_seconds": time.perf_counter() - t0}
@@ -156,7 +170,8 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False):
 
 
 def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bce"), seeds=5, out_dir="ablation",
-           overrides=(), split="test", keep_checkpoints=False, progress=True, log=print, report_only=False):
+           overrides=(), split="test", keep_checkpoints=False, progress=True, log=print, report_only=False,
+           resume=False):
     """Train every variant with every seed and compare them; see the module doc.
 
     Args:
@@ -168,6 +183,7 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
             a run there made with another config is an error (use another folder).
         split: the split the results are reported on (not the one choices were tuned on: data.val_split).
         report_only: train nothing; write the table, summary and plot from the runs already in ``out_dir``.
+        resume: a run that was interrupted continues from its work folder's last.pth (else it starts over).
 
     Returns:
         the summary dict (also written to summary.json).
@@ -208,7 +224,11 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
             continue
         t0 = time.perf_counter()
         try:
-            record = train_and_evaluate(cfg, split, keep_checkpoints)
+            record = train_and_evaluate(cfg, split, keep_checkpoints, resume=resume)
+        except TrainingInterrupted as err:   # Ctrl-C / SIGTERM: say which run, and leave
+            bar.close()
+            raise TrainingInterrupted(err.signum, f"{variant} seed {seed}: {err}", err.iteration,
+                                      err.checkpoint) from None
         except TrainingDivergedError as err:   # the loss went NaN / inf: a result of the variant, kept as such
             record = {"split": split, "mIoU": None, "diverged": str(err), "train_seconds": time.perf_counter() - t0}
         record.update(variant=variant, seed=seed, config=cfg.to_dict())

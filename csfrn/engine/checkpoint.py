@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .checksum import KEY as CHECKSUM_KEY
+from .checksum import checksum_mismatch, payload_checksum
 from .config import from_dict, load_config
 
 
@@ -30,12 +32,17 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 def save_checkpoint(state, path):
     """Write ``state`` to ``path`` atomically: a temp file in the same directory, flushed and fsynced, then
     ``os.replace``d over ``path`` and the directory fsynced. A crash leaves the old file or the new one, never
-    a torn one, and no temp file is left behind on error."""
+    a torn one, and no temp file is left behind on error. A dict ``state`` gets the checksum of its tensors
+    (``"checksum"``, verified by :func:`load_checkpoint`). The file's mode is 0666 less the umask (0644 with the
+    usual 022), as ``open`` would give it: teammates can read shared runs."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    if isinstance(state, dict):
+        state = {**state, CHECKSUM_KEY: payload_checksum(state)}
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -52,6 +59,12 @@ def save_checkpoint(state, path):
         os.close(dir_fd)
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def remove_stale_temp_files(directory):
     """Delete temp files that a process killed inside :func:`save_checkpoint` left in ``directory``."""
     if not os.path.isdir(directory):
@@ -66,7 +79,7 @@ def load_checkpoint(path, map_location="cpu"):
 
     Errors (:class:`CheckpointError`, a ValueError) name the file and say what is wrong: missing (also a
     FileNotFoundError), empty, truncated or not a PyTorch file, holding objects whose loading would run code
-    (also a pickle.UnpicklingError)."""
+    (also a pickle.UnpicklingError), tensors that no longer match the checksum stored with them."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         what = "is a directory, not a checkpoint file" if os.path.isdir(path) else "not found"
@@ -76,7 +89,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the run that wrote it was probably killed, or "
                          f"the copy failed")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found:
@@ -86,6 +99,13 @@ def load_checkpoint(path, map_location="cpu"):
         problem = err
     except Exception as err:  # torch.load's errors on damaged files are OSError, EOFError, KeyError, RuntimeError
         problem = err
+    else:
+        mismatch = checksum_mismatch(state)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path} is corrupt: the checksum of its tensors does not match the one "
+                                  f"stored at saving (sha256 {mismatch[0][:12]}..., now {mismatch[1][:12]}...); "
+                                  f"copy it again or use another checkpoint")
+        return state
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
     detail = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
@@ -199,7 +219,7 @@ def checkpoint_config(state, config=None, overrides=None):
     return load_config(config, overrides, base=base)
 
 
-def load_model_from_checkpoint(path, cfg=None, device="cpu", config=None, overrides=None):
+def load_model_from_checkpoint(path, cfg=None, device="cpu", config=None, overrides=None, state=None):
     """A model in eval mode from best.pth / last.pth / iter_*.pth, and its Config. Returns (model, Config).
 
     The config is the checkpoint's own with the YAML file ``config`` and the ``overrides`` layered on top
@@ -207,8 +227,9 @@ def load_model_from_checkpoint(path, cfg=None, device="cpu", config=None, overri
     ``train.device`` says (``auto``: CUDA when there is one). ``model.pretrained`` is never read: the weights come
     from the checkpoint, and the ImageNet file may be gone. Errors name the file: missing, empty, truncated,
     not a csfrn checkpoint (a bare state_dict), a class count other than the config's, another architecture.
+    ``state``: what :func:`load_checkpoint` gave for ``path``, when the caller has it already.
     """
-    state = require_keys(load_checkpoint(path), path, ("model", "config"), "loaded")
+    state = require_keys(load_checkpoint(path) if state is None else state, path, ("model", "config"), "loaded")
     if cfg is None:
         cfg = checkpoint_config(state, config, overrides)
     check_num_classes(state, path, cfg.model.num_classes)

@@ -66,6 +66,7 @@ class DataConfig:
     photometric: bool = True
     batch_size: int = 8           # global batch, split evenly over the processes
     num_workers: int = 2
+    binary_255: bool = False      # folder dataset with 2 classes: masks of 0 / 255 read 255 as class 1 (not ignore)
     # Synthetic set only (no files): image side, number of train images, number of val images.
     size: int = 64
     length: int = 256
@@ -257,11 +258,19 @@ def config_files(path, _named_by=None, _chain=()):
     if real in _chain:
         raise ConfigError(f"{_named_by}: {BASE_KEY} includes {path}, which includes this file again "
                           f"(expected {BASE_KEY} files that do not include each other in a cycle)")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as err:   # a checkpoint or an image given as the config
+        raise ConfigError(f"{path}: not a YAML text file (binary content at byte {err.start}); expected a YAML "
+                          f"config (a checkpoint goes to --checkpoint / --resume)") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
                           f"got {type(values).__name__}")
@@ -389,6 +398,9 @@ def validate(cfg):
     _choice("eval.mode", e.mode, ("slide", "whole"))
     _pair("eval.crop_size", e.crop_size)
     _pair("eval.stride", e.stride)
+    if any(s > c for s, c in zip(e.stride, e.crop_size)):
+        raise ConfigError(f"config key 'eval.stride' is {e.stride}, larger than eval.crop_size {e.crop_size}: the "
+                          f"sliding windows would leave pixels uncovered; expected a stride <= the crop size")
     _at_least("eval.crop_batch", e.crop_batch, 1)
     if not e.scales or min(e.scales) <= 0:
         raise ConfigError(f"config key 'eval.scales' expects a non-empty list of positive numbers, got {e.scales}")

@@ -9,6 +9,7 @@ import os
 import time
 
 from ..data import build_dataset
+from ..errors import TrainingInterrupted
 from ..data.transforms import eval_transforms
 from .ablate import mean_std, t_interval, train_and_evaluate
 from .config import load_config
@@ -18,10 +19,13 @@ from .visualize import visualize_dataset
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "configs", "demo.yaml")
 MODELS = (("csfrn", True), ("baseline", False))
+# What a demo writes into its folder (a new demo refuses them, --overwrite removes them).
+DEMO_OUTPUTS = ("csfrn", "baseline", "summary.json", "predictions.png", "figure3_distance_maps.png")
 
 
-def run_demo(out_dir, config_path=None, overrides=None, seeds=3, split="test"):
-    """Train and evaluate both models with seeds 0..seeds-1; write summary.json and pictures to ``out_dir``."""
+def run_demo(out_dir, config_path=None, overrides=None, seeds=3, split="test", resume=False):
+    """Train and evaluate both models with seeds 0..seeds-1; write summary.json and pictures to ``out_dir``.
+    With ``resume``, runs already in ``out_dir`` continue from their last.pth (finished ones are only loaded)."""
     start = time.perf_counter()
     if config_path is None and os.path.isfile(DEMO_CONFIG):
         config_path = DEMO_CONFIG
@@ -38,7 +42,12 @@ def run_demo(out_dir, config_path=None, overrides=None, seeds=3, split="test"):
             run.train.work_dir = os.path.join(out_dir, name, f"seed{seed}")
             run.train.resume = None
             run.train.progress = False
-            record, model = train_and_evaluate(run, split, keep_checkpoint=True, return_model=True)
+            try:
+                record, model = train_and_evaluate(run, split, keep_checkpoint=True, return_model=True,
+                                                   resume=resume)
+            except TrainingInterrupted as err:   # Ctrl-C / SIGTERM: say which run, and leave
+                raise TrainingInterrupted(err.signum, f"{name} seed {seed}: {err}", err.iteration,
+                                          err.checkpoint) from None
             if seed == 0:
                 models[name] = model
             runs[name].append(record)

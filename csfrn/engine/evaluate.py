@@ -47,40 +47,56 @@ def evaluate(model, dataset, num_classes, eval_cfg, device, base_size=None, prog
     return summarize(cm), cm.cpu()
 
 
-def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, config=None, overrides=(), log=print):
+def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, config=None, overrides=(), log=print,
+                        overwrite=True):
     """``csfrn eval``: the checkpoint's model (its own config, ``config`` and ``overrides`` on top) on ``split``
     (default ``data.val_split``); under torchrun every process evaluates a shard and the confusion matrices are
     summed. Writes ``eval_<split>.json`` / ``.csv`` and the confusion matrix (``confusion.csv``: pixel counts;
-    ``confusion.png``: normalised per ground-truth class) to ``out`` (default: beside the checkpoint), logs the
-    table and, unless ``consistency=False``, the feature-consistency scores. Returns the summary."""
+    ``confusion.png``: normalised per ground-truth class) to ``out`` (default: beside the checkpoint), logs a header
+    (checkpoint, iteration, split, image count), the table, unless ``consistency=False`` the feature-consistency
+    scores, and the paths written. ``overwrite=False`` refuses existing reports (before any work). Returns the
+    summary."""
     from ..data import build_dataset
     from ..data.transforms import eval_transforms
-    from .checkpoint import load_model_from_checkpoint
-    from .distributed import cleanup, init_distributed
     from ..plotting import pyplot
+    from .checkpoint import load_checkpoint, load_model_from_checkpoint
+    from .distributed import cleanup, init_distributed
+    from .outputs import refuse_or_remove
 
     pyplot()   # confusion.png needs matplotlib: say so before the evaluation runs
-    model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
+    state = load_checkpoint(checkpoint)
+    model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides,
+                                            state=state)
+    split = split or cfg.data.val_split
+    out = out or os.path.dirname(os.path.abspath(checkpoint))
+    reports = [os.path.join(out, f"eval_{split}.{ext}") for ext in ("json", "csv")]
+    confusion = [os.path.join(out, name) for name in ("confusion.csv", "confusion.png")]
     info = init_distributed(cfg.train.device)
     try:
+        if info.is_main and not overwrite:   # with overwrite they are replaced once the new ones are ready
+            refuse_or_remove(reports + confusion, False, f"--out {out}", f"an evaluation of split '{split}'")
         model.to(info.device)
-        split = split or cfg.data.val_split
         dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
                                 seed=cfg.train.seed)
         if dataset.num_classes != cfg.model.num_classes:
             raise ConfigError(f"checkpoint {checkpoint} has {cfg.model.num_classes} classes, dataset "
                               f"'{cfg.data.dataset}' has {dataset.num_classes}")
+        count = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
+        if info.is_main:
+            at = f"iteration {state['iter']}" if isinstance(state.get("iter"), int) else "iteration unknown"
+            log(f"csfrn eval: {checkpoint} ({at}) on split '{split}' of {cfg.data.dataset}, {count} images, "
+                f"{cfg.eval.mode} inference")
         summary, cm = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device, cfg.data.base_size,
                                progress=True)
         if info.is_main:
             if consistency:
                 summary["consistency"] = dataset_feature_consistency(model, dataset, info.device,
                                                                      cfg.eval.max_images, progress=True)
-            out = out or os.path.dirname(os.path.abspath(checkpoint))
             log(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
             write_confusion(cm, dataset.classes, out, f"{os.path.basename(checkpoint)} on {split}")
             if consistency:
                 log(format_consistency(summary["consistency"]))
+            log(f"csfrn eval: wrote {', '.join(reports + confusion)}")
         return summary
     finally:
         cleanup()
@@ -218,18 +234,26 @@ def predict(model, images, out_dir, num_classes, palette, eval_cfg, device, base
 
 
 def predict_files(inputs, out, checkpoint=None, onnx_model=None, config=None, overrides=(), cityscapes_ids=False,
-                  on_error=None):
+                  on_error=None, overwrite=True):
     """``csfrn predict``: the pictures of :func:`predict` for the image files and folders ``inputs``, from a
-    ``checkpoint`` (PyTorch) or an exported ``onnx_model`` (onnxruntime, its config stored in the file), with
-    ``config`` / ``overrides`` layered on the model's config. ``cityscapes_ids`` also writes Cityscapes label
-    ids. Returns (stems written, [(path, message)] of skipped images, the image count)."""
+    ``checkpoint`` (PyTorch) or an exported model ``onnx_model`` (.onnx run by onnxruntime, .pt2 by
+    torch.export; its config stored in the file), with ``config`` / ``overrides`` layered on the model's config.
+    ``cityscapes_ids`` also writes Cityscapes label ids. ``overwrite=False`` refuses pictures that exist (before
+    any work). Returns (stems written, [(path, message)] of skipped images, the image count)."""
     from ..data import DATASETS
     from ..data._base import make_palette
+    from .outputs import refuse_or_remove
 
     images = find_images(inputs, exclude=out)
+    targets = [os.path.join(out, f"{stem}_{kind}.png") for _, stem in images
+               for kind in ("trainid", "color", "overlay")]
+    if cityscapes_ids:
+        targets += [os.path.join(out, "labelIds", f"{stem}.png") for _, stem in images]
+    if not overwrite:   # with overwrite each picture is replaced as its new one is written
+        refuse_or_remove(targets, False, f"--out {out}", "predictions of these images")
     if onnx_model is not None:
-        from ..deploy import onnx_model_and_config
-        model, cfg = onnx_model_and_config(onnx_model, config, overrides)
+        from ..deploy import exported_model_and_config
+        model, cfg = exported_model_and_config(onnx_model, config, overrides)
         device = "cpu"
     else:
         from .checkpoint import load_model_from_checkpoint

@@ -40,6 +40,9 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
     # Zero-padding a small image up to the crop would make the model see a mostly-grey picture (a 64 px
     # image in a 769 crop): cut the crop to the image instead.
     ch, cw = min(ch, h), min(cw, w)
+    if (h > ch and sh > ch) or (w > cw and sw > cw):
+        raise ValueError(f"slide inference: stride {(sh, sw)} larger than crop_size {(ch, cw)} would leave pixels "
+                         f"of the {h}x{w} image outside every window; expected stride <= crop_size")
     boxes = [(y, x) for y in _windows(h, ch, sh) for x in _windows(w, cw, sw)]
     out = image.new_zeros(n, num_classes, h, w, dtype=torch.float32)
     count = image.new_zeros(1, 1, h, w, dtype=torch.float32)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
-from ..errors import ConfigError, OutputExistsError, TrainingDivergedError
+from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted
 from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
 from .config import Config, check_training
@@ -24,6 +24,9 @@ from .evaluate import evaluate, write_report
 from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, Timer, TrainLog, check_tensorboard, peak_memory_gib,
                         write_config, write_env)
 from .step import train_step
+from .interrupt import signal_name, stop_requests
+from .resume import check_iterations, config_differences, fresh_groups, rederive_schedule
+from .run_lock import LOCK_NAME, run_lock
 
 
 def poly_lambda(train_cfg):
@@ -96,9 +99,16 @@ def _resume_path(train_cfg):
     return train_cfg.resume
 
 
-# What a training run writes into its work_dir; --overwrite removes the previous run's copies first.
+# What a training run writes into its work_dir (and `csfrn eval` beside its checkpoints: eval_<split>.json /
+# .csv); --overwrite removes the previous run's copies first.
 RUN_OUTPUTS = ("last.pth", "best.pth", "best_ema.pth", "metrics.jsonl", "val_last.json", "val_last.csv",
-               "val_last_ema.json", "val_last_ema.csv", CONFIG_FILE, ENV_FILE, LOG_FILE)
+               "val_last_ema.json", "val_last_ema.csv", "confusion.csv", "confusion.png", CONFIG_FILE, ENV_FILE,
+               LOG_FILE)
+
+
+def _is_run_output(name):
+    return name in RUN_OUTPUTS or (name.startswith("iter_") and name.endswith(".pth")) or (
+        name.startswith("eval_") and name.endswith((".json", ".csv")))
 
 
 def check_work_dir(train_cfg, overwrite=False):
@@ -117,8 +127,13 @@ def check_work_dir(train_cfg, overwrite=False):
         if "best.pth" in names:
             raise OutputExistsError(f"work_dir {work_dir} already holds a run (best.pth): start over with "
                                   f"--overwrite, or choose another --work-dir")
+        left = sorted(n for n in names if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
+        if train_cfg.resume == "auto" and left:   # nothing to resume, and not empty: never truncate its metrics
+            raise ConfigError(f"--resume auto: work_dir {work_dir} has no last.pth to resume but holds "
+                              f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''} (a run stopped before its "
+                              f"first checkpoint?); start over with --overwrite, or choose another --work-dir")
         return []
-    old = [n for n in names if n in RUN_OUTPUTS or (n.startswith("iter_") and n.endswith(".pth"))]
+    old = [n for n in names if _is_run_output(n)]
     tb = os.path.join(work_dir, "tb")
     old = [os.path.join(work_dir, n) for n in sorted(old)]
     if os.path.isdir(tb):
@@ -136,15 +151,17 @@ def train(cfg: Config, model=None, overwrite=False):
     """
     check_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_tensorboard(cfg.train)
-    old_files = check_work_dir(cfg.train, overwrite)
+    check_work_dir(cfg.train, overwrite)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, model, info, old_files)
+        with stop_requests() as stop, run_lock(cfg.train.work_dir, info):
+            old_files = check_work_dir(cfg.train, overwrite)   # again, now that no other run can change it
+            return _train(cfg, model, info, old_files, stop)
     finally:
         cleanup()
 
 
-def _train(cfg, model, info, old_files=()):
+def _train(cfg, model, info, old_files=(), stop=None):
     tcfg, dcfg = cfg.train, cfg.data
     device = info.device
     if tcfg.threads:
@@ -164,6 +181,19 @@ def _train(cfg, model, info, old_files=()):
                                                                "scaler", "rng", "iter", "best_mIoU", "world_size"),
                              "resumed from")
         check_num_classes(state, resume, cfg.model.num_classes)
+        finished = check_iterations(state["iter"], state["config"].get("train", {}).get("iters"), tcfg.iters,
+                                    resume)
+        diffs = config_differences(state["config"], cfg.to_dict())
+        if info.is_main and diffs:
+            print(f"note: the config differs from {resume}'s: {'; '.join(diffs)}", flush=True)
+        if finished:
+            if model is None:
+                model = build_model_from_config(cfg.model, load_pretrained=False)
+            load_model_state(model, state["model"], resume, cfg.model, state["config"])
+            if info.is_main:
+                print(f"{resume}: the run is finished (iteration {state['iter']} of train.iters={tcfg.iters}); "
+                      f"nothing to train (raise train.iters to train on)", flush=True)
+            return {"iter": state["iter"], "best_mIoU": state["best_mIoU"], "last": None, "model": model}
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
     if model is None:
         # A resumed model gets its weights from the checkpoint: model.pretrained may be gone by now.
@@ -179,6 +209,7 @@ def _train(cfg, model, info, old_files=()):
     model.to(device)
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(tcfg))
+    configured = fresh_groups(optimizer)
     amp_dtype, use_scaler = _amp_settings(tcfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
@@ -189,6 +220,7 @@ def _train(cfg, model, info, old_files=()):
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_iter, best = state["iter"], state["best_mIoU"]
+        rederive_schedule(optimizer, scheduler, configured, start_iter)   # the configured lr / iters apply
         if state["world_size"] == info.world_size:
             set_rng_state(state["rng"][info.rank])
         elif info.is_main:
@@ -231,6 +263,25 @@ def _train(cfg, model, info, old_files=()):
     tic, tic_iter = time.perf_counter(), start_iter
     timer = Timer()
     it = start_iter
+    saved_at = start_iter if state is not None else None
+
+    def stop_here():   # SIGINT / SIGTERM: last.pth at this iteration (every rank takes part), then leave
+        signum = stop.agreed(info) if stop is not None else 0
+        if not signum:
+            return
+        path = os.path.join(tcfg.work_dir, "last.pth")
+        if saved_at != it:
+            ckpt = _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info)
+            if info.is_main:
+                save_checkpoint(ckpt, path)
+            if info.distributed:   # no rank leaves before the file is complete
+                torch.distributed.barrier()
+        bar.close()
+        raise TrainingInterrupted(signum, f"interrupted by {signal_name(signum)} at iteration {it} of "
+                                  f"{tcfg.iters}; last checkpoint {path} (iteration {it}); continue with "
+                                  f"--resume auto", it, path)
+
+    stop_here()
     for images, labels in loader:
         timer.got_batch()
         images = images.to(device, non_blocking=True)
@@ -273,6 +324,9 @@ def _train(cfg, model, info, old_files=()):
             if log is not None:
                 log.write(record)
                 text_log.iteration(it, lr, values, data_time, step_time, peak_memory_gib(device), clip)
+            if info.is_main and not tcfg.progress:   # no bar: the same numbers as a line
+                print(f"iter {it}/{tcfg.iters}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+                      + f"  lr {lr:.3e}  {speed:.2f} it/s", flush=True)
             tic, tic_iter = time.perf_counter(), it
 
         do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)
@@ -316,9 +370,12 @@ def _train(cfg, model, info, old_files=()):
                     save_checkpoint(state, os.path.join(tcfg.work_dir, f"iter_{it:06d}.pth"))
                 text_log.line(f"iter {it}: saved last.pth" + (f" and iter_{it:06d}.pth" if tcfg.keep_checkpoints
                                                                  else ""))
+            saved_at = it
             if info.distributed:
                 torch.distributed.barrier()
         timer.resume()   # evaluation and checkpoints count in neither the data nor the step time
+        if it < tcfg.iters:
+            stop_here()
     bar.close()
     if log is not None:
         log.close()
