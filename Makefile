@@ -28,10 +28,11 @@ $(VENV)/.deps: requirements.txt | $(PY)
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-# The package with its optional deploy dependencies (onnx, onnxruntime, onnxscript: the export tests need them);
-# install_requires are already there from the requirements, so pip only adds the extras.
+# The package with its optional dependencies, which the tests need: deploy (onnx, onnxruntime, onnxscript), timm
+# (timm backbones) and plug (smp, transformers: other libraries' models with CSFLM); install_requires are already
+# there from the requirements, so pip only adds the extras.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation -e ".[deploy]"
+	$(PY) -m pip install --no-build-isolation -e ".[deploy,timm,plug]"
 	touch $@
 
 demo: setup
