@@ -5,6 +5,8 @@ feature maps handed to the head and the aux head in the places of our ResNets' f
 4, 8, then the output stride twice at output stride 8); their channels come from timm's ``feature_info``.
 timm is an optional dependency (``pip install -e .[timm]``), imported only here.
 """
+import difflib
+
 from torch import nn
 
 from ...errors import ConfigError
@@ -34,7 +36,7 @@ class TimmBackbone(nn.Module):
         super().__init__()
         timm = require("timm", "timm", f"model.backbone {TIMM_PREFIX}{name}")
         if not name or not timm.is_model(name):
-            close = timm.list_models(f"*{name}*")[:6] if name else []
+            close = difflib.get_close_matches(name, timm.list_models(), n=5) if name else []
             hint = f" (similar names: {', '.join(close)})" if close else " (see timm.list_models())"
             raise ConfigError(f"unknown timm model {name!r} in model.backbone '{TIMM_PREFIX}{name}'{hint}")
         self.timm_name = name
