@@ -409,7 +409,12 @@ def check_training(cfg, world_size=1):
     for key, path, expected in (("train.resume", resume, "a checkpoint file, or 'auto'"),
                                 ("model.pretrained", None if resuming else cfg.model.pretrained,
                                  "an ImageNet checkpoint file, or null")):
-        if path is not None and not (key == "train.resume" and path == "auto") and not os.path.isfile(path):
+        folder = key == "model.pretrained" and (cfg.model.external or {}).get("library") == "transformers"
+        if folder and path is not None and not os.path.isdir(path):
+            raise MissingPathError(f"config key 'model.pretrained': {path} is not a folder (expected a local "
+                                   f"save_pretrained folder of the transformers model, or null)")
+        if path is not None and not folder and not (key == "train.resume" and path == "auto") \
+                and not os.path.isfile(path):
             raise MissingPathError(f"config key '{key}': {path} does not exist (expected {expected})")
     batch = cfg.data.batch_size
     if batch % world_size:

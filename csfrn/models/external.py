@@ -5,7 +5,8 @@ they build csfrn's own models)::
     model:
       num_classes: 19
       embed_dim: 32
-      pretrained: null            # a local .pth / .safetensors state_dict of the wrapped model (or a HF folder)
+      pretrained: null            # a local .pth / .safetensors state_dict of the wrapped model (transformers:
+                                  # a local save_pretrained folder)
       external:
         library: torchvision      # torchvision | smp | transformers | timm
         name: deeplabv3_resnet50  # torchvision.models.get_model name, smp architecture, transformers class, timm model
@@ -66,8 +67,9 @@ def check_external(external):
     return external
 
 
-def _library_model(library, name, kwargs, num_classes):
-    """The wrapped model, randomly initialised, with ``num_classes`` outputs."""
+def _library_model(library, name, kwargs, num_classes, pretrained=None):
+    """The wrapped model with ``num_classes`` outputs, randomly initialised (transformers: from ``pretrained``, a
+    local folder, when given; the other libraries' files are loaded by :func:`load_external_weights`)."""
     kwargs = dict(kwargs or {})
     what = f"model.external {library}:{name}"
     if library == "torchvision":
@@ -93,7 +95,8 @@ def _library_model(library, name, kwargs, num_classes):
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ConfigError(f"config key 'model.external.name' is {name!r}: not a transformers model class (e.g. "
                               f"SegformerForSemanticSegmentation, UperNetForSemanticSegmentation)")
-        return cls(cls.config_class(num_labels=num_classes, **kwargs))
+        config = cls.config_class(num_labels=num_classes, **kwargs)
+        return cls(config) if pretrained is None else _transformers_pretrained(cls, config, os.fspath(pretrained))
     timm = require("timm", "timm", what)
     if not timm.is_model(name):
         raise ConfigError(f"config key 'model.external.name' is {name!r}: not a timm model (timm.list_models())")
@@ -101,13 +104,8 @@ def _library_model(library, name, kwargs, num_classes):
 
 
 def _read_state(path):
-    """A state_dict from a .safetensors / .pth file (read without running code) or a Hugging Face folder."""
+    """A state_dict from a .safetensors / .pth file (read without running code)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, name)):
-                return _read_state(os.path.join(path, name))
-        raise ConfigError(f"model.pretrained {path} is a folder without model.safetensors or pytorch_model.bin")
     if not os.path.isfile(path):
         raise ConfigError(f"model.pretrained {path} does not exist (expected a .pth / .safetensors file)")
     if path.endswith(".safetensors"):
@@ -136,8 +134,25 @@ def load_external_weights(model, path):
     skipped = sorted(k for k in state if k in own and k not in fitting)
     report = LoadReport(sorted(result.missing_keys), sorted(k for k in state if k not in own), skipped)
     if report.missing or report.unexpected or skipped:
-        warnings.warn(f"loading {path}: {report} (skipped for their shape: {skipped})", stacklevel=2)
+        def some(keys):
+            return f"{len(keys)}" + (f" ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "")
+        warnings.warn(f"loading {path}: missing keys {some(report.missing)}, unexpected keys "
+                      f"{some(report.unexpected)}, skipped for their shape {some(skipped)}", stacklevel=2)
     return report
+
+
+def _transformers_pretrained(cls, config, path):
+    """A transformers model from a local ``save_pretrained`` folder, through ``from_pretrained`` (which renames
+    the checkpoint's keys to the installed version's), with ``config`` (model.external.kwargs, num_labels):
+    tensors of another class count are re-initialised."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"model.pretrained {path}: a transformers model loads from a local save_pretrained folder "
+                          f"(config.json and model.safetensors), not a file")
+    try:
+        return cls.from_pretrained(path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.pretrained {path} could not be loaded into {cls.__name__}: {detail}") from None
 
 
 def build_external(external: Mapping[str, Any], num_classes: int, embed_dim: int = 32, margins: bool = True,
@@ -152,14 +167,17 @@ def build_external(external: Mapping[str, Any], num_classes: int, embed_dim: int
     from ..losses import OhemCrossEntropy
     check_external(external)
     try:
-        model = _library_model(external["library"], external["name"], external.get("kwargs"), num_classes)
-    except (TypeError, ValueError) as err:     # the library's constructor refusing model.external.kwargs
+        model = _library_model(external["library"], external["name"], external.get("kwargs"), num_classes,
+                               pretrained)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:   # the library refusing model.external.kwargs
         if isinstance(err, ConfigError):
             raise
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = str(err).strip().strip('"').splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model.external {external['library']}:{external['name']} could not be built with "
                           f"kwargs {external.get('kwargs') or {}} ({type(err).__name__}: {detail})") from None
-    report = load_external_weights(model, pretrained) if pretrained is not None else None
+    report = None
+    if pretrained is not None and external["library"] != "transformers":
+        report = load_external_weights(model, pretrained)
     picker = external.get("outputs")
     if isinstance(picker, int):
         outputs = lambda out, i=picker: out[i]                      # noqa: E731
