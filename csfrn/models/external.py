@@ -61,7 +61,8 @@ def check_external(external):
                           f"{', '.join(LIBRARIES)}")
     fusion = external.get("fusion") or "aam"
     if fusion not in PLUG_FUSIONS:
-        raise ConfigError(f"config key 'model.external.fusion' is {fusion!r}; expected one of {', '.join(PLUG_FUSIONS)}")
+        raise ConfigError(f"config key 'model.external.fusion' is {fusion!r}; expected one of "
+                          f"{', '.join(PLUG_FUSIONS)}")
     if external.get("channels") is not None and external["channels"] < 1:
         raise ConfigError(f"config key 'model.external.channels' must be >= 1, got {external['channels']}")
     return external

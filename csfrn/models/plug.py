@@ -75,9 +75,9 @@ def default_tap(model):
             i -= 1
         return f"classifier.{i}", channels
     raise PlugError(f"add_csflm: no default tap for {type(model).__name__} (it knows torchvision's FCN, DeepLabV3 "
-                     f"and LRASPP, smp's models and Hugging Face's Segformer / UperNet); pass tap= the name of the submodule whose input is the classifier's input "
-                     f"features (e.g. tap='decode_head.conv_seg'), the submodule itself or a callable "
-                     f"model -> submodule")
+                    f"and LRASPP, smp's models and Hugging Face's Segformer / UperNet); pass tap= the name of the "
+                    f"submodule whose input is the classifier's input features (e.g. tap='decode_head.conv_seg'), "
+                    f"the submodule itself or a callable model -> submodule")
 
 
 def _resolve_tap(model, tap, channels):
@@ -94,20 +94,20 @@ def _resolve_tap(model, tap, channels):
         module = tap if isinstance(tap, nn.Module) else tap(model)
         if not isinstance(module, nn.Module):
             raise PlugTypeError(f"add_csflm: tap must be a submodule name, a submodule or a callable model -> "
-                            f"submodule; the callable returned {type(module).__name__}")
+                                f"submodule; the callable returned {type(module).__name__}")
         name = next((n for n, m in model.named_modules() if m is module), None)
         if name is None:
             raise PlugError(f"add_csflm: the tap module {type(module).__name__} is not a submodule of the model")
     else:
         raise PlugTypeError(f"add_csflm: tap={tap!r} is a {type(tap).__name__}; expected a submodule name (str, as in "
-                        f"model.named_modules()), the submodule itself or a callable model -> submodule")
+                            f"model.named_modules()), the submodule itself or a callable model -> submodule")
     if name == "":
         raise PlugError("add_csflm: the tap must be a submodule, not the model itself")
     if channels is None:
         channels = getattr(module, "in_channels", None)
         if not isinstance(channels, int):
             raise PlugError(f"add_csflm: cannot tell the channels of the input of {name!r} "
-                             f"({type(module).__name__} has no in_channels); pass channels=")
+                            f"({type(module).__name__} has no in_channels); pass channels=")
     return name, channels
 
 
@@ -191,7 +191,7 @@ class CSFLMPlug(nn.Module):
                 f" (pass channels={x.shape[1]} if that is the right tap)" if isinstance(x, torch.Tensor)
                 and x.dim() == 4 else "")
         raise PlugError(f"add_csflm: the input of tap {self.tap!r} is {got}; CSFLM needs a feature map "
-                         f"[N, {self.channels}, h, w] (channels={self.channels}){hint}")
+                        f"[N, {self.channels}, h, w] (channels={self.channels}){hint}")
 
     def _tap_hook(self, module, args):
         x = args[0] if args else None
@@ -224,7 +224,7 @@ class CSFLMPlug(nn.Module):
         CSFRN.check_input(images)
         if labels.shape != (images.shape[0],) + images.shape[2:]:
             raise PlugError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
-                             f"images {list(images.shape)}, got {list(labels.shape)}")
+                            f"images {list(images.shape)}, got {list(labels.shape)}")
         labels = labels.long()
         outputs, record = self._run(images, self.training or self.fusion != "loss_only")
         return outputs, self._losses(outputs, labels, record[1] if record else None)
@@ -245,12 +245,12 @@ class CSFLMPlug(nn.Module):
         elif isinstance(outputs, (tuple, list)) and outputs:              # smp with aux_params: (mask, label)
             logits = outputs[0]
         else:
-            raise PlugTypeError(f"add_csflm: cannot find the logits in the model's output (a {type(outputs).__name__}); "
-                            f"pass outputs= a callable that picks them from it")
+            raise PlugTypeError(f"add_csflm: cannot find the logits in the model's output (a "
+                                f"{type(outputs).__name__}); pass outputs= a callable that picks them from it")
         if not (isinstance(logits, torch.Tensor) and logits.dim() == 4):
             got = f"a {logits.dim()}-D tensor" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
-            raise PlugTypeError(f"add_csflm: the logits picked from the model's output are {got}, expected [N, K, h, w]; "
-                            f"pass outputs= a callable that picks them")
+            raise PlugTypeError(f"add_csflm: the logits picked from the model's output are {got}, expected "
+                                f"[N, K, h, w]; pass outputs= a callable that picks them")
         return logits, aux
 
     def segment(self, images):
@@ -276,7 +276,7 @@ class CSFLMPlug(nn.Module):
         logits, aux = self.pick(outputs)
         if logits.shape[1] != self.num_classes:
             raise PlugError(f"add_csflm: the model's logits have {logits.shape[1]} channels, num_classes is "
-                             f"{self.num_classes}")
+                            f"{self.num_classes}")
         losses = {"seg": w["seg"] * self.seg_loss(self._resize(logits, labels), labels)}
         if aux is not None and self.training:
             losses["aux"] = w["aux"] * F.cross_entropy(self._resize(aux, labels), labels,
@@ -348,7 +348,7 @@ def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim
         csflm.to(device=param.device, dtype=param.dtype)
     if outputs is not None and not callable(outputs):
         raise PlugTypeError(f"add_csflm: outputs must be a callable picking the logits from the model's output, got "
-                        f"{type(outputs).__name__}")
+                            f"{type(outputs).__name__}")
     plug = CSFLMPlug(model, csflm, name, fusion, num_classes, seg_loss, loss_weights, delta, binary, ignore_index,
                      channels, outputs)
     return plug.train(model.training)

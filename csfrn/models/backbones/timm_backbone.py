@@ -45,16 +45,17 @@ class TimmBackbone(nn.Module):
             body = timm.create_model(name, pretrained=False, **kwargs)
         except (TypeError, AssertionError) as err:
             why = str(err).strip().splitlines()[0] if str(err).strip() else f"{type(err).__name__} in timm"
-            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' cannot run at output stride {output_stride}: this timm "
-                             f"family cannot dilate its late stages ({why}); choose one that does (resnet*, "
-                             f"convnext*, efficientnet*, regnet*, mobilenetv3*, ... see the README's Backbones)"
-                             ) from None
+            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' cannot run at output stride {output_stride}: "
+                              f"this timm family cannot dilate its late stages ({why}); choose one that does "
+                              f"(resnet*, convnext*, efficientnet*, regnet*, mobilenetv3*, ... see the README's "
+                              f"Backbones)") from None
         reductions = body.feature_info.reduction()
         if len(reductions) < 4:
-            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' has {len(reductions)} feature stages; the heads need 4")
+            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' has {len(reductions)} feature stages; the "
+                              f"heads need 4")
         if reductions[-1] != output_stride:
-            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' ignores output_stride={output_stride} (its deepest "
-                             f"features have stride {reductions[-1]}): this timm family cannot dilate")
+            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' ignores output_stride={output_stride} (its "
+                              f"deepest features have stride {reductions[-1]}): this timm family cannot dilate")
         if pretrained is not None:
             body = self._load(timm, name, kwargs, pretrained)
         self.body = body
