@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import ROOT, rgb, write_png
-from test_cli_verbs import _sets, assert_one_line_error, csfrn
+from test_cli_verbs import _sets, csfrn
 
 TINY = ["model.num_classes=4", "data.dataset=synthetic", "data.root=null", "data.size=64", "data.length=4",
         "data.val_length=2", "data.crop_size=[64,64]", "data.batch_size=2", "data.num_workers=0",
@@ -44,11 +44,13 @@ def test_plug_config_train_eval_predict_export(tmp_path, name):
         assert (tmp_path / "fig.png").is_file()
 
 
-def test_plug_config_errors_are_one_line(tmp_path):
+def test_plug_config_errors_are_one_line(tmp_path, capsys):
+    """In this process (csfrn.cli.main, the console script's function): the errors come before any training."""
+    from csfrn.cli import main
     config = os.path.join(ROOT, "configs", "plug", "smp_unet_r34.yaml")
-    result = csfrn("train", "--config", config, *_sets(TINY + [f"train.work_dir={tmp_path}",
-                                                               "model.external.tap=segmentation_head.7"]))
-    assert_one_line_error(result, "train", "'model.external.library' is missing")
-    bad_tap = "model.external={library: smp, name: Unet, kwargs: {encoder_name: resnet18}, tap: nope}"
-    result = csfrn("train", "--config", config, *_sets(TINY + [f"train.work_dir={tmp_path}", bad_tap]))
-    assert_one_line_error(result, "train", "tap='nope' names no submodule")
+    for override, fragment in (("model.external.tap=segmentation_head.7", "'model.external.library' is missing"),
+                               ("model.external={library: smp, name: Unet, kwargs: {encoder_name: resnet18}, "
+                                "tap: nope}", "tap='nope' names no submodule")):
+        assert main(["train", "--config", config, *_sets(TINY + [f"train.work_dir={tmp_path}", override])]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("csfrn train: error: ") and fragment in lines[0], lines

@@ -205,3 +205,13 @@ def test_engine_trains_and_evaluates_a_plugged_torchvision_model(tmp_path):
         load_model_from_checkpoint(tmp_path / "best.pth")
     assert "plugged with add_csflm" in str(err.value) and "model.external" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_flops_counts_an_external_model(capsys):
+    import dataclasses
+    from csfrn.models.complexity import count_model
+    cfg = load_config(None, ["model.num_classes=4", "model.embed_dim=8",
+                             "model.external={library: smp, name: Unet, kwargs: {encoder_name: resnet18}}"])
+    c = count_model(dataclasses.asdict(cfg.model), (32, 32))
+    assert capsys.readouterr().out.startswith("smp:Unet +CSFLM(aam, D=8) @ 32x32: params ")
+    assert c["params"] == sum(p.numel() for p in build_external(cfg.model.external, 4, embed_dim=8).parameters())
