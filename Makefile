@@ -29,11 +29,11 @@ $(VENV)/.deps: requirements.txt | $(PY)
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-# The package with its optional deploy dependencies (onnx, onnxruntime, onnxscript: the export tests need them) and
-# plot dependencies (matplotlib: every chart); install_requires are already there from the requirements, so pip only
-# adds the extras.
+# The package with its optional dependencies, which the tests need: deploy (onnx, onnxruntime, onnxscript), plot
+# (matplotlib: every chart), timm (timm backbones) and plug (smp, transformers: other libraries' models with CSFLM);
+# install_requires are already there from the requirements, so pip only adds the extras.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation -e ".[deploy,plot]"
+	$(PY) -m pip install --no-build-isolation -e ".[deploy,plot,timm,plug]"
 	touch $@
 
 demo: setup

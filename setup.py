@@ -109,6 +109,11 @@ os.environ.setdefault("MAX_JOBS", "2")
 DEPLOY_REQUIREMENTS = ["onnx>=1.16", "onnxruntime>=1.25", "onnxscript>=0.5"]
 # pip install -e .[plot]: every chart (csfrn plot / browse, eval's confusion.png, ablate, the benchmark report).
 PLOT_REQUIREMENTS = ["matplotlib>=3.8"]
+# pip install -e .[timm]: timm backbones (model.backbone timm:<name>), timm's SyncBN converter, train.layer_decay.
+# pip install -e .[plug]: other libraries' models with CSFLM plugged in (model.external: smp, transformers; smp
+# builds its encoders with timm).
+TIMM_REQUIREMENTS = ["timm>=1.0", "safetensors"]
+PLUG_REQUIREMENTS = ["segmentation-models-pytorch>=0.4", "transformers>=4.40"] + TIMM_REQUIREMENTS
 
 setup(
     name="csfrn",
@@ -120,7 +125,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["csfrn", "csfrn.*"]),
     install_requires=_requirements(),
-    extras_require={"deploy": DEPLOY_REQUIREMENTS, "plot": PLOT_REQUIREMENTS},
+    extras_require={"deploy": DEPLOY_REQUIREMENTS, "plot": PLOT_REQUIREMENTS, "timm": TIMM_REQUIREMENTS,
+                    "plug": PLUG_REQUIREMENTS},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["csfrn = csfrn.cli:main"]},

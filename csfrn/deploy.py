@@ -19,6 +19,7 @@ import os
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.csfrn.*)
+from .engine.inference import model_logits
 from .errors import ConfigError, UnreadableFileError, UserError
 
 # The first onnxruntime release whose CPU execution provider implements DeformConv (opset 19).
@@ -52,14 +53,15 @@ def _pair(name, size):
 
 
 class _Inference(torch.nn.Module):
-    """``model(images) -> logits`` in eval mode: the graph that is exported (no labels, so no class ops)."""
+    """``model(images) -> logits`` in eval mode (a plugged model's ``segment``): the graph that is exported (no
+    labels, so no class ops)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, images):
-        return self.model(images)
+        return model_logits(self.model, images)
 
 
 def _dynamic_dims():
@@ -333,7 +335,7 @@ def _max_diff(model, run, sizes, batch=1, seed=1):
     worst = 0.0
     for i, size in enumerate(sizes):
         x = _example(_pair("size", size), batch, seed + i)
-        ref = model(x).float()
+        ref = model_logits(model, x).float()
         got = run(x)
         if tuple(got.shape) != tuple(ref.shape):
             raise AssertionError(f"exported model gives shape {list(got.shape)}, PyTorch {list(ref.shape)}")

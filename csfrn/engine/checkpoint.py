@@ -186,6 +186,11 @@ def build_model_from_config(model_cfg, load_pretrained=True):
     kwargs = dataclasses.asdict(model_cfg)
     if not load_pretrained:
         kwargs["pretrained"] = None
+    external = kwargs.pop("external")
+    if external is not None:
+        from ..models import build_external
+        from ..models.external import EXTERNAL_MODEL_KEYS
+        return build_external(external, **{k: kwargs[k] for k in EXTERNAL_MODEL_KEYS})
     if kwargs["blocks"] is not None:
         kwargs["blocks"] = tuple(kwargs["blocks"])
     return build_model(**kwargs)
@@ -207,6 +212,11 @@ def load_model_state(model, weights, path, model_cfg, saved_config):
                  and getattr(saved, k) != getattr(model_cfg, k)]
         lines = str(err).splitlines()
         detail = "; ".join(diffs) if diffs else (lines[1].strip() if len(lines) > 1 else lines[0])
+        if not diffs and not model_cfg.external and weights and all(k.startswith(("model.", "csflm."))
+                                                                     for k in weights):
+            detail = ("it holds a model plugged with add_csflm (model.* and csflm.* weights) but its config has no "
+                      "model.external to rebuild it; set model.external (library, name, kwargs, tap) to that model's "
+                      "recipe (--config with it), or train with it set")
         raise CheckpointError(f"checkpoint {path} does not fit the configured model ({detail})") from None
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -49,6 +49,9 @@ class ModelConfig:
     delta: float = 10.0
     fusion_init: str = "identity"  # identity (F = ReLU(BN(A)) at step 0) | random (nn.Conv2d's default)
     csflm_supervision: str = "cac"  # cac (the paper's) | mask (Table 4's "+Aux Loss": Lovasz-softmax on B's class mask)
+    # Another library's model with CSFLM plugged in instead of a CSFRN: {library, name, kwargs, tap, channels, fusion,
+    # outputs} (csfrn.models.build_external); the keys above then apply as far as they can (num_classes, embed_dim, ...)
+    external: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -80,6 +83,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     head_lr_mult: float = 1.0     # lr multiplier for every parameter outside the backbone
+    optimizer: str = "sgd"        # sgd | adamw (no weight decay on norms and biases); see csfrn/engine/optim.py
+    layer_decay: Optional[float] = None  # layer-wise lr decay of the backbone (e.g. 0.75; needs timm), null: off
     power: float = 0.9            # poly decay (1 - it / iters) ** power
     min_lr: float = 1e-4
     warmup_iters: int = 0         # linear warm-up from warmup_ratio * lr
@@ -331,15 +336,19 @@ def validate(cfg):
     by the loader.)"""
     from ..data import DATASETS
     from ..losses.cac import BINARY_LOSSES
-    from ..models.backbones.resnet import ARCHS
+    from ..models.backbones import ARCHS, is_timm
     from ..models.builder import ASPP_DILATIONS
+    from ..models.external import check_external
     from ..models.heads import HEADS
     from ..models.segmentor import DEFAULT_LOSS_WEIGHTS
     from ..nn.csflm import FUSIONS
 
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    if m.external is not None:
+        check_external(m.external)
     _choice("model.head", m.head, sorted(HEADS))
-    _choice("model.backbone", m.backbone, sorted(ARCHS))
+    if not (is_timm(m.backbone) and len(m.backbone) > len("timm:")):
+        _choice("model.backbone", m.backbone, sorted(ARCHS) + ["timm:<name>"])
     _choice("model.fusion", m.fusion, FUSIONS)
     _choice("model.binary", m.binary, BINARY_LOSSES)
     _choice("model.csflm_supervision", m.csflm_supervision, ("cac", "mask"))
@@ -378,6 +387,9 @@ def validate(cfg):
     for key in ("momentum", "weight_decay", "power", "min_lr"):
         _at_least(f"train.{key}", getattr(t, key), 0, "a number")
     _positive("train.head_lr_mult", t.head_lr_mult)
+    _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))
+    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
+        raise ConfigError(f"config key 'train.layer_decay' must lie in (0, 1] (or be null: off), got {t.layer_decay}")
     _at_least("train.warmup_iters", t.warmup_iters, 0)
     if not 0 <= t.warmup_ratio <= 1:
         raise ConfigError(f"config key 'train.warmup_ratio' must lie in [0, 1], got {t.warmup_ratio}")
@@ -419,7 +431,12 @@ def check_training(cfg, world_size=1):
     for key, path, expected in (("train.resume", resume, "a checkpoint file, or 'auto'"),
                                 ("model.pretrained", None if resuming else cfg.model.pretrained,
                                  "an ImageNet checkpoint file, or null")):
-        if path is not None and not (key == "train.resume" and path == "auto") and not os.path.isfile(path):
+        folder = key == "model.pretrained" and (cfg.model.external or {}).get("library") == "transformers"
+        if folder and path is not None and not os.path.isdir(path):
+            raise MissingPathError(f"config key 'model.pretrained': {path} is not a folder (expected a local "
+                                   f"save_pretrained folder of the transformers model, or null)")
+        if path is not None and not folder and not (key == "train.resume" and path == "auto") \
+                and not os.path.isfile(path):
             raise MissingPathError(f"config key '{key}': {path} does not exist (expected {expected})")
     batch = cfg.data.batch_size
     if batch % world_size:

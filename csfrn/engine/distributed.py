@@ -118,13 +118,36 @@ class CPUSyncBatchNorm(_BatchNorm):
         return out.to(input.dtype)
 
 
+class CPUSyncBatchNormAct(CPUSyncBatchNorm):
+    """:class:`CPUSyncBatchNorm` followed by the dropout and activation of a timm ``BatchNormAct2d``, as timm's
+    ``SyncBatchNormAct`` on GPUs (made from those by :func:`convert_sync_batchnorm` on CPU)."""
+
+    def forward(self, input):
+        x = super().forward(input)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        if hasattr(self, "act"):
+            x = self.act(x)
+        return x
+
+
 def convert_sync_batchnorm(model, device):
-    """``nn.SyncBatchNorm.convert_sync_batchnorm``; on CPU the layers become :class:`CPUSyncBatchNorm`."""
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """Every BatchNorm layer of ``model`` synchronised over the processes, each keeping what it does besides
+    normalising. With timm installed, timm's converter (``timm.layers.convert_sync_batchnorm``): torch's own
+    turns timm's ``BatchNormAct2d`` (norm + activation in one module, e.g. in EfficientNet, MobileNetV3) into a
+    plain ``SyncBatchNorm`` and drops the activation. Without timm no such layer can exist, and torch's converter
+    runs. On CPU the layers become :class:`CPUSyncBatchNorm` / :class:`CPUSyncBatchNormAct`."""
+    try:
+        from timm.layers import SyncBatchNormAct, convert_sync_batchnorm as timm_convert  # optional dependency
+    except ImportError:
+        SyncBatchNormAct, timm_convert = None, None
+    model = timm_convert(model) if timm_convert is not None else nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cpu":
         for module in model.modules():
             if type(module) is nn.SyncBatchNorm:
                 module.__class__ = CPUSyncBatchNorm
+            elif SyncBatchNormAct is not None and type(module) is SyncBatchNormAct:
+                module.__class__ = CPUSyncBatchNormAct
     return model
 
 

@@ -1,6 +1,7 @@
 """Inference on normalised images: whole image, sliding window, multi-scale and flip.
 
-All functions take a model in eval mode whose ``model(x)`` returns logits [N, K, h, w] at the size of ``x``.
+All functions take a model in eval mode whose ``model(x)`` returns logits [N, K, h, w] at the size of ``x``, or a
+model plugged with CSFLM (``csfrn.models.CSFLMPlug``), whose ``segment(x)`` gives them (:func:`model_logits`).
 """
 import math
 
@@ -10,6 +11,13 @@ import torch.nn.functional as F
 
 def _pair(value):
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+def model_logits(model, x):
+    """Logits [N, K, H, W] at the size of ``x``: ``model.segment(x)`` for a plugged model (whose own outputs follow
+    the wrapped model's convention), else ``model(x)``."""
+    segment = getattr(model, "segment", None)
+    return segment(x) if callable(segment) else model(x)
 
 
 def _windows(length, crop, stride):
@@ -50,7 +58,7 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
         for start in range(0, len(boxes), crop_batch):
             chunk = boxes[start:start + crop_batch]
             crops = torch.stack([image[i, :, y:y + ch, x:x + cw] for y, x in chunk])
-            logits = model(crops).float()
+            logits = model_logits(model, crops).float()
             for (y, x), crop_logits in zip(chunk, logits):
                 out[i, :, y:y + ch, x:x + cw] += crop_logits
                 if i == 0:
@@ -62,7 +70,7 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
 def forward_logits(model, image, num_classes, mode="whole", crop_size=(512, 512), stride=(341, 341), crop_batch=4):
     """Logits at the size of ``image``, whole image or sliding window."""
     if mode == "whole":
-        return model(image).float()
+        return model_logits(model, image).float()
     if mode == "slide":
         return slide_inference(model, image, num_classes, crop_size, stride, crop_batch)
     raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")

@@ -1,6 +1,6 @@
-"""Iteration-based training: SGD + poly decay (+ linear warm-up), AMP on CUDA, DDP through torchrun with SyncBN,
-per-sample seeded data, JSON-lines metrics (TensorBoard when installed), periodic evaluation keeping best.pth
-and last.pth, and exact resume."""
+"""Iteration-based training: SGD or AdamW (``engine/optim.py``) + poly decay (+ linear warm-up), AMP on CUDA,
+DDP through torchrun with SyncBN, per-sample seeded data, JSON-lines metrics (TensorBoard when installed),
+periodic evaluation keeping best.pth and last.pth, and exact resume."""
 import json
 import math
 import os
@@ -21,36 +21,13 @@ from .config import Config, check_training
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
 from .ema import build_ema
 from .evaluate import evaluate, write_report
+from .interrupt import signal_name, stop_requests
+from .optim import build_optimizer, poly_lambda  # noqa: F401  (poly_lambda: part of this module's API)
+from .resume import check_iterations, config_differences, fresh_groups, rederive_schedule
 from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, Timer, TrainLog, check_tensorboard, peak_memory_gib,
                         write_config, write_env)
-from .step import train_step
-from .interrupt import signal_name, stop_requests
-from .resume import check_iterations, config_differences, fresh_groups, rederive_schedule
 from .run_lock import LOCK_NAME, run_lock
-
-
-def poly_lambda(train_cfg):
-    """lr factor at iteration it: mmseg's poly (with min_lr) times its linear warm-up."""
-    base, iters, power, min_lr = train_cfg.lr, train_cfg.iters, train_cfg.power, train_cfg.min_lr
-    warmup, ratio = train_cfg.warmup_iters, train_cfg.warmup_ratio
-
-    def factor(it):
-        lr = (base - min_lr) * (1 - min(it, iters) / iters) ** power + min_lr
-        if it < warmup:
-            lr *= 1 - (1 - it / warmup) * (1 - ratio)
-        return lr / base
-    return factor
-
-
-def build_optimizer(model, train_cfg):
-    """SGD with two groups: the backbone at lr, everything else at lr * head_lr_mult. Weight decay everywhere,
-    as in the paper's (and mmseg's) recipe."""
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    groups = [{"params": backbone, "lr": train_cfg.lr},
-              {"params": rest, "lr": train_cfg.lr * train_cfg.head_lr_mult}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=train_cfg.lr, momentum=train_cfg.momentum,
-                           weight_decay=train_cfg.weight_decay)
+from .step import train_step
 
 
 def _amp_settings(amp, device):

@@ -25,7 +25,9 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
     Args:
         head: "fcn", "psp", "nonlocal" or "deeplabv3plus".
         num_classes: number of classes.
-        backbone: "resnet50", "resnet101" (torchvision stem) or "resnet50c", "resnet101c" (deep stem).
+        backbone: "resnet50", "resnet101" (torchvision stem) or "resnet50c", "resnet101c" (deep stem), or
+            "timm:<name>": timm's model ``name`` (``pip install -e .[timm]``) at the output stride, its four deepest
+            feature maps in the places of the ResNet stages (see ``TimmBackbone``; no width / blocks / multi_grid).
         csflm: add CSFLM after the head's context module.
         fusion: "aam" (full CSFRN) or "concat" (the paper's "+CSFLM" ablation).
         embed_dim: width of the C-S features (8 / 16 / 32 / 64).
@@ -33,7 +35,8 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
         aux: auxiliary FCN head on stage 3 (loss weight 0.4).
         output_stride: 8 (paper) or 16.
         multi_grid: layer4 dilations (1, 2, 4) x base.
-        pretrained: local ImageNet checkpoint for the backbone (torchvision, timm or mmseg key names);
+        pretrained: local ImageNet checkpoint for the backbone (torchvision, timm or mmseg key names; for a
+            timm backbone a timm / torchvision ``.pth`` or ``.safetensors`` file of that model, loaded by timm);
             the load report is kept in ``model.pretrained_report``.
         width, blocks: narrow / shallow backbones for small experiments (64 and the named depth by default).
         channels: head and CSFLM width (512); aux_channels: aux head width (256).

@@ -106,7 +106,12 @@ SHAPE_DEFAULTS = {"num_classes": 19, "width": 64, "blocks": None, "channels": 51
 
 
 def model_name(kwargs):
-    """"deeplabv3plus resnet50c (width 8, blocks [1, 1, 1, 1]) +CSFLM(aam, D=8)" for build_model keywords."""
+    """"deeplabv3plus resnet50c (width 8, blocks [1, 1, 1, 1]) +CSFLM(aam, D=8)" for build_model keywords
+    ("smp:Unet +CSFLM(aam, D=8)" for a model.external)."""
+    external = kwargs.get("external")
+    if external:
+        return (f"{external['library']}:{external['name']} +CSFLM({external.get('fusion') or 'aam'}, "
+                f"D={kwargs.get('embed_dim', 32)})")
     name = f"{kwargs.get('head', 'deeplabv3plus')} {kwargs.get('backbone', 'resnet50c')}"
     shape = [f"{key} {list(kwargs[key]) if isinstance(kwargs[key], tuple) else kwargs[key]}"
              for key, default in SHAPE_DEFAULTS.items()
@@ -122,12 +127,19 @@ def count_model(kwargs, size):
     """Build ``build_model(**kwargs)`` on the meta device (``pretrained`` is never read: counting needs shapes
     only), count it at ``size`` (H, W), print one line and return :func:`complexity`'s dict."""
     from .builder import build_model
+    from .external import EXTERNAL_MODEL_KEYS, build_external
     kwargs = {**kwargs, "pretrained": None}
+    external = kwargs.pop("external", None)
     if kwargs.get("blocks") is not None:
         kwargs["blocks"] = tuple(kwargs["blocks"])
     with torch.device("meta"):
-        model = build_model(**kwargs)
+        if external is not None:
+            model = build_external(external, **{k: kwargs[k] for k in EXTERNAL_MODEL_KEYS if k in kwargs})
+        else:
+            model = build_model(**kwargs)
     c = complexity(model, size)
+    if external is not None:
+        kwargs = {"external": external, "embed_dim": kwargs.get("embed_dim", 32)}
     def g(v):                                          # 178.48, and 0.0213 for a tiny model
         return f"{v:.2f}" if v >= 1 else f"{v:.3g}"
     print(f"{model_name(kwargs)} @ {size[0]}x{size[1]}: params {c['params'] / 1e6:.2f} M, GFLOPs {g(c['gflops'])} "

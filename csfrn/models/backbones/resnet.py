@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...errors import ConfigError
+from .timm_backbone import build_timm_backbone, is_timm
+
 # (stem, block counts) of each named architecture.
 ARCHS = {
     "resnet50": ("plain", (3, 4, 6, 3)),
@@ -117,6 +120,20 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def layer_ids(self):
+        """{parameter name: layer group} for layer-wise lr decay, as timm's ResNet ``group_matcher``: the stem
+        is layer 0, then every block in order."""
+        ids, block = {}, 0
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0].startswith("layer"):
+                stage, index = int(parts[0][5:]), int(parts[1])
+                block = sum(len(getattr(self, f"layer{i}")) for i in range(1, stage)) + index + 1
+                ids[name] = block
+            else:
+                ids[name] = 0
+        return ids
+
     def forward(self, x):
         """Returns the four stage outputs (strides 4, 8, then output_stride twice at output stride 8)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -184,11 +201,20 @@ def load_pretrained(model, path):
 
 def build_backbone(name="resnet50c", output_stride=8, multi_grid=False, width=64, blocks=None, pretrained=None):
     """A named dilated ResNet; ``blocks`` overrides the block counts, ``pretrained`` is a local checkpoint file.
+    ``"timm:<name>"`` is timm's model ``name`` (:class:`TimmBackbone`), which takes no width, blocks or multi-grid.
 
     Returns (backbone, LoadReport or None).
     """
+    if is_timm(name):
+        for key, value, default in (("width", width, 64), ("blocks", blocks, None), ("multi_grid", multi_grid, False)):
+            if value != default:
+                raise ConfigError(f"{key}={list(value) if key == 'blocks' else value} (model.{key}) applies to "
+                                 f"csfrn's ResNets only; backbone {name!r} is timm's, whose shape its name gives: "
+                                 f"leave model.{key} at {default if default is not None else 'null'}")
+        return build_timm_backbone(name, output_stride, pretrained)
     if name not in ARCHS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)}")
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)} or timm:<name> (any timm "
+                         f"model that dilates, e.g. timm:convnext_atto)")
     stem, layers = ARCHS[name]
     model = ResNet(tuple(blocks) if blocks is not None else layers, deep_stem=stem == "deep",
                    output_stride=output_stride, multi_grid=multi_grid, width=width)
