@@ -422,8 +422,9 @@ def test_cuda_memory_layouts_and_empty_batch(layout):
 
 @needs_cuda
 def test_cuda_several_column_chunks_vs_torchvision():
-    # 64 channels * 9 taps * 64 * 64 pixels * 8 bytes = 18.9 MB of columns per image: 14 images per 256 MiB
-    # chunk, so 31 images make three chunks, the last one short; weight grads add up across chunks.
+    # The backward's workspace per image in float64: columns and their gradient (64 channels * 9 taps * 64 * 64
+    # pixels * 8 bytes = 18.9 MB each), keys and sort (9.4 MB), samples (6.5 MB): 20 images per 1 GiB chunk, so
+    # 31 images make two chunks (16 + 15); the weight gradient adds up across them.
     case = make_case(n=31, c_in=64, c_out=8, groups=2, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
                      dilation=(1, 1), size=(64, 64), use_mask=True, device="cuda", scale=1.0)
     assert_same_as_torchvision(case)

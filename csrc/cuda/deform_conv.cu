@@ -10,17 +10,18 @@
 //   sample_kernel    one thread per item (image, offset group, tap, output pixel): the four corners' pixels and
 //                    bilinear weights (times the mask), once, into a DeformSample table shared by everything below
 //                    and by both convolutions of the dual op.
-//   sampling_kernel  one warp per item, its lanes over the offset group's contiguous run of channels (coalesced
-//                    loads of the four corner vectors): writes the columns (forward; backward: the weight
-//                    gradient's columns) and, in the backward, reduces grad_columns * corner derivatives across
-//                    the lanes (warp shuffles, a fixed butterfly) into the offset and mask gradients, in the same
-//                    pass: the backward never runs a second im2col.
+//   sampling_kernel  one group of lanes per item (a power of two up to a warp, enough for the offset group's
+//                    channels), its lanes over the offset group's contiguous run of channels (coalesced loads of
+//                    the four corner vectors): writes the columns (forward; backward: the weight gradient's
+//                    columns) and, in the backward, reduces grad_columns * corner derivatives across the lanes
+//                    (warp shuffles, a fixed butterfly) into the offset and mask gradients, in the same pass: the
+//                    backward never runs a second im2col.
 //   GEMMs (cuBLAS)   forward: out[pixels, C_out] = cols @ W^T (+ bias), every image of the chunk in one GEMM per
 //                    group; backward: grad_cols = grad_out @ W, and grad_W = grad_out^T @ cols with K = images *
 //                    pixels: one GEMM for the whole batch when it fits one chunk (float32 sums across chunks).
 //   input gradient   keys_kernel gives every contribution (item, corner) the input pixel and offset group it lands
 //                    on; at::sort(stable) groups them by destination, keeping the item order among equals;
-//                    at::searchsorted finds each destination's run; grad_input_kernel, one warp per destination,
+//                    at::searchsorted finds each destination's run; grad_input_kernel, one lane group per destination,
 //                    sums its contributors in that fixed order in float32 (float64) and writes the final value in
 //                    the final dtype and layout: no atomics, no zero-fill, no cast pass, bitwise reproducible, so
 //                    torch.use_deterministic_algorithms(True) has nothing to alert about.
