@@ -451,7 +451,8 @@ def raw_ops(device):
 # Tolerance of a kernel in dtype against the twin in float64 on the same (rounded) values: relative, and absolute
 # times the tensor's largest |value|. The CUDA kernels accumulate in float32 but round their outputs (and deform
 # conv its column buffers) to the dtype: float32 2e-6 (17 eps), float16 2e-3 (2 eps), bfloat16 1.6e-2 (2 eps); the
-# worst errors seen on the emulation are about a tenth of that. On a GPU, atomics add in any order.
+# worst errors seen on the emulation are about a tenth of that. On a GPU, cuBLAS and FMA contraction round
+# differently from the host.
 TOL = {
     "cpu": {F64: 1e-12, torch.float32: 2e-6},
     "emu": {F64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2},

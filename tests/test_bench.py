@@ -98,8 +98,30 @@ def test_deform_bench_quick_under_autocast(tmp_path, capsys):
     rows = deform.main(["--quick", "--device", "cpu", "--no-twin", "--reps", "1", "--amp", "bf16", "--json", str(path)])
     assert {r["impl"] for r in rows} >= {"ours", "torchvision", "dense conv2d", "ours dual", "ours 2 calls"}
     assert all(r["median_ms"] > 0 and r["floor_ms"] is None for r in rows)   # no float32 floor under autocast
-    assert json.loads(path.read_text())["amp"] == "bf16"
-    assert "autocast bf16" in capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert saved["amp"] == "bf16"
+    assert [(p["op"], p["dtype"]) for p in saved["plan"]] == [
+        ("deform_conv2d", "float32"), ("dual_deform_conv2d", "float32"), ("deform_conv2d", "bfloat16"),
+        ("dual_deform_conv2d", "bfloat16")]
+    out = capsys.readouterr().out
+    assert "autocast bf16" in out and "CUDA plan, deform_conv2d fwd+bwd" in out and "floor" in out
+
+
+def test_deform_plan():
+    """The CUDA launch plan at the GPU shape: three GEMMs of 2 N L C_out C_in 9 flops, the chunks deform_conv.cu's
+    workspace cap gives (float32: 2 forward, 4 backward; bf16: 1 and 2), and a floor that adds up per kernel."""
+    from csfrn.bench import deform_plan
+    gemm = 2.0 * 8 * 97 * 97 * 256 * 512 * 9
+    for dtype, chunks in (("float32", (2, 4)), ("bfloat16", (1, 2))):
+        kernels = deform_plan.plan(dtype=dtype)
+        assert sum(k.flops for k in kernels) == 3 * gemm
+        assert tuple(k.launches for k in kernels if k.name.startswith("sample_kernel")) == chunks
+        rows, total = deform_plan.summarise(kernels, "NVIDIA H100 80GB HBM3", dtype)
+        assert total["floor_ms"] == sum(r["floor_ms"] for r in rows) > 3 * gemm / 778e12 * 1e3
+    single, dual = (deform_plan.plan(dtype="bfloat16", dual=d) for d in (False, True))
+    assert sum(k.flops for k in dual) == 2 * sum(k.flops for k in single)
+    sort = [k for k in dual if k.name.startswith("at::sort")]   # the dual op sorts once for both convolutions
+    assert sort[0].bytes == [k for k in single if k.name.startswith("at::sort")][0].bytes
 
 
 def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):

@@ -12,12 +12,13 @@ tensor); float32 2e-6, float16 2e-3, bfloat16 1.6e-2: the kernels accumulate in 
 (and deform conv its column buffers) to the dtype.
 """
 import re
+import warnings
 
 import pytest
 import torch
 
-from op_samples import (F64, OPS, center_distance_sample, check_ops, class_avg_pool_sample, deform_conv2d_sample,
-                        dual_deform_conv2d_sample, emulation, output_masks)
+from op_samples import (F64, OPS, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
+                        deform_conv2d_sample, dual_deform_conv2d_sample, emulation, lay, output_masks)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -177,13 +178,28 @@ def test_deform_conv2d_empty(emu, what):
     check_ops(sample, "emu", masks=output_masks(sample), by="kernel")
 
 
-def test_deform_conv2d_column_chunks(emu):
-    # The launchers cut the batch into chunks whose columns stay under 256 MiB: 32 channels * 9 taps * 152 * 256
-    # pixels * 8 bytes = 85.5 MiB per image, so 2 images per chunk and 3 images make two chunks, the last short;
-    # the weight gradient adds up across chunks. (About 4 s and 1 GB here: the smallest case that crosses.) Against
-    # the CPU kernel: the twin would hold several such column tensors at once.
-    sample = deform_conv2d_sample(3, 32, 1, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (152, 256), seed=2, device="emu")
-    check_ops(sample, "emu", masks=every(sample), by="kernel")
+@pytest.fixture
+def workspace_cap(emu):
+    """set(bytes): the deform kernels' workspace cap (chunks of whole images) until the test ends."""
+    previous = []
+
+    def set_cap(cap):
+        previous.append(emu.set_deform_workspace_cap(cap))
+    yield set_cap
+    if previous:
+        emu.set_deform_workspace_cap(previous[0])
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_conv2d_column_chunks(emu, workspace_cap, op):
+    # A 1-byte cap: every chunk holds one image (never less), so 3 images make three chunks; the weight gradient's
+    # per-chunk GEMMs add up (in float32 for half precision), each chunk has its own sort. Every output mask.
+    workspace_cap(1)
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    for dtype in (torch.float64, torch.bfloat16):
+        sample = build(3, 6, 4, 2, 3, (3, 2), (2, 1), (1, 0), (2, 1), (7, 6), seed=2, device="emu", dtype=dtype)
+        check_ops(sample, "emu", masks=every(sample) if dtype != torch.float64 else None)
+        check_ops(sample, "emu", masks=output_masks(sample)[1::37])
 
 
 def test_dual_deform_conv2d_empty(emu):
@@ -204,3 +220,171 @@ def test_grid_stride(emu, grid_cap, op):
             check_ops(sample, "emu", masks=every(sample))
     for sample in plans.get(op, []):
         check_ops(sample, "emu", masks=every(sample))
+
+
+# ---------------------------------------------------------------- deformable convolution: the new kernels
+# csrc/cuda/deform_conv.cu: a sampling table per (image, offset group, tap, pixel); lane groups (a power of two up to
+# a warp) over each offset group's channels, warp-shuffle sums of the offset / mask gradients; the input gradient a
+# stable sort of the contributions by destination and one fixed-order gather each. Against the CPU kernel.
+DEFORM_EMU_CASES = {  # n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size
+    "40 channels per offset group": (2, 80, 6, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 7)),   # 32 lanes, twice
+    "3 per group, 6 per offset group": (1, 12, 8, 4, 2, (3, 2), (2, 1), (1, 0), (2, 1), (7, 6)),  # 8 lanes, 2 idle
+    "one channel": (3, 1, 3, 1, 1, (2, 3), (1, 2), (0, 1), (1, 1), (6, 5)),                  # 1 lane per item
+    "odd, dilated": (1, 6, 4, 2, 3, (3, 3), (2, 2), (2, 1), (2, 3), (9, 11)),
+}
+
+
+@pytest.mark.parametrize("case", list(DEFORM_EMU_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no_mask"])
+def test_deform_kernels_against_cpu(emu, case, dtype, masked):
+    sample = deform_conv2d_sample(*DEFORM_EMU_CASES[case], mask=masked, seed=7, device="emu", dtype=dtype)
+    check_ops(sample, "emu", masks=every(sample) + [[True, False, False, False, True], [False, True, True, False,
+                                                                                           False]], by="kernel")
+
+
+@pytest.mark.parametrize("case", list(DEFORM_EMU_CASES)[:2])
+def test_dual_deform_kernels_against_cpu(emu, grid_cap, case):
+    # grid_cap(1): one block of lane groups walks every item and destination (the warp-uniform loop's tail).
+    grid_cap(1)
+    sample = dual_deform_conv2d_sample(*DEFORM_EMU_CASES[case], c_y=DEFORM_EMU_CASES[case][1] // 2, groups_y=1,
+                                       c_out_y=3, seed=8, device="emu", dtype=torch.float32)
+    check_ops(sample, "emu", masks=every(sample), by="kernel")
+
+
+def _emu_backward(op, sample):
+    args = sample.detached().args
+    outs = getattr(torch.ops.csfrn_emu, op)(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    info = sample.info
+    return getattr(torch.ops.csfrn_emu, info.backward)(*info.backward_args(args, outs, sample.grads,
+                                                                           every(sample)[0]))
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_deterministic_without_alerts(emu, op):
+    """Under torch.use_deterministic_algorithms(True) the backward runs without an error or a warning (no atomics
+    left to alert for) and gives bitwise-equal gradients on two calls."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    sample = build(2, 8, 4, 1, 2, (3, 3), (1, 1), (1, 1), (1, 1), (9, 8), seed=9, device="emu", dtype=torch.float32)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            first, second = _emu_backward(op, sample), _emu_backward(op, sample)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, order):
+    """grad of input of a one-channel deform conv whose weight makes column (pixel, tap) = grad_out[tap, pixel]
+    exactly: each input pixel's contributions w * grad_out added one by one in float32, contribution
+    4 * item + corner (item = pixel * taps + tap) in ascending (`order` 1) or descending (-1) order."""
+    h, w = x.shape[2:]
+    h_out, w_out = offset.shape[2:]
+    taps = kh * kw
+    f32 = torch.float32
+    contributions = {}
+    for p in range(h_out * w_out):
+        ho, wo = divmod(p, w_out)
+        for k in range(taps):
+            i, j = divmod(k, kw)
+            y = torch.tensor(float(ho * stride[0] - padding[0] + i * dilation[0]), dtype=f32) + offset[0, 2 * k, ho, wo]
+            xx = torch.tensor(float(wo * stride[1] - padding[1] + j * dilation[1]), dtype=f32) + offset[0, 2 * k + 1, ho, wo]
+            if not (-1 < float(y) < h and -1 < float(xx) < w):
+                continue
+            fy, fx = torch.floor(y), torch.floor(xx)
+            ly, lx = y - fy, xx - fx
+            hy, hx = 1 - ly, 1 - lx
+            weights = (hy * hx * 1, hy * lx * 1, ly * hx * 1, ly * lx * 1)
+            for c, wgt in enumerate(weights):
+                yy, xc = int(fy) + (c >> 1), int(fx) + (c & 1)
+                if 0 <= yy < h and 0 <= xc < w:
+                    contributions.setdefault((yy, xc), []).append((4 * (p * taps + k) + c, wgt * grad_out[0, k, ho, wo]))
+    grad = torch.zeros(h, w, dtype=f32)
+    for (yy, xc), terms in contributions.items():
+        total = torch.zeros((), dtype=f32)
+        for _, term in sorted(terms, key=lambda t: order * t[0]):
+            total = total + term
+        grad[yy, xc] = total
+    return grad
+
+
+def test_deform_input_grad_sums_in_contribution_order(emu):
+    """The sort is stable and the gather adds in its order: each input pixel's float32 sum equals, bit for bit, the
+    sum of its contributions in ascending contribution order (and, magnitudes spread over 16 decades, not the sum
+    in descending order: the test can see the order)."""
+    g = torch.Generator().manual_seed(11)
+    kh, kw, stride, padding, dilation = 3, 3, (1, 1), (1, 1), (1, 1)
+    x = torch.randn(1, 1, 6, 7, generator=g)
+    offset = torch.randn(1, 18, 6, 7, generator=g) * 1.5
+    weight = torch.eye(9).view(9, 1, 3, 3)   # column (pixel, tap) = grad_out[tap, pixel], exactly
+    grad_out = torch.randn(1, 9, 6, 7, generator=g) * 10.0 ** torch.randint(-8, 9, (1, 9, 6, 7), generator=g)
+    grads = torch.ops.csfrn_emu.deform_conv2d_backward(grad_out, x, offset, weight, None, list(stride), list(padding),
+                                                       list(dilation), [True, False, False, False, False])
+    want = _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, 1)
+    assert torch.equal(grads[0][0, 0], want)
+    assert not torch.equal(want, _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, -1))
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+@pytest.mark.parametrize("kernels", ["emu", "cpu"])
+def test_deform_keeps_memory_format(emu, op, kernels):
+    """channels_last in, channels_last out (and the input's gradient); NCHW stays NCHW; the same values either way."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    base = build(2, 16, 8, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (7, 6), seed=12, device="emu", dtype=torch.float32)
+    raw = torch.ops.csfrn_emu if kernels == "emu" else torch.ops.csfrn
+    results = {}
+    for layout in ("nchw", "channels_last"):
+        inputs = base.info.arg_names[:2] if op == "dual_deform_conv2d" else base.info.arg_names[:1]
+        sample = base.replace(**{n: lay(base[n], layout) for n in inputs})
+        args = sample.detached().args
+        outs = getattr(raw, op)(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grad_outs = tuple(lay(g, layout) for g in sample.grads)
+        grads = getattr(raw, sample.info.backward)(*sample.info.backward_args(args, outs, grad_outs,
+                                                                              every(sample)[0]))
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        for t in list(outs) + list(grads[:len(inputs)]):
+            assert t.is_contiguous(memory_format=fmt), (layout, t.stride())
+        results[layout] = (outs, grads)
+    for a, b in zip(results["nchw"][0] + results["nchw"][1], results["channels_last"][0] + results["channels_last"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_autocast_keeps_offsets_float32(emu, op):
+    """CUDA's autocast rule (csrc/autocast/deform_conv_autocast.h), registered for the emulated ops on AutocastCPU:
+    the input and weights run in bfloat16, the offset and mask stay float32 (the kernels take float32 coordinates
+    beside bfloat16 input), the same bits as the kernels called so by hand, and not the all-bfloat16 result."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    sample = build(2, 8, 4, 1, 2, (3, 3), (1, 1), (1, 1), (1, 1), (9, 8), seed=13, device="emu", dtype=torch.float32)
+    args = sample.detached().args
+    names = sample.info.arg_names
+    fn = getattr(torch.ops.csfrn_emu, op)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(*args)
+    bf16 = torch.bfloat16
+
+    def cast(coord_dtype):
+        return [a.to(coord_dtype if n in ("offset", "mask") else bf16) if torch.is_tensor(a) else a
+                for n, a in zip(names, args)]
+    want, all_bf16 = fn(*cast(torch.float32)), fn(*cast(bf16))
+    got, want, all_bf16 = (tuple(o) if isinstance(o, tuple) else (o,) for o in (got, want, all_bf16))
+    for a, b, c in zip(got, want, all_bf16):
+        assert a.dtype == bf16 and torch.equal(a, b)
+        assert not torch.equal(a, c)
+    # and the backward: offset and mask gradients in float32, close to the float64 twin
+    wide = sample.detached(dtype=torch.float64)
+    want_out = sample.info.reference(*wide.args)
+    want_out = want_out if isinstance(want_out, tuple) else (want_out,)
+    coords = cast(torch.float32)
+    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(*sample.info.backward_args(
+        tuple(coords), got, tuple(g.to(bf16) for g in sample.grads), every(sample)[0]))
+    offset_grad = grads[sample.info.differentiable.index("offset")]
+    assert offset_grad.dtype == torch.float32
+    for a, b in zip(got, want_out):
+        assert_matches(a, b, 3e-2, "bf16 output with float32 offsets")

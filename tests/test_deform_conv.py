@@ -321,7 +321,7 @@ def test_deterministic_cpu_backward(n):
 
 # ---------------------------------------------------------------- CUDA
 @needs_cuda
-def test_cuda_autocast_devices_and_determinism_alert():
+def test_cuda_autocast_devices_and_determinism():
     case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32, device="cuda")
     with torch.autocast("cuda", dtype=torch.float16):
         out = call(ops.deform_conv2d, case)
@@ -332,8 +332,7 @@ def test_cuda_autocast_devices_and_determinism_alert():
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with pytest.raises(RuntimeError, match="deform_conv2d_backward on CUDA"):
-            out.sum().backward()
+        out.sum().backward()   # no atomics left: nothing to alert about
     finally:
         torch.use_deterministic_algorithms(was)
 
@@ -423,45 +422,39 @@ def test_cuda_memory_layouts_and_empty_batch(layout):
 
 @needs_cuda
 def test_cuda_several_column_chunks_vs_torchvision():
-    # 64 channels * 9 taps * 64 * 64 pixels * 8 bytes = 18.9 MB of columns per image: 14 images per 256 MiB
-    # chunk, so 31 images make three chunks, the last one short; weight grads add up across chunks.
+    # The backward's workspace per image in float64: columns and their gradient (64 channels * 9 taps * 64 * 64
+    # pixels * 8 bytes = 18.9 MB each), keys and sort (9.4 MB), samples (6.5 MB): 20 images per 1 GiB chunk, so
+    # 31 images make two chunks (16 + 15); the weight gradient adds up across them.
     case = make_case(n=31, c_in=64, c_out=8, groups=2, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
                      dilation=(1, 1), size=(64, 64), use_mask=True, device="cuda", scale=1.0)
     assert_same_as_torchvision(case)
 
 
 @needs_cuda
-def test_cuda_determinism_alert_only_for_input_grads():
+def test_cuda_deterministic_without_alerts():
     import warnings
     case = make_case(**AWKWARD, use_mask=True, device="cuda")
     y = torch.randn(2, 6, 5, 4, dtype=F64, device="cuda", requires_grad=True)
     wy = torch.randn(3, 6, 3, 2, dtype=F64, device="cuda", requires_grad=True)
-    out = call(ops.deform_conv2d, dict(case, input=case["input"].detach()))  # no grad of input: no atomics
-    full = call(ops.deform_conv2d, case)
-    ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0),
-                                    (2, 1), case["mask"])
+    leaves = [case[k] for k in ("input", "offset", "weight", "mask")] + [y, wy]
     was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)  # warnings: older torch also alerts on cuBLAS
 
-    def ours(fn):
+    def run():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fn()
-        return [str(w.message) for w in caught if "on CUDA (grad" in str(w.message)]
+            full = call(ops.deform_conv2d, case)
+            ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1),
+                                            (1, 0), (2, 1), case["mask"])
+            got = torch.autograd.grad(full.square().sum() + ox.sum() + oy.square().sum(), leaves)
+        assert [str(w.message) for w in caught if "deform" in str(w.message)] == []
+        return got
     try:
-        assert ours(lambda: torch.autograd.grad(out.sum(), [case["offset"], case["weight"], case["mask"]],
-                                                retain_graph=True)) == []
-        assert ours(lambda: torch.autograd.grad(full.sum(), case["offset"]))  # the input's grad is computed too
-        msgs = ours(lambda: torch.autograd.grad(ox.sum() + oy.sum(), y))
-        assert msgs and "dual_deform_conv2d_backward on CUDA" in msgs[0]
+        first, again = run(), run()
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
-    # the offset, mask and weight gradients are deterministic: bitwise equal on a second run
-    names = ["offset", "weight", "mask"]
-    first = torch.autograd.grad(out.sum(), [case[n] for n in names], retain_graph=True)
-    again = torch.autograd.grad(out.sum(), [case[n] for n in names])
-    for name, a, b in zip(names, first, again):
-        assert torch.equal(a, b), name
+    for a, b in zip(first, again):   # every gradient, the input's included: bitwise equal
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -482,6 +475,31 @@ def test_cuda_second_device():
     for name in want:
         assert_same(got[name].cpu(), want[name], msg=name)
     assert_same(ox.detach().cpu(), want_out)
+
+
+def test_autocast_rule_keeps_coordinates_float32():
+    """The twin's copy of the C++ wrappers' rule (csrc/autocast/deform_conv_autocast.h; the C++ one runs under the
+    emulation: test_cuda_emu.py::test_deform_autocast_keeps_offsets_float32)."""
+    from csfrn.ops.deform_conv import autocast_dtype
+    for amp in (torch.float16, torch.bfloat16):
+        assert [autocast_dtype("cuda", n, amp) for n in ("input", "weight", "bias", "offset", "mask")] == \
+            [amp, amp, amp, torch.float32, torch.float32]
+        assert {autocast_dtype("cpu", n, amp) for n in ("input", "offset", "mask")} == {torch.float32}
+
+
+def test_cpu_autocast_offsets_float32():
+    """Through the dispatcher on the CPU: a bfloat16 offset and mask reach the kernel as float32 (the gradients flow
+    back to their dtype), as does everything else on the CPU."""
+    case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32)
+    off = case["offset"].detach().to(torch.bfloat16).requires_grad_()
+    mask = case["mask"].detach().to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.deform_conv2d(case["input"], off, case["weight"], case["bias"], (2, 1), (1, 0), (2, 1), mask)
+    exp = ops.deform_conv2d(case["input"], off.detach().float(), case["weight"], case["bias"], (2, 1), (1, 0), (2, 1),
+                            mask.detach().float())
+    assert out.dtype == torch.float32 and torch.equal(out, exp)
+    g_off, g_mask = torch.autograd.grad(out.sum(), [off, mask])
+    assert g_off.dtype == g_mask.dtype == torch.bfloat16
 
 
 def test_cpu_autocast_runs_float32():

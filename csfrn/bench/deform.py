@@ -13,6 +13,10 @@ backward: the input and weight gradients are one matmul each), over the float32 
 rate is measured at the start of the run (:func:`csfrn.bench.timing.cpu_ceilings`); figures for the machines
 we ran on are in ``benchmarks/results/``.
 
+The CUDA kernels' launch plan (csfrn/bench/deform_plan.py) is printed first: for the GPU shape N=8, 512 -> 256,
+97 x 97, 3 x 3 in float32 and bf16, single and dual, every kernel's bytes and flops, the floor of the call at a
+card's ceilings (``--card``) and the expected time; the JSON holds it under "plan", beside the measurement.
+
 The twin materialises every bilinear gather; at full size it takes seconds and gigabytes, so it runs once
 (``twin_reps``, default 1) or not at all (``--no-twin``).
 """
@@ -23,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import deform_plan
 from .timing import cpu_ceilings, device_name, measure, table, write_json
 
 
@@ -187,7 +192,20 @@ def add_arguments(parser):
                    help="write rows, ratios and the machine to DIR/deform_conv_<device>[-<amp>].json "
                         "(default: no file)")
     p.add_argument("--json", default=None, metavar="FILE", help="write them to FILE (instead of --out's)")
+    p.add_argument("--card", default="NVIDIA H100 80GB HBM3", choices=sorted(deform_plan.CARDS),
+                   help="the GPU whose ceilings the CUDA launch plan's floor is computed at")
     return parser
+
+
+def print_plans(plans):
+    """The CUDA launch plans: per kernel, then each call's floor and expected time."""
+    for p in plans:
+        print(f"CUDA plan, {p['op']} fwd+bwd, {p['shape']}, {p['dtype']}, at {p['card']} ({p['card_source']}):")
+        print(table(p["kernels"], [("phase", "pass", "{}"), ("kernel", "kernel", "{}"), ("launches", "launches", "{}"),
+                                   ("mbytes", "MB moved", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
+                                   ("floor_ms", "floor ms", "{:.3f}"), ("expected_ms", "expected ms", "{:.3f}")]))
+        print(f"  whole call: {p['mbytes']:.0f} MB, {p['gflop']:.0f} GFLOP; floor {p['floor_ms']:.2f} ms, "
+              f"expected {p['expected_ms']:.2f} ms")
 
 
 def main(argv=None, parser=None):
@@ -197,6 +215,8 @@ def main(argv=None, parser=None):
         suffix = "" if args.amp == "none" else f"-{args.amp}"
         args.json = os.path.join(args.out, f"deform_conv_{torch.device(args.device).type}{suffix}.json")
 
+    plans = deform_plan.gpu_plans(args.card)
+    print_plans(plans)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     peak = cpu_ceilings()["matmul_gflops_fp32"] if torch.device(args.device).type == "cpu" else None
     rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
@@ -215,7 +235,7 @@ def main(argv=None, parser=None):
         write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__, amp=args.amp,
                                    matmul_gflops_fp32=peak,
                                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
-                                   rows=rows, ratios=rat))
+                                   rows=rows, ratios=rat, plan=plans))
         print(f"wrote {args.json}")
     print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
                        ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),

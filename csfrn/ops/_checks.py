@@ -150,6 +150,26 @@ def check_deform_offset(input, offset, mask, kh, kw, stride, padding, dilation, 
     return offset_groups, h_out, w_out
 
 
+def check_deform_coords(input_name, input, offset, mask):
+    """The offset and mask: on the input's device, in its dtype or in float32 beside a float16 / bfloat16 input
+    (CUDA autocast keeps sampling positions float32); the mask in the offset's dtype."""
+    check_same_device(**{input_name: input, "offset": offset}, **_present(mask=mask))
+    if not (input.dtype in (torch.float16, torch.bfloat16) and offset.dtype == torch.float32):
+        check_same_dtype(**{input_name: input, "offset": offset})
+    if mask is not None:
+        check_same_dtype(offset=offset, mask=mask)
+
+
+def deform_channels_last(input):
+    """Whether a deform conv's output and the input's gradient are channels_last: when the input is channels_last
+    and not also contiguous (the kernels' rule, csrc/common/deform_conv_checks.h)."""
+    return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+
+
+def deform_memory_format(input):
+    return torch.channels_last if deform_channels_last(input) else torch.contiguous_format
+
+
 def _present(**tensors):
     return {name: t for name, t in tensors.items() if t is not None}
 
@@ -158,7 +178,8 @@ def check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dila
     """Returns the output shape [N, C_out, H_out, W_out]."""
     _, kh, kw = check_deform_branch("input", input, "weight", weight, "bias", bias)
     _, h_out, w_out = check_deform_offset(input, offset, mask, kh, kw, stride, padding, dilation)
-    present = _present(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    check_deform_coords("input", input, offset, mask)
+    present = _present(input=input, weight=weight, bias=bias)
     check_same_device(**present)
     check_same_dtype(**present)
     return [input.shape[0], weight.shape[0], h_out, w_out]
@@ -178,8 +199,8 @@ def check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, m
     if y.shape[1] % offset_groups != 0:
         raise ValueError(f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
                          f"{y.shape[1]} channels of y")
-    present = _present(x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x,
-                       bias_y=bias_y, mask=mask)
+    check_deform_coords("x", x, offset, mask)
+    present = _present(x=x, y=y, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x, bias_y=bias_y)
     check_same_device(**present)
     check_same_dtype(**present)
     n = x.shape[0]

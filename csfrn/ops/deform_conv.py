@@ -18,20 +18,33 @@ def _pairs(stride, padding, dilation):
     return _checks.pair("stride", stride), _checks.pair("padding", padding), _checks.pair("dilation", dilation)
 
 
+# The arguments that carry sampling positions: float32 under CUDA autocast.
+COORDS = ("offset", "mask")
+
+
+def autocast_dtype(device_type, name, amp_dtype):
+    """The dtype csrc/autocast/deform_conv_autocast.cpp casts argument ``name`` to under autocast to ``amp_dtype``
+    on ``device_type``: CUDA runs the input, weights and biases in the autocast dtype and keeps the offset and mask
+    float32 (bf16 would quantise a sampling position at 97 px to about 1/64 px); the CPU kernels run float32."""
+    if device_type == "cuda" and name not in COORDS:
+        return amp_dtype
+    return torch.float32
+
+
 def _twin_under_autocast(twin, device_type, tensors, **rest):
     """Runs a reference twin as csrc/autocast/deform_conv_autocast.cpp runs the kernel: under autocast on
-    ``device_type``, every floating-point tensor on that device but float64 is cast to one dtype (CUDA: the
-    autocast dtype; CPU: float32, the kernels' own) and the twin runs with autocast off (the kernel's matmuls
-    are not autocast either)."""
+    ``device_type``, every floating-point tensor on that device but float64 is cast to the dtype
+    :func:`autocast_dtype` gives it, and the twin runs with autocast off (the kernel's matmuls are not autocast
+    either)."""
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return twin(**tensors, **rest)
-    dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+    amp = torch.get_autocast_dtype(device_type)
 
-    def cast(t):
+    def cast(name, t):
         eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible and t.device.type == device_type else t
+        return t.to(autocast_dtype(device_type, name, amp)) if eligible and t.device.type == device_type else t
     with torch.autocast(device_type, enabled=False):
-        return twin(**{k: cast(t) for k, t in tensors.items()}, **rest)
+        return twin(**{k: cast(k, t) for k, t in tensors.items()}, **rest)
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -96,17 +109,28 @@ def _empty_or_like(t, needed):
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def _output_like(input, shape):
+    """An output in the input's memory format (the kernels' rule: _checks.deform_channels_last)."""
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=_checks.deform_memory_format(input))
+
+
+def _grad_input(input, needed):
+    return torch.empty_like(input, memory_format=_checks.deform_memory_format(input)) if needed else input.new_empty(0)
+
+
 @torch.library.register_fake("csfrn::deform_conv2d")
 def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dilation):
     shape = _checks.check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
-    return input.new_empty(shape)
+    return _output_like(input, shape)
 
 
 @torch.library.register_fake("csfrn::deform_conv2d_backward")
 def _deform_conv2d_backward_fake(grad_out, input, offset, weight, mask, stride, padding, dilation, output_mask):
-    grads = [_empty_or_like(t, m) for t, m in zip((input, offset, weight), output_mask[:3])]
+    grads = [_grad_input(input, output_mask[0])]
+    grads += [_empty_or_like(t, m) for t, m in zip((offset, weight), output_mask[1:3])]
     grads.append(weight.new_empty(weight.shape[0] if output_mask[3] else 0))
-    grads.append(_empty_or_like(mask, output_mask[4]) if mask is not None else input.new_empty(0))
+    grads.append(_empty_or_like(mask, output_mask[4]) if mask is not None else offset.new_empty(0))
     return tuple(grads)
 
 
@@ -114,16 +138,17 @@ def _deform_conv2d_backward_fake(grad_out, input, offset, weight, mask, stride, 
 def _dual_deform_conv2d_fake(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation):
     shape_x, shape_y = _checks.check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
                                                         stride, padding, dilation)
-    return x.new_empty(shape_x), y.new_empty(shape_y)
+    return _output_like(x, shape_x), _output_like(y, shape_y)
 
 
 @torch.library.register_fake("csfrn::dual_deform_conv2d_backward")
 def _dual_deform_conv2d_backward_fake(grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, stride,
                                       padding, dilation, output_mask):
-    grads = [_empty_or_like(t, m) for t, m in zip((x, y, offset, weight_x, weight_y), output_mask[:5])]
+    grads = [_grad_input(x, output_mask[0]), _grad_input(y, output_mask[1])]
+    grads += [_empty_or_like(t, m) for t, m in zip((offset, weight_x, weight_y), output_mask[2:5])]
     grads.append(weight_x.new_empty(weight_x.shape[0] if output_mask[5] else 0))
     grads.append(weight_y.new_empty(weight_y.shape[0] if output_mask[6] else 0))
-    grads.append(_empty_or_like(mask, output_mask[7]) if mask is not None else x.new_empty(0))
+    grads.append(_empty_or_like(mask, output_mask[7]) if mask is not None else offset.new_empty(0))
     return tuple(grads)
 
 

@@ -60,7 +60,8 @@ def _sampling_positions(offset, kh, kw, stride, padding, dilation):
 
 
 def _deform_columns(input, py, px, mask):
-    """Bilinear samples (zeros outside) of every channel at every tap: [N, C * K, L], rows ordered (c, k)."""
+    """Bilinear samples (zeros outside) of every channel at every tap: [N, C * K, L], rows ordered (c, k), in the
+    input's dtype (positions, weights and products in the offset's)."""
     n, c, h, w = input.shape
     _, g, taps, h_out, w_out = py.shape
     cg = c // g
@@ -80,7 +81,9 @@ def _deform_columns(input, py, px, mask):
         cols = cols + v * (wgt * ok)[:, :, None]
     if mask is not None:
         cols = cols * mask.reshape(n, g, 1, taps, h_out, w_out)
-    return cols.reshape(n, c * taps, h_out * w_out)
+    # float32 positions and weights beside a half / bfloat16 input (autocast) give float32 products here; the
+    # kernels round their columns to the input's dtype.
+    return cols.reshape(n, c * taps, h_out * w_out).to(input.dtype)
 
 
 def _grouped_matmul(weight, cols, bias, h_out, w_out):

@@ -71,43 +71,39 @@ struct KernelGeom {
   int64_t h, w, h_out, w_out, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, offset_groups, taps, pixels;
 };
 
-// One item of the CUDA kernels, item = ((b * offset_groups + og) * taps + k) * pixels + pix of the chunk of
-// images at n0: its sampling, computed once and used by every channel of its offset group.
+// The sampling of one item of the CUDA kernels, item = ((b * pixels + pix) * offset_groups + og) * taps + k for
+// image b of the chunk of images at n0: computed once (sample_kernel), then read by every channel of the offset
+// group, by both convolutions of the dual op, by the backward's sort and by the input-gradient gather.
 template <typename acc_t>
-struct DeformItem {
-  int64_t b, n, og, k, pix;
-  int64_t offset_at;  // where its dy is in offset (dx: pixels further), and its grad in the grad of offset
-  int64_t mask_at;    // where its value is in the mask, and its grad in the grad of mask
-  BilinearPoint<acc_t> pt;
-  acc_t m;          // the mask value, 1 without a mask
-  acc_t w[4];       // bilinear weights times m
-  bool ok[4];       // corner c inside the input (corner_inside)
-  int64_t idx[4];   // corner c's index in an H * W plane; 0 when outside
+struct DeformSample {
+  int64_t pixel[4];  // corner c's pixel b * H * W + y * W + x in the chunk's images; -1 outside (never read)
+  acc_t w[4];     // bilinear weight of corner c times the mask; 0 for a point that samples nothing
+  acc_t ly, lx;   // the fractional parts (the offset gradient's derivatives)
+  acc_t m;        // the mask value, 1 without a mask
 };
 
-template <typename acc_t, typename scalar_t>
-C10_HOST_DEVICE inline DeformItem<acc_t> deform_item(const KernelGeom& g, int64_t it, int64_t n0,
-                                                     const scalar_t* offset, const scalar_t* mask) {
-  DeformItem<acc_t> d;
-  d.pix = it % g.pixels;
-  int64_t t = it / g.pixels;
-  d.k = t % g.taps;
-  t /= g.taps;
-  d.og = t % g.offset_groups;
-  d.b = t / g.offset_groups;
-  d.n = n0 + d.b;
-  d.offset_at = ((d.n * g.offset_groups + d.og) * 2 * g.taps + 2 * d.k) * g.pixels + d.pix;
-  d.mask_at = ((d.n * g.offset_groups + d.og) * g.taps + d.k) * g.pixels + d.pix;
-  d.pt = deform_point<acc_t>(d.pix / g.w_out, d.pix % g.w_out, d.k / g.kw, d.k % g.kw, g.stride_h, g.stride_w,
-                             g.pad_h, g.pad_w, g.dil_h, g.dil_w, static_cast<acc_t>(offset[d.offset_at]),
-                             static_cast<acc_t>(offset[d.offset_at + g.pixels]), g.h, g.w);
-  d.m = mask ? static_cast<acc_t>(mask[d.mask_at]) : acc_t(1);
-  bilinear_weights(d.pt.ly, d.pt.lx, d.m, d.w);
+template <typename acc_t, typename coord_t>
+C10_HOST_DEVICE inline DeformSample<acc_t> deform_sample(const KernelGeom& g, int64_t item, int64_t n0,
+                                                         const coord_t* offset, const coord_t* mask) {
+  const int64_t k = item % g.taps;
+  int64_t t = item / g.taps;
+  const int64_t og = t % g.offset_groups;
+  t /= g.offset_groups;
+  const int64_t pix = t % g.pixels, b = t / g.pixels, n = n0 + b;
+  const int64_t offset_at = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
+  const BilinearPoint<acc_t> pt =
+      deform_point<acc_t>(pix / g.w_out, pix % g.w_out, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
+                          g.dil_h, g.dil_w, static_cast<acc_t>(offset[offset_at]),
+                          static_cast<acc_t>(offset[offset_at + g.pixels]), g.h, g.w);
+  DeformSample<acc_t> s;
+  s.m = mask ? static_cast<acc_t>(mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix]) : acc_t(1);
+  s.ly = pt.ly;
+  s.lx = pt.lx;
+  bilinear_weights(pt.ly, pt.lx, pt.inside ? s.m : acc_t(0), s.w);
   for (int c = 0; c < 4; ++c) {
-    d.ok[c] = corner_inside(d.pt, c, g.h, g.w);
-    d.idx[c] = d.ok[c] ? (d.pt.y0 + (c >> 1)) * g.w + d.pt.x0 + (c & 1) : 0;
+    s.pixel[c] = corner_inside(pt, c, g.h, g.w) ? (b * g.h + pt.y0 + (c >> 1)) * g.w + pt.x0 + (c & 1) : -1;
   }
-  return d;
+  return s;
 }
 
 }  // namespace csfrn

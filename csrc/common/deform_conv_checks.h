@@ -112,16 +112,34 @@ inline void check_deform_same(const char* a, const at::Tensor& ta, const char* b
   if (tb.has_value()) check_deform_same(a, ta, b, *tb);
 }
 
+// The offset and the mask: on the input's device, in its dtype, or in float32 beside a float16 / bfloat16 input
+// (what autocast gives on CUDA: sampling positions stay float32); the mask in the offset's dtype.
+inline void check_deform_coords(const char* input_name, const at::Tensor& input, const at::Tensor& offset,
+                                const std::optional<at::Tensor>& mask) {
+  check_same_device(input_name, input, "offset", offset);
+  const bool low = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  if (!(low && offset.scalar_type() == at::kFloat)) check_same_dtype(input_name, input, "offset", offset);
+  if (mask.has_value()) {
+    check_same_device(input_name, input, "mask", *mask);
+    check_same_dtype("offset", offset, "mask", *mask);
+  }
+}
+
+// Whether a kernel's output (and the input's gradient) is channels_last: when the input is channels_last and not
+// also contiguous (csfrn/ops/_checks.py: deform_channels_last, for the fake kernels).
+inline bool deform_channels_last(const at::Tensor& input) {
+  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 inline DeformGeom check_deform_conv2d_args(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_deform_branch("input", input, "weight", weight, "bias", bias);
   DeformGeom g = check_deform_offset("input", input, offset, mask, weight.size(2), weight.size(3), stride, padding,
                                      dilation);
-  check_deform_same("input", input, "offset", offset);
+  check_deform_coords("input", input, offset, mask);
   check_deform_same("input", input, "weight", weight);
   check_deform_same("input", input, "bias", bias);
-  check_deform_same("input", input, "mask", mask);
   return g;
 }
 
@@ -144,12 +162,11 @@ inline DeformGeom check_dual_deform_conv2d_args(const at::Tensor& x, const at::T
   TORCH_CHECK_VALUE(y.size(1) % g.offset_groups == 0, "offset_groups = offset.shape[1] / (2 * kh * kw) = ",
                     g.offset_groups, " must divide the ", y.size(1), " channels of y");
   check_deform_same("x", x, "y", y);
-  check_deform_same("x", x, "offset", offset);
+  check_deform_coords("x", x, offset, mask);
   check_deform_same("x", x, "weight_x", weight_x);
   check_deform_same("x", x, "weight_y", weight_y);
   check_deform_same("x", x, "bias_x", bias_x);
   check_deform_same("x", x, "bias_y", bias_y);
-  check_deform_same("x", x, "mask", mask);
   return g;
 }
 

@@ -15,6 +15,8 @@
 // Groups of one or two channels loop across the groups of an offset group (strided columns); groups of 3 to 7
 // channels take short scalar runs. Small groups are the one shape family where the NCHW kernel this replaced was
 // faster (measured up to 1.6x on the forward, 1.5x on forward + backward for 2-channel groups).
+// The output and the input's gradient keep the input's memory format (deform_channels_last): a channels_last
+// output takes the same matmuls transposed ([pixels, C_out] rows), the gradient the padded buffer's interior as is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -56,6 +58,7 @@ struct Branch {
   at::Tensor input;   // [N, C, H, W], contiguous
   at::Tensor weight;  // [C_out, kh * kw * C / groups]: [C_out][kh][kw][C / groups], the columns' order
   int64_t channels, groups, out_channels;
+  bool channels_last;  // the output's and the input gradient's memory format (the input's)
   std::vector<Segment> segments;  // by channel
 };
 
@@ -404,9 +407,11 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
   const int64_t taps = g.taps(), L = g.pixels();
   const auto opts = offset.options();
   // Every output element is written by one matmul (beta = 0, or the bias copied in by addmm_out): no fill.
+  // outs: [N, C_out, L], or [N, L, C_out] for a channels_last output (the same matmuls, transposed).
   std::vector<at::Tensor> outs, bias;
   for (size_t i = 0; i < branches.size(); ++i) {
-    outs.push_back(at::empty({g.n, branches[i].out_channels, L}, opts));
+    const Branch& b = branches[i];
+    outs.push_back(b.channels_last ? at::empty({g.n, L, b.out_channels}, opts) : at::empty({g.n, b.out_channels, L}, opts));
     bias.push_back(biases[i].has_value() ? biases[i]->detach() : at::Tensor());
   }
   if (g.n == 0) return outs;
@@ -435,12 +440,21 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
         const at::Tensor c2 = block(cols[i], np, b.channels * taps);
         const int64_t rows = b.channels / b.groups * taps, og = b.out_channels / b.groups;
         for (int64_t gi = 0; gi < b.groups; ++gi) {
+          const at::Tensor w = b.weight.narrow(0, gi * og, og), c = c2.narrow(1, gi * rows, rows);
+          if (b.channels_last) {  // [np, og] = columns [np, rows] @ w^T
+            at::Tensor dst = outs[i][n].narrow(0, p0, np).narrow(1, gi * og, og);
+            if (bias[i].defined()) {
+              at::addmm_out(dst, bias[i].narrow(0, gi * og, og), c, w.t());
+            } else {
+              at::mm_out(dst, c, w.t());
+            }
+            continue;
+          }
           at::Tensor dst = outs[i][n].narrow(0, gi * og, og).narrow(1, p0, np);
-          const at::Tensor w = b.weight.narrow(0, gi * og, og), c = c2.narrow(1, gi * rows, rows).t();
           if (bias[i].defined()) {
-            at::addmm_out(dst, bias[i].narrow(0, gi * og, og).view({og, 1}), w, c);
+            at::addmm_out(dst, bias[i].narrow(0, gi * og, og).view({og, 1}), w, c.t());
           } else {
-            at::mm_out(dst, w, c);
+            at::mm_out(dst, w, c.t());
           }
         }
       }
@@ -474,7 +488,9 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
   bool need_grad_cols = need_coords;
   for (size_t i = 0; i < branches.size(); ++i) {
     const Branch& b = branches[i];
-    r.grad_input.push_back(need_input[i] ? at::empty({g.n, b.channels, g.h, g.w}, opts) : at::empty({0}, opts));
+    const auto fmt = b.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    r.grad_input.push_back(need_input[i] ? at::empty({g.n, b.channels, g.h, g.w}, opts.memory_format(fmt))
+                                         : at::empty({0}, opts));
     r.grad_weight.push_back(need_weight[i] ? at::zeros_like(b.weight) : at::empty({0}, opts));
     need_grad_cols = need_grad_cols || need_input[i];
   }
@@ -515,7 +531,11 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
           continue;
         }
         at::Tensor dst = whole ? r.grad_input[i][image] : at::empty({C, g.h, g.w}, opts);
-        from_channels_last(g, grad_padded[i].data_ptr<scalar_t>(), C, dst.data_ptr<scalar_t>());
+        if (dst.is_contiguous()) {
+          from_channels_last(g, grad_padded[i].data_ptr<scalar_t>(), C, dst.data_ptr<scalar_t>());
+        } else {  // a channels_last input's gradient: the padded buffer's interior as it is
+          dst.permute({1, 2, 0}).copy_(grad_padded[i].view({g.h + 3, g.w + 2, C}).narrow(0, 1, g.h).narrow(1, 1, g.w));
+        }
         if (!whole) parts.push_back(dst);
       }
       if (!whole) mine.images.emplace_back(image, std::move(parts));
@@ -629,13 +649,20 @@ Branch make_branch(const at::Tensor& input, const at::Tensor& weight, int64_t of
   // Sizes spelled out: view cannot infer a -1 beside a zero size (C_out = 0).
   return {input.detach().contiguous(),
           weight.detach().permute({0, 2, 3, 1}).contiguous().view({weight.size(0), taps * weight.size(1)}),
-          input.size(1), groups, weight.size(0), make_segments(input.size(1), groups, offset_groups, taps)};
+          input.size(1), groups, weight.size(0), deform_channels_last(input),
+          make_segments(input.size(1), groups, offset_groups, taps)};
 }
 
 // The weight gradient [C_out, kh * kw * C / groups] back in the weight's [C_out, C / groups, kh, kw] order.
 at::Tensor weight_order(const at::Tensor& grad, const at::Tensor& weight, bool needed) {
   if (!needed) return grad;
   return grad.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)}).permute({0, 3, 1, 2}).contiguous();
+}
+
+// A forward's output [N, C_out, H_out, W_out] in the input's memory format.
+at::Tensor output_shape(const DeformGeom& g, const Branch& b, const at::Tensor& out) {
+  if (b.channels_last) return out.view({g.n, g.h_out, g.w_out, b.out_channels}).permute({0, 3, 1, 2});
+  return out.view({g.n, b.out_channels, g.h_out, g.w_out});
 }
 
 // Detached (see make_branch). The mask is not: it is read only through its data pointer, by no ATen call.
@@ -653,7 +680,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
     outs = forward_impl<scalar_t>(g, branches, {bias}, plain(offset), m);
   });
-  return outs[0].view({g.n, weight.size(0), g.h_out, g.w_out});
+  return output_shape(g, branches[0], outs[0]);
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cpu(
@@ -671,8 +698,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dual_deform_conv2d_cpu", [&] {
     outs = forward_impl<scalar_t>(g, branches, {bias_x, bias_y}, plain(offset), m);
   });
-  return {outs[0].view({g.n, weight_x.size(0), g.h_out, g.w_out}),
-          outs[1].view({g.n, weight_y.size(0), g.h_out, g.w_out})};
+  return {output_shape(g, branches[0], outs[0]), output_shape(g, branches[1], outs[1])};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(

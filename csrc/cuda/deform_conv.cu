@@ -1,10 +1,34 @@
-// Deformable convolution on CUDA. Images go in chunks whose column buffer [B, C_in * kh * kw, H_out * W_out]
-// stays under kColumnBytes (any batch size; the last chunk is simply smaller). One thread per
-// (image, offset group, tap, output pixel) computes the sampling once and loops over every channel of the
-// group, of both convolutions for the dual op; the matmuls go to cuBLAS (float32 accumulation for half and
-// bfloat16). The backward's grad of input scatters with atomicAdd into a float32 (float64) buffer: not
-// deterministic, so it alerts under torch.use_deterministic_algorithms(True); offset, mask and weight
-// gradients are deterministic (one thread per output element, and cuBLAS).
+// Deformable convolution on CUDA, channels-last inside, deterministic, no atomics.
+//
+// Layout. The input is read channels-last ([N, H, W, C]; a channels_last input as it is, any other one copied
+// once). The columns of a chunk of images are pixel-major, [B * H_out * W_out, row] with row = groups * rg_pad and,
+// per group, [kh * kw][C / groups] padded to rg_pad, a multiple of 8 elements: the GEMMs read them with unit stride
+// and every operand's leading dimension (columns, weights [C_out, rg_pad], outputs and output gradients
+// [pixels, C_out padded to 8]) is a multiple of 8, which the sm90 tensor-core GEMMs need. Padding is never read.
+//
+// Kernels of one chunk (whole images, as many as keep the workspace under kWorkspaceBytes, at least one):
+//   sample_kernel    one thread per item (image, offset group, tap, output pixel): the four corners' pixels and
+//                    bilinear weights (times the mask), once, into a DeformSample table shared by everything below
+//                    and by both convolutions of the dual op.
+//   sampling_kernel  one group of lanes per item (a power of two up to a warp, enough for the offset group's
+//                    channels), its lanes over the offset group's contiguous run of channels (coalesced loads of
+//                    the four corner vectors): writes the columns (forward; backward: the weight gradient's
+//                    columns) and, in the backward, reduces grad_columns * corner derivatives across the lanes
+//                    (warp shuffles, a fixed butterfly) into the offset and mask gradients, in the same pass: the
+//                    backward never runs a second im2col.
+//   GEMMs (cuBLAS)   forward: out[pixels, C_out] = cols @ W^T (+ bias), every image of the chunk in one GEMM per
+//                    group; backward: grad_cols = grad_out @ W, and grad_W = grad_out^T @ cols with K = images *
+//                    pixels: one GEMM for the whole batch when it fits one chunk (float32 sums across chunks).
+//   input gradient   keys_kernel gives every contribution (item, corner) the input pixel and offset group it lands
+//                    on; at::sort(stable) groups them by destination, keeping the item order among equals;
+//                    at::searchsorted finds each destination's run; grad_input_kernel, one lane group per destination,
+//                    sums its contributors in that fixed order in float32 (float64) and writes the final value in
+//                    the final dtype and layout: no atomics, no zero-fill, no cast pass, bitwise reproducible, so
+//                    torch.use_deterministic_algorithms(True) has nothing to alert about.
+// Offsets and mask may be float32 beside a float16 / bfloat16 input (CUDA autocast keeps them so); positions and
+// weights are computed in the accumulation type (float32, float64 for float64). The output and the input's gradient
+// keep the input's memory format (channels_last in, channels_last out). What each kernel moves and computes at a
+// given shape, and the floor at a card's ceilings: csfrn/bench/deform_plan.py (`csfrn bench --what deform`).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +37,7 @@
 #include "cuda/launch.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/cuda_helpers.cuh"
@@ -24,163 +49,338 @@
 namespace csfrn {
 namespace {
 
-constexpr int64_t kColumnBytes = int64_t(256) << 20;
+// Column buffers, samples and sort of one chunk stay under this (a chunk holds at least one image).
+constexpr int64_t kWorkspaceBytes = int64_t(1) << 30;
+// GEMM leading dimensions are multiples of this many elements.
+constexpr int64_t kAlign = 8;
+// The lanes of an item (sampling) or destination (gather): a power of two <= 32 that covers the offset group's
+// channels, kThreads / lanes of them per block.
+constexpr int kMaxLanes = 32;
+
+int lanes_for(int64_t channels_per_offset_group) {
+  int lanes = 1;
+  while (lanes < kMaxLanes && lanes < channels_per_offset_group) lanes *= 2;
+  return lanes;
+}
+
+#ifdef CSFRN_CUDA_EMU
+// Test hook of the emulation (csfrn_emu::set_deform_workspace_cap): a small cap drives the chunk loops.
+int64_t& workspace_cap() {
+  static int64_t cap = 0;  // 0: kWorkspaceBytes
+  return cap;
+}
+int64_t workspace_bytes() { return workspace_cap() > 0 ? workspace_cap() : kWorkspaceBytes; }
+int64_t set_deform_workspace_cap(int64_t cap) {
+  const int64_t old = workspace_cap();
+  workspace_cap() = cap;
+  return old;
+}
+#else
+int64_t workspace_bytes() { return kWorkspaceBytes; }
+#endif
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 KernelGeom kernel_geom(const DeformGeom& g) {
   return {g.h,      g.w,      g.h_out, g.w_out, g.kh,          g.kw,   g.stride_h, g.stride_w,
           g.pad_h,  g.pad_w,  g.dil_h, g.dil_w, g.offset_groups, g.taps(), g.pixels()};
 }
 
-// One convolution's tensors for a kernel: its input and its columns (or grad of columns) for the chunk.
+// for (w over [0, n)) by every lane group (threadIdx.y) of the grid, blockDim = (lanes, kThreads / lanes).
+#define CSFRN_GROUP_LOOP(w, n) \
+  for (int64_t w = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; w < (n); w += int64_t(blockDim.y) * gridDim.x)
+
+// One convolution's buffers for the kernels. Column (channel cg, tap k) of a row: (cg / per_group) * rg_pad +
+// k * per_group + cg % per_group.
 template <typename scalar_t>
-struct KernelBranch {
-  const scalar_t* input;  // [N, C, H, W]
-  scalar_t* cols;         // [B, C * taps, pixels] of the chunk
-  int64_t channels;       // 0: absent
+struct ColBranch {
+  const scalar_t* input;  // channels-last [N, H, W, C] of the whole batch
+  scalar_t* cols;         // [B * pixels, row] columns of the chunk, or null
+  const scalar_t* gcols;  // [B * pixels, row] their gradient, or null
+  int64_t channels, per_group, rg_pad, row;  // channels 0: absent (the single op's second branch)
 };
 
-template <typename scalar_t, typename acc_t>
-__global__ void im2col_kernel(int64_t items, int64_t n0, KernelGeom g, const scalar_t* __restrict__ offset,
-                              const scalar_t* __restrict__ mask, KernelBranch<scalar_t> b0,
-                              KernelBranch<scalar_t> b1) {
-  const int64_t hw = g.h * g.w;
-  CSFRN_KERNEL_LOOP(it, items) {
-    const DeformItem<acc_t> d = deform_item<acc_t>(g, it, n0, offset, mask);
-    const KernelBranch<scalar_t> branches[2] = {b0, b1};
-    for (int bi = 0; bi < 2; ++bi) {
-      const KernelBranch<scalar_t>& br = branches[bi];
-      if (br.channels == 0) continue;
-      const int64_t per_group = br.channels / g.offset_groups;
-      for (int64_t c = d.og * per_group; c < (d.og + 1) * per_group; ++c) {
-        const scalar_t* plane = br.input + (d.n * br.channels + c) * hw;
-        acc_t v = acc_t(0);
-        // Corners outside are skipped, never read: a zero weight times plane[0] would turn an inf or NaN
-        // there into NaN (the CPU kernel reads zero padding), and with H * W = 0 plane[0] does not exist.
-        for (int j = 0; j < 4; ++j) {
-          if (d.ok[j]) v += d.w[j] * static_cast<acc_t>(plane[d.idx[j]]);
-        }
-        br.cols[((d.b * br.channels + c) * g.taps + d.k) * g.pixels + d.pix] = static_cast<scalar_t>(v);
-      }
-    }
-  }
+template <typename scalar_t>
+__device__ __forceinline__ int64_t column_of(const ColBranch<scalar_t>& br, int64_t cg, int64_t k) {
+  return (cg / br.per_group) * br.rg_pad + k * br.per_group + cg % br.per_group;
 }
 
-// grad of input (atomicAdd into acc_t buffers), offset and mask from the grad of the columns of both branches.
-template <typename scalar_t, typename acc_t>
-__global__ void col2im_coords_kernel(int64_t items, int64_t n0, KernelGeom g, const scalar_t* __restrict__ offset,
-                                     const scalar_t* __restrict__ mask, KernelBranch<scalar_t> b0,
-                                     KernelBranch<scalar_t> b1, acc_t* grad_in0, acc_t* grad_in1,
-                                     scalar_t* grad_offset, scalar_t* grad_mask) {
+template <typename coord_t, typename acc_t>
+__global__ void sample_kernel(int64_t items, int64_t n0, KernelGeom g, const coord_t* __restrict__ offset,
+                              const coord_t* __restrict__ mask, DeformSample<acc_t>* __restrict__ samples) {
+  CSFRN_KERNEL_LOOP(it, items) samples[it] = deform_sample<acc_t>(g, it, n0, offset, mask);
+}
+
+// Columns (where cols is given) and, where grad_offset / grad_mask are, the offset and mask gradients from the
+// columns' gradient, of both branches, one warp per item.
+template <typename scalar_t, typename coord_t, typename acc_t>
+__global__ void sampling_kernel(int64_t items, int64_t n0, KernelGeom g, const DeformSample<acc_t>* __restrict__ smp,
+                                ColBranch<scalar_t> b0, ColBranch<scalar_t> b1, coord_t* __restrict__ grad_offset,
+                                coord_t* __restrict__ grad_mask) {
+  const int lane = threadIdx.x, lanes = blockDim.x, per_warp = kMaxLanes / lanes;
   const int64_t hw = g.h * g.w;
-  CSFRN_KERNEL_LOOP(it, items) {
-    const DeformItem<acc_t> d = deform_item<acc_t>(g, it, n0, offset, mask);
+  const bool coords = grad_offset != nullptr || grad_mask != nullptr;
+  // The loop is uniform across each warp (its lane groups start at `first`), so every lane reaches the shuffles;
+  // a group past the last item takes part with zeros.
+  const int64_t first = int64_t(blockIdx.x) * blockDim.y + threadIdx.y - threadIdx.y % per_warp;
+  for (int64_t base = first; base < items; base += int64_t(blockDim.y) * gridDim.x) {
+    const int64_t it = base + threadIdx.y % per_warp;
+    const bool active = it < items;
+    const DeformSample<acc_t> s = smp[active ? it : base];
+    const int64_t k = it % g.taps, og = (it / g.taps) % g.offset_groups, r = it / (g.taps * g.offset_groups);
     acc_t sum_y = acc_t(0), sum_x = acc_t(0), sum_m = acc_t(0);
-    const KernelBranch<scalar_t> branches[2] = {b0, b1};
-    acc_t* grads[2] = {grad_in0, grad_in1};
-    for (int bi = 0; bi < 2; ++bi) {
-      const KernelBranch<scalar_t>& br = branches[bi];
+    for (int bi = 0; bi < 2 && active; ++bi) {
+      const ColBranch<scalar_t>& br = bi == 0 ? b0 : b1;
       if (br.channels == 0) continue;
-      const int64_t per_group = br.channels / g.offset_groups;
-      for (int64_t c = d.og * per_group; c < (d.og + 1) * per_group; ++c) {
-        const acc_t gv = static_cast<acc_t>(br.cols[((d.b * br.channels + c) * g.taps + d.k) * g.pixels + d.pix]);
-        const int64_t plane_at = (d.n * br.channels + c) * hw;
-        if (grads[bi] != nullptr && d.pt.inside) {
-          for (int j = 0; j < 4; ++j) {
-            if (d.ok[j]) atomicAdd(grads[bi] + plane_at + d.idx[j], d.w[j] * gv);
-          }
-        }
-        if (grad_offset != nullptr || grad_mask != nullptr) {
-          acc_t v[4];
-          for (int j = 0; j < 4; ++j) v[j] = d.ok[j] ? static_cast<acc_t>(br.input[plane_at + d.idx[j]]) : acc_t(0);
+      const int64_t per_og = br.channels / g.offset_groups;
+      // Corners outside are never read: a zero weight times an inf or NaN there would give NaN, and with
+      // H * W = 0 there is nothing to read.
+      const scalar_t* q[4];
+      for (int j = 0; j < 4; ++j) q[j] = s.pixel[j] >= 0 ? br.input + (n0 * hw + s.pixel[j]) * br.channels : nullptr;
+      for (int64_t c = lane; c < per_og; c += lanes) {
+        const int64_t cg = og * per_og + c, col = r * br.row + column_of(br, cg, k);
+        acc_t v[4];
+        for (int j = 0; j < 4; ++j) v[j] = q[j] ? static_cast<acc_t>(q[j][cg]) : acc_t(0);
+        if (br.cols) br.cols[col] = static_cast<scalar_t>(s.w[0] * v[0] + s.w[1] * v[1] + s.w[2] * v[2] + s.w[3] * v[3]);
+        if (coords) {
+          const acc_t gv = static_cast<acc_t>(br.gcols[col]);
           acc_t value, d_y, d_x;
-          bilinear_value_grad(d.pt.ly, d.pt.lx, v, value, d_y, d_x);
+          bilinear_value_grad(s.ly, s.lx, v, value, d_y, d_x);
           sum_y += gv * d_y;
           sum_x += gv * d_x;
           sum_m += gv * value;
         }
       }
     }
-    if (grad_offset != nullptr) {
-      grad_offset[d.offset_at] = static_cast<scalar_t>(sum_y * d.m);
-      grad_offset[d.offset_at + g.pixels] = static_cast<scalar_t>(sum_x * d.m);
+    if (coords) {
+      for (int d = lanes / 2; d > 0; d /= 2) {  // a fixed butterfly within the lane group: the same order every run
+        sum_y += __shfl_xor_sync(0xffffffffu, sum_y, d, lanes);
+        sum_x += __shfl_xor_sync(0xffffffffu, sum_x, d, lanes);
+        sum_m += __shfl_xor_sync(0xffffffffu, sum_m, d, lanes);
+      }
+      if (lane == 0 && active) {
+        const int64_t n = n0 + r / g.pixels, pix = r % g.pixels;
+        if (grad_offset) {
+          const int64_t o = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
+          grad_offset[o] = static_cast<coord_t>(sum_y * s.m);
+          grad_offset[o + g.pixels] = static_cast<coord_t>(sum_x * s.m);
+        }
+        if (grad_mask) grad_mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix] = static_cast<coord_t>(sum_m);
+      }
     }
-    if (grad_mask != nullptr) grad_mask[d.mask_at] = static_cast<scalar_t>(sum_m);
   }
 }
 
+// Contribution i = 4 * item + corner lands on destination (pixel of the chunk) * offset_groups + og; `none` (past
+// every destination, sorted last, never read) for a corner outside.
+template <typename acc_t>
+__global__ void keys_kernel(int64_t contributions, KernelGeom g, const DeformSample<acc_t>* __restrict__ smp,
+                            int64_t none, int64_t* __restrict__ keys) {
+  CSFRN_KERNEL_LOOP(i, contributions) {
+    const int64_t it = i / 4, pos = smp[it].pixel[i % 4];
+    keys[i] = pos >= 0 ? pos * g.offset_groups + (it / g.taps) % g.offset_groups : none;
+  }
+}
+
+// One convolution's input gradient: the columns' gradient and where to write (strides of [N, C, H, W]).
+template <typename scalar_t>
+struct GradBranch {
+  const scalar_t* gcols;
+  scalar_t* grad;
+  int64_t channels, per_group, rg_pad, row;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+};
+
+// One warp per destination (input pixel of the chunk, offset group), lanes over its channels: the sum of its
+// contributors order[bounds[d]], ..., order[bounds[d + 1] - 1], in that order, in acc_t.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_input_kernel(int64_t dests, int64_t n0, KernelGeom g, const int64_t* __restrict__ bounds,
+                                  const int64_t* __restrict__ order, const DeformSample<acc_t>* __restrict__ smp,
+                                  GradBranch<scalar_t> b0, GradBranch<scalar_t> b1) {
+  const int lane = threadIdx.x, lanes = blockDim.x;
+  const int64_t hw = g.h * g.w;
+  CSFRN_GROUP_LOOP(d, dests) {
+    const int64_t og = d % g.offset_groups, pix = d / g.offset_groups, b = pix / hw, y = (pix % hw) / g.w,
+                  x = pix % g.w;
+    const int64_t begin = bounds[d], end = bounds[d + 1];
+    for (int bi = 0; bi < 2; ++bi) {
+      const GradBranch<scalar_t>& br = bi == 0 ? b0 : b1;
+      if (br.grad == nullptr) continue;
+      const int64_t per_og = br.channels / g.offset_groups;
+      scalar_t* dst = br.grad + (n0 + b) * br.stride_n + y * br.stride_h + x * br.stride_w;
+      for (int64_t c = lane; c < per_og; c += lanes) {
+        const int64_t cg = og * per_og + c, base = (cg / br.per_group) * br.rg_pad + cg % br.per_group;
+        acc_t sum = acc_t(0);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t contrib = order[i], it = contrib / 4;
+          const int64_t r = it / (g.taps * g.offset_groups), k = it % g.taps;
+          sum += smp[it].w[contrib % 4] * static_cast<acc_t>(br.gcols[r * br.row + base + k * br.per_group]);
+        }
+        dst[cg * br.stride_c] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host side
 // One convolution of a (dual) call.
 struct Branch {
-  at::Tensor input;   // [N, C, H, W], contiguous
-  at::Tensor weight;  // [groups, C_out / groups, C / groups * taps], contiguous
-  int64_t channels, groups, out_channels;
+  at::Tensor input;   // [N, C, H, W], channels_last-contiguous (its data is [N, H, W, C])
+  at::Tensor weight;  // [C_out, rg_pad]: per output channel [kh][kw][C / groups], padded
+  int64_t channels, groups, per_group, out_channels, rg, rg_pad, row;
+  bool channels_last;  // the output's and the input gradient's memory format
+  int64_t out_per_group() const { return out_channels / groups; }
 };
 
 Branch make_branch(const at::Tensor& input, const at::Tensor& weight) {
-  const int64_t groups = input.size(1) / weight.size(1);
-  // Sizes spelled out: view cannot infer a -1 beside a zero size (C_out = 0).
-  return {input.contiguous(),
-          weight.contiguous().view({groups, weight.size(0) / groups, weight.size(1) * weight.size(2) * weight.size(3)}),
-          input.size(1), groups, weight.size(0)};
+  Branch b;
+  b.channels = input.size(1);
+  b.per_group = weight.size(1);
+  b.groups = b.channels / b.per_group;
+  b.out_channels = weight.size(0);
+  b.rg = weight.size(2) * weight.size(3) * b.per_group;
+  b.rg_pad = round_up(b.rg, kAlign);
+  b.row = b.groups * b.rg_pad;
+  b.channels_last = deform_channels_last(input);
+  b.input = input.contiguous(at::MemoryFormat::ChannelsLast);
+  b.weight = at::empty({b.out_channels, b.rg_pad}, weight.options());
+  // Sizes spelled out: reshape cannot infer a -1 beside a zero size (C_out = 0).
+  b.weight.narrow(1, 0, b.rg).copy_(weight.permute({0, 2, 3, 1}).reshape({b.out_channels, b.rg}));
+  return b;
 }
 
-// Images per chunk so that the columns of all branches stay under the budget.
-int64_t chunk_images(const DeformGeom& g, const std::vector<Branch>& branches, int64_t elem) {
-  int64_t per_image = 0;
-  for (const Branch& b : branches) per_image += b.channels * g.taps() * g.pixels() * elem;
-  return std::max<int64_t>(1, std::min<int64_t>(g.n, kColumnBytes / std::max<int64_t>(1, per_image)));
+// [rows, cols] with a leading dimension padded to kAlign (rows of a matrix stay 16-byte aligned).
+at::Tensor padded_matrix(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  return at::empty({rows, round_up(cols, kAlign)}, opts).narrow(1, 0, cols);
+}
+
+// Images per chunk: the most whose workspace fits kWorkspaceBytes (at least one), evened out over the batch.
+int64_t chunk_images(const DeformGeom& g, int64_t per_image) {
+  if (g.n == 0) return 1;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(g.n, workspace_bytes() / std::max<int64_t>(1, per_image)));
+  const int64_t chunks = (g.n + most - 1) / most;
+  return (g.n + chunks - 1) / chunks;
 }
 
 template <typename scalar_t>
-KernelBranch<scalar_t> kernel_branch(const std::vector<Branch>& branches, const std::vector<at::Tensor>& cols,
-                                     size_t i) {
-  if (i >= branches.size() || !cols[i].defined()) return {nullptr, nullptr, 0};
-  return {branches[i].input.data_ptr<scalar_t>(), cols[i].data_ptr<scalar_t>(), branches[i].channels};
+ColBranch<scalar_t> col_branch(const std::vector<Branch>& branches, size_t i, const at::Tensor& cols,
+                               const at::Tensor& gcols) {
+  if (i >= branches.size()) return {nullptr, nullptr, nullptr, 0, 1, 0, 0};
+  const Branch& b = branches[i];
+  return {b.input.const_data_ptr<scalar_t>(), cols.defined() ? cols.data_ptr<scalar_t>() : nullptr,
+          gcols.defined() ? gcols.const_data_ptr<scalar_t>() : nullptr, b.channels, b.per_group, b.rg_pad, b.row};
 }
 
-template <typename scalar_t>
-void launch_im2col(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor& offset,
-                   const std::optional<at::Tensor>& mask, const std::vector<Branch>& branches,
-                   const std::vector<at::Tensor>& cols) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Lanes per item: enough for the widest branch's channels per offset group.
+int branch_lanes(const DeformGeom& g, const std::vector<Branch>& branches) {
+  int64_t widest = 1;
+  for (const Branch& b : branches) widest = std::max(widest, b.channels / g.offset_groups);
+  return lanes_for(widest);
+}
+
+// Which (scalar_t, coord_t) a call runs in: coord_t is scalar_t, or float beside half / bfloat16 (checked).
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_deform(const at::Tensor& input, const at::Tensor& offset, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (offset.scalar_type() == at::kFloat) return f(Type<scalar_t>{}, Type<float>{});
+    }
+    f(Type<scalar_t>{}, Type<scalar_t>{});
+  });
+}
+
+// The sampling table of a chunk: [items] DeformSample<acc_t>, as bytes.
+template <typename acc_t, typename coord_t>
+at::Tensor compute_samples(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor& offset,
+                           const std::optional<at::Tensor>& mask) {
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
-  if (items == 0) return;
-  CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t, acc_t>)(
-      items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
-      mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, cols, 0),
-      kernel_branch<scalar_t>(branches, cols, 1));
+  at::Tensor table = at::empty({items * int64_t(sizeof(DeformSample<acc_t>))}, offset.options().dtype(at::kByte));
+  CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), sample_kernel<coord_t, acc_t>)(
+      items, n0, kernel_geom(g), offset.const_data_ptr<coord_t>(),
+      mask.has_value() ? mask->const_data_ptr<coord_t>() : nullptr,
+      reinterpret_cast<DeformSample<acc_t>*>(table.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return table;
+}
+
+template <typename acc_t>
+const DeformSample<acc_t>* samples_of(const at::Tensor& table) {
+  return reinterpret_cast<const DeformSample<acc_t>*>(table.const_data_ptr());
+}
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void launch_sampling(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor& table,
+                     const std::vector<Branch>& branches, const std::vector<at::Tensor>& cols,
+                     const std::vector<at::Tensor>& gcols, coord_t* grad_offset, coord_t* grad_mask) {
+  const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
+  auto at_ = [](const std::vector<at::Tensor>& v, size_t i) { return i < v.size() ? v[i] : at::Tensor(); };
+  const int lanes = branch_lanes(g, branches);
+  CSFRN_LAUNCH(blocks_for(items, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
+               at::cuda::getCurrentCUDAStream(), sampling_kernel<scalar_t, coord_t, acc_t>)(
+      items, n0, kernel_geom(g), samples_of<acc_t>(table), col_branch<scalar_t>(branches, 0, at_(cols, 0), at_(gcols, 0)),
+      col_branch<scalar_t>(branches, 1, at_(cols, 1), at_(gcols, 1)), grad_offset, grad_mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// [B, groups, rows, pixels] view of a chunk's columns.
-at::Tensor grouped(const at::Tensor& cols, const Branch& b, int64_t nb, const DeformGeom& g) {
-  return cols.view({nb, b.groups, b.channels / b.groups * g.taps(), g.pixels()});
+// A chunk's columns [B * pixels, row] of one group: [B * pixels, rg], leading dimension row.
+at::Tensor group_cols(const at::Tensor& cols, const Branch& b, int64_t gi) {
+  return cols.narrow(1, gi * b.rg_pad, b.rg);
 }
 
 std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Branch>& branches,
                                      const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& offset,
                                      const std::optional<at::Tensor>& mask) {
-  const int64_t taps = g.taps(), L = g.pixels();
-  std::vector<at::Tensor> outs;
-  for (const Branch& b : branches) outs.push_back(at::empty({g.n, b.out_channels, L}, b.input.options()));
-  if (g.n == 0) return outs;
-  const int64_t chunk = chunk_images(g, branches, branches[0].input.element_size());
-  std::vector<at::Tensor> cols;
-  for (const Branch& b : branches) cols.push_back(at::empty({chunk, b.channels * taps, L}, b.input.options()));
-  for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
-    const int64_t nb = std::min(chunk, g.n - n0);
-    std::vector<at::Tensor> chunk_cols;
-    for (const at::Tensor& c : cols) chunk_cols.push_back(c.narrow(0, 0, nb));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_im2col_cuda", [&] {
-      launch_im2col<scalar_t>(g, n0, nb, offset, mask, branches, chunk_cols);
-    });
-    for (size_t i = 0; i < branches.size(); ++i) {
-      const Branch& b = branches[i];
-      outs[i].narrow(0, n0, nb).view({nb, b.groups, b.out_channels / b.groups, L})
-          .copy_(at::matmul(b.weight.unsqueeze(0), grouped(chunk_cols[i], b, nb, g)));
-    }
+  const int64_t L = g.pixels(), items_per_image = g.offset_groups * g.taps() * L;
+  const auto opts = branches[0].input.options();
+  std::vector<at::Tensor> outs, out2d;  // out2d: [N * pixels, C_out] rows of the output, leading dimension % 8 == 0
+  std::vector<bool> direct;             // out2d is the output itself
+  for (const Branch& b : branches) {
+    const auto fmt = b.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    outs.push_back(at::empty({g.n, b.out_channels, g.h_out, g.w_out}, opts.memory_format(fmt)));
+    // A channels_last output whose C_out is a multiple of 8 is itself the GEMMs' output; any other gets one copy.
+    direct.push_back(b.channels_last && b.out_channels % kAlign == 0);
+    out2d.push_back(direct.back() ? outs.back().permute({0, 2, 3, 1}).view({g.n * L, b.out_channels})
+                                  : padded_matrix(g.n * L, b.out_channels, opts));
   }
+  if (g.n == 0) return outs;
+  int64_t per_image = 0;
+  for (const Branch& b : branches) per_image += L * b.row * b.input.element_size();
+  dispatch_deform(branches[0].input, offset, [&](auto st, auto ct) {
+    using scalar_t = typename decltype(st)::type;
+    using coord_t = typename decltype(ct)::type;
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t chunk = chunk_images(g, per_image + items_per_image * int64_t(sizeof(DeformSample<acc_t>)));
+    std::vector<at::Tensor> cols;
+    for (const Branch& b : branches) cols.push_back(at::empty({chunk * L, b.row}, opts));
+    for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
+      const int64_t nb = std::min(chunk, g.n - n0), rows = nb * L;
+      const at::Tensor table = compute_samples<acc_t, coord_t>(g, n0, nb, offset, mask);
+      launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols, {}, nullptr, nullptr);
+      for (size_t i = 0; i < branches.size(); ++i) {
+        const Branch& b = branches[i];
+        const int64_t og = b.out_per_group();
+        for (int64_t gi = 0; gi < b.groups; ++gi) {
+          at::Tensor dst = out2d[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og);
+          const at::Tensor c = group_cols(cols[i], b, gi).narrow(0, 0, rows);
+          const at::Tensor w = b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg).t();
+          if (biases[i].has_value()) {
+            at::addmm_out(dst, biases[i]->narrow(0, gi * og, og), c, w);
+          } else {
+            at::mm_out(dst, c, w);
+          }
+        }
+      }
+    }
+  });
   for (size_t i = 0; i < branches.size(); ++i) {
-    if (biases[i].has_value()) outs[i].add_(biases[i]->view({1, -1, 1}));
+    if (!direct[i]) {
+      outs[i].copy_(out2d[i].view({g.n, g.h_out, g.w_out, branches[i].out_channels}).permute({0, 3, 1, 2}));
+    }
   }
   return outs;
 }
@@ -190,80 +390,137 @@ struct BackwardResult {
   at::Tensor grad_offset, grad_mask;
 };
 
-BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& branches,
-                             const std::vector<at::Tensor>& grad_outs, const at::Tensor& offset,
-                             const std::optional<at::Tensor>& mask, const std::vector<bool>& need_input,
-                             const std::vector<bool>& need_weight, bool need_offset, bool need_mask,
-                             const char* op_name) {
-  const int64_t taps = g.taps(), L = g.pixels();
-  const auto opts = offset.options();
-  const auto acc_opts = opts.dtype(at::toOpMathType(offset.scalar_type()));
-  BackwardResult r;
-  const bool need_coords = need_offset || need_mask;
-  bool any_input = false;
-  for (size_t i = 0; i < branches.size(); ++i) {
-    r.grad_input.push_back(need_input[i] ? at::zeros({g.n, branches[i].channels, g.h, g.w}, acc_opts)
-                                         : at::Tensor());
-    r.grad_weight.push_back(need_weight[i] ? at::zeros(branches[i].weight.sizes(), acc_opts) : at::Tensor());
-    any_input = any_input || need_input[i];
-  }
-  if (any_input) at::globalContext().alertNotDeterministic(op_name);
-  r.grad_offset = need_offset ? at::empty({g.n, g.offset_groups * 2 * taps, g.h_out, g.w_out}, opts)
-                              : at::empty({0}, opts);
-  r.grad_mask = need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, opts) : at::empty({0}, opts);
+// grad_out as [N * pixels, C_out] rows with a leading dimension % 8 == 0 (a view of a channels_last one).
+at::Tensor grad_rows(const at::Tensor& grad_out, int64_t rows) {
+  const int64_t c = grad_out.size(1);
+  const at::Tensor nhwc = grad_out.permute({0, 2, 3, 1});
+  if (c % kAlign == 0 && nhwc.is_contiguous()) return nhwc.view({rows, c});
+  at::Tensor m = padded_matrix(rows, c, grad_out.options());
+  m.view({grad_out.size(0), grad_out.size(2), grad_out.size(3), c}).copy_(nhwc);  // m's rows are padded: a strided view
+  return m;
+}
 
-  const int64_t chunk = g.n == 0 ? 1 : chunk_images(g, branches, offset.element_size());
-  for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
-    const int64_t nb = std::min(chunk, g.n - n0);
-    // Weight gradients: recompute the columns of the branches that need one.
-    std::vector<at::Tensor> cols(branches.size());
-    bool any_weight = false;
+// The weight gradient [C_out, rg] ([kh][kw][C / groups] per row) in the weight's [C_out, C / groups, kh, kw].
+at::Tensor weight_order(const at::Tensor& g, const Branch& b, const at::Tensor& weight) {
+  return g.reshape({b.out_channels, weight.size(2), weight.size(3), b.per_group}).permute({0, 3, 1, 2}).contiguous();
+}
+
+BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& branches,
+                             const std::vector<at::Tensor>& grad_outs, const std::vector<at::Tensor>& weights,
+                             const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                             const std::vector<bool>& need_input, const std::vector<bool>& need_weight,
+                             bool need_offset, bool need_mask) {
+  const int64_t taps = g.taps(), L = g.pixels(), hw = g.h * g.w, items_per_image = g.offset_groups * taps * L;
+  const auto opts = branches[0].input.options(), coord_opts = offset.options();
+  const at::ScalarType dtype = branches[0].input.scalar_type();
+  const bool need_coords = need_offset || need_mask;
+  bool any_input = false, need_gcols = need_coords;
+  BackwardResult r;
+  for (size_t i = 0; i < branches.size(); ++i) {
+    const auto fmt = branches[i].channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    r.grad_input.push_back(need_input[i] ? at::empty(branches[i].input.sizes(), opts.memory_format(fmt))
+                                         : at::empty({0}, opts));
+    any_input = any_input || need_input[i];
+    need_gcols = need_gcols || need_input[i];
+  }
+  // Every element below is written by a kernel or a GEMM: no fill.
+  r.grad_offset = need_offset ? at::empty({g.n, g.offset_groups * 2 * taps, g.h_out, g.w_out}, coord_opts)
+                              : at::empty({0}, coord_opts);
+  r.grad_mask = need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, coord_opts)
+                          : at::empty({0}, coord_opts);
+  std::vector<at::Tensor> gw(branches.size()), gw_sum(branches.size());
+  for (size_t i = 0; i < branches.size(); ++i) {
+    if (need_weight[i]) gw[i] = padded_matrix(branches[i].out_channels, branches[i].rg, opts);
+  }
+  if (g.n > 0) {
+    std::vector<at::Tensor> gout;
+    for (const at::Tensor& go : grad_outs) gout.push_back(grad_rows(go, g.n * L));
+    int64_t per_image = 0;
     for (size_t i = 0; i < branches.size(); ++i) {
-      if (need_weight[i]) {
-        cols[i] = at::empty({nb, branches[i].channels * taps, L}, opts);
-        any_weight = true;
-      }
+      per_image += L * branches[i].row * branches[i].input.element_size() * ((need_weight[i] ? 1 : 0) + (need_gcols ? 1 : 0));
     }
-    if (any_weight) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_im2col_cuda", [&] {
-        launch_im2col<scalar_t>(g, n0, nb, offset, mask, branches, cols);
-      });
-      for (size_t i = 0; i < branches.size(); ++i) {
-        if (!need_weight[i]) continue;
-        const Branch& b = branches[i];
-        const at::Tensor gout = grad_outs[i].narrow(0, n0, nb).view({nb, b.groups, b.out_channels / b.groups, L});
-        const at::Tensor per_image = at::matmul(gout, grouped(cols[i], b, nb, g).transpose(2, 3));
-        r.grad_weight[i].add_(at::sum(per_image, at::IntArrayRef{0}, false, at::toOpMathType(offset.scalar_type())));
-      }
-      cols.assign(branches.size(), at::Tensor());
-    }
-    if (!(any_input || need_coords)) continue;
-    std::vector<at::Tensor> grad_cols;
-    for (size_t i = 0; i < branches.size(); ++i) {
-      const Branch& b = branches[i];
-      const at::Tensor gout = grad_outs[i].narrow(0, n0, nb).view({nb, b.groups, b.out_channels / b.groups, L});
-      grad_cols.push_back(at::matmul(b.weight.transpose(1, 2).unsqueeze(0), gout).contiguous());
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_col2im_cuda", [&] {
+    if (any_input) per_image += 4 * items_per_image * 8 * 4;  // keys, sorted keys, order and the sort's own
+    dispatch_deform(branches[0].input, offset, [&](auto st, auto ct) {
+      using scalar_t = typename decltype(st)::type;
+      using coord_t = typename decltype(ct)::type;
       using acc_t = at::opmath_type<scalar_t>;
-      const int64_t items = nb * g.offset_groups * taps * L;
-      if (items == 0) return;
-      auto grad_in = [&](size_t i) {
-        return i < branches.size() && need_input[i] ? r.grad_input[i].data_ptr<acc_t>() : nullptr;
-      };
-      CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(),
-                   col2im_coords_kernel<scalar_t, acc_t>)(
-          items, n0, kernel_geom(g), offset.data_ptr<scalar_t>(),
-          mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr, kernel_branch<scalar_t>(branches, grad_cols, 0),
-          kernel_branch<scalar_t>(branches, grad_cols, 1), grad_in(0), grad_in(1),
-          need_offset ? r.grad_offset.data_ptr<scalar_t>() : nullptr,
-          need_mask ? r.grad_mask.data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t chunk = chunk_images(g, per_image + items_per_image * int64_t(sizeof(DeformSample<acc_t>)));
+      const bool several = chunk < g.n;
+      std::vector<at::Tensor> cols(branches.size()), gcols(branches.size());
+      for (size_t i = 0; i < branches.size(); ++i) {
+        if (need_weight[i]) cols[i] = at::empty({chunk * L, branches[i].row}, opts);
+        if (need_gcols) gcols[i] = at::empty({chunk * L, branches[i].row}, opts);
+        // Several chunks: the weight gradient's partial GEMMs are summed in acc_t.
+        if (need_weight[i] && several) gw_sum[i] = at::zeros({branches[i].out_channels, branches[i].rg}, opts.dtype(at::toOpMathType(dtype)));
+      }
+      for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
+        const int64_t nb = std::min(chunk, g.n - n0), rows = nb * L, items = nb * items_per_image;
+        const at::Tensor table = compute_samples<acc_t, coord_t>(g, n0, nb, offset, mask);
+        for (size_t i = 0; i < branches.size() && need_gcols; ++i) {  // grad_cols = grad_out @ W, per group
+          const Branch& b = branches[i];
+          const int64_t og = b.out_per_group();
+          for (int64_t gi = 0; gi < b.groups; ++gi) {
+            at::Tensor dst = group_cols(gcols[i], b, gi).narrow(0, 0, rows);
+            at::mm_out(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og),
+                       b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg));
+          }
+        }
+        bool any_cols = false;
+        for (size_t i = 0; i < branches.size(); ++i) any_cols = any_cols || need_weight[i];
+        if (any_cols || need_coords) {
+          launch_sampling<scalar_t, coord_t, acc_t>(
+              g, n0, nb, table, branches, cols, need_coords ? gcols : std::vector<at::Tensor>{},
+              need_offset ? r.grad_offset.data_ptr<coord_t>() : nullptr,
+              need_mask ? r.grad_mask.data_ptr<coord_t>() : nullptr);
+        }
+        for (size_t i = 0; i < branches.size(); ++i) {  // grad_W = grad_out^T @ cols: K = every pixel of the chunk
+          if (!need_weight[i]) continue;
+          const Branch& b = branches[i];
+          const int64_t og = b.out_per_group();
+          for (int64_t gi = 0; gi < b.groups; ++gi) {
+            at::Tensor dst = gw[i].narrow(0, gi * og, og);
+            at::mm_out(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og).t(),
+                       group_cols(cols[i], b, gi).narrow(0, 0, rows));
+          }
+          if (several) gw_sum[i].add_(gw[i]);
+        }
+        if (!any_input || hw == 0) continue;
+        // The input gradient: contributions grouped by destination (a stable sort), then one gather each.
+        const int64_t contributions = 4 * items, dests = nb * hw * g.offset_groups;
+        at::Tensor keys = at::empty({contributions}, opts.dtype(at::kLong));
+        CSFRN_LAUNCH(blocks_for(contributions), kThreads, 0, at::cuda::getCurrentCUDAStream(), keys_kernel<acc_t>)(
+            contributions, kernel_geom(g), samples_of<acc_t>(table), dests, keys.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        const at::Tensor order = std::get<1>(sorted);
+        const at::Tensor bounds = at::searchsorted(std::get<0>(sorted), at::arange(dests + 1, keys.options()));
+        auto grad_branch = [&](size_t i) -> GradBranch<scalar_t> {
+          if (i >= branches.size() || !need_input[i]) return {nullptr, nullptr, 0, 1, 0, 0, 0, 0, 0, 0};
+          const Branch& b = branches[i];
+          const at::Tensor& gi = r.grad_input[i];
+          return {gcols[i].const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), b.channels, b.per_group, b.rg_pad,
+                  b.row, gi.stride(0), gi.stride(1), gi.stride(2), gi.stride(3)};
+        };
+        const int lanes = branch_lanes(g, branches);
+        CSFRN_LAUNCH(blocks_for(dests, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
+                     at::cuda::getCurrentCUDAStream(), grad_input_kernel<scalar_t, acc_t>)(
+            dests, n0, kernel_geom(g), bounds.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+            samples_of<acc_t>(table), grad_branch(0), grad_branch(1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      for (size_t i = 0; i < branches.size(); ++i) {
+        if (several && need_weight[i]) gw[i] = gw_sum[i].to(dtype);
+      }
     });
   }
   for (size_t i = 0; i < branches.size(); ++i) {
-    r.grad_input[i] = need_input[i] ? r.grad_input[i].to(offset.scalar_type()) : at::empty({0}, opts);
-    r.grad_weight[i] = need_weight[i] ? r.grad_weight[i].to(offset.scalar_type()) : at::empty({0}, opts);
+    if (!need_weight[i]) {
+      r.grad_weight.push_back(at::empty({0}, opts));
+    } else if (g.n == 0) {
+      r.grad_weight.push_back(at::zeros(weights[i].sizes(), opts));
+    } else {
+      r.grad_weight.push_back(weight_order(gw[i], branches[i], weights[i]));
+    }
   }
   return r;
 }
@@ -274,9 +531,7 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& offset,
   const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto outs =
-      forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous_if_present(mask));
-  return outs[0].view({g.n, weight.size(0), g.h_out, g.w_out});
+  return forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous_if_present(mask))[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
@@ -289,8 +544,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const auto outs = forward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {bias_x, bias_y},
                                  offset.contiguous(), contiguous_if_present(mask));
-  return {outs[0].view({g.n, weight_x.size(0), g.h_out, g.w_out}),
-          outs[1].view({g.n, weight_y.size(0), g.h_out, g.w_out})};
+  return {outs[0], outs[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
@@ -301,13 +555,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, std::nullopt, mask, stride, padding, dilation);
   check_deform_same("input", input, "grad_out", grad_out);
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor go = grad_out.contiguous().view({g.n, weight.size(0), g.pixels()});
-  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {go}, offset.contiguous(),
+  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {grad_out}, {weight}, offset.contiguous(),
                                    contiguous_if_present(mask), {output_mask[0]}, {output_mask[2]}, output_mask[1],
-                                   output_mask[4] && mask.has_value(), "csfrn::deform_conv2d_backward on CUDA "
-                                   "(grad of input uses atomicAdd; the CPU kernel is deterministic)");
-  at::Tensor gw = output_mask[2] ? r.grad_weight[0].view(weight.sizes()) : r.grad_weight[0];
-  return {r.grad_input[0], r.grad_offset, gw, grad_bias(grad_out, output_mask[3]), r.grad_mask};
+                                   output_mask[4] && mask.has_value());
+  return {r.grad_input[0], r.grad_offset, r.grad_weight[0], grad_bias(grad_out, output_mask[3]), r.grad_mask};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -322,16 +573,11 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
   check_deform_same("x", x, "grad_out_x", grad_out_x);
   check_deform_same("x", x, "grad_out_y", grad_out_y);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor gx = grad_out_x.contiguous().view({g.n, weight_x.size(0), g.pixels()});
-  const at::Tensor gy = grad_out_y.contiguous().view({g.n, weight_y.size(0), g.pixels()});
-  BackwardResult r = backward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {gx, gy},
-                                   offset.contiguous(), contiguous_if_present(mask), {output_mask[0], output_mask[1]},
-                                   {output_mask[3], output_mask[4]}, output_mask[2],
-                                   output_mask[7] && mask.has_value(), "csfrn::dual_deform_conv2d_backward on CUDA "
-                                   "(grads of x and y use atomicAdd; the CPU kernel is deterministic)");
-  at::Tensor gwx = output_mask[3] ? r.grad_weight[0].view(weight_x.sizes()) : r.grad_weight[0];
-  at::Tensor gwy = output_mask[4] ? r.grad_weight[1].view(weight_y.sizes()) : r.grad_weight[1];
-  return {r.grad_input[0], r.grad_input[1], r.grad_offset, gwx, gwy,
+  BackwardResult r = backward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {grad_out_x, grad_out_y},
+                                   {weight_x, weight_y}, offset.contiguous(), contiguous_if_present(mask),
+                                   {output_mask[0], output_mask[1]}, {output_mask[3], output_mask[4]}, output_mask[2],
+                                   output_mask[7] && mask.has_value());
+  return {r.grad_input[0],  r.grad_input[1],  r.grad_offset, r.grad_weight[0], r.grad_weight[1],
           grad_bias(grad_out_x, output_mask[5]), grad_bias(grad_out_y, output_mask[6]), r.grad_mask};
 }
 
@@ -343,5 +589,12 @@ TORCH_LIBRARY_IMPL(CSFRN_CUDA_LIBRARY, CSFRN_CUDA_KEY, m) {
   m.impl("dual_deform_conv2d", &dual_deform_conv2d_cuda);
   m.impl("dual_deform_conv2d_backward", &dual_deform_conv2d_backward_cuda);
 }
+
+#ifdef CSFRN_CUDA_EMU
+TORCH_LIBRARY_FRAGMENT(csfrn_emu, m) {
+  // Caps the deform kernels' workspace (bytes; 0: the default) in every later call; returns the previous cap.
+  m.def("set_deform_workspace_cap(int cap) -> int", &set_deform_workspace_cap);
+}
+#endif
 
 }  // namespace csfrn
