@@ -464,6 +464,7 @@ def test_cuda_determinism_alert_only_for_input_grads():
         assert torch.equal(a, b), name
 
 
+@needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cuda_second_device():
     # The kernels must launch on their inputs' device (CUDAGuard), whatever the current device is.
