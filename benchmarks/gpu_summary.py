@@ -102,8 +102,9 @@ def step_row(res, variant):
 
 def mfu_baseline(res, info):
     """Model FLOPs utilisation of the baseline step: 3 (forward + backward) x 2 (FLOPs per multiply-add) x the
-    paper's multiply-add count per image (the benchmark's "gflops") x batch / the step time / the measured
-    matrix-product peak in the step's precision (bf16 under bf16 autocast, else float32)."""
+    paper's multiply-add count per image (the benchmark's "gflops": convs, ReLUs, pools; no aux head) x batch /
+    the step time / the measured matrix-product peak in the step's precision (bf16 under bf16 autocast, else
+    float32)."""
     row, doc = step_row(res, "baseline")
     per_image = (doc.get("gflops") or {}).get("baseline")
     if per_image is None:
