@@ -309,7 +309,9 @@ session_json
 echo "== gpu_session: mode ${DRY/0/gpu}, deadline $DEADLINE s, results in $RES, tarball $TARBALL"
 for s in "${STAGES[@]}"; do
   if [[ $s == train ]]; then   # repack while it runs: its metrics stream into the results
-    ( while sleep 15; do pack; done ) &
+    # (its sleep is ended with it, and holds no one's stdout open)
+    ( trap 'kill $nap 2>/dev/null; exit 0' TERM; while :; do sleep 15 & nap=$!; wait $nap; pack; done ) \
+      > /dev/null 2>&1 &
     packer=$!
     stage train
     kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null

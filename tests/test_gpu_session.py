@@ -26,7 +26,7 @@ SUMMARY_KEYS = ["device", "torch", "date", "commit", "tests_passed", "tests_fail
 STAGES = ["build", "info", "check", "deform", "step", "train", "profile", "summary"]
 
 
-def run_session(tmp_path, timeout=300, **env):
+def run_session(tmp_path, timeout=1200, **env):   # the dry plan's own deadline bounds it
     out, res = tmp_path / "out", tmp_path / "res"
     full_env = {**os.environ, "CSFRN_GPU_DRY": "fast", "PYTHON": sys.executable, "OUT": str(out),
                 "RESULTS": str(res), "CSFRN_GPU_COMMIT": "", **env}
