@@ -236,6 +236,9 @@ do_check() {
       | tee "$RES/sanitizer-skipped.txt"
     run_bg sanitize-cpu $PY benchmarks/sanitize_ops.py --device cpu $([[ $DRY == fast ]] && echo --quick)
     if [[ $DRY == 1 ]]; then   # the CUDA kernels' launch plans, on the host emulation (built on first use)
+      # in a folder of its own, whose lock a cut build of an earlier run may have left behind
+      export CSFRN_EMU_BUILD_DIR=$ROOT/build/gpu-dry-emu
+      rm -f "$CSFRN_EMU_BUILD_DIR/lock"
       run_bg emu-tests $PY -m pytest -q -rs -p no:cacheprovider -p no:xdist --junitxml="$RES/emu-tests.xml" \
         -k "plans or every_op" tests/test_cuda_emu.py
     fi
