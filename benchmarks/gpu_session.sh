@@ -1,186 +1,335 @@
 #!/usr/bin/env bash
-# What a lent GPU machine is for, in one or two device calls of at most 10 minutes each:
-#   bash benchmarks/gpu_session.sh all        build, versions and ceilings, the whole test suite beside
-#                                             compute-sanitizer, the benchmarks, the 300-iteration training run,
-#                                             summary.json
-#   bash benchmarks/gpu_session.sh smoke      build and the CUDA tests only (well inside 5 minutes)
-#   bash benchmarks/gpu_session.sh STAGE ...  any of: build info tests cuda-tests sanitizer bench-ops
-#                                             bench-deform bench-step profile train train-baseline summary
-# It uses the machine's own python3 and torch (no network there: nothing is installed) and builds in place.
-# A failing stage does not stop the later ones; the exit code is 1 if any failed. Logs and results go to
-# $RESULTS (default build/gpu-results) and are packed after every stage into ONE tarball,
-# $OUT/gpu-session.tar.gz (the device tool returns at most 8 files). GPU_DEADLINE (seconds, default 530)
-# bounds the whole run: every stage is cut to the time left, so the tarball is there when the call ends.
+# The one command a lent GPU machine runs (one device call, time limit 560 s):
+#     CSFRN_GPU_COMMIT=<sha> bash benchmarks/gpu_session.sh
+# and its proof on the CPU (every stage, tiny shapes, CPU device, the CUDA emulation where a stage needs CUDA
+# kernels, the sanitizer skipped with a note; a few minutes; CSFRN_GPU_DRY=fast is the test suite's core of it):
+#     CSFRN_GPU_DRY=1 bash benchmarks/gpu_session.sh
+#
+# One plan, its stages in priority order. Each stage has its own budget (its time limit) and starts only if the
+# time left before the deadline, less the summary's budget, covers its budget; a stage that does not fit is
+# recorded as "not run" and the plan goes on (the summary always runs). As soon as a stage ends, everything
+# under $RESULTS is packed into ONE tarball, $OUT/gpu-session.tar.gz (written aside and renamed, so the file
+# there is always whole), so a stage cut later, or the whole call killed, loses nothing already done; the
+# training stage repacks every 15 s while it runs, its metrics streaming into the results.
+#
+#   stage    budget  what                                                   the last GPU run (H100, 2026-11-26;
+#                                                                           its logs, benchmarks/results/gpu/)
+#   build     170 s  setup.py build_ext, sm_90 (TORCH_CUDA_ARCH_LIST=9.0),   ~150 s
+#                    ccache if present; checks the .so has CUDA and sm_90   (every later stage needs it)
+#   info       15 s  versions (driver, nvcc, compute-sanitizer, torch) and    ceilings: 1 GiB copy + 3 x 8192^3
+#                    the measured ceilings (copy GB/s, matmul TFLOP/s)      matmuls, a few s after CUDA init
+#   check     110 s  the CUDA tests only (pytest -m cuda, never the          whole suite (352 tests, -n 8):
+#                    emulation) beside compute-sanitizer memcheck,          28.8 s; the sanitizer's time was not
+#                    racecheck and initcheck over benchmarks/sanitize_ops.py  logged (its cap was 240 s): this
+#                    (every op, fwd + bwd, every dtype, every launch plan),  run's stages.jsonl gives it
+#                    all four in parallel, each cut 5 s inside the budget
+#   deform     45 s  csfrn bench --what deform, float32 and bf16 (dual op     its rows' medians x 20 reps + 3
+#                    included; 10 reps, 2 twin reps), then                  twin reps: ~12 s per dtype; here 10 + 2
+#                    benchmarks/gpu_determinism.py (bitwise-equal grads)
+#   step       70 s  csfrn bench --what train: baseline and CSFRN first      4 variants, 8 reps + inference:
+#                    (kept if the rest is cut), then every variant           ~25 s by its medians; compiles add
+#                    (eager / channels_last / compiled, torchvision's        their compile time
+#                    deeplabv3_resnet50, as the step benchmark defines them)
+#   train      70 s  csfrn train: CSFRN, 769 crops, batch 8, bf16,           2.57 it/s after a 5 s warm-up:
+#                    100 iterations, metrics every 10                        100 it ~ 45 s + start-up
+#   profile    30 s  benchmarks/profile_gpu.py: torch.profiler tables of     3 + 2 profiled calls after
+#                    the deform call and the CSFRN step                      warm-ups: ~15 s
+#   summary    10 s  benchmarks/gpu_summary.py: summary.json, summary.md     < 5 s
+#   total     520 s  (deadline 530 s: GPU_DEADLINE; the device call's limit 560 s leaves the start and the packing)
+# CSFRN_GPU_BUDGETS="stage=seconds ..." overrides budgets. The sanitizer's figure and the start-up times are
+# unmeasured: this run's stages.jsonl records every stage's seconds, to size the next plan by.
+#
+# Results: $RESULTS (default build/gpu-results, emptied first): session.json (commit, mode, budgets),
+# stages.jsonl (per stage: status ok / failed / cut / not run, exit code, seconds, budget), STAGE.log per stage,
+# the JSON each benchmark writes, train-csfrn/metrics.jsonl, profile.log, summary.json (every figure the GPU
+# issue asks for; a figure the code cannot make yet is null, with the reason in its "notes"), summary.md.
+# `python benchmarks/gpu_summary.py DIR` rebuilds the summary from an unpacked tarball.
+# It uses the machine's own python3 (PYTHON overrides) and torch; nothing is installed. Exit code 0 when every
+# stage ended with 0, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 export PY=${PYTHON:-python3}
+export DRY=${CSFRN_GPU_DRY:-0}          # 0: the GPU plan; 1: the dry run on the CPU; fast: its quickest form
+case $DRY in 0|1|fast) ;; *) echo "gpu_session.sh: CSFRN_GPU_DRY must be 0, 1 or fast, not '$DRY'" >&2; exit 2 ;; esac
 OUT=${OUT:-build/gpu-out}
 export RES=${RESULTS:-build/gpu-results}
-mkdir -p "$OUT" "$RES"
-rm -f "$RES"/*.rc "$RES/stages.txt"   # this run's stage records only; each stage rewrites its own files
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CSFRN_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-START=$SECONDS
-DEADLINE=${GPU_DEADLINE:-530}
-TRAIN_ITERS=${TRAIN_ITERS:-300}
-BASELINE_ITERS=${BASELINE_ITERS:-60}
+# This run's results only: a previous run's folder (it has session.json) is emptied; any other is refused.
+if [[ -d $RES && -n $(ls -A "$RES") && ! -f $RES/session.json ]]; then
+  echo "gpu_session.sh: RESULTS=$RES is not empty and holds no earlier session's results; choose another" >&2
+  exit 2
+fi
+mkdir -p "$OUT" && rm -rf "$RES" && mkdir -p "$RES" || exit 2
+RES=$(cd "$RES" && pwd) OUT=$(cd "$OUT" && pwd)
+TARBALL=$OUT/gpu-session.tar.gz
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 
-pack() {
-  tar czf "$OUT/gpu-session.tar.gz.part" -C "$RES" . && mv "$OUT/gpu-session.tar.gz.part" "$OUT/gpu-session.tar.gz"
+# Budgets (seconds): the GPU plan's (sum 520, see the header) and the dry run's.
+declare -A BUDGET
+if [[ $DRY == 0 ]]; then
+  BUDGET=([build]=170 [info]=15 [check]=110 [deform]=45 [step]=70 [train]=70 [profile]=30 [summary]=10)
+  DEADLINE=${GPU_DEADLINE:-530}
+else
+  # Caps with room for a slow, shared CPU (the fast form needs about a minute of CPU time in all).
+  BUDGET=([build]=60 [info]=60 [check]=300 [deform]=180 [step]=180 [train]=180 [profile]=120 [summary]=30)
+  DEADLINE=${GPU_DEADLINE:-1120}
+fi
+STAGES=(build info check deform step train profile summary)
+# CSFRN_GPU_BUDGETS="stage=seconds ..." overrides budgets (to retune on the machine, or to test a cut stage).
+for kv in ${CSFRN_GPU_BUDGETS:-}; do
+  [[ $kv =~ ^([a-z]+)=([0-9]+)$ && -n ${BUDGET[${BASH_REMATCH[1]}]:-} ]] \
+    || { echo "gpu_session.sh: CSFRN_GPU_BUDGETS: '$kv' is not STAGE=SECONDS with STAGE one of ${STAGES[*]}" >&2; exit 2; }
+  BUDGET[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done
+START=$SECONDS
+
+dry() { [[ $DRY != 0 ]]; }
+export -f dry
+
+commit() {
+  local sha
+  if sha=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null); then
+    [[ -z $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] || sha="$sha-dirty"
+    echo "$sha"
+  else
+    echo "${CSFRN_GPU_COMMIT:-}"    # the device machine gets the working tree without .git
+  fi
 }
 
-# stage NAME CAP FUNCTION: runs FUNCTION with a limit of CAP seconds or the time left (less a reserve for
-# the stages after it), its output in $RES/NAME.log and its exit code in $RES/NAME.rc.
+session_json() {
+  local budgets="" s
+  for s in "${STAGES[@]}"; do budgets+="${budgets:+, }\"$s\": ${BUDGET[$s]}"; done
+  printf '{"commit": "%s", "dry": "%s", "started": "%s", "deadline_s": %d, "budgets_s": {%s}}\n' \
+    "$(commit)" "$DRY" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$DEADLINE" "$budgets" > "$RES/session.json"
+}
+
+# Everything under $RES but checkpoints and TensorBoard files, into one tarball, written aside and renamed.
+pack() {
+  local part="$TARBALL.part-$BASHPID"
+  tar czf "$part" --exclude='*.pth' --exclude='tb' -C "$RES" . 2>/dev/null && mv -f "$part" "$TARBALL"
+  rm -f "$part"
+}
+
+record() {   # record NAME STATUS RC SECONDS BUDGET LEFT
+  printf '{"stage": "%s", "status": "%s", "rc": %s, "seconds": %d, "budget": %d, "left_at_start": %d}\n' \
+    "$@" >> "$RES/stages.jsonl"
+  printf '== %-8s %-8s exit %-4s %4d s of %4d s (%d s were left)\n' "$@"
+}
+
+# stage NAME: runs do_NAME under its budget if the time left covers it; output in $RES/NAME.log.
 stage() {
-  local name=$1 cap=$2 fn=$3 limit rc t0=$SECONDS
-  limit=$(( DEADLINE - (SECONDS - START) - ${RESERVE:-20} ))
-  (( cap < limit )) && limit=$cap
-  if (( limit < 10 )); then
-    echo "== $name: not run, no time left" | tee -a "$RES/stages.txt"
-    echo 124 > "$RES/$name.rc"
+  local name=$1 budget=${BUDGET[$1]} t0=$SECONDS left rc status
+  left=$(( DEADLINE - (SECONDS - START) ))
+  [[ $name == summary ]] || left=$(( left - BUDGET[summary] ))
+  if (( left < budget )); then
+    record "$name" "not run" null 0 "$budget" "$left"
+    pack
     return
   fi
-  timeout --kill-after=10 "$limit" bash -c "$fn" > "$RES/$name.log" 2>&1
+  timeout --kill-after=5 "$budget" bash -c "do_$name" > "$RES/$name.log" 2>&1
   rc=$?
-  echo "$rc" > "$RES/$name.rc"
-  echo "== $name: exit $rc after $(( SECONDS - t0 )) s (limit $limit s)" | tee -a "$RES/stages.txt"
-  if (( rc != 0 )); then tail -20 "$RES/$name.log"; fi
+  case $rc in 0) status=ok ;; 124|137) status=cut ;; *) status=failed ;; esac
+  record "$name" "$status" "$rc" $(( SECONDS - t0 )) "$budget" "$left"
+  if (( rc != 0 )); then tail -15 "$RES/$name.log"; fi
+  pack
 }
 
+# ---------------------------------------------------------------- interfaces
+# The only calls into the benchmarks other work changes (csfrn/bench/deform.py: `csfrn bench --what deform`,
+# csfrn/bench/train_step.py: `csfrn bench --what train`); benchmarks/gpu_summary.py reads their JSON in one
+# place too ("interfaces" there); benchmarks/profile_gpu.py's csfrn_step() is the third (train_step.make_batch,
+# build, train_step_fn).
+CSFRN="$PY -m csfrn.cli"
+# benchmarks/bench_*.py run the same main() as `csfrn bench --what deform|train`, without the CLI's imports.
+DEFORM_BENCH="$PY benchmarks/bench_deform_conv.py" STEP_BENCH="$PY benchmarks/bench_train_step.py"
+deform_benches() {   # deform_benches FP32_JSON BF16_JSON: float32, then under bf16 autocast
+  if [[ $DRY == fast ]]; then   # one process: torchvision's import once
+    $PY - "$@" <<'PYEOF'
+import sys
+from csfrn.bench.deform import main
+for amp, path in (("none", sys.argv[1]), ("bf16", sys.argv[2])):
+    main(["--device", "cpu", "--quick", "--reps", "1", "--no-twin", "--amp", amp, "--json", path])
+PYEOF
+  elif dry; then
+    $DEFORM_BENCH --device cpu --quick --reps 1 --twin-reps 1 --amp none --json "$1" &&
+      $DEFORM_BENCH --device cpu --quick --reps 1 --twin-reps 1 --amp bf16 --json "$2"
+  else
+    $DEFORM_BENCH --device cuda --batch 8 --reps 10 --twin-reps 2 --amp none --json "$1" &&
+      $DEFORM_BENCH --device cuda --batch 8 --reps 10 --twin-reps 2 --amp bf16 --json "$2"
+  fi
+}
+step_bench_core() {   # step_bench_core JSON: the baseline and CSFRN, eager, no inference
+  if dry; then $STEP_BENCH --device cpu --quick --batch 2 --reps 1 --threads 1 \
+                 --variants baseline csfrn --no-inference --json "$1"
+  else $STEP_BENCH --device cuda --batch 8 --size 769 --amp bf16 --reps 8 \
+         --variants baseline csfrn --no-inference --json "$1"; fi
+}
+step_bench_all() {    # step_bench_all JSON: every variant the benchmark defines, and inference
+  if dry; then $STEP_BENCH --device cpu --quick --batch 2 --reps 1 --threads 1 --json "$1"
+  else $STEP_BENCH --device cuda --batch 8 --size 769 --amp bf16 --reps 8 \
+         --infer-size 1024x2048 --infer-batch 1 --json "$1"; fi
+}
+export -f deform_benches step_bench_core step_bench_all
+export CSFRN DEFORM_BENCH STEP_BENCH
+
+# ---------------------------------------------------------------- the stages
+ccache_wrappers() {
+  # ccache (when the machine has it) under the compilers' names, ahead on PATH, and in front of nvcc; kept
+  # only if a one-line compile goes through it.
+  local cc dir=$ROOT/build/ccache-bin
+  cc=$(command -v ccache) || { echo "ccache: not present, compiling without it"; return; }
+  mkdir -p "$dir" && for c in c++ g++ gcc cc; do ln -sf "$cc" "$dir/$c"; done
+  if echo 'int main() { return 0; }' | PATH="$dir:$PATH" c++ -x c++ - -o "$dir/probe" 2>/dev/null; then
+    export PATH="$dir:$PATH" PYTORCH_NVCC="$cc ${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+    echo "ccache: $cc (PATH wrappers in $dir; PYTORCH_NVCC=$PYTORCH_NVCC)"
+  else
+    echo "ccache: $cc does not compile here, compiling without it"
+  fi
+}
 do_build() {
-  $PY setup.py build_ext --inplace || exit 1
+  ccache_wrappers
+  if dry; then
+    echo "dry run: the GPU plan would run: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST CSFRN_FORCE_CUDA=1" \
+         "MAX_JOBS=$MAX_JOBS $PY setup.py build_ext --inplace; here the extension already built is used"
+    $PY -c "import csfrn.ops as ops; print('extension loaded; built with CUDA:', ops.built_with_cuda())"
+    return
+  fi
+  CSFRN_FORCE_CUDA=1 $PY setup.py build_ext --inplace || exit 1
   $PY -c "import torch, csfrn.ops as ops; assert torch.cuda.is_available(), 'no GPU visible'; \
-assert ops.built_with_cuda(), 'the extension was built without CUDA'; print('built with CUDA')"
+assert ops.built_with_cuda(), 'the extension was built without CUDA'; print('built with CUDA')" || exit 1
+  if command -v cuobjdump >/dev/null; then
+    cuobjdump --list-elf csfrn/_C*.so | grep -q sm_90 && echo "sm_90 machine code: yes" \
+      || { echo "sm_90 machine code: NOT FOUND in csfrn/_C*.so"; exit 1; }
+  fi
 }
 
 do_info() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  nvcc --version | tail -2
-  compute-sanitizer --version | head -2
-  $PY - <<'EOF'
-import datetime, json, os, platform, torch
-from csfrn.bench.gpu_ceilings import ceilings
-p = torch.cuda.get_device_properties(0)
-info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "date": datetime.date.today().isoformat(),
-        "multiprocessors": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
-        **ceilings()}
-print(json.dumps(info, indent=1))
-json.dump(info, open(os.path.join(os.environ["RES"], "info.json"), "w"), indent=1)
-EOF
+  if dry; then
+    $PY benchmarks/gpu_info.py --device cpu --json "$RES/info.json"
+  else
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    $PY benchmarks/gpu_info.py --device cuda --json "$RES/info.json"
+  fi
 }
 
 pytest_args() {
-  # Eight processes when pytest-xdist is there (the suite is mostly small CPU tests); a hung test fails alone.
-  if $PY -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
-  if $PY -c "import pytest_timeout" 2>/dev/null; then echo "--timeout 150"; fi
+  # Eight processes when pytest-xdist is there; a hung test fails alone.
+  if ! dry && $PY -c "import xdist" 2>/dev/null; then echo "-n 8"; else echo "-p no:xdist"; fi
+  if $PY -c "import pytest_timeout" 2>/dev/null; then echo "--timeout 90"; fi
 }
-
-do_tests() {
-  # The host emulation of the CUDA kernels is CPU-only (CI runs it); here it would only add its build time.
-  $PY -m pytest -q -rs $(pytest_args) -p no:cacheprovider --junitxml="$RES/tests.xml" \
-    --ignore=tests/test_cuda_emu.py tests
+# The CUDA tests: the `cuda` marker (tests/conftest.py), and never the host emulation's file.
+cuda_tests() {
+  $PY -m pytest -q -rs -p no:cacheprovider $(pytest_args) -m cuda --ignore=tests/test_cuda_emu.py \
+    --junitxml="$RES/cuda-tests.xml" tests
 }
-
-do_cuda_tests() {
-  $PY -m pytest -q -rs $(pytest_args) -p no:cacheprovider -k cuda --junitxml="$RES/cuda-tests.xml" tests
-}
-
-do_sanitizer() {
-  # No caching allocator: every tensor is its own allocation, so memcheck sees a read past its end.
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  local rc=0
-  compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 100 $PY benchmarks/sanitize_ops.py || rc=1
-  compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 100 $PY benchmarks/sanitize_ops.py --ops class \
-    || rc=1
+do_check() {
+  local limit=$(( BUDGET_CHECK - 5 )) pids=() names=() i rc=0
+  run_bg() {   # run_bg NAME COMMAND...: in the background, cut 5 s inside the stage, output in $RES/NAME.log
+    local name=$1; shift
+    timeout --kill-after=3 "$limit" "$@" > "$RES/$name.log" 2>&1 &
+    pids+=($!) names+=("$name")
+  }
+  run_bg cuda-tests bash -c cuda_tests
+  if dry; then
+    echo "dry run: compute-sanitizer skipped (no GPU); sanitize_ops.py runs its cases on the CPU kernels" \
+      | tee "$RES/sanitizer-skipped.txt"
+    run_bg sanitize-cpu $PY benchmarks/sanitize_ops.py --device cpu $([[ $DRY == fast ]] && echo --quick)
+    if [[ $DRY == 1 ]]; then   # the CUDA kernels' launch plans, on the host emulation (built on first use)
+      # in a folder of its own, whose lock a cut build of an earlier run may have left behind
+      export CSFRN_EMU_BUILD_DIR=$ROOT/build/gpu-dry-emu
+      rm -f "$CSFRN_EMU_BUILD_DIR/lock"
+      run_bg emu-tests $PY -m pytest -q -rs -p no:cacheprovider -p no:xdist --junitxml="$RES/emu-tests.xml" \
+        -k "plans or every_op" tests/test_cuda_emu.py
+    fi
+  else
+    # No caching allocator: every tensor is its own allocation, so memcheck sees a read past its end and
+    # initcheck a read of memory nothing wrote.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    for tool in memcheck racecheck initcheck; do
+      run_bg "sanitizer-$tool" compute-sanitizer --tool "$tool" \
+        --error-exitcode 9 --print-limit 100 $PY benchmarks/sanitize_ops.py
+    done
+  fi
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; local r=$?
+    echo "${names[$i]}: exit $r"
+    (( r == 0 )) || rc=1
+  done
   exit $rc
 }
 
-do_bench_ops() {
-  $PY benchmarks/bench_ops.py --device cuda --reps 50 --shape 8,32,97,97,19 --shape 8,32,97,97,150 \
-    --json "$RES/class_ops-cuda.json"
-}
-
-do_bench_deform() {
+do_deform() {
   local rc=0
-  $PY benchmarks/bench_deform_conv.py --device cuda --batch 8 --reps 20 --twin-reps 3 \
-    --json "$RES/deform_conv_cuda-fp32.json" || rc=1
-  $PY benchmarks/bench_deform_conv.py --device cuda --batch 8 --reps 20 --twin-reps 3 --amp bf16 \
-    --json "$RES/deform_conv_cuda-bf16.json" || rc=1
+  deform_benches "$RES/deform_conv-fp32.json" "$RES/deform_conv-bf16.json" || rc=1
+  if dry; then $PY benchmarks/gpu_determinism.py --device cpu --quick --json "$RES/deform_determinism.json" || rc=1
+  else $PY benchmarks/gpu_determinism.py --device cuda --json "$RES/deform_determinism.json" || rc=1; fi
   exit $rc
 }
 
-do_bench_step() {
-  $PY benchmarks/bench_train_step.py --device cuda --batch 8 --size 769 --amp bf16 --reps 8 \
-    --infer-size 1024x2048 --infer-batch 1 --json "$RES/train_step-cuda.json"
+do_step() {
+  # The core figures first, so they survive if the heavier variants (compiles) are cut.
+  step_bench_core "$RES/train_step-core.json" || exit 1
+  if [[ $DRY == fast ]]; then echo "fast dry run: the other variants skipped"; return; fi
+  step_bench_all "$RES/train_step-all.json"
 }
 
-# The real run: CSFRN (DeepLabv3+, ResNet-50 deep stem, random init, bf16) on the synthetic set at the
-# Cityscapes crop (769, batch 8, 19 classes), through the CLI. Checkpoints stay out of the tarball.
-train_run() {   # train_run NAME ITERS [--set ...]
-  local name=$1 iters=$2; shift 2
-  local work="build/gpu-train/$name"
-  rm -rf "$work"
-  $PY -m csfrn.cli train --config configs/cityscapes/deeplabv3plus_r50_769_40k.yaml \
-    --set model.pretrained=null --set data.dataset=synthetic --set data.size=1024 --set data.length=2400 \
-    --set data.val_length=4 --set data.num_workers=14 --set train.iters="$iters" --set train.amp=bf16 \
-    --set train.device=cuda --set train.log_interval=20 --set train.eval_interval=0 \
-    --set train.checkpoint_interval="$iters" --set train.tensorboard=false --set train.progress=false \
-    --set eval.mode=whole --set train.work_dir="$work" "$@"
-  local rc=$?
-  cp "$work/metrics.jsonl" "$RES/train-$name.jsonl" 2>/dev/null
-  cp "$work"/*.json "$RES/" 2>/dev/null
-  return $rc
+# CSFRN (DeepLabv3+, ResNet-50 deep stem, random init) on the synthetic set at the Cityscapes crop, through
+# the CLI, its work_dir inside the results so metrics.jsonl streams into them (checkpoints stay out of the tarball).
+do_train() {
+  local common=(--config configs/cityscapes/deeplabv3plus_r50_769_40k.yaml --set model.pretrained=null
+    --set data.dataset=synthetic --set train.eval_interval=0 --set train.tensorboard=false
+    --set train.progress=false --set eval.mode=whole --set train.work_dir="$RES/train-csfrn")
+  if dry; then
+    local iters=$([[ $DRY == fast ]] && echo 4 || echo 20)
+    $CSFRN train "${common[@]}" --set model.width=8 --set "model.blocks=[1,1,1,1]" --set model.channels=16 \
+      --set model.aux_channels=8 --set model.embed_dim=8 --set data.size=40 --set "data.crop_size=[33,33]" \
+      --set data.length=16 --set data.val_length=2 --set data.num_workers=0 --set data.batch_size=2 \
+      --set train.iters=$iters --set train.amp=none --set train.device=cpu --set train.log_interval=2 \
+      --set train.checkpoint_interval=$iters
+  else
+    $CSFRN train "${common[@]}" --set data.size=1024 --set data.length=2400 --set data.val_length=4 \
+      --set data.num_workers=14 --set data.batch_size=8 --set "data.crop_size=[769,769]" --set train.iters=100 \
+      --set train.amp=bf16 --set train.device=cuda --set train.log_interval=10 --set train.checkpoint_interval=100
+  fi
 }
-do_train() { train_run csfrn "$TRAIN_ITERS"; }
-do_train_baseline() { train_run baseline "$BASELINE_ITERS" --set model.csflm=false; }
 
 do_profile() {
-  $PY benchmarks/profile_gpu.py --rows 30
+  if dry; then $PY benchmarks/profile_gpu.py --device cpu --quick --rows 15 > "$RES/profile.log"
+  else $PY benchmarks/profile_gpu.py --device cuda --rows 30 > "$RES/profile.log"; fi
+  local rc=$?
+  tail -40 "$RES/profile.log"
+  exit $rc
 }
 
 do_summary() {
   $PY benchmarks/gpu_summary.py "$RES"
 }
 
-export -f do_build do_info pytest_args do_tests do_cuda_tests do_sanitizer do_bench_ops do_bench_deform \
-  do_bench_step do_profile train_run do_train do_train_baseline do_summary
-export TRAIN_ITERS BASELINE_ITERS
+export -f ccache_wrappers do_build do_info pytest_args cuda_tests do_check do_deform do_step do_train \
+  do_profile do_summary
+export ROOT BUDGET_CHECK=${BUDGET[check]}
 
-run_one() {
-  case $1 in
-    build) stage build 300 do_build ;;
-    info) stage info 90 do_info ;;
-    tests) stage tests 300 do_tests ;;
-    cuda-tests) stage cuda-tests 240 do_cuda_tests ;;
-    sanitizer) stage sanitizer 240 do_sanitizer ;;
-    bench-ops) stage bench-ops 120 do_bench_ops ;;
-    bench-deform) stage bench-deform 180 do_bench_deform ;;
-    bench-step) stage bench-step 200 do_bench_step ;;
-    profile) stage profile 120 do_profile ;;
-    # The CSFRN run leaves time for the baseline's short run and the summary.
-    train) RESERVE=${TRAIN_RESERVE:-80} stage train 400 do_train ;;
-    train-baseline) stage train-baseline 120 do_train_baseline ;;
-    summary) RESERVE=-30 stage summary 30 do_summary ;;   # runs even at the deadline
-    *) echo "unknown stage '$1'; stages: build info tests cuda-tests sanitizer bench-ops bench-deform bench-step" \
-            "profile train train-baseline summary, or all / smoke" >&2; exit 2 ;;
-  esac
-  pack
+# ---------------------------------------------------------------- the plan
+# One compound command: bash reads it whole before running it, so editing this file mid-run is safe.
+{
+  session_json
+  echo "== gpu_session: mode ${DRY/0/gpu}, deadline $DEADLINE s, results in $RES, tarball $TARBALL"
+  for s in "${STAGES[@]}"; do
+    if [[ $s == train ]]; then   # repack while it runs: its metrics stream into the results
+      # (its sleep is ended with it, and holds no one's stdout open)
+      ( trap 'kill $nap 2>/dev/null; exit 0' TERM; while :; do sleep 15 & nap=$!; wait $nap; pack; done ) \
+        > /dev/null 2>&1 &
+      packer=$!
+      stage train
+      kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+      pack
+    else
+      stage "$s"
+    fi
+  done
+  rm -f "$TARBALL".part-*
+  echo "== $(( SECONDS - START )) s in all; results packed in $TARBALL"
+  ! grep -qv '"status": "ok"' "$RES/stages.jsonl"
+  exit
 }
-
-[[ $# -gt 0 ]] || set -- all
-for arg in "$@"; do
-  case $arg in
-    all)
-      run_one build; run_one info
-      # The tests and the sanitizer check correctness only: they share the machine, the timings come later.
-      stage tests 300 do_tests & stage sanitizer 240 do_sanitizer & wait; pack
-      for s in bench-ops bench-deform bench-step train train-baseline summary; do run_one "$s"; done ;;
-    smoke) run_one build; run_one info; run_one cuda-tests; run_one summary ;;
-    *) run_one "$arg" ;;
-  esac
-done
-pack
-echo "== $(( SECONDS - START )) s in all; results packed in $OUT/gpu-session.tar.gz"
-cat "$RES/stages.txt"
-! grep -qv "^0$" "$RES"/*.rc

@@ -1,13 +1,16 @@
-"""Every csfrn op, forward and backward, in every CUDA dtype, on small awkward shapes: the program that
-``compute-sanitizer`` runs in ``benchmarks/gpu_session.sh`` (memcheck for out-of-bounds and misaligned
-accesses, racecheck / synccheck for the kernels that use shared memory).
+"""Every csfrn op, forward and backward, in every CUDA dtype, on awkward shapes that reach every launch plan:
+the program that ``compute-sanitizer`` runs in ``benchmarks/gpu_session.sh`` (memcheck for out-of-bounds and
+misaligned accesses, racecheck for shared-memory hazards, initcheck for reads of memory nothing wrote).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 benchmarks/sanitize_ops.py
 
 Without the caching allocator every tensor is its own allocation, so a read past a tensor's end is outside
 any allocation and memcheck sees it. The shapes are small (the sanitizer slows kernels 10-100x) and odd
-(partial blocks, a size of one, channels_last and sliced inputs, an empty batch). Prints a line for each case
-whose result is not finite and then exits 1, so silent garbage is caught too.
+(partial blocks, a size of one, channels_last and sliced inputs, an empty batch), plus the shapes that take
+class_avg_pool's other launch plans (many pixel chunks, channel tiles, the global-memory path for a large K) and
+deform conv with weight groups, offset groups and a mask. Prints a line for each case whose result is not
+finite and then exits 1, so silent garbage is caught too. ``--device cpu`` runs the same cases on the CPU
+kernels (float32 / float64), the GPU session's dry run.
 """
 import argparse
 import sys
@@ -18,6 +21,7 @@ from csfrn import ops
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 DEVICE = "cuda"
+LAYOUTS = ("nchw", "channels_last", "sliced")
 
 
 def _finite(name, *tensors):
@@ -36,9 +40,12 @@ def _backward(outputs, inputs, retain_graph=False):
 
 def class_ops(dtype, g):
     ok = True
-    # (N, D, H, W, K): a partial block, a tiny image, K=1 and a large K, an empty batch.
-    for n, d, h, w, k in ((2, 5, 7, 9, 3), (1, 33, 13, 11, 19), (3, 1, 1, 1, 1), (1, 8, 5, 6, 150), (0, 4, 3, 3, 2)):
-        for layout in ("nchw", "channels_last", "sliced"):
+    # (N, D, H, W, K): a partial block, a tiny image, K=1 and a large K, an empty batch; then class_avg_pool's
+    # launch plans: many pixel chunks (D=300), channel tiles (D=33 over 600 pixels), the global-memory path
+    # (K=7000 partial sums do not fit in shared memory).
+    for n, d, h, w, k in ((2, 5, 7, 9, 3), (1, 33, 13, 11, 19), (3, 1, 1, 1, 1), (1, 8, 5, 6, 150), (0, 4, 3, 3, 2),
+                          (2, 300, 40, 40, 19), (2, 33, 20, 30, 19), (1, 2, 5, 10, 7000)):
+        for layout in LAYOUTS:
             x = torch.randn(n, d + (1 if layout == "sliced" else 0), h, w, generator=g).to(DEVICE, dtype)
             if layout == "channels_last":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -64,22 +71,26 @@ def class_ops(dtype, g):
 
 def deform_ops(dtype, g):
     ok = True
-    # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, offset groups, mask)
-    cases = ((2, 4, 3, 7, 9, 3, 1, 1, 1, 1, False), (1, 6, 4, 5, 5, 3, 2, 1, 2, 2, True),
-             (1, 3, 2, 1, 1, 1, 1, 0, 1, 1, False), (0, 4, 4, 5, 5, 3, 1, 1, 1, 1, True),
-             (2, 8, 8, 6, 7, 3, 1, 2, 2, 4, True))
-    for n, cin, cout, h, w, kk, s, p, dil, og, use_mask in cases:
+    # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, offset groups, mask, weight groups); y (the dual
+    # op's second input) has C_in + 2 * og * groups channels and C_out + groups outputs.
+    cases = ((2, 4, 3, 7, 9, 3, 1, 1, 1, 1, False, 1), (1, 6, 4, 5, 5, 3, 2, 1, 2, 2, True, 1),
+             (1, 3, 2, 1, 1, 1, 1, 0, 1, 1, False, 1), (0, 4, 4, 5, 5, 3, 1, 1, 1, 1, True, 1),
+             (2, 8, 8, 6, 7, 3, 1, 2, 2, 4, True, 1), (2, 8, 6, 6, 7, 3, 1, 1, 1, 2, True, 2),
+             (0, 8, 4, 5, 5, 3, 1, 1, 1, 2, True, 4))
+    for n, cin, cout, h, w, kk, s, p, dil, og, use_mask, groups in cases:
         ho = (h + 2 * p - dil * (kk - 1) - 1) // s + 1
         wo = (w + 2 * p - dil * (kk - 1) - 1) // s + 1
 
         def t(*shape, scale=1.0):
             return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
-        x, y = t(n, cin, h, w), t(n, cin + 2 * og, h, w)
+        cy, cout_y = cin + 2 * og * groups, cout + groups
+        x, y = t(n, cin, h, w), t(n, cy, h, w)
         offset = t(n, 2 * og * kk * kk, ho, wo, scale=2.0)
         mask = t(n, og * kk * kk, ho, wo) if use_mask else None
-        wx, wy, bx, by = t(cout, cin, kk, kk), t(cout + 1, cin + 2 * og, kk, kk), t(cout), t(cout + 1)
+        wx, wy = t(cout, cin // groups, kk, kk), t(cout_y, cy // groups, kk, kk)
+        bx, by = t(cout), t(cout_y)
         kw = dict(stride=s, padding=p, dilation=dil, mask=mask)
-        name = f"{dtype} {(n, cin, cout, h, w, kk, s, p, dil, og, use_mask)}"
+        name = f"{dtype} {(n, cin, cout, h, w, kk, s, p, dil, og, use_mask, groups)}"
         out = ops.deform_conv2d(x, offset, wx, bx, **kw)
         leaves = [x, offset, wx, bx] + ([mask] if use_mask else [])
         ok &= _finite(f"deform_conv2d {name}", out, *_backward(out, leaves))
@@ -99,20 +110,24 @@ def main(argv=None):
     parser.add_argument("--ops", choices=["all", "class", "deform"], default="all")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: float32 / float64 only, to check this script without a GPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="float32 and contiguous inputs only, no autocast pass (the GPU session's fast dry run)")
     args = parser.parse_args(argv)
-    global DEVICE
+    global DEVICE, LAYOUTS
     DEVICE = args.device
+    if args.quick:
+        LAYOUTS = LAYOUTS[:1]
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("sanitize_ops.py: no CUDA device visible")
     g = torch.Generator().manual_seed(0)
     ok = True
-    for dtype in DTYPES if DEVICE == "cuda" else DTYPES[:2]:
+    for dtype in DTYPES[:1] if args.quick else DTYPES if DEVICE == "cuda" else DTYPES[:2]:
         if args.ops in ("all", "class"):
             ok &= class_ops(dtype, g)
         if args.ops in ("all", "deform"):
             ok &= deform_ops(dtype, g)
     # Under autocast as well, as a mixed-precision training step calls the ops.
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=not args.quick):
         if args.ops in ("all", "deform"):
             ok &= deform_ops(torch.float32, g)
         if args.ops in ("all", "class"):

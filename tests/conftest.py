@@ -24,7 +24,22 @@ torch.set_num_threads(1)
 
 # ---------------------------------------------------------------- the ops: devices and backends
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# A test that runs CUDA kernels on a GPU carries the `cuda` marker, which skips it without one: `pytest -m cuda`
+# selects exactly these (the GPU session runs them; the emulation's tests are not among them).
+needs_cuda = pytest.mark.cuda
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped without one); `pytest -m cuda` selects them")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 # Where an op's kernels run: the CPU kernels; the CUDA kernels on a GPU; and "emu", the same CUDA kernels compiled
 # for the host (tests/cuda_emu.py, built on first use: torch.ops.csfrn_emu.* on CPU tensors). op_samples.kernel(op,

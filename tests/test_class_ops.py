@@ -444,6 +444,7 @@ def test_cuda_layouts_many_chunks_and_empty(layout):
             torch.testing.assert_close(a, b)
 
 
+@needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cuda_second_device():
     # The kernels (and the label check) must run on their inputs' device, whatever the current device is.

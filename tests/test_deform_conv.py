@@ -457,6 +457,7 @@ def test_cuda_deterministic_without_alerts():
         assert torch.equal(a, b)
 
 
+@needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cuda_second_device():
     # The kernels must launch on their inputs' device (CUDAGuard), whatever the current device is.

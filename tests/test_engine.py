@@ -190,7 +190,7 @@ def test_amp_needs_cuda(tmp_path):
         train(cfg)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: AMP runs on CUDA")
+@pytest.mark.cuda   # needs a CUDA GPU (tests/conftest.py skips it without one): AMP runs on CUDA
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_training_on_cuda(tmp_path, amp):
     cfg = load_config(None, tiny_overrides(tmp_path, iters=3, extra=[f"train.amp={amp}", "train.device=cuda"]))

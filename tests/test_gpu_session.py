@@ -1,0 +1,155 @@
+"""The GPU session's plan (benchmarks/gpu_session.sh) proven on the CPU: its fast dry run goes through every stage
+and leaves one tarball whose summary.json holds every figure the GPU check is stated in; a stage that does not
+fit the time left is not started, one over its budget is cut, and the summary comes out either way; the pieces
+(the summary's parsers, the determinism check) catch what they are for."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_determinism  # noqa: E402
+import gpu_summary  # noqa: E402
+
+# The GPU issue's list, literally (gpu_summary.KEYS must hold all of them).
+SUMMARY_KEYS = ["device", "torch", "date", "commit", "tests_passed", "tests_failed", "sanitizer_errors",
+                "deform_vs_torchvision_fp32", "deform_vs_torchvision_bf16", "dual_vs_torchvision_bf16",
+                "deform_deterministic", "step_ms_baseline", "step_ms_csfrn", "step_csfrn_over_baseline",
+                "step_ms_torchvision_deeplabv3", "train_images_per_s_csfrn", "train_peak_gib_csfrn", "mfu_baseline"]
+STAGES = ["build", "info", "check", "deform", "step", "train", "profile", "summary"]
+
+
+def run_session(tmp_path, timeout=1200, **env):   # the dry plan's own deadline bounds it
+    out, res = tmp_path / "out", tmp_path / "res"
+    full_env = {**os.environ, "CSFRN_GPU_DRY": "fast", "PYTHON": sys.executable, "OUT": str(out),
+                "RESULTS": str(res), "CSFRN_GPU_COMMIT": "", **env}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, out, res
+
+
+def unpack(out, tmp_path):
+    assert os.listdir(out) == ["gpu-session.tar.gz"], os.listdir(out)   # one file comes back
+    dest = tmp_path / "unpacked"
+    with tarfile.open(out / "gpu-session.tar.gz") as tar:
+        names = {os.path.normpath(m.name) for m in tar.getmembers() if m.isfile()}
+        tar.extractall(dest, filter="data")
+    return names, dest
+
+
+def stages(dest):
+    with open(dest / "stages.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_dry_plan_runs_every_stage_into_one_tarball(tmp_path):
+    proc, out, res = run_session(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names, dest = unpack(out, tmp_path)
+    expected = {"session.json", "stages.jsonl", "info.json", "cuda-tests.xml", "sanitize-cpu.log",
+                "sanitizer-skipped.txt", "deform_conv-fp32.json", "deform_conv-bf16.json", "deform_determinism.json",
+                "train_step-core.json", "train-csfrn/metrics.jsonl", "profile.log", "summary.json", "summary.md",
+                *(f"{s}.log" for s in STAGES)}
+    assert expected <= names, expected - names
+    assert not [n for n in names if n.endswith(".pth")], "checkpoints stay out of the tarball"
+    assert [(r["stage"], r["status"]) for r in stages(dest)] == [(s, "ok") for s in STAGES]
+
+    # The CUDA tests are selected by their marker: each skips here, none is the emulation's.
+    cases = list(ET.parse(dest / "cuda-tests.xml").getroot().iter("testcase"))
+    assert len(cases) > 20
+    assert all(c.find("skipped") is not None for c in cases)
+    assert not [c for c in cases if "cuda_emu" in c.get("classname") or "emu" in c.get("name")]
+    assert any(c.get("classname").endswith("test_ops") and "[cuda-" in c.get("name") for c in cases)
+
+    with open(dest / "summary.json") as f:
+        summary = json.load(f)
+    assert set(SUMMARY_KEYS) <= set(gpu_summary.KEYS)
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    assert not missing, missing
+    assert summary["dry"] is True and summary["device"] and summary["torch"] == torch.__version__
+    assert summary["tests_passed"] == 0 and summary["tests_failed"] == 0 and summary["tests_skipped"] == len(cases)
+    assert summary["deform_deterministic"] is True
+    for key in ("deform_vs_torchvision_fp32", "deform_vs_torchvision_bf16", "dual_vs_torchvision_bf16",
+                "step_ms_baseline", "step_ms_csfrn", "step_csfrn_over_baseline", "train_images_per_s_csfrn",
+                "mfu_baseline"):
+        assert isinstance(summary[key], float) and summary[key] > 0, (key, summary[key], summary["notes"].get(key))
+    assert summary["step_csfrn_over_baseline"] == pytest.approx(summary["step_ms_csfrn"] / summary["step_ms_baseline"])
+    assert 0 < summary["mfu_baseline"] < 1
+    # What a CPU run cannot measure is null with a reason, never a number.
+    assert summary["sanitizer_errors"] is None and "dry run" in summary["notes"]["sanitizer_errors"]
+    assert summary["train_peak_gib_csfrn"] is None and "GPU memory" in summary["notes"]["train_peak_gib_csfrn"]
+    assert summary["commit"] is not None or "commit" in summary["notes"]
+    assert [k for k in SUMMARY_KEYS if summary[k] is None and k not in summary["notes"]] == []
+    assert summary["train_iters_csfrn"] == 4
+
+
+def test_stages_that_do_not_fit_are_not_started_and_the_summary_still_comes(tmp_path):
+    # 50 s before the deadline, less the summary's 30, covers no stage's budget (build's is 60): only the
+    # summary runs, and says why each figure is missing.
+    proc, out, _ = run_session(tmp_path, GPU_DEADLINE="50")
+    assert proc.returncode == 1
+    _, dest = unpack(out, tmp_path)
+    assert [(r["stage"], r["status"]) for r in stages(dest)] == [(s, "not run") for s in STAGES[:-1]] + \
+        [("summary", "ok")]
+    with open(dest / "summary.json") as f:
+        summary = json.load(f)
+    assert all(summary[k] is None for k in SUMMARY_KEYS if k != "commit")
+    assert summary["notes"]["device"].startswith("stage info not run")
+    assert summary["notes"]["train_images_per_s_csfrn"].startswith("stage train not run")
+
+
+def test_a_stage_over_its_budget_is_cut_and_its_output_kept(tmp_path):
+    proc, out, _ = run_session(tmp_path, GPU_DEADLINE="85", CSFRN_GPU_BUDGETS="build=1 info=1")
+    assert proc.returncode == 1
+    names, dest = unpack(out, tmp_path)
+    records = {r["stage"]: r for r in stages(dest)}
+    assert records["build"]["status"] == "cut" and records["build"]["rc"] == 124
+    assert records["info"]["status"] == "cut" and "build.log" in names and "info.log" in names
+    assert records["check"]["status"] == "not run" and records["summary"]["status"] == "ok"
+
+
+def test_bad_budget_override_is_one_line(tmp_path):
+    proc, _, _ = run_session(tmp_path, CSFRN_GPU_BUDGETS="bulid=10")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_session.sh: CSFRN_GPU_BUDGETS: 'bulid=10' is not STAGE=SECONDS with STAGE one of "
+        + " ".join(STAGES)]
+
+
+def test_sanitizer_counts_every_tool(tmp_path):
+    logs = {"memcheck": "========= ERROR SUMMARY: 2 errors\n",
+            "racecheck": "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n",
+            "initcheck": "========= ERROR SUMMARY: 0 errors\n"}
+    for tool, text in logs.items():
+        (tmp_path / f"sanitizer-{tool}.log").write_text("noise\n" + text)
+    (tmp_path / "session.json").write_text(json.dumps({"dry": "0", "commit": "abc"}))
+    summary = gpu_summary.summarize(str(tmp_path))
+    assert summary["sanitizer_errors"] == 3
+    assert summary["sanitizer_errors_by_tool"] == {"memcheck": 2, "racecheck": 1, "initcheck": 0}
+    # A tool cut before its summary makes the total unknown, not smaller.
+    (tmp_path / "sanitizer-initcheck.log").write_text("========= Program hit ... (killed)\n")
+    summary = gpu_summary.summarize(str(tmp_path))
+    assert summary["sanitizer_errors"] is None and "initcheck" in summary["notes"]["sanitizer_errors"]
+
+
+def test_determinism_check_sees_a_call_that_differs(monkeypatch):
+    assert all(r["deterministic"] for r in gpu_determinism.check("cpu", quick=True))
+    real = gpu_determinism.ops.deform_conv2d
+    calls = [0]
+
+    def drifting(*args, **kwargs):   # what scattered atomics do: the last bits move from call to call
+        calls[0] += 1
+        out = real(*args, **kwargs)
+        return out + calls[0] * 1e-6 * out.detach()
+    monkeypatch.setattr(gpu_determinism.ops, "deform_conv2d", drifting)
+    rows = {(r["op"], r["amp"]): r for r in gpu_determinism.check("cpu", quick=True)}
+    assert not rows[("deform_conv2d", "none")]["deterministic"]
+    assert "out" in rows[("deform_conv2d", "none")]["differs"]
+    assert rows[("dual_deform_conv2d", "none")]["deterministic"]
