@@ -34,14 +34,6 @@ def _sets(overrides):
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def assert_one_line_error(result, verb, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"csfrn {verb}: error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def assert_picture(path, min_size=(300, 200)):
     """A PNG of at least ``min_size`` that is not blank: many colours, dark and light pixels."""
     with Image.open(path) as img:
