@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import class_index
+from ..losses import class_index, upsample_logits
 from ..nn import CSFLM
 from .segmentor import CSFRN, set_losses
 
@@ -86,7 +86,8 @@ class CSFLMPlug(nn.Module):
     that apply, as csfrn's own models: "seg" (on ``outputs["out"]``, or on the output when it is a tensor),
     "aux" (on ``outputs["aux"]``, in train mode, when the model has one), "cac" and "smooth" (when CSFLM runs:
     always with "concat" / "aam", in train mode only with "loss_only"; "smooth" only with margins).
-    Logits smaller than the labels are upsampled (bilinear) for the loss.
+    Logits smaller than the labels are upsampled (bilinear, in float32: ``csfrn.losses.upsample_logits``) for
+    the loss.
 
     Attributes: ``model`` the wrapped model (its tapped submodule carries the hook), ``csflm`` the module,
     ``tap`` the tapped submodule's name, ``fusion``.
@@ -150,7 +151,7 @@ class CSFLMPlug(nn.Module):
             losses["aux"] = w["aux"] * F.cross_entropy(self._resize(aux, labels), labels,
                                                        ignore_index=self.ignore_index)
         if out is not None:
-            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
+            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
             losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)
             if out.margins is not None:
                 losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, index)
@@ -158,9 +159,7 @@ class CSFLMPlug(nn.Module):
 
     @staticmethod
     def _resize(logits, labels):
-        if logits.shape[2:] == labels.shape[1:]:
-            return logits
-        return F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        return upsample_logits(logits, labels.shape[1:])
 
     def extra_repr(self):
         return f"tap={self.tap!r}, fusion={self.fusion!r}, num_classes={self.num_classes}"
