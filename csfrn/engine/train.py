@@ -1,11 +1,11 @@
 """Iteration-based training: SGD + poly decay (+ linear warm-up), AMP on CUDA, DDP through torchrun with SyncBN,
 per-sample seeded data, JSON-lines metrics (TensorBoard when installed), periodic evaluation keeping best.pth
-and last.pth, and exact resume."""
+and last.pth, and exact resume; channels_last, torch.compile and no host sync between log points
+(``csfrn.engine.speed``)."""
 import json
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from ..data.transforms import eval_transforms, train_transforms
 from ..errors import ConfigError, OutputExistsError, TrainingDivergedError
 from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
+from . import speed
 from .config import Config, check_training
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
 from .evaluate import evaluate, write_report
@@ -173,7 +174,8 @@ def _train(cfg, model, info, old_files=()):
     val_set = build_dataset(dcfg, dcfg.val_split, eval_transforms(), num_classes=num_classes, seed=tcfg.seed)
     if info.distributed and tcfg.sync_bn:
         model = convert_sync_batchnorm(model, device)
-    model.to(device)
+    channels_last = speed.use_channels_last(tcfg.channels_last, device)
+    model.to(device, memory_format=speed.memory_format(channels_last))
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(tcfg))
     amp_dtype, use_scaler = _amp_settings(tcfg.amp, device)
@@ -202,25 +204,30 @@ def _train(cfg, model, info, old_files=()):
 
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
+    # Training runs the compiled module (model and losses: the losses are computed in its forward); evaluation
+    # runs the eager model unless eval.compile.
+    step_net = speed.maybe_compile(net, tcfg.compile)
+    eval_model = speed.maybe_compile(model, cfg.eval.compile)
     sampler = SeededBatchSampler(len(train_set), dcfg.batch_size, tcfg.seed, start_iter, tcfg.iters,
                                  info.rank, info.world_size)
     transforms = train_transforms(dcfg.crop_size, dcfg.scale_range, dcfg.base_size, dcfg.flip, dcfg.photometric)
     # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
     loader = torch.utils.data.DataLoader(SeededTransforms(train_set, transforms), batch_sampler=sampler,
-                                         num_workers=dcfg.num_workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator())
+                                         generator=torch.Generator(),
+                                         **speed.loader_options(dcfg.num_workers, device, dcfg.prefetch_factor))
     log = MetricsLog(tcfg.work_dir, tcfg.tensorboard, keep_until=start_iter) if info.is_main else None
     bar = tqdm(total=tcfg.iters, initial=start_iter, desc="train", dynamic_ncols=True,
                disable=not (info.is_main and tcfg.progress))
     last_summary = None
     model.train()
-    tic, tic_iter = time.perf_counter(), start_iter
     it = start_iter
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    batches = iter(loader)
+    times = speed.StepTimes()
+    # Between two log points nothing here reads a device value: the step only queues work.
+    while (batch := times.next_batch(batches)) is not None:
+        images, labels = speed.to_device(*batch, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            _, losses = net(images, labels)
+            _, losses = step_net(images, labels)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -230,7 +237,8 @@ def _train(cfg, model, info, old_files=()):
         it += 1
         bar.update(1)
 
-        if it % tcfg.log_interval == 0 or it == tcfg.iters:
+        logged = it % tcfg.log_interval == 0 or it == tcfg.iters
+        if logged:
             values = {k: float(v.detach()) for k, v in losses.items()}
             values["loss"] = float(loss.detach())
             if not all(math.isfinite(v) for v in values.values()):
@@ -240,19 +248,19 @@ def _train(cfg, model, info, old_files=()):
                     f"{tcfg.log_interval} iterations); expected finite losses: try a lower train.lr or more "
                     f"train.warmup_iters")
             lr = optimizer.param_groups[0]["lr"]
-            speed = (it - tic_iter) / max(time.perf_counter() - tic, 1e-9)
+            step_times = times.figures()          # after reading the losses: the device work is done
+            rate = 1e3 / max(step_times["step_ms"], 1e-9)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()}, "lr": f"{lr:.2e}"})
-            record = {"kind": "train", "iter": it, **values, "lr": lr, "it/s": speed,
-                      "images/s": speed * dcfg.batch_size}
+            record = {"kind": "train", "iter": it, **values, "lr": lr, "it/s": rate,
+                      "images/s": rate * dcfg.batch_size, **step_times}
             if device.type == "cuda":   # peak since the start, as mmseg's "memory"
                 record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if log is not None:
                 log.write(record)
-            tic, tic_iter = time.perf_counter(), it
 
         do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)
         if do_eval:
-            summary, _ = evaluate(model, val_set, num_classes, cfg.eval, device, dcfg.base_size)
+            summary, _ = evaluate(eval_model, val_set, num_classes, cfg.eval, device, dcfg.base_size)
             last_summary = summary
             improved = summary["mIoU"] > best
             best = max(best, summary["mIoU"])
@@ -273,6 +281,8 @@ def _train(cfg, model, info, old_files=()):
                     save_checkpoint(state, os.path.join(tcfg.work_dir, f"iter_{it:06d}.pth"))
             if info.distributed:
                 torch.distributed.barrier()
+        if logged:   # the next interval's times start here, after this one's evaluation and checkpoint
+            times.restart()
     bar.close()
     if log is not None:
         log.close()

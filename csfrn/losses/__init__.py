@@ -2,7 +2,7 @@
 from .cac import CACLoss, ClassIndex, SmoothLoss, class_index
 from .lovasz import lovasz_hinge, lovasz_softmax
 from .ohem import OhemCrossEntropy
-from .upsample import upsample_logits
+from .pixel import PixelCrossEntropy, pixel_cross_entropy, upsample_logits
 
 __all__ = ["lovasz_hinge", "lovasz_softmax", "CACLoss", "SmoothLoss", "OhemCrossEntropy", "ClassIndex", "class_index",
-           "upsample_logits"]
+           "upsample_logits", "pixel_cross_entropy", "PixelCrossEntropy"]

@@ -14,10 +14,9 @@ final classifier conv, see ``default_tap``) through a forward pre-hook on that s
 from collections.abc import Mapping
 from typing import Callable, Optional, Union
 
-import torch.nn.functional as F
 from torch import nn
 
-from ..losses import class_index, upsample_logits
+from ..losses import class_index, pixel_cross_entropy, upsample_logits
 from ..nn import CSFLM
 from .segmentor import CSFRN, set_losses
 
@@ -148,8 +147,7 @@ class CSFLMPlug(nn.Module):
                              f"{self.num_classes}")
         losses = {"seg": w["seg"] * self.seg_loss(self._resize(logits, labels), labels)}
         if aux is not None and self.training:
-            losses["aux"] = w["aux"] * F.cross_entropy(self._resize(aux, labels), labels,
-                                                       ignore_index=self.ignore_index)
+            losses["aux"] = w["aux"] * pixel_cross_entropy(self._resize(aux, labels), labels, self.ignore_index)
         if out is not None:
             index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
             losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)

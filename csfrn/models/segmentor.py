@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import CACLoss, SmoothLoss, class_index, lovasz_softmax, upsample_logits
+from ..losses import (CACLoss, PixelCrossEntropy, SmoothLoss, class_index, lovasz_softmax, pixel_cross_entropy,
+                      upsample_logits)
 
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 
@@ -13,7 +14,7 @@ DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 def set_losses(module, seg_loss=None, loss_weights=None, delta=10.0, binary="lovasz", ignore_index=255):
     """Gives ``module`` the losses of Eq. 7 (``seg_loss``, ``cac_loss``, ``smooth_loss``) and its
     ``loss_weights`` (DEFAULT_LOSS_WEIGHTS updated by ``loss_weights``; an unknown key is an error)."""
-    module.seg_loss = seg_loss or nn.CrossEntropyLoss(ignore_index=ignore_index)
+    module.seg_loss = seg_loss or PixelCrossEntropy(ignore_index=ignore_index)
     module.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
     module.smooth_loss = SmoothLoss(ignore_index=ignore_index)
     unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
@@ -96,7 +97,7 @@ class CSFRN(nn.Module):
         losses = {"seg": w["seg"] * self.seg_loss(logits, labels)}
         if self.aux_head is not None and self.training:
             aux = upsample_logits(self.aux_head(feats[2]), images.shape[2:])
-            losses["aux"] = w["aux"] * F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
+            losses["aux"] = w["aux"] * pixel_cross_entropy(aux, labels, self.ignore_index)
         if out is not None and self.mask_head is not None:
             if self.training:
                 index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
