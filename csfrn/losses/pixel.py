@@ -19,10 +19,8 @@ def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
         logits = logits.float()
     if tuple(logits.shape[2:]) == tuple(size):
         return logits
-    # upsample_bilinear2d is on no autocast list (it runs in its input's dtype); turning autocast off says so
-    # and keeps it so should that list change.
-    with torch.autocast(logits.device.type, enabled=False):
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    # upsample_bilinear2d is on no autocast list: it runs in its input's dtype, float32 here (a test checks it).
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
