@@ -2,6 +2,7 @@
 No timing assertions: timing is checked by the benchmarks themselves. Every run names --device cpu: on a GPU
 machine the benchmarks default to CUDA (and bf16), which these CPU-sized expectations do not describe."""
 import json
+import unittest.mock
 import os
 
 import pytest
@@ -24,7 +25,7 @@ def test_train_step_quick(tmp_path, capsys):
     path = tmp_path / "step.json"
     result = train_step.main(["--quick", "--device", "cpu", "--reps", "1", "--json", str(path)])
     saved = json.loads(path.read_text())
-    assert set(saved) == {"meta", "rows", "ratios", "gflops"}
+    assert set(saved) == {"meta", "rows", "ratios", "gflops", "train", "ceiling"}
     variants = ["baseline", "csfrn", "reference"] + (["torchvision"] if train_step.have_torchvision() else [])
     assert [(r["mode"], r["variant"]) for r in saved["rows"]] == \
         [(m, v) for m in ("train step", "inference") for v in variants]
@@ -137,3 +138,57 @@ def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):
     assert json.loads(path.read_text())["rows"] == rows
     out = capsys.readouterr().out
     assert out.count("for our kernels alone, without autograd") == 2
+
+
+def test_train_step_speed_variants_at_a_tiny_size(tmp_path, capsys):
+    """The speed variants (channels_last, compiled, torchvision's deeplabv3_resnet50) and the run through
+    csfrn train's loop, at a tiny size: every training row has its step ms, images/s, peak memory, TFLOP/s and
+    share of the ceiling; the JSON has them by variant. (Compiled with the aot_eager backend here: inductor's
+    code generation takes minutes on 2 cores; the benchmark itself uses inductor.)"""
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, mode=None):
+        return real_compile(model, backend="aot_eager")
+    variants = ["baseline", "baseline-cl", "csfrn-compiled"]
+    path = tmp_path / "step.json"
+    with unittest.mock.patch.object(train_step.torch, "compile", compile_aot_eager):
+        train_step.main(["--quick", "--device", "cpu", "--size", "33", "--batch", "2", "--iters", "1",
+                         "--variants", *variants, "--no-inference", "--ceiling-tflops", "0.3",
+                         "--engine-iters", "2", "--engine-workers", "0", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    want = ["baseline", "csfrn", "baseline-cl", "csfrn-compiled"]
+    assert [r["variant"] for r in saved["rows"]] == want
+    assert set(saved["train"]) == set(want)
+    for v, figures in saved["train"].items():
+        assert set(figures) == {"step_ms", "images_s", "peak_mb", "tflops", "mfu", "step_tflop"}
+        assert figures["images_s"] == pytest.approx(2e3 / figures["step_ms"])
+        assert figures["mfu"] == pytest.approx(figures["tflops"] / 0.3) and figures["tflops"] > 0
+    assert saved["train"]["csfrn"]["step_tflop"] > saved["train"]["baseline"]["step_tflop"]
+    assert saved["ceiling"] == {"tflops": 0.3, "what": "given"}
+    for name in ("baseline", "csfrn"):
+        e = saved["engine"][name]
+        assert 0 <= e["data_ms"] < e["step_ms"] and e["compute_ms"] == pytest.approx(e["step_ms"] - e["data_ms"])
+    out = capsys.readouterr().out
+    assert "through csfrn train (csfrn)" in out and "TFLOP/s" in out
+
+
+def test_train_step_variant_names():
+    assert train_step.parse_variant("csfrn-cl-compiled") == ("csfrn", True, True)
+    assert train_step.parse_variant("tv-deeplabv3-cl") == ("tv-deeplabv3", True, False)
+    assert train_step.parse_variant("baseline") == ("baseline", False, False)
+    with pytest.raises(ValueError, match="unknown variants"):
+        train_step.run("cpu", quick=True, variants=["csfrn-fast"])
+
+
+def test_torchvision_peer_trains_like_our_models():
+    """tv-deeplabv3: torchvision's deeplabv3_resnet50 with our training interface and loss (seg + 0.4 aux
+    cross-entropy on float32 logits); its step FLOPs are counted on the meta device."""
+    pytest.importorskip("torchvision")
+    images, labels = train_step.make_batch(2, (33, 33), "cpu")
+    peer = train_step.build_variant("tv-deeplabv3-cl", True, "cpu", {})
+    assert peer.model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    logits, losses = peer(images, labels)
+    assert set(losses) == {"seg", "aux"} and logits.shape == (2, train_step.NUM_CLASSES, 33, 33)
+    torch.testing.assert_close(losses["seg"], torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
+    assert train_step.step_flops("tv-deeplabv3", True, (33, 33), 2) > train_step.step_flops("baseline", True,
+                                                                                            (33, 33), 2)

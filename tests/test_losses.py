@@ -303,3 +303,28 @@ def test_class_losses_run_half_precision_inputs_in_float32(dtype, ops_path):
         assert got.dtype == torch.float32 and torch.equal(got, want)
         for a, b in zip(torch.autograd.grad(got, half), torch.autograd.grad(want, full)):
             assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+
+
+@pytest.mark.parametrize("binary", ["lovasz", "bce"])
+def test_static_class_index_gives_the_loop_losses(binary, ops_path):
+    """The models' index (``num_classes`` slots, no torch.unique: no host sync, one graph under compile) gives
+    Eq. 4 and Eq. 5 of the per-class loop, values and gradients, with classes absent from one image or from the
+    whole batch and an image without a labelled pixel."""
+    from csfrn.losses import class_index
+    g = torch.Generator().manual_seed(11)
+    emb = (torch.randn(3, 3, 4, 5, generator=g, dtype=torch.float64) * 0.5).requires_grad_(True)
+    margin = (torch.randn(3, 1, 4, 5, generator=g, dtype=torch.float64) * 0.1).requires_grad_(True)
+    labels = torch.randint(0, 3, (3, 4, 5), generator=g)
+    labels[0, 0] = 255
+    labels[1][labels[1] == 1] = 6        # classes 3, 4, 5 and 7 absent from the batch, 6 from images 0 and 2
+    labels[2] = 255                      # nothing labelled in image 2
+    index = class_index(labels, (4, 5), 255, num_classes=8)
+    assert index.k == 8 and index.compact.max() == 8
+    got = CACLoss(delta=10.0, binary=binary)(emb, margin, index)
+    want = cac_loop(emb, margin, labels, 10.0, binary)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, (emb, margin)), torch.autograd.grad(want, (emb, margin)))
+    torch.testing.assert_close(SmoothLoss()(margin, index), SmoothLoss()(margin, labels))
+    everything_ignored = class_index(torch.full((2, 4, 5), 255), (4, 5), 255, num_classes=8)
+    out = CACLoss()(emb[:2], margin[:2], everything_ignored)
+    assert out.item() == 0.0 and torch.autograd.grad(out, emb)[0].abs().sum() == 0

@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
@@ -70,6 +70,7 @@ class DataConfig:
     batch_size: int = 8           # global batch, split evenly over the processes
     num_workers: int = 2
     binary_255: bool = False      # folder dataset with 2 classes: masks of 0 / 255 read 255 as class 1 (not ignore)
+    prefetch_factor: int = 2      # batches queued per worker (with num_workers > 0)
     # Synthetic set only (no files): image side, number of train images, number of val images.
     size: int = 64
     length: int = 256
@@ -106,6 +107,8 @@ class TrainConfig:
     #                               evaluated beside the raw weights, the best kept as best_ema.pth
     accumulate: int = 1           # micro-batches per optimizer step; data.batch_size stays the global batch
     clip_grad: Optional[float] = None  # clip the gradients' global L2 norm to this (null: no clipping)
+    channels_last: Optional[bool] = None  # model and images in channels_last; null: true on CUDA, false on CPU
+    compile: Union[bool, str] = False     # torch.compile the model and losses: false | true | a mode name
 
 
 @dataclass
@@ -118,6 +121,7 @@ class EvalConfig:
     scales: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.25, 1.5, 1.75])
     flip: bool = False
     max_images: Optional[int] = None  # evaluate only the first images (quick checks during training)
+    compile: Union[bool, str] = False     # torch.compile the model for evaluation (train.compile does not)
 
 
 @dataclass
@@ -172,6 +176,10 @@ def _check_value(key, default_field, value):
     elif value is None:
         raise ConfigError(f"config key '{key}' may not be null")
     origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Union:          # Union[bool, str]: true / false or a name (checked by validate)
+        if not isinstance(value, args):
+            raise ConfigError(f"config key '{key}' expects true, false or a name, got {value!r}")
+        return value
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
@@ -342,6 +350,7 @@ def validate(cfg):
     from ..models.heads import HEADS
     from ..models.segmentor import DEFAULT_LOSS_WEIGHTS
     from ..nn.csflm import FUSIONS
+    from .speed import check_compile_setting
 
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
     if m.external is not None:
@@ -378,6 +387,7 @@ def validate(cfg):
                           f"got {d.scale_range}")
     _at_least("data.batch_size", d.batch_size, 1)
     _at_least("data.num_workers", d.num_workers, 0)
+    _at_least("data.prefetch_factor", d.prefetch_factor, 1)
     _at_least("data.size", d.size, 16)
     _at_least("data.length", d.length, 1)
     _at_least("data.val_length", d.val_length, 1)
@@ -406,6 +416,8 @@ def validate(cfg):
     _at_least("train.accumulate", t.accumulate, 1)
     if t.clip_grad is not None:
         _positive("train.clip_grad", t.clip_grad, "a max gradient norm")
+    check_compile_setting("train.compile", t.compile)
+    check_compile_setting("eval.compile", e.compile)
 
     _choice("eval.mode", e.mode, ("slide", "whole"))
     _pair("eval.crop_size", e.crop_size)

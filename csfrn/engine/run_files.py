@@ -9,7 +9,6 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 
 import yaml
 
@@ -145,36 +144,3 @@ class TrainLog:
 
     def close(self):
         self.file.close()
-
-
-class Timer:
-    """Seconds per iteration since the last :meth:`take`, split into ``data`` (waiting for the next batch) and
-    ``step`` (the rest of the iteration); what happens between :meth:`step_done` and :meth:`resume`
-    (evaluation, checkpoints) counts in neither."""
-
-    def __init__(self):
-        self.data = self.step = 0.0
-        self.count = 0
-        self.mark = time.perf_counter()
-
-    def got_batch(self):
-        now = time.perf_counter()
-        self.data += now - self.mark
-        self.mark = now
-
-    def step_done(self):
-        now = time.perf_counter()
-        self.step += now - self.mark
-        self.count += 1
-        self.mark = now
-
-    def resume(self):
-        self.mark = time.perf_counter()
-
-    def take(self):
-        """(data seconds, step seconds) per iteration, means since the last take; then starts again."""
-        n = max(self.count, 1)
-        out = (self.data / n, self.step / n)
-        self.data = self.step = 0.0
-        self.count = 0
-        return out

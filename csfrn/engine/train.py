@@ -1,11 +1,11 @@
 """Iteration-based training: SGD or AdamW (``engine/optim.py``) + poly decay (+ linear warm-up), AMP on CUDA,
 DDP through torchrun with SyncBN, per-sample seeded data, JSON-lines metrics (TensorBoard when installed),
-periodic evaluation keeping best.pth and last.pth, and exact resume."""
+periodic evaluation keeping best.pth and last.pth, and exact resume; channels_last, torch.compile and no host
+sync between log points (``csfrn.engine.speed``)."""
 import json
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from ..data.transforms import eval_transforms, train_transforms
 from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted
 from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
+from . import speed
 from .config import Config, check_training
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
 from .ema import build_ema
@@ -24,7 +25,7 @@ from .evaluate import evaluate, write_report
 from .interrupt import signal_name, stop_requests
 from .optim import build_optimizer, poly_lambda  # noqa: F401  (poly_lambda: part of this module's API)
 from .resume import check_iterations, config_differences, fresh_groups, rederive_schedule
-from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, Timer, TrainLog, check_tensorboard, peak_memory_gib,
+from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, TrainLog, check_tensorboard, peak_memory_gib,
                         write_config, write_env)
 from .run_lock import LOCK_NAME, run_lock
 from .step import train_step
@@ -183,7 +184,8 @@ def _train(cfg, model, info, old_files=(), stop=None):
     val_set = build_dataset(dcfg, dcfg.val_split, eval_transforms(), num_classes=num_classes, seed=tcfg.seed)
     if info.distributed and tcfg.sync_bn:
         model = convert_sync_batchnorm(model, device)
-    model.to(device)
+    channels_last = speed.use_channels_last(tcfg.channels_last, device)
+    model.to(device, memory_format=speed.memory_format(channels_last))
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(tcfg))
     configured = fresh_groups(optimizer)
@@ -214,13 +216,17 @@ def _train(cfg, model, info, old_files=(), stop=None):
 
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
+    # Training runs the compiled module (model and losses: the losses are computed in its forward); evaluation
+    # runs the eager model unless eval.compile.
+    step_net = speed.maybe_compile(net, tcfg.compile)
+    eval_model = speed.maybe_compile(model, cfg.eval.compile)
     sampler = SeededBatchSampler(len(train_set), dcfg.batch_size, tcfg.seed, start_iter, tcfg.iters,
                                  info.rank, info.world_size)
     transforms = train_transforms(dcfg.crop_size, dcfg.scale_range, dcfg.base_size, dcfg.flip, dcfg.photometric)
     # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
     loader = torch.utils.data.DataLoader(SeededTransforms(train_set, transforms), batch_sampler=sampler,
-                                         num_workers=dcfg.num_workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator())
+                                         generator=torch.Generator(),
+                                         **speed.loader_options(dcfg.num_workers, device, dcfg.prefetch_factor))
     log = MetricsLog(tcfg.work_dir, tcfg.tensorboard, keep_until=start_iter) if info.is_main else None
     ema = build_ema(model, tcfg.ema, state, log=print if info.is_main else None)
     best_ema = state.get("best_ema_mIoU", float("-inf")) if state is not None else float("-inf")
@@ -237,8 +243,6 @@ def _train(cfg, model, info, old_files=(), stop=None):
                disable=not (info.is_main and tcfg.progress))
     last_summary = None
     model.train()
-    tic, tic_iter = time.perf_counter(), start_iter
-    timer = Timer()
     it = start_iter
     saved_at = start_iter if state is not None else None
 
@@ -259,11 +263,12 @@ def _train(cfg, model, info, old_files=(), stop=None):
                                   f"--resume auto", it, path)
 
     stop_here()
-    for images, labels in loader:
-        timer.got_batch()
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        losses, grad_norm = train_step(net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate,
+    batches = iter(loader)
+    times = speed.StepTimes()
+    # Between two log points nothing here reads a device value: the step only queues work.
+    while (batch := times.next_batch(batches)) is not None:
+        images, labels = speed.to_device(*batch, device, channels_last)
+        losses, grad_norm = train_step(step_net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate,
                                        tcfg.clip_grad)
         loss = sum(losses.values())
         scheduler.step()
@@ -273,9 +278,9 @@ def _train(cfg, model, info, old_files=(), stop=None):
             clipped += grad_norm > tcfg.clip_grad
         it += 1
         bar.update(1)
-        timer.step_done()
 
-        if it % tcfg.log_interval == 0 or it == tcfg.iters:
+        logged = it % tcfg.log_interval == 0 or it == tcfg.iters
+        if logged:
             values = {k: float(v.detach()) for k, v in losses.items()}
             values["loss"] = float(loss.detach())
             if not all(math.isfinite(v) for v in values.values()):
@@ -285,30 +290,29 @@ def _train(cfg, model, info, old_files=(), stop=None):
                     f"{tcfg.log_interval} iterations); expected finite losses: try a lower train.lr or more "
                     f"train.warmup_iters")
             lr = optimizer.param_groups[0]["lr"]
-            speed = (it - tic_iter) / max(time.perf_counter() - tic, 1e-9)
+            step_times = times.figures()          # after reading the losses: the device work is done
+            rate = 1e3 / max(step_times["step_ms"], 1e-9)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()}, "lr": f"{lr:.2e}"})
-            record = {"kind": "train", "iter": it, **values, "lr": lr, "it/s": speed,
-                      "images/s": speed * dcfg.batch_size}
+            record = {"kind": "train", "iter": it, **values, "lr": lr, "it/s": rate,
+                      "images/s": rate * dcfg.batch_size, **step_times}
             if device.type == "cuda":   # peak since the start, as mmseg's "memory"
                 record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            data_time, step_time = timer.take()
-            record.update(data_time=data_time, step_time=step_time)
             clip = None
             if grad_norm is not None:
-                clip = (tcfg.clip_grad, float(grad_norm), int(clipped), it - tic_iter)
+                clip = (tcfg.clip_grad, float(grad_norm), int(clipped), times.steps)
                 record.update(grad_norm=clip[1], clipped=clip[2])
                 clipped.zero_()
             if log is not None:
                 log.write(record)
-                text_log.iteration(it, lr, values, data_time, step_time, peak_memory_gib(device), clip)
+                data_s, step_s = step_times["data_ms"] / 1e3, step_times["step_ms"] / 1e3
+                text_log.iteration(it, lr, values, data_s, step_s - data_s, peak_memory_gib(device), clip)
             if info.is_main and not tcfg.progress:   # no bar: the same numbers as a line
                 print(f"iter {it}/{tcfg.iters}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-                      + f"  lr {lr:.3e}  {speed:.2f} it/s", flush=True)
-            tic, tic_iter = time.perf_counter(), it
+                      + f"  lr {lr:.3e}  {rate:.2f} it/s", flush=True)
 
         do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)
         if do_eval:
-            summary, _ = evaluate(model, val_set, num_classes, cfg.eval, device, dcfg.base_size)
+            summary, _ = evaluate(eval_model, val_set, num_classes, cfg.eval, device, dcfg.base_size)
             last_summary = summary
             improved = summary["mIoU"] > best
             best = max(best, summary["mIoU"])
@@ -350,7 +354,8 @@ def _train(cfg, model, info, old_files=(), stop=None):
             saved_at = it
             if info.distributed:
                 torch.distributed.barrier()
-        timer.resume()   # evaluation and checkpoints count in neither the data nor the step time
+        if logged:   # the next interval's times start here, after this one's evaluation and checkpoint
+            times.restart()
         if it < tcfg.iters:
             stop_here()
     bar.close()

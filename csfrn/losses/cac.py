@@ -33,18 +33,31 @@ def compact_labels(labels, ignore_index):
 
 
 class ClassIndex(NamedTuple):
-    """Labels at the embedding size with the batch's present classes renumbered (``class_index``)."""
+    """Labels at the embedding size with their classes numbered 0..k-1 (``class_index``)."""
     compact: torch.Tensor   # [N, h, w] int64: 0..k-1, ignored pixels k
-    k: int                  # number of classes present in the batch
-    present: torch.Tensor   # [k] their original ids
+    k: int                  # number of class slots
+    present: torch.Tensor   # [k] the original id of each slot
     ignore_index: int
 
 
-def class_index(labels: torch.Tensor, size: Tuple[int, int], ignore_index: int = 255) -> ClassIndex:
-    """``resize_labels`` then ``compact_labels``, once for every loss of a step: CACLoss and SmoothLoss take
-    the result in place of labels, so the segmentor resizes and renumbers once (it is the same for both)."""
-    compact, k, present = compact_labels(resize_labels(labels, size), ignore_index)
-    return ClassIndex(compact, k, present, ignore_index)
+def class_index(labels: torch.Tensor, size: Tuple[int, int], ignore_index: int = 255,
+                num_classes: Optional[int] = None) -> ClassIndex:
+    """``resize_labels`` then a numbering of the classes, once for every loss of a step: CACLoss and SmoothLoss
+    take the result in place of labels, so the segmentor resizes and renumbers once (it is the same for both).
+
+    With ``num_classes`` (what the models pass) the numbering is static: slot k is class k for every class of
+    the model, present in the batch or not, and ignored pixels go to slot ``num_classes``. No ``torch.unique``,
+    no shape that depends on the labels' values and so no host sync: a training step stays one graph under
+    ``torch.compile`` and never waits for the GPU. Without it, the classes present in the batch are renumbered
+    (``compact_labels``; fewer slots, one host sync). The losses are the same either way: a class absent from
+    an image takes no part in its loss.
+    """
+    labels = resize_labels(labels, size)
+    if num_classes is None:
+        compact, k, present = compact_labels(labels, ignore_index)
+        return ClassIndex(compact, k, present, ignore_index)
+    compact = labels.masked_fill(labels == ignore_index, num_classes)
+    return ClassIndex(compact, num_classes, torch.arange(num_classes, device=labels.device), ignore_index)
 
 
 def _index(labels, size, ignore_index):
@@ -66,15 +79,14 @@ def full_precision(*tensors):
 
 def mean_over_present(values, counts):
     """values [N, K] per (image, class): the mean over each image's present classes, then over the images
-    that have any; 0 (still attached to the graph) when no image has a labelled pixel."""
+    that have any; 0 (still attached to the graph) when no image has a labelled pixel. Masks rather than
+    boolean indexing: no data-dependent shape, no host sync."""
     present = counts > 0
     per_class = torch.where(present, values, torch.zeros_like(values))
     k_n = present.sum(dim=1)
     has = k_n > 0
-    if not bool(has.any()):
-        return values.sum() * 0.0
-    per_image = per_class.sum(dim=1)[has] / k_n[has].to(values.dtype)
-    return per_image.mean()
+    per_image = per_class.sum(dim=1) / k_n.clamp(min=1).to(values.dtype)
+    return (per_image * has).sum() / has.sum().clamp(min=1).to(values.dtype)
 
 
 class CACLoss(nn.Module):
@@ -122,11 +134,12 @@ class CACLoss(nn.Module):
         margins = means[..., d] if margin_map is not None else means.new_zeros(n, k)
         phi = ops.center_distance(embeddings, centers, margins.contiguous(), self.delta)   # [N, K, h, w]
 
-        n_idx, k_idx = (counts > 0).nonzero(as_tuple=True)
-        rows = phi[n_idx, k_idx].reshape(n_idx.numel(), -1)                             # [R, h*w]
-        row_labels = compact[n_idx].reshape(n_idx.numel(), -1)
-        positive = row_labels == k_idx[:, None]
-        valid = row_labels != k
+        # Every (image, class slot) pair is a row, present or not (static shapes: no nonzero, no host sync);
+        # mean_over_present leaves the absent pairs out of the loss and of the gradient.
+        rows = phi.reshape(n * k, h * w)                                                  # [N*K, h*w]
+        flat = compact.reshape(n, 1, h * w)
+        positive = (flat == torch.arange(k, device=compact.device)[None, :, None]).reshape(n * k, h * w)
+        valid = (flat != k).expand(n, k, h * w).reshape(n * k, h * w)
         if self.binary == "lovasz":
             row_loss = lovasz_hinge_rows(1.0 - 2.0 * rows, positive, valid)
         else:
@@ -136,8 +149,7 @@ class CACLoss(nn.Module):
             target = (~positive).to(rows.dtype)
             bce = F.binary_cross_entropy(rows.nan_to_num(nan=0.5), target, reduction="none") * valid
             row_loss = bce.sum(dim=1) / valid.sum(dim=1).clamp(min=1) + rows.sum(dim=1) * 0.0
-        per_class = torch.zeros_like(counts).index_put((n_idx, k_idx), row_loss)
-        return mean_over_present(per_class, counts)
+        return mean_over_present(row_loss.reshape(n, k), counts)
 
 
 class SmoothLoss(nn.Module):

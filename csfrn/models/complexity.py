@@ -86,6 +86,27 @@ def complexity(model, size=(512, 512)):
             "gflops_all": counter.get_total_flops() / 2 / 1e9}
 
 
+def training_flops(model, images_shape, device="meta"):
+    """FLOPs (a multiply-add as two) of one training step of ``model`` on a batch of ``images_shape``
+    [N, 3, H, W]: 3x those of its training forward with labels (aux head and losses included) by
+    ``FlopCounterMode``, on the meta device (shapes only: no time, no memory). The backward counts as twice
+    the forward, the usual convention of utilisation figures (FlopCounterMode's own backward formulas count
+    the dilated convolutions' input gradients as several times their forward). ``model(images, labels)``
+    returns ``(outputs, losses)``; AAM's dual deformable conv counts as its two convolutions; the optimizer
+    step is not counted."""
+    images = torch.zeros(images_shape, device=device)
+    labels = torch.zeros((images_shape[0],) + tuple(images_shape[2:]), dtype=torch.long, device=device)
+    was_training = model.training
+    model.train()
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.csfrn.dual_deform_conv2d: _dual_deform_flop})
+    try:
+        with torch.no_grad(), counter:
+            model(images, labels)
+    finally:
+        model.train(was_training)
+    return 3 * counter.get_total_flops()
+
+
 def flops_table(rows, size=(512, 512), num_classes=19):
     """Counts for model specs (dicts of ``build_model`` keywords, built on the meta device); returns
     [(spec, counts)]."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..losses import class_index
+from ..losses import class_index, pixel_cross_entropy, upsample_logits
 from ..nn import CSFLM
 from .segmentor import CSFRN, set_losses
 
@@ -154,8 +154,8 @@ class CSFLMPlug(nn.Module):
     ``outputs[0]``, the output itself when it is a tensor, or what ``outputs=`` picks), "aux" (on
     ``outputs["aux"]``, in train mode, when the model has one), "cac" and "smooth" (when CSFLM runs: always with
     "concat" / "aam", in train mode only with "loss_only"; "smooth" only with margins). Logits smaller than the
-    labels are upsampled (bilinear) for the loss. :meth:`segment` gives the logits at the input size (what
-    csfrn's evaluation, prediction and export use), :meth:`predict_maps` CSFRN's maps.
+    labels are upsampled (bilinear, in float32: ``csfrn.losses.upsample_logits``) for the loss. :meth:`segment`
+    gives the logits at the input size (what csfrn's evaluation, prediction and export use), :meth:`predict_maps` CSFRN's maps.
 
     Attributes: ``model`` the wrapped model (its tapped submodule carries the hook), ``csflm`` the module,
     ``tap`` the tapped submodule's name, ``channels`` its input's, ``fusion``, ``outputs`` the logits picker
@@ -279,10 +279,9 @@ class CSFLMPlug(nn.Module):
                             f"{self.num_classes}")
         losses = {"seg": w["seg"] * self.seg_loss(self._resize(logits, labels), labels)}
         if aux is not None and self.training:
-            losses["aux"] = w["aux"] * F.cross_entropy(self._resize(aux, labels), labels,
-                                                       ignore_index=self.ignore_index)
+            losses["aux"] = w["aux"] * pixel_cross_entropy(self._resize(aux, labels), labels, self.ignore_index)
         if out is not None:
-            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
+            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
             losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)
             if out.margins is not None:
                 losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, index)
@@ -290,9 +289,7 @@ class CSFLMPlug(nn.Module):
 
     @staticmethod
     def _resize(logits, labels):
-        if logits.shape[2:] == labels.shape[1:]:
-            return logits
-        return F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        return upsample_logits(logits, labels.shape[1:])
 
     def extra_repr(self):
         return f"tap={self.tap!r}, fusion={self.fusion!r}, num_classes={self.num_classes}"

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import CACLoss, SmoothLoss, class_index, lovasz_softmax
+from ..losses import (CACLoss, PixelCrossEntropy, SmoothLoss, class_index, lovasz_softmax, pixel_cross_entropy,
+                      upsample_logits)
 
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 
@@ -13,7 +14,7 @@ DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 def set_losses(module, seg_loss=None, loss_weights=None, delta=10.0, binary="lovasz", ignore_index=255):
     """Gives ``module`` the losses of Eq. 7 (``seg_loss``, ``cac_loss``, ``smooth_loss``) and its
     ``loss_weights`` (DEFAULT_LOSS_WEIGHTS updated by ``loss_weights``; an unknown key is an error)."""
-    module.seg_loss = seg_loss or nn.CrossEntropyLoss(ignore_index=ignore_index)
+    module.seg_loss = seg_loss or PixelCrossEntropy(ignore_index=ignore_index)
     module.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
     module.smooth_loss = SmoothLoss(ignore_index=ignore_index)
     unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
@@ -53,6 +54,10 @@ class CSFRN(nn.Module):
         self.ignore_index = ignore_index
         set_losses(self, seg_loss, loss_weights, delta, binary, ignore_index)
 
+    @property
+    def num_classes(self):
+        return self.decode_head.conv_seg.out_channels
+
     @staticmethod
     def check_input(images):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
@@ -62,7 +67,7 @@ class CSFRN(nn.Module):
             raise ValueError(f"images must be a 4-D float tensor [N, 3, H, W] (normalised RGB), got {got}")
 
     def _run(self, images):
-        """Backbone, head and CSFLM: (logits at input size, stage outputs, CSFLM output or None, the features
+        """Backbone, head and CSFLM: (logits at the head's stride, stage outputs, CSFLM output or None, the features
         that go on to the decoder: CSFLM's fused F, or the head's context output A without CSFLM)."""
         self.check_input(images)
         feats = self.backbone(images)
@@ -72,32 +77,37 @@ class CSFRN(nn.Module):
             out = self.csflm(a)
             a = out.features
         logits = self.decode_head.classify(self.decode_head.decode(a, feats))
-        logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
         return logits, feats, out, a
+
+    @staticmethod
+    def _upsample(logits, size):
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, images, labels=None):
         logits, feats, out, _ = self._run(images)
         if labels is None:
-            return logits
+            return self._upsample(logits, images.shape[2:])
         if labels.shape != (images.shape[0],) + images.shape[2:]:
             raise ValueError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
                              f"images {list(images.shape)}, got {list(labels.shape)}")
         labels = labels.long()
         w = self.loss_weights
+        # The losses take the logits upsampled in float32 whatever the autocast dtype (upsample_logits).
+        logits = upsample_logits(logits, images.shape[2:])
         losses = {"seg": w["seg"] * self.seg_loss(logits, labels)}
         if self.aux_head is not None and self.training:
-            aux = F.interpolate(self.aux_head(feats[2]), size=images.shape[2:], mode="bilinear", align_corners=False)
-            losses["aux"] = w["aux"] * F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
+            aux = upsample_logits(self.aux_head(feats[2]), images.shape[2:])
+            losses["aux"] = w["aux"] * pixel_cross_entropy(aux, labels, self.ignore_index)
         if out is not None and self.mask_head is not None:
             if self.training:
-                index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
+                index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
                 target = torch.where(index.compact == index.k, torch.full_like(index.compact, self.ignore_index),
                                      index.present[index.compact.clamp(max=max(index.k - 1, 0))])
                 probs = F.softmax(self.mask_head(out.embeddings).float(), dim=1)
                 losses["mask"] = w["cac"] * lovasz_softmax(probs, target, self.ignore_index)
         elif out is not None:
             # one resize and renumbering of the labels for both losses
-            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index)
+            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
             losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)
             if out.margins is not None:
                 losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, index)
@@ -110,7 +120,7 @@ class CSFRN(nn.Module):
         None, "margins": margin map [N, 1, h, w] or None} for an input (paper Figure 3); runs in the module's
         current mode, without gradients."""
         logits, _, out, features = self._run(images)
-        return {"logits": logits, "features": features,
+        return {"logits": self._upsample(logits, images.shape[2:]), "features": features,
                 "embeddings": out.embeddings if out is not None else None,
                 "margins": out.margins if out is not None else None}
 

@@ -2,6 +2,6 @@
 from .aam import AAM
 from .csflm import CSFLM, CSFLMOutput
 from .deform_conv import DeformConv2d
-from .layers import ConvBNReLU
+from .layers import ConvBNReLU, resize_to
 
-__all__ = ["AAM", "CSFLM", "CSFLMOutput", "ConvBNReLU", "DeformConv2d"]
+__all__ = ["AAM", "CSFLM", "CSFLMOutput", "ConvBNReLU", "DeformConv2d", "resize_to"]

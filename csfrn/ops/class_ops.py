@@ -88,10 +88,20 @@ def _center_distance_backward_fake(grad_phi, embeddings, centers, margins, delta
 
 
 # ---------------------------------------------------------------- autograd
+def _memory_format(t):
+    """channels_last for an NHWC tensor, else contiguous_format."""
+    nhwc = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+# The kernels write the features' gradient NCHW whatever the features' layout; the backward hands it on in
+# the features' memory format, so that a channels_last model gets channels_last gradients (the copy is a
+# no-op once a kernel writes in its input's format).
 def _class_avg_pool_setup(ctx, inputs, output):
-    _, labels, _, ignore_index = inputs
+    features, labels, _, ignore_index = inputs
     ctx.save_for_backward(labels, output[1])
     ctx.ignore_index = ignore_index
+    ctx.memory_format = _memory_format(features)
 
 
 def _class_avg_pool_backward(ctx, grad_means, grad_counts):
@@ -99,7 +109,7 @@ def _class_avg_pool_backward(ctx, grad_means, grad_counts):
     grad_features = None
     if ctx.needs_input_grad[0]:
         grad_features = torch.ops.csfrn.class_avg_pool_backward.default(
-            grad_means.contiguous(), labels, counts, ctx.ignore_index)
+            grad_means.contiguous(), labels, counts, ctx.ignore_index).contiguous(memory_format=ctx.memory_format)
     return grad_features, None, None, None
 
 
@@ -111,6 +121,7 @@ def _center_distance_setup(ctx, inputs, output):
     embeddings, centers, margins, delta = inputs
     ctx.save_for_backward(embeddings, centers, margins)
     ctx.delta = delta
+    ctx.memory_format = _memory_format(embeddings)
 
 
 def _center_distance_backward(ctx, grad_phi):
@@ -120,6 +131,8 @@ def _center_distance_backward(ctx, grad_phi):
         return None, None, None, None
     grads = torch.ops.csfrn.center_distance_backward.default(
         grad_phi.contiguous(), embeddings, centers, margins, ctx.delta, mask)
+    if mask[0]:
+        grads = (grads[0].contiguous(memory_format=ctx.memory_format),) + tuple(grads[1:])
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...nn import ConvBNReLU
+from ...nn import ConvBNReLU, resize_to
 from .base import DecodeHead
 
 
@@ -36,7 +36,7 @@ class DeepLabV3PlusHead(DecodeHead):
 
     def context(self, feats):
         x = feats[-1]
-        pooled = F.interpolate(self.image_pool(x), size=x.shape[2:], mode="bilinear", align_corners=False)
+        pooled = resize_to(self.image_pool(x), x)
         return self.bottleneck(torch.cat([pooled] + [branch(x) for branch in self.aspp], dim=1))
 
     def decode(self, a, feats):

@@ -1,9 +1,8 @@
 """PSPNet head (mmsegmentation PSPHead): pyramid pooling with bins 1, 2, 3, 6, then a 3x3 bottleneck."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...nn import ConvBNReLU
+from ...nn import ConvBNReLU, resize_to
 from .base import DecodeHead
 
 
@@ -16,5 +15,5 @@ class PSPHead(DecodeHead):
 
     def context(self, feats):
         x = feats[-1]
-        pooled = [F.interpolate(p(x), size=x.shape[2:], mode="bilinear", align_corners=False) for p in self.ppm]
+        pooled = [resize_to(p(x), x) for p in self.ppm]
         return self.bottleneck(torch.cat([x] + pooled, dim=1))

@@ -1,0 +1,344 @@
+"""The training step at device speed, checked on the CPU: float32 upsampling for the losses, channels_last kept
+end to end, no graph break from our code under torch.compile, no host sync inside a step that does not log, and
+the same losses eager / channels_last / compiled."""
+import contextlib
+import json
+import os
+import unittest.mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import csfrn.losses.pixel
+from csfrn import ops
+from csfrn.engine import speed
+from csfrn.engine.config import load_config
+from csfrn.engine.train import train
+from csfrn.models import build_model
+
+from conftest import tiny_overrides
+
+CL = torch.channels_last
+TINY = dict(width=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8, embed_dim=8)
+
+
+def tiny_csfrn(fusion="aam", seed=0):
+    torch.manual_seed(seed)
+    model = build_model("deeplabv3plus", 4, fusion=fusion, **TINY)
+    if fusion == "aam":   # fractional offsets, as after some training (zero offsets sample the pixel grid)
+        torch.nn.init.uniform_(model.csflm.fuse.offset.bias, -1.0, 1.0)
+    return model.train()
+
+
+def batch(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, size, size, generator=g)
+    labels = torch.randint(0, 3, (n, size, size), generator=g)    # class 3 absent: a slot with no pixel
+    labels[:, :3] = 255
+    return images, labels
+
+
+def losses_and_grads(model, images, labels, step=None, seed=0):
+    """The losses of one forward (dropout masks drawn from ``seed``) and the gradients of their sum, by
+    parameter name; ``step`` runs the forward (default ``model``)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    _, losses = (model if step is None else step)(images, labels)
+    sum(losses.values()).backward()
+    return ({k: v.detach() for k, v in losses.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+# ---------------------------------------------------------------- float32 upsampling for the losses
+def _old_upsample(logits, size):
+    """The upsampling before float32 upsampling: in the logits' own dtype."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def test_float32_upsampling_changes_nothing_in_a_float32_run(ops_path):
+    """Measured on the CPU: in float32 the losses and every gradient are those of the upsampling in the logits'
+    dtype, bit for bit (the only change is for half-precision logits)."""
+    images, labels = batch()
+    model = tiny_csfrn()
+    new = losses_and_grads(model, images, labels)
+    with unittest.mock.patch.object(csfrn.models.segmentor, "upsample_logits", _old_upsample):
+        old = losses_and_grads(model, images, labels)
+    assert set(new[0]) == {"seg", "aux", "cac", "smooth"}
+    for a, b in zip(new, old):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_losses_upsample_in_float32_under_autocast(ops_path):
+    """Under bf16 autocast the seg and aux logits reach the upsampling as bf16 and leave it (and enter the loss)
+    as float32; the losses match the float32 run to the rounding of bf16 logits."""
+    images, labels = batch()
+    model = tiny_csfrn(fusion="concat")
+    seen = []
+    real = F.interpolate
+
+    def spy(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        if kwargs.get("mode") == "bilinear" and tuple(out.shape[2:]) == tuple(images.shape[2:]):
+            seen.append(out.dtype)
+        return out
+    with torch.no_grad():
+        want = {k: v.item() for k, v in model(images, labels)[1].items()}
+        with unittest.mock.patch.object(csfrn.losses.pixel.F, "interpolate", spy), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, got = model(images, labels)
+    assert seen == [torch.float32, torch.float32]               # seg and aux
+    assert logits.dtype == torch.float32
+    for k, v in got.items():
+        assert v.dtype == torch.float32
+        assert v.item() == pytest.approx(want[k], rel=0.03, abs=1e-3), k
+    bf16 = torch.randn(2, 4, 5, 5).to(torch.bfloat16).to(memory_format=CL)
+    up = csfrn.losses.upsample_logits(bf16, (9, 9))
+    assert up.dtype == torch.float32 and up.is_contiguous(memory_format=CL)
+    assert torch.equal(up, _old_upsample(bf16.float(), (9, 9)))
+
+
+# ---------------------------------------------------------------- channels_last end to end
+def _deform_keeps_channels_last():
+    x = torch.randn(1, 4, 5, 5).to(memory_format=CL)
+    w = torch.randn(4, 4, 3, 3).to(memory_format=CL)
+    out, _ = ops.dual_deform_conv2d(x, x, torch.zeros(1, 18, 5, 5).to(memory_format=CL), w, w, padding=1)
+    return out.is_contiguous(memory_format=CL)
+
+
+def _channels_last(t):
+    """Not a 4-D float tensor, or one whose channels are innermost (channels_last, or a channel slice of a
+    channels_last tensor, as the gradient of a concat is), or one with a single channel or pixel."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()):
+        return True
+    return t.shape[1] == 1 or t.shape[2] * t.shape[3] == 1 or t.stride(1) == 1
+
+
+def channels_last_violations(model, images, labels):
+    """Names of the modules whose 4-D float inputs or outputs (forward) or output gradients (backward) are not
+    channels_last, and of the 4-D parameters whose gradients are not, after one training step."""
+    bad = []
+
+    def check(name, what, tensors):
+        if not all(_channels_last(t) for t in tensors):
+            bad.append(f"{name} {what}")
+
+    def hook(name):
+        def fn(module, args, output):
+            check(name, "input", args)
+            outs = output if isinstance(output, tuple) else (output,)
+            check(name, "output", outs)
+            for t in outs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(lambda g, name=name: check(name, "output gradient", (g,)))
+        return fn
+    handles = [m.register_forward_hook(hook(n or "model")) for n, m in model.named_modules()]
+    try:
+        _, losses = model(images, labels)
+        sum(losses.values()).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    bad += [f"{n} weight gradient" for n, p in model.named_parameters()
+            if p.dim() == 4 and not p.grad.is_contiguous(memory_format=CL)]
+    return bad
+
+
+@pytest.mark.parametrize("fusion", [
+    "concat",
+    # fusion="aam" depends on the deformable conv's CPU kernel writing its outputs and gradients in its input's
+    # memory format (csrc/cpu/deform_conv.cpp); until that kernel does, this case is an expected failure.
+    pytest.param("aam", marks=pytest.mark.xfail(not _deform_keeps_channels_last(), strict=True,
+                                                reason="the deform conv CPU kernel does not keep channels_last yet"))])
+def test_channels_last_is_kept_through_forward_and_backward(fusion, ops_path):
+    """Every module of CSFRN (backbone, head, CSFLM, AAM, aux head, losses) takes and gives channels_last
+    tensors, forward and backward: no hidden copy back to NCHW."""
+    images, labels = batch()
+    model = tiny_csfrn(fusion).to(memory_format=CL)
+    assert channels_last_violations(model, images.to(memory_format=CL), labels) == []
+
+
+def test_channels_last_check_sees_a_hidden_copy(ops_path):
+    """The check above fails when a module's output goes back to NCHW (a .contiguous() after a conv)."""
+    images, labels = batch()
+    model = tiny_csfrn("concat").to(memory_format=CL)
+    embed = model.csflm.embed
+    embed.register_forward_hook(lambda module, args, output: output.contiguous())
+    bad = channels_last_violations(model, images.to(memory_format=CL), labels)
+    assert "csflm.embed output" in bad
+
+
+# ---------------------------------------------------------------- torch.compile
+def _ours(frame):
+    return os.sep + "csfrn" + os.sep in frame.filename and os.sep + "tests" + os.sep not in frame.filename
+
+
+def test_csfrn_training_forward_has_no_graph_break(ops_path):
+    """The whole training forward of CSFRN (AAM, CAC and smooth losses included) is one graph for
+    torch.compile: no .item(), bool(tensor), nonzero or unique from our code."""
+    torch._dynamo.reset()
+    images, labels = batch(size=24)
+    explained = torch._dynamo.explain(tiny_csfrn("aam"))(images, labels)
+    ours = [r.reason.splitlines()[0] for r in explained.break_reasons if any(_ours(f) for f in r.user_stack)]
+    assert ours == []
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_same_losses_eager_channels_last_and_compiled(ops_path):
+    """Two SGD steps of a tiny CSFRN give the same losses eager, in channels_last and compiled (dynamo and AOT
+    autograd, the graphs inductor would take; inductor's code generation is left to the GPU benchmark)."""
+    images, labels = batch(size=24)
+    runs = {}
+    for name in ("eager", "channels_last", "compiled"):
+        torch._dynamo.reset()
+        model = tiny_csfrn("concat")
+        x = images
+        if name == "channels_last":
+            model, x = model.to(memory_format=CL), images.to(memory_format=CL)
+        step = torch.compile(model, backend="aot_eager") if name == "compiled" else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        runs[name] = []
+        for _ in range(2):
+            losses, _ = losses_and_grads(model, x, labels, step)
+            optimizer.step()
+            runs[name].append(losses)
+    for name in ("channels_last", "compiled"):
+        for got, want in zip(runs[name], runs["eager"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- no host sync inside a training step
+class HostSync(AssertionError):
+    pass
+
+
+def _raising(name):
+    def fn(*args, **kwargs):
+        raise HostSync(f"{name} inside a training step that does not log")
+    return fn
+
+
+def _is_mask(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Every way Python code reads a device value, or makes a shape from one, raises: .item(), .cpu(),
+    .tolist(), .numpy(), bool / float / int / index of a tensor, nonzero, unique, masked_select and boolean-mask
+    indexing."""
+    get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+    def getitem(self, index):
+        if _is_mask(index):
+            raise HostSync("boolean-mask indexing (a data-dependent shape) inside a training step")
+        return get(self, index)
+
+    def setitem(self, index, value):
+        if _is_mask(index):
+            raise HostSync("boolean-mask assignment inside a training step")
+        return put(self, index, value)
+    patches = [unittest.mock.patch.object(torch.Tensor, name, _raising(f"Tensor.{name}"))
+               for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
+                            "nonzero", "unique", "masked_select")]
+    patches += [unittest.mock.patch.object(torch, name, _raising(f"torch.{name}"))
+                for name in ("nonzero", "unique", "masked_select")]
+    patches += [unittest.mock.patch.object(torch.Tensor, "__getitem__", getitem),
+                unittest.mock.patch.object(torch.Tensor, "__setitem__", setitem)]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def test_no_host_sync_check_catches_one():
+    with no_host_sync():
+        x = torch.ones(3)
+        for sync in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x[x > 0], lambda: torch.unique(x),
+                     lambda: float(x[0]), lambda: x.nonzero()):
+            with pytest.raises(HostSync):
+                sync()
+
+
+def run_trapped(tmp_path, extra=(), iters=3, log_interval=3):
+    """``csfrn.engine.train`` on the tiny CSFRN with ``no_host_sync`` on from the moment each non-logging
+    iteration's batch is on the device to the request for the next batch. Returns the trapped iterations and
+    the metrics records."""
+    cfg = load_config(None, tiny_overrides(tmp_path, iters, [f"train.log_interval={log_interval}", *extra]))
+    state = {"it": 0, "trap": None, "trapped": []}
+    real_to_device, real_next = speed.to_device, speed.StepTimes.next_batch
+
+    def release():
+        if state["trap"] is not None:
+            state["trap"].__exit__(None, None, None)
+            state["trap"] = None
+
+    def next_batch(self, batches):
+        release()
+        return real_next(self, batches)
+
+    def to_device(*args, **kwargs):
+        out = real_to_device(*args, **kwargs)
+        state["it"] += 1
+        it = state["it"]
+        if it % log_interval and it != iters:
+            state["trap"] = no_host_sync()
+            state["trap"].__enter__()
+            state["trapped"].append(it)
+        return out
+    try:
+        with unittest.mock.patch.object(speed, "to_device", to_device), \
+                unittest.mock.patch.object(speed.StepTimes, "next_batch", next_batch):
+            train(cfg)
+    finally:
+        release()
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        return state["trapped"], [json.loads(line) for line in f]
+
+
+def test_no_host_sync_inside_a_training_step_that_does_not_log(tmp_path, ops_path):
+    """A training step of CSFRN (forward with every loss, backward, SGD, the lr schedule, the loop's own
+    bookkeeping) reads no device value: the losses are read only at the log interval, with the data and step
+    times beside them."""
+    trapped, records = run_trapped(tmp_path / "run")
+    assert trapped == [1, 2]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["iter"] for r in train_records] == [3]
+    r = train_records[0]
+    assert {"seg", "aux", "cac", "smooth", "loss", "data_ms", "step_ms", "images/s"} <= set(r)
+    assert 0 <= r["data_ms"] < r["step_ms"]
+
+
+# ---------------------------------------------------------------- the engine's settings
+def test_engine_settings():
+    assert speed.use_channels_last(None, "cpu") is False and speed.use_channels_last(None, "cuda") is True
+    assert speed.use_channels_last(True, "cpu") is True and speed.use_channels_last(False, "cuda") is False
+    assert [speed.compile_mode(v) for v in (False, True, "max-autotune")] == [None, "default", "max-autotune"]
+    module = torch.nn.Linear(2, 2)
+    assert speed.maybe_compile(module, False) is module
+    assert speed.maybe_compile(module, True)._orig_mod is module
+    assert speed.loader_options(0, "cpu", 2) == {"num_workers": 0, "pin_memory": False}
+    assert speed.loader_options(3, "cuda", 4) == {"num_workers": 3, "pin_memory": True, "persistent_workers": True,
+                                                  "prefetch_factor": 4}
+    images, labels = speed.to_device(torch.randn(2, 3, 4, 5), torch.zeros(2, 4, 5), "cpu", channels_last=True)
+    assert images.is_contiguous(memory_format=CL) and labels.shape == (2, 4, 5)
+
+
+def test_engine_trains_in_channels_last(tmp_path, ops_path):
+    """train.channels_last=true on the CPU: the model's conv weights and the batches are channels_last (the
+    checkpointed weights load into an NCHW model as well)."""
+    seen = []
+    real = speed.to_device
+
+    def to_device(*args, **kwargs):
+        images, labels = real(*args, **kwargs)
+        seen.append(images.is_contiguous(memory_format=CL))
+        return images, labels
+    cfg = load_config(None, tiny_overrides(tmp_path, 2, ["train.channels_last=true"]))
+    with unittest.mock.patch.object(speed, "to_device", to_device):
+        model = train(cfg)["model"]
+    assert seen == [True, True]
+    assert model.backbone.conv1[0].weight.is_contiguous(memory_format=CL)
