@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import ConfigError, OutputExistsError, TrainingDivergedError
+from ..losses import check_labels, labels_checked
 from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
 from .config import Config, check_training
@@ -217,9 +218,10 @@ def _train(cfg, model, info, old_files=()):
     tic, tic_iter = time.perf_counter(), start_iter
     it = start_iter
     for images, labels in loader:
+        check_labels(labels, num_classes)  # on the CPU, before the copy: the step then makes no host sync for it
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), labels_checked():
             _, losses = net(images, labels)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import class_index
+from ..losses import check_model_labels, class_index
 from ..nn import CSFLM
 from .segmentor import CSFRN, set_losses
 
@@ -86,7 +86,9 @@ class CSFLMPlug(nn.Module):
     that apply, as csfrn's own models: "seg" (on ``outputs["out"]``, or on the output when it is a tensor),
     "aux" (on ``outputs["aux"]``, in train mode, when the model has one), "cac" and "smooth" (when CSFLM runs:
     always with "concat" / "aam", in train mode only with "loss_only"; "smooth" only with margins).
-    Logits smaller than the labels are upsampled (bilinear) for the loss.
+    Logits smaller than the labels are upsampled (bilinear) for the loss. Labels are checked as ``CSFRN``
+    checks them (a one-line ValueError for a value outside [0, num_classes) that is not ``ignore_index``; not
+    inside ``csfrn.losses.labels_checked()``).
 
     Attributes: ``model`` the wrapped model (its tapped submodule carries the hook), ``csflm`` the module,
     ``tap`` the tapped submodule's name, ``fusion``.
@@ -123,6 +125,7 @@ class CSFLMPlug(nn.Module):
             raise ValueError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
                              f"images {list(images.shape)}, got {list(labels.shape)}")
         labels = labels.long()
+        check_model_labels(labels, self.num_classes, self.ignore_index)   # as CSFRN.forward does
         collect = self.training or self.fusion != "loss_only"
         self._record = [] if collect else None
         try:
