@@ -25,7 +25,7 @@ def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_in
             ValueError naming its value; on CUDA that check is one device-to-host sync. False: no check and no
             sync; such pixels are ignored exactly like ``ignore_index`` (in no class's mean or count, zero
             gradient), and no label value, however large or negative, makes the kernels read or write out of
-            bounds. For labels already checked (``csfrn.data.check_labels`` on the CPU batch) or in range by
+            bounds. For labels already checked (``check_labels`` on the CPU batch) or in range by
             construction (the losses' renumbered labels).
 
     Returns:
