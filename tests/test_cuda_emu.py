@@ -239,9 +239,11 @@ def test_outputs_written_in_full(emu, op):
                 check_ops(class_avg_pool_sample(*case, absent=(1,) if case[-1] > 2 else (), seed=i, device="emu"),
                           "emu", by="kernel")
         else:
-            for i, case in enumerate(DIST_CASES + [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 0, 4, 5, 2), (2, 3, 4, 5, 0)]):
-                sample = center_distance_sample(*case, seed=i, device="emu")
-                check_ops(sample, "emu", masks=output_masks(sample), by="kernel")
+            # the small plans (150 classes x 34 channel units of block sums take minutes here), one mask per output
+            masks = [[True, True, True], [True, False, False], [False, True, False], [False, False, True]]
+            for i, case in enumerate(DIST_CASES[:4] + [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 0, 4, 5, 2),
+                                                       (2, 3, 4, 5, 0)]):
+                check_ops(center_distance_sample(*case, seed=i, device="emu"), "emu", masks=masks, by="kernel")
     finally:
         torch.use_deterministic_algorithms(before)
 
