@@ -9,7 +9,10 @@ inline constexpr const char* kOpSchemas[] = {
     // Class-wise average pooling: per image, the mean feature vector of every class, and the pixel counts in the
     // accumulation type (float32 for half and bfloat16: exact, for the backward; csfrn.ops.class_avg_pool returns
     // them in the features' dtype). The backward takes counts of any real dtype and divides in the accumulation type.
-    "class_avg_pool(Tensor features, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)",
+    // validate: a label outside [0, num_classes) that is not ignore_index is an error (on CUDA: one device-to-host
+    // sync); without it such pixels are ignored like ignore_index (no sync; nothing is read or written for them).
+    "class_avg_pool(Tensor features, Tensor labels, int num_classes, int ignore_index, bool validate=True) "
+    "-> (Tensor, Tensor)",
     "class_avg_pool_backward(Tensor grad_means, Tensor labels, Tensor counts, int ignore_index) -> Tensor",
 
     // Gaussian centre distance with class-aware margins: phi = 1 - exp(-||b - s_k||^2 * exp(delta * m_k)).

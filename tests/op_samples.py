@@ -134,16 +134,31 @@ def _finish(op, args, grads, name, requires_grad, grad_of):
     return sample
 
 
+# Label values outside [0, K) for any K <= 10^6 and ignore_index in {255, -1, 0..K-1}: the extremes of int64 too.
+BAD_LABELS = (10 ** 6, -3, 1 << 40, -(1 << 40), 2 ** 63 - 1, -2 ** 63)
+
+
+def plant_bad_labels(labels, values=BAD_LABELS, start=3, step=7):
+    """labels with pixels start, start + step, ... (of the flattened batch) set to ``values`` in turn."""
+    labels = labels.clone()
+    flat = labels.view(-1)
+    spots = torch.arange(start, max(start, flat.numel()), step)
+    flat[spots] = torch.tensor(values, dtype=labels.dtype).repeat(len(spots) // len(values) + 1)[:len(spots)]
+    return labels
+
+
 def class_avg_pool_sample(n, d, h, w, k, *, ignore_index=255, ignore_frac=0.2, absent=(), ignored_images=(),
-                          layout="nchw", channel_stride=1, seed=0, device="cpu", dtype=F64, requires_grad=False,
-                          name=""):
+                          layout="nchw", channel_stride=1, bad=False, validate=True, seed=0, device="cpu",
+                          dtype=F64, requires_grad=False, name=""):
     """features [N, D, H, W] (every ``channel_stride``-th channel of a wider tensor where > 1), labels [N, H, W]
-    (see random_labels), and the upstream gradient of the means [N, K, D]."""
+    (see random_labels; with ``bad`` every 7th pixel holds a value of BAD_LABELS, for validate=False), and the
+    upstream gradient of the means [N, K, D]."""
     r = _Draw(seed, device, dtype)
     features = r(n, d * channel_stride, h, w, layout=layout)[:, ::channel_stride]
-    labels = r.labels(n, h, w, k, ignore_index, ignore_frac, absent, ignored_images, layout)
+    labels = r.labels(n, h, w, k, ignore_index, ignore_frac, absent, ignored_images)
+    labels = lay(plant_bad_labels(labels) if bad else labels, layout)
     grad_means = r(n, k, d, layout=layout)
-    return _finish("class_avg_pool", (features, labels, k, ignore_index), (grad_means,),
+    return _finish("class_avg_pool", (features, labels, k, ignore_index, validate), (grad_means,),
                    name or f"{n}x{d}x{h}x{w}, K={k}", requires_grad, None)
 
 
@@ -265,6 +280,9 @@ def class_avg_pool_samples(device, dtype, requires_grad):
         dict(n=1, d=3, h=1, w=60, k=4, layout="sliced", name="one row, sliced"),
         dict(n=2, d=4, h=5, w=6, k=3, channel_stride=2, name="every other channel"),
         dict(n=0, d=4, h=3, w=3, k=5, name="no images"),
+        dict(n=2, d=5, h=7, w=9, k=6, bad=True, validate=False, name="bad labels ignored (validate=False)"),
+        dict(n=2, d=3, h=6, w=7, k=4, ignore_index=-1, bad=True, validate=False, layout="channels_last",
+             name="bad labels, ignore_index -1, channels_last (validate=False)"),
     ]
     for i, case in enumerate(cases):
         yield class_avg_pool_sample(**case, seed=100 + i, device=device, dtype=dtype, requires_grad=requires_grad)
@@ -326,7 +344,7 @@ def dual_deform_conv2d_samples(device, dtype, requires_grad):
 
 # ---------------------------------------------------------------- the ops
 def _pool_backward_args(args, outputs, grads, mask):
-    features, labels, _, ignore_index = args
+    features, labels, _, ignore_index = args[:4]
     return grads[0].contiguous(), labels, outputs[1], ignore_index   # as csfrn/ops/class_ops.py calls it
 
 
@@ -369,7 +387,7 @@ class OpInfo:
 
 
 OPS = {info.name: info for info in [
-    OpInfo("class_avg_pool", ("features", "labels", "num_classes", "ignore_index"), ("features",),
+    OpInfo("class_avg_pool", ("features", "labels", "num_classes", "ignore_index", "validate"), ("features",),
            class_avg_pool_samples, ops.class_avg_pool, reference.class_avg_pool, _pool_backward_args,
            exact_outputs=(1,)),
     OpInfo("center_distance", ("embeddings", "centers", "margins", "delta"), ("embeddings", "centers", "margins"),

@@ -11,8 +11,8 @@ import torch
 import csfrn.ops as ops
 from conftest import CUDA_KERNELS, DEVICES, needs_cuda
 from csfrn.ops import reference
-from op_samples import (F64, center_distance_sample, check_autograd, class_avg_pool_sample, kernel, random_labels,
-                        routed, torch_device)
+from op_samples import (BAD_LABELS, F64, OPS, center_distance_sample, check_autograd, check_ops, class_avg_pool_sample,
+                        kernel, output_masks, random_labels, routed, torch_device, twin)
 
 
 def seeded(seed):
@@ -135,6 +135,48 @@ def test_class_avg_pool_float32_portable_loops():
         [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", [*DEVICES, "twin"])
+def test_class_avg_pool_validate_false_ignores_bad_labels(device):
+    """validate=False: a pixel whose label is outside [0, K) and not ignore_index (any int64, at the first, a middle
+    or the last pixel) is ignored exactly like ignore_index: the same means and counts bit for bit, a zero gradient
+    there. validate=True, given explicitly, still raises naming the value."""
+    run = twin("class_avg_pool") if device == "twin" else kernel("class_avg_pool", device)
+    sample = class_avg_pool_sample(2, 4, 9, 11, 5, seed=51, device="cpu" if device == "twin" else device)
+    features, labels = sample.args[:2]
+    upstream = sample.grads[0]
+
+    def pool(lab, validate):
+        f = features.clone().requires_grad_()
+        means, counts = run(f, lab, 5, 255, validate)
+        return means, counts, torch.autograd.grad(means, f, upstream)[0]
+    for value in BAD_LABELS:
+        for position in (0, 101, labels.numel() - 1):
+            bad, ignored = labels.clone(), labels.clone()
+            bad.view(-1)[position], ignored.view(-1)[position] = value, 255
+            got, want = pool(bad, False), pool(ignored, True)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), (value, position)
+            assert got[2].reshape(2, 4, -1)[position // 99, :, position % 99].eq(0).all()
+            with pytest.raises(ValueError, match=f"got label value {value}$"):
+                run(features, bad, 5, 255, True)
+
+
+@pytest.mark.parametrize("op", ["class_avg_pool", "center_distance"])
+def test_outputs_written_in_full(op):
+    """The CPU kernels make their outputs with at::empty: under torch.use_deterministic_algorithms torch fills
+    such memory with NaN, so an element a kernel does not write (an absent class's mean, an empty image's counts,
+    a gradient) shows. Every sample, float64 and float32, every output mask."""
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for dtype in (F64, torch.float32):
+            for sample in OPS[op].sample_inputs("cpu", dtype, requires_grad=False):
+                check_ops(sample, "cpu", masks=output_masks(sample))
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 # ---------------------------------------------------------------- center_distance

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from op_samples import (F64, OPS, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
                         deform_conv2d_sample, dual_deform_conv2d_sample, emulation, lay, output_masks)
@@ -136,6 +137,65 @@ def test_class_avg_pool_empty(emu, shape, dtype):
     check_ops(class_avg_pool_sample(*shape, 4, device="emu", dtype=dtype), "emu", by="kernel")
 
 
+@pytest.mark.parametrize("n,d,h,w,k", POOL_CASES[3:6] + POOL_CASES[-1:])
+def test_class_avg_pool_plans_bad_labels_ignored(emu, n, d, h, w, k):
+    """validate=False across the plans (chunks, the reduce kernel, the global-memory path): every 7th pixel holds a
+    bad label, which every kernel skips like ignore_index (the twin masks them)."""
+    check_ops(class_avg_pool_sample(n, d, h, w, k, bad=True, validate=False, seed=k, device="emu"), "emu")
+
+
+def aten_calls(fn):
+    """The names of the ATen ops fn() dispatches, the launchers' own included (the profiler sees nested calls)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("aten::")}
+
+
+# What a device-to-host sync looks like from a launcher: a scalar read (.item, bool), a data-dependent shape.
+SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select"}
+
+
+@pytest.mark.parametrize("n,d,h,w,k", [POOL_CASES[0], POOL_CASES[3], POOL_CASES[-1], (2, 3, 0, 5, 4)],
+                         ids=["one_chunk", "two_chunks", "global", "no_pixels"])
+def test_class_avg_pool_without_validation_no_sync_no_fill(emu, n, d, h, w, k):
+    """The CUDA forward with validate=False calls no ATen op but at::empty (its outputs and buffers; no pixels:
+    a zero-fill, no kernel): no sync, no fill pass. validate=True syncs, as documented (so this test can fail)."""
+    sample = class_avg_pool_sample(n, d, h, w, k, bad=True, seed=3, device="emu")
+    features, labels = sample.args[:2]
+    calls = aten_calls(lambda: emu.class_avg_pool(features, labels, k, 255, False))
+    assert calls <= ({"aten::empty", "aten::zero_", "aten::fill_"} if h == 0 else {"aten::empty"}), calls
+    if labels.numel():
+        with pytest.raises(ValueError, match="got label value"):
+            emu.class_avg_pool(features, labels, k, 255, True)
+    clean = labels.masked_fill((labels < 0) | (labels >= k), 255)
+    assert SYNC_OPS & aten_calls(lambda: emu.class_avg_pool(features, clean, k, 255, True))
+
+
+def launches(emu, fn):
+    before = emu.launch_count()
+    fn()
+    return emu.launch_count() - before
+
+
+@pytest.mark.parametrize("n,d,h,w,k", [(2, 5, 7, 9, 3), (1, 4, 1, 257, 1), (2, 3, 4, 5, 0), (2, 3, 0, 5, 2),
+                                       (2, 0, 4, 5, 2)], ids=["plain", "two_blocks", "K0", "P0", "D0"])
+def test_center_distance_backward_three_launches(emu, n, d, h, w, k):
+    """At most three kernels (w and the margin terms; the embedding gradient; the centre and margin gradients),
+    each only when asked for and non-empty, and no other ATen work (no fill, cast, sum or matmul): launches are
+    counted by the emulation, ATen calls by the profiler."""
+    sample = center_distance_sample(n, d, h, w, k, seed=9, device="emu")
+    g, e, s, m = sample.grads[0], *sample.args[:3]
+    nonempty = {"w": n * k * h * w > 0, "e": n * d * h * w > 0, "sm": n * k > 0}
+    for mask in output_masks(sample):
+        want = 0
+        if any(mask):
+            want = (nonempty["w"] + (mask[0] and nonempty["e"]) + ((mask[1] and d > 0 or mask[2]) and nonempty["sm"]))
+        got = launches(emu, lambda: emu.center_distance_backward(g, e, s, m, 10.0, mask))
+        assert got == want <= 3, (mask, got, want)
+        calls = aten_calls(lambda: emu.center_distance_backward(g, e, s, m, 10.0, mask))
+        assert calls <= {"aten::empty"}, (mask, calls)
+
+
 # ---------------------------------------------------------------- center_distance
 DIST_CASES = [  # (N, D, H, W, K)
     (2, 5, 7, 9, 1),
@@ -164,6 +224,29 @@ def test_center_distance_empty(emu, shape):
 def test_center_distance_every_k(emu, k):
     sample = center_distance_sample(1, 4, 5, 6, k, seed=k, device="emu")
     check_ops(sample, "emu", masks=every(sample))
+
+
+@pytest.mark.parametrize("op", ["class_avg_pool", "center_distance"])
+def test_outputs_written_in_full(emu, op):
+    """The CUDA class ops make their outputs and buffers with at::empty: under torch.use_deterministic_algorithms
+    torch fills such memory with NaN, so an element no kernel writes (an absent class's mean, a count, a chunk's
+    partial sums, a gradient, an empty image's outputs) shows. The plans and the empty shapes, float64."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if op == "class_avg_pool":
+            cases = POOL_CASES + [(0, 3, 4, 5, 4), (2, 3, 0, 5, 4), (2, 0, 4, 5, 4)]
+            for i, case in enumerate(cases):
+                check_ops(class_avg_pool_sample(*case, absent=(1,) if case[-1] > 2 else (), seed=i, device="emu"),
+                          "emu", by="kernel")
+        else:
+            # the small plans (150 classes x 34 channel units of block sums take minutes here), one mask per output
+            masks = [[True, True, True], [True, False, False], [False, True, False], [False, False, True]]
+            for i, case in enumerate(DIST_CASES[:4] + [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 0, 4, 5, 2),
+                                                       (2, 3, 4, 5, 0)]):
+                check_ops(center_distance_sample(*case, seed=i, device="emu"), "emu", masks=masks, by="kernel")
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 # ---------------------------------------------------------------- deformable convolution

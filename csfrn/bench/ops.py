@@ -45,9 +45,11 @@ def cdist_center_distance(embeddings, centers, margins, delta=10.0):
 # ---------------------------------------------------------------- the kernels alone
 # The forward op, then (for fwd+bwd) the backward op, called directly: no autograd graph, and the gradient
 # buffers are the only allocations. Beside the "csfrn" row (the public function under autograd) it shows how
-# much of a call is our kernels and how much the engine, Python dispatch and fresh-memory page faults.
+# much of a call is our kernels and how much the engine, Python dispatch and fresh-memory page faults. The pooling
+# runs as the losses call it, validate=False: no label check (on CUDA, no device-to-host sync).
 def kernels_only_class_avg_pool(features, labels, num_classes, ignore_index=255, upstream=None):
-    means, counts = torch.ops.csfrn.class_avg_pool.default(features.detach(), labels, num_classes, ignore_index)
+    means, counts = torch.ops.csfrn.class_avg_pool.default(features.detach(), labels, num_classes, ignore_index,
+                                                           False)
     if upstream is not None:
         torch.ops.csfrn.class_avg_pool_backward.default(upstream, labels, counts, ignore_index)
     return means, counts

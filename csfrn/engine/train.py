@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted
+from ..losses import check_labels, labels_checked
 from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
                          remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
 from . import speed
@@ -267,9 +268,11 @@ def _train(cfg, model, info, old_files=(), stop=None):
     times = speed.StepTimes()
     # Between two log points nothing here reads a device value: the step only queues work.
     while (batch := times.next_batch(batches)) is not None:
+        check_labels(batch[1], num_classes)  # on the CPU, before the copy: the step then makes no host sync for it
         images, labels = speed.to_device(*batch, device, channels_last)
-        losses, grad_norm = train_step(step_net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate,
-                                       tcfg.clip_grad)
+        with labels_checked():
+            losses, grad_norm = train_step(step_net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate,
+                                           tcfg.clip_grad)
         loss = sum(losses.values())
         scheduler.step()
         if ema is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..losses import class_index, pixel_cross_entropy, upsample_logits
+from ..losses import check_model_labels, class_index, pixel_cross_entropy, upsample_logits
 from ..nn import CSFLM
 from .segmentor import CSFRN, set_losses
 
@@ -155,7 +155,9 @@ class CSFLMPlug(nn.Module):
     ``outputs["aux"]``, in train mode, when the model has one), "cac" and "smooth" (when CSFLM runs: always with
     "concat" / "aam", in train mode only with "loss_only"; "smooth" only with margins). Logits smaller than the
     labels are upsampled (bilinear, in float32: ``csfrn.losses.upsample_logits``) for the loss. :meth:`segment`
-    gives the logits at the input size (what csfrn's evaluation, prediction and export use), :meth:`predict_maps` CSFRN's maps.
+    gives the logits at the input size (what csfrn's evaluation, prediction and export use), :meth:`predict_maps`
+    CSFRN's maps. Labels are checked as ``CSFRN`` checks them (a one-line ValueError for a value outside
+    [0, num_classes) that is not ``ignore_index``; not inside ``csfrn.losses.labels_checked()``).
 
     Attributes: ``model`` the wrapped model (its tapped submodule carries the hook), ``csflm`` the module,
     ``tap`` the tapped submodule's name, ``channels`` its input's, ``fusion``, ``outputs`` the logits picker
@@ -226,6 +228,7 @@ class CSFLMPlug(nn.Module):
             raise PlugError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
                             f"images {list(images.shape)}, got {list(labels.shape)}")
         labels = labels.long()
+        check_model_labels(labels, self.num_classes, self.ignore_index)   # as CSFRN.forward does
         outputs, record = self._run(images, self.training or self.fusion != "loss_only")
         return outputs, self._losses(outputs, labels, record[1] if record else None)
 

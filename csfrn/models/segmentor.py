@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import (CACLoss, PixelCrossEntropy, SmoothLoss, class_index, lovasz_softmax, pixel_cross_entropy,
-                      upsample_logits)
+from ..losses import (CACLoss, PixelCrossEntropy, SmoothLoss, check_model_labels, class_index, lovasz_softmax,
+                      pixel_cross_entropy, upsample_logits)
 
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}
 
@@ -29,7 +29,10 @@ class CSFRN(nn.Module):
     ``model(images)`` returns logits at the input size; ``model(images, labels)`` returns
     ``(logits, losses)`` where ``losses`` holds the weighted terms of Eq. 7 that apply ("seg", "aux", "cac",
     "smooth"), so ``sum(losses.values())`` is the total loss. The auxiliary head and CSFLM's class centres
-    run only when labels are given in train mode (inference needs neither).
+    run only when labels are given in train mode (inference needs neither). A label outside [0, num_classes)
+    that is not ``ignore_index`` is a one-line ValueError naming it (on CUDA that check is a host sync: a
+    training loop checks its CPU batches with ``csfrn.losses.check_labels`` and runs the step inside
+    ``csfrn.losses.labels_checked()``, as the engine does).
 
     Args:
         backbone: a module returning the four stage outputs; ``backbone.out_channels`` their widths.
@@ -91,6 +94,9 @@ class CSFRN(nn.Module):
             raise ValueError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
                              f"images {list(images.shape)}, got {list(labels.shape)}")
         labels = labels.long()
+        # a bad value is a clear error here, not a device-side assert in the cross-entropy (the training engine
+        # checks the CPU batch instead: on CUDA this check is a host sync)
+        check_model_labels(labels, logits.shape[1], self.ignore_index)
         w = self.loss_weights
         # The losses take the logits upsampled in float32 whatever the autocast dtype (upsample_logits).
         logits = upsample_logits(logits, images.shape[2:])

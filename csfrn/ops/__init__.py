@@ -1,6 +1,7 @@
 """csfrn's fused C++/CUDA ops (``torch.ops.csfrn.*``) as Python functions, and their reference twins.
 
-    class_avg_pool(features, labels, num_classes, ignore_index=255) -> (means, counts)
+    class_avg_pool(features, labels, num_classes, ignore_index=255, validate=True) -> (means, counts)
+    check_labels(labels, num_classes, ignore_index=255)          (class_avg_pool's label check, alone)
     center_distance(embeddings, centers, margins, delta=10.0) -> phi
     deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None) -> out
     dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1, padding=0,
@@ -21,7 +22,7 @@ except ImportError as err:
         f"already installed); after changing csrc/ or torch, run it again.") from err
 from . import reference  # noqa: F401
 from ._switch import use_reference
-from .class_ops import center_distance, class_avg_pool
+from .class_ops import center_distance, check_labels, class_avg_pool
 from .deform_conv import deform_conv2d, dual_deform_conv2d
 
 
@@ -30,5 +31,5 @@ def built_with_cuda() -> bool:
     return bool(torch.ops.csfrn.built_with_cuda())
 
 
-__all__ = ["built_with_cuda", "use_reference", "reference", "class_avg_pool", "center_distance", "deform_conv2d",
-           "dual_deform_conv2d"]
+__all__ = ["built_with_cuda", "use_reference", "reference", "class_avg_pool", "check_labels", "center_distance",
+           "deform_conv2d", "dual_deform_conv2d"]

@@ -12,8 +12,8 @@ from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
-def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
-                   ignore_index: int = 255) -> Tuple[Tensor, Tensor]:
+def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
+                   validate: bool = True) -> Tuple[Tensor, Tensor]:
     """Per-image mean feature vector of every class.
 
     Args:
@@ -21,6 +21,12 @@ def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
         labels: [N, H, W] int64 tensor, values in [0, num_classes) or ``ignore_index``.
         num_classes: K.
         ignore_index: label value that takes part in nothing.
+        validate: True: a label outside [0, num_classes) that is not ``ignore_index`` raises a one-line
+            ValueError naming its value; on CUDA that check is one device-to-host sync. False: no check and no
+            sync; such pixels are ignored exactly like ``ignore_index`` (in no class's mean or count, zero
+            gradient), and no label value, however large or negative, makes the kernels read or write out of
+            bounds. For labels already checked (``check_labels`` on the CPU batch) or in range by
+            construction (the losses' renumbered labels).
 
     Returns:
         (means, counts): means [N, K, D], ``means[n, k] = sum_{p: labels[n, p] = k} features[n, :, p] / counts[n, k]``
@@ -28,10 +34,21 @@ def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
         dtype of ``features``. Differentiable with respect to ``features``.
     """
     if reference_enabled():
-        return reference.class_avg_pool(features, labels, num_classes, ignore_index)
+        return reference.class_avg_pool(features, labels, num_classes, ignore_index, validate)
     # The op's counts are in the accumulation type (exact: the backward divides by them); ours in the features'.
-    means, counts = torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index)
+    means, counts = torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index,
+                                                           bool(validate))
     return means, counts.to(features.dtype)
+
+
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int = 255) -> None:
+    """The label check of ``class_avg_pool(validate=True)``, alone: a one-line ValueError naming the first value
+    of ``labels`` outside [0, num_classes) that is not ``ignore_index``.
+
+    Meant for a CPU label batch before it goes to the device (the training engine calls it there): on a CUDA
+    tensor it works too, but the host then waits for the GPU (one device-to-host sync).
+    """
+    _checks.check_label_values(labels, num_classes, ignore_index)
 
 
 def center_distance(embeddings: Tensor, centers: Tensor, margins: Tensor, delta: float = 10.0) -> Tensor:
@@ -61,7 +78,7 @@ def _acc_dtype(dtype):
 
 
 @torch.library.register_fake("csfrn::class_avg_pool")
-def _class_avg_pool_fake(features, labels, num_classes, ignore_index):
+def _class_avg_pool_fake(features, labels, num_classes, ignore_index, validate=True):
     _checks.check_class_avg_pool(features, labels, num_classes, ignore_index)
     n, d = features.shape[0], features.shape[1]
     return features.new_empty(n, num_classes, d), features.new_empty(n, num_classes, dtype=_acc_dtype(features.dtype))
@@ -98,7 +115,7 @@ def _memory_format(t):
 # the features' memory format, so that a channels_last model gets channels_last gradients (the copy is a
 # no-op once a kernel writes in its input's format).
 def _class_avg_pool_setup(ctx, inputs, output):
-    features, labels, _, ignore_index = inputs
+    features, labels, _, ignore_index, _ = inputs
     ctx.save_for_backward(labels, output[1])
     ctx.ignore_index = ignore_index
     ctx.memory_format = _memory_format(features)
@@ -110,7 +127,7 @@ def _class_avg_pool_backward(ctx, grad_means, grad_counts):
     if ctx.needs_input_grad[0]:
         grad_features = torch.ops.csfrn.class_avg_pool_backward.default(
             grad_means.contiguous(), labels, counts, ctx.ignore_index).contiguous(memory_format=ctx.memory_format)
-    return grad_features, None, None, None
+    return grad_features, None, None, None, None
 
 
 torch.library.register_autograd("csfrn::class_avg_pool", _class_avg_pool_backward,

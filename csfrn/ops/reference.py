@@ -13,17 +13,18 @@ from . import _checks
 IntPair = Union[int, Tuple[int, int]]   # one value for both sides, or (height, width)
 
 
-def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int,
-                   ignore_index: int = 255) -> Tuple[Tensor, Tensor]:
+def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
+                   validate: bool = True) -> Tuple[Tensor, Tensor]:
     """Twin of :func:`csfrn.ops.class_avg_pool`: one index_add per image."""
     _checks.check_class_avg_pool(features, labels, num_classes, ignore_index)
-    _checks.check_label_values(labels, num_classes, ignore_index)
+    if validate:
+        _checks.check_label_values(labels, num_classes, ignore_index)
     n, d = features.shape[:2]
     sums, counts = [], []
     for i in range(n):
         flat = features[i].reshape(d, labels[i].numel()).t()   # [P, D] (explicit P: D may be 0)
         lab = labels[i].reshape(-1)
-        keep = lab != ignore_index
+        keep = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)   # bad labels (validate=False): ignored
         s = features.new_zeros(num_classes, d).index_add(0, lab[keep], flat[keep])
         c = features.new_zeros(num_classes).index_add(0, lab[keep], features.new_ones(int(keep.sum())))
         sums.append(s)

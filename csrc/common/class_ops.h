@@ -7,7 +7,9 @@
 
 namespace csfrn {
 
-// Slot of a label: its class, -1 when ignored, -2 when out of range (an error the launcher reports).
+// Slot of a label: its class, -1 when ignored, -2 when out of range (an error the launcher reports with
+// validate=True; with validate=False the kernels skip the pixel as they skip an ignored one). Every kernel
+// indexes by a slot >= 0 only, so no label value, however large or negative, reaches an address.
 C10_HOST_DEVICE inline int64_t label_slot(int64_t label, int64_t num_classes, int64_t ignore_index) {
   if (label == ignore_index) return -1;
   return (label >= 0 && label < num_classes) ? label : -2;

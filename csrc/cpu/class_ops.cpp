@@ -26,15 +26,18 @@
 namespace csfrn {
 namespace {
 
-constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
+// "No bad label" as a pixel index (an index, not a label value: every int64 is a possible label value).
+constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::max();
 
 // Pixel chunk for the pooling reductions: at most 16 partial buffers per image, at least 2048 pixels each.
 int64_t pool_chunk(int64_t pixels) { return std::max<int64_t>(2048, (pixels + 15) / 16); }
 
-// Records the first out-of-range label seen by any thread.
-void note_bad_label(std::atomic<int64_t>& bad, int64_t value) {
-  int64_t expected = kNoBadLabel;
-  bad.compare_exchange_strong(expected, value);
+// Keeps the smallest index of a bad label any thread has seen: the error names the first one in memory order,
+// whatever the thread count.
+void note_bad_label(std::atomic<int64_t>& first, int64_t index) {
+  int64_t seen = first.load();
+  while (index < seen && !first.compare_exchange_weak(seen, index)) {
+  }
 }
 
 // Sums values[p] into bank[(p % 4) * (K + 1) + slot[p]]: four banks break the chain of dependent adds that
@@ -50,13 +53,13 @@ inline void bank_sum(acc_t* __restrict__ bank, const int32_t* __restrict__ slot,
 }
 
 // slot[p] = the label of pixel p when it is a class, K when it is ignore_index or outside [0, K). Returns the
-// first label that is neither (the forward reports it), or kNoBadLabel.
+// index p of the first label that is neither (the forward reports it), or kNoBadLabel.
 inline int64_t fill_slots_portable(int32_t* __restrict__ slot, const int64_t* __restrict__ labels, int64_t np,
                                    int64_t K, int64_t ignore_index) {
   int64_t bad = kNoBadLabel;
   for (int64_t p = 0; p < np; ++p) {
     const int64_t k = label_slot(labels[p], K, ignore_index);
-    if (k == -2 && bad == kNoBadLabel) bad = labels[p];
+    if (k == -2 && bad == kNoBadLabel) bad = p;
     slot[p] = static_cast<int32_t>(k < 0 ? K : k);
   }
   return bad;
@@ -227,21 +230,22 @@ int64_t pool_blocks16(acc_t*, int64_t, float*, const int32_t*, const scalar_t*, 
 }
 
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features, const at::Tensor& labels,
-                                                      int64_t num_classes, int64_t ignore_index) {
+                                                      int64_t num_classes, int64_t ignore_index, bool validate) {
   const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   const int64_t N = features.size(0), D = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = num_classes, D1 = D + 1;  // one extra slot per class for the pixel count
   TORCH_CHECK_VALUE(K < std::numeric_limits<int32_t>::max(), "num_classes must be < 2^31, got ", K);
-  at::Tensor means = at::zeros({N, K, D}, features.options());
+  // Both written in full by the reduction below (absent classes too), so no zero-fill.
+  at::Tensor means = at::empty({N, K, D}, features.options());
   // counts in the accumulation type, as on CUDA (the same dtype here: the CPU kernels run float32 and float64)
-  at::Tensor counts = at::zeros({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
+  at::Tensor counts = at::empty({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
   if (N == 0) return {means, counts};
 
   const PixelView fv = pixel_view(features);
   const at::Tensor lab = labels.contiguous();
   const int64_t chunk = pool_chunk(P), nchunks = P == 0 ? 1 : (P + chunk - 1) / chunk;
-  std::atomic<int64_t> bad{kNoBadLabel};
+  std::atomic<int64_t> bad{kNoBadLabel};  // index into labels of the first bad label
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "class_avg_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -263,8 +267,9 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
         const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
         acc_t* buf = partial.data() + b * K * D1;
         const scalar_t* fn = f + n * fv.sn + p0 * fv.sp;
+        // bad labels get slot K (ignored); with validate the first one is reported below
         const int64_t first_bad = fill_slots(slot.data(), l + n * P + p0, np, K, ignore_index);
-        if (first_bad != kNoBadLabel) note_bad_label(bad, first_bad);
+        if (validate && first_bad != kNoBadLabel) note_bad_label(bad, n * P + p0 + first_bad);
         add_slot_counts(buf + D, D1, slot.data(), np, K, count_banks);
         auto fold_banks = [&](int64_t d) {  // add the four banks of one channel into buf[k][d]
           for (int64_t k = 0; k < K; ++k)
@@ -303,12 +308,11 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
         }
         const acc_t count = sum[D];
         c[i] = count;
-        if (count > 0)
-          for (int64_t d = 0; d < D; ++d) m[i * D + d] = static_cast<scalar_t>(class_mean(sum[d], count));
+        for (int64_t d = 0; d < D; ++d) m[i * D + d] = static_cast<scalar_t>(class_mean(sum[d], count));
       }
     });
   });
-  if (bad.load() != kNoBadLabel) fail_bad_label(bad.load(), K, ignore_index);
+  if (bad.load() != kNoBadLabel) fail_bad_label(lab.const_data_ptr<int64_t>()[bad.load()], K, ignore_index);
   return {means, counts};
 }
 
@@ -326,8 +330,9 @@ at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::T
     using acc_t = at::opmath_type<scalar_t>;
     // d means[n,k,d] / d features[n,d,p] = 1 / counts[n,k] for the pixels p of class k, so
     // grad[n,d,p] = table[n][d][slot of p] with table = grad_means / counts, transposed, and a zero column K
-    // for ignored pixels (and for labels outside [0, K), which the forward has refused). Rows of up to 32
-    // entries are looked up 16 pixels at a time by the AVX-512 path; they are zero-padded to 32 for it.
+    // for ignored pixels and for labels outside [0, K) (the forward refused them, or ignored them with
+    // validate=false). Rows of up to 32 entries are looked up 16 pixels at a time by the AVX-512 path; they are
+    // zero-padded to 32 for it.
     const bool simd = std::is_same_v<scalar_t, float> && use_avx512() && K + 1 <= 32;
     const int64_t R = simd ? 32 : K + 1;
     std::vector<scalar_t> table(N * D * R, scalar_t(0));

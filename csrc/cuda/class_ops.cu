@@ -12,7 +12,6 @@
 #include "common/class_ops.h"
 #include "common/class_ops_checks.h"
 #include "common/cuda_helpers.cuh"
-#include "common/distance_grads.h"
 #include "common/kernel_scope.h"
 
 namespace csfrn {
@@ -139,7 +138,8 @@ __global__ void class_pool_shared_kernel(const scalar_t* __restrict__ f, const i
   }
 }
 
-// Thread (n, j): every pixel of image n in order, into row j of the zeroed partial[n] ([K][D + 1]; j == D counts).
+// Thread (n, j): every pixel of image n in order, into column j of partial[n] ([K][D + 1]; j == D counts), which
+// it zeroes first: it owns that column, so partial needs no fill.
 template <typename scalar_t, typename acc_t>
 __global__ void class_pool_global_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels,
                                          acc_t* __restrict__ partial, int64_t N, int64_t D, int64_t P, int64_t K,
@@ -147,6 +147,7 @@ __global__ void class_pool_global_kernel(const scalar_t* __restrict__ f, const i
   CSFRN_KERNEL_LOOP(t, N * (D + 1)) {
     const int64_t j = t % (D + 1), n = t / (D + 1);
     acc_t* row = partial + n * K * (D + 1) + j;
+    for (int64_t k = 0; k < K; ++k) row[k * (D + 1)] = acc_t(0);
     const int64_t* ln = labels + n * P;
     for (int64_t p = 0; p < P; ++p) {
       const int64_t s = label_slot(ln[p], K, ignore_index);
@@ -213,7 +214,7 @@ __global__ void center_distance_kernel(const scalar_t* __restrict__ e, const sca
   }
 }
 
-// w = dL/d dist and gm = the pixel's share of dL/d margin, for every (n, k, p).
+// Backward, launch 1 of 3. Thread (n, k, p): w = dL/d dist and (gm non-null) gm = the pixel's share of dL/d margin.
 template <typename scalar_t, typename acc_t>
 __global__ void center_distance_weights_kernel(const scalar_t* __restrict__ grad_phi, const scalar_t* __restrict__ e,
                                                const scalar_t* __restrict__ s, const scalar_t* __restrict__ m,
@@ -224,7 +225,80 @@ __global__ void center_distance_weights_kernel(const scalar_t* __restrict__ grad
     const int64_t p = t % P, nk = t / P, n = nk / K;
     const acc_t dist = squared_distance<scalar_t, acc_t>(e + n * sn + p * sp, s + nk * D, D, sc);
     const acc_t scale = margin_scale(static_cast<acc_t>(m[nk]), delta);
-    phi_backward(static_cast<acc_t>(grad_phi[t]), decay_of(dist, scale), dist, scale, delta, w[t], gm[t]);
+    acc_t wt, gmt;
+    phi_backward(static_cast<acc_t>(grad_phi[t]), decay_of(dist, scale), dist, scale, delta, wt, gmt);
+    w[t] = wt;
+    if (gm != nullptr) gm[t] = gmt;
+  }
+}
+
+// Launch 2 of 3. Thread (n, d, p), p fastest (coalesced w reads, the centre a broadcast): the embedding gradient
+//   grad_e[n, d, p] = 2 sum_k w[n, k, p] (e[n, d, p] - s[n, k, d]),
+// k in order, written in the output dtype ([N, D, H, W] contiguous). K = 0 gives 0 (no inf * 0).
+template <typename scalar_t, typename acc_t>
+__global__ void center_distance_grad_e_kernel(const acc_t* __restrict__ w, const scalar_t* __restrict__ e,
+                                              const scalar_t* __restrict__ s, scalar_t* __restrict__ grad_e,
+                                              int64_t N, int64_t D, int64_t P, int64_t K, int64_t sn, int64_t sc,
+                                              int64_t sp) {
+  CSFRN_KERNEL_LOOP(t, N * D * P) {
+    const int64_t p = t % P, nd = t / P, d = nd % D, n = nd / D;
+    const acc_t ev = static_cast<acc_t>(e[n * sn + d * sc + p * sp]);
+    const acc_t* wp = w + n * K * P + p;
+    const scalar_t* sd = s + n * K * D + d;
+    acc_t acc = 0;
+    for (int64_t k = 0; k < K; ++k) acc += wp[k * P] * (ev - static_cast<acc_t>(sd[k * D]));
+    grad_e[t] = static_cast<scalar_t>(acc_t(2) * acc);
+  }
+}
+
+// The sum of v over the block (blockDim.x a multiple of 32), in a fixed order: lanes by shuffles, then warps in
+// order through red[blockDim.x / 32]. The result is valid on thread 0; the caller syncs before reusing red.
+constexpr int kWarp = 32;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* red) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0)
+    for (int i = 0; i < static_cast<int>(blockDim.x) / kWarp; ++i) total += red[i];
+  return total;
+}
+
+// Launch 3 of 3. A block per unit (n, k, j) for j in [j0, j1), its threads striding over the pixels:
+//   j <  D: grad_s[n, k, j] = -2 sum_p w[n, k, p] (e[n, j, p] - s[n, k, j])
+//   j == D: grad_m[n, k]    = sum_p gm[n, k, p]
+// then one fixed-order block sum: no atomics, one owner per output.
+template <typename scalar_t, typename acc_t>
+__global__ void center_distance_center_grads_kernel(const acc_t* __restrict__ w, const acc_t* __restrict__ gm,
+                                                    const scalar_t* __restrict__ e, const scalar_t* __restrict__ s,
+                                                    scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_m,
+                                                    int64_t N, int64_t D, int64_t P, int64_t K, int64_t j0,
+                                                    int64_t j1, int64_t sn, int64_t sc, int64_t sp) {
+  __shared__ acc_t red[kThreads / kWarp];
+  const int64_t J = j1 - j0;
+  for (int64_t u = blockIdx.x; u < N * K * J; u += gridDim.x) {
+    const int64_t j = j0 + u % J, nk = u / J, n = nk / K;
+    const acc_t* wk = w + nk * P;
+    acc_t a = 0;
+    if (j < D) {
+      const acc_t centre = static_cast<acc_t>(s[nk * D + j]);
+      const scalar_t* ej = e + n * sn + j * sc;
+      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) a += wk[p] * (static_cast<acc_t>(ej[p * sp]) - centre);
+    } else {
+      const acc_t* gk = gm + nk * P;
+      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) a += gk[p];
+    }
+    a = block_sum(a, red);
+    if (threadIdx.x == 0) {
+      if (j < D)
+        grad_s[nk * D + j] = static_cast<scalar_t>(acc_t(-2) * a);
+      else
+        grad_m[nk] = static_cast<scalar_t>(a);
+    }
+    __syncthreads();  // red is read before the next unit writes it
   }
 }
 
@@ -235,18 +309,20 @@ void check_labels_cuda(const at::Tensor& labels, int64_t num_classes, int64_t ig
 }
 
 std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& features, const at::Tensor& labels,
-                                                       int64_t num_classes, int64_t ignore_index) {
+                                                       int64_t num_classes, int64_t ignore_index, bool validate) {
   const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   check_class_avg_pool_args(features, labels, num_classes);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t N = features.size(0), D = features.size(1), K = num_classes;
-  at::Tensor means = at::zeros({N, K, D}, features.options());
+  // Every element of both is written by the last kernel below (absent classes: mean 0, count 0), so no fill.
+  at::Tensor means = at::empty({N, K, D}, features.options());
   // counts in the accumulation type (float32 for half and bfloat16), exact for the backward
-  at::Tensor counts = at::zeros({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
+  at::Tensor counts = at::empty({N, K}, features.options().dtype(at::toOpMathType(features.scalar_type())));
   if (N == 0) return {means, counts};
-  check_labels_cuda(labels, K, ignore_index);
+  // Without validate, no sync: the kernels skip bad labels' pixels (label_slot -2) as they skip ignored ones.
+  if (validate) check_labels_cuda(labels, K, ignore_index);
   const int64_t P = features.size(2) * features.size(3);
-  if (P == 0) return {means, counts};
+  if (P == 0) return {means.zero_(), counts.zero_()};  // no pixels: no kernel runs
   const PixelView fv = pixel_view(features);
   const at::Tensor lab = labels.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -267,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (plan.nchunks == 1) return;
     } else {
-      partial = at::zeros({N, 1, K, D + 1}, features.options().dtype(acc_type));
+      partial = at::empty({N, 1, K, D + 1}, features.options().dtype(acc_type));  // zeroed by its kernel
       CSFRN_LAUNCH(blocks_for(N * (D + 1)), kThreads, 0, stream, class_pool_global_kernel<scalar_t, acc_t>)(
           f, lab.const_data_ptr<int64_t>(), partial.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc,
           fv.sp);
@@ -325,6 +401,10 @@ at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& 
   return phi;
 }
 
+// Three launches, whatever the output mask (fewer when it asks for less): w (and the margin terms) per (n, k, p);
+// the embedding gradient per (n, d, p); the centre and margin gradients as one block sum per (n, k, channel).
+// Two buffers the size of phi in the accumulation type, no fill, no cast pass: every output is written in its
+// dtype by the kernel that owns it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
     const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
     double delta, std::array<bool, 3> output_mask) {
@@ -332,26 +412,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1);
+  const bool need_e = output_mask[0], need_s = output_mask[1], need_m = output_mask[2];
   const auto opts = embeddings.options();
-  const auto acc_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_e = need_e ? at::empty({N, D, H, W}, opts) : at::empty({0}, opts);
+  at::Tensor grad_s = need_s ? at::empty({N, K, D}, centers.options()) : at::empty({0}, centers.options());
+  at::Tensor grad_m = need_m ? at::empty({N, K}, margins.options()) : at::empty({0}, margins.options());
+  if (!need_e && !need_s && !need_m) return {grad_e, grad_s, grad_m};
+  const auto acc_type = at::toOpMathType(embeddings.scalar_type());
   const PixelView ev = pixel_view(embeddings);
   const at::Tensor g = grad_phi.contiguous(), s = centers.contiguous(), m = margins.contiguous();
-  // w = dL/d dist and gm (the margin gradient's terms) for every (n, k, p), the size of phi.
-  at::Tensor w = at::empty({N, K, P}, opts.dtype(acc_type)), gm = at::empty({N, K, P}, opts.dtype(acc_type));
-  if (w.numel() > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
-                                    "center_distance_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor w = at::empty({N, K, P}, opts.dtype(acc_type));
+  at::Tensor gm = need_m ? at::empty({N, K, P}, opts.dtype(acc_type)) : at::empty({0}, opts.dtype(acc_type));
+  // the units of launch 3: channels j < D for the centre gradient, j == D for the margin gradient
+  const int64_t j0 = need_s ? 0 : D, j1 = need_m ? D + 1 : D;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
+                                  "center_distance_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    acc_t* wp = w.data_ptr<acc_t>();
+    if (w.numel() > 0) {
       CSFRN_LAUNCH(blocks_for(w.numel()), kThreads, 0, stream, center_distance_weights_kernel<scalar_t, acc_t>)(
-          g.const_data_ptr<scalar_t>(), ev.t.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-          m.const_data_ptr<scalar_t>(), w.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), N, D, P, K,
-          static_cast<acc_t>(delta), ev.sn, ev.sc, ev.sp);
+          g.const_data_ptr<scalar_t>(), e, sp, m.const_data_ptr<scalar_t>(), wp,
+          need_m ? gm.data_ptr<acc_t>() : nullptr, N, D, P, K, static_cast<acc_t>(delta), ev.sn, ev.sc, ev.sp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  auto [grad_e, grad_s] = distance_grads_from_weights(w, embeddings, centers, output_mask[0], output_mask[1]);
-  at::Tensor grad_m = output_mask[2] ? gm.sum(2).to(margins.scalar_type()) : at::empty({0}, margins.options());
+    }
+    if (need_e && grad_e.numel() > 0) {  // K = 0 included: zeros
+      CSFRN_LAUNCH(blocks_for(grad_e.numel()), kThreads, 0, stream, center_distance_grad_e_kernel<scalar_t, acc_t>)(
+          wp, e, sp, grad_e.data_ptr<scalar_t>(), N, D, P, K, ev.sn, ev.sc, ev.sp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t units = N * K * (j1 - j0);
+    if (units > 0) {  // P = 0 included: zeros
+      CSFRN_LAUNCH(static_cast<unsigned int>(std::min(units, kMaxBlocks)), kThreads, 0, stream,
+                   center_distance_center_grads_kernel<scalar_t, acc_t>)(
+          wp, need_m ? gm.data_ptr<acc_t>() : nullptr, e, sp, need_s ? grad_s.data_ptr<scalar_t>() : nullptr,
+          need_m ? grad_m.data_ptr<scalar_t>() : nullptr, N, D, P, K, j0, j1, ev.sn, ev.sc, ev.sp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
   return {grad_e, grad_s, grad_m};
 }
 

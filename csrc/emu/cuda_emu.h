@@ -18,8 +18,9 @@
 //   is filled with 0xFF bytes (NaN for floats) before each block, so reading it unwritten shows.
 // - Device guards, streams and the launch check are no-ops; at::cuda::getCurrentDeviceProperties() describes an
 //   H100 (132 SMs). The shims live in unnamed namespaces, so they never collide with a CUDA build of libtorch.
-// - Test hook: set_grid_x_cap(c) runs at most c blocks along x (gridDim.x reads c), to drive grid-stride loops
-//   past their first stride with small inputs. Valid only for kernels written as grid-stride loops.
+// - Test hooks: set_grid_x_cap(c) runs at most c blocks along x (gridDim.x reads c), to drive grid-stride loops
+//   past their first stride with small inputs (valid only for kernels written as grid-stride loops);
+//   launch_count() is the number of kernel launches so far, so a test can count a launcher's launches.
 // - Tensors are CPU tensors, so a launcher must take devices and options from its inputs (x.options()), never
 //   name at::kCUDA itself.
 // What it cannot see: races between blocks, memory-model subtleties, timing, real device memory limits, and
@@ -165,6 +166,12 @@ inline int64_t set_grid_x_cap(int64_t cap) {
   grid_x_cap() = cap;
   return old;
 }
+
+inline int64_t& launches() {
+  static int64_t count = 0;
+  return count;
+}
+inline int64_t launch_count() { return launches(); }
 
 // One emulated GPU thread.
 struct Fiber {
@@ -313,6 +320,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const char* kernel, voi
   if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     refuse("gridDim.x is at most 2^31 - 1, gridDim.y and gridDim.z at most 65535");
   if (smem > kMaxDynamicSharedBytes) refuse("more than 48 KiB of dynamic shared memory per block");
+  ++launches();
 
   dim3 run = grid;
   if (grid_x_cap() > 0) run.x = static_cast<unsigned int>(std::min<int64_t>(run.x, grid_x_cap()));

@@ -1,5 +1,5 @@
 // The test-only library of the CUDA emulation (see cuda_emu.h): the csfrn op schemas again, in namespace
-// csfrn_emu, whose CPU kernels are csrc/cuda/*.cu compiled by the host compiler; and the emulation's test hook.
+// csfrn_emu, whose CPU kernels are csrc/cuda/*.cu compiled by the host compiler; and the emulation's test hooks.
 // Built by tests/cuda_emu.py, never by setup.py.
 #include <torch/library.h>
 
@@ -11,6 +11,8 @@ TORCH_LIBRARY(csfrn_emu, m) {
   for (const char* schema : csfrn::kOpSchemas) m.def(schema);
   // Runs at most `cap` blocks along x in every later launch (0: no cap); returns the previous cap.
   m.def("set_grid_x_cap(int cap) -> int", &csfrn::emu::set_grid_x_cap);
+  // The number of kernel launches so far (the launches a GPU would run; refused ones do not count).
+  m.def("launch_count() -> int", &csfrn::emu::launch_count);
 }
 
 namespace {
