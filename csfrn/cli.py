@@ -26,6 +26,10 @@ from .errors import ConfigError, Interrupted, MissingPathError, UsageError, User
 # csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
 BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
               "report": "csfrn.bench.report"}
+BENCHMARK_SUMMARIES = {"ops": "every csfrn op against its twin (and the peer), forward and backward",
+                       "deform": "deform_conv2d / the AAM pair against torchvision, with the launch plan's floor",
+                       "train": "training steps: baseline, CSFRN, channels_last, compiled, torchvision's peer",
+                       "report": "all of them into one JSON and charts (--out)"}
 
 
 # What `csfrn --help` says, for users.
@@ -138,9 +142,13 @@ class _BenchHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         chosen = getattr(namespace, "what", None)
         parser.print_help()
-        for what in ([chosen] if chosen else sorted(BENCHMARKS)):
-            print(f"\n==== --what {what} ({BENCHMARKS[what]})")
-            module, sub = _bench_parser(what)
+        if chosen is None:   # no import (torch) for the overview: each benchmark's options come with --what X
+            print("\nbenchmarks (csfrn bench --what X --help: X's options):")
+            for what in sorted(BENCHMARKS):
+                print(f"  {what:<8} {BENCHMARK_SUMMARIES[what]}")
+        else:
+            print(f"\n==== --what {chosen} ({BENCHMARKS[chosen]})")
+            module, sub = _bench_parser(chosen)
             print(module.add_arguments(sub).format_help().rstrip())
         parser.exit()
 

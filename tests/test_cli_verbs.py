@@ -93,10 +93,11 @@ def test_flops_and_bench_help_list_every_option():
     for option in ("--config", "--set", "--size", "--head", "--backbone", "--num-classes", "--fusion",
                    "--embed-dim", "--output-stride", "--no-csflm", "--no-margins", "--multi-grid"):
         assert option in result.stdout, option
-    result = csfrn("bench", "--help")
+    result = csfrn("bench", "--help")   # an overview naming every benchmark (fast: it imports none of them)
     assert result.returncode == 0
     for what, module in (("ops", ops), ("deform", deform), ("train", train_step), ("report", report)):
-        section = result.stdout.split(f"==== --what {what} ")[1].split("==== ")[0]
+        assert f"\n  {what} " in result.stdout, what
+        section = csfrn("bench", "--what", what, "--help").stdout.split(f"==== --what {what} ")[1]
         for option in _options(module.add_arguments):
             assert option in section, (what, option)
     # --what X --help: X's options only

@@ -149,7 +149,7 @@ def test_every_verb_refuses_to_replace_outputs_without_overwrite(run, tmp_path):
     r = csfrn("eval", "--checkpoint", best, "--out", tmp_path / "e", "--no-consistency")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"csfrn eval: {best} (iteration 2) on split 'val' of synthetic, 4 images" in r.stdout
-    assert f"wrote {tmp_path / 'e' / 'eval_val.json'} and {tmp_path / 'e' / 'eval_val.csv'}" in r.stdout
+    assert f"wrote {tmp_path / 'e' / 'eval_val.json'}, {tmp_path / 'e' / 'eval_val.csv'}, " in r.stdout
     one_line_error(csfrn("eval", "--checkpoint", best, "--out", tmp_path / "e", "--no-consistency"), "eval",
                    "eval_val.json", "--overwrite")
     # visualize
@@ -251,7 +251,8 @@ def test_predict_runs_a_pt2_and_names_the_supported_suffixes(run, tmp_path):
                          tmp_path / "r"), "predict", ".onnx or .pt2")
 
 
-VERBS = ["train", "eval", "predict", "export", "visualize", "flops", "demo", "ablate"]
+VERBS = ["train", "eval", "predict", "export", "visualize", "flops", "demo", "ablate", "bench", "config", "plot",
+         "browse"]
 
 
 def test_help_builds_without_importing_torch():
@@ -262,17 +263,22 @@ def test_help_builds_without_importing_torch():
         assert "torch" not in imported and "csfrn.ops" not in imported, (args, sorted(imported)[-20:])
 
 
-def test_ablation_plot_title_keeps_its_spaces(tmp_path):
+def test_ablation_plot_title_keeps_its_spaces(tmp_path, monkeypatch):
+    # The Pillow chart this replaced lost its spaces at small font sizes ("dotsseeds"); matplotlib draws the text
+    # it is given, so check the text the figure holds when it is saved, and that a PNG with ink comes out.
+    from csfrn import plotting
     from csfrn.engine.ablate import plot_ablation
+    titles, save = [], plotting._save
+
+    def spy(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, path)
+    monkeypatch.setattr(plotting, "_save", spy)
     summary = {"split": "test", "variants": {"baseline": {"mIoU": {0: 50.0, 1: 52.0}},
                                              "concat": {"mIoU": {0: 51.0, 1: 54.0}}}}
     plot_ablation(summary, tmp_path / "a.png")
-    ink = (np.asarray(Image.open(tmp_path / "a.png").convert("L"))[2:16] < 128).any(0)
-    words, gap = 0, 99   # ink runs separated by >= 3 blank columns: one per word of the title
-    for column in ink:
-        words += bool(column and gap >= 3)
-        gap = 0 if column else gap + 1
-    assert words == len("mIoU % (test split): dots seeds, bar mean, line 95% CI".split())
+    assert "mIoU % (test split): dots seeds, bar mean, line 95% CI" in titles
+    assert (np.asarray(Image.open(tmp_path / "a.png").convert("L")) < 128).any()
 
 
 def _readme_blocks():

@@ -19,7 +19,7 @@ from torch import nn
 from csfrn.engine import checkpoint as ckpt
 from csfrn.engine.config import load_config
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, TINY_CONFIG, tiny_overrides
 
 KNOBS = ["train.ema=0.9", "train.clip_grad=0.5", "train.eval_interval=2"]
 
@@ -31,7 +31,8 @@ def csfrn(*args, timeout=300):
 
 
 def _sets(overrides):
-    return [arg for o in overrides for arg in ("--set", o)]
+    """--config (the tests' defaults: `csfrn train` needs one) and the overrides as --set options."""
+    return ["--config", TINY_CONFIG] + [arg for o in overrides for arg in ("--set", o)]
 
 
 def assert_picture(path, min_size=(300, 200)):
@@ -291,7 +292,10 @@ def test_plot_overlays_runs(run, plain, tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-2000:]
     assert_picture(out, (800, 600))
     from csfrn import cli
-    assert cli.main(["plot", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert cli.main(["plot", str(run["work"]), "--out", str(out)]) == 2          # never replaced without --overwrite
+    assert f"csfrn plot: error: --out {out} already holds a picture" in capsys.readouterr().err
+    assert cli.main(["plot", str(run["work"]), "--out", str(out), "--overwrite"]) == 0
+    assert cli.main(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "other.png")]) == 2
     assert f"csfrn plot: error: {tmp_path / 'nothing'}: no metrics.jsonl" in capsys.readouterr().err
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..losses import labels_checked
 from ..models import build_model, complexity
 from ..models.complexity import training_flops
 from ..nn import AAM
@@ -107,7 +108,8 @@ def train_step_fn(model, optimizer, images, labels, amp=None, context=contextlib
     device_type = images.device.type
 
     def step():
-        with context():
+        # The labels are made in range (make_batch): no per-step check, as in the engine's loop.
+        with context(), labels_checked():
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
                 _, losses = model(images, labels)
@@ -170,7 +172,7 @@ def breakdown(model, optimizer, images, labels, amp=None, reps=1, context=contex
     try:
         for rep in range(reps + 1):
             totals.clear()
-            with context():
+            with context(), labels_checked():
                 optimizer.zero_grad(set_to_none=True)
                 sync()
                 t0 = time.perf_counter()

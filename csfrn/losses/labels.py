@@ -10,6 +10,8 @@ have renumbered into range themselves (``class_index``).
 import contextlib
 from typing import Iterator
 
+import torch
+
 from ..ops import check_labels
 
 _checked_depth = 0
@@ -29,8 +31,9 @@ def labels_checked() -> Iterator[None]:
 
 def check_model_labels(labels, num_classes: int, ignore_index: int) -> None:
     """What a model's forward does with the labels it is given: ``check_labels`` (a one-line ValueError naming
-    the first bad value), unless inside ``labels_checked()``."""
-    if _checked_depth == 0:
+    the first bad value), unless inside ``labels_checked()``, while torch.compile traces the model (the check
+    reads a device value: a graph break) or on meta tensors (FLOP counting: no values to check)."""
+    if _checked_depth == 0 and labels.device.type != "meta" and not torch.compiler.is_compiling():
         check_labels(labels, num_classes, ignore_index)
 
 

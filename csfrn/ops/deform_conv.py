@@ -153,6 +153,17 @@ def _dual_deform_conv2d_backward_fake(grad_out_x, grad_out_y, x, y, offset, weig
 
 
 # ---------------------------------------------------------------- autograd
+def _in_format_of(grads, sources):
+    """``grads`` with the gradients at the positions of ``sources`` (index -> tensor: the offset and the mask)
+    put in that tensor's memory format: the kernels write those two contiguous, and a channels_last network must
+    get channels_last gradients back from them too (a copy of the 3 * kh * kw * offset_groups channels)."""
+    grads = list(grads)
+    for i, t in sources.items():
+        if t is not None and grads[i] is not None and grads[i].numel():
+            grads[i] = grads[i].contiguous(memory_format=_checks.deform_memory_format(t))
+    return grads
+
+
 def _deform_conv2d_setup(ctx, inputs, output):
     input, offset, weight, bias, mask, stride, padding, dilation = inputs
     ctx.save_for_backward(input, offset, weight, mask)
@@ -165,6 +176,7 @@ def _deform_conv2d_backward(ctx, grad_out):
     if not any(need):
         return (None,) * 8
     grads = torch.ops.csfrn.deform_conv2d_backward.default(grad_out, input, offset, weight, mask, *ctx.conv, need)
+    grads = _in_format_of(grads, {1: offset, 4: mask})
     return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
 
 
@@ -184,6 +196,7 @@ def _dual_deform_conv2d_backward(ctx, grad_out_x, grad_out_y):
         return (None,) * 11
     grads = torch.ops.csfrn.dual_deform_conv2d_backward.default(grad_out_x, grad_out_y, x, y, offset, weight_x,
                                                                 weight_y, mask, *ctx.conv, need)
+    grads = _in_format_of(grads, {2: offset, 7: mask})
     return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
 
 
