@@ -101,13 +101,6 @@ def test_losses_upsample_in_float32_under_autocast(ops_path):
 
 
 # ---------------------------------------------------------------- channels_last end to end
-def _deform_keeps_channels_last():
-    x = torch.randn(1, 4, 5, 5).to(memory_format=CL)
-    w = torch.randn(4, 4, 3, 3).to(memory_format=CL)
-    out, _ = ops.dual_deform_conv2d(x, x, torch.zeros(1, 18, 5, 5).to(memory_format=CL), w, w, padding=1)
-    return out.is_contiguous(memory_format=CL)
-
-
 def _channels_last(t):
     """Not a 4-D float tensor, or one whose channels are innermost (channels_last, or a channel slice of a
     channels_last tensor, as the gradient of a concat is), or one with a single channel or pixel."""
@@ -148,10 +141,8 @@ def channels_last_violations(model, images, labels):
 
 @pytest.mark.parametrize("fusion", [
     "concat",
-    # fusion="aam" depends on the deformable conv's CPU kernel writing its outputs and gradients in its input's
-    # memory format (csrc/cpu/deform_conv.cpp); until that kernel does, this case is an expected failure.
-    pytest.param("aam", marks=pytest.mark.xfail(not _deform_keeps_channels_last(), strict=True,
-                                                reason="the deform conv CPU kernel does not keep channels_last yet"))])
+    # fusion="aam": the deformable convs' outputs and gradients (offset and mask included) in channels_last too.
+    "aam"])
 def test_channels_last_is_kept_through_forward_and_backward(fusion, ops_path):
     """Every module of CSFRN (backbone, head, CSFLM, AAM, aux head, losses) takes and gives channels_last
     tensors, forward and backward: no hidden copy back to NCHW."""
