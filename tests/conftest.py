@@ -2,7 +2,9 @@
 the engine / data / CLI tests, the shipped configs, and PNG writers."""
 import glob
 import os
+import signal
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -127,3 +129,21 @@ def write_jpg(path, array):
 
 def rgb(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def sigkill_at_checkpoint(proc, last, iteration, timeout=120):
+    """Wait (at most ``timeout`` s) until the training ``proc`` has written ``last`` (a last.pth) at ``iteration``
+    or later, then SIGKILL it; the process must still be running then (its stderr otherwise says why)."""
+    from csfrn.engine.checkpoint import load_checkpoint
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.is_file() and load_checkpoint(last)["iter"] >= iteration:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from csfrn import cli
 from csfrn.engine.checkpoint import load_checkpoint
 
-from conftest import ROOT, TINY_CONFIG, rgb, shipped_configs, tiny_overrides, write_png
+from conftest import ROOT, TINY_CONFIG, rgb, shipped_configs, sigkill_at_checkpoint, tiny_overrides, write_png
 
 
 
@@ -137,18 +136,7 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
                             env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = work / "last.pth"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if last.is_file() and load_checkpoint(last)["iter"] >= 6:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_at_checkpoint(proc, last, 6)
     assert proc.returncode == -signal.SIGKILL
     state = load_checkpoint(last)                 # never corrupt: the old file or the new one
     done = state["iter"]

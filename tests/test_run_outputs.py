@@ -5,10 +5,8 @@ missing tensorboard or matplotlib. The CLI runs through its real entry point (``
 models; one trained work_dir is shared by the tests that only read it."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from torch import nn
 from csfrn.engine import checkpoint as ckpt
 from csfrn.engine.config import load_config
 
-from conftest import ROOT, TINY_CONFIG, tiny_overrides
+from conftest import ROOT, TINY_CONFIG, sigkill_at_checkpoint, tiny_overrides
 
 KNOBS = ["train.ema=0.9", "train.clip_grad=0.5", "train.eval_interval=2"]
 
@@ -163,18 +161,7 @@ def test_ema_survives_sigkill_and_resume_auto_bitwise(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = killed_work / "last.pth"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if last.is_file() and ckpt.load_checkpoint(last)["iter"] >= 4:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_at_checkpoint(proc, last, 4)
     done = ckpt.load_checkpoint(last)["iter"]
     final = done + 2
     resumed = csfrn("train", *_sets(overrides), "--resume", "auto", "--set", f"train.iters={final}")
