@@ -43,7 +43,7 @@ class CSFLM(nn.Module):
     reason (the module starts as the plain network); Net2Net (Chen, Goodfellow and Shlens, ICLR 2016) starts
     inserted layers as the identity. With random weights (``"random"``, nn.Conv2d's default) F is nearly
     uncorrelated with A at step 0 (correlation 0.05 with AAM at the demo scale), and on the synthetic val
-    split that cost about 1.5 points of mIoU (benchmarks/diagnose_csflm.py; README "Does CSFLM help?").
+    split that cost about 1.5 points of mIoU (benchmarks/diagnose_csflm.py; docs/evidence.md).
 
     Args:
         channels: channels of A (and of the output), 512 in the paper.
