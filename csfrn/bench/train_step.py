@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..engine.step import AMP_DTYPES
 from ..losses import labels_checked
 from ..models import build_model, complexity
 from ..models.complexity import training_flops
@@ -51,7 +52,6 @@ DEFAULT_VARIANTS = ("baseline", "csfrn", "reference", "torchvision")
 SPEED_VARIANTS = ("baseline-cl", "baseline-compiled", "baseline-cl-compiled", "csfrn-cl", "csfrn-compiled",
                   "csfrn-cl-compiled", "tv-deeplabv3", "tv-deeplabv3-cl")
 VARIANTS = DEFAULT_VARIANTS + SPEED_VARIANTS
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def torchvision_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1,

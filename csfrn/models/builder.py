@@ -17,7 +17,7 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
                 blocks: Optional[Sequence[int]] = None, channels: int = 512, aux_channels: int = 256,
                 ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
                 loss_weights: Optional[Mapping[str, float]] = None, binary: str = "lovasz", delta: float = 10.0,
-                csflm_supervision: str = "cac", fusion_init: str = "identity", ignore_index: int = 255) -> CSFRN:
+                fusion_init: str = "identity", csflm_supervision: str = "cac", ignore_index: int = 255) -> CSFRN:
     """Build a CSFRN segmentor (or, with ``csflm=False``, the plain head baseline).
 
     Args:
