@@ -52,8 +52,8 @@ def test_a_checkpoint_with_the_old_sampler_key_still_resumes(trained, tmp_path):
     old = tmp_path / "old.pth"
     torch.save(state, old)
     work = tmp_path / "resumed"
-    assert cli.main(["train", "--config", TINY_CONFIG,
-                     *_sets(tiny_overrides(work, iters=4, extra=[f"train.resume={old}", "train.eval_interval=0"]))]) == 0
+    overrides = tiny_overrides(work, iters=4, extra=[f"train.resume={old}", "train.eval_interval=0"])
+    assert cli.main(["train", "--config", TINY_CONFIG, *_sets(overrides)]) == 0
     assert load_checkpoint(work / "last.pth")["iter"] == 4
 
 

@@ -32,7 +32,8 @@ def csfrn_and_plug(fusion, supervision, margins=True):
     base.load_state_dict({k: v for k, v in full.state_dict().items()
                           if not k.startswith(("csflm.", "criterion."))})
     plug = add_csflm(base, NC, fusion=fusion, embed_dim=TINY["embed_dim"], tap="decode_head.dropout",
-                     channels=TINY["channels"], margins=margins, csflm_supervision=supervision, loss_weights={"cac": 0.5})
+                     channels=TINY["channels"], margins=margins, csflm_supervision=supervision,
+                     loss_weights={"cac": 0.5})
     plug.csflm.load_state_dict(full.csflm.state_dict())
     plug.criterion.load_state_dict(full.criterion.state_dict())   # the mask head, with "mask"
     return full, plug

@@ -11,11 +11,11 @@ class CSFRN(nn.Module):
 
     ``model(images)`` returns logits at the input size; ``model(images, labels)`` returns
     ``(logits, losses)`` where ``losses`` holds the weighted terms of Eq. 7 that apply ("seg", "aux", "cac",
-    "smooth", or "mask": ``csfrn.losses.Eq7Loss``), so ``sum(losses.values())`` is the total loss. The auxiliary head and CSFLM's class centres
-    run only when labels are given in train mode (inference needs neither). A label outside [0, num_classes)
-    that is not ``ignore_index`` is a one-line ValueError naming it (on CUDA that check is a host sync: a
-    training loop checks its CPU batches with ``csfrn.losses.check_labels`` and runs the step inside
-    ``csfrn.losses.labels_checked()``, as the engine does).
+    "smooth", or "mask": ``csfrn.losses.Eq7Loss``), so ``sum(losses.values())`` is the total loss. The auxiliary
+    head and CSFLM's class centres run only when labels are given in train mode (inference needs neither). A
+    label outside [0, num_classes) that is not ``ignore_index`` is a one-line ValueError naming it (on CUDA that
+    check is a host sync: a training loop checks its CPU batches with ``csfrn.losses.check_labels`` and runs the
+    step inside ``csfrn.losses.labels_checked()``, as the engine does).
 
     Args:
         backbone: a module returning the four stage outputs; ``backbone.out_channels`` their widths.
