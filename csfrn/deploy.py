@@ -21,6 +21,7 @@ import torch
 from . import ops  # noqa: F401  (registers torch.ops.csfrn.*)
 from .engine.inference import model_logits
 from .errors import ConfigError, UnreadableFileError, UserError
+from .ops._checks import pair
 
 # The first onnxruntime release whose CPU execution provider implements DeformConv (opset 19).
 ORT_DEFORMCONV_VERSION = "1.25.0"   # 1.24.4 has none (microsoft/onnxruntime#27393)
@@ -42,14 +43,9 @@ def _require(name):
                                     f"onnxscript)") from None
 
 
-def _pair(name, size):
-    try:
-        h, w = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    except (TypeError, ValueError, IndexError):
-        raise ConfigError(f"{name} must be H W (two positive integers), got {size!r}") from None
-    if h < 1 or w < 1:
-        raise ConfigError(f"{name} must be two positive integers, got {h} {w}")
-    return h, w
+def _size(name, size):
+    """(H, W) from an int or two ints; a ConfigError naming ``name`` otherwise."""
+    return tuple(pair(name, size, minimum=1, error=ConfigError, expected="H W (one or two integers)"))
 
 
 class _Inference(torch.nn.Module):
@@ -162,7 +158,7 @@ def export_onnx(model, path, size, opset=19, dynamic=False, config=None, check=T
     """
     _require("onnxscript")
     onnx = _require("onnx")
-    size = _pair("size", size)
+    size = _size("size", size)
     if int(opset) < MIN_OPSET:
         raise ConfigError(f"opset {opset}: DeformConv needs ONNX opset {MIN_OPSET} or later")
     module = inference_module(model)
@@ -211,7 +207,7 @@ def export_program(model, path, size, dynamic=False, config=None):
     given) as the extra file ``csfrn.config``. Reload it with ``torch.export.load(path)`` after ``import csfrn``
     (which registers the csfrn ops and their fake kernels); ``.module()(images)`` then returns the logits.
     Returns ``path``."""
-    size = _pair("size", size)
+    size = _size("size", size)
     module = inference_module(model)
     kwargs = {}
     if dynamic:
@@ -334,7 +330,7 @@ def _max_diff(model, run, sizes, batch=1, seed=1):
     model = model.eval()
     worst = 0.0
     for i, size in enumerate(sizes):
-        x = _example(_pair("size", size), batch, seed + i)
+        x = _example(_size("size", size), batch, seed + i)
         ref = model_logits(model, x).float()
         got = run(x)
         if tuple(got.shape) != tuple(ref.shape):
@@ -384,7 +380,7 @@ def export_from_checkpoint(checkpoint, out, size, opset=19, dynamic=False, check
         raise ConfigError(f"--out {out} is a directory; give a file name ending in {kind}")
     if os.path.exists(out) and not overwrite:
         raise OutputExistsError(f"--out {out} exists; add --overwrite to replace it")
-    size = _pair("--size", size)
+    size = _size("--size", size)
     if kind == ".onnx":
         for name in ("onnx", "onnxscript", "onnxruntime" if check else "onnx"):
             _require(name)

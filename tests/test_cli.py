@@ -42,7 +42,19 @@ def test_train_writes_checkpoints_metrics_and_report(trained):
     assert [r["kind"] for r in records].count("val") == 1
     state = load_checkpoint(trained / "last.pth")
     assert state["iter"] == 3 and state["config"]["model"]["head"] == "fcn"
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "sampler"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "iter", "world_size"} <= set(state)
+    assert "sampler" not in state     # never read: the sampler is a function of (seed, iteration)
+
+
+def test_a_checkpoint_with_the_old_sampler_key_still_resumes(trained, tmp_path):
+    state = load_checkpoint(trained / "last.pth")
+    state["sampler"] = {"seed": 0, "iter": state["iter"], "batch_size": 2}     # what checkpoints used to hold
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    work = tmp_path / "resumed"
+    overrides = tiny_overrides(work, iters=4, extra=[f"train.resume={old}", "train.eval_interval=0"])
+    assert cli.main(["train", "--config", TINY_CONFIG, *_sets(overrides)]) == 0
+    assert load_checkpoint(work / "last.pth")["iter"] == 4
 
 
 def test_eval_predict_visualize(trained, tmp_path, capsys):

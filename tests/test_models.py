@@ -130,9 +130,6 @@ def test_shapes_train_and_eval(head, fusion, ops_path):
     assert out.shape == (2, 3, 32, 32)
     feats = model.predict_maps(images)
     assert feats["logits"].shape == (2, 3, 32, 32)
-    with pytest.warns(FutureWarning, match="forward_features is deprecated.*predict_maps"):
-        old = model.forward_features(images)
-    assert old.keys() == feats.keys() and torch.equal(old["logits"], feats["logits"])
     if fusion:
         assert feats["embeddings"].shape == (2, 8, 4, 4) and feats["margins"].shape == (2, 1, 4, 4)
     else:
@@ -177,7 +174,7 @@ def test_no_margins_and_no_aux(ops_path):
 
 def test_ohem_option(ops_path):
     model = tiny("fcn", None, ohem=True, min_kept=10).train()
-    assert type(model.seg_loss).__name__ == "OhemCrossEntropy" and model.seg_loss.min_kept == 10
+    assert type(model.criterion.seg_loss).__name__ == "OhemCrossEntropy" and model.criterion.seg_loss.min_kept == 10
     _, losses = model(*batch())
     assert torch.isfinite(losses["seg"])
 

@@ -16,7 +16,7 @@ from torchvision.models import segmentation
 from csfrn.data import Synthetic
 from csfrn.data.transforms import Normalize
 from csfrn.models import CSFLMPlug, add_csflm, complexity
-from csfrn.models.segmentor import DEFAULT_LOSS_WEIGHTS
+from csfrn.losses import DEFAULT_LOSS_WEIGHTS
 from csfrn.nn import CSFLM
 
 NC = 4        # classes
@@ -88,7 +88,7 @@ def test_torchvision_forward_losses_backward_eval(name, fusion):
     assert set(losses) == {"seg", "cac", "smooth"} | ({"aux"} if has_aux else set())
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     # Eq. 7 weights, as csfrn's own models
-    assert plug.loss_weights == DEFAULT_LOSS_WEIGHTS
+    assert plug.criterion.loss_weights == DEFAULT_LOSS_WEIGHTS
     assert torch.allclose(losses["seg"], F.cross_entropy(outputs["out"], labels, ignore_index=255))
     if has_aux:
         assert torch.allclose(losses["aux"], 0.4 * F.cross_entropy(outputs["aux"], labels, ignore_index=255))
@@ -217,7 +217,7 @@ def test_options_and_copies():
     plug = add_csflm(TinySeg(), NC, fusion="concat", embed_dim=4, tap="head.cls", margins=False,
                      loss_weights={"cac": 0.5})
     _, losses = plug(images, labels)
-    assert set(losses) == {"seg", "cac"} and plug.loss_weights["cac"] == 0.5
+    assert set(losses) == {"seg", "cac"} and plug.criterion.loss_weights["cac"] == 0.5
     # channels= for a tapped module without in_channels (the input of the whole head here)
     model = TinySeg()
     model.head["cls"] = nn.Sequential(nn.Identity(), nn.Conv2d(16, NC, 1))

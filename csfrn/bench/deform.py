@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..engine.step import AMP_DTYPES
 from . import deform_plan
 from .timing import cpu_ceilings, device_name, measure, table, write_json
 
@@ -185,7 +186,7 @@ def add_arguments(parser):
     p.add_argument("--twin-reps", type=int, default=1, help="repetitions of the (slow) reference twin")
     p.add_argument("--no-twin", action="store_true", help="skip the reference twin")
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
                    help="run every implementation under autocast to this dtype (default: float32)")
     p.add_argument("--batch", type=int, default=None, help="N of every shape (default 2, 1 with --quick)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -217,7 +218,7 @@ def main(argv=None, parser=None):
 
     plans = deform_plan.gpu_plans(args.card)
     print_plans(plans)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp = AMP_DTYPES[args.amp]
     peak = cpu_ceilings()["matmul_gflops_fp32"] if torch.device(args.device).type == "cpu" else None
     rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
                amp=amp, batch=args.batch, matmul_gflops=peak)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..engine.step import AMP_DTYPES
 from ..losses import labels_checked
 from ..models import build_model, complexity
 from ..models.complexity import training_flops
@@ -51,7 +52,6 @@ DEFAULT_VARIANTS = ("baseline", "csfrn", "reference", "torchvision")
 SPEED_VARIANTS = ("baseline-cl", "baseline-compiled", "baseline-cl-compiled", "csfrn-cl", "csfrn-compiled",
                   "csfrn-cl-compiled", "tv-deeplabv3", "tv-deeplabv3-cl")
 VARIANTS = DEFAULT_VARIANTS + SPEED_VARIANTS
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def torchvision_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1,
@@ -137,14 +137,15 @@ def _module_groups(model):
               "aux head": [model.aux_head] if model.aux_head is not None else [],
               "CSFLM": [model.csflm] if model.csflm is not None else [],
               "AAM": [model.csflm.fuse] if isinstance(getattr(model.csflm, "fuse", None), AAM) else [],
-              "losses": [model.seg_loss, model.cac_loss, model.smooth_loss]}
+              "losses": [model.criterion]}
     return {k: v for k, v in groups.items() if v}
 
 
 def breakdown(model, optimizer, images, labels, amp=None, reps=1, context=contextlib.nullcontext):
     """Training-step time by part (ms, median over ``reps`` steps after one warm-up): the forward time of
     each category of ``_module_groups`` (module hooks; a nested category's time is taken out of its parent's,
-    so CSFLM excludes AAM), "other forward" (upsampling, aux cross-entropy, glue), "backward" and "optimizer"."""
+    so CSFLM excludes AAM; "losses" is the whole Eq. 7 criterion, aux cross-entropy included), "other forward"
+    (upsampling, glue), "backward" and "optimizer"."""
     device = images.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     groups = _module_groups(model)

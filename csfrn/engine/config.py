@@ -330,11 +330,10 @@ def _positive(key, value, what="a number"):
         raise ConfigError(f"config key '{key}' must be {what} > 0, got {value}")
 
 
-def _pair(key, value, what="positive integers"):
-    if value is None:
-        return
-    if len(value) != 2 or not all(v > 0 for v in value):
-        raise ConfigError(f"config key '{key}' expects two {what} [height, width], got {value}")
+def _size(key, value, pair):
+    """Two positive integers [height, width], or null."""
+    if value is not None:
+        pair(f"config key '{key}'", value, minimum=1, error=ConfigError, expected="two integers [height, width]")
 
 
 def validate(cfg):
@@ -344,13 +343,17 @@ def validate(cfg):
     by the loader.)"""
     from ..data import DATASETS
     from ..losses.cac import BINARY_LOSSES
+    from ..losses.eq7 import DEFAULT_LOSS_WEIGHTS, SUPERVISIONS
     from ..models.backbones import ARCHS, is_timm
     from ..models.builder import ASPP_DILATIONS
     from ..models.external import check_external
     from ..models.heads import HEADS
-    from ..models.segmentor import DEFAULT_LOSS_WEIGHTS
-    from ..nn.csflm import FUSIONS
+    from ..nn.csflm import FUSION_INITS, FUSIONS
+    from ..ops._checks import pair
+    from .inference import INFERENCE_MODES
+    from .optim import OPTIMIZERS
     from .speed import check_compile_setting
+    from .step import AMP_DTYPES
 
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
     if m.external is not None:
@@ -360,8 +363,8 @@ def validate(cfg):
         _choice("model.backbone", m.backbone, sorted(ARCHS) + ["timm:<name>"])
     _choice("model.fusion", m.fusion, FUSIONS)
     _choice("model.binary", m.binary, BINARY_LOSSES)
-    _choice("model.csflm_supervision", m.csflm_supervision, ("cac", "mask"))
-    _choice("model.fusion_init", m.fusion_init, ("identity", "random"))
+    _choice("model.csflm_supervision", m.csflm_supervision, SUPERVISIONS)
+    _choice("model.fusion_init", m.fusion_init, FUSION_INITS)
     _choice("model.output_stride", m.output_stride, sorted(ASPP_DILATIONS))
     _at_least("model.num_classes", m.num_classes, 1)
     for key in ("embed_dim", "width", "channels", "aux_channels", "min_kept"):
@@ -380,8 +383,8 @@ def validate(cfg):
     _choice("data.dataset", d.dataset, list(DATASETS))
     if d.dataset != "synthetic" and not d.root:
         raise ConfigError(f"config key 'data.root' is empty; dataset '{d.dataset}' needs its folder")
-    _pair("data.crop_size", d.crop_size)
-    _pair("data.base_size", d.base_size)
+    _size("data.crop_size", d.crop_size, pair)
+    _size("data.base_size", d.base_size, pair)
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise ConfigError(f"config key 'data.scale_range' expects [low, high] with 0 < low <= high, "
                           f"got {d.scale_range}")
@@ -397,13 +400,13 @@ def validate(cfg):
     for key in ("momentum", "weight_decay", "power", "min_lr"):
         _at_least(f"train.{key}", getattr(t, key), 0, "a number")
     _positive("train.head_lr_mult", t.head_lr_mult)
-    _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
         raise ConfigError(f"config key 'train.layer_decay' must lie in (0, 1] (or be null: off), got {t.layer_decay}")
     _at_least("train.warmup_iters", t.warmup_iters, 0)
     if not 0 <= t.warmup_ratio <= 1:
         raise ConfigError(f"config key 'train.warmup_ratio' must lie in [0, 1], got {t.warmup_ratio}")
-    _choice("train.amp", t.amp, ("none", "bf16", "fp16"))
+    _choice("train.amp", t.amp, list(AMP_DTYPES))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     if t.threads is not None:
         _at_least("train.threads", t.threads, 1)
@@ -419,9 +422,9 @@ def validate(cfg):
     check_compile_setting("train.compile", t.compile)
     check_compile_setting("eval.compile", e.compile)
 
-    _choice("eval.mode", e.mode, ("slide", "whole"))
-    _pair("eval.crop_size", e.crop_size)
-    _pair("eval.stride", e.stride)
+    _choice("eval.mode", e.mode, INFERENCE_MODES)
+    _size("eval.crop_size", e.crop_size, pair)
+    _size("eval.stride", e.stride, pair)
     if any(s > c for s, c in zip(e.stride, e.crop_size)):
         raise ConfigError(f"config key 'eval.stride' is {e.stride}, larger than eval.crop_size {e.crop_size}: the "
                           f"sliding windows would leave pixels uncovered; expected a stride <= the crop size")

@@ -8,10 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ops._checks import pair
 
-def _pair(value):
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
+INFERENCE_MODES = ("slide", "whole")   # eval.mode: sliding windows of eval.crop_size, or the whole image
 
 def model_logits(model, x):
     """Logits [N, K, H, W] at the size of ``x``: ``model.segment(x)`` for a plugged model (whose own outputs follow
@@ -42,8 +41,8 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
     Returns:
         logits [N, K, H, W] (float32).
     """
-    ch, cw = _pair(crop_size)
-    sh, sw = _pair(stride)
+    ch, cw = pair("crop_size", crop_size)
+    sh, sw = pair("stride", stride)
     n, _, h, w = image.shape
     # Zero-padding a small image up to the crop would make the model see a mostly-grey picture (a 64 px
     # image in a 769 crop): cut the crop to the image instead.
@@ -73,7 +72,7 @@ def forward_logits(model, image, num_classes, mode="whole", crop_size=(512, 512)
         return model_logits(model, image).float()
     if mode == "slide":
         return slide_inference(model, image, num_classes, crop_size, stride, crop_batch)
-    raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    raise ValueError(f"inference mode must be one of {list(INFERENCE_MODES)}, got {mode!r}")
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ import contextlib
 
 import torch
 
+# train.amp: autocast dtype of each choice (None: no autocast); fp16 also takes a GradScaler.
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def train_step(net, images, labels, optimizer, scaler, amp_dtype=None, accumulate=1, clip_grad=None):
     """Forward and backward ``accumulate`` equal micro-batches of the batch (``images`` [N, 3, H, W], ``labels``

@@ -29,17 +29,15 @@ from .resume import check_iterations, config_differences, fresh_groups, rederive
 from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, TrainLog, check_tensorboard, peak_memory_gib,
                         write_config, write_env)
 from .run_lock import LOCK_NAME, run_lock
-from .step import train_step
+from .step import AMP_DTYPES, train_step
 
 
 def _amp_settings(amp, device):
-    if amp == "none":
-        return None, False
-    if amp not in ("bf16", "fp16"):
-        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
-    if device.type != "cuda":
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    if AMP_DTYPES[amp] is not None and device.type != "cuda":
         raise ConfigError(f"train.amp={amp} needs a CUDA device; use train.amp=none on {device}")
-    return (torch.bfloat16 if amp == "bf16" else torch.float16), amp == "fp16"
+    return AMP_DTYPES[amp], amp == "fp16"
 
 
 class MetricsLog:
@@ -388,7 +386,6 @@ def _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info):
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "rng": _gather_rng(info), "iter": it, "best_mIoU": best,
-        "world_size": info.world_size,
-        # The sampler is a pure function of (seed, iteration): its position is the iteration.
-        "sampler": {"seed": cfg.train.seed, "iter": it, "batch_size": cfg.data.batch_size},
-        "config": cfg.to_dict()}
+        # no sampler state: the sampler is a pure function of (train.seed, iteration). (Checkpoints from before
+        # this have a "sampler" key that nothing reads.)
+        "world_size": info.world_size, "config": cfg.to_dict()}

@@ -1,9 +1,7 @@
 """``build_model``: one call from names and numbers to a CSFRN segmentor."""
 from typing import Mapping, Optional, Sequence
 
-from torch import nn
-
-from ..losses import OhemCrossEntropy
+from ..losses import Eq7Loss
 from ..nn import CSFLM
 from .backbones import build_backbone
 from .heads import HEADS, AuxHead, DeepLabV3PlusHead
@@ -19,7 +17,7 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
                 blocks: Optional[Sequence[int]] = None, channels: int = 512, aux_channels: int = 256,
                 ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
                 loss_weights: Optional[Mapping[str, float]] = None, binary: str = "lovasz", delta: float = 10.0,
-                csflm_supervision: str = "cac", fusion_init: str = "identity", ignore_index: int = 255) -> CSFRN:
+                fusion_init: str = "identity", csflm_supervision: str = "cac", ignore_index: int = 255) -> CSFRN:
     """Build a CSFRN segmentor (or, with ``csflm=False``, the plain head baseline).
 
     Args:
@@ -47,7 +45,8 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
             "random" (nn.Conv2d's default init).
         csflm_supervision: "cac" (the paper's CAC + smoothness losses) or "mask" (Table 4's "+Aux Loss" row: a
             1x1 classifier on the embeddings B, supervised by Lovasz-softmax on the class mask at B's size,
-            weighted as the CAC loss; no CAC or smoothness loss).
+            weighted as the CAC loss; no CAC or smoothness loss). See ``csfrn.losses.Eq7Loss``.
+        ignore_index: the label value of unlabelled pixels.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
@@ -61,11 +60,9 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
         decode = HEADS[head](net.out_channels, num_classes, channels)
     module = CSFLM(channels, embed_dim, fusion, margins, fusion_init) if csflm else None
     aux_head = AuxHead(net.out_channels[2], num_classes, aux_channels) if aux else None
-    seg_loss = OhemCrossEntropy(thresh, min_kept, ignore_index) if ohem else None
-    if csflm_supervision not in ("cac", "mask"):
-        raise ValueError(f"unknown csflm_supervision {csflm_supervision!r}; choose one of ['cac', 'mask']")
-    mask_head = nn.Conv2d(embed_dim, num_classes, 1) if csflm and csflm_supervision == "mask" else None
-    model = CSFRN(net, decode, module, aux_head, seg_loss, loss_weights, delta, binary, ignore_index,
-                  mask_head=mask_head)
+    criterion = Eq7Loss(num_classes, embed_dim if csflm else None, csflm_supervision, ohem=ohem, thresh=thresh,
+                        min_kept=min_kept, loss_weights=loss_weights, binary=binary, delta=delta,
+                        ignore_index=ignore_index)
+    model = CSFRN(net, decode, module, aux_head, criterion)
     model.pretrained_report = report
     return model

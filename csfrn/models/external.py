@@ -34,8 +34,8 @@ LIBRARIES = {"torchvision": "torchvision", "smp": "plug", "transformers": "plug"
 EXTERNAL_KEYS = {"library": str, "name": str, "kwargs": dict, "tap": str, "channels": int, "fusion": str,
                  "outputs": (str, int)}
 # ModelConfig keys build_external takes; the others (head, backbone, width, ...) describe csfrn's own models.
-EXTERNAL_MODEL_KEYS = ("num_classes", "embed_dim", "margins", "pretrained", "loss_weights", "binary", "delta",
-                       "ohem", "thresh", "min_kept")
+EXTERNAL_MODEL_KEYS = ("num_classes", "embed_dim", "margins", "pretrained", "fusion_init", "csflm_supervision",
+                       "loss_weights", "binary", "delta", "ohem", "thresh", "min_kept")
 
 
 def check_external(external):
@@ -157,15 +157,15 @@ def _transformers_pretrained(cls, config, path):
 
 
 def build_external(external: Mapping[str, Any], num_classes: int, embed_dim: int = 32, margins: bool = True,
-                   pretrained: Optional[str] = None, loss_weights: Optional[Mapping[str, float]] = None,
-                   binary: str = "lovasz", delta: float = 10.0, ohem: bool = False, thresh: float = 0.7,
-                   min_kept: int = 100000, ignore_index: int = 255):
+                   pretrained: Optional[str] = None, fusion_init: str = "identity", csflm_supervision: str = "cac",
+                   loss_weights: Optional[Mapping[str, float]] = None, binary: str = "lovasz", delta: float = 10.0,
+                   ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000, ignore_index: int = 255):
     """The model of ``model.external`` (see the module doc) with CSFLM plugged in: a ``CSFLMPlug``.
 
-    ``num_classes``, ``embed_dim``, ``margins``, ``loss_weights``, ``binary``, ``delta`` and OHEM (``ohem``,
-    ``thresh``, ``min_kept``) are the model config's; ``pretrained`` a local state_dict of the wrapped model.
+    ``num_classes``, ``embed_dim``, ``margins``, ``fusion_init``, ``csflm_supervision``, ``loss_weights``,
+    ``binary``, ``delta`` and OHEM (``ohem``, ``thresh``, ``min_kept``) are the model config's (``add_csflm``'s
+    options of the same names); ``pretrained`` a local state_dict of the wrapped model.
     """
-    from ..losses import OhemCrossEntropy
     check_external(external)
     try:
         model = _library_model(external["library"], external["name"], external.get("kwargs"), num_classes,
@@ -186,10 +186,10 @@ def build_external(external: Mapping[str, Any], num_classes: int, embed_dim: int
         outputs = lambda out, k=picker: out[k] if isinstance(out, Mapping) else getattr(out, k)  # noqa: E731
     else:
         outputs = None
-    seg_loss = OhemCrossEntropy(thresh, min_kept, ignore_index) if ohem else None
     plug = add_csflm(model, num_classes, fusion=external.get("fusion") or "aam", embed_dim=embed_dim,
                      tap=external.get("tap"), channels=external.get("channels"), margins=margins,
-                     loss_weights=loss_weights, seg_loss=seg_loss, delta=delta, binary=binary,
+                     fusion_init=fusion_init, csflm_supervision=csflm_supervision, loss_weights=loss_weights,
+                     ohem=ohem, thresh=thresh, min_kept=min_kept, delta=delta, binary=binary,
                      ignore_index=ignore_index, outputs=outputs)
     plug.pretrained_report = report
     return plug

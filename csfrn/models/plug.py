@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..losses import check_model_labels, class_index, pixel_cross_entropy, upsample_logits
+from ..losses import Eq7Loss
 from ..nn import CSFLM
-from .segmentor import CSFRN, set_losses
+from .segmentor import CSFRN
 
 PLUG_FUSIONS = ("concat", "aam", "loss_only")
 
@@ -150,33 +150,33 @@ class CSFLMPlug(nn.Module):
     ``plug(images)`` returns what the wrapped model returns (a tensor, torchvision's ``{"out": logits, "aux":
     ...}``, a Hugging Face ``ModelOutput``, smp's ``(mask, label)``), in train and eval mode alike;
     ``plug(images, labels)`` returns ``(outputs, losses)``, ``losses`` holding the weighted terms of Eq. 7
-    that apply, as csfrn's own models: "seg" (on the logits: ``outputs["out"]``, ``outputs.logits``,
-    ``outputs[0]``, the output itself when it is a tensor, or what ``outputs=`` picks), "aux" (on
-    ``outputs["aux"]``, in train mode, when the model has one), "cac" and "smooth" (when CSFLM runs: always with
-    "concat" / "aam", in train mode only with "loss_only"; "smooth" only with margins). Logits smaller than the
+    that apply, made by the same ``csfrn.losses.Eq7Loss`` as csfrn's own models': "seg" (on the logits:
+    ``outputs["out"]``, ``outputs.logits``, ``outputs[0]``, the output itself when it is a tensor, or what
+    ``outputs=`` picks), "aux" (on ``outputs["aux"]``, in train mode, when the model has one), "cac" and "smooth"
+    (when CSFLM runs: always with "concat" / "aam", in train mode only with "loss_only"; "smooth" only with
+    margins), or "mask" in train mode in their place (``csflm_supervision="mask"``). Logits smaller than the
     labels are upsampled (bilinear, in float32: ``csfrn.losses.upsample_logits``) for the loss. :meth:`segment`
     gives the logits at the input size (what csfrn's evaluation, prediction and export use), :meth:`predict_maps`
     CSFRN's maps. Labels are checked as ``CSFRN`` checks them (a one-line ValueError for a value outside
     [0, num_classes) that is not ``ignore_index``; not inside ``csfrn.losses.labels_checked()``).
 
     Attributes: ``model`` the wrapped model (its tapped submodule carries the hook), ``csflm`` the module,
+    ``criterion`` the ``Eq7Loss``,
     ``tap`` the tapped submodule's name, ``channels`` its input's, ``fusion``, ``outputs`` the logits picker
     or None, ``out_of_place`` the modules whose ``inplace`` was turned off, ``backbone_prefix`` the prefix of
     the wrapped model's encoder parameters (``train.head_lr_mult`` applies to the others) or None.
     """
 
-    def __init__(self, model, csflm, tap, fusion, num_classes, seg_loss=None, loss_weights=None, delta=10.0,
-                 binary="lovasz", ignore_index=255, channels=None, outputs=None):
+    def __init__(self, model, csflm, tap, fusion, criterion, channels=None, outputs=None):
         super().__init__()
         self.model = model
         self.csflm = csflm
+        self.criterion = criterion
         self.tap = tap
         self.channels = channels if channels is not None else csflm.embed.in_channels
         self.fusion = fusion
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.num_classes = criterion.num_classes
         self.outputs = outputs
-        set_losses(self, seg_loss, loss_weights, delta, binary, ignore_index)
         self._record = None        # a list while a forward collects (tapped input, CSFLM's output)
         self.out_of_place = _out_of_place(model, tap)
         backbone = _backbone_name(model)
@@ -224,13 +224,13 @@ class CSFLMPlug(nn.Module):
         if labels is None:
             return self.model(images)
         CSFRN.check_input(images)
-        if labels.shape != (images.shape[0],) + images.shape[2:]:
-            raise PlugError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
-                            f"images {list(images.shape)}, got {list(labels.shape)}")
-        labels = labels.long()
-        check_model_labels(labels, self.num_classes, self.ignore_index)   # as CSFRN.forward does
+        labels = self.criterion.prepare_labels(images, labels)
         outputs, record = self._run(images, self.training or self.fusion != "loss_only")
-        return outputs, self._losses(outputs, labels, record[1] if record else None)
+        logits, aux = self.pick(outputs)
+        if logits.shape[1] != self.num_classes:
+            raise PlugError(f"add_csflm: the model's logits have {logits.shape[1]} channels, num_classes is "
+                            f"{self.num_classes}")
+        return outputs, self.criterion(labels, logits, aux, record[1] if record else None)
 
     def pick(self, outputs):
         """(logits [N, K, h, w], aux logits or None) from the wrapped model's outputs."""
@@ -274,41 +274,28 @@ class CSFLMPlug(nn.Module):
         features = tapped if self.fusion == "loss_only" else out.features
         return {"logits": logits, "features": features, "embeddings": out.embeddings, "margins": out.margins}
 
-    def _losses(self, outputs, labels, out):
-        w = self.loss_weights
-        logits, aux = self.pick(outputs)
-        if logits.shape[1] != self.num_classes:
-            raise PlugError(f"add_csflm: the model's logits have {logits.shape[1]} channels, num_classes is "
-                            f"{self.num_classes}")
-        losses = {"seg": w["seg"] * self.seg_loss(self._resize(logits, labels), labels)}
-        if aux is not None and self.training:
-            losses["aux"] = w["aux"] * pixel_cross_entropy(self._resize(aux, labels), labels, self.ignore_index)
-        if out is not None:
-            index = class_index(labels, out.embeddings.shape[2:], self.ignore_index, self.num_classes)
-            losses["cac"] = w["cac"] * self.cac_loss(out.embeddings, out.margins, index)
-            if out.margins is not None:
-                losses["smooth"] = w["smooth"] * self.smooth_loss(out.margins, index)
-        return losses
-
-    @staticmethod
-    def _resize(logits, labels):
-        return upsample_logits(logits, labels.shape[1:])
-
     def extra_repr(self):
         return f"tap={self.tap!r}, fusion={self.fusion!r}, num_classes={self.num_classes}"
 
 
 def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim: int = 32, *,
               tap: Union[None, str, nn.Module, Callable[[nn.Module], nn.Module]] = None,
-              channels: Optional[int] = None, margins: bool = True,
-              loss_weights: Optional[Mapping[str, float]] = None, seg_loss: Optional[nn.Module] = None,
+              channels: Optional[int] = None, margins: bool = True, fusion_init: str = "identity",
+              csflm_supervision: str = "cac", loss_weights: Optional[Mapping[str, float]] = None,
+              seg_loss: Optional[nn.Module] = None, ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
               delta: float = 10.0, binary: str = "lovasz", ignore_index: int = 255,
               outputs: Optional[Callable[[Any], "torch.Tensor"]] = None) -> "CSFLMPlug":
     """Plug CSFLM into a segmentation model; returns a ``CSFLMPlug`` wrapping ``model``.
 
     ``model`` is modified in place (a forward pre-hook on the tapped submodule) and becomes ``plug.model``:
-    keep using the returned module. Its state_dict keys are ``model.<the wrapped model's keys>`` and
-    ``csflm.*``; load pretrained weights into ``model`` before plugging.
+    keep using the returned module. Its state_dict keys are ``model.<the wrapped model's keys>``, ``csflm.*``
+    and, with ``csflm_supervision="mask"``, ``criterion.mask_head.*``; load pretrained weights into ``model``
+    before plugging.
+
+    The losses are those of :func:`csfrn.models.build_model`'s models (``csfrn.losses.Eq7Loss``), with the same
+    options (``margins``, ``fusion_init``, ``csflm_supervision``, ``loss_weights``, OHEM, ``binary``, ``delta``,
+    ``ignore_index``); the wrapped model's own auxiliary output, when it has one, takes the place of the
+    auxiliary head.
 
     The tapped input is checked at every pass (a 4-D map with ``channels`` channels, else a one-line error
     naming the tap and the shape it got). An in-place module at the tap or right after it in its
@@ -331,9 +318,15 @@ def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim
             replaced by CSFLM's output (same shape).
         channels: channels of the tapped input (default: the tapped module's ``in_channels``).
         margins: learn class margins (False: fixed margin 0, no smooth loss).
+        fusion_init: "identity" (the fusion starts as the identity on the tapped features) or "random"
+            (nn.Conv2d's default init); no fusion layers with "loss_only".
+        csflm_supervision: "cac" (the CAC + smoothness losses) or "mask" (Table 4's "+Aux Loss": a 1x1 classifier
+            on the embeddings B, Lovasz-softmax on the class mask at B's size, weighted as the CAC loss).
         loss_weights: overrides of {"seg": 1.0, "aux": 0.4, "cac": 0.2, "smooth": 0.2}.
-        seg_loss: loss on the logits (default cross-entropy with ``ignore_index``).
+        seg_loss: loss on the logits (default cross-entropy with ``ignore_index``, or OHEM cross-entropy with
+            ``ohem``, ``thresh``, ``min_kept``, as ``build_model``'s).
         delta, binary: the CAC loss's margin temperature and binary loss ("lovasz" or "bce").
+        ignore_index: the label value of unlabelled pixels.
         outputs: a callable picking the logits [N, K, h, w] from the model's outputs, for outputs other than a
             tensor, torchvision's dict, a ``ModelOutput`` with ``.logits`` or a tuple / list led by the logits.
     """
@@ -342,13 +335,16 @@ def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim
     if not isinstance(model, nn.Module):
         raise PlugTypeError(f"add_csflm: model must be an nn.Module, got {type(model).__name__}")
     name, channels = _resolve_tap(model, tap, channels)
-    csflm = CSFLM(channels, embed_dim, None if fusion == "loss_only" else fusion, margins)
+    csflm = CSFLM(channels, embed_dim, None if fusion == "loss_only" else fusion, margins, fusion_init)
+    criterion = Eq7Loss(num_classes, embed_dim, csflm_supervision, seg_loss, ohem=ohem, thresh=thresh,
+                        min_kept=min_kept, loss_weights=loss_weights, binary=binary, delta=delta,
+                        ignore_index=ignore_index)
     param = next(model.parameters(), None)
     if param is not None:
         csflm.to(device=param.device, dtype=param.dtype)
+        criterion.to(device=param.device, dtype=param.dtype)   # the mask head, with "mask"
     if outputs is not None and not callable(outputs):
         raise PlugTypeError(f"add_csflm: outputs must be a callable picking the logits from the model's output, got "
                             f"{type(outputs).__name__}")
-    plug = CSFLMPlug(model, csflm, name, fusion, num_classes, seg_loss, loss_weights, delta, binary, ignore_index,
-                     channels, outputs)
+    plug = CSFLMPlug(model, csflm, name, fusion, criterion, channels, outputs)
     return plug.train(model.training)

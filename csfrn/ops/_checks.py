@@ -73,16 +73,20 @@ def check_label_values(labels, num_classes, ignore_index):
 
 
 # ---------------------------------------------------------------- deformable convolution
-def pair(name, value):
-    """An int or a pair of ints -> a list of two ints (stride / padding / dilation)."""
-    if isinstance(value, int):
-        return [value, value]
-    try:
-        vals = [int(v) for v in value]
-    except TypeError:
-        vals = None
-    if vals is None or len(vals) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+def pair(name, value, minimum=None, error=ValueError, expected="an int or a pair of ints"):
+    """An int or a pair of ints -> a list of two ints (stride / padding / dilation here; sizes and strides in
+    (height, width) elsewhere in csfrn). Anything else, or a value below ``minimum``, raises ``error`` (a
+    ``csfrn.errors.UserError`` for what a user typed) naming ``name`` and saying what was ``expected``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        vals = [value, value]
+    else:
+        try:
+            vals = [int(v) for v in value]
+        except (TypeError, ValueError):
+            vals = None
+    if vals is None or len(vals) != 2 or (minimum is not None and min(vals) < minimum):
+        least = "" if minimum is None else f" >= {minimum}"
+        raise error(f"{name} must be {expected}{least}, got {value!r}")
     return vals
 
 

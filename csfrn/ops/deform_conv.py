@@ -14,10 +14,6 @@ from ._switch import reference_enabled
 IntPair = Union[int, Tuple[int, int]]   # one value for both sides, or (height, width)
 
 
-def _pairs(stride, padding, dilation):
-    return _checks.pair("stride", stride), _checks.pair("padding", padding), _checks.pair("dilation", dilation)
-
-
 # The arguments that carry sampling positions: float32 under CUDA autocast.
 COORDS = ("offset", "mask")
 
@@ -65,7 +61,8 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
         [N, C_out, H_out, W_out]. Differentiable with respect to input, offset, weight, bias and mask; only
         the gradients asked for are computed.
     """
-    stride, padding, dilation = _pairs(stride, padding, dilation)
+    stride, padding, dilation = (_checks.pair(k, v) for k, v in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
     if reference_enabled():
         return _twin_under_autocast(reference.deform_conv2d, input.device.type,
                                     dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask),
@@ -92,7 +89,8 @@ def dual_deform_conv2d(x: Tensor, y: Tensor, offset: Tensor, weight_x: Tensor, w
     Returns:
         (out_x [N, C_out_x, H_out, W_out], out_y [N, C_out_y, H_out, W_out]).
     """
-    stride, padding, dilation = _pairs(stride, padding, dilation)
+    stride, padding, dilation = (_checks.pair(k, v) for k, v in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
     if reference_enabled():
         return _twin_under_autocast(reference.dual_deform_conv2d, x.device.type,
                                     dict(x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x,
