@@ -82,7 +82,7 @@ def test_flops_uses_the_config(capsys):
            "+CSFLM(aam, D=8) @ 64x64" in out and "GFLOPs" in out
 
 
-def test_bench_ops_is_bench_what_ops(monkeypatch, capsys):
+def test_bench_what_ops_takes_only_its_own_options(monkeypatch, capsys):
     calls = []
 
     def fake_main(argv, parser):
@@ -90,12 +90,17 @@ def test_bench_ops_is_bench_what_ops(monkeypatch, capsys):
         parser.add_argument("--quick", action="store_true")
         return parser.parse_args(argv)
     monkeypatch.setitem(sys.modules, "csfrn.bench.ops", types.SimpleNamespace(main=fake_main, __doc__="ops"))
-    assert cli.main(["bench-ops", "--quick"]) == 0
     assert cli.main(["bench", "--what", "ops", "--quick"]) == 0
-    assert calls == [["--quick"], ["--quick"]]
-    assert cli.main(["bench-ops", "--reps", "3"]) == 2
+    assert calls == [["--quick"]]
+    assert cli.main(["bench", "--what", "ops", "--reps", "3"]) == 2
     assert capsys.readouterr().err.strip() == \
         "csfrn bench: error: unrecognized arguments: --reps 3 (see csfrn bench --what ops --help)"
+    with pytest.raises(SystemExit):                                    # the bench-ops alias is gone
+        cli.main(["bench-ops", "--quick"])
+    assert "invalid choice: 'bench-ops'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                    # other verbs take no extra options
+        cli.main(["config", "--quick"])
+    assert "unrecognized arguments: --quick" in capsys.readouterr().err
 
 
 def test_bench_dispatches_by_what(monkeypatch):

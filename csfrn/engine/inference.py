@@ -8,16 +8,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..models.plug import model_logits
+
 
 def _pair(value):
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-def model_logits(model, x):
-    """Logits [N, K, H, W] at the size of ``x``: ``model.segment(x)`` for a plugged model (whose own outputs follow
-    the wrapped model's convention), else ``model(x)``."""
-    segment = getattr(model, "segment", None)
-    return segment(x) if callable(segment) else model(x)
 
 
 def _windows(length, crop, stride):

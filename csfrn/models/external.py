@@ -28,6 +28,8 @@ import torch
 
 from ..errors import ConfigError
 from ..extras import require
+from ..losses import OhemCrossEntropy
+from .backbones import LoadReport
 from .plug import PLUG_FUSIONS, add_csflm
 
 LIBRARIES = {"torchvision": "torchvision", "smp": "plug", "transformers": "plug", "timm": "timm"}
@@ -74,7 +76,7 @@ def _library_model(library, name, kwargs, num_classes, pretrained=None):
     kwargs = dict(kwargs or {})
     what = f"model.external {library}:{name}"
     if library == "torchvision":
-        from torchvision.models import get_model, list_models, segmentation
+        from torchvision.models import get_model, list_models, segmentation   # here: only this library needs it
         names = list_models(module=segmentation)
         if name not in names:
             raise ConfigError(f"config key 'model.external.name' is {name!r}: not one of torchvision's segmentation "
@@ -124,7 +126,6 @@ def _read_state(path):
 def load_external_weights(model, path):
     """Load a local checkpoint into the wrapped model: tensors whose shape differs (a classifier for another
     class count) are skipped, missing / unexpected keys are warned about. Returns a ``LoadReport``."""
-    from .backbones import LoadReport
     state = _read_state(path)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -165,7 +166,6 @@ def build_external(external: Mapping[str, Any], num_classes: int, embed_dim: int
     ``num_classes``, ``embed_dim``, ``margins``, ``loss_weights``, ``binary``, ``delta`` and OHEM (``ohem``,
     ``thresh``, ``min_kept``) are the model config's; ``pretrained`` a local state_dict of the wrapped model.
     """
-    from ..losses import OhemCrossEntropy
     check_external(external)
     try:
         model = _library_model(external["library"], external["name"], external.get("kwargs"), num_classes,
