@@ -103,6 +103,21 @@ def test_bench_what_ops_takes_only_its_own_options(monkeypatch, capsys):
     assert "unrecognized arguments: --quick" in capsys.readouterr().err
 
 
+def test_every_verb_is_a_commands_module_with_the_same_shape():
+    """csfrn.commands holds one module per verb (and _common); each gives its parser options, examples, its
+    arguments and run(args), and cli.main dispatches to that run."""
+    import importlib
+    import pkgutil
+
+    from csfrn import commands
+    found = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
+    assert found == set(commands.VERBS)
+    for name in commands.VERBS:
+        module = importlib.import_module(f"csfrn.commands.{name}")
+        assert module.PARSER["help"] and module.EXAMPLES, name
+        assert callable(module.add_arguments) and callable(module.run), name
+
+
 def test_bench_dispatches_by_what(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "csfrn.bench.train_step",

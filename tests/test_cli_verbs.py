@@ -117,7 +117,8 @@ def test_bench_rejects_options_its_benchmark_does_not_take():
 def test_bench_ops_writes_only_under_out(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    result = csfrn("bench", "--what", "ops", "--quick", "--reps", "1", "--device", "cpu", "--out", tmp_path / "res", cwd=cwd)
+    result = csfrn("bench", "--what", "ops", "--quick", "--reps", "1", "--device", "cpu", "--out", tmp_path / "res",
+                   cwd=cwd)
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "res" / "class_ops-cpu.json").read_text())
     assert {r["op"] for r in saved["rows"]} == {"class_avg_pool", "center_distance"}
