@@ -1,7 +1,6 @@
 """``csfrn config``: the config that ``--config`` and ``--set`` resolve to, every key, as YAML."""
 import sys
 
-from ..engine.run_files import config_yaml
 from ._common import add_config_options, config
 
 PARSER = {"help": "print the resolved config (every key) as YAML",
@@ -15,5 +14,6 @@ def add_arguments(parser):
 
 
 def run(args):
+    from ..engine.run_files import config_yaml   # here, not at the top: csfrn --help stays quick
     sys.stdout.write(config_yaml(config(args)))
     return 0

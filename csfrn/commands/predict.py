@@ -3,8 +3,6 @@ checkpoint or from a model exported by ``csfrn export`` (.onnx run by onnxruntim
 import os
 import sys
 
-from tqdm import tqdm
-
 from ..engine.config import load_config
 from ..engine.outputs import refuse_or_remove, writable_dir
 from ..errors import ConfigError, UnreadableFileError
@@ -29,6 +27,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    from tqdm import tqdm   # here, not at the top: csfrn --help stays quick
     writable_dir(args.out, "--out")
     written, failed, total = predict_files(
         args.input, args.out, args.checkpoint, args.model, args.config, args.overrides, args.cityscapes_ids,

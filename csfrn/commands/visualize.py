@@ -1,8 +1,6 @@
 """``csfrn visualize``: the paper's Figure 3 (phi-distance maps of query pixels) of a checkpoint's model."""
 import os
 
-from PIL import Image
-
 from ..engine.outputs import refuse_or_remove, writable_file
 from ..errors import UsageError
 from ._common import add_config_options, add_overwrite
@@ -39,6 +37,7 @@ def parse_points(values):
 def picture_path(out):
     """--out of visualize: a PNG file, or a folder (existing, ending in /, or without an extension) that gets
     figure3.png."""
+    from PIL import Image   # here, not at the top: csfrn --help stays quick
     if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
         out = os.path.join(out, "figure3.png")
     if os.path.splitext(out)[1].lower() not in Image.registered_extensions():

@@ -16,10 +16,7 @@ import math
 import os
 import time
 
-from tqdm import tqdm
-
 from ..errors import ConfigError, TrainingDivergedError, TrainingInterrupted
-from ..plotting import ablation_chart, pyplot
 from .config import load_config
 
 # What a study writes into its folder (``--overwrite`` removes them all).
@@ -197,6 +194,10 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
     if not seed_list:
         raise ConfigError("--seeds must be at least 1")
     base = load_config(config, overrides)   # bad keys are reported before any work
+    # here, not at the top: csfrn ablate --help reads this module, and stays quick
+    from tqdm import tqdm
+
+    from ..plotting import pyplot
     pyplot()                                # and a missing matplotlib (ablation.png) too
     if split == base.data.val_split:
         log(f"note: reporting on {split}, the split that training evaluates on (data.val_split): it is not "
@@ -317,5 +318,6 @@ def format_ablation(summary):
 def plot_ablation(summary, path):
     """PNG (matplotlib): per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the 95%
     t-interval of the mean; under each name the paired difference to the baseline and its interval."""
+    from ..plotting import ablation_chart   # here, not at the top: as in ablate()
     intervals = {name: t_interval(list(e["mIoU"].values())) for name, e in summary["variants"].items()}
     return ablation_chart(summary, intervals, path)
