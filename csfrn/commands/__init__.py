@@ -3,7 +3,8 @@
 Each module has ``PARSER`` (the keyword arguments of its sub-parser: ``help``, the line in ``csfrn --help``, and
 ``description``), ``EXAMPLES`` (the lines at the end of its ``--help``), ``add_arguments(parser)`` (its options)
 and ``run(args)`` (runs the verb, returns the exit status). The glue of a verb (checkpoint -> model -> files)
-lives in its module too, e.g. :func:`csfrn.commands.eval.evaluate_checkpoint`.
+lives in its module too, e.g. :func:`csfrn.commands.eval.evaluate_checkpoint`. A new verb is a new module with
+those four names, and its name in :data:`VERBS`.
 
 :mod:`csfrn.cli` builds every verb's parser for each command line, so a verb module imports at its top only
 what is light (argparse, the config tree, :mod:`csfrn.errors`, :mod:`csfrn.engine.outputs`); the library that
