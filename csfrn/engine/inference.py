@@ -1,7 +1,8 @@
 """Inference on normalised images: whole image, sliding window, multi-scale and flip.
 
 All functions take a model in eval mode whose ``model(x)`` returns logits [N, K, h, w] at the size of ``x``, or a
-model plugged with CSFLM (``csfrn.models.CSFLMPlug``), whose ``segment(x)`` gives them (:func:`model_logits`).
+model plugged with CSFLM (``csfrn.models.CSFLMPlug``), whose ``segment(x)`` gives them
+(:func:`csfrn.models.plug.model_logits`).
 """
 import math
 
