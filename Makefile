@@ -30,10 +30,11 @@ $(VENV)/.deps: requirements.txt | $(PY)
 	touch $@
 
 # The package with its optional dependencies, which the tests need: deploy (onnx, onnxruntime, onnxscript), plot
-# (matplotlib: every chart), timm (timm backbones) and plug (smp, transformers: other libraries' models with CSFLM);
-# install_requires are already there from the requirements, so pip only adds the extras.
+# (matplotlib: every chart), timm (timm backbones), plug (smp, transformers: other libraries' models with CSFLM) and
+# dev (import-linter, for .ci/run); install_requires are already there from the requirements, so pip only adds the
+# extras.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation -e ".[deploy,plot,timm,plug]"
+	$(PY) -m pip install --no-build-isolation -e ".[deploy,plot,timm,plug,dev]"
 	touch $@
 
 demo: setup

@@ -114,6 +114,8 @@ PLOT_REQUIREMENTS = ["matplotlib>=3.8"]
 # builds its encoders with timm).
 TIMM_REQUIREMENTS = ["timm>=1.0", "safetensors"]
 PLUG_REQUIREMENTS = ["segmentation-models-pytorch>=0.4", "transformers>=4.40"] + TIMM_REQUIREMENTS
+# pip install -e .[dev]: the checks of .ci/run beyond the tests (lint-imports: the floors contract in .importlinter).
+DEV_REQUIREMENTS = ["import-linter>=2.1"]
 
 setup(
     name="csfrn",
@@ -126,7 +128,7 @@ setup(
     packages=find_packages(include=["csfrn", "csfrn.*"]),
     install_requires=_requirements(),
     extras_require={"deploy": DEPLOY_REQUIREMENTS, "plot": PLOT_REQUIREMENTS, "timm": TIMM_REQUIREMENTS,
-                    "plug": PLUG_REQUIREMENTS},
+                    "plug": PLUG_REQUIREMENTS, "dev": DEV_REQUIREMENTS},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["csfrn = csfrn.cli:main"]},

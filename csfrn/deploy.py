@@ -11,17 +11,21 @@ convolutions are emitted as the standard ONNX ``DeformConv`` (opset 19): ``csfrn
 ``csfrn::dual_deform_conv2d`` as two nodes sharing the offset (and mask) input. The translation goes through a
 custom translation table of the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, onnxscript).
 
-The optional dependencies come with ``pip install -e .[deploy]``.
+The optional dependencies come with ``pip install -e .[deploy]``. The commands on top of this module are
+``csfrn export`` (:func:`csfrn.commands.export.export_from_checkpoint`) and ``csfrn predict --model``
+(:func:`csfrn.commands.predict.exported_model_and_config`).
 """
+import importlib
 import json
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers torch.ops.csfrn.*)
-from .engine.inference import model_logits
 from .errors import ConfigError, UnreadableFileError, UserError
 from .ops._checks import pair
+from .models.plug import model_logits
 
 # The first onnxruntime release whose CPU execution provider implements DeformConv (opset 19).
 ORT_DEFORMCONV_VERSION = "1.25.0"   # 1.24.4 has none (microsoft/onnxruntime#27393)
@@ -34,7 +38,6 @@ class DeployDependencyError(UserError, ImportError):
 
 
 def _require(name):
-    import importlib
     try:
         return importlib.import_module(name)
     except ImportError as err:
@@ -46,6 +49,23 @@ def _require(name):
 def _size(name, size):
     """(H, W) from an int or two ints; a ConfigError naming ``name`` otherwise."""
     return tuple(pair(name, size, minimum=1, error=ConfigError, expected="H W (one or two integers)"))
+
+
+def image_size(name, size):
+    """``size`` (an int, or H and W) as (H, W) of positive ints, or a ConfigError naming ``name``."""
+    return _size(name, size)
+
+
+def require_onnx(runtime=True):
+    """onnx and onnxscript (and with ``runtime`` onnxruntime) importable, or a :class:`DeployDependencyError`
+    naming the deploy extra: what an ONNX export (and its check) needs, said before any work."""
+    for name in ("onnx", "onnxscript") + (("onnxruntime",) if runtime else ()):
+        _require(name)
+
+
+def load_onnx(path):
+    """The ModelProto in ``path`` (onnx.load)."""
+    return _require("onnx").load(path)
 
 
 class _Inference(torch.nn.Module):
@@ -91,7 +111,7 @@ def _deform_attrs(input, offset, weight, stride, padding, dilation):
 
 
 def _translation_table(dynamic=False):
-    from onnxscript import opset19 as op
+    from onnxscript import opset19 as op   # here: onnxscript is optional (the deploy extra)
 
     def deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation):
         return op.DeformConv(input, weight, offset, bias, mask,
@@ -309,7 +329,6 @@ class OnnxModel:
         return self.session.run(None, {self.input_name: images})[0]
 
     def __call__(self, images):
-        import torch.nn.functional as F
         size = tuple(images.shape[2:])
         x = images.float().cpu()
         if self.fixed_size is not None and size != self.fixed_size:
@@ -350,98 +369,3 @@ def check_program(model, path, sizes, batch=1):
     """Max abs difference between ``torch.export.load(path)`` and ``model`` on random images of each size."""
     loaded = torch.export.load(path).module()
     return _max_diff(model, loaded, sizes, batch)
-
-
-# ---------------------------------------------------------------- the CLI's entry points
-TOLERANCE = 1e-4
-
-
-def check_sizes(size, dynamic):
-    """The input sizes an export is checked at: its own, and for a dynamic export a second, different one."""
-    h, w = size
-    return [(h, w), (h + 32, w + 64)] if dynamic else [(h, w)]
-
-
-def export_from_checkpoint(checkpoint, out, size, opset=19, dynamic=False, check=True, overwrite=False,
-                           config=None, overrides=None, stream=None):
-    """``csfrn export``: the checkpoint's model exported to ``out`` (.onnx or .pt2) and, unless ``check`` is
-    False, compared with PyTorch on random images (batch 2 when dynamic). Returns the exit status: 0, or 1 when
-    the exported model differs from PyTorch by more than 1e-4."""
-    import sys
-    import time
-
-    from .engine.checkpoint import load_model_from_checkpoint
-    from .errors import OutputExistsError
-    stream = stream or sys.stdout
-    kind = os.path.splitext(out)[1].lower()
-    if kind not in (".onnx", ".pt2"):
-        raise ConfigError(f"--out {out}: the file name must end in .onnx (ONNX) or .pt2 (torch.export)")
-    if os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a directory; give a file name ending in {kind}")
-    if os.path.exists(out) and not overwrite:
-        raise OutputExistsError(f"--out {out} exists; add --overwrite to replace it")
-    size = _size("--size", size)
-    if kind == ".onnx":
-        for name in ("onnx", "onnxscript", "onnxruntime" if check else "onnx"):
-            _require(name)
-    model, cfg = load_model_from_checkpoint(checkpoint, config=config, overrides=overrides)
-    start = time.perf_counter()
-    if kind == ".onnx":
-        export_onnx(model, out, size, opset=opset, dynamic=dynamic, config=cfg)
-        counts = op_types(_require("onnx").load(out))
-        what = f"ONNX opset {opset}, {counts.get('DeformConv', 0)} DeformConv nodes"
-    else:
-        export_program(model, out, size, dynamic=dynamic, config=cfg)
-        what = "torch.export program"
-    shape = "dynamic batch, height and width" if dynamic else f"input 1x3x{size[0]}x{size[1]}"
-    print(f"csfrn export: wrote {out} ({what}, {shape}) in {time.perf_counter() - start:.1f} s", file=stream)
-    if not check:
-        return 0
-    sizes = check_sizes(size, dynamic)
-    batch = 2 if dynamic else 1
-    diff = (check_onnx if kind == ".onnx" else check_program)(model, out, sizes, batch=batch)
-    runner = "onnxruntime" if kind == ".onnx" else "torch.export.load"
-    at = ", ".join(f"{b}x3x{h}x{w}" for (h, w), b in zip(sizes, [batch] * len(sizes)))
-    ok = diff <= TOLERANCE
-    print(f"csfrn export: {runner} vs PyTorch on random images ({at}): max abs difference {diff:.2e} "
-          f"({'within' if ok else 'OVER'} {TOLERANCE:g})", file=stream if ok else sys.stderr)
-    return 0 if ok else 1
-
-
-def exported_model_and_config(path, config=None, overrides=None):
-    """``csfrn predict --model FILE``: :func:`onnx_model_and_config` for .onnx, a :class:`ProgramModel` and its
-    stored config for .pt2; any other suffix is an error naming the supported ones."""
-    kind = os.path.splitext(path)[1].lower()
-    if kind == ".onnx":
-        return onnx_model_and_config(path, config, overrides)
-    if kind != ".pt2":
-        raise ConfigError(f"--model {path}: unsupported file type {kind or '(no suffix)'}; expected an exported "
-                          f"model ending in {' or '.join(EXPORT_SUFFIXES)} (csfrn export)")
-    from .engine.config import load_config
-    model = ProgramModel(path)
-    if model.config is None and config is None:
-        raise UnreadableFileError(f"{path}: no csfrn config stored in it (exported before configs were stored); "
-                                  f"give --config with its model.num_classes, or export it again with csfrn export")
-    base = dict(model.config or {})
-    base["train"] = {**base.get("train", {}), "device": "cpu"}
-    return model, load_config(config, overrides, base=base)
-
-
-def onnx_model_and_config(path, config=None, overrides=None):
-    """``csfrn predict --model FILE.onnx``: (OnnxModel, Config). The config is the one stored at export (or the
-    defaults with the file's class count), with ``config`` and ``overrides`` layered on top; device cpu."""
-    from .engine.config import load_config
-    model = OnnxModel(path)
-    saved = model.config
-    if saved is None:
-        if model.num_classes is None:
-            raise UnreadableFileError(f"{path}: no csfrn config in its metadata and no static class count in its "
-                                      f"output; export it with csfrn export")
-        saved = {"model": {"num_classes": int(model.num_classes)}}
-    base = dict(saved)
-    base["train"] = {**base.get("train", {}), "device": "cpu"}
-    cfg = load_config(config, overrides, base=base)
-    if model.num_classes is not None and int(model.num_classes) != cfg.model.num_classes:
-        raise ConfigError(f"{path} outputs {model.num_classes} classes, the config says model.num_classes="
-                          f"{cfg.model.num_classes}")
-    return model, cfg

@@ -9,6 +9,7 @@ import math
 import os
 
 import numpy as np
+from PIL import Image
 
 from .errors import MissingDependencyError
 
@@ -20,19 +21,17 @@ DPI = 100
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra to install."""
     try:
-        import matplotlib
+        import matplotlib   # optional (the plot extra): imported by the charts that need it
     except ImportError:
         raise MissingDependencyError("drawing charts needs matplotlib, which is not installed: "
                                      "pip install 'csfrn[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # optional, as above
     return plt
 
 
 def _save(fig, path):
     """Write the figure as a 256-colour PNG (a fraction of the size of matplotlib's RGBA, the same look for charts)."""
-    from PIL import Image
-
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.canvas.draw()
     rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
@@ -128,7 +127,7 @@ def mask_picture(image, label, palette, classes, path, title="", alpha=0.5, igno
     """The image beside the image with its mask blended in the dataset's palette (ignored pixels left
     unblended), and a legend of the classes present. ``image`` uint8 [H, W, 3], ``label`` [H, W] class ids."""
     plt = pyplot()
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch   # optional (the plot extra)
 
     image = np.asarray(image, dtype=np.uint8)
     label = np.asarray(label)
@@ -224,7 +223,7 @@ def _fmt_ms(v):
 def _image_box(artist, renderer, height):
     """A text's bounding box (an annotation's text alone, not its line) in the saved PNG's pixels
     (x0, y0, x1, y1), y down from the top."""
-    from matplotlib.text import Text
+    from matplotlib.text import Text   # optional (the plot extra)
     b = Text.get_window_extent(artist, renderer)
     return (b.x0, height - b.y1, b.x1, height - b.y0)
 

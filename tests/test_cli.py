@@ -94,7 +94,7 @@ def test_flops_uses_the_config(capsys):
            "+CSFLM(aam, D=8) @ 64x64" in out and "GFLOPs" in out
 
 
-def test_bench_ops_is_bench_what_ops(monkeypatch, capsys):
+def test_bench_what_ops_takes_only_its_own_options(monkeypatch, capsys):
     calls = []
 
     def fake_main(argv, parser):
@@ -102,12 +102,32 @@ def test_bench_ops_is_bench_what_ops(monkeypatch, capsys):
         parser.add_argument("--quick", action="store_true")
         return parser.parse_args(argv)
     monkeypatch.setitem(sys.modules, "csfrn.bench.ops", types.SimpleNamespace(main=fake_main, __doc__="ops"))
-    assert cli.main(["bench-ops", "--quick"]) == 0
     assert cli.main(["bench", "--what", "ops", "--quick"]) == 0
-    assert calls == [["--quick"], ["--quick"]]
-    assert cli.main(["bench-ops", "--reps", "3"]) == 2
+    assert calls == [["--quick"]]
+    assert cli.main(["bench", "--what", "ops", "--reps", "3"]) == 2
     assert capsys.readouterr().err.strip() == \
         "csfrn bench: error: unrecognized arguments: --reps 3 (see csfrn bench --what ops --help)"
+    with pytest.raises(SystemExit):                                    # the bench-ops alias is gone
+        cli.main(["bench-ops", "--quick"])
+    assert "invalid choice: 'bench-ops'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                    # other verbs take no extra options
+        cli.main(["config", "--quick"])
+    assert "unrecognized arguments: --quick" in capsys.readouterr().err
+
+
+def test_every_verb_is_a_commands_module_with_the_same_shape():
+    """csfrn.commands holds one module per verb (and _common); each gives its parser options, examples, its
+    arguments and run(args), and cli.main dispatches to that run."""
+    import importlib
+    import pkgutil
+
+    from csfrn import commands
+    found = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
+    assert found == set(commands.VERBS)
+    for name in commands.VERBS:
+        module = importlib.import_module(f"csfrn.commands.{name}")
+        assert module.PARSER["help"] and module.EXAMPLES, name
+        assert callable(module.add_arguments) and callable(module.run), name
 
 
 def test_bench_dispatches_by_what(monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from csfrn import cli
+from csfrn.commands import eval as eval_verb, train as train_verb
 from csfrn.data import FolderDataset
 from csfrn.engine.config import Config, check_training, load_config
 from csfrn.errors import ConfigError, DataError, UserError
@@ -244,10 +245,10 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_bugs_keep_their_traceback(monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(cli, "_train", broken)
+    monkeypatch.setattr(train_verb, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["train"])
-    monkeypatch.setattr(cli, "_eval", lambda *args: (_ for _ in ()).throw(ConfigError("config key 'x' is bad")))
+    monkeypatch.setattr(eval_verb, "run", lambda *args: (_ for _ in ()).throw(ConfigError("config key 'x' is bad")))
     assert cli.main(["eval", "--checkpoint", __file__]) == 2
     assert capsys.readouterr().err == "csfrn eval: error: config key 'x' is bad\n"
 

@@ -110,14 +110,15 @@ def test_bench_rejects_options_its_benchmark_does_not_take():
     assert_one_line_error(csfrn("bench", "--what", "ops", "--twin-reps", "3"), "bench",
                           "unrecognized arguments: --twin-reps 3", "--what ops --help")
     assert_one_line_error(csfrn("bench", "--what", "train", "--config", DEMO), "bench", "--config")
-    assert_one_line_error(csfrn("bench-ops", "--shape", "1,2"), "bench", "--shape")
+    assert_one_line_error(csfrn("bench", "--what", "ops", "--shape", "1,2"), "bench", "--shape")
     assert_one_line_error(csfrn("bench", "--what", "report", "--quick"), "bench", "--out")
 
 
-def test_bench_ops_alias_writes_only_under_out(tmp_path):
+def test_bench_ops_writes_only_under_out(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    result = csfrn("bench-ops", "--quick", "--reps", "1", "--device", "cpu", "--out", tmp_path / "res", cwd=cwd)
+    result = csfrn("bench", "--what", "ops", "--quick", "--reps", "1", "--device", "cpu", "--out", tmp_path / "res",
+                   cwd=cwd)
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "res" / "class_ops-cpu.json").read_text())
     assert {r["op"] for r in saved["rows"]} == {"class_avg_pool", "center_distance"}

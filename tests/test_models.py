@@ -268,10 +268,10 @@ def test_table3_embedding_widths(embed_dim, gflops):
 
 
 def test_flops_cli(capsys):
-    from csfrn.models.complexity import main
-    counts = main(["--head", "psp", "--backbone", "resnet50c", "--size", "512", "--no-csflm"])
+    from csfrn import cli
+    assert cli.main(["flops", "--head", "psp", "--backbone", "resnet50c", "--size", "512", "--no-csflm"]) == 0
     out = capsys.readouterr().out
-    assert "params 48.98 M" in out and "GFLOPs 178.48" in out
-    assert counts["params"] == _count(head="psp", csflm=False)["params"]
-    main(["--head", "fcn", "--fusion", "concat"])
+    assert out.startswith("psp resnet50c @ 512x512: ") and "params 48.98 M" in out and "GFLOPs 178.48" in out
+    assert f"params {_count(head='psp', csflm=False)['params'] / 1e6:.2f} M" in out
+    assert cli.main(["flops", "--head", "fcn", "--fusion", "concat"]) == 0
     assert "params 40.36 M, GFLOPs 160.28" in capsys.readouterr().out

@@ -209,7 +209,7 @@ def test_engine_trains_and_evaluates_a_plugged_torchvision_model(tmp_path):
 
 def test_flops_counts_an_external_model(capsys):
     import dataclasses
-    from csfrn.models.complexity import count_model
+    from csfrn.commands.flops import count_model
     cfg = load_config(None, ["model.num_classes=4", "model.embed_dim=8",
                              "model.external={library: smp, name: Unet, kwargs: {encoder_name: resnet18}}"])
     c = count_model(dataclasses.asdict(cfg.model), (32, 32))

@@ -336,8 +336,6 @@ def test_version_and_help():
     verbs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     listed = text.splitlines()
     for name, sub in verbs.choices.items():
-        if name == "bench-ops":
-            continue
         line = next(i for i, line in enumerate(listed) if line.startswith(f"  {name} "))
         assert not listed[line + 1].startswith("        "), f"{name}'s help takes more than one line"
         assert "example" in sub.format_help() and f"csfrn {name}" in sub.format_help(), name

@@ -1,1 +1,1 @@
-"""Benchmarks importable from the installed package (``csfrn bench-ops``); scripts in benchmarks/ call these."""
+"""Benchmarks importable from the installed package (``csfrn bench --what X``); scripts in benchmarks/ call these."""

@@ -26,8 +26,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
+from .. import ops
 from ..engine.step import AMP_DTYPES
+from ..ops import reference
 from . import deform_plan
 from .timing import cpu_ceilings, device_name, measure, table, write_json
 
@@ -105,10 +108,6 @@ def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, bat
     """Returns one row per (case, mode, implementation): median / min / max ms, peak MiB and the output dtype.
     ``amp``: None (float32) or a dtype to run every implementation under autocast with. ``batch``: N (default
     2, 1 with ``quick``)."""
-    import torchvision
-    from csfrn import ops
-    from csfrn.ops import reference
-
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     s = _shapes(quick, batch)

@@ -16,14 +16,14 @@ import tempfile
 import torch
 
 from .. import deploy
+from ..engine.checkpoint import build_model_from_config, load_model_from_checkpoint
+from ..engine.config import load_config
 from .timing import device_name, measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _model(checkpoint):
-    from ..engine.config import load_config
-    from ..engine.checkpoint import build_model_from_config, load_model_from_checkpoint
     if checkpoint:
         return load_model_from_checkpoint(checkpoint)[0], checkpoint
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
@@ -64,7 +64,7 @@ def main(argv=None):
                    **{k: round(v["median_ms"], 2) for k, v in res.items()}}
             row["eager_over_ort"] = round(row["eager"] / row["onnxruntime"], 2)
             rows.append(row)
-    import onnxruntime
+    import onnxruntime   # optional (the deploy extra); the export above needed it already
     head = (f"model: {what}; {device_name('cpu')}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
             f"batch 1, float32, median of {args.reps}")
     print(head)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops import reference
 from .timing import cpu_ceilings, device_name, measure, table, write_json
 
 

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def device_name(device):
@@ -128,7 +129,6 @@ def peak_memory_mb(fn, device="cpu"):
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
     with profiler_quiet():                 # kineto logs at start, stop and when its events are read
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()

@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import statistics
+import tempfile
 import time
 import unittest.mock
 
@@ -38,7 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..engine.config import load_config
 from ..engine.step import AMP_DTYPES
+from ..engine.train import train
 from ..losses import labels_checked
 from ..models import build_model, complexity
 from ..models.complexity import training_flops
@@ -57,14 +60,14 @@ VARIANTS = DEFAULT_VARIANTS + SPEED_VARIANTS
 def torchvision_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1,
                                    padding=0, dilation=1, mask=None):
     """``csfrn.ops.dual_deform_conv2d`` made of two ``torchvision.ops.deform_conv2d`` calls (the peer)."""
-    from torchvision.ops import deform_conv2d
+    from torchvision.ops import deform_conv2d   # here: the torchvision peers are optional (have_torchvision)
     kw = dict(stride=stride, padding=padding, dilation=dilation, mask=mask)
     return deform_conv2d(x, offset, weight_x, bias_x, **kw), deform_conv2d(y, offset, weight_y, bias_y, **kw)
 
 
 def have_torchvision():
     try:
-        import torchvision.ops  # noqa: F401
+        import torchvision.ops  # noqa: F401  (this is the check)
     except ImportError:
         return False
     return True
@@ -245,7 +248,7 @@ class TorchvisionPeer(torch.nn.Module):
 
     def __init__(self, quick=False):
         super().__init__()
-        from torchvision.models.segmentation import deeplabv3_resnet50
+        from torchvision.models.segmentation import deeplabv3_resnet50   # optional, as above
         self.model = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True)
 
     def forward(self, images, labels=None):
@@ -413,9 +416,6 @@ def engine_times(csflm, quick, size, batch, iters, device, amp, workers, log=pri
     """Train ``iters`` iterations through ``csfrn.engine.train`` (``csfrn train``'s loop: data loader, copies,
     the engine's memory format and settings) on the synthetic set at ``size``; {"data_ms", "step_ms",
     "compute_ms", "images_s"} per step over the second half of the run (the first half warms up)."""
-    import tempfile
-    from ..engine.config import load_config
-    from ..engine.train import train
     model = QUICK if quick else {}
     overrides = [f"model.csflm={'true' if csflm else 'false'}", f"model.num_classes={NUM_CLASSES}",
                  "model.head=deeplabv3plus", "model.backbone=resnet50c", "model.pretrained=null",

@@ -71,7 +71,7 @@ def t_quantile(df, q=0.975):
     if df < 1:
         return float("nan")
     try:
-        from scipy import stats
+        from scipy import stats   # optional: without scipy, the table below
         return float(stats.t.ppf(q, df))
     except ImportError:
         pass
@@ -135,6 +135,7 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False, re
     """Train one run, evaluate it on ``split`` (mIoU & co. and feature consistency). Returns the run's record
     (and the trained model with ``return_model``). With ``resume``, a run whose work_dir holds a last.pth
     continues from it (a finished one is only loaded); otherwise the run starts over."""
+    # here, not at the top: csfrn ablate --help reads this module's VARIANTS, and must not import torch
     from ..data import build_dataset
     from ..data.transforms import eval_transforms
     from .evaluate import dataset_feature_consistency, evaluate
@@ -188,13 +189,14 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
     Returns:
         the summary dict (also written to summary.json).
     """
-    from tqdm import tqdm
-
     names = parse_variants(variants)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError("--seeds must be at least 1")
     base = load_config(config, overrides)   # bad keys are reported before any work
+    # here, not at the top: csfrn ablate --help reads this module, and stays quick
+    from tqdm import tqdm
+
     from ..plotting import pyplot
     pyplot()                                # and a missing matplotlib (ablation.png) too
     if split == base.data.val_split:
@@ -316,6 +318,6 @@ def format_ablation(summary):
 def plot_ablation(summary, path):
     """PNG (matplotlib): per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the 95%
     t-interval of the mean; under each name the paired difference to the baseline and its interval."""
-    from ..plotting import ablation_chart
+    from ..plotting import ablation_chart   # here, not at the top: as in ablate()
     intervals = {name: t_interval(list(e["mIoU"].values())) for name, e in summary["variants"].items()}
     return ablation_chart(summary, intervals, path)

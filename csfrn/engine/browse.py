@@ -4,6 +4,10 @@ import os
 
 import torch
 
+from .. import plotting
+from ..data import build_dataset
+from ..data._base import make_palette
+from ..data.transforms import denormalize, train_transforms
 from ..errors import DataError, MissingPathError, UsageError
 
 
@@ -13,10 +17,6 @@ def browse_dataset(cfg, split, out_dir, n=16, augmented=False):
     present. ``augmented``: after the training transforms (scale, crop, flip, photometric jitter as
     ``cfg.data`` sets them; item i drawn with the seed ``train.seed + i``, so a second run draws the same).
     Returns the paths written."""
-    from .. import plotting
-    from ..data import build_dataset
-    from ..data._base import make_palette
-    from ..data.transforms import denormalize, train_transforms
 
     plotting.pyplot()        # before the dataset is read
     if n < 1:
@@ -75,7 +75,6 @@ def _labels(work_dirs):
 def plot_runs(work_dirs, out):
     """``csfrn plot``: loss terms, lr and val mIoU against iterations from each run's metrics.jsonl, overlaid
     (:func:`csfrn.plotting.training_curves`). Returns the path written."""
-    from .. import plotting
 
     plotting.pyplot()
     if os.path.splitext(out)[1].lower() != ".png":

@@ -12,9 +12,12 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models import build_external, build_model
+from ..models.external import EXTERNAL_MODEL_KEYS
 from .checksum import KEY as CHECKSUM_KEY
 from .checksum import checksum_mismatch, payload_checksum
 from .config import from_dict, load_config
+from .distributed import resolve_device
 
 
 class CheckpointError(UserError, ValueError):
@@ -181,15 +184,11 @@ def set_rng_state(state):
 def build_model_from_config(model_cfg, load_pretrained=True):
     """:func:`csfrn.models.build_model` with the keyword arguments of a ModelConfig. ``load_pretrained=False``
     leaves ``model.pretrained`` unread: a model that a checkpoint is loaded into needs no ImageNet file."""
-    from ..models import build_model
-
     kwargs = dataclasses.asdict(model_cfg)
     if not load_pretrained:
         kwargs["pretrained"] = None
     external = kwargs.pop("external")
     if external is not None:
-        from ..models import build_external
-        from ..models.external import EXTERNAL_MODEL_KEYS
         return build_external(external, **{k: kwargs[k] for k in EXTERNAL_MODEL_KEYS})
     if kwargs["blocks"] is not None:
         kwargs["blocks"] = tuple(kwargs["blocks"])
@@ -246,6 +245,5 @@ def load_model_from_checkpoint(path, cfg=None, device="cpu", config=None, overri
     model = build_model_from_config(cfg.model, load_pretrained=False)
     load_model_state(model, state["model"], path, cfg.model, state["config"])
     if device is None:
-        from .distributed import resolve_device
         device = resolve_device(cfg.train.device)
     return model.to(device).eval(), cfg

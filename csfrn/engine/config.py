@@ -341,6 +341,7 @@ def validate(cfg):
     choices, counts and sizes against their ranges. Raises :class:`csfrn.errors.ConfigError` naming the key and
     what was expected. (Files are checked where they are opened: dataset folders by the datasets, checkpoints
     by the loader.)"""
+    # here, not at the top: the config tree loads without torch (csfrn VERB --help builds on it)
     from ..data import DATASETS
     from ..losses.cac import BINARY_LOSSES
     from ..losses.eq7 import DEFAULT_LOSS_WEIGHTS, SUPERVISIONS

@@ -1,23 +1,28 @@
 """Dataset evaluation (sharded over processes, confusion matrices summed with all_reduce), reports and
-prediction pictures (train-id, colour, overlay, Cityscapes label-id PNGs)."""
+prediction pictures (train-id, colour, overlay, Cityscapes label-id PNGs). ``csfrn eval`` and ``csfrn predict``
+(checkpoint -> model -> files) are :mod:`csfrn.commands.eval` and :mod:`csfrn.commands.predict`."""
 import glob
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..data._base import read_image
 from ..data.cityscapes import train_ids_to_label_ids
-from ..errors import ConfigError, DataError, MissingPathError
+from ..data.folder import IMAGE_EXTENSIONS
+from ..data.transforms import Normalize, denormalize
+from ..errors import DataError, MissingPathError
+from ..plotting import confusion_chart
 from .distributed import all_reduce_sum
 from .inference import inference_from_config
-from .metrics import confusion_matrix, format_table, save_summary, summarize
+from .metrics import FeatureConsistency, confusion_matrix, format_table, save_confusion, save_summary, summarize
 
 
 def _rank_world():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -47,61 +52,6 @@ def evaluate(model, dataset, num_classes, eval_cfg, device, base_size=None, prog
     return summarize(cm), cm.cpu()
 
 
-def evaluate_checkpoint(checkpoint, split=None, out=None, consistency=True, config=None, overrides=(), log=print,
-                        overwrite=True):
-    """``csfrn eval``: the checkpoint's model (its own config, ``config`` and ``overrides`` on top) on ``split``
-    (default ``data.val_split``); under torchrun every process evaluates a shard and the confusion matrices are
-    summed. Writes ``eval_<split>.json`` / ``.csv`` and the confusion matrix (``confusion.csv``: pixel counts;
-    ``confusion.png``: normalised per ground-truth class) to ``out`` (default: beside the checkpoint), logs a header
-    (checkpoint, iteration, split, image count), the table, unless ``consistency=False`` the feature-consistency
-    scores, and the paths written. ``overwrite=False`` refuses existing reports (before any work). Returns the
-    summary."""
-    from ..data import build_dataset
-    from ..data.transforms import eval_transforms
-    from ..plotting import pyplot
-    from .checkpoint import load_checkpoint, load_model_from_checkpoint
-    from .distributed import cleanup, init_distributed
-    from .outputs import refuse_or_remove
-
-    pyplot()   # confusion.png needs matplotlib: say so before the evaluation runs
-    state = load_checkpoint(checkpoint)
-    model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides,
-                                            state=state)
-    split = split or cfg.data.val_split
-    out = out or os.path.dirname(os.path.abspath(checkpoint))
-    reports = [os.path.join(out, f"eval_{split}.{ext}") for ext in ("json", "csv")]
-    confusion = [os.path.join(out, name) for name in ("confusion.csv", "confusion.png")]
-    info = init_distributed(cfg.train.device)
-    try:
-        if info.is_main and not overwrite:   # with overwrite they are replaced once the new ones are ready
-            refuse_or_remove(reports + confusion, False, f"--out {out}", f"an evaluation of split '{split}'")
-        model.to(info.device)
-        dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
-                                seed=cfg.train.seed)
-        if dataset.num_classes != cfg.model.num_classes:
-            raise ConfigError(f"checkpoint {checkpoint} has {cfg.model.num_classes} classes, dataset "
-                              f"'{cfg.data.dataset}' has {dataset.num_classes}")
-        count = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
-        if info.is_main:
-            at = f"iteration {state['iter']}" if isinstance(state.get("iter"), int) else "iteration unknown"
-            log(f"csfrn eval: {checkpoint} ({at}) on split '{split}' of {cfg.data.dataset}, {count} images, "
-                f"{cfg.eval.mode} inference")
-        summary, cm = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, info.device, cfg.data.base_size,
-                               progress=True)
-        if info.is_main:
-            if consistency:
-                summary["consistency"] = dataset_feature_consistency(model, dataset, info.device,
-                                                                     cfg.eval.max_images, progress=True)
-            log(write_report(summary, dataset.classes, out, name=f"eval_{split}"))
-            write_confusion(cm, dataset.classes, out, f"{os.path.basename(checkpoint)} on {split}")
-            if consistency:
-                log(format_consistency(summary["consistency"]))
-            log(f"csfrn eval: wrote {', '.join(reports + confusion)}")
-        return summary
-    finally:
-        cleanup()
-
-
 def write_report(summary, classes, out_dir, name="metrics"):
     """Print the per-class table and write ``name``.json / ``name``.csv to ``out_dir``; returns the table."""
     table = format_table(summary, classes)
@@ -113,9 +63,6 @@ def write_report(summary, classes, out_dir, name="metrics"):
 def write_confusion(cm, classes, out_dir, title=""):
     """``confusion.csv`` (pixel counts, rows: ground truth) and ``confusion.png`` (rows normalised, class names on
     the axes) in ``out_dir``."""
-    from ..plotting import confusion_chart
-    from .metrics import save_confusion
-
     os.makedirs(out_dir, exist_ok=True)
     save_confusion(cm, classes, os.path.join(out_dir, "confusion.csv"))
     confusion_chart(cm, classes, os.path.join(out_dir, "confusion.png"),
@@ -163,8 +110,6 @@ def find_images(inputs, exclude=None):
     inputs that would write the same outputs (x.png and x.jpg in one folder keep their extension: x_png, x_jpg).
     Files under ``exclude`` (the output folder) are left out, so a second run does not predict its outputs.
     """
-    from ..data.folder import IMAGE_EXTENSIONS
-
     skip = os.path.join(os.path.abspath(exclude), "") if exclude else None
     files, roots = [], []
     for item in inputs:
@@ -207,9 +152,6 @@ def predict(model, images, out_dir, num_classes, palette, eval_cfg, device, base
     extension). An unreadable or corrupt image is skipped: ``on_error(path, message)`` is called (default: a
     line on stderr) and the others are written. Returns (stems written, [(path, message)] of skipped images).
     """
-    from ..data._base import read_image
-    from ..data.transforms import Normalize
-
     model.eval()
     normalize = Normalize()
     written, failed = [], []
@@ -233,50 +175,10 @@ def predict(model, images, out_dir, num_classes, palette, eval_cfg, device, base
     return written, failed
 
 
-def predict_files(inputs, out, checkpoint=None, onnx_model=None, config=None, overrides=(), cityscapes_ids=False,
-                  on_error=None, overwrite=True):
-    """``csfrn predict``: the pictures of :func:`predict` for the image files and folders ``inputs``, from a
-    ``checkpoint`` (PyTorch) or an exported model ``onnx_model`` (.onnx run by onnxruntime, .pt2 by
-    torch.export; its config stored in the file), with ``config`` / ``overrides`` layered on the model's config.
-    ``cityscapes_ids`` also writes Cityscapes label ids. ``overwrite=False`` refuses pictures that exist (before
-    any work). Returns (stems written, [(path, message)] of skipped images, the image count)."""
-    from ..data import DATASETS
-    from ..data._base import make_palette
-    from .outputs import refuse_or_remove
-
-    images = find_images(inputs, exclude=out)
-    targets = [os.path.join(out, f"{stem}_{kind}.png") for _, stem in images
-               for kind in ("trainid", "color", "overlay")]
-    if cityscapes_ids:
-        targets += [os.path.join(out, "labelIds", f"{stem}.png") for _, stem in images]
-    if not overwrite:   # with overwrite each picture is replaced as its new one is written
-        refuse_or_remove(targets, False, f"--out {out}", "predictions of these images")
-    if onnx_model is not None:
-        from ..deploy import exported_model_and_config
-        model, cfg = exported_model_and_config(onnx_model, config, overrides)
-        device = "cpu"
-    else:
-        from .checkpoint import load_model_from_checkpoint
-        model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
-        device = next(model.parameters()).device
-    if cityscapes_ids and (cfg.model.num_classes != 19 or cfg.data.dataset != "cityscapes"):
-        raise ConfigError(f"--cityscapes-ids maps Cityscapes' 19 train ids to label ids, but the model in "
-                          f"{checkpoint or onnx_model} has {cfg.model.num_classes} classes (data.dataset "
-                          f"'{cfg.data.dataset}'); add --set data.dataset=cityscapes if they are Cityscapes' "
-                          "19 train ids")
-    # Datasets with a fixed class list carry their palette; the others (folder, synthetic) use make_palette.
-    palette = getattr(DATASETS.get(cfg.data.dataset), "palette", None) or make_palette(cfg.model.num_classes)
-    written, failed = predict(model, images, out, cfg.model.num_classes, palette, cfg.eval, device,
-                              cfg.data.base_size, cityscapes_ids=cityscapes_ids, on_error=on_error)
-    return written, failed, len(images)
-
-
 @torch.no_grad()
 def predict_dataset_grid(models, dataset, indices, path, eval_cfg, device, scale=1):
     """One row per image: image, ground truth, then each model's prediction (``models``: name -> model), under
     a row of column titles."""
-    from ..data.transforms import denormalize
-
     rows = []
     for i in indices:
         image, label = dataset[i]
@@ -303,8 +205,6 @@ def dataset_feature_consistency(model, dataset, device, max_images=None, progres
     """:func:`csfrn.engine.metrics.feature_consistency` over a split (whole images, one at a time; the class
     centres pooled over the split): {"F": scores of the features that reach the decoder (CSFLM's fused F, or
     the baseline head's output A), "B": scores of CSFRN's embeddings B (absent without CSFLM)}."""
-    from .metrics import FeatureConsistency
-
     was_training = model.training
     model.eval()
     stats = {"F": FeatureConsistency(), "B": FeatureConsistency()}

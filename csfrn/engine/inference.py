@@ -1,22 +1,18 @@
 """Inference on normalised images: whole image, sliding window, multi-scale and flip.
 
 All functions take a model in eval mode whose ``model(x)`` returns logits [N, K, h, w] at the size of ``x``, or a
-model plugged with CSFLM (``csfrn.models.CSFLMPlug``), whose ``segment(x)`` gives them (:func:`model_logits`).
+model plugged with CSFLM (``csfrn.models.CSFLMPlug``), whose ``segment(x)`` gives them
+(:func:`csfrn.models.plug.model_logits`).
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
+from ..models.plug import model_logits
 from ..ops._checks import pair
 
 INFERENCE_MODES = ("slide", "whole")   # eval.mode: sliding windows of eval.crop_size, or the whole image
-
-def model_logits(model, x):
-    """Logits [N, K, H, W] at the size of ``x``: ``model.segment(x)`` for a plugged model (whose own outputs follow
-    the wrapped model's convention), else ``model(x)``."""
-    segment = getattr(model, "segment", None)
-    return segment(x) if callable(segment) else model(x)
 
 
 def _windows(length, crop, stride):

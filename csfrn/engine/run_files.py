@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from .. import __version__
 from ..errors import MissingDependencyError
 
 CONFIG_FILE, ENV_FILE, LOG_FILE = "config.yaml", "env.json", "train.log"
@@ -59,9 +60,9 @@ def _cpu_name():
 def environment(device=None, world_size=1):
     """{python, platform, torch, torch_cuda, cudnn, csfrn, kernels, devices, cpu, world_size, command, cwd,
     git_commit, time}: what ``env.json`` holds."""
+    # here, not at the top: csfrn config (and --help) use this module without importing torch
     import torch
 
-    import csfrn
     from ..ops import built_with_cuda
 
     cuda = torch.cuda.is_available()
@@ -69,7 +70,7 @@ def environment(device=None, world_size=1):
         "python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "csfrn": csfrn.__version__, "kernels": "CPU + CUDA" if built_with_cuda() else "CPU only",
+        "csfrn": __version__, "kernels": "CPU + CUDA" if built_with_cuda() else "CPU only",
         "device": str(device) if device is not None else None,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(), "world_size": world_size,
@@ -91,7 +92,7 @@ def check_tensorboard(train_cfg):
     if not train_cfg.tensorboard:
         return
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (tensorboard is optional: this is the check)
     except ImportError:
         raise MissingDependencyError("train.tensorboard=true but the tensorboard package is not installed: "
                                      "pip install tensorboard, or set train.tensorboard=false") from None
@@ -105,7 +106,7 @@ def _duration(seconds):
 def peak_memory_gib(device):
     """Peak memory since the start: CUDA memory allocated by torch on a GPU, the process's peak resident set
     on the CPU."""
-    import torch
+    import torch   # here, not at the top: csfrn config (and --help) use this module without importing torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux

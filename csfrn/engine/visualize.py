@@ -1,5 +1,6 @@
 """The paper's Figure 3: for query pixels, the phi-distance from the query's C-S feature (its embedding, with
-the margin at that pixel) to every pixel, beside image, ground truth and prediction. Pillow + numpy only."""
+the margin at that pixel) to every pixel, beside image, ground truth and prediction. Pillow + numpy only.
+``csfrn visualize`` (checkpoint -> figure) is :mod:`csfrn.commands.visualize`."""
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import ops
+from ..data.transforms import denormalize
 from .evaluate import colorize
 
 # Anchors of a perceptually ordered dark-blue -> teal -> yellow map (viridis-like), interpolated linearly.
@@ -191,8 +193,6 @@ def visualize_dataset(model, dataset, indices, path, palette, device, points=Non
     """Figure 3 for ``dataset`` items ``indices`` (normalised image, label): query points given (y, x) or
     picked per image with :func:`pick_points`. ``classes``: legend names (default: ``dataset.classes``).
     Returns the path written. An index outside the dataset or a point outside an image is a ValueError."""
-    from ..data.transforms import denormalize
-
     bad = [i for i in indices if not 0 <= i < len(dataset)]
     if bad:
         raise ValueError(f"--indices {' '.join(map(str, bad))} out of range: the dataset has {len(dataset)} items "
@@ -213,19 +213,3 @@ def visualize_dataset(model, dataset, indices, path, palette, device, points=Non
         rows.append({"image": denormalize(image).permute(1, 2, 0).numpy(), "label": label.numpy(),
                      "pred": logits.argmax(1)[0].cpu().numpy(), "points": pts, "maps": maps})
     return figure3(rows, path, palette, scale, classes if classes is not None else getattr(dataset, "classes", None))
-
-
-def visualize_checkpoint(checkpoint, path, split=None, indices=(0,), points=None, scale=None, config=None,
-                         overrides=()):
-    """``csfrn visualize``: Figure 3 (:func:`visualize_dataset`) of the checkpoint's model on items ``indices``
-    of ``split`` (default ``data.val_split``), written to ``path``; ``config`` / ``overrides`` are layered on
-    the checkpoint's config. Returns the path written."""
-    from ..data import build_dataset
-    from ..data.transforms import eval_transforms
-    from .checkpoint import load_model_from_checkpoint
-
-    model, cfg = load_model_from_checkpoint(checkpoint, device=None, config=config, overrides=overrides)
-    dataset = build_dataset(cfg.data, split or cfg.data.val_split, eval_transforms(),
-                            num_classes=cfg.model.num_classes, seed=cfg.train.seed)
-    return visualize_dataset(model, dataset, indices, path, dataset.palette, next(model.parameters()).device,
-                             points, delta=cfg.model.delta, scale=scale)

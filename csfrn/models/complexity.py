@@ -1,4 +1,5 @@
-"""Parameter and FLOP counts the way the paper reports them (Table 2 / Table 3), and the ``csfrn flops`` CLI.
+"""Parameter and FLOP counts the way the paper reports them (Table 2 / Table 3); ``csfrn flops`` (a config's
+model counted, :mod:`csfrn.commands.flops`) prints them.
 
 "gflops" follows mmcv's ``get_model_complexity_info`` as the paper used it (with SyncBN, which that counter
 does not know): per conv, multiply-accumulates plus one add per output element when it has a bias; one per
@@ -11,7 +12,6 @@ two deformable 3x3 convs count as ordinary convs of the same shape (their offset
 Counting needs only shapes, so models built on the meta device (``with torch.device("meta"):``) count in
 no time and with no memory.
 """
-import argparse
 import math
 
 import torch
@@ -105,96 +105,3 @@ def training_flops(model, images_shape, device="meta"):
     finally:
         model.train(was_training)
     return 3 * counter.get_total_flops()
-
-
-def flops_table(rows, size=(512, 512), num_classes=19):
-    """Counts for model specs (dicts of ``build_model`` keywords, built on the meta device); returns
-    [(spec, counts)]."""
-    from .builder import build_model
-    out = []
-    for spec in rows:
-        spec = {"num_classes": num_classes, **spec}
-        with torch.device("meta"):
-            model = build_model(**spec)
-        out.append((spec, complexity(model, size)))
-    return out
-
-
-# Model keys that change the network's shape, with build_model's defaults: the ones that differ are named in
-# the printed line, so the line says which network was counted.
-SHAPE_DEFAULTS = {"num_classes": 19, "width": 64, "blocks": None, "channels": 512, "aux_channels": 256, "aux": True,
-                  "output_stride": 8, "multi_grid": False, "margins": True}
-
-
-def model_name(kwargs):
-    """"deeplabv3plus resnet50c (width 8, blocks [1, 1, 1, 1]) +CSFLM(aam, D=8)" for build_model keywords
-    ("smp:Unet +CSFLM(aam, D=8)" for a model.external)."""
-    external = kwargs.get("external")
-    if external:
-        return (f"{external['library']}:{external['name']} +CSFLM({external.get('fusion') or 'aam'}, "
-                f"D={kwargs.get('embed_dim', 32)})")
-    name = f"{kwargs.get('head', 'deeplabv3plus')} {kwargs.get('backbone', 'resnet50c')}"
-    shape = [f"{key} {list(kwargs[key]) if isinstance(kwargs[key], tuple) else kwargs[key]}"
-             for key, default in SHAPE_DEFAULTS.items()
-             if key in kwargs and (list(kwargs[key]) if isinstance(kwargs[key], tuple) else kwargs[key]) != default]
-    if shape:
-        name += f" ({', '.join(shape)})"
-    if kwargs.get("csflm", True):
-        name += f" +CSFLM({kwargs.get('fusion', 'aam')}, D={kwargs.get('embed_dim', 32)})"
-    return name
-
-
-def count_model(kwargs, size):
-    """Build ``build_model(**kwargs)`` on the meta device (``pretrained`` is never read: counting needs shapes
-    only), count it at ``size`` (H, W), print one line and return :func:`complexity`'s dict."""
-    from .builder import build_model
-    from .external import EXTERNAL_MODEL_KEYS, build_external
-    kwargs = {**kwargs, "pretrained": None}
-    external = kwargs.pop("external", None)
-    if kwargs.get("blocks") is not None:
-        kwargs["blocks"] = tuple(kwargs["blocks"])
-    with torch.device("meta"):
-        if external is not None:
-            model = build_external(external, **{k: kwargs[k] for k in EXTERNAL_MODEL_KEYS if k in kwargs})
-        else:
-            model = build_model(**kwargs)
-    c = complexity(model, size)
-    if external is not None:
-        kwargs = {"external": external, "embed_dim": kwargs.get("embed_dim", 32)}
-    def g(v):                                          # 178.48, and 0.0213 for a tiny model
-        return f"{v:.2f}" if v >= 1 else f"{v:.3g}"
-    print(f"{model_name(kwargs)} @ {size[0]}x{size[1]}: params {c['params'] / 1e6:.2f} M, GFLOPs {g(c['gflops'])} "
-          f"(paper counting), {g(c['gflops_all'])} (FlopCounterMode / 2)")
-    return c
-
-
-def main(argv=None):
-    """``python -m csfrn.models.complexity --head deeplabv3plus --backbone resnet50c --size 512 [--no-csflm]
-    [--fusion concat]``: the paper's models by name. ``csfrn flops --config X`` counts the model a config
-    describes (every model key)."""
-    from .heads import HEADS
-    from .backbones import ARCHS
-    parser = argparse.ArgumentParser(prog="python -m csfrn.models.complexity",
-                                     description="parameters and GFLOPs of a CSFRN model "
-                                     "(paper counting: mmcv convention, aux head excluded)")
-    parser.add_argument("--head", default="deeplabv3plus", choices=sorted(HEADS))
-    parser.add_argument("--backbone", default="resnet50c", choices=sorted(ARCHS))
-    parser.add_argument("--size", type=int, nargs="+", default=[512], help="H [W] of the input")
-    parser.add_argument("--num-classes", type=int, default=19)
-    parser.add_argument("--no-csflm", dest="csflm", action="store_false", help="the plain head baseline")
-    parser.add_argument("--fusion", default="aam", choices=["aam", "concat"])
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--no-margins", dest="margins", action="store_false")
-    parser.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
-    parser.add_argument("--multi-grid", action="store_true")
-    args = parser.parse_args(argv)
-    if len(args.size) > 2:
-        parser.error(f"--size takes H or H W, got {len(args.size)} numbers")
-    size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
-    return count_model(dict(head=args.head, num_classes=args.num_classes, backbone=args.backbone,
-                            csflm=args.csflm, fusion=args.fusion, embed_dim=args.embed_dim, margins=args.margins,
-                            output_stride=args.output_stride, multi_grid=args.multi_grid), size)
-
-
-if __name__ == "__main__":
-    main()

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from ..extras import require
+from .backbones import LoadReport
 from .plug import PLUG_FUSIONS, add_csflm
 
 LIBRARIES = {"torchvision": "torchvision", "smp": "plug", "transformers": "plug", "timm": "timm"}
@@ -74,7 +75,7 @@ def _library_model(library, name, kwargs, num_classes, pretrained=None):
     kwargs = dict(kwargs or {})
     what = f"model.external {library}:{name}"
     if library == "torchvision":
-        from torchvision.models import get_model, list_models, segmentation
+        from torchvision.models import get_model, list_models, segmentation   # here: only this library needs it
         names = list_models(module=segmentation)
         if name not in names:
             raise ConfigError(f"config key 'model.external.name' is {name!r}: not one of torchvision's segmentation "
@@ -124,7 +125,6 @@ def _read_state(path):
 def load_external_weights(model, path):
     """Load a local checkpoint into the wrapped model: tensors whose shape differs (a classifier for another
     class count) are skipped, missing / unexpected keys are warned about. Returns a ``LoadReport``."""
-    from .backbones import LoadReport
     state = _read_state(path)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -348,3 +348,10 @@ def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim
                             f"{type(outputs).__name__}")
     plug = CSFLMPlug(model, csflm, name, fusion, criterion, channels, outputs)
     return plug.train(model.training)
+
+
+def model_logits(model, x):
+    """Logits [N, K, H, W] at the size of ``x`` of any csfrn model: ``model.segment(x)`` for a plugged model
+    (:class:`CSFLMPlug`, whose own outputs follow the wrapped model's convention), else ``model(x)``."""
+    segment = getattr(model, "segment", None)
+    return segment(x) if callable(segment) else model(x)

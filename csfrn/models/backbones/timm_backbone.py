@@ -108,6 +108,6 @@ class TimmBackbone(nn.Module):
 
 def build_timm_backbone(name, output_stride=8, pretrained=None):
     """``TimmBackbone`` for ``"timm:<name>"``; returns (backbone, LoadReport or None) as ``build_backbone``."""
-    from .resnet import LoadReport
+    from .resnet import LoadReport   # here, not at the top: resnet imports this module
     model = TimmBackbone(name[len(TIMM_PREFIX):] if is_timm(name) else name, output_stride, pretrained)
     return model, (LoadReport() if pretrained is not None else None)
