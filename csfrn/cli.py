@@ -20,16 +20,17 @@ import signal
 import sys
 import traceback
 
+from .configs import find_config, listing
 from .errors import ConfigError, Interrupted, MissingPathError, UsageError, UserError
 
 
 # csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
 BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
-              "report": "csfrn.bench.report"}
+              "export": "csfrn.bench.export"}
 BENCHMARK_SUMMARIES = {"ops": "every csfrn op against its twin (and the peer), forward and backward",
                        "deform": "deform_conv2d / the AAM pair against torchvision, with the launch plan's floor",
                        "train": "training steps: baseline, CSFRN, channels_last, compiled, torchvision's peer",
-                       "report": "all of them into one JSON and charts (--out)"}
+                       "export": "an exported model: onnxruntime and torch.export against PyTorch eager"}
 
 
 # What `csfrn --help` says, for users.
@@ -55,10 +56,11 @@ EXAMPLES = {
     "export": ["csfrn export --checkpoint runs/demo/best.pth --out model.onnx --size 512 512"],
     "visualize": ["csfrn visualize --checkpoint runs/demo/best.pth --out fig3.png --indices 0 1 2"],
     "flops": ["csfrn flops --config configs/demo.yaml --size 512 1024"],
-    "bench": ["csfrn bench --what ops --quick", "csfrn bench --what report --out benchmarks/results"],
+    "bench": ["csfrn bench --what ops --quick", "csfrn bench --what train --out results/"],
     "demo": ["csfrn demo --out demo_out --seeds 3"],
     "ablate": ["csfrn ablate --config configs/demo.yaml --out ablation --seeds 5"],
-    "config": ["csfrn config --config configs/demo.yaml --set train.lr=0.02 > my.yaml",
+    "config": ["csfrn config --list                                       # the shipped configs' names",
+               "csfrn config --config configs/demo.yaml --set train.lr=0.02 > my.yaml",
                "csfrn train --config my.yaml"],
     "plot": ["csfrn plot runs/a runs/b --out curves.png"],
     "browse": ["csfrn browse --config configs/demo.yaml --split val --out browse/ --n 8",
@@ -237,9 +239,9 @@ def _parser():
             p.add_argument(flag, type=kind, help=f"same as --set model.{key}=...")
 
     p = verbs.add_parser("bench", aliases=["bench-ops"], add_help=False,
-                         help="benchmarks: --what ops | deform | train | report",
+                         help="benchmarks: --what ops | deform | train | export",
                          description="Benchmarks. Each --what takes its own options, listed below; results "
-                         "are written under --out DIR only (the report needs it), never to the current folder.")
+                         "are written under --out DIR only, never to the current folder.")
     p.add_argument("-h", "--help", action=_BenchHelp, help="show this help (with --what X: X's options only)")
     p.add_argument("--what", choices=sorted(BENCHMARKS), default=None,
                    help="which benchmark (default: train; ops for the bench-ops alias)")
@@ -286,6 +288,7 @@ def _parser():
                          description="Print the config that --config and --set resolve to, every key, as YAML: "
                          "what a training run writes to work_dir/config.yaml, loadable with --config.")
     _common(p, _print_config)
+    p.add_argument("--list", action="store_true", help="name the shipped configs (--config NAME), then exit")
 
     p = verbs.add_parser("plot", help="training curves of runs (losses, lr, val mIoU) to a PNG",
                          description="Plot the loss terms, the learning rate and val mIoU against iterations "
@@ -322,8 +325,9 @@ def _config(args, base=None):
 
 def _check_paths(args):
     """The files and folders named on the command line exist, before any work starts."""
-    files = [("--config", args.config, "a YAML config file"),
-             ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
+    if args.config is not None:   # a YAML file, or a shipped config's name (csfrn.configs)
+        args.config = find_config(args.config, "--config")
+    files = [("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
              ("--model", getattr(args, "model", None), "an exported .onnx or .pt2 file (csfrn export)")]
     if getattr(args, "resume", None) != "auto":
         files.append(("--resume", getattr(args, "resume", None), "a checkpoint file, or 'auto'"))
@@ -420,15 +424,6 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _shipped_configs():
-    """The configs in the checkout's configs/ folder (not the _base_ parts), relative to the current folder."""
-    import glob
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    found = sorted((p for p in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True)
-                    if "_base_" not in p.split(os.sep)), key=lambda p: (not p.endswith("demo.yaml"), p))
-    return [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in found]
-
-
 def _paths(args, cfg, **keys):
     """Config keys set from flags that are paths (never YAML: "exp #1", 2024 and on stay file names)."""
     from .engine.config import validate
@@ -441,10 +436,8 @@ def _paths(args, cfg, **keys):
 
 def _train(args):
     if args.config is None:
-        shipped = _shipped_configs()
-        more = f" ({len(shipped) - 6} more in configs/)" if len(shipped) > 6 else ""
-        raise UsageError(f"--config is required (a YAML recipe; the built-in defaults are only a base), e.g. one of "
-                         f"{', '.join(shipped[:6])}{more}")
+        raise UsageError("--config is required (a YAML file, or a shipped config's name such as demo or "
+                         "cityscapes/psp_r50_769_40k: csfrn config --list names them)")
     from .engine.outputs import writable_dir
     from .engine.train import check_work_dir, train
     cfg = _paths(args, _config(args), **{"train.work_dir": args.work_dir, "train.resume": args.resume})
@@ -529,8 +522,7 @@ def _visualize(args):
 def _demo(args):
     from .engine.demo import DEMO_CONFIG, DEMO_OUTPUTS, run_demo
     from .engine.outputs import refuse_or_remove, writable_dir
-    if args.config is None and os.path.isfile(DEMO_CONFIG):
-        args.config = DEMO_CONFIG
+    args.config = args.config or DEMO_CONFIG
     _config(args)  # report bad keys before any work
     _at_least_one("--seeds", args.seeds)
     _at_least_one("--iters", args.iters)
@@ -559,6 +551,9 @@ def _ablate(args):
 
 
 def _print_config(args):
+    if args.list:
+        sys.stdout.write(listing())
+        return 0
     from .engine.run_files import config_yaml
     sys.stdout.write(config_yaml(_config(args)))
     return 0
