@@ -80,7 +80,7 @@ def listing(columns=120):
     """What ``csfrn config --list`` prints: one line per shipped config, its name and what it is (shortened to
     ``columns`` characters)."""
     all_names = names()
-    width = max(map(len, all_names))
+    width = max(map(len, all_names), default=0)
     lines = [f"{name:<{width}}  {textwrap.shorten(describe(name), columns - width - 2, placeholder=' ...')}".rstrip()
              for name in all_names]
     return "\n".join(lines + [f"(--config NAME reads one; `csfrn config --config NAME` prints it resolved; the files "
