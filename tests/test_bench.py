@@ -198,3 +198,14 @@ def test_torchvision_peer_trains_like_our_models():
     torch.testing.assert_close(losses["seg"], torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
     assert train_step.step_flops("tv-deeplabv3", True, (33, 33), 2) > train_step.step_flops("baseline", True,
                                                                                             (33, 33), 2)
+
+
+def test_export_bench_writes_under_out(tmp_path, capsys):
+    """csfrn bench --what export: onnxruntime and torch.export against eager on the demo's model, rows to --out."""
+    pytest.importorskip("onnxruntime")
+    from csfrn.bench import export
+    rows = export.main(["--sizes", "32x32", "--reps", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert [r["size"] for r in rows] == [[32, 32]]
+    assert all(rows[0][k] > 0 for k in ("eager", "onnxruntime", "torch.export")) and rows[0]["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "export-cpu.json").read_text())["rows"] == rows
+    assert "| 1x3x32x32 |" in capsys.readouterr().out
