@@ -126,6 +126,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["csfrn", "csfrn.*"]),
+    # The shipped configs (csfrn/configs/, read with importlib.resources): `csfrn demo`, `--config NAME`.
+    package_data={"csfrn.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=_requirements(),
     extras_require={"deploy": DEPLOY_REQUIREMENTS, "plot": PLOT_REQUIREMENTS, "timm": TIMM_REQUIREMENTS,
                     "plug": PLUG_REQUIREMENTS, "dev": DEV_REQUIREMENTS},

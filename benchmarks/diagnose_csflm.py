@@ -1,4 +1,4 @@
-"""Why does CSFLM hurt at the demo scale? Trains one model as configs/demo.yaml says (plus --set overrides) and
+"""Why does CSFLM hurt at the demo scale? Trains one model as the demo config says (plus --set overrides) and
 logs, every --every iterations, what the CAC loss sees: the class margins m_k and the scale exp(delta m_k),
 phi on the pixels of the class and on the other pixels (and how many are saturated), the loss terms, the size
 of the embeddings, and how many labelled classes the 8x8 label map keeps. Also, at step 0, how far the fused
@@ -12,7 +12,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from csfrn import ops  # noqa: E402

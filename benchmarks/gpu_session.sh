@@ -277,7 +277,7 @@ do_step() {
 # CSFRN (DeepLabv3+, ResNet-50 deep stem, random init) on the synthetic set at the Cityscapes crop, through
 # the CLI, its work_dir inside the results so metrics.jsonl streams into them (checkpoints stay out of the tarball).
 do_train() {
-  local common=(--config configs/cityscapes/deeplabv3plus_r50_769_40k.yaml --set model.pretrained=null
+  local common=(--config cityscapes/deeplabv3plus_r50_769_40k --set model.pretrained=null
     --set data.dataset=synthetic --set train.eval_interval=0 --set train.tensorboard=false
     --set train.progress=false --set eval.mode=whole --set train.work_dir="$RES/train-csfrn")
   if dry; then

@@ -34,10 +34,10 @@ DESCRIPTION = ("csfrn: CSFRN semantic segmentation (AAAI 2021) with fused C++/CU
                "config (--config) with --set section.key=value overrides.")
 EPILOG = """examples:
   csfrn demo                       # CSFRN vs its baseline on the built-in synthetic set
-  csfrn train --config configs/demo.yaml --work-dir runs/demo
+  csfrn train --config demo --work-dir runs/demo
   csfrn eval --checkpoint runs/demo/best.pth
   csfrn plot runs/demo runs/other --out curves.png
-  csfrn config --config configs/demo.yaml --set train.lr=0.02
+  csfrn config --config demo --set train.lr=0.02
 
 `csfrn VERB --help` lists a verb's options, with an example."""
 

@@ -1,6 +1,7 @@
 """Every chart csfrn draws, with matplotlib (the Agg backend: files only, no display): training curves
-(``csfrn plot``), the confusion matrix (``csfrn eval``), dataset browsing (``csfrn browse``), the ablation plot
-(``csfrn ablate``) and the benchmark report's charts.
+(``csfrn plot``), the confusion matrix (``csfrn eval``), dataset browsing (``csfrn browse``) and the ablation plot
+(``csfrn ablate``). :func:`pyplot` and :func:`save_png` are the helpers the benchmark report's charts
+(benchmarks/report.py) draw with too.
 
 matplotlib is optional (``pip install 'csfrn[plot]'``, which ``make`` installs); :func:`pyplot` raises a one-line
 :class:`csfrn.errors.MissingDependencyError` without it. This module imports it only when a chart is drawn.
@@ -15,7 +16,6 @@ from .errors import MissingDependencyError
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
           "#bcbd22"]
-DPI = 100
 
 
 def pyplot():
@@ -30,7 +30,7 @@ def pyplot():
     return plt
 
 
-def _save(fig, path):
+def save_png(fig, path):
     """Write the figure as a 256-colour PNG (a fraction of the size of matplotlib's RGBA, the same look for charts)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.canvas.draw()
@@ -91,7 +91,7 @@ def training_curves(runs, path):
     handles = [plt.Line2D([], [], color=COLORS[i % len(COLORS)], linewidth=2) for i in range(len(runs))]
     fig.legend(handles, list(runs), loc="upper center", ncol=min(len(runs), 4), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.7 * rows + 0.5)))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------- confusion matrix (csfrn eval)
@@ -119,7 +119,7 @@ def confusion_chart(cm, classes, path, title="confusion matrix"):
                             color="white" if norm[g, p] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------- dataset browsing (csfrn browse)
@@ -153,7 +153,7 @@ def mask_picture(image, label, palette, classes, path, title="", alpha=0.5, igno
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.01 + 0.05 * math.ceil(len(handles) / 4), 1, 1))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------- ablation (csfrn ablate)
@@ -196,113 +196,4 @@ def ablation_chart(summary, intervals, path):
     ax.set_xlim(-0.6, len(entries) - 0.4)
     ax.set_xlabel("under the names: paired difference to the baseline [95% CI]", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------- benchmark report (csfrn bench --what report)
-def spread(ys, step, lo, hi):
-    """Positions near ``ys`` (same order) at least ``step`` apart, inside [lo, hi] when they fit: end labels
-    that do not overlap however close their lines end."""
-    order = sorted(range(len(ys)), key=lambda i: ys[i])
-    pos = [0.0] * len(ys)
-    prev = -math.inf
-    for i in order:                                   # push up
-        pos[i] = max(ys[i], lo, prev + step)
-        prev = pos[i]
-    nxt = math.inf
-    for i in reversed(order):                         # then down from the upper bound
-        pos[i] = min(pos[i], hi, nxt - step)
-        nxt = pos[i]
-    return pos
-
-
-def _fmt_ms(v):
-    return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
-
-
-def _image_box(artist, renderer, height):
-    """A text's bounding box (an annotation's text alone, not its line) in the saved PNG's pixels
-    (x0, y0, x1, y1), y down from the top."""
-    from matplotlib.text import Text   # optional (the plot extra)
-    b = Text.get_window_extent(artist, renderer)
-    return (b.x0, height - b.y1, b.x1, height - b.y0)
-
-
-def line_charts(panels, path, title, xlabel, ylabel):
-    """Log-log line charts, two per row: ``panels`` {panel title: {series label: [(x, y)]}}. Each line's last
-    value is written right of its panel, the labels spread apart so that none overlaps another. Returns
-    {panel title: [end labels' boxes in the PNG's pixels (x0, y0, x1, y1)]}."""
-    plt = pyplot()
-    cols = 2 if len(panels) > 1 else 1
-    rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.8 * cols, 4.0 * rows + 0.5), squeeze=False)
-    fig.suptitle(title, fontsize=12)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    ends = {}
-    for ax, (name, series) in zip(axes.flat, panels.items()):
-        ax.set_title(name, fontsize=10)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.set_ylabel(ylabel, fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.tick_params(labelsize=8)
-        ends[name] = []
-        for i, (label, pts) in enumerate(series.items()):
-            pts = sorted(pts)
-            ax.plot([x for x, _ in pts], [max(y, 1e-9) for _, y in pts], "o-", color=COLORS[i % len(COLORS)],
-                    linewidth=2, markersize=4, label=label)
-            ends[name].append((pts[-1], COLORS[i % len(COLORS)]))
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout(rect=(0, 0, 0.93, 0.96))
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    height = fig.get_size_inches()[1] * DPI
-    boxes = {}
-    for ax, name in zip(axes.flat, panels):
-        # end values in pixels, right of the axes, spread apart and joined to their points by thin lines
-        to_px = ax.transData.transform
-        points = [to_px((x, max(y, 1e-9))) for (x, y), _ in ends[name]]
-        frame = ax.get_window_extent(renderer)
-        label_h = 13
-        placed = spread([py for _, py in points], label_h, frame.y0 + label_h / 2, frame.y1 - label_h / 2)
-        texts = []
-        for ((x, y), color), (px, py), ty in zip(ends[name], points, placed):
-            text = ax.annotate(_fmt_ms(y), xy=(px, py), xycoords="figure pixels", xytext=(frame.x1 + 6, ty),
-                               textcoords="figure pixels", color=color, fontsize=8, va="center",
-                               arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6},
-                               annotation_clip=False)
-            texts.append(text)
-        fig.canvas.draw()
-        boxes[name] = [_image_box(t, renderer, height) for t in texts]
-    _save(fig, path)
-    return boxes
-
-
-def bar_chart(parts, path, title, xlabel):
-    """Horizontal bars: ``parts`` {model: {part: value}}; for each part one bar per model, its value and share of
-    the model's total written beside it."""
-    plt = pyplot()
-    names = list(dict.fromkeys(k for p in sorted(parts.values(), key=len, reverse=True) for k in p))
-    models = list(parts)
-    totals = {m: sum(parts[m].values()) or 1.0 for m in models}
-    height = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) * len(models) / 2 + 2.2))
-    for i, m in enumerate(models):
-        ys = [n_i + i * height for n_i in range(len(names))]
-        vals = [max(parts[m].get(n, 0.0), 0.0) for n in names]
-        ax.barh(ys, vals, height=height * 0.9, color=COLORS[i % len(COLORS)],
-                label=f"{m}: {sum(parts[m].values()):,.0f} ms in all")
-        for y, v, n in zip(ys, vals, names):
-            if n in parts[m]:        # a part the model does not have gets no label
-                ax.text(v, y, f" {_fmt_ms(v)} ms ({v / totals[m]:.0%})", va="center", fontsize=8)
-    ax.set_yticks([n_i + (len(models) - 1) * height / 2 for n_i in range(len(names))], labels=names, fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_xlim(0, max(v for p in parts.values() for v in p.values()) * 1.25 or 1.0)
-    ax.set_title(title, fontsize=11, pad=26)
-    ax.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(models), frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -15,10 +15,15 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SHIPPED = os.path.join(ROOT, "csfrn", "configs")
+
+
 def shipped_configs():
-    """The configs a user runs (relative to the repository), not the ``configs/_base_`` parts they inherit."""
-    paths = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
-    return sorted(os.path.relpath(p, ROOT) for p in paths if "_base_" not in p.split(os.sep))
+    """The names of the configs a user runs (``cityscapes/psp_r50_769_40k``: the path in csfrn/configs/ without
+    .yaml), not the ``_base_`` parts they inherit."""
+    paths = glob.glob(os.path.join(SHIPPED, "**", "*.yaml"), recursive=True)
+    return sorted(os.path.relpath(p, SHIPPED)[:-len(".yaml")].replace(os.sep, "/") for p in paths
+                  if "_base_" not in p.split(os.sep))
 
 
 # The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.

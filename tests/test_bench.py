@@ -1,15 +1,21 @@
-"""The training-step benchmark and the report run end to end in --quick mode and write what they promise.
+"""The training-step benchmark and the report (benchmarks/report.py) run end to end in --quick mode and write what
+they promise.
 No timing assertions: timing is checked by the benchmarks themselves. Every run names --device cpu: on a GPU
 machine the benchmarks default to CUDA (and bf16), which these CPU-sized expectations do not describe."""
 import json
-import unittest.mock
 import os
+import sys
+import unittest.mock
 
 import pytest
 import torch
 from PIL import Image
 
-from csfrn.bench import report, train_step
+from conftest import ROOT
+from csfrn.bench import train_step
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import report  # noqa: E402  (benchmarks/report.py: a tool of the repository, not of the package)
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +65,7 @@ def test_breakdown_parts():
     images, labels = train_step.make_batch(2, (33, 33), "cpu")
     model = train_step.build(True, True, "cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    parts = train_step.breakdown(model, optimizer, images, labels)
+    parts = report.breakdown(model, optimizer, images, labels)
     assert list(parts) == ["backbone", "head", "aux head", "CSFLM", "AAM", "losses", "other forward", "backward",
                            "optimizer"]
     assert all(v >= 0 for k, v in parts.items() if k != "other forward")
@@ -71,7 +77,7 @@ def test_report_quick(tmp_path):
     for p in paths.values():
         assert os.path.dirname(p) == str(tmp_path) and os.path.getsize(p) > 0
     saved = json.loads(open(paths["json"]).read())
-    assert set(saved) == {"meta", "ops", "deform_included", "train_step", "breakdown"}
+    assert set(saved) == {"meta", "ops", "train_step", "breakdown"}
     assert {r["op"] for r in saved["ops"]} >= {"class_avg_pool", "center_distance"}
     assert len({r["pixels"] for r in saved["ops"] if r["op"] == "class_avg_pool"}) >= 2
     assert set(saved["breakdown"]) == {"baseline", "csfrn"}
@@ -192,3 +198,14 @@ def test_torchvision_peer_trains_like_our_models():
     torch.testing.assert_close(losses["seg"], torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
     assert train_step.step_flops("tv-deeplabv3", True, (33, 33), 2) > train_step.step_flops("baseline", True,
                                                                                             (33, 33), 2)
+
+
+def test_export_bench_writes_under_out(tmp_path, capsys):
+    """csfrn bench --what export: onnxruntime and torch.export against eager on the demo's model, rows to --out."""
+    pytest.importorskip("onnxruntime")
+    from csfrn.bench import export
+    rows = export.main(["--sizes", "32x32", "--reps", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert [r["size"] for r in rows] == [[32, 32]]
+    assert all(rows[0][k] > 0 for k in ("eager", "onnxruntime", "torch.export")) and rows[0]["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "export-cpu.json").read_text())["rows"] == rows
+    assert "| 1x3x32x32 |" in capsys.readouterr().out

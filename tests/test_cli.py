@@ -87,7 +87,7 @@ def test_eval_predict_visualize(trained, tmp_path, capsys):
 
 
 def test_flops_uses_the_config(capsys):
-    c = cli.main(["flops", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--size", "64"])
+    c = cli.main(["flops", "--config", "demo", "--size", "64"])
     assert c == 0
     out = capsys.readouterr().out
     assert "deeplabv3plus resnet50c (num_classes 7, width 8, blocks [1, 1, 1, 1], channels 32, aux_channels 16) " \
@@ -186,12 +186,12 @@ def test_sigkilled_training_resumes_from_an_intact_checkpoint(tmp_path):
     assert iters == list(range(1, final + 1))      # records after the checkpoint are not duplicated
 
 
-@pytest.mark.parametrize("path", shipped_configs())
-def test_every_shipped_config_loads_and_builds(path):
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads_and_builds(name):
     from csfrn.data import DATASETS
     from csfrn.engine.config import load_config
     from csfrn.engine.checkpoint import build_model_from_config
-    cfg = load_config(os.path.join(ROOT, path), ["model.pretrained=null"])
+    cfg = load_config(name, ["model.pretrained=null"])   # by name: the shipped file, from any folder
     assert cfg.data.dataset in DATASETS
     assert cfg.data.batch_size >= 1 and cfg.train.iters >= 1
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Each shipped configs/plug/*.yaml (another library's model with CSFLM, ``model.external``) through the real entry
+"""Each shipped plug/ config (another library's model with CSFLM, ``model.external``) through the real entry
 point, ``python -m csfrn.cli``: train 2 iterations at 64 px on the synthetic set, then eval, predict and export
 --out x.onnx of its checkpoint (and visualize, for one), which build the model from the checkpoint's config.
 One test per config chains the verbs: the cost is mostly the start of each process."""
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, rgb, write_png
+from conftest import rgb, write_png
 from test_cli_verbs import _sets, csfrn
 
 TINY = ["model.num_classes=4", "data.dataset=synthetic", "data.root=null", "data.size=64", "data.length=4",
@@ -17,7 +17,7 @@ TINY = ["model.num_classes=4", "data.dataset=synthetic", "data.root=null", "data
 
 @pytest.mark.parametrize("name", ["torchvision_deeplabv3_r50", "smp_unet_r34", "hf_segformer_b0"])
 def test_plug_config_train_eval_predict_export(tmp_path, name):
-    config = os.path.join(ROOT, "configs", "plug", f"{name}.yaml")
+    config = f"plug/{name}"   # a shipped config, by name
     work = tmp_path / "run"
     result = csfrn("train", "--config", config, *_sets(TINY + [f"train.work_dir={work}"]))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_plug_config_train_eval_predict_export(tmp_path, name):
 def test_plug_config_errors_are_one_line(tmp_path, capsys):
     """In this process (csfrn.cli.main, the console script's function): the errors come before any training."""
     from csfrn.cli import main
-    config = os.path.join(ROOT, "configs", "plug", "smp_unet_r34.yaml")
+    config = "plug/smp_unet_r34"
     for override, fragment in (("model.external.tap=segmentation_head.7", "'model.external.library' is missing"),
                                ("model.external={library: smp, name: Unet, kwargs: {encoder_name: resnet18}, "
                                 "tap: nope}", "tap='nope' names no submodule")):

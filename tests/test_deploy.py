@@ -203,8 +203,8 @@ def test_onnxruntime_without_deformconv_is_a_clear_error(tiny_aam, tmp_path, mon
 # ---------------------------------------------------------------- the demo checkpoint, through the CLI
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    """A checkpoint of the demo's model (configs/demo.yaml), as `csfrn demo` / `csfrn train` write it."""
-    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    """A checkpoint of the demo's model (the shipped demo config), as `csfrn demo` / `csfrn train` write it."""
+    cfg = load_config("demo")
     model = _deformed(build_model_from_config(cfg.model, load_pretrained=False))
     path = tmp_path_factory.mktemp("demo") / "best.pth"
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "iter": 1000}, path)

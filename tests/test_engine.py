@@ -171,17 +171,17 @@ def test_shipped_configs_resolve_as_before_they_inherited():
     from conftest import ROOT, shipped_configs
     with open(os.path.join(ROOT, "tests", "fixtures", "resolved_configs.json")) as f:
         expected = json.load(f)
-    assert set(expected) <= set(shipped_configs())      # configs added since (configs/plug/...) are not in it
+    assert set(expected) <= set(shipped_configs())      # configs added since (plug/...) are not in it
     defaults = Config().to_dict()
-    for path, resolved in expected.items():
-        got = load_config(os.path.join(ROOT, path)).to_dict()
+    for name, resolved in expected.items():
+        got = load_config(name).to_dict()
         # keys added to the config since the fixture was written keep their defaults in these configs
         known = {section: {k: v for k, v in values.items() if k in resolved[section]}
                  for section, values in got.items()}
         added = {section: {k: v for k, v in values.items() if k not in resolved[section]}
                  for section, values in got.items()}
-        assert known == resolved, path
-        assert all(v == defaults[section][k] for section, values in added.items() for k, v in values.items()), path
+        assert known == resolved, name
+        assert all(v == defaults[section][k] for section, values in added.items() for k, v in values.items()), name
 
 
 def test_amp_needs_cuda(tmp_path):

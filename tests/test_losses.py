@@ -1,5 +1,4 @@
 """Lovasz hinge, CAC, smooth and OHEM losses against loops written from their definitions."""
-import math
 
 import pytest
 import torch

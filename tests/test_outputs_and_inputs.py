@@ -184,7 +184,7 @@ def test_make_bench_writes_under_build():
 
 # ---------------------------------------------------------------- inputs accepted and read as meant
 def test_config_mistakes_are_one_line(run, tmp_path):
-    one_line_error(csfrn("train", *_sets(run["overrides"])), "train", "--config is required", "configs/demo.yaml")
+    one_line_error(csfrn("train", *_sets(run["overrides"])), "train", "--config is required", "csfrn config --list")
     one_line_error(csfrn("train", "--config", run["best"]), "train", str(run["best"]), "not a YAML text file")
     one_line_error(csfrn("eval", "--checkpoint", run["best"], "--out", tmp_path, "--set", "eval.mode=slide",
                          "--set", "eval.crop_size=[16,16]", "--set", "eval.stride=[24,8]"), "eval",
@@ -268,12 +268,12 @@ def test_ablation_plot_title_keeps_its_spaces(tmp_path, monkeypatch):
     # it is given, so check the text the figure holds when it is saved, and that a PNG with ink comes out.
     from csfrn import plotting
     from csfrn.engine.ablate import plot_ablation
-    titles, save = [], plotting._save
+    titles, save = [], plotting.save_png
 
     def spy(fig, path):
         titles.extend(ax.get_title() for ax in fig.axes)
         return save(fig, path)
-    monkeypatch.setattr(plotting, "_save", spy)
+    monkeypatch.setattr(plotting, "save_png", spy)
     summary = {"split": "test", "variants": {"baseline": {"mIoU": {0: 50.0, 1: 52.0}},
                                              "concat": {"mIoU": {0: 51.0, 1: 54.0}}}}
     plot_ablation(summary, tmp_path / "a.png")

@@ -100,7 +100,7 @@ def test_metrics_record_clipping_and_ema(run):
 
 
 def test_config_verb_prints_a_config_that_loads_back(tmp_path, capsys):
-    demo = os.path.join(ROOT, "configs", "demo.yaml")
+    demo = "demo"   # the shipped config, by name
     result = csfrn("config", "--config", demo, "--set", "train.lr=0.02", "--set", "train.ema=0.99")
     assert result.returncode == 0, result.stderr
     path = tmp_path / "printed.yaml"

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import csfrn.losses.pixel
-from csfrn import ops
 from csfrn.engine import speed
 from csfrn.engine.config import load_config
 from csfrn.engine.train import train

@@ -41,6 +41,45 @@ def cpu_ceilings(copy_mib=64, n=1536, reps=5):
     return result
 
 
+def _median_ms(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _copy_gb_s(copy_mib, reps):
+    """Device copy bandwidth (read + write) of a copy_mib MiB float32 buffer; the buffers are freed on return."""
+    src = torch.randn(copy_mib * 2**18, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def gpu_ceilings(reps=10, copy_mib=1024, n=8192):
+    """{"copy_gb_s", "matmul_tflops_fp32", "matmul_tflops_tf32", "matmul_tflops_bf16"} of the current GPU."""
+    out = {"copy_gb_s": _copy_gb_s(copy_mib, reps)}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, dtype, allow_tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
+                                        ("bf16", torch.bfloat16, False)):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            a = torch.randn(n, n, device="cuda", dtype=dtype)
+            b = torch.randn(n, n, device="cuda", dtype=dtype)
+            ms = _median_ms(lambda: a @ b, reps)
+            out[f"matmul_tflops_{name}"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -30,7 +30,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import tempfile
 import time
 import unittest.mock
@@ -45,8 +44,7 @@ from ..engine.train import train
 from ..losses import labels_checked
 from ..models import build_model, complexity
 from ..models.complexity import training_flops
-from ..nn import AAM
-from .timing import cpu_ceilings, device_name, measure, table, write_json
+from .timing import cpu_ceilings, device_name, gpu_ceilings, measure, table, write_json
 
 NUM_CLASSES = 19
 # Tiny widths for tests and smoke runs: seconds on a CPU, same code paths.
@@ -129,79 +127,6 @@ def inference_fn(model, images, amp=None, context=contextlib.nullcontext):
         with context(), torch.no_grad(), torch.autocast(device_type, dtype=amp, enabled=amp is not None):
             model(images)
     return infer
-
-
-def _module_groups(model):
-    """Category -> modules whose forward time it counts (a category's time excludes nested categories')."""
-    head = []
-    for child in model.decode_head.children():
-        head.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
-    groups = {"backbone": [model.backbone], "head": head,
-              "aux head": [model.aux_head] if model.aux_head is not None else [],
-              "CSFLM": [model.csflm] if model.csflm is not None else [],
-              "AAM": [model.csflm.fuse] if isinstance(getattr(model.csflm, "fuse", None), AAM) else [],
-              "losses": [model.criterion]}
-    return {k: v for k, v in groups.items() if v}
-
-
-def breakdown(model, optimizer, images, labels, amp=None, reps=1, context=contextlib.nullcontext):
-    """Training-step time by part (ms, median over ``reps`` steps after one warm-up): the forward time of
-    each category of ``_module_groups`` (module hooks; a nested category's time is taken out of its parent's,
-    so CSFLM excludes AAM; "losses" is the whole Eq. 7 criterion, aux cross-entropy included), "other forward"
-    (upsampling, glue), "backward" and "optimizer"."""
-    device = images.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    groups = _module_groups(model)
-    totals, stack = {}, []
-
-    def enter(name):
-        def hook(module, args):
-            sync()
-            stack.append([name, time.perf_counter(), 0.0])
-        return hook
-
-    def leave(module, args, output):
-        sync()
-        name, t0, children = stack.pop()
-        elapsed = time.perf_counter() - t0
-        totals[name] = totals.get(name, 0.0) + elapsed - children
-        if stack:
-            stack[-1][2] += elapsed
-    handles = []
-    for name, modules in groups.items():
-        for m in modules:
-            handles += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
-    model.train()
-    samples = []
-    try:
-        for rep in range(reps + 1):
-            totals.clear()
-            with context(), labels_checked():
-                optimizer.zero_grad(set_to_none=True)
-                sync()
-                t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    _, losses = model(images, labels)
-                    loss = sum(losses.values())
-                sync()
-                t1 = time.perf_counter()
-                loss.backward()
-                sync()
-                t2 = time.perf_counter()
-                optimizer.step()
-                sync()
-                t3 = time.perf_counter()
-            if rep == 0:       # warm-up
-                continue
-            parts = {k: totals.get(k, 0.0) * 1e3 for k in groups}
-            parts["other forward"] = (t1 - t0) * 1e3 - sum(parts.values())
-            parts["backward"] = (t2 - t1) * 1e3
-            parts["optimizer"] = (t3 - t2) * 1e3
-            samples.append(parts)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
 def gflops(quick, size):
@@ -294,8 +219,7 @@ def ceiling_tflops(device, amp):
     """The device's matrix-product ceiling in TFLOP/s: bf16 (under bf16 / fp16 autocast) or float32 without
     TF32 on a GPU, float32 on the CPU (at torch's current thread count); and what was measured."""
     if torch.device(device).type == "cuda":
-        from .gpu_ceilings import ceilings
-        c = ceilings(reps=5)
+        c = gpu_ceilings(reps=5)
         key = "matmul_tflops_bf16" if amp != "none" else "matmul_tflops_fp32"
         return c[key], key
     return cpu_ceilings()["matmul_gflops_fp32"] / 1e3, "matmul_tflops_fp32"

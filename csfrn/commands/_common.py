@@ -2,6 +2,7 @@
 resolve to, and the checks of the paths named on the command line."""
 import os
 
+from ..configs import find_config
 from ..engine.config import load_config, validate
 from ..errors import ConfigError, MissingPathError, UsageError
 
@@ -39,8 +40,9 @@ def set_paths(cfg, keys):
 
 def check_paths(args):
     """The files and folders named on the command line exist, before any work starts."""
-    files = [("--config", args.config, "a YAML config file"),
-             ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
+    if args.config is not None:   # a YAML file, or a shipped config's name (csfrn.configs)
+        args.config = find_config(args.config, "--config")
+    files = [("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
              ("--model", getattr(args, "model", None), "an exported .onnx or .pt2 file (csfrn export)")]
     if getattr(args, "resume", None) != "auto":
         files.append(("--resume", getattr(args, "resume", None), "a checkpoint file, or 'auto'"))

@@ -13,7 +13,7 @@ PARSER = {"help": "train the paper's ablation variants with several seeds",
           "schedule for every variant, so the comparison with the baseline is paired), evaluate on --split, and "
           "write OUT/runs/<variant>_seed<s>.json, OUT/summary.json, OUT/table.md and OUT/ablation.png. Runs already "
           "in OUT are not trained again.\n\nVariants and the paper's rows they stand for:\n" + variants_help()}
-EXAMPLES = ["csfrn ablate --config configs/demo.yaml --out ablation --seeds 5"]
+EXAMPLES = ["csfrn ablate --config demo --out ablation --seeds 5"]
 
 
 def add_arguments(parser):

@@ -7,16 +7,16 @@ from ..errors import UsageError
 
 # csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
 BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
-              "report": "csfrn.bench.report"}
+              "export": "csfrn.bench.export"}
 BENCHMARK_SUMMARIES = {"ops": "every csfrn op against its twin (and the peer), forward and backward",
                        "deform": "deform_conv2d / the AAM pair against torchvision, with the launch plan's floor",
                        "train": "training steps: baseline, CSFRN, channels_last, compiled, torchvision's peer",
-                       "report": "all of them into one JSON and charts (--out)"}
+                       "export": "an exported model: onnxruntime and torch.export against PyTorch eager"}
 
-PARSER = {"help": "benchmarks: --what ops | deform | train | report", "add_help": False,
+PARSER = {"help": "benchmarks: --what ops | deform | train | export", "add_help": False,
           "description": "Benchmarks. Each --what takes its own options, listed below; results are written under "
-          "--out DIR only (the report needs it), never to the current folder."}
-EXAMPLES = ["csfrn bench --what ops --quick", "csfrn bench --what report --out benchmarks/results"]
+          "--out DIR only, never to the current folder."}
+EXAMPLES = ["csfrn bench --what ops --quick", "csfrn bench --what train --out results/"]
 # The rest of the command line goes to the benchmark's own parser (csfrn.cli passes it as args.extra).
 TAKES_EXTRA_ARGUMENTS = True
 

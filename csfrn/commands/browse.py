@@ -9,8 +9,8 @@ PARSER = {"help": "a dataset's images with their masks blended in, to PNGs",
           "description": "Write OUT/<split>_<index>.png for the first --n items of --split: the image beside the "
           "image with its mask blended in the dataset's palette, and a legend of the classes present; with "
           "--augmented after the training transforms."}
-EXAMPLES = ["csfrn browse --config configs/demo.yaml --split val --out browse/ --n 8",
-            "csfrn browse --config configs/demo.yaml --split train --out browse_aug/ --augmented"]
+EXAMPLES = ["csfrn browse --config demo --split val --out browse/ --n 8",
+            "csfrn browse --config demo --split train --out browse_aug/ --augmented"]
 
 
 def add_arguments(parser):

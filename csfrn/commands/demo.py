@@ -16,7 +16,7 @@ def add_arguments(parser):
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model, 0..N-1 (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=500, help="training iterations per run (default: %(default)s, "
-                        "so that 3 seeds x 2 models fit in about 5 minutes on a 2-core CPU; configs/demo.yaml's 1000 "
+                        "so that 3 seeds x 2 models fit in about 5 minutes on a 2-core CPU; the demo config's 1000 "
                         "is the scale of the README's study; same as --set train.iters=N)")
     add_overwrite(parser, "start over in an --out that holds a previous demo (its runs, summary and pictures are "
                   "removed)")
@@ -26,8 +26,7 @@ def add_arguments(parser):
 
 def run(args):
     from ..engine.demo import DEMO_CONFIG, DEMO_OUTPUTS, run_demo   # here, not at the top: --help imports no torch
-    if args.config is None and os.path.isfile(DEMO_CONFIG):
-        args.config = DEMO_CONFIG
+    args.config = args.config or DEMO_CONFIG
     config(args)  # report bad keys before any work
     at_least_one("--seeds", args.seeds)
     at_least_one("--iters", args.iters)

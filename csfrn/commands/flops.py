@@ -9,7 +9,7 @@ PARSER = {"help": "parameters and GFLOPs of the model a config describes",
           "description": "Parameters and GFLOPs (paper counting, csfrn.models.complexity) of the model that "
           "--config / --set describe: every model key counts (width, blocks, channels, aux_channels, aux, ...); "
           "model.pretrained is never read. The flags below override the config's model keys."}
-EXAMPLES = ["csfrn flops --config configs/demo.yaml --size 512 1024"]
+EXAMPLES = ["csfrn flops --config demo --size 512 1024"]
 
 # (flag, model key, type); bool flags set the key to the flag's meaning.
 FLAGS = [("--head", "head", str), ("--backbone", "backbone", str), ("--num-classes", "num_classes", int),

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from ..configs import find_config
 from ..errors import ConfigError, ConfigKeyError, MissingPathError
 
 
@@ -261,11 +262,14 @@ BASE_KEY = "_base_"
 
 
 def config_files(path, _named_by=None, _chain=()):
-    """``[(file, values), ...]``: the ``_base_`` files of the YAML file at ``path`` (recursively, in order), then
-    the file itself, each with its mapping (``_base_`` taken out). Missing files, YAML errors, a ``_base_`` that
-    is not a path or a list of paths and files that are their own bases are errors naming the file."""
+    """``[(file, values), ...]``: the ``_base_`` files of the YAML file at ``path`` (a file, or a shipped config's
+    name: :func:`csfrn.configs.find_config`) recursively, in order, then the file itself, each with its mapping
+    (``_base_`` taken out). Missing files, YAML errors, a ``_base_`` that is not a path or a list of paths and
+    files that are their own bases are errors naming the file."""
     whose = f" (a {BASE_KEY} of {_named_by})" if _named_by else ""
-    if not os.path.isfile(path):
+    if _named_by is None:
+        path = find_config(path)   # a file, or a shipped config's name
+    elif not os.path.isfile(path):
         raise MissingPathError(f"config file not found: {path}{whose} (expected a YAML file)")
     real = os.path.realpath(path)
     if real in _chain:

@@ -16,8 +16,7 @@ from .config import load_config
 from .evaluate import format_consistency, predict_dataset_grid
 from .visualize import visualize_dataset
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs", "demo.yaml")
+DEMO_CONFIG = "demo"   # the shipped config (csfrn/configs/demo.yaml), found by name wherever csfrn is installed
 MODELS = (("csfrn", True), ("baseline", False))
 # What a demo writes into its folder (a new demo refuses them, --overwrite removes them).
 DEMO_OUTPUTS = ("csfrn", "baseline", "summary.json", "predictions.png", "figure3_distance_maps.png")
@@ -27,9 +26,7 @@ def run_demo(out_dir, config_path=None, overrides=None, seeds=3, split="test", r
     """Train and evaluate both models with seeds 0..seeds-1; write summary.json and pictures to ``out_dir``.
     With ``resume``, runs already in ``out_dir`` continue from their last.pth (finished ones are only loaded)."""
     start = time.perf_counter()
-    if config_path is None and os.path.isfile(DEMO_CONFIG):
-        config_path = DEMO_CONFIG
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path or DEMO_CONFIG, overrides)
     os.makedirs(out_dir, exist_ok=True)
     test_set = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
                              seed=cfg.train.seed)
