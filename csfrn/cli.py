@@ -174,6 +174,8 @@ def _parser():
     p.add_argument("--work-dir", help="output directory (same as --set train.work_dir=...)")
     p.add_argument("--overwrite", action="store_true", help="start over in a work_dir that holds a previous run "
                    "(its checkpoints, metrics and reports are removed); without it such a work_dir is refused")
+    p.add_argument("--resume-changed", action="store_true", help="resume although the seed, global batch, world "
+                   "size or model differ from the checkpoint's (refused without it)")
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     _common(p, _eval)
@@ -450,7 +452,7 @@ def _train(args):
     cfg = _paths(args, _config(args), **{"train.work_dir": args.work_dir, "train.resume": args.resume})
     writable_dir(cfg.train.work_dir, "--work-dir" if args.work_dir else "train.work_dir")
     check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
-    train(cfg, overwrite=args.overwrite)
+    train(cfg, overwrite=args.overwrite, resume_changed=args.resume_changed)
     return 0
 
 
