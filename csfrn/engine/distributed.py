@@ -52,9 +52,22 @@ def init_distributed(device="auto", timeout=600):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
+        wait = datetime.timedelta(seconds=timeout)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+                                timeout=wait, store=_attempt_store(world_size, wait))
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _attempt_store(world_size, timeout):
+    """Under torchelastic, the agent's store with a key prefix of this attempt (``TORCHELASTIC_RESTART_COUNT``),
+    else None (``env://``). The static rendezvous keeps one store over the agent's restarts and torch adds no
+    prefix per attempt: a restarted process group could read the dead attempt's addresses there (gloo then
+    fails with "Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"csfrn/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def cleanup():

@@ -17,8 +17,9 @@ from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted, UserError
 from ..losses import check_labels, labels_checked
-from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
-                         remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, build_model_from_config, check_num_classes, load_checkpoint,
+                         load_model_state, remove_stale_temp_files, require_keys, rng_state, save_checkpoint,
+                         set_rng_state)
 from . import speed
 from .config import Config, check_training
 from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed,
@@ -185,19 +186,26 @@ def _choose_resume(tcfg, info):
     mine = _resume_path(tcfg) if info.is_main else (
         os.path.join(tcfg.work_dir, "last.pth") if tcfg.resume == "auto" else tcfg.resume)
     if info.is_main:
-        state = load_checkpoint(mine) if mine else None   # its own error when unreadable
-        view = None if state is None else _view(mine, state)
-        best = float("-inf")
+        error, state, view, best = None, None, None, float("-inf")
         best_path = os.path.join(tcfg.work_dir, "best.pth")
-        if state is None and tcfg.resume == "auto" and os.path.isfile(best_path):
-            best = float(load_checkpoint(best_path).get("mIoU", best))
-        decision = [view, best]
+        try:   # an unreadable file: every rank stops with rank 0's error (none waits for a broadcast)
+            state = load_checkpoint(mine) if mine else None
+            view = None if state is None else _view(mine, state)
+            if state is None and tcfg.resume == "auto" and os.path.isfile(best_path):
+                best = float(load_checkpoint(best_path).get("mIoU", best))
+        except CheckpointError as err:
+            if not info.distributed:
+                raise
+            error = str(err)
+        decision = [view, best, error]
     else:
-        decision = [None, None]
+        decision = [None, None, None]
     if not info.distributed:
         return mine, state, decision[1]
     torch.distributed.broadcast_object_list(decision, src=0)
-    chosen, best = decision
+    chosen, best, error = decision
+    if error:
+        raise_on_every_rank(CheckpointError(error), info)
     problem = None
     if not info.is_main:
         state, view = _checkpoint_view(mine)
