@@ -71,6 +71,14 @@ class RunLockedError(UserError, BlockingIOError):
     """The work_dir is in use by another run (its lock file names the process, host and start time)."""
 
 
+class ResumeMismatchError(UserError, ValueError):
+    """Under torchrun, a rank whose checkpoint to resume from is missing or differs from the one rank 0 chose."""
+
+
+class DistributedTimeoutError(UserError, TimeoutError):
+    """A process stopped answering the others for longer than ``train.dist_timeout``."""
+
+
 class OutputNotWritableError(UserError, PermissionError):
     """An output folder or file that cannot be written (read-only, a file where a folder is meant, ...)."""
 

@@ -4,8 +4,15 @@ torchrun's agent forwards SIGINT / SIGTERM to its workers: csfrn's training then
 step, writes last.pth and rank 0 says so in one line. The agent itself then raises ``SignalException`` with a
 traceback of its own; this launcher (torchrun otherwise: same options, same behaviour) exits with 128 + the
 signal number (130, 143) instead.
+
+``--shutdown-timeout`` (seconds torchrun waits for its workers to end after SIGTERM before it SIGKILLs them;
+default 30, or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) holds here also when a worker failed: torchrun then stops the
+others with its built-in 30 s (``PContext.close``'s default, which the option does not reach). A stalled or
+stopped rank, which cannot answer SIGTERM, so ends ``--shutdown-timeout`` after the others gave up waiting for it
+(``train.dist_timeout``).
 """
 import logging
+import os
 import sys
 
 
@@ -18,9 +25,25 @@ class _NoSignalNotices(logging.Filter):
         return "death signal" not in message and "closing signal" not in message
 
 
+def _bound_worker_shutdown(seconds):
+    """Every stop of the workers waits at most ``seconds`` before SIGKILL (see the module's docstring)."""
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    close = PContext.close
+
+    def close_within(self, death_sig=None, timeout=seconds):
+        return close(self, death_sig, min(timeout, seconds))
+
+    PContext.close = close_within
+
+
 def main(argv=None):
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.run import main as torchrun, parse_args
+
+    shutdown = parse_args(sys.argv[1:] if argv is None else argv).shutdown_timeout
+    _bound_worker_shutdown(int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) if shutdown is None
+                           else shutdown)
 
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
         logging.getLogger(name).addFilter(_NoSignalNotices())

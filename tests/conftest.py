@@ -38,6 +38,8 @@ needs_cuda = pytest.mark.cuda
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped without one); `pytest -m cuda` selects them")
+    config.addinivalue_line("markers", "slow: starts several torchrun jobs (tens of seconds); runs in CI too, "
+                            "`-m 'not slow'` leaves them out locally")
 
 
 def pytest_collection_modifyitems(config, items):

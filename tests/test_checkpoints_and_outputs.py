@@ -202,9 +202,8 @@ def test_work_dir_check_covers_best_only_and_auto_without_last(tmp_path):
     (tmp_path / "best.pth").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="best.pth.*--overwrite"):
         check_work_dir(cfg.train)
-    cfg.train.resume = "auto"                                                # nothing to resume from
-    with pytest.raises(FileExistsError, match="best.pth"):
-        check_work_dir(cfg.train)
+    cfg.train.resume = "auto"             # no last.pth: best.pth alone never blocks it (a start at iteration 0)
+    assert check_work_dir(cfg.train) == []
     cfg.train.resume = None
     (tmp_path / "notes.txt").write_text("mine")
     assert check_work_dir(cfg.train, overwrite=True) == [str(tmp_path / "best.pth")]   # only the run's files

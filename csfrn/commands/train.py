@@ -16,6 +16,8 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true", help="start over in a work_dir that holds a previous "
                         "run (its checkpoints, metrics and reports are removed); without it such a work_dir is "
                         "refused")
+    parser.add_argument("--resume-changed", action="store_true", help="resume although the seed, global batch, "
+                        "world size or model differ from the checkpoint's (refused without it)")
 
 
 def run(args):
@@ -26,5 +28,5 @@ def run(args):
     cfg = set_paths(config(args), {"train.work_dir": args.work_dir, "train.resume": args.resume})
     writable_dir(cfg.train.work_dir, "--work-dir" if args.work_dir else "train.work_dir")
     check_work_dir(cfg.train, args.overwrite)   # never replace a previous run's outputs silently
-    train(cfg, overwrite=args.overwrite)
+    train(cfg, overwrite=args.overwrite, resume_changed=args.resume_changed)
     return 0

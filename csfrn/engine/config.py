@@ -110,6 +110,7 @@ class TrainConfig:
     clip_grad: Optional[float] = None  # clip the gradients' global L2 norm to this (null: no clipping)
     channels_last: Optional[bool] = None  # model and images in channels_last; null: true on CUDA, false on CPU
     compile: Union[bool, str] = False     # torch.compile the model and losses: false | true | a mode name
+    dist_timeout: float = 600     # seconds a process waits for the others in a collective before the job ends
 
 
 @dataclass
@@ -425,6 +426,7 @@ def validate(cfg):
     if t.clip_grad is not None:
         _positive("train.clip_grad", t.clip_grad, "a max gradient norm")
     check_compile_setting("train.compile", t.compile)
+    _positive("train.dist_timeout", t.dist_timeout, "a number of seconds")
     check_compile_setting("eval.compile", e.compile)
 
     _choice("eval.mode", e.mode, INFERENCE_MODES)

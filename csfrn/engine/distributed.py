@@ -1,13 +1,15 @@
 """torchrun-style process groups, SyncBN (also on CPU), and the per-sample seeded infinite sampler."""
 import dataclasses
+import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DistributedTimeoutError
 
 
 @dataclasses.dataclass
@@ -39,9 +41,10 @@ def resolve_device(preference="auto", local_rank=0):
     raise ConfigError(f"train.device is {preference!r}; expected one of auto, cpu, cuda")
 
 
-def init_distributed(device="auto"):
+def init_distributed(device="auto", timeout=600):
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group when WORLD_SIZE > 1:
-    NCCL on GPUs, gloo on CPU. Without those variables this is a single process."""
+    NCCL on GPUs, gloo on CPU. Without those variables this is a single process. ``timeout`` (seconds,
+    ``train.dist_timeout``): how long a collective waits for the other processes before it fails."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,13 +52,73 @@ def init_distributed(device="auto"):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        wait = datetime.timedelta(seconds=timeout)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=wait, store=_attempt_store(world_size, wait))
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _attempt_store(world_size, timeout):
+    """Under torchelastic, the agent's store with a key prefix of this attempt (``TORCHELASTIC_RESTART_COUNT``),
+    else None (``env://``). The static rendezvous keeps one store over the agent's restarts and torch adds no
+    prefix per attempt: a restarted process group could read the dead attempt's addresses there (gloo then
+    fails with "Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"csfrn/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_on_every_rank(err, info):
+    """Raise ``err``, an error that every rank raises alike at the same point: rank 0 raises it (the CLI prints
+    it as one line), the other ranks leave quietly with exit status 2."""
+    if info.distributed and not info.is_main:
+        raise SystemExit(2) from err
+    raise err
+
+
+# What gloo / NCCL say when a collective waited longer than the process group's timeout.
+_TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+# Where the message names the peer (gloo: "... [127.0.0.1]:29500 ..." or "rank 1"), the rank that stopped answering.
+_PEER_RANK = re.compile(r"\b(?:from|peer|to) rank (\d+)|\brank (\d+)\b", re.IGNORECASE)
+
+
+def timeout_error(err, info, timeout):
+    """A :class:`DistributedTimeoutError` for ``err`` when it is a collective that timed out, else None. The
+    message names the rank that stopped answering where the backend's message says it, or where only one other
+    process exists."""
+    text = str(err)
+    if not (info.distributed and _TIMEOUT.search(text)):
+        return None
+    found = [int(a or b) for a, b in _PEER_RANK.findall(text) if int(a or b) != info.rank]
+    if found:
+        peer = f"rank {found[0]}"
+    elif info.world_size == 2:
+        peer = f"rank {1 - info.rank}"
+    else:
+        peer = "another rank (the backend does not say which)"
+    detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return DistributedTimeoutError(
+        f"rank {info.rank}: {peer} stopped answering for train.dist_timeout={timeout:g} s (a stalled or stopped "
+        f"process); the job stops ({detail[:200]})")
+
+
+def mean_over_ranks(values, info):
+    """{name: 0-d tensor} -> {name: float}: each value's mean over the processes (one all-reduce and one host
+    sync for all of them; a single process just reads them). Every rank's share of the global batch is equal,
+    so this is the mean over the global batch of the per-rank means that DDP's gradient averages."""
+    names = list(values)
+    stacked = torch.stack([values[name].detach().to(torch.float64) for name in names])
+    if info.distributed:
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= info.world_size
+    return dict(zip(names, stacked.tolist()))
 
 
 def all_reduce_sum(tensor):

@@ -2,6 +2,7 @@
 DDP through torchrun with SyncBN, per-sample seeded data, JSON-lines metrics (TensorBoard when installed),
 periodic evaluation keeping best.pth and last.pth, and exact resume; channels_last, torch.compile and no host
 sync between log points (``csfrn.engine.speed``)."""
+import dataclasses
 import json
 import math
 import os
@@ -14,18 +15,21 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
-from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted
+from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted, UserError
 from ..losses import check_labels, labels_checked
-from .checkpoint import (build_model_from_config, check_num_classes, load_checkpoint, load_model_state,
-                         remove_stale_temp_files, require_keys, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, build_model_from_config, check_num_classes, load_checkpoint,
+                         load_model_state, remove_stale_temp_files, require_keys, rng_state, save_checkpoint,
+                         set_rng_state)
 from . import speed
 from .config import Config, check_training
-from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed)
+from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed,
+                          mean_over_ranks, raise_on_every_rank, timeout_error)
 from .ema import build_ema
 from .evaluate import evaluate, write_report
 from .interrupt import signal_name, stop_requests
 from .optim import build_optimizer, poly_lambda  # noqa: F401  (poly_lambda: part of this module's API)
-from .resume import check_iterations, config_differences, fresh_groups, rederive_schedule
+from .resume import (as_restart, check_agreement, check_iterations, check_meaning, config_differences, fresh_groups,
+                     meaning_changes, rederive_schedule, restart_count, resume_problem, world_size_note)
 from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, TrainLog, check_tensorboard, peak_memory_gib,
                         write_config, write_env)
 from .run_lock import LOCK_NAME, run_lock
@@ -90,7 +94,10 @@ def _is_run_output(name):
 
 def check_work_dir(train_cfg, overwrite=False):
     """Refuse to start a new run over a previous one (its last.pth / best.pth) unless ``overwrite``; with
-    ``overwrite``, return the previous run's files to remove (checkpoints, metrics, reports, TensorBoard events)."""
+    ``overwrite``, return the previous run's files to remove (checkpoints, metrics, reports, TensorBoard events).
+    ``--resume auto`` without last.pth but with best.pth starts at iteration 0 (the evaluation came before the
+    first checkpoint); a torchelastic restart is a resume (:func:`csfrn.engine.resume.as_restart`)."""
+    train_cfg, overwrite = as_restart(train_cfg, overwrite)
     work_dir = train_cfg.work_dir
     if overwrite and train_cfg.resume:
         raise ConfigError("--overwrite starts over and --resume continues: give one of them")
@@ -101,8 +108,11 @@ def check_work_dir(train_cfg, overwrite=False):
         if "last.pth" in names:
             raise OutputExistsError(f"work_dir {work_dir} already holds a run (last.pth): continue it with "
                                   f"--resume auto, or start over with --overwrite")
+        if train_cfg.resume == "auto" and ("best.pth" in names or restart_count()):
+            return []   # a run that stopped before its first last.pth: it starts again at iteration 0
         if "best.pth" in names:
-            raise OutputExistsError(f"work_dir {work_dir} already holds a run (best.pth): start over with "
+            raise OutputExistsError(f"work_dir {work_dir} already holds a run (best.pth): continue it with "
+                                  f"--resume auto (from iteration 0: it has no last.pth), start over with "
                                   f"--overwrite, or choose another --work-dir")
         left = sorted(n for n in names if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
         if train_cfg.resume == "auto" and left:   # nothing to resume, and not empty: never truncate its metrics
@@ -118,27 +128,96 @@ def check_work_dir(train_cfg, overwrite=False):
     return old
 
 
-def train(cfg: Config, model=None, overwrite=False):
+def train(cfg: Config, model=None, overwrite=False, resume_changed=False):
     """Train as ``cfg`` says; returns {"iter", "best_mIoU", "last": last evaluation summary or None,
     "model": the trained module (unwrapped)}.
 
     Run under torchrun for several processes. ``model`` overrides the one built from ``cfg.model``. A work_dir
     that holds a previous run (last.pth or best.pth) is refused (FileExistsError) unless the run resumes
     (``train.resume``) or ``overwrite`` is true (the previous run's checkpoints, metrics and reports are removed).
+    A resume whose seed, global batch, world size or model differ from the checkpoint's is refused unless
+    ``resume_changed``. Under torchrun, rank 0 chooses the checkpoint and every rank checks its own copy; a
+    torchelastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from last.pth, ``overwrite`` applies to the
+    first start only. Errors every rank meets alike are raised on rank 0; the other ranks exit with status 2.
     """
+    train_cfg, overwrite = as_restart(cfg.train, overwrite)
+    cfg = dataclasses.replace(cfg, train=train_cfg)
     check_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_tensorboard(cfg.train)
     check_work_dir(cfg.train, overwrite)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout)
     try:
         with stop_requests() as stop, run_lock(cfg.train.work_dir, info):
             old_files = check_work_dir(cfg.train, overwrite)   # again, now that no other run can change it
-            return _train(cfg, model, info, old_files, stop)
+            return _train(cfg, model, info, old_files, stop, resume_changed)
+    except RuntimeError as err:   # torch.distributed's errors
+        timed_out = timeout_error(err, info, cfg.train.dist_timeout)
+        if timed_out is None:
+            raise
+        raise timed_out from None
     finally:
         cleanup()
 
 
-def _train(cfg, model, info, old_files=(), stop=None):
+def _checkpoint_view(path):
+    """(state, {"path", "iter", "checksum"}) of the checkpoint at ``path``, (None, None) where there is none,
+    (None, {"path", "error"}) where it cannot be read."""
+    if path is None or not os.path.isfile(path):
+        return None, None
+    try:
+        state = load_checkpoint(path)
+    except UserError as err:
+        return None, {"path": path, "error": str(err)}
+    return state, _view(path, state)
+
+
+def _view(path, state):
+    if not isinstance(state, dict):
+        return {"path": path, "iter": None, "checksum": None}
+    return {"path": path, "iter": state.get("iter"), "checksum": (state.get("checksum") or {}).get("value")}
+
+
+def _choose_resume(tcfg, info):
+    """Rank 0 chooses the checkpoint to resume from (and, without one, the best mIoU of a best.pth left by a run
+    that stopped before its first last.pth); every rank checks that its own copy (the same file on a shared disk)
+    is that checkpoint. Returns (this rank's path or None, its loaded state or None, best mIoU to beat)."""
+    mine = _resume_path(tcfg) if info.is_main else (
+        os.path.join(tcfg.work_dir, "last.pth") if tcfg.resume == "auto" else tcfg.resume)
+    if info.is_main:
+        error, state, view, best = None, None, None, float("-inf")
+        best_path = os.path.join(tcfg.work_dir, "best.pth")
+        try:   # an unreadable file: every rank stops with rank 0's error (none waits for a broadcast)
+            state = load_checkpoint(mine) if mine else None
+            view = None if state is None else _view(mine, state)
+            if state is None and tcfg.resume == "auto" and os.path.isfile(best_path):
+                best = float(load_checkpoint(best_path).get("mIoU", best))
+        except CheckpointError as err:
+            if not info.distributed:
+                raise
+            error = str(err)
+        decision = [view, best, error]
+    else:
+        decision = [None, None, None]
+    if not info.distributed:
+        return mine, state, decision[1]
+    torch.distributed.broadcast_object_list(decision, src=0)
+    chosen, best, error = decision
+    if error:
+        raise_on_every_rank(CheckpointError(error), info)
+    problem = None
+    if not info.is_main:
+        state, view = _checkpoint_view(mine)
+        problem = resume_problem(info.rank, chosen, view)
+    problems = [None] * info.world_size
+    torch.distributed.all_gather_object(problems, problem)
+    try:
+        check_agreement(problems)
+    except UserError as err:
+        raise_on_every_rank(err, info)
+    return (mine if chosen is not None else None), state, best
+
+
+def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
     tcfg, dcfg = cfg.train, cfg.data
     device = info.device
     if tcfg.threads:
@@ -151,15 +230,26 @@ def _train(cfg, model, info, old_files=(), stop=None):
     if info.is_main:
         for path in old_files:
             os.unlink(path)
-    resume = _resume_path(tcfg)
-    state = None
+    resume, state, best_before = _choose_resume(tcfg, info)
+    restarts = restart_count()
+    if info.is_main and restarts and not resume:
+        print(f"torchelastic restart {restarts}: no last.pth in {tcfg.work_dir} yet: starting again at iteration 0",
+              flush=True)
+    elif info.is_main and not resume and best_before > float("-inf"):
+        print(f"no last.pth in {tcfg.work_dir} (the run stopped before its first checkpoint): starting at "
+              f"iteration 0; its best.pth (mIoU {100 * best_before:.2f}) is replaced only by a better one", flush=True)
     if resume:
-        state = require_keys(load_checkpoint(resume), resume, ("model", "config", "optimizer", "scheduler",
-                                                               "scaler", "rng", "iter", "best_mIoU", "world_size"),
-                             "resumed from")
-        check_num_classes(state, resume, cfg.model.num_classes)
-        finished = check_iterations(state["iter"], state["config"].get("train", {}).get("iters"), tcfg.iters,
-                                    resume)
+        try:   # the same file on every rank (checked above): every rank meets the same errors
+            state = require_keys(state, resume, ("model", "config", "optimizer", "scheduler", "scaler", "rng",
+                                                 "iter", "best_mIoU", "world_size"), "resumed from")
+            check_num_classes(state, resume, cfg.model.num_classes)
+            finished = check_iterations(state["iter"], state["config"].get("train", {}).get("iters"), tcfg.iters,
+                                        resume)
+            if not finished:
+                check_meaning(meaning_changes(state["config"], cfg.to_dict(), state["world_size"], info.world_size),
+                              resume, resume_changed)
+        except UserError as err:
+            raise_on_every_rank(err, info)
         diffs = config_differences(state["config"], cfg.to_dict())
         if info.is_main and diffs:
             print(f"note: the config differs from {resume}'s: {'; '.join(diffs)}", flush=True)
@@ -191,7 +281,7 @@ def _train(cfg, model, info, old_files=(), stop=None):
     amp_dtype, use_scaler = _amp_settings(tcfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
-    start_iter, best = 0, float("-inf")
+    start_iter, best = 0, best_before
     if state is not None:
         load_model_state(model, state["model"], resume, cfg.model, state["config"])
         optimizer.load_state_dict(state["optimizer"])
@@ -202,11 +292,10 @@ def _train(cfg, model, info, old_files=(), stop=None):
         if state["world_size"] == info.world_size:
             set_rng_state(state["rng"][info.rank])
         elif info.is_main:
-            print(f"note: {resume} was written by {state['world_size']} processes, this run has "
-                  f"{info.world_size}: data order and augmentations continue exactly, dropout streams do not",
-                  flush=True)
+            print(world_size_note(resume, state["world_size"], info.world_size), flush=True)
         if info.is_main:
-            print(f"resumed from {resume} at iteration {start_iter}", flush=True)
+            print(f"{f'torchelastic restart {restarts}: ' if restarts else ''}resumed from {resume} at iteration "
+                  f"{start_iter}", flush=True)
     else:
         # Different dropout masks per rank, reproducibly.
         torch.manual_seed(tcfg.seed + info.rank)
@@ -282,14 +371,14 @@ def _train(cfg, model, info, old_files=(), stop=None):
 
         logged = it % tcfg.log_interval == 0 or it == tcfg.iters
         if logged:
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(loss.detach())
+            # The means over the global batch (every rank's share): what is logged and checked for divergence.
+            values = mean_over_ranks({**losses, "loss": loss}, info)
             if not all(math.isfinite(v) for v in values.values()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-                raise TrainingDivergedError(
+                raise_on_every_rank(TrainingDivergedError(
                     f"loss is not finite at iteration {it} ({terms}; checked every train.log_interval="
                     f"{tcfg.log_interval} iterations); expected finite losses: try a lower train.lr or more "
-                    f"train.warmup_iters")
+                    f"train.warmup_iters"), info)
             lr = optimizer.param_groups[0]["lr"]
             step_times = times.figures()          # after reading the losses: the device work is done
             rate = 1e3 / max(step_times["step_ms"], 1e-9)
