@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from op_samples import (F64, OPS, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
+from op_samples import (F64, OPS, TOL, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
                         deform_conv2d_sample, dual_deform_conv2d_sample, emulation, lay, output_masks)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -411,6 +411,104 @@ def test_deform_input_grad_sums_in_contribution_order(emu):
     want = _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, 1)
     assert torch.equal(grads[0][0, 0], want)
     assert not torch.equal(want, _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, -1))
+
+
+# ---------------------------------------------------------------- deformable convolution: 16-byte vector loads
+# The sampling kernel and the gather move 16 bytes of channels a lane (8 float16 / bfloat16, 4 float32, 2 float64)
+# when C / groups and C / offset_groups of every branch are multiples of that and the input starts 16-byte aligned,
+# else one (the scalar path). deform_vector_width() is the width the last call took.
+VECTOR_CASES = {  # n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size
+    "16 per offset group, 8 per group": (2, 32, 8, 4, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6)),
+    "72 per offset group": (1, 72, 4, 1, 1, (3, 2), (2, 1), (1, 0), (2, 1), (6, 5)),  # float64: 36 vectors, 32 lanes
+    "12 per group, 24 per offset group": (1, 24, 6, 2, 1, (2, 2), (1, 1), (0, 1), (1, 1), (5, 5)),  # half: scalar
+    "5 per offset group": (2, 10, 4, 1, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6)),  # scalar in every dtype
+}
+
+
+def vector_width(c_in, groups, offset_groups, dtype):
+    v = 16 // dtype.itemsize
+    return v if (c_in // groups) % v == 0 and (c_in // offset_groups) % v == 0 else 1
+
+
+@pytest.fixture
+def vector_loads(emu):
+    """set(on): the deform kernels' vector loads on or off until the test ends."""
+    previous = []
+
+    def set_on(on):
+        previous.append(emu.set_deform_vector_loads(on))
+    yield set_on
+    if previous:
+        emu.set_deform_vector_loads(previous[0])
+
+
+@pytest.mark.parametrize("case", list(VECTOR_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deform_vector_loads_against_cpu(emu, case, dtype):
+    """Each case in each dtype against the CPU kernel (float64, float32; float16 / bfloat16: the float64 twin),
+    with the mask, forward and backward: the vector path where the channels allow it, the scalar one elsewhere.
+    The gradient comes back channels_last (vector stores) in float32 and float16, NCHW (strided stores) else."""
+    n, c_in, c_out, groups, offset_groups = VECTOR_CASES[case][:5]
+    layout = "channels_last" if dtype in (torch.float32, torch.float16) else "nchw"
+    sample = deform_conv2d_sample(*VECTOR_CASES[case], layout=layout, seed=14, device="emu", dtype=dtype)
+    exact = dtype in (torch.float64, torch.float32)
+    check_ops(sample, "emu", masks=every(sample) + [[True, False, False, False, False]],
+              by="kernel" if exact else "twin")
+    assert emu.deform_vector_width() == vector_width(c_in, groups, offset_groups, dtype)
+
+
+def _forward_backward(op, sample):
+    args = sample.detached().args
+    outs = getattr(torch.ops.csfrn_emu, op)(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(*sample.info.backward_args(args, outs, sample.grads,
+                                                                                          every(sample)[0]))
+    return dict(zip(sample.info.grad_outputs, outs)) | dict(zip(sample.info.differentiable, grads))
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_vector_and_scalar_paths_agree(emu, vector_loads, op):
+    """The vector path gives the scalar path's bits for the outputs, the input and weight gradients (each channel's
+    value is the same arithmetic in the same order) and, within rounding, its offset and mask gradients (a lane adds
+    its channels in another order): float32 (4 a lane, channels_last: vector stores of the input gradient) and
+    bfloat16 (8 a lane, NCHW: strided stores)."""
+    for dtype, layout in ((torch.float32, "channels_last"), (torch.bfloat16, "nchw")):
+        if op == "deform_conv2d":
+            sample = deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], layout=layout, seed=15,
+                                          device="emu", dtype=dtype)
+        else:   # y: 16 channels, 8 per group and offset group
+            sample = dual_deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], c_y=16,
+                                               groups_y=2, c_out_y=6, layout=layout, seed=15, device="emu",
+                                               dtype=dtype)
+        results = {}
+        for on in (True, False):
+            vector_loads(on)
+            results[on] = _forward_backward(op, sample)
+            assert emu.deform_vector_width() == (16 // dtype.itemsize if on else 1)
+        for name, got in results[True].items():
+            want = results[False][name]
+            if name in ("offset", "mask"):
+                assert_matches(got, want.double(), TOL["emu"][dtype], f"{dtype} {name}")
+            else:
+                assert torch.equal(got, want), (dtype, name)
+                assert got.stride() == want.stride(), (dtype, name)
+
+
+def test_deform_misaligned_input_takes_the_scalar_path(emu):
+    """A channels_last input that starts 4 bytes past a 16-byte boundary (a view at storage offset 1) is read as it
+    is, with scalar loads: the emulation would refuse a misaligned vector load."""
+    sample = deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], seed=16, device="emu",
+                                  dtype=torch.float32)
+    x = sample["input"]
+    n, c, h, w = x.shape
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = storage[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    shifted.copy_(x)
+    assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 == 4
+    check_ops(sample.replace(input=shifted), "emu", masks=every(sample), by="kernel")
+    assert emu.deform_vector_width() == 1
+    check_ops(sample, "emu", masks=every(sample), by="kernel")
+    assert emu.deform_vector_width() == 4
 
 
 @pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
