@@ -285,6 +285,23 @@ def test_deform_conv2d_column_chunks(emu, workspace_cap, op):
         check_ops(sample, "emu", masks=output_masks(sample)[1::37])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deform_weight_grad_accumulates_across_chunks(emu, workspace_cap, dtype):
+    """Three chunks (a 1-byte cap): the weight gradient's GEMM of each chunk adds into one buffer (addmm, beta 1
+    after the first; float32 for bfloat16), so no separate sum pass (no add); the same values as in one chunk."""
+    sample = deform_conv2d_sample(3, 8, 4, 2, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 5), seed=17, device="emu",
+                                  dtype=dtype)
+    mask = [False, False, True, False, False]   # the weight gradient alone
+    args = sample.info.backward_args(sample.detached().args, None, sample.grads, mask)
+    whole = emu.deform_conv2d_backward(*args)[2]
+    workspace_cap(1)
+    calls = aten_calls(lambda: emu.deform_conv2d_backward(*args))
+    assert "aten::addmm_" in calls and not calls & {"aten::add_", "aten::add", "aten::sum"}, calls
+    chunked = emu.deform_conv2d_backward(*args)[2]
+    assert chunked.dtype == dtype
+    assert_matches(chunked, whole.double(), TOL["emu"][dtype], "weight gradient in three chunks")
+
+
 def test_dual_deform_conv2d_empty(emu):
     sample = dual_deform_conv2d_sample(0, 4, 3, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 7), device="emu")
     check_ops(sample, "emu", masks=every(sample))
@@ -360,6 +377,21 @@ def test_deform_deterministic_without_alerts(emu, op):
         torch.use_deterministic_algorithms(was)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_half_precision_padding_never_counts(emu, op):
+    """bfloat16 with 3 output channels per group: the GEMMs take narrow views of padded buffers (rows of 8). Under
+    torch.use_deterministic_algorithms(True) torch fills at::empty memory with NaN, so padding that reached a result
+    would show (the CPU's half-precision GEMM reads past K in strided operands: the emulation copies them)."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    sample = build(2, 16, 6, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6), seed=18, device="emu", dtype=torch.bfloat16)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_ops(sample, "emu", masks=every(sample))
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, order):

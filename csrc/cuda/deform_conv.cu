@@ -19,7 +19,8 @@
 //                    backward never runs a second im2col.
 //   GEMMs (cuBLAS)   forward: out[pixels, C_out] = cols @ W^T (+ bias), every image of the chunk in one GEMM per
 //                    group; backward: grad_cols = grad_out @ W, and grad_W = grad_out^T @ cols with K = images *
-//                    pixels: one GEMM for the whole batch when it fits one chunk (float32 sums across chunks).
+//                    pixels: one GEMM for the whole batch when it fits one chunk; across chunks the GEMMs
+//                    accumulate into one buffer (addmm, beta = 1; float32 for half precision): no sum pass.
 //   input gradient   keys_kernel gives every contribution (item, corner) the input pixel and offset group it lands
 //                    on; at::sort(stable) groups them by destination, keeping the item order among equals;
 //                    at::searchsorted finds each destination's run; grad_input_kernel, one lane group per destination,
@@ -426,6 +427,31 @@ at::Tensor group_cols(const at::Tensor& cols, const Branch& b, int64_t gi) {
   return cols.narrow(1, gi * b.rg_pad, b.rg);
 }
 
+// A GEMM operand (any strides, as cuBLAS takes them). Under the emulation a float16 / bfloat16 one is copied
+// contiguous: the CPU's half-precision GEMM reads one element past K in a strided operand (torch 2.14), where the
+// padding's garbage (a NaN) would poison the result; cuBLAS reads exactly the operand.
+at::Tensor gemm_operand(const at::Tensor& t) {
+#ifdef CSFRN_CUDA_EMU
+  if (t.element_size() == 2) return t.contiguous();
+#endif
+  return t;
+}
+
+// out = beta * out + a @ b (beta 0: out's contents ignored, NaN included), a and b in the input's dtype, out in it
+// or in float32 beside half / bfloat16: cuBLAS accumulates in float32 either way, and with addmm's out_dtype also
+// writes float32, so the chunks of a weight gradient add up in one float32 buffer with no sum or cast in between.
+void accumulate_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  if (out.scalar_type() == a.scalar_type()) {
+    out.addmm_(gemm_operand(a), gemm_operand(b), beta, 1.0);
+    return;
+  }
+#ifdef CSFRN_CUDA_EMU
+  out.addmm_(a.to(out.scalar_type()), b.to(out.scalar_type()), beta, 1.0);  // addmm's out_dtype is CUDA-only
+#else
+  at::addmm_out(out, out, a, b, out.scalar_type(), beta, 1.0);
+#endif
+}
+
 std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Branch>& branches,
                                      const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& offset,
                                      const std::optional<at::Tensor>& mask) {
@@ -464,9 +490,9 @@ std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Bran
           const at::Tensor c = group_cols(cols[i], b, gi).narrow(0, 0, rows);
           const at::Tensor w = b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg).t();
           if (biases[i].has_value()) {
-            at::addmm_out(dst, biases[i]->narrow(0, gi * og, og), c, w);
+            at::addmm_out(dst, biases[i]->narrow(0, gi * og, og), gemm_operand(c), gemm_operand(w));
           } else {
-            at::mm_out(dst, c, w);
+            at::mm_out(dst, gemm_operand(c), gemm_operand(w));
           }
         }
       }
@@ -523,10 +549,7 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
                               : at::empty({0}, coord_opts);
   r.grad_mask = need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, coord_opts)
                           : at::empty({0}, coord_opts);
-  std::vector<at::Tensor> gw(branches.size()), gw_sum(branches.size());
-  for (size_t i = 0; i < branches.size(); ++i) {
-    if (need_weight[i]) gw[i] = padded_matrix(branches[i].out_channels, branches[i].rg, opts);
-  }
+  std::vector<at::Tensor> gw(branches.size());
   if (g.n > 0) {
     std::vector<at::Tensor> gout;
     for (const at::Tensor& go : grad_outs) gout.push_back(grad_rows(go, g.n * L));
@@ -546,8 +569,10 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
       for (size_t i = 0; i < branches.size(); ++i) {
         if (need_weight[i]) cols[i] = at::empty({chunk * L, branches[i].row}, opts);
         if (need_gcols) gcols[i] = at::empty({chunk * L, branches[i].row}, opts);
-        // Several chunks: the weight gradient's partial GEMMs are summed in acc_t.
-        if (need_weight[i] && several) gw_sum[i] = at::zeros({branches[i].out_channels, branches[i].rg}, opts.dtype(at::toOpMathType(dtype)));
+        // The weight gradient: the GEMMs of every chunk accumulate into it (addmm, beta = 1 after the first); in
+        // acc_t when several chunks of a half-precision input add up, cast once at the end.
+        const auto gw_type = several ? at::toOpMathType(dtype) : dtype;
+        if (need_weight[i]) gw[i] = padded_matrix(branches[i].out_channels, branches[i].rg, opts.dtype(gw_type));
       }
       for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
         const int64_t nb = std::min(chunk, g.n - n0), rows = nb * L, items = nb * items_per_image;
@@ -557,8 +582,8 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
           const int64_t og = b.out_per_group();
           for (int64_t gi = 0; gi < b.groups; ++gi) {
             at::Tensor dst = group_cols(gcols[i], b, gi).narrow(0, 0, rows);
-            at::mm_out(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og),
-                       b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg));
+            at::mm_out(dst, gemm_operand(gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og)),
+                       gemm_operand(b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg)));
           }
         }
         bool any_cols = false;
@@ -575,10 +600,9 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
           const int64_t og = b.out_per_group();
           for (int64_t gi = 0; gi < b.groups; ++gi) {
             at::Tensor dst = gw[i].narrow(0, gi * og, og);
-            at::mm_out(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og).t(),
-                       group_cols(cols[i], b, gi).narrow(0, 0, rows));
+            accumulate_mm(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og).t(),
+                          group_cols(cols[i], b, gi).narrow(0, 0, rows), n0 == 0 ? 0.0 : 1.0);
           }
-          if (several) gw_sum[i].add_(gw[i]);
         }
         if (!any_input || hw == 0) continue;
         // The input gradient: contributions grouped by destination (a stable sort), then one gather each.
@@ -610,7 +634,7 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
         });
       }
       for (size_t i = 0; i < branches.size(); ++i) {
-        if (several && need_weight[i]) gw[i] = gw_sum[i].to(dtype);
+        if (need_weight[i] && gw[i].scalar_type() != dtype) gw[i] = gw[i].to(dtype);
       }
     });
   }
