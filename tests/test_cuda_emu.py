@@ -202,15 +202,18 @@ DIST_CASES = [  # (N, D, H, W, K)
     (2, 8, 13, 11, 7),
     (1, 3, 16, 16, 19),       # N * K * P = 4864 = 19 blocks of 256
     (1, 4, 1, 257, 1),        # one item into a second block
-    (2, 33, 6, 7, 150),
+    (2, 33, 6, 7, 150),       # 150 classes: 2 * 150 * 34 block sums (centre and margin gradients)
 ]
+# Every dtype and every output mask on the small cases; the large one (minutes in four dtypes and eight masks under
+# the emulation) in float64 with every gradient: the other dtypes and masks add nothing there the small cases do not
+# check (the masks only trim the units of the same launches).
+DIST_PLANS = [(*case, dtype) for case in DIST_CASES[:-1] for dtype in DTYPES] + [(*DIST_CASES[-1], F64)]
 
 
-@pytest.mark.parametrize("n,d,h,w,k", DIST_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,h,w,k,dtype", DIST_PLANS, ids=lambda v: str(v) if isinstance(v, torch.dtype) else None)
 def test_center_distance_plans(emu, n, d, h, w, k, dtype):
     sample = center_distance_sample(n, d, h, w, k, seed=k, device="emu", dtype=dtype)
-    check_ops(sample, "emu", masks=output_masks(sample))
+    check_ops(sample, "emu", masks=output_masks(sample) if (n, d, h, w, k) in DIST_CASES[:-1] else every(sample))
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 3, 4, 0, 2), (2, 0, 4, 5, 2),
