@@ -157,8 +157,8 @@ def summarise(kernels, card_name, dtype):
     """Rows per kernel (bytes, flops, floor and expected ms at the card) and the totals."""
     card = CARDS[card_name]
     rows = [dict(kernel=k.name, phase=k.phase, launches=k.launches, mbytes=k.bytes / 1e6, gflop=k.flops / 1e9,
-                 maccesses=k.accesses / 1e6 if k.accesses else None, lane_bytes=k.lane_bytes or None, floor_ms=k.floor_ms(card, dtype),
-                 expected_ms=k.expected_ms(card, dtype)) for k in kernels]
+                 maccesses=k.accesses / 1e6 if k.accesses else None, lane_bytes=k.lane_bytes or None,
+                 floor_ms=k.floor_ms(card, dtype), expected_ms=k.expected_ms(card, dtype)) for k in kernels]
     total = dict(mbytes=sum(r["mbytes"] for r in rows), gflop=sum(r["gflop"] for r in rows),
                  floor_ms=sum(r["floor_ms"] for r in rows), expected_ms=sum(r["expected_ms"] for r in rows))
     return rows, total

@@ -13,10 +13,9 @@
 //   sampling_kernel  one group of lanes per item (a power of two up to a warp, enough for the offset group's
 //                    channels), its lanes over the offset group's contiguous run of channels (coalesced loads of
 //                    the four corner vectors, 16 bytes a lane where aligned: see "Vector loads" below): writes the
-//                    columns (forward; backward: the weight gradient's
-//                    columns) and, in the backward, reduces grad_columns * corner derivatives across the lanes
-//                    (warp shuffles, a fixed butterfly) into the offset and mask gradients, in the same pass: the
-//                    backward never runs a second im2col.
+//                    columns (forward; backward: the weight gradient's columns) and, in the backward, reduces
+//                    grad_columns * corner derivatives across the lanes (warp shuffles, a fixed butterfly) into
+//                    the offset and mask gradients, in the same pass: the backward never runs a second im2col.
 //   GEMMs (cuBLAS)   forward: out[pixels, C_out] = cols @ W^T (+ bias), every image of the chunk in one GEMM per
 //                    group; backward: grad_cols = grad_out @ W, and grad_W = grad_out^T @ cols with K = images *
 //                    pixels: one GEMM for the whole batch when it fits one chunk; across chunks the GEMMs
@@ -410,7 +409,9 @@ void launch_sampling(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tens
   auto at_ = [](const std::vector<at::Tensor>& v, size_t i) { return i < v.size() ? v[i] : at::Tensor(); };
   const int lanes = branch_lanes(g, branches, vec);
   for (const std::vector<at::Tensor>* buffers : {&cols, &gcols}) {
-    for (const at::Tensor& t : *buffers) TORCH_INTERNAL_ASSERT(!t.defined() || vec == 1 || aligned16(t.const_data_ptr()));
+    for (const at::Tensor& t : *buffers) {
+      TORCH_INTERNAL_ASSERT(!t.defined() || vec == 1 || aligned16(t.const_data_ptr()));
+    }
   }
   with_vector_width<scalar_t>(vec, [&](auto v) {
     CSFRN_LAUNCH(blocks_for(items, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
