@@ -129,6 +129,13 @@ def test_deform_plan():
     assert sum(k.flops for k in dual) == 2 * sum(k.flops for k in single)
     sort = [k for k in dual if k.name.startswith("at::sort")]   # the dual op sorts once for both convolutions
     assert sort[0].bytes == [k for k in single if k.name.startswith("at::sort")][0].bytes
+    # vector loads: 16 bytes a lane at 512 channels; at 510 (255 per group: odd) one element, as many more accesses
+    for dtype, v in (("float32", 4), ("bfloat16", 8)):
+        wide = [k for k in deform_plan.plan(dtype=dtype, groups=2) if k.accesses]
+        odd = [k for k in deform_plan.plan(dtype=dtype, groups=2, c_in=510) if k.accesses]
+        assert [k.lane_bytes for k in wide] == [16] * 3 and [k.lane_bytes for k in odd] == [16 // v] * 3
+        for a, b in zip(wide, odd):
+            assert b.accesses / a.accesses == pytest.approx(v * 510 / 512)
 
 
 def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):

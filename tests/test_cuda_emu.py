@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from op_samples import (F64, OPS, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
+from op_samples import (F64, OPS, TOL, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
                         deform_conv2d_sample, dual_deform_conv2d_sample, emulation, lay, output_masks)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -202,15 +202,18 @@ DIST_CASES = [  # (N, D, H, W, K)
     (2, 8, 13, 11, 7),
     (1, 3, 16, 16, 19),       # N * K * P = 4864 = 19 blocks of 256
     (1, 4, 1, 257, 1),        # one item into a second block
-    (2, 33, 6, 7, 150),
+    (2, 33, 6, 7, 150),       # 150 classes: 2 * 150 * 34 block sums (centre and margin gradients)
 ]
+# Every dtype and every output mask on the small cases; the large one (minutes in four dtypes and eight masks under
+# the emulation) in float64 with every gradient: the other dtypes and masks add nothing there the small cases do not
+# check (the masks only trim the units of the same launches).
+DIST_PLANS = [(*case, dtype) for case in DIST_CASES[:-1] for dtype in DTYPES] + [(*DIST_CASES[-1], F64)]
 
 
-@pytest.mark.parametrize("n,d,h,w,k", DIST_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,h,w,k,dtype", DIST_PLANS, ids=lambda v: str(v) if isinstance(v, torch.dtype) else None)
 def test_center_distance_plans(emu, n, d, h, w, k, dtype):
     sample = center_distance_sample(n, d, h, w, k, seed=k, device="emu", dtype=dtype)
-    check_ops(sample, "emu", masks=output_masks(sample))
+    check_ops(sample, "emu", masks=output_masks(sample) if (n, d, h, w, k) in DIST_CASES[:-1] else every(sample))
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 3, 4, 0, 2), (2, 0, 4, 5, 2),
@@ -283,6 +286,23 @@ def test_deform_conv2d_column_chunks(emu, workspace_cap, op):
         sample = build(3, 6, 4, 2, 3, (3, 2), (2, 1), (1, 0), (2, 1), (7, 6), seed=2, device="emu", dtype=dtype)
         check_ops(sample, "emu", masks=every(sample) if dtype != torch.float64 else None)
         check_ops(sample, "emu", masks=output_masks(sample)[1::37])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deform_weight_grad_accumulates_across_chunks(emu, workspace_cap, dtype):
+    """Three chunks (a 1-byte cap): the weight gradient's GEMM of each chunk adds into one buffer (addmm, beta 1
+    after the first; float32 for bfloat16), so no separate sum pass (no add); the same values as in one chunk."""
+    sample = deform_conv2d_sample(3, 8, 4, 2, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 5), seed=17, device="emu",
+                                  dtype=dtype)
+    mask = [False, False, True, False, False]   # the weight gradient alone
+    args = sample.info.backward_args(sample.detached().args, None, sample.grads, mask)
+    whole = emu.deform_conv2d_backward(*args)[2]
+    workspace_cap(1)
+    calls = aten_calls(lambda: emu.deform_conv2d_backward(*args))
+    assert "aten::addmm_" in calls and not calls & {"aten::add_", "aten::add", "aten::sum"}, calls
+    chunked = emu.deform_conv2d_backward(*args)[2]
+    assert chunked.dtype == dtype
+    assert_matches(chunked, whole.double(), TOL["emu"][dtype], "weight gradient in three chunks")
 
 
 def test_dual_deform_conv2d_empty(emu):
@@ -362,6 +382,21 @@ def test_deform_deterministic_without_alerts(emu, op):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_half_precision_padding_never_counts(emu, op):
+    """bfloat16 with 3 output channels per group: the GEMMs take narrow views of padded buffers (rows of 8). Under
+    torch.use_deterministic_algorithms(True) torch fills at::empty memory with NaN, so padding that reached a result
+    would show (the CPU's half-precision GEMM reads past K in strided operands: the emulation copies them)."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    sample = build(2, 16, 6, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6), seed=18, device="emu", dtype=torch.bfloat16)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_ops(sample, "emu", masks=every(sample))
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, order):
     """grad of input of a one-channel deform conv whose weight makes column (pixel, tap) = grad_out[tap, pixel]
     exactly: each input pixel's contributions w * grad_out added one by one in float32, contribution
@@ -411,6 +446,104 @@ def test_deform_input_grad_sums_in_contribution_order(emu):
     want = _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, 1)
     assert torch.equal(grads[0][0, 0], want)
     assert not torch.equal(want, _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, -1))
+
+
+# ---------------------------------------------------------------- deformable convolution: 16-byte vector loads
+# The sampling kernel and the gather move 16 bytes of channels a lane (8 float16 / bfloat16, 4 float32, 2 float64)
+# when C / groups and C / offset_groups of every branch are multiples of that and the input starts 16-byte aligned,
+# else one (the scalar path). deform_vector_width() is the width the last call took.
+VECTOR_CASES = {  # n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size
+    "16 per offset group, 8 per group": (2, 32, 8, 4, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6)),
+    "72 per offset group": (1, 72, 4, 1, 1, (3, 2), (2, 1), (1, 0), (2, 1), (6, 5)),  # float64: 36 vectors, 32 lanes
+    "12 per group, 24 per offset group": (1, 24, 6, 2, 1, (2, 2), (1, 1), (0, 1), (1, 1), (5, 5)),  # half: scalar
+    "5 per offset group": (2, 10, 4, 1, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6)),  # scalar in every dtype
+}
+
+
+def vector_width(c_in, groups, offset_groups, dtype):
+    v = 16 // dtype.itemsize
+    return v if (c_in // groups) % v == 0 and (c_in // offset_groups) % v == 0 else 1
+
+
+@pytest.fixture
+def vector_loads(emu):
+    """set(on): the deform kernels' vector loads on or off until the test ends."""
+    previous = []
+
+    def set_on(on):
+        previous.append(emu.set_deform_vector_loads(on))
+    yield set_on
+    if previous:
+        emu.set_deform_vector_loads(previous[0])
+
+
+@pytest.mark.parametrize("case", list(VECTOR_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deform_vector_loads_against_cpu(emu, case, dtype):
+    """Each case in each dtype against the CPU kernel (float64, float32; float16 / bfloat16: the float64 twin),
+    with the mask, forward and backward: the vector path where the channels allow it, the scalar one elsewhere.
+    The gradient comes back channels_last (vector stores) in float32 and float16, NCHW (strided stores) else."""
+    n, c_in, c_out, groups, offset_groups = VECTOR_CASES[case][:5]
+    layout = "channels_last" if dtype in (torch.float32, torch.float16) else "nchw"
+    sample = deform_conv2d_sample(*VECTOR_CASES[case], layout=layout, seed=14, device="emu", dtype=dtype)
+    exact = dtype in (torch.float64, torch.float32)
+    check_ops(sample, "emu", masks=every(sample) + [[True, False, False, False, False]],
+              by="kernel" if exact else "twin")
+    assert emu.deform_vector_width() == vector_width(c_in, groups, offset_groups, dtype)
+
+
+def _forward_backward(op, sample):
+    args = sample.detached().args
+    outs = getattr(torch.ops.csfrn_emu, op)(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(*sample.info.backward_args(args, outs, sample.grads,
+                                                                                          every(sample)[0]))
+    return dict(zip(sample.info.grad_outputs, outs)) | dict(zip(sample.info.differentiable, grads))
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+def test_deform_vector_and_scalar_paths_agree(emu, vector_loads, op):
+    """The vector path gives the scalar path's bits for the outputs, the input and weight gradients (each channel's
+    value is the same arithmetic in the same order) and, within rounding, its offset and mask gradients (a lane adds
+    its channels in another order): float32 (4 a lane, channels_last: vector stores of the input gradient) and
+    bfloat16 (8 a lane, NCHW: strided stores)."""
+    for dtype, layout in ((torch.float32, "channels_last"), (torch.bfloat16, "nchw")):
+        if op == "deform_conv2d":
+            sample = deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], layout=layout, seed=15,
+                                          device="emu", dtype=dtype)
+        else:   # y: 16 channels, 8 per group and offset group
+            sample = dual_deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], c_y=16,
+                                               groups_y=2, c_out_y=6, layout=layout, seed=15, device="emu",
+                                               dtype=dtype)
+        results = {}
+        for on in (True, False):
+            vector_loads(on)
+            results[on] = _forward_backward(op, sample)
+            assert emu.deform_vector_width() == (16 // dtype.itemsize if on else 1)
+        for name, got in results[True].items():
+            want = results[False][name]
+            if name in ("offset", "mask"):
+                assert_matches(got, want.double(), TOL["emu"][dtype], f"{dtype} {name}")
+            else:
+                assert torch.equal(got, want), (dtype, name)
+                assert got.stride() == want.stride(), (dtype, name)
+
+
+def test_deform_misaligned_input_takes_the_scalar_path(emu):
+    """A channels_last input that starts 4 bytes past a 16-byte boundary (a view at storage offset 1) is read as it
+    is, with scalar loads: the emulation would refuse a misaligned vector load."""
+    sample = deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], seed=16, device="emu",
+                                  dtype=torch.float32)
+    x = sample["input"]
+    n, c, h, w = x.shape
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = storage[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    shifted.copy_(x)
+    assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 == 4
+    check_ops(sample.replace(input=shifted), "emu", masks=every(sample), by="kernel")
+    assert emu.deform_vector_width() == 1
+    check_ops(sample, "emu", masks=every(sample), by="kernel")
+    assert emu.deform_vector_width() == 4
 
 
 @pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])

@@ -203,6 +203,7 @@ def print_plans(plans):
         print(f"CUDA plan, {p['op']} fwd+bwd, {p['shape']}, {p['dtype']}, at {p['card']} ({p['card_source']}):")
         print(table(p["kernels"], [("phase", "pass", "{}"), ("kernel", "kernel", "{}"), ("launches", "launches", "{}"),
                                    ("mbytes", "MB moved", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
+                                   ("lane_bytes", "B/lane", "{}"), ("maccesses", "M accesses", "{:.0f}"),
                                    ("floor_ms", "floor ms", "{:.3f}"), ("expected_ms", "expected ms", "{:.3f}")]))
         print(f"  whole call: {p['mbytes']:.0f} MB, {p['gflop']:.0f} GFLOP; floor {p['floor_ms']:.2f} ms, "
               f"expected {p['expected_ms']:.2f} ms")

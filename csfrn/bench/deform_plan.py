@@ -10,6 +10,13 @@ an image's input (19 MB at 512 channels, 97 x 97, float32) and the window of col
 pixels reads stay in L2 (50 MB), so the input and the columns count once, not four times. The stable sort (CUB
 radix, int64 keys and int64 values) counts 8 passes of 8 bits, each reading and writing keys and values.
 
+Vector loads: the sampling kernels and the gather move 16 bytes of channels a lane (8 bfloat16 / float16, 4 float32,
+2 float64) where C / groups and C / offset_groups are multiples of that (the launcher's vector_width(); else one
+element a lane). That changes no byte above, but the memory accesses the lanes issue (``accesses``: per-lane loads
+and stores of the corner values, columns and their gradients, counting every corner) by that factor: at the GPU
+shape 4x fewer in float32 and 8x in bfloat16 than one element a lane, which keeps these kernels off the
+load/store-issue limit (2-byte scalar accesses move 64 bytes per warp instruction, a 16-byte vector 512).
+
 Expected time of a kernel: its floor (the larger of bytes / copy bandwidth and flops / matmul peak) over the
 fraction of the ceiling such a kernel reaches: GEMMs 0.8, streaming kernels (layout copies, keys) 0.8, the
 sampling kernels and the gather 0.5 (gathers through L2), the sort 0.5.
@@ -43,6 +50,8 @@ class Kernel:
     launches: int
     bytes: float
     flops: float = 0.0
+    accesses: float = 0.0   # per-lane memory accesses of the sampling kernels and the gather (0: not modelled)
+    lane_bytes: int = 0     # bytes a lane moves per access there (16: vector loads)
 
     def floor_ms(self, card, dtype):
         peak = card["matmul_tflops_bf16"] if dtype in ("bfloat16", "float16") else card["matmul_tflops_fp32"]
@@ -61,6 +70,12 @@ def _chunk(n, per_image, workspace=WORKSPACE_BYTES):
     most = max(1, min(n, workspace // max(1, per_image)))
     chunks = -(-n // most)
     return -(-n // chunks), chunks
+
+
+def vector_elements(c_in, groups, offset_groups, dtype):
+    """Channels a lane moves at once, as vector_width() in deform_conv.cu (an aligned input assumed)."""
+    v = 16 // ELEMENT_BYTES[dtype]
+    return v if (c_in // groups) % v == 0 and (c_in // offset_groups) % v == 0 else 1
 
 
 def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1, groups=1, offset_groups=1,
@@ -92,14 +107,17 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
     contributions = 4 * items
     dests = n * hw * offset_groups
     copies_out = not (channels_last and c_out % ALIGN == 0)
+    vec = vector_elements(c_in, groups, offset_groups, dtype)
+    runs = c_in // offset_groups // vec   # accesses of one lane group per corner, column or contributor
     ks = []
 
-    def add(name, phase, kind, launches, nbytes, flops=0.0, per_branch=True):
-        """per_branch: bytes and flops for each convolution; one launch serves both in the sampling kernels and
-        the gather (their names say so)."""
+    def add(name, phase, kind, launches, nbytes, flops=0.0, per_branch=True, accesses=0.0):
+        """per_branch: bytes, flops and accesses for each convolution; one launch serves both in the sampling
+        kernels and the gather (their names say so)."""
         mult = branches if per_branch else 1
         shared = name.startswith(("sampling_kernel", "grad_input_kernel"))
-        ks.append(Kernel(name, phase, kind, launches * (1 if shared else mult), nbytes * mult, flops * mult))
+        ks.append(Kernel(name, phase, kind, launches * (1 if shared else mult), nbytes * mult, flops * mult,
+                         accesses * mult, vec * e if shared else 0))
 
     for phase, chunk, chunks in (("forward", fwd_chunk, fwd_chunks), ("backward", bwd_chunk, bwd_chunks)):
         if not channels_last:
@@ -109,7 +127,8 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
         add("sample_kernel (positions, weights)", phase, "stream", chunks, coords_b + items * s_bytes,
             per_branch=False)
         if phase == "forward":
-            add("sampling_kernel (columns)", phase, "sampling", chunks, items * s_bytes / branches + input_b + cols_b)
+            add("sampling_kernel (columns)", phase, "sampling", chunks, items * s_bytes / branches + input_b + cols_b,
+                accesses=items * runs * (4 + 1))
             add("GEMM out = cols @ W^T (+ bias)", phase, "gemm", chunks * groups,
                 cols_b + weight_b * chunks + out_b, gemm_flops)
             if copies_out:
@@ -118,7 +137,7 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
         add("GEMM grad_cols = grad_out @ W", phase, "gemm", chunks * groups, out_b + weight_b * chunks + cols_b,
             gemm_flops)
         add("sampling_kernel (columns + offset/mask grads)", phase, "sampling", chunks,
-            items * s_bytes / branches + input_b + 2 * cols_b + coords_b / branches)
+            items * s_bytes / branches + input_b + 2 * cols_b + coords_b / branches, accesses=items * runs * (4 + 2))
         add("GEMM grad_W = grad_out^T @ cols (K = images * pixels)", phase, "gemm", chunks * groups,
             out_b + cols_b + weight_b * chunks, gemm_flops)
         add("keys_kernel (destination of each contribution)", phase, "stream", chunks,
@@ -128,7 +147,8 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
         add("at::searchsorted (destination runs)", phase, "stream", chunks, contributions * 8 + (dests + 1) * 16,
             per_branch=False)
         add("grad_input_kernel (fixed-order gather)", phase, "sampling", chunks,
-            ((dests + 1) * 8 + contributions * 8 + items * s_bytes) / branches + cols_b + input_b)
+            ((dests + 1) * 8 + contributions * 8 + items * s_bytes) / branches + cols_b + input_b,
+            accesses=(contributions + dests) * runs)
         add("grad of bias (sum)", phase, "stream", 1, out_b)
     return ks
 
@@ -137,6 +157,7 @@ def summarise(kernels, card_name, dtype):
     """Rows per kernel (bytes, flops, floor and expected ms at the card) and the totals."""
     card = CARDS[card_name]
     rows = [dict(kernel=k.name, phase=k.phase, launches=k.launches, mbytes=k.bytes / 1e6, gflop=k.flops / 1e9,
+                 maccesses=k.accesses / 1e6 if k.accesses else None, lane_bytes=k.lane_bytes or None,
                  floor_ms=k.floor_ms(card, dtype), expected_ms=k.expected_ms(card, dtype)) for k in kernels]
     total = dict(mbytes=sum(r["mbytes"] for r in rows), gflop=sum(r["gflop"] for r in rows),
                  floor_ms=sum(r["floor_ms"] for r in rows), expected_ms=sum(r["expected_ms"] for r in rows))

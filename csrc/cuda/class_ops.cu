@@ -267,7 +267,8 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* red) {
   return total;
 }
 
-// Launch 3 of 3. A block per unit (n, k, j) for j in [j0, j1), its threads striding over the pixels:
+// Launch 3 of 3. A block (of min(kThreads, P rounded up to a warp) threads) per unit (n, k, j) for j in [j0, j1),
+// its threads striding over the pixels:
 //   j <  D: grad_s[n, k, j] = -2 sum_p w[n, k, p] (e[n, j, p] - s[n, k, j])
 //   j == D: grad_m[n, k]    = sum_p gm[n, k, p]
 // then one fixed-order block sum: no atomics, one owner per output.
@@ -445,7 +446,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
     }
     const int64_t units = N * K * (j1 - j0);
     if (units > 0) {  // P = 0 included: zeros
-      CSFRN_LAUNCH(static_cast<unsigned int>(std::min(units, kMaxBlocks)), kThreads, 0, stream,
+      // as many threads as pixels, in whole warps, up to kThreads: small images leave no idle warps
+      const int threads = static_cast<int>(std::clamp<int64_t>((P + kWarp - 1) / kWarp * kWarp, kWarp, kThreads));
+      CSFRN_LAUNCH(static_cast<unsigned int>(std::min(units, kMaxBlocks)), threads, 0, stream,
                    center_distance_center_grads_kernel<scalar_t, acc_t>)(
           wp, need_m ? gm.data_ptr<acc_t>() : nullptr, e, sp, need_s ? grad_s.data_ptr<scalar_t>() : nullptr,
           need_m ? grad_m.data_ptr<scalar_t>() : nullptr, N, D, P, K, j0, j1, ev.sn, ev.sc, ev.sp);

@@ -12,19 +12,29 @@
 //                    and by both convolutions of the dual op.
 //   sampling_kernel  one group of lanes per item (a power of two up to a warp, enough for the offset group's
 //                    channels), its lanes over the offset group's contiguous run of channels (coalesced loads of
-//                    the four corner vectors): writes the columns (forward; backward: the weight gradient's
-//                    columns) and, in the backward, reduces grad_columns * corner derivatives across the lanes
-//                    (warp shuffles, a fixed butterfly) into the offset and mask gradients, in the same pass: the
-//                    backward never runs a second im2col.
+//                    the four corner vectors, 16 bytes a lane where aligned: see "Vector loads" below): writes the
+//                    columns (forward; backward: the weight gradient's columns) and, in the backward, reduces
+//                    grad_columns * corner derivatives across the lanes (warp shuffles, a fixed butterfly) into
+//                    the offset and mask gradients, in the same pass: the backward never runs a second im2col.
 //   GEMMs (cuBLAS)   forward: out[pixels, C_out] = cols @ W^T (+ bias), every image of the chunk in one GEMM per
 //                    group; backward: grad_cols = grad_out @ W, and grad_W = grad_out^T @ cols with K = images *
-//                    pixels: one GEMM for the whole batch when it fits one chunk (float32 sums across chunks).
+//                    pixels: one GEMM for the whole batch when it fits one chunk; across chunks the GEMMs
+//                    accumulate into one buffer (addmm, beta = 1; float32 for half precision): no sum pass.
 //   input gradient   keys_kernel gives every contribution (item, corner) the input pixel and offset group it lands
 //                    on; at::sort(stable) groups them by destination, keeping the item order among equals;
 //                    at::searchsorted finds each destination's run; grad_input_kernel, one lane group per destination,
 //                    sums its contributors in that fixed order in float32 (float64) and writes the final value in
 //                    the final dtype and layout: no atomics, no zero-fill, no cast pass, bitwise reproducible, so
 //                    torch.use_deterministic_algorithms(True) has nothing to alert about.
+// Vector loads. Where every run of channels a lane moves starts 16-byte aligned (checked once per call, at launch:
+// C / groups and C / offset_groups multiples of 16 bytes' worth of elements in every branch, the channels-last input
+// aligned; the column buffers and the input gradient come from at::empty, their rows padded to 8 elements), each
+// lane of the sampling kernel and the gather moves 8 float16 / bfloat16, 4 float32 or 2 float64 channels at once
+// (one LDG.128 per corner, one STG.128 per column, one LDG.128 per contributor in the gather, and an STG.128 of the
+// input gradient when it is channels-last); otherwise (odd channel counts, a misaligned view) one channel (V = 1,
+// the same code). Each channel's column and input-gradient value is the same arithmetic in the same order either
+// way, so both paths give the same bits there; the offset and mask gradients add a lane's channels in another
+// order, so they differ between the paths in the last bits, each deterministic.
 // Offsets and mask may be float32 beside a float16 / bfloat16 input (CUDA autocast keeps them so); positions and
 // weights are computed in the accumulation type (float32, float64 for float64). The output and the input's gradient
 // keep the input's memory format (channels_last in, channels_last out). What each kernel moves and computes at a
@@ -75,6 +85,22 @@ int64_t set_deform_workspace_cap(int64_t cap) {
   workspace_cap() = cap;
   return old;
 }
+// Test hooks of the emulation: vector loads off (every call takes the scalar path), and the channels per lane
+// (V) of the last call's sampling and gather kernels.
+bool& vector_loads() {
+  static bool on = true;
+  return on;
+}
+bool set_deform_vector_loads(bool on) {
+  const bool old = vector_loads();
+  vector_loads() = on;
+  return old;
+}
+int64_t& last_vector_width() {
+  static int64_t v = 0;
+  return v;
+}
+int64_t deform_vector_width() { return last_vector_width(); }
 #else
 int64_t workspace_bytes() { return kWorkspaceBytes; }
 #endif
@@ -112,8 +138,10 @@ __global__ void sample_kernel(int64_t items, int64_t n0, KernelGeom g, const coo
 }
 
 // Columns (where cols is given) and, where grad_offset / grad_mask are, the offset and mask gradients from the
-// columns' gradient, of both branches, one warp per item.
-template <typename scalar_t, typename coord_t, typename acc_t>
+// columns' gradient, of both branches, one lane group per item. Each lane takes V consecutive channels at a time
+// (V > 1: one 16-byte load per corner, one 16-byte column store; the launcher checks the alignment), lane l the
+// channels [l * V, l * V + V), then [(l + lanes) * V, ...), and adds its offset / mask terms in that order.
+template <int V, typename scalar_t, typename coord_t, typename acc_t>
 __global__ void sampling_kernel(int64_t items, int64_t n0, KernelGeom g, const DeformSample<acc_t>* __restrict__ smp,
                                 ColBranch<scalar_t> b0, ColBranch<scalar_t> b1, coord_t* __restrict__ grad_offset,
                                 coord_t* __restrict__ grad_mask) {
@@ -137,18 +165,34 @@ __global__ void sampling_kernel(int64_t items, int64_t n0, KernelGeom g, const D
       // H * W = 0 there is nothing to read.
       const scalar_t* q[4];
       for (int j = 0; j < 4; ++j) q[j] = s.pixel[j] >= 0 ? br.input + (n0 * hw + s.pixel[j]) * br.channels : nullptr;
-      for (int64_t c = lane; c < per_og; c += lanes) {
+      for (int64_t c = int64_t(lane) * V; c < per_og; c += int64_t(lanes) * V) {
         const int64_t cg = og * per_og + c, col = r * br.row + column_of(br, cg, k);
-        acc_t v[4];
-        for (int j = 0; j < 4; ++j) v[j] = q[j] ? static_cast<acc_t>(q[j][cg]) : acc_t(0);
-        if (br.cols) br.cols[col] = static_cast<scalar_t>(s.w[0] * v[0] + s.w[1] * v[1] + s.w[2] * v[2] + s.w[3] * v[3]);
+        acc_t v[V][4];  // v[e][j]: channel cg + e at corner j
+        for (int j = 0; j < 4; ++j) {
+          if (q[j]) {
+            const Vec<scalar_t, V> x = load_vec<V>(q[j] + cg);
+            for (int e = 0; e < V; ++e) v[e][j] = static_cast<acc_t>(x.v[e]);
+          } else {
+            for (int e = 0; e < V; ++e) v[e][j] = acc_t(0);
+          }
+        }
+        if (br.cols) {
+          Vec<scalar_t, V> out;
+          for (int e = 0; e < V; ++e) {
+            out.v[e] = static_cast<scalar_t>(s.w[0] * v[e][0] + s.w[1] * v[e][1] + s.w[2] * v[e][2] + s.w[3] * v[e][3]);
+          }
+          store_vec<V>(br.cols + col, out);
+        }
         if (coords) {
-          const acc_t gv = static_cast<acc_t>(br.gcols[col]);
-          acc_t value, d_y, d_x;
-          bilinear_value_grad(s.ly, s.lx, v, value, d_y, d_x);
-          sum_y += gv * d_y;
-          sum_x += gv * d_x;
-          sum_m += gv * value;
+          const Vec<scalar_t, V> gcol = load_vec<V>(br.gcols + col);
+          for (int e = 0; e < V; ++e) {
+            const acc_t gv = static_cast<acc_t>(gcol.v[e]);
+            acc_t value, d_y, d_x;
+            bilinear_value_grad(s.ly, s.lx, v[e], value, d_y, d_x);
+            sum_y += gv * d_y;
+            sum_x += gv * d_x;
+            sum_m += gv * value;
+          }
         }
       }
     }
@@ -183,17 +227,21 @@ __global__ void keys_kernel(int64_t contributions, KernelGeom g, const DeformSam
 }
 
 // One convolution's input gradient: the columns' gradient and where to write (strides of [N, C, H, W]).
+// vector_store: the gradient is channels-last with 16-byte aligned runs of V channels (V > 1): vector stores.
 template <typename scalar_t>
 struct GradBranch {
   const scalar_t* gcols;
   scalar_t* grad;
   int64_t channels, per_group, rg_pad, row;
   int64_t stride_n, stride_c, stride_h, stride_w;
+  bool vector_store;
 };
 
-// One warp per destination (input pixel of the chunk, offset group), lanes over its channels: the sum of its
-// contributors order[bounds[d]], ..., order[bounds[d + 1] - 1], in that order, in acc_t.
-template <typename scalar_t, typename acc_t>
+// One lane group per destination (input pixel of the chunk, offset group), lanes over its channels, V consecutive
+// ones a lane (V > 1: a 16-byte load of the column gradients per contributor): the sum of its contributors
+// order[bounds[d]], ..., order[bounds[d + 1] - 1], in that order, in acc_t, for each channel on its own (so every
+// V gives the same bits).
+template <int V, typename scalar_t, typename acc_t>
 __global__ void grad_input_kernel(int64_t dests, int64_t n0, KernelGeom g, const int64_t* __restrict__ bounds,
                                   const int64_t* __restrict__ order, const DeformSample<acc_t>* __restrict__ smp,
                                   GradBranch<scalar_t> b0, GradBranch<scalar_t> b1) {
@@ -208,15 +256,24 @@ __global__ void grad_input_kernel(int64_t dests, int64_t n0, KernelGeom g, const
       if (br.grad == nullptr) continue;
       const int64_t per_og = br.channels / g.offset_groups;
       scalar_t* dst = br.grad + (n0 + b) * br.stride_n + y * br.stride_h + x * br.stride_w;
-      for (int64_t c = lane; c < per_og; c += lanes) {
+      for (int64_t c = int64_t(lane) * V; c < per_og; c += int64_t(lanes) * V) {
         const int64_t cg = og * per_og + c, base = (cg / br.per_group) * br.rg_pad + cg % br.per_group;
-        acc_t sum = acc_t(0);
+        acc_t sum[V];
+        for (int e = 0; e < V; ++e) sum[e] = acc_t(0);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t contrib = order[i], it = contrib / 4;
           const int64_t r = it / (g.taps * g.offset_groups), k = it % g.taps;
-          sum += smp[it].w[contrib % 4] * static_cast<acc_t>(br.gcols[r * br.row + base + k * br.per_group]);
+          const acc_t w = smp[it].w[contrib % 4];
+          const Vec<scalar_t, V> gcol = load_vec<V>(br.gcols + r * br.row + base + k * br.per_group);
+          for (int e = 0; e < V; ++e) sum[e] += w * static_cast<acc_t>(gcol.v[e]);
         }
-        dst[cg * br.stride_c] = static_cast<scalar_t>(sum);
+        if (V > 1 && br.vector_store) {
+          Vec<scalar_t, V> out;
+          for (int e = 0; e < V; ++e) out.v[e] = static_cast<scalar_t>(sum[e]);
+          store_vec<V>(dst + cg, out);
+        } else {
+          for (int e = 0; e < V; ++e) dst[(cg + e) * br.stride_c] = static_cast<scalar_t>(sum[e]);
+        }
       }
     }
   }
@@ -271,11 +328,41 @@ ColBranch<scalar_t> col_branch(const std::vector<Branch>& branches, size_t i, co
           gcols.defined() ? gcols.const_data_ptr<scalar_t>() : nullptr, b.channels, b.per_group, b.rg_pad, b.row};
 }
 
-// Lanes per item: enough for the widest branch's channels per offset group.
-int branch_lanes(const DeformGeom& g, const std::vector<Branch>& branches) {
+// Lanes per item: enough for the widest branch's channels per offset group, V of them a lane.
+int branch_lanes(const DeformGeom& g, const std::vector<Branch>& branches, int vec) {
   int64_t widest = 1;
   for (const Branch& b : branches) widest = std::max(widest, b.channels / g.offset_groups);
-  return lanes_for(widest);
+  return lanes_for((widest + vec - 1) / vec);
+}
+
+// Channels per lane of the sampling kernel and the gather, chosen once per call: kVecElements (16 bytes) when
+// every run of channels a lane moves starts 16-byte aligned, i.e. in every branch C / groups (so a run stays in one
+// group and its column k * C / groups + c is aligned; rows are padded to 8 elements) and C / offset_groups are
+// multiples of it and the channels-last input starts aligned; else 1 (scalar loads: odd channel counts).
+template <typename scalar_t>
+int vector_width(const DeformGeom& g, const std::vector<Branch>& branches) {
+  constexpr int V = kVecElements<scalar_t>;
+  int vec = V;
+  for (const Branch& b : branches) {
+    if (b.per_group % V != 0 || (b.channels / g.offset_groups) % V != 0 || !aligned16(b.input.const_data_ptr())) {
+      vec = 1;
+    }
+  }
+#ifdef CSFRN_CUDA_EMU
+  if (!vector_loads()) vec = 1;
+  last_vector_width() = vec;
+#endif
+  return vec;
+}
+
+// f(std::integral_constant<int, V>{}) for V = vec, which is 1 or kVecElements<scalar_t>.
+template <typename scalar_t, typename F>
+void with_vector_width(int vec, const F& f) {
+  if (vec == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, kVecElements<scalar_t>>{});
+  }
 }
 
 // Which (scalar_t, coord_t) a call runs in: coord_t is scalar_t, or float beside half / bfloat16 (checked).
@@ -313,23 +400,57 @@ const DeformSample<acc_t>* samples_of(const at::Tensor& table) {
   return reinterpret_cast<const DeformSample<acc_t>*>(table.const_data_ptr());
 }
 
+// Column buffers come from at::empty: aligned beyond 16 bytes, with rows of a multiple of 8 elements.
 template <typename scalar_t, typename coord_t, typename acc_t>
 void launch_sampling(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor& table,
                      const std::vector<Branch>& branches, const std::vector<at::Tensor>& cols,
-                     const std::vector<at::Tensor>& gcols, coord_t* grad_offset, coord_t* grad_mask) {
+                     const std::vector<at::Tensor>& gcols, coord_t* grad_offset, coord_t* grad_mask, int vec) {
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
   auto at_ = [](const std::vector<at::Tensor>& v, size_t i) { return i < v.size() ? v[i] : at::Tensor(); };
-  const int lanes = branch_lanes(g, branches);
-  CSFRN_LAUNCH(blocks_for(items, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
-               at::cuda::getCurrentCUDAStream(), sampling_kernel<scalar_t, coord_t, acc_t>)(
-      items, n0, kernel_geom(g), samples_of<acc_t>(table), col_branch<scalar_t>(branches, 0, at_(cols, 0), at_(gcols, 0)),
-      col_branch<scalar_t>(branches, 1, at_(cols, 1), at_(gcols, 1)), grad_offset, grad_mask);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int lanes = branch_lanes(g, branches, vec);
+  for (const std::vector<at::Tensor>* buffers : {&cols, &gcols}) {
+    for (const at::Tensor& t : *buffers) {
+      TORCH_INTERNAL_ASSERT(!t.defined() || vec == 1 || aligned16(t.const_data_ptr()));
+    }
+  }
+  with_vector_width<scalar_t>(vec, [&](auto v) {
+    CSFRN_LAUNCH(blocks_for(items, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
+                 at::cuda::getCurrentCUDAStream(), sampling_kernel<decltype(v)::value, scalar_t, coord_t, acc_t>)(
+        items, n0, kernel_geom(g), samples_of<acc_t>(table),
+        col_branch<scalar_t>(branches, 0, at_(cols, 0), at_(gcols, 0)),
+        col_branch<scalar_t>(branches, 1, at_(cols, 1), at_(gcols, 1)), grad_offset, grad_mask);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // A chunk's columns [B * pixels, row] of one group: [B * pixels, rg], leading dimension row.
 at::Tensor group_cols(const at::Tensor& cols, const Branch& b, int64_t gi) {
   return cols.narrow(1, gi * b.rg_pad, b.rg);
+}
+
+// A GEMM operand (any strides, as cuBLAS takes them). Under the emulation a float16 / bfloat16 one is copied
+// contiguous: the CPU's half-precision GEMM reads one element past K in a strided operand (torch 2.14), where the
+// padding's garbage (a NaN) would poison the result; cuBLAS reads exactly the operand.
+at::Tensor gemm_operand(const at::Tensor& t) {
+#ifdef CSFRN_CUDA_EMU
+  if (t.element_size() == 2) return t.contiguous();
+#endif
+  return t;
+}
+
+// out = beta * out + a @ b (beta 0: out's contents ignored, NaN included), a and b in the input's dtype, out in it
+// or in float32 beside half / bfloat16: cuBLAS accumulates in float32 either way, and with addmm's out_dtype also
+// writes float32, so the chunks of a weight gradient add up in one float32 buffer with no sum or cast in between.
+void accumulate_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  if (out.scalar_type() == a.scalar_type()) {
+    out.addmm_(gemm_operand(a), gemm_operand(b), beta, 1.0);
+    return;
+  }
+#ifdef CSFRN_CUDA_EMU
+  out.addmm_(a.to(out.scalar_type()), b.to(out.scalar_type()), beta, 1.0);  // addmm's out_dtype is CUDA-only
+#else
+  at::addmm_out(out, out, a, b, out.scalar_type(), beta, 1.0);
+#endif
 }
 
 std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Branch>& branches,
@@ -355,12 +476,13 @@ std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Bran
     using coord_t = typename decltype(ct)::type;
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t chunk = chunk_images(g, per_image + items_per_image * int64_t(sizeof(DeformSample<acc_t>)));
+    const int vec = vector_width<scalar_t>(g, branches);
     std::vector<at::Tensor> cols;
     for (const Branch& b : branches) cols.push_back(at::empty({chunk * L, b.row}, opts));
     for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.n - n0), rows = nb * L;
       const at::Tensor table = compute_samples<acc_t, coord_t>(g, n0, nb, offset, mask);
-      launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols, {}, nullptr, nullptr);
+      launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols, {}, nullptr, nullptr, vec);
       for (size_t i = 0; i < branches.size(); ++i) {
         const Branch& b = branches[i];
         const int64_t og = b.out_per_group();
@@ -369,9 +491,9 @@ std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Bran
           const at::Tensor c = group_cols(cols[i], b, gi).narrow(0, 0, rows);
           const at::Tensor w = b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg).t();
           if (biases[i].has_value()) {
-            at::addmm_out(dst, biases[i]->narrow(0, gi * og, og), c, w);
+            at::addmm_out(dst, biases[i]->narrow(0, gi * og, og), gemm_operand(c), gemm_operand(w));
           } else {
-            at::mm_out(dst, c, w);
+            at::mm_out(dst, gemm_operand(c), gemm_operand(w));
           }
         }
       }
@@ -428,10 +550,7 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
                               : at::empty({0}, coord_opts);
   r.grad_mask = need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, coord_opts)
                           : at::empty({0}, coord_opts);
-  std::vector<at::Tensor> gw(branches.size()), gw_sum(branches.size());
-  for (size_t i = 0; i < branches.size(); ++i) {
-    if (need_weight[i]) gw[i] = padded_matrix(branches[i].out_channels, branches[i].rg, opts);
-  }
+  std::vector<at::Tensor> gw(branches.size());
   if (g.n > 0) {
     std::vector<at::Tensor> gout;
     for (const at::Tensor& go : grad_outs) gout.push_back(grad_rows(go, g.n * L));
@@ -446,12 +565,15 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t chunk = chunk_images(g, per_image + items_per_image * int64_t(sizeof(DeformSample<acc_t>)));
       const bool several = chunk < g.n;
+      const int vec = vector_width<scalar_t>(g, branches);
       std::vector<at::Tensor> cols(branches.size()), gcols(branches.size());
       for (size_t i = 0; i < branches.size(); ++i) {
         if (need_weight[i]) cols[i] = at::empty({chunk * L, branches[i].row}, opts);
         if (need_gcols) gcols[i] = at::empty({chunk * L, branches[i].row}, opts);
-        // Several chunks: the weight gradient's partial GEMMs are summed in acc_t.
-        if (need_weight[i] && several) gw_sum[i] = at::zeros({branches[i].out_channels, branches[i].rg}, opts.dtype(at::toOpMathType(dtype)));
+        // The weight gradient: the GEMMs of every chunk accumulate into it (addmm, beta = 1 after the first); in
+        // acc_t when several chunks of a half-precision input add up, cast once at the end.
+        const auto gw_type = several ? at::toOpMathType(dtype) : dtype;
+        if (need_weight[i]) gw[i] = padded_matrix(branches[i].out_channels, branches[i].rg, opts.dtype(gw_type));
       }
       for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
         const int64_t nb = std::min(chunk, g.n - n0), rows = nb * L, items = nb * items_per_image;
@@ -461,8 +583,8 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
           const int64_t og = b.out_per_group();
           for (int64_t gi = 0; gi < b.groups; ++gi) {
             at::Tensor dst = group_cols(gcols[i], b, gi).narrow(0, 0, rows);
-            at::mm_out(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og),
-                       b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg));
+            at::mm_out(dst, gemm_operand(gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og)),
+                       gemm_operand(b.weight.narrow(0, gi * og, og).narrow(1, 0, b.rg)));
           }
         }
         bool any_cols = false;
@@ -471,7 +593,7 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
           launch_sampling<scalar_t, coord_t, acc_t>(
               g, n0, nb, table, branches, cols, need_coords ? gcols : std::vector<at::Tensor>{},
               need_offset ? r.grad_offset.data_ptr<coord_t>() : nullptr,
-              need_mask ? r.grad_mask.data_ptr<coord_t>() : nullptr);
+              need_mask ? r.grad_mask.data_ptr<coord_t>() : nullptr, vec);
         }
         for (size_t i = 0; i < branches.size(); ++i) {  // grad_W = grad_out^T @ cols: K = every pixel of the chunk
           if (!need_weight[i]) continue;
@@ -479,10 +601,9 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
           const int64_t og = b.out_per_group();
           for (int64_t gi = 0; gi < b.groups; ++gi) {
             at::Tensor dst = gw[i].narrow(0, gi * og, og);
-            at::mm_out(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og).t(),
-                       group_cols(cols[i], b, gi).narrow(0, 0, rows));
+            accumulate_mm(dst, gout[i].narrow(0, n0 * L, rows).narrow(1, gi * og, og).t(),
+                          group_cols(cols[i], b, gi).narrow(0, 0, rows), n0 == 0 ? 0.0 : 1.0);
           }
-          if (several) gw_sum[i].add_(gw[i]);
         }
         if (!any_input || hw == 0) continue;
         // The input gradient: contributions grouped by destination (a stable sort), then one gather each.
@@ -495,21 +616,26 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
         const at::Tensor order = std::get<1>(sorted);
         const at::Tensor bounds = at::searchsorted(std::get<0>(sorted), at::arange(dests + 1, keys.options()));
         auto grad_branch = [&](size_t i) -> GradBranch<scalar_t> {
-          if (i >= branches.size() || !need_input[i]) return {nullptr, nullptr, 0, 1, 0, 0, 0, 0, 0, 0};
+          if (i >= branches.size() || !need_input[i]) return {nullptr, nullptr, 0, 1, 0, 0, 0, 0, 0, 0, false};
           const Branch& b = branches[i];
           const at::Tensor& gi = r.grad_input[i];
+          // vector stores where the gradient is channels-last (grad_input is from at::empty: aligned)
+          const bool vector_store = vec > 1 && gi.stride(1) == 1 && gi.stride(3) % vec == 0 &&
+                                    gi.stride(2) % vec == 0 && gi.stride(0) % vec == 0 && aligned16(gi.data_ptr());
           return {gcols[i].const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), b.channels, b.per_group, b.rg_pad,
-                  b.row, gi.stride(0), gi.stride(1), gi.stride(2), gi.stride(3)};
+                  b.row, gi.stride(0), gi.stride(1), gi.stride(2), gi.stride(3), vector_store};
         };
-        const int lanes = branch_lanes(g, branches);
-        CSFRN_LAUNCH(blocks_for(dests, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
-                     at::cuda::getCurrentCUDAStream(), grad_input_kernel<scalar_t, acc_t>)(
-            dests, n0, kernel_geom(g), bounds.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
-            samples_of<acc_t>(table), grad_branch(0), grad_branch(1));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int lanes = branch_lanes(g, branches, vec);
+        with_vector_width<scalar_t>(vec, [&](auto v) {
+          CSFRN_LAUNCH(blocks_for(dests, kThreads / lanes), dim3(lanes, kThreads / lanes), 0,
+                       at::cuda::getCurrentCUDAStream(), grad_input_kernel<decltype(v)::value, scalar_t, acc_t>)(
+              dests, n0, kernel_geom(g), bounds.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+              samples_of<acc_t>(table), grad_branch(0), grad_branch(1));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       }
       for (size_t i = 0; i < branches.size(); ++i) {
-        if (several && need_weight[i]) gw[i] = gw_sum[i].to(dtype);
+        if (need_weight[i] && gw[i].scalar_type() != dtype) gw[i] = gw[i].to(dtype);
       }
     });
   }
@@ -594,6 +720,10 @@ TORCH_LIBRARY_IMPL(CSFRN_CUDA_LIBRARY, CSFRN_CUDA_KEY, m) {
 TORCH_LIBRARY_FRAGMENT(csfrn_emu, m) {
   // Caps the deform kernels' workspace (bytes; 0: the default) in every later call; returns the previous cap.
   m.def("set_deform_workspace_cap(int cap) -> int", &set_deform_workspace_cap);
+  // Vector loads on (the default) or off (every later call takes the scalar path); returns the previous setting.
+  m.def("set_deform_vector_loads(bool on) -> bool", &set_deform_vector_loads);
+  // Channels per lane (1: scalar, 16 bytes' worth: vector) of the last deform call's sampling and gather kernels.
+  m.def("deform_vector_width() -> int", &deform_vector_width);
 }
 #endif
 

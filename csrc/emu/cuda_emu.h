@@ -23,6 +23,8 @@
 //   launch_count() is the number of kernel launches so far, so a test can count a launcher's launches.
 // - Tensors are CPU tensors, so a launcher must take devices and options from its inputs (x.options()), never
 //   name at::kCUDA itself.
+// - Vector accesses (csfrn::load_vec / store_vec, common/cuda_helpers.cuh) check their alignment and throw where a
+//   GPU would fault.
 // What it cannot see: races between blocks, memory-model subtleties, timing, real device memory limits, and
 // out-of-bounds accesses (raw pointers are not checked: a stray write corrupts the heap, as on a GPU it faults).
 #pragma once
@@ -165,6 +167,12 @@ inline int64_t set_grid_x_cap(int64_t cap) {
   const int64_t old = grid_x_cap();
   grid_x_cap() = cap;
   return old;
+}
+
+// A vector access of `bytes` bytes (csfrn::load_vec / store_vec) must be aligned to them, as on a GPU.
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % bytes == 0, "CUDA emulation: a ", bytes, "-byte vector ", what,
+              " at the misaligned address ", p, " (a misaligned address error on a GPU)");
 }
 
 inline int64_t& launches() {
