@@ -31,8 +31,8 @@ $(VENV)/.deps: requirements.txt | $(PY)
 
 # The package with its optional dependencies, which the tests need: deploy (onnx, onnxruntime, onnxscript), plot
 # (matplotlib: every chart), timm (timm backbones), plug (smp, transformers: other libraries' models with CSFLM) and
-# dev (import-linter, for .ci/run); install_requires are already there from the requirements, so pip only adds the
-# extras.
+# dev (import-linter, ruff, clang-format: the checks of .ci/run); install_requires are already there from the
+# requirements, so pip only adds the extras.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install --no-build-isolation -e ".[deploy,plot,timm,plug,dev]"
 	touch $@

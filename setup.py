@@ -6,6 +6,7 @@ CUDAExtension (every .cpp and .cu) when torch has CUDA and a CUDA toolkit is fou
   CSFRN_FORCE_CUDA=1   a missing toolkit (or a CPU-only torch) is an error, not a CPU-only build
   TORCH_CUDA_ARCH_LIST the GPU architectures to build for ("8.0;9.0" when unset and no GPU is visible)
 """
+
 import glob
 import os
 import shutil
@@ -72,8 +73,14 @@ def _extension():
     link_flags = ["-fopenmp"] + _shared_cxx_runtime()
     if not use_cuda:
         print(f"csfrn: building the CPU-only extension: {reason}", flush=True)
-        return CppExtension("csfrn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        return CppExtension(
+            "csfrn._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
 
     print(f"csfrn: building the CPU + CUDA extension ({reason})", flush=True)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -92,14 +99,25 @@ def _extension():
     if ccache and "PYTORCH_NVCC" not in os.environ:
         os.environ["PYTORCH_NVCC"] = f"{ccache} {os.path.join(CUDA_HOME, 'bin', 'nvcc')}"
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-    return CUDAExtension("csfrn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
+    return CUDAExtension(
+        "csfrn._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
+    )
 
 
 def _requirements():
     with open(os.path.join(HERE, "requirements.txt")) as f:
         lines = [line.split("#")[0].strip() for line in f]
-    return [line for line in lines if line and line.split(">")[0].split("=")[0] not in ("pytest", "pytest-xdist", "ninja", "pybind11", "setuptools")]
+    return [
+        line
+        for line in lines
+        if line
+        and line.split(">")[0].split("=")[0] not in ("pytest", "pytest-xdist", "ninja", "pybind11", "setuptools")
+    ]
 
 
 os.environ.setdefault("MAX_JOBS", "2")
@@ -114,14 +132,16 @@ PLOT_REQUIREMENTS = ["matplotlib>=3.8"]
 # builds its encoders with timm).
 TIMM_REQUIREMENTS = ["timm>=1.0", "safetensors"]
 PLUG_REQUIREMENTS = ["segmentation-models-pytorch>=0.4", "transformers>=4.40"] + TIMM_REQUIREMENTS
-# pip install -e .[dev]: the checks of .ci/run beyond the tests (lint-imports: the floors contract in .importlinter).
-DEV_REQUIREMENTS = ["import-linter>=2.1"]
+# pip install -e .[dev]: the checks of .ci/run beyond the tests (lint-imports: the floors contract in .importlinter;
+# ruff: lint and format; clang-format: csrc/).
+# Pinned: another ruff / clang-format release may format differently, and .ci/run checks the format.
+DEV_REQUIREMENTS = ["import-linter>=2.1", "ruff==0.17.6", "clang-format==23.1.5"]
 
 setup(
     name="csfrn",
     version="0.1.0",
     description="CSFRN: Consistent-Separable Feature Representation for Semantic Segmentation (AAAI 2021), "
-                "with fused C++/CUDA kernels",
+    "with fused C++/CUDA kernels",
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
@@ -129,8 +149,13 @@ setup(
     # The shipped configs (csfrn/configs/, read with importlib.resources): `csfrn demo`, `--config NAME`.
     package_data={"csfrn.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=_requirements(),
-    extras_require={"deploy": DEPLOY_REQUIREMENTS, "plot": PLOT_REQUIREMENTS, "timm": TIMM_REQUIREMENTS,
-                    "plug": PLUG_REQUIREMENTS, "dev": DEV_REQUIREMENTS},
+    extras_require={
+        "deploy": DEPLOY_REQUIREMENTS,
+        "plot": PLOT_REQUIREMENTS,
+        "timm": TIMM_REQUIREMENTS,
+        "plug": PLUG_REQUIREMENTS,
+        "dev": DEV_REQUIREMENTS,
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["csfrn = csfrn.cli:main"]},

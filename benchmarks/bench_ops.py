@@ -1,6 +1,7 @@
 """Class-wise op benchmark (see csfrn/bench/ops.py): python benchmarks/bench_ops.py [--device cuda] [--reps N]
 Writes benchmarks/results/class_ops-<device>.json (next to this script, wherever it is run from) unless --out or
 --json says otherwise."""
+
 import os
 import sys
 

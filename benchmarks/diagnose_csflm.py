@@ -6,6 +6,7 @@ features F are from the head's features A. Writes JSON lines to --out.
 
     python benchmarks/diagnose_csflm.py --out diag.jsonl [--set model.fusion=concat ...]
 """
+
 import argparse
 import json
 import os
@@ -28,9 +29,13 @@ def main(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--every", type=int, default=25)
-    p.add_argument("--identity-fusion", action="store_true", help="an experiment, not the library's init: start "
-                   "the fusion as (nearly) the identity on A (1x1 weights [I on A, 0 on B]; AAM's 3x3 convs Dirac), so that "
-                   "F = ReLU(BN(A)) at step 0")
+    p.add_argument(
+        "--identity-fusion",
+        action="store_true",
+        help="an experiment, not the library's init: start "
+        "the fusion as (nearly) the identity on A (1x1 weights [I on A, 0 on B]; AAM's 3x3 convs Dirac), so that "
+        "F = ReLU(BN(A)) at step 0",
+    )
     p.add_argument("--labels-only", action="store_true", help="only the label statistics at the feature size")
     args = p.parse_args(argv)
     if args.labels_only:
@@ -62,10 +67,15 @@ def main(argv=None):
         idx = class_index(labels, b.shape[2:], 255)
         full = class_index(labels, labels.shape[1:], 255)
         rec = {"step": step, **{k: float(v) for k, v in output[1].items()}}
-        rec["classes_full"] = int((full.compact != full.k).any() and sum(
-            int(torch.unique(full.compact[n][full.compact[n] != full.k]).numel()) for n in range(labels.shape[0])))
-        rec["classes_8x8"] = sum(int(torch.unique(idx.compact[n][idx.compact[n] != idx.k]).numel())
-                                 for n in range(labels.shape[0]))
+        rec["classes_full"] = int(
+            (full.compact != full.k).any()
+            and sum(
+                int(torch.unique(full.compact[n][full.compact[n] != full.k]).numel()) for n in range(labels.shape[0])
+            )
+        )
+        rec["classes_8x8"] = sum(
+            int(torch.unique(idx.compact[n][idx.compact[n] != idx.k]).numel()) for n in range(labels.shape[0])
+        )
         rec["emb_norm"] = float(b.norm(dim=1).mean())
         stacked = b if c is None else torch.cat([b, c.detach()], 1)
         means, counts = ops.class_avg_pool(stacked, idx.compact, idx.k, ignore_index=idx.k)
@@ -75,9 +85,14 @@ def main(argv=None):
         phi = ops.center_distance(b, centers, m.contiguous(), delta)
         pres = counts > 0
         mk = m[pres]
-        rec.update(m_min=float(mk.min()), m_mean=float(mk.mean()), m_max=float(mk.max()),
-                   scale_max=float(torch.exp(delta * mk).max()), scale_mean=float(torch.exp(delta * mk).mean()))
-        lab = idx.compact[:, None]                       # [N,1,h,w]
+        rec.update(
+            m_min=float(mk.min()),
+            m_mean=float(mk.mean()),
+            m_max=float(mk.max()),
+            scale_max=float(torch.exp(delta * mk).max()),
+            scale_mean=float(torch.exp(delta * mk).mean()),
+        )
+        lab = idx.compact[:, None]  # [N,1,h,w]
         ks = torch.arange(idx.k)[None, :, None, None]
         pos = (lab == ks) & pres[:, :, None, None]
         neg = (lab != ks) & (lab != idx.k) & pres[:, :, None, None]
@@ -124,9 +139,12 @@ def label_stats(cfg, images=256):
     from csfrn.engine.distributed import SeededTransforms
     from csfrn.data.transforms import train_transforms
     from csfrn.losses.cac import resize_labels
+
     d = cfg.data
-    ds = SeededTransforms(build_dataset(d, d.train_split, num_classes=cfg.model.num_classes, seed=0),
-                          train_transforms(d.crop_size, d.scale_range, d.base_size, d.flip, d.photometric))
+    ds = SeededTransforms(
+        build_dataset(d, d.train_split, num_classes=cfg.model.num_classes, seed=0),
+        train_transforms(d.crop_size, d.scale_range, d.base_size, d.flip, d.photometric),
+    )
     stride = cfg.model.output_stride
     lost = pairs = cells = wrong = 0
     for i in range(images):
@@ -146,7 +164,11 @@ def label_stats(cfg, images=256):
                 if vals.numel():
                     cells += 1
                     wrong += int(int(torch.mode(vals).values) != int(small[y, x]))
-    return {"feature_size": [h, w], "class_pairs_lost": lost / max(pairs, 1), "cells_not_majority": wrong / max(cells, 1)}
+    return {
+        "feature_size": [h, w],
+        "class_pairs_lost": lost / max(pairs, 1),
+        "cells_not_majority": wrong / max(cells, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ twice on the same inputs (float32 and under bf16 autocast): the outputs and ever
 
 Exit code 0 whether or not they are equal (the JSON says); 2 for bad arguments.
 """
+
 import argparse
 import json
 import sys
@@ -18,22 +19,37 @@ from csfrn import ops
 def _inputs(n, c_in, c_out, size, device, gen, dual):
     def t(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
-    tensors = {"x": t(n, c_in, size, size), "offset": t(n, 18, size, size, scale=2.0),
-               "weight_x": t(c_out, c_in, 3, 3, scale=1 / (3 * c_in ** 0.5)), "bias_x": t(c_out)}
+
+    tensors = {
+        "x": t(n, c_in, size, size),
+        "offset": t(n, 18, size, size, scale=2.0),
+        "weight_x": t(c_out, c_in, 3, 3, scale=1 / (3 * c_in**0.5)),
+        "bias_x": t(c_out),
+    }
     if dual:
-        tensors.update(y=t(n, c_in, size, size), weight_y=t(c_out, c_in, 3, 3, scale=1 / (3 * c_in ** 0.5)),
-                       bias_y=t(c_out))
+        tensors.update(
+            y=t(n, c_in, size, size), weight_y=t(c_out, c_in, 3, 3, scale=1 / (3 * c_in**0.5)), bias_y=t(c_out)
+        )
     return tensors
 
 
 def _run(op, tensors, grads, device, amp):
     with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
         if op == "dual_deform_conv2d":
-            outs = ops.dual_deform_conv2d(tensors["x"], tensors["y"], tensors["offset"], tensors["weight_x"],
-                                          tensors["weight_y"], tensors["bias_x"], tensors["bias_y"], padding=1)
+            outs = ops.dual_deform_conv2d(
+                tensors["x"],
+                tensors["y"],
+                tensors["offset"],
+                tensors["weight_x"],
+                tensors["weight_y"],
+                tensors["bias_x"],
+                tensors["bias_y"],
+                padding=1,
+            )
         else:
-            outs = (ops.deform_conv2d(tensors["x"], tensors["offset"], tensors["weight_x"], tensors["bias_x"],
-                                      padding=1),)
+            outs = (
+                ops.deform_conv2d(tensors["x"], tensors["offset"], tensors["weight_x"], tensors["bias_x"], padding=1),
+            )
     names = list(tensors)
     got = torch.autograd.grad(outs, [tensors[k] for k in names], [g.to(o.dtype) for g, o in zip(grads, outs)])
     return {"out": [o.detach() for o in outs], **{f"grad_{k}": [g] for k, g in zip(names, got)}}
@@ -47,12 +63,21 @@ def check(device, quick):
         for amp in (None, torch.bfloat16):
             gen = torch.Generator().manual_seed(0)
             tensors = _inputs(n, c_in, c_out, size, device, gen, op == "dual_deform_conv2d")
-            grads = [torch.randn(n, c_out, size, size, generator=gen).to(device)
-                     for _ in range(2 if op == "dual_deform_conv2d" else 1)]
+            grads = [
+                torch.randn(n, c_out, size, size, generator=gen).to(device)
+                for _ in range(2 if op == "dual_deform_conv2d" else 1)
+            ]
             first, second = _run(op, tensors, grads, device, amp), _run(op, tensors, grads, device, amp)
             differs = [k for k in first if not all(map(torch.equal, first[k], second[k]))]
-            rows.append({"op": op, "amp": "bf16" if amp else "none", "shape": [n, c_in, c_out, size],
-                         "deterministic": not differs, "differs": differs})
+            rows.append(
+                {
+                    "op": op,
+                    "amp": "bf16" if amp else "none",
+                    "shape": [n, c_in, c_out, size],
+                    "deterministic": not differs,
+                    "differs": differs,
+                }
+            )
     return rows
 
 
@@ -69,7 +94,8 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     for r in rows:
-        print(f"{r['op']:20s} autocast {r['amp']:4s}: {'bitwise equal' if r['deterministic'] else 'DIFFERS: ' + ', '.join(r['differs'])}")
+        verdict = "bitwise equal" if r["deterministic"] else "DIFFERS: " + ", ".join(r["differs"])
+        print(f"{r['op']:20s} autocast {r['amp']:4s}: {verdict}")
     sys.exit(0)
 
 

@@ -9,6 +9,7 @@ after a warm-up). Writes them to a JSON file.
 ``--device cpu`` (the session's dry run) measures the CPU's ceilings instead (``csfrn.bench.timing``), in the
 same keys where they mean the same thing.
 """
+
 import argparse
 import datetime
 import json
@@ -34,17 +35,25 @@ def tool_version(*cmd):
 
 def info(device):
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "date": now.date().isoformat(), "time": now.strftime("%H:%M:%S UTC"),
-           "nvcc": tool_version("nvcc", "--version"), "compute_sanitizer": tool_version("compute-sanitizer", "--version"),
-           "driver": tool_version("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")}
+    out = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": now.date().isoformat(),
+        "time": now.strftime("%H:%M:%S UTC"),
+        "nvcc": tool_version("nvcc", "--version"),
+        "compute_sanitizer": tool_version("compute-sanitizer", "--version"),
+        "driver": tool_version("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+    }
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         out.update(multiprocessors=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1), **ceilings())
     else:
         c = cpu_ceilings()
-        out.update(threads=torch.get_num_threads(), copy_gb_s=c["copy_gb_s"],
-                   matmul_tflops_fp32=c["matmul_gflops_fp32"] / 1e3)
+        out.update(
+            threads=torch.get_num_threads(), copy_gb_s=c["copy_gb_s"], matmul_tflops_fp32=c["matmul_gflops_fp32"] / 1e3
+        )
     return out
 
 

@@ -6,6 +6,7 @@ and writes ``summary.json`` (every figure the GPU check is stated in, under the 
 
     python benchmarks/gpu_summary.py RESULTS_DIR
 """
+
 import argparse
 import json
 import os
@@ -14,16 +15,46 @@ import statistics
 import xml.etree.ElementTree as ET
 
 # Every key summary.json must hold (the GPU issue's list), in its order.
-KEYS = ("device", "torch", "date", "commit", "tests_passed", "tests_failed", "sanitizer_errors",
-        "deform_vs_torchvision_fp32", "deform_vs_torchvision_bf16", "dual_vs_torchvision_bf16", "deform_deterministic",
-        "step_ms_baseline", "step_ms_csfrn", "step_csfrn_over_baseline", "step_ms_torchvision_deeplabv3",
-        "train_images_per_s_csfrn", "train_peak_gib_csfrn", "mfu_baseline")
+KEYS = (
+    "device",
+    "torch",
+    "date",
+    "commit",
+    "tests_passed",
+    "tests_failed",
+    "sanitizer_errors",
+    "deform_vs_torchvision_fp32",
+    "deform_vs_torchvision_bf16",
+    "dual_vs_torchvision_bf16",
+    "deform_deterministic",
+    "step_ms_baseline",
+    "step_ms_csfrn",
+    "step_csfrn_over_baseline",
+    "step_ms_torchvision_deeplabv3",
+    "train_images_per_s_csfrn",
+    "train_peak_gib_csfrn",
+    "mfu_baseline",
+)
 # Which stage makes each key (for the note when it is null).
-STAGE_OF = {"device": "info", "torch": "info", "date": "info", "tests_passed": "check", "tests_failed": "check",
-            "sanitizer_errors": "check", "deform_vs_torchvision_fp32": "deform", "deform_vs_torchvision_bf16": "deform",
-            "dual_vs_torchvision_bf16": "deform", "deform_deterministic": "deform", "step_ms_baseline": "step",
-            "step_ms_csfrn": "step", "step_csfrn_over_baseline": "step", "step_ms_torchvision_deeplabv3": "step",
-            "train_images_per_s_csfrn": "train", "train_peak_gib_csfrn": "train", "mfu_baseline": "step"}
+STAGE_OF = {
+    "device": "info",
+    "torch": "info",
+    "date": "info",
+    "tests_passed": "check",
+    "tests_failed": "check",
+    "sanitizer_errors": "check",
+    "deform_vs_torchvision_fp32": "deform",
+    "deform_vs_torchvision_bf16": "deform",
+    "dual_vs_torchvision_bf16": "deform",
+    "deform_deterministic": "deform",
+    "step_ms_baseline": "step",
+    "step_ms_csfrn": "step",
+    "step_csfrn_over_baseline": "step",
+    "step_ms_torchvision_deeplabv3": "step",
+    "train_images_per_s_csfrn": "train",
+    "train_peak_gib_csfrn": "train",
+    "mfu_baseline": "step",
+}
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck")
 
 
@@ -46,7 +77,7 @@ def _jsonl(path):
             for line in f:
                 try:
                     rows.append(json.loads(line))
-                except ValueError:   # a line cut off by a stage's kill
+                except ValueError:  # a line cut off by a stage's kill
                     pass
     except OSError:
         pass
@@ -63,9 +94,9 @@ def _need(doc, what):
 # The only readers of the JSON that csfrn/bench/deform.py (`csfrn bench --what deform --json`) and
 # csfrn/bench/train_step.py (`csfrn bench --what train --json`) write; adapt them here when those change.
 DEFORM_FILES = {"fp32": "deform_conv-fp32.json", "bf16": "deform_conv-bf16.json"}
-DEFORM_CASES = {"single": "generic", "dual": "AAM"}     # the "case" names' prefixes in "ratios"
+DEFORM_CASES = {"single": "generic", "dual": "AAM"}  # the "case" names' prefixes in "ratios"
 DEFORM_MODE, DEFORM_RATIO = "fwd+bwd", "torchvision_over_ours"
-STEP_FILES = ("train_step-all.json", "train_step-core.json")   # every variant first, the core as the fallback
+STEP_FILES = ("train_step-all.json", "train_step-core.json")  # every variant first, the core as the fallback
 STEP_MODE = "train step"
 STEP_VARIANTS = {"baseline": "baseline", "csfrn": "csfrn", "torchvision_deeplabv3": "torchvision_deeplabv3"}
 
@@ -96,8 +127,10 @@ def step_row(res, variant):
         for r in doc.get("rows", []):
             if r.get("mode") == STEP_MODE and r.get("variant") == STEP_VARIANTS[variant]:
                 return r, doc
-    raise Missing(f"the step benchmark ({', '.join(n for n, _ in docs)}) has no {STEP_MODE!r} row for variant "
-                  f"{STEP_VARIANTS[variant]!r}")
+    raise Missing(
+        f"the step benchmark ({', '.join(n for n, _ in docs)}) has no {STEP_MODE!r} row for variant "
+        f"{STEP_VARIANTS[variant]!r}"
+    )
 
 
 def mfu_baseline(res, info):
@@ -152,10 +185,15 @@ def train_figures(rows):
         return {}
     speeds = [r["images/s"] for r in (train[1:] or train)]
     mems = [r["max_mem_gib"] for r in train if "max_mem_gib" in r]
-    return {"images_per_s": statistics.mean(speeds), "peak_gib": max(mems) if mems else None,
-            "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"], "iters": train[-1]["iter"],
-            "finite": all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in train),
-            "val_mIoU": next((r["mIoU"] for r in rows if r.get("kind") == "val"), None)}
+    return {
+        "images_per_s": statistics.mean(speeds),
+        "peak_gib": max(mems) if mems else None,
+        "loss_first": train[0]["loss"],
+        "loss_last": train[-1]["loss"],
+        "iters": train[-1]["iter"],
+        "finite": all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in train),
+        "val_mIoU": next((r["mIoU"] for r in rows if r.get("kind") == "val"), None),
+    }
 
 
 def summarize(res):
@@ -183,8 +221,9 @@ def summarize(res):
 
     def sanitizer_errors():
         if dry:
-            raise Missing("dry run: compute-sanitizer skipped (no GPU); sanitize_ops.py ran on the CPU kernels "
-                          "(sanitize-cpu.log)")
+            raise Missing(
+                "dry run: compute-sanitizer skipped (no GPU); sanitize_ops.py ran on the CPU kernels (sanitize-cpu.log)"
+            )
         missing = [t for t, n in sanitizer.items() if n is None]
         if missing:
             raise Missing(f"no error summary from {', '.join(missing)} (cut or failed: sanitizer-TOOL.log)")
@@ -209,19 +248,25 @@ def summarize(res):
         return session["commit"]
 
     figures = {
-        "device": lambda: info_key("device"), "torch": lambda: info_key("torch"), "date": lambda: info_key("date"),
-        "commit": commit, "tests_passed": lambda: tests_count(0), "tests_failed": lambda: tests_count(1),
+        "device": lambda: info_key("device"),
+        "torch": lambda: info_key("torch"),
+        "date": lambda: info_key("date"),
+        "commit": commit,
+        "tests_passed": lambda: tests_count(0),
+        "tests_failed": lambda: tests_count(1),
         "sanitizer_errors": sanitizer_errors,
         "deform_vs_torchvision_fp32": lambda: deform_ratio(res, "fp32", "single"),
         "deform_vs_torchvision_bf16": lambda: deform_ratio(res, "bf16", "single"),
         "dual_vs_torchvision_bf16": lambda: deform_ratio(res, "bf16", "dual"),
         "deform_deterministic": deterministic,
-        "step_ms_baseline": lambda: step_ms("baseline"), "step_ms_csfrn": lambda: step_ms("csfrn"),
+        "step_ms_baseline": lambda: step_ms("baseline"),
+        "step_ms_csfrn": lambda: step_ms("csfrn"),
         "step_csfrn_over_baseline": lambda: step_ms("csfrn") / step_ms("baseline"),
         "step_ms_torchvision_deeplabv3": lambda: step_ms("torchvision_deeplabv3"),
         "train_images_per_s_csfrn": lambda: train_key("images_per_s", "no images/s logged"),
-        "train_peak_gib_csfrn": lambda: train_key("peak_gib", "the training log has no GPU memory (max_mem_gib): "
-                                                              "a CPU run"),
+        "train_peak_gib_csfrn": lambda: train_key(
+            "peak_gib", "the training log has no GPU memory (max_mem_gib): a CPU run"
+        ),
         "mfu_baseline": lambda: mfu_baseline(res, info),
     }
     out, notes = {}, {}
@@ -233,23 +278,34 @@ def summarize(res):
             stage = stages.get(STAGE_OF.get(key))
             status = f"stage {stage['stage']} {stage['status']}; " if stage and stage["status"] != "ok" else ""
             notes[key] = status + str(why)
-    out.update({
-        "dry": dry, "cuda": info.get("cuda"), "tests_skipped": tests[2] if tests else None,
-        "emu_tests": dict(zip(("passed", "failed", "skipped"), emu)) if emu else None,
-        "sanitizer_errors_by_tool": None if dry else sanitizer,
-        "deform_determinism": determinism["rows"] if determinism else None,
-        "train_iters_csfrn": train.get("iters"), "train_loss_first_csfrn": train.get("loss_first"),
-        "train_loss_last_csfrn": train.get("loss_last"), "train_finite_csfrn": train.get("finite"),
-        "train_val_mIoU_csfrn": train.get("val_mIoU"),
-        "ceilings": {k: info[k] for k in ("copy_gb_s", "matmul_tflops_fp32", "matmul_tflops_tf32",
-                                          "matmul_tflops_bf16") if k in info},
-        "definitions": {"mfu_baseline": " ".join(mfu_baseline.__doc__.split()),
-                        "sanitizer_errors": "memcheck + racecheck + initcheck errors over benchmarks/sanitize_ops.py",
-                        "deform_deterministic": "outputs and every gradient bitwise equal on two calls "
-                                                "(benchmarks/gpu_determinism.py)"},
-        "notes": notes,
-        "stages": list(stages.values()),
-    })
+    out.update(
+        {
+            "dry": dry,
+            "cuda": info.get("cuda"),
+            "tests_skipped": tests[2] if tests else None,
+            "emu_tests": dict(zip(("passed", "failed", "skipped"), emu)) if emu else None,
+            "sanitizer_errors_by_tool": None if dry else sanitizer,
+            "deform_determinism": determinism["rows"] if determinism else None,
+            "train_iters_csfrn": train.get("iters"),
+            "train_loss_first_csfrn": train.get("loss_first"),
+            "train_loss_last_csfrn": train.get("loss_last"),
+            "train_finite_csfrn": train.get("finite"),
+            "train_val_mIoU_csfrn": train.get("val_mIoU"),
+            "ceilings": {
+                k: info[k]
+                for k in ("copy_gb_s", "matmul_tflops_fp32", "matmul_tflops_tf32", "matmul_tflops_bf16")
+                if k in info
+            },
+            "definitions": {
+                "mfu_baseline": " ".join(mfu_baseline.__doc__.split()),
+                "sanitizer_errors": "memcheck + racecheck + initcheck errors over benchmarks/sanitize_ops.py",
+                "deform_deterministic": "outputs and every gradient bitwise equal on two calls "
+                "(benchmarks/gpu_determinism.py)",
+            },
+            "notes": notes,
+            "stages": list(stages.values()),
+        }
+    )
     return out
 
 
@@ -260,37 +316,56 @@ def _fmt(v, spec="{:.2f}"):
 def markdown(summary, res):
     """The README's GPU tables from the results in ``res``."""
     s = summary
-    lines = [f"GPU: {s['device']}, torch {s['torch']} (CUDA {s['cuda']}), {s['date']}, commit {s['commit']}.", "",
-             f"CUDA tests: {s['tests_passed']} passed, {s['tests_failed']} failed, {s['tests_skipped']} skipped; "
-             f"compute-sanitizer errors (memcheck + racecheck + initcheck): {s['sanitizer_errors']}; deform conv "
-             f"deterministic (bitwise-equal gradients twice): {s['deform_deterministic']}.", ""]
+    lines = [
+        f"GPU: {s['device']}, torch {s['torch']} (CUDA {s['cuda']}), {s['date']}, commit {s['commit']}.",
+        "",
+        f"CUDA tests: {s['tests_passed']} passed, {s['tests_failed']} failed, {s['tests_skipped']} skipped; "
+        f"compute-sanitizer errors (memcheck + racecheck + initcheck): {s['sanitizer_errors']}; deform conv "
+        f"deterministic (bitwise-equal gradients twice): {s['deform_deterministic']}.",
+        "",
+    ]
     for name in STEP_FILES:
         doc = _load(os.path.join(res, name))
         if not doc:
             continue
         m = doc.get("meta", {})
-        lines += [f"**Training step** ({name}), N={m.get('batch')} {m.get('size')}, {m.get('amp')} autocast, "
-                  f"median of {m.get('reps')}:", "", "| pass | variant | ms | x baseline | peak GiB |",
-                  "|---|---|---:|---:|---:|"]
+        lines += [
+            f"**Training step** ({name}), N={m.get('batch')} {m.get('size')}, {m.get('amp')} autocast, "
+            f"median of {m.get('reps')}:",
+            "",
+            "| pass | variant | ms | x baseline | peak GiB |",
+            "|---|---|---:|---:|---:|",
+        ]
         for r in doc.get("rows", []):
-            lines.append(f"| {r.get('mode')} | {r.get('variant')} | {_fmt(r.get('median_ms'), '{:.1f}')} | "
-                         f"{_fmt(r.get('vs_baseline'), '{:.3f}')} | {_fmt((r.get('peak_mb') or 0) / 1024, '{:.1f}')} |")
+            lines.append(
+                f"| {r.get('mode')} | {r.get('variant')} | {_fmt(r.get('median_ms'), '{:.1f}')} | "
+                f"{_fmt(r.get('vs_baseline'), '{:.3f}')} | {_fmt((r.get('peak_mb') or 0) / 1024, '{:.1f}')} |"
+            )
         lines.append("")
         break
     for tag, name in DEFORM_FILES.items():
         doc = _load(os.path.join(res, name))
         if not doc:
             continue
-        lines += [f"**Deformable convolution**, {tag}:", "", "| case | pass | implementation | ms | peak MiB |",
-                  "|---|---|---|---:|---:|"]
+        lines += [
+            f"**Deformable convolution**, {tag}:",
+            "",
+            "| case | pass | implementation | ms | peak MiB |",
+            "|---|---|---|---:|---:|",
+        ]
         for r in doc.get("rows", []):
-            lines.append(f"| {r.get('case')} | {r.get('mode')} | {r.get('impl')} | {_fmt(r.get('median_ms'))} | "
-                         f"{_fmt(r.get('peak_mb'), '{:.0f}')} |")
+            lines.append(
+                f"| {r.get('case')} | {r.get('mode')} | {r.get('impl')} | {_fmt(r.get('median_ms'))} | "
+                f"{_fmt(r.get('peak_mb'), '{:.0f}')} |"
+            )
         lines.append("")
-    lines += [f"Training run (CLI, synthetic set): CSFRN {_fmt(s['train_images_per_s_csfrn'], '{:.1f}')} images/s, "
-              f"peak {_fmt(s['train_peak_gib_csfrn'], '{:.1f}')} GiB, loss {_fmt(s['train_loss_first_csfrn'])} -> "
-              f"{_fmt(s['train_loss_last_csfrn'])} in {s['train_iters_csfrn']} iterations; baseline MFU "
-              f"{_fmt(s['mfu_baseline'], '{:.3f}')}.", ""]
+    lines += [
+        f"Training run (CLI, synthetic set): CSFRN {_fmt(s['train_images_per_s_csfrn'], '{:.1f}')} images/s, "
+        f"peak {_fmt(s['train_peak_gib_csfrn'], '{:.1f}')} GiB, loss {_fmt(s['train_loss_first_csfrn'])} -> "
+        f"{_fmt(s['train_loss_last_csfrn'])} in {s['train_iters_csfrn']} iterations; baseline MFU "
+        f"{_fmt(s['mfu_baseline'], '{:.3f}')}.",
+        "",
+    ]
     if s["notes"]:
         lines += ["Not measured:", ""] + [f"- `{k}`: {v}" for k, v in s["notes"].items()] + [""]
     return "\n".join(lines)

@@ -6,6 +6,7 @@
 
 ``--device cpu --quick`` (the GPU session's dry run) profiles tiny shapes on the CPU, sorted by CPU time.
 """
+
 import argparse
 
 import torch
@@ -35,15 +36,16 @@ def deform(rows, device, quick):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c_in, size, size, generator=g).to(device).requires_grad_()
     off = (torch.randn(n, 18, size, size, generator=g) * 2).to(device).requires_grad_()
-    w = (torch.randn(c_out, c_in, 3, 3, generator=g) / (3 * c_in ** 0.5)).to(device).requires_grad_()
+    w = (torch.randn(c_out, c_in, 3, 3, generator=g) / (3 * c_in**0.5)).to(device).requires_grad_()
     b = torch.zeros(c_out, device=device, requires_grad=True)
     for amp in (None, torch.bfloat16):
+
         def step():
             with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
                 out = ops.deform_conv2d(x, off, w, b, padding=1)
             out.backward(torch.ones_like(out))
-        _profile(step, rows, f"deform_conv2d fwd+bwd, N={n} {c_in}->{c_out} {size}x{size}, {amp or 'float32'}",
-                 device)
+
+        _profile(step, rows, f"deform_conv2d fwd+bwd, N={n} {c_in}->{c_out} {size}x{size}, {amp or 'float32'}", device)
 
 
 def csfrn_step(device, quick):

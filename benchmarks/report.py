@@ -9,6 +9,7 @@ Writes into benchmarks/results/ (next to this script, wherever it is run from) u
 tool of this repository, not of the installed package: it runs the package's benchmarks (``csfrn bench --what
 ops | deform | train``) and draws what they measured.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -30,7 +31,7 @@ from csfrn.losses import labels_checked
 from csfrn.nn import AAM
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DPI = 100   # matplotlib's default: figure inches x DPI = the PNG's pixels
+DPI = 100  # matplotlib's default: figure inches x DPI = the PNG's pixels
 
 # (N, D, H, W, K): the class-wise ops at the embedding sizes of 321, 513 and 769 crops (stride 8).
 OP_SHAPES = [(2, 32, 41, 41, 19), (2, 32, 65, 65, 19), (2, 32, 97, 97, 19)]
@@ -43,11 +44,14 @@ def _module_groups(model):
     head = []
     for child in model.decode_head.children():
         head.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
-    groups = {"backbone": [model.backbone], "head": head,
-              "aux head": [model.aux_head] if model.aux_head is not None else [],
-              "CSFLM": [model.csflm] if model.csflm is not None else [],
-              "AAM": [model.csflm.fuse] if isinstance(getattr(model.csflm, "fuse", None), AAM) else [],
-              "losses": [model.criterion]}
+    groups = {
+        "backbone": [model.backbone],
+        "head": head,
+        "aux head": [model.aux_head] if model.aux_head is not None else [],
+        "CSFLM": [model.csflm] if model.csflm is not None else [],
+        "AAM": [model.csflm.fuse] if isinstance(getattr(model.csflm, "fuse", None), AAM) else [],
+        "losses": [model.criterion],
+    }
     return {k: v for k, v in groups.items() if v}
 
 
@@ -64,6 +68,7 @@ def breakdown(model, optimizer, images, labels, amp=None, reps=1, context=contex
         def hook(module, args):
             sync()
             stack.append([name, time.perf_counter(), 0.0])
+
         return hook
 
     def leave(module, args, output):
@@ -73,6 +78,7 @@ def breakdown(model, optimizer, images, labels, amp=None, reps=1, context=contex
         totals[name] = totals.get(name, 0.0) + elapsed - children
         if stack:
             stack[-1][2] += elapsed
+
     handles = []
     for name, modules in groups.items():
         for m in modules:
@@ -97,7 +103,7 @@ def breakdown(model, optimizer, images, labels, amp=None, reps=1, context=contex
                 optimizer.step()
                 sync()
                 t3 = time.perf_counter()
-            if rep == 0:       # warm-up
+            if rep == 0:  # warm-up
                 continue
             parts = {k: totals.get(k, 0.0) * 1e3 for k in groups}
             parts["other forward"] = (t1 - t0) * 1e3 - sum(parts.values())
@@ -117,16 +123,31 @@ def op_rows(device, reps, quick, log=print):
     rows = []
     for r in ops_bench.run(device, reps, shapes=shapes):
         n, h, w = (int(v) for v in re.match(r"N=(\d+) D=\d+ (\d+)x(\d+)", r["shape"]).groups())
-        rows.append({"op": r["op"], "pass": r["pass"], "impl": r["impl"], "pixels": n * h * w,
-                     "shape": r["shape"], **{k: r[k] for k in ("median_ms", "min_ms", "max_ms", "peak_mb")}})
+        rows.append(
+            {
+                "op": r["op"],
+                "pass": r["pass"],
+                "impl": r["impl"],
+                "pixels": n * h * w,
+                "shape": r["shape"],
+                **{k: r[k] for k in ("median_ms", "min_ms", "max_ms", "peak_mb")},
+            }
+        )
     # The deform benchmark has two sizes: its quick one and its full one.
-    for small in ((True,) if quick else (True, False)):
+    for small in (True,) if quick else (True, False):
         log(f"deformable convolution ({'small' if small else 'full'} size) ...")
         for r in deform.run(device=device, reps=reps, quick=small):
             n, h, w = (int(v) for v in re.search(r"N=(\d+).* (\d+)x(\d+)$", r["case"]).groups())
-            rows.append({"op": "deform " + r["case"].split()[0], "pass": r["mode"], "impl": r["impl"],
-                         "pixels": n * h * w, "shape": r["case"],
-                         **{k: r[k] for k in ("median_ms", "min_ms", "max_ms", "peak_mb")}})
+            rows.append(
+                {
+                    "op": "deform " + r["case"].split()[0],
+                    "pass": r["mode"],
+                    "impl": r["impl"],
+                    "pixels": n * h * w,
+                    "shape": r["case"],
+                    **{k: r[k] for k in ("median_ms", "min_ms", "max_ms", "peak_mb")},
+                }
+            )
     return rows
 
 
@@ -152,11 +173,11 @@ def spread(ys, step, lo, hi):
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     pos = [0.0] * len(ys)
     prev = -math.inf
-    for i in order:                                   # push up
+    for i in order:  # push up
         pos[i] = max(ys[i], lo, prev + step)
         prev = pos[i]
     nxt = math.inf
-    for i in reversed(order):                         # then down from the upper bound
+    for i in reversed(order):  # then down from the upper bound
         pos[i] = min(pos[i], hi, nxt - step)
         nxt = pos[i]
     return pos
@@ -170,6 +191,7 @@ def _image_box(artist, renderer, height):
     """A text's bounding box (an annotation's text alone, not its line) in the saved PNG's pixels
     (x0, y0, x1, y1), y down from the top."""
     from matplotlib.text import Text
+
     b = Text.get_window_extent(artist, renderer)
     return (b.x0, height - b.y1, b.x1, height - b.y0)
 
@@ -183,7 +205,7 @@ def line_charts(panels, path, title, xlabel, ylabel):
     rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5.8 * cols, 4.0 * rows + 0.5), squeeze=False)
     fig.suptitle(title, fontsize=12)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     ends = {}
     for ax, (name, series) in zip(axes.flat, panels.items()):
@@ -198,8 +220,15 @@ def line_charts(panels, path, title, xlabel, ylabel):
         for i, (label, pts) in enumerate(series.items()):
             pts = sorted(pts)
             color = plotting.COLORS[i % len(plotting.COLORS)]
-            ax.plot([x for x, _ in pts], [max(y, 1e-9) for _, y in pts], "o-", color=color, linewidth=2,
-                    markersize=4, label=label)
+            ax.plot(
+                [x for x, _ in pts],
+                [max(y, 1e-9) for _, y in pts],
+                "o-",
+                color=color,
+                linewidth=2,
+                markersize=4,
+                label=label,
+            )
             ends[name].append((pts[-1], color))
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout(rect=(0, 0, 0.93, 0.96))
@@ -215,11 +244,19 @@ def line_charts(panels, path, title, xlabel, ylabel):
         label_h = 13
         placed = spread([py for _, py in points], label_h, frame.y0 + label_h / 2, frame.y1 - label_h / 2)
         texts = []
-        for ((x, y), color), (px, py), ty in zip(ends[name], points, placed):
-            text = ax.annotate(_fmt_ms(y), xy=(px, py), xycoords="figure pixels", xytext=(frame.x1 + 6, ty),
-                               textcoords="figure pixels", color=color, fontsize=8, va="center",
-                               arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6},
-                               annotation_clip=False)
+        for ((_x, y), color), (px, py), ty in zip(ends[name], points, placed):
+            text = ax.annotate(
+                _fmt_ms(y),
+                xy=(px, py),
+                xycoords="figure pixels",
+                xytext=(frame.x1 + 6, ty),
+                textcoords="figure pixels",
+                color=color,
+                fontsize=8,
+                va="center",
+                arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6},
+                annotation_clip=False,
+            )
             texts.append(text)
         fig.canvas.draw()
         boxes[name] = [_image_box(t, renderer, height) for t in texts]
@@ -239,10 +276,15 @@ def bar_chart(parts, path, title, xlabel):
     for i, m in enumerate(models):
         ys = [n_i + i * height for n_i in range(len(names))]
         vals = [max(parts[m].get(n, 0.0), 0.0) for n in names]
-        ax.barh(ys, vals, height=height * 0.9, color=plotting.COLORS[i % len(plotting.COLORS)],
-                label=f"{m}: {sum(parts[m].values()):,.0f} ms in all")
+        ax.barh(
+            ys,
+            vals,
+            height=height * 0.9,
+            color=plotting.COLORS[i % len(plotting.COLORS)],
+            label=f"{m}: {sum(parts[m].values()):,.0f} ms in all",
+        )
         for y, v, n in zip(ys, vals, names):
-            if n in parts[m]:        # a part the model does not have gets no label
+            if n in parts[m]:  # a part the model does not have gets no label
                 ax.text(v, y, f" {_fmt_ms(v)} ms ({v / totals[m]:.0%})", va="center", fontsize=8)
     ax.set_yticks([n_i + (len(models) - 1) * height / 2 for n_i in range(len(names))], labels=names, fontsize=9)
     ax.invert_yaxis()
@@ -262,8 +304,13 @@ def ops_chart(rows, path, title):
     for r in rows:
         panels.setdefault((r["op"], r["pass"]), {}).setdefault(r["impl"], []).append((r["pixels"], r["median_ms"]))
     keys = sorted(panels)
-    boxes = line_charts({f"{op} ({pas})": panels[op, pas] for op, pas in keys}, path, title,
-                                 "pixels (N x H x W)", "median time (ms, log)")
+    boxes = line_charts(
+        {f"{op} ({pas})": panels[op, pas] for op, pas in keys},
+        path,
+        title,
+        "pixels (N x H x W)",
+        "median time (ms, log)",
+    )
     return {key: boxes[f"{key[0]} ({key[1]})"] for key in keys}
 
 
@@ -274,16 +321,25 @@ def breakdown_chart(parts, path, title):
 
 # ---------------------------------------------------------------- markdown
 def md_table(rows, columns):
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---" if f == "{}" else "---:" for _, _, f in columns) + "|"]
+    lines = [
+        "| " + " | ".join(h for _, h, _ in columns) + " |",
+        "|" + "|".join("---" if f == "{}" else "---:" for _, _, f in columns) + "|",
+    ]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(k) is None else f.format(r[k]) for k, _, f in columns) + " |")
     return "\n".join(lines)
 
 
-OP_COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("pass", "pass", "{}"), ("impl", "impl", "{}"),
-              ("median_ms", "median ms", "{:.3f}"), ("min_ms", "min ms", "{:.3f}"), ("max_ms", "max ms", "{:.3f}"),
-              ("peak_mb", "peak MiB", "{:.1f}")]
+OP_COLUMNS = [
+    ("op", "op", "{}"),
+    ("shape", "shape", "{}"),
+    ("pass", "pass", "{}"),
+    ("impl", "impl", "{}"),
+    ("median_ms", "median ms", "{:.3f}"),
+    ("min_ms", "min ms", "{:.3f}"),
+    ("max_ms", "max ms", "{:.3f}"),
+    ("peak_mb", "peak MiB", "{:.1f}"),
+]
 
 
 def markdown(report, png_names):
@@ -291,17 +347,33 @@ def markdown(report, png_names):
     sm = step["meta"]
     parts = report["breakdown"]
     part_rows = [{"part": k, **{name: parts[name].get(k) for name in parts}} for k in parts["csfrn"]]
-    lines = [f"# Benchmarks on {m['device']} ({m['date']})", "",
-             f"torch {m['torch']}, {m['threads']} threads, load average {sm['load_average']} at the step "
-             "benchmark.", "",
-             f"## Training step: {sm['model']}, {sm['classes']} classes, N={sm['batch']} "
-             f"3x{sm['size'][0]}x{sm['size'][1]}, amp {sm['amp']}, {sm['threads']} threads, median of {sm['reps']}", "",
-             md_table(step["rows"], train_step.COLUMNS), ""]
+    lines = [
+        f"# Benchmarks on {m['device']} ({m['date']})",
+        "",
+        f"torch {m['torch']}, {m['threads']} threads, load average {sm['load_average']} at the step benchmark.",
+        "",
+        f"## Training step: {sm['model']}, {sm['classes']} classes, N={sm['batch']} "
+        f"3x{sm['size'][0]}x{sm['size'][1]}, amp {sm['amp']}, {sm['threads']} threads, median of {sm['reps']}",
+        "",
+        md_table(step["rows"], train_step.COLUMNS),
+        "",
+    ]
     lines += [f"- {line}" for line in train_step.summary_lines(step)]
-    lines += ["", "## Training step by module (our kernels; forward parts by module hooks)", "",
-              md_table(part_rows, [("part", "part", "{}")] + [(k, f"{k} ms", "{:.1f}") for k in parts]), "",
-              f"![step by module]({png_names['step']})", "",
-              "## Ops", "", md_table(report["ops"], OP_COLUMNS), "", f"![ops]({png_names['ops']})", ""]
+    lines += [
+        "",
+        "## Training step by module (our kernels; forward parts by module hooks)",
+        "",
+        md_table(part_rows, [("part", "part", "{}")] + [(k, f"{k} ms", "{:.1f}") for k in parts]),
+        "",
+        f"![step by module]({png_names['step']})",
+        "",
+        "## Ops",
+        "",
+        md_table(report["ops"], OP_COLUMNS),
+        "",
+        f"![ops]({png_names['ops']})",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -310,12 +382,11 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def run(device="cpu", out_dir=RESULTS, reps=5, quick=False, size=None, batch=2,
-        amp=None, step_json=None, log=print):
+def run(device="cpu", out_dir=RESULTS, reps=5, quick=False, size=None, batch=2, amp=None, step_json=None, log=print):
     """Runs everything, writes the JSON, Markdown and PNGs; returns {"json", "md", "ops_png", "step_png"}.
     ``step_json``: the JSON of an earlier ``bench_train_step.py --json`` run to report instead of running the
     step benchmark again (on the CPU it takes minutes); the breakdown then uses its size, batch and amp."""
-    plotting.pyplot()   # the charts need matplotlib: say so before minutes of measuring
+    plotting.pyplot()  # the charts need matplotlib: say so before minutes of measuring
     if quick:
         reps = 1
     date = datetime.date.today().isoformat()
@@ -331,38 +402,63 @@ def run(device="cpu", out_dir=RESULTS, reps=5, quick=False, size=None, batch=2,
         step = train_step.run(device, size, batch, reps, amp, quick, log=log)
     log("training step by module ...")
     parts = step_breakdown(device, size, batch, amp, quick, max(1, reps // 2))
-    report = {"meta": {"device": device_name(device), "torch": torch.__version__, "date": date,
-                       "threads": torch.get_num_threads(), "quick": quick},
-              "ops": rows, "train_step": step, "breakdown": parts}
+    report = {
+        "meta": {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "date": date,
+            "threads": torch.get_num_threads(),
+            "quick": quick,
+        },
+        "ops": rows,
+        "train_step": step,
+        "breakdown": parts,
+    }
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": stem + ".json", "md": stem + ".md", "ops_png": stem + "-ops.png", "step_png": stem + "-step.png"}
     write_json(paths["json"], report)
     ops_chart(rows, paths["ops_png"], f"Op benchmarks on {report['meta']['device']}, {date}: median time vs size")
     sm = step["meta"]
-    breakdown_chart(parts, paths["step_png"],
-                    f"Training step by module: {sm['model']}, N={sm['batch']} 3x{sm['size'][0]}x{sm['size'][1]}, "
-                    f"{report['meta']['device']}")
+    breakdown_chart(
+        parts,
+        paths["step_png"],
+        f"Training step by module: {sm['model']}, N={sm['batch']} 3x{sm['size'][0]}x{sm['size'][1]}, "
+        f"{report['meta']['device']}",
+    )
     with open(paths["md"], "w") as f:
-        f.write(markdown(report, {"ops": os.path.basename(paths["ops_png"]),
-                                  "step": os.path.basename(paths["step_png"])}))
+        f.write(
+            markdown(report, {"ops": os.path.basename(paths["ops_png"]), "step": os.path.basename(paths["step_png"])})
+        )
     return paths
 
 
 def add_arguments(parser):
     """The options of the report."""
-    parser.add_argument("--out", default=RESULTS, metavar="DIR", help="output folder (created): "
-                        "<device>-<date>.json, .md, -ops.png and -step.png go there (default: benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default=RESULTS,
+        metavar="DIR",
+        help="output folder (created): "
+        "<device>-<date>.json, .md, -ops.png and -step.png go there (default: benchmarks/results)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size", type=train_step.parse_size, default=None, help="training-step input H or HxW")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--amp", default=None, choices=list(train_step.AMP_DTYPES))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition, for tests")
-    parser.add_argument("--step-json", default=None, help="report this bench_train_step.py JSON instead of "
-                        "running the step benchmark again")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
-                             "parallel op on a descheduled thread")
+    parser.add_argument(
+        "--step-json",
+        default=None,
+        help="report this bench_train_step.py JSON instead of running the step benchmark again",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
+        "parallel op on a descheduled thread",
+    )
     return parser
 
 

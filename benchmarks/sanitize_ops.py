@@ -12,6 +12,7 @@ deform conv with weight groups, offset groups and a mask. Prints a line for each
 finite and then exits 1, so silent garbage is caught too. ``--device cpu`` runs the same cases on the CPU
 kernels (float32 / float64), the GPU session's dry run.
 """
+
 import argparse
 import sys
 
@@ -43,8 +44,16 @@ def class_ops(dtype, g):
     # (N, D, H, W, K): a partial block, a tiny image, K=1 and a large K, an empty batch; then class_avg_pool's
     # launch plans: many pixel chunks (D=300), channel tiles (D=33 over 600 pixels), the global-memory path
     # (K=7000 partial sums do not fit in shared memory).
-    for n, d, h, w, k in ((2, 5, 7, 9, 3), (1, 33, 13, 11, 19), (3, 1, 1, 1, 1), (1, 8, 5, 6, 150), (0, 4, 3, 3, 2),
-                          (2, 300, 40, 40, 19), (2, 33, 20, 30, 19), (1, 2, 5, 10, 7000)):
+    for n, d, h, w, k in (
+        (2, 5, 7, 9, 3),
+        (1, 33, 13, 11, 19),
+        (3, 1, 1, 1, 1),
+        (1, 8, 5, 6, 150),
+        (0, 4, 3, 3, 2),
+        (2, 300, 40, 40, 19),
+        (2, 33, 20, 30, 19),
+        (1, 2, 5, 10, 7000),
+    ):
         for layout in LAYOUTS:
             x = torch.randn(n, d + (1 if layout == "sliced" else 0), h, w, generator=g).to(DEVICE, dtype)
             if layout == "channels_last":
@@ -73,16 +82,22 @@ def deform_ops(dtype, g):
     ok = True
     # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, offset groups, mask, weight groups); y (the dual
     # op's second input) has C_in + 2 * og * groups channels and C_out + groups outputs.
-    cases = ((2, 4, 3, 7, 9, 3, 1, 1, 1, 1, False, 1), (1, 6, 4, 5, 5, 3, 2, 1, 2, 2, True, 1),
-             (1, 3, 2, 1, 1, 1, 1, 0, 1, 1, False, 1), (0, 4, 4, 5, 5, 3, 1, 1, 1, 1, True, 1),
-             (2, 8, 8, 6, 7, 3, 1, 2, 2, 4, True, 1), (2, 8, 6, 6, 7, 3, 1, 1, 1, 2, True, 2),
-             (0, 8, 4, 5, 5, 3, 1, 1, 1, 2, True, 4))
+    cases = (
+        (2, 4, 3, 7, 9, 3, 1, 1, 1, 1, False, 1),
+        (1, 6, 4, 5, 5, 3, 2, 1, 2, 2, True, 1),
+        (1, 3, 2, 1, 1, 1, 1, 0, 1, 1, False, 1),
+        (0, 4, 4, 5, 5, 3, 1, 1, 1, 1, True, 1),
+        (2, 8, 8, 6, 7, 3, 1, 2, 2, 4, True, 1),
+        (2, 8, 6, 6, 7, 3, 1, 1, 1, 2, True, 2),
+        (0, 8, 4, 5, 5, 3, 1, 1, 1, 2, True, 4),
+    )
     for n, cin, cout, h, w, kk, s, p, dil, og, use_mask, groups in cases:
         ho = (h + 2 * p - dil * (kk - 1) - 1) // s + 1
         wo = (w + 2 * p - dil * (kk - 1) - 1) // s + 1
 
         def t(*shape, scale=1.0):
             return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
+
         cy, cout_y = cin + 2 * og * groups, cout + groups
         x, y = t(n, cin, h, w), t(n, cy, h, w)
         offset = t(n, 2 * og * kk * kk, ho, wo, scale=2.0)
@@ -94,8 +109,9 @@ def deform_ops(dtype, g):
         out = ops.deform_conv2d(x, offset, wx, bx, **kw)
         leaves = [x, offset, wx, bx] + ([mask] if use_mask else [])
         ok &= _finite(f"deform_conv2d {name}", out, *_backward(out, leaves))
-        ok &= _finite(f"deform_conv2d {name} offset only", *_backward(ops.deform_conv2d(x, offset, wx, bx, **kw),
-                                                                      [offset]))
+        ok &= _finite(
+            f"deform_conv2d {name} offset only", *_backward(ops.deform_conv2d(x, offset, wx, bx, **kw), [offset])
+        )
         outs = ops.dual_deform_conv2d(x, y, offset, wx, wy, bx, by, **kw)
         leaves = [x, y, offset, wx, wy, bx, by] + ([mask] if use_mask else [])
         ok &= _finite(f"dual_deform_conv2d {name}", *outs, *_backward(outs, leaves))
@@ -108,10 +124,17 @@ def deform_ops(dtype, g):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", choices=["all", "class", "deform"], default="all")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu: float32 / float64 only, to check this script without a GPU")
-    parser.add_argument("--quick", action="store_true",
-                        help="float32 and contiguous inputs only, no autocast pass (the GPU session's fast dry run)")
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: float32 / float64 only, to check this script without a GPU",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="float32 and contiguous inputs only, no autocast pass (the GPU session's fast dry run)",
+    )
     args = parser.parse_args(argv)
     global DEVICE, LAYOUTS
     DEVICE = args.device

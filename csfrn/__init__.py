@@ -1,4 +1,5 @@
 """CSFRN: Consistent-Separable Feature Representation for Semantic Segmentation (AAAI 2021)."""
+
 import os
 import sys
 

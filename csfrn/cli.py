@@ -13,6 +13,7 @@ status 130 / 143 (a training first writes last.pth). Any other exception is a bu
 Building the parser imports nothing heavy (``csfrn --help`` takes a fraction of a second): each verb's ``run``
 imports the library it calls.
 """
+
 import argparse
 import importlib
 import os
@@ -29,9 +30,11 @@ from .errors import UserError
 
 
 # What `csfrn --help` says, for users.
-DESCRIPTION = ("csfrn: CSFRN semantic segmentation (AAAI 2021) with fused C++/CUDA kernels. Train, evaluate, "
-               "predict, export and inspect models and datasets. Every verb but bench and plot reads a YAML "
-               "config (--config) with --set section.key=value overrides.")
+DESCRIPTION = (
+    "csfrn: CSFRN semantic segmentation (AAAI 2021) with fused C++/CUDA kernels. Train, evaluate, "
+    "predict, export and inspect models and datasets. Every verb but bench and plot reads a YAML "
+    "config (--config) with --set section.key=value overrides."
+)
 EPILOG = """examples:
   csfrn demo                       # CSFRN vs its baseline on the built-in synthetic set
   csfrn train --config demo --work-dir runs/demo
@@ -44,13 +47,16 @@ EPILOG = """examples:
 
 def version_text():
     """``csfrn --version``: csfrn, its kernels' build, torch and the CUDA it was built with, Python."""
-    import torch   # here, not at the top: csfrn --help imports no torch
+    import torch  # here, not at the top: csfrn --help imports no torch
 
     from .ops import built_with_cuda
+
     cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
     kernels = "CPU + CUDA" if built_with_cuda() else "CPU only"
-    return (f"csfrn {__version__} (kernels: {kernels}), torch {torch.__version__} ({cuda}), "
-            f"Python {platform.python_version()}")
+    return (
+        f"csfrn {__version__} (kernels: {kernels}), torch {torch.__version__} ({cuda}), "
+        f"Python {platform.python_version()}"
+    )
 
 
 class _Version(argparse.Action):
@@ -73,8 +79,11 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _fill_text(self, text, width, indent):
         return "\n\n".join(
-            "\n".join(indent + line for line in part.splitlines()) if "\n  " in part or part.startswith("  ")
-            else super(_HelpFormatter, self)._fill_text(part, width, indent) for part in text.split("\n\n"))
+            "\n".join(indent + line for line in part.splitlines())
+            if "\n  " in part or part.startswith("  ")
+            else super(_HelpFormatter, self)._fill_text(part, width, indent)
+            for part in text.split("\n\n")
+        )
 
 
 def _verb_module(name):
@@ -86,8 +95,9 @@ def _examples(lines):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="csfrn", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="csfrn", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action=_Version, help="csfrn, torch and CUDA build versions, then exit")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", title="verbs")
     for name in VERBS:
@@ -113,7 +123,7 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     verb = args.verb
-    previous = signal.signal(signal.SIGTERM, raise_interrupted)   # SIGTERM as Ctrl-C: one line, not a kill
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)  # SIGTERM as Ctrl-C: one line, not a kill
     try:
         check_paths(args)
         return args.func(args)
@@ -133,9 +143,8 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
-        if int(os.environ.get("RANK", "0")) == 0:   # under torchrun: one line, from rank 0
-            print(f"csfrn {verb}: {str(err) or 'interrupted by ' + signal_name(signum)}", file=sys.stderr,
-                  flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
+            print(f"csfrn {verb}: {str(err) or 'interrupted by ' + signal_name(signum)}", file=sys.stderr, flush=True)
         return 128 + signum
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -15,6 +15,7 @@ The optional dependencies come with ``pip install -e .[deploy]``. The commands o
 ``csfrn export`` (:func:`csfrn.commands.export.export_from_checkpoint`) and ``csfrn predict --model``
 (:func:`csfrn.commands.predict.exported_model_and_config`).
 """
+
 import importlib
 import json
 import os
@@ -28,7 +29,7 @@ from .ops._checks import pair
 from .models.plug import model_logits
 
 # The first onnxruntime release whose CPU execution provider implements DeformConv (opset 19).
-ORT_DEFORMCONV_VERSION = "1.25.0"   # 1.24.4 has none (microsoft/onnxruntime#27393)
+ORT_DEFORMCONV_VERSION = "1.25.0"  # 1.24.4 has none (microsoft/onnxruntime#27393)
 MIN_OPSET = 19
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -41,9 +42,11 @@ def _require(name):
     try:
         return importlib.import_module(name)
     except ImportError as err:
-        raise DeployDependencyError(f"{name} is not installed ({err}); install the deploy extras: "
-                                    f"pip install -e .[deploy]  (onnx, onnxruntime>={ORT_DEFORMCONV_VERSION}, "
-                                    f"onnxscript)") from None
+        raise DeployDependencyError(
+            f"{name} is not installed ({err}); install the deploy extras: "
+            f"pip install -e .[deploy]  (onnx, onnxruntime>={ORT_DEFORMCONV_VERSION}, "
+            f"onnxscript)"
+        ) from None
 
 
 def _size(name, size):
@@ -82,8 +85,11 @@ class _Inference(torch.nn.Module):
 
 def _dynamic_dims():
     """Batch, height and width dynamic (any batch, images of 16 pixels or more each side)."""
-    return {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=16),
-            3: torch.export.Dim("width", min=16)}
+    return {
+        0: torch.export.Dim("batch", min=1),
+        2: torch.export.Dim("height", min=16),
+        3: torch.export.Dim("width", min=16),
+    }
 
 
 def inference_module(model):
@@ -104,30 +110,38 @@ def _deform_attrs(input, offset, weight, stride, padding, dilation):
     taps = 2 * int(kh) * int(kw)
     if not all(isinstance(d, int) for d in (c_in, w_in, offset.shape[1])):
         raise ValueError("DeformConv export needs static channel counts (input, weight and offset channels)")
-    return dict(group=int(c_in) // int(w_in), offset_group=int(offset.shape[1]) // taps,
-                kernel_shape=[int(kh), int(kw)], strides=[int(s) for s in stride],
-                pads=[int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])],
-                dilations=[int(d) for d in dilation])
+    return dict(
+        group=int(c_in) // int(w_in),
+        offset_group=int(offset.shape[1]) // taps,
+        kernel_shape=[int(kh), int(kw)],
+        strides=[int(s) for s in stride],
+        pads=[int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])],
+        dilations=[int(d) for d in dilation],
+    )
 
 
 def _translation_table(dynamic=False):
-    from onnxscript import opset19 as op   # here: onnxscript is optional (the deploy extra)
+    from onnxscript import opset19 as op  # here: onnxscript is optional (the deploy extra)
 
     def deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation):
-        return op.DeformConv(input, weight, offset, bias, mask,
-                             **_deform_attrs(input, offset, weight, stride, padding, dilation))
+        return op.DeformConv(
+            input, weight, offset, bias, mask, **_deform_attrs(input, offset, weight, stride, padding, dilation)
+        )
 
     def dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation):
-        out_x = op.DeformConv(x, weight_x, offset, bias_x, mask,
-                              **_deform_attrs(x, offset, weight_x, stride, padding, dilation))
-        out_y = op.DeformConv(y, weight_y, offset, bias_y, mask,
-                              **_deform_attrs(y, offset, weight_y, stride, padding, dilation))
+        out_x = op.DeformConv(
+            x, weight_x, offset, bias_x, mask, **_deform_attrs(x, offset, weight_x, stride, padding, dilation)
+        )
+        out_y = op.DeformConv(
+            y, weight_y, offset, bias_y, mask, **_deform_attrs(y, offset, weight_y, stride, padding, dilation)
+        )
         return out_x, out_y
 
     def adaptive_avg_pool2d(x, output_size):
         """PSP's pyramid pooling for inputs of any size: bin i of n covers [floor(i*L/n), ceil((i+1)*L/n)) as in
         PyTorch, a Slice and ReduceMean per bin and axis (a mean over a rectangle is the mean of its row means).
         The exporter's own decomposition fixes the bins at the example's size."""
+
         def const(v):
             return op.Constant(value_ints=[int(v)])
 
@@ -145,8 +159,10 @@ def _translation_table(dynamic=False):
         oh, ow = (int(v) for v in output_size)
         return pool(pool(x, 2, oh), 3, ow)
 
-    table = {torch.ops.csfrn.deform_conv2d.default: deform_conv2d,
-             torch.ops.csfrn.dual_deform_conv2d.default: dual_deform_conv2d}
+    table = {
+        torch.ops.csfrn.deform_conv2d.default: deform_conv2d,
+        torch.ops.csfrn.dual_deform_conv2d.default: dual_deform_conv2d,
+    }
     if dynamic:
         table[torch.ops.aten.adaptive_avg_pool2d.default] = adaptive_avg_pool2d
         table[torch.ops.aten._adaptive_avg_pool2d.default] = adaptive_avg_pool2d
@@ -182,15 +198,24 @@ def export_onnx(model, path, size, opset=19, dynamic=False, config=None, check=T
     if int(opset) < MIN_OPSET:
         raise ConfigError(f"opset {opset}: DeformConv needs ONNX opset {MIN_OPSET} or later")
     module = inference_module(model)
-    example = (_example(size, batch=2 if dynamic else 1),)   # batch 1 would be specialised
+    example = (_example(size, batch=2 if dynamic else 1),)  # batch 1 would be specialised
     kwargs = {}
     if dynamic:
         kwargs["dynamic_shapes"] = {"images": _dynamic_dims()}
     with torch.no_grad():
-        program = torch.onnx.export(module, example, None, dynamo=True, opset_version=int(opset),
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    custom_translation_table=_translation_table(dynamic), verbose=False,
-                                    optimize=True, **kwargs)
+        program = torch.onnx.export(
+            module,
+            example,
+            None,
+            dynamo=True,
+            opset_version=int(opset),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            custom_translation_table=_translation_table(dynamic),
+            verbose=False,
+            optimize=True,
+            **kwargs,
+        )
     proto = program.model_proto
     for key, value in _metadata(config).items():
         entry = proto.metadata_props.add()
@@ -209,8 +234,11 @@ def custom_nodes(proto):
     """op types of the nodes of ``proto`` (a ModelProto, functions included) outside the standard ONNX domain."""
     nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
     local = {f"{f.domain}::{f.name}" for f in proto.functions}
-    return {f"{n.domain}::{n.op_type}" for n in nodes
-            if n.domain not in ("", "ai.onnx") and f"{n.domain}::{n.op_type}" not in local}
+    return {
+        f"{n.domain}::{n.op_type}"
+        for n in nodes
+        if n.domain not in ("", "ai.onnx") and f"{n.domain}::{n.op_type}" not in local
+    }
 
 
 def op_types(proto):
@@ -255,8 +283,10 @@ class ProgramModel:
         try:
             self.module = torch.export.load(path, extra_files=extra).module()
         except Exception as err:  # noqa: BLE001  (torch.export.load raises many kinds on a damaged file)
-            raise UnreadableFileError(f"{path}: not a torch.export program ({type(err).__name__}: "
-                                      f"{str(err).splitlines()[0] if str(err) else ''})") from None
+            raise UnreadableFileError(
+                f"{path}: not a torch.export program ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
         self.config = json.loads(extra[PROGRAM_CONFIG]) if extra[PROGRAM_CONFIG] else None
 
     def eval(self):
@@ -282,7 +312,7 @@ def _ort_session(path, threads=None, spin=True):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = int(threads)
-    if not spin:   # idle pool threads sleep instead of spinning (they would steal the cores of torch's threads)
+    if not spin:  # idle pool threads sleep instead of spinning (they would steal the cores of torch's threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]), proto
@@ -291,7 +321,8 @@ def _ort_session(path, threads=None, spin=True):
             raise DeployDependencyError(
                 f"onnxruntime {ort.__version__} cannot run {path}: its CPU execution provider has no DeformConv "
                 f"kernel; DeformConv runs in onnxruntime >= {ORT_DEFORMCONV_VERSION} "
-                f"(pip install 'onnxruntime>={ORT_DEFORMCONV_VERSION}')") from None
+                f"(pip install 'onnxruntime>={ORT_DEFORMCONV_VERSION}')"
+            ) from None
         raise
 
 
@@ -334,8 +365,9 @@ class OnnxModel:
         if self.fixed_size is not None and size != self.fixed_size:
             x = F.interpolate(x, size=self.fixed_size, mode="bilinear", align_corners=False)
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
-            logits = torch.cat([torch.from_numpy(self.run(x[i:i + 1].contiguous().numpy()))
-                                for i in range(x.shape[0])])
+            logits = torch.cat(
+                [torch.from_numpy(self.run(x[i : i + 1].contiguous().numpy())) for i in range(x.shape[0])]
+            )
         else:
             logits = torch.from_numpy(self.run(x.contiguous().numpy()))
         if tuple(logits.shape[2:]) != size:

@@ -24,7 +24,7 @@ class UserError(Exception):
             at = text.rfind(marker)
             if at >= 0:
                 self.worker_traceback = text
-                args = (text[at + len(marker):].rstrip("\n"),)
+                args = (text[at + len(marker) :].rstrip("\n"),)
         super().__init__(*args)
         self.args = args
 
@@ -67,6 +67,8 @@ class TrainingDivergedError(UserError, FloatingPointError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package that the config or the command needs is not installed; the message says how to get it."""
+
+
 class RunLockedError(UserError, BlockingIOError):
     """The work_dir is in use by another run (its lock file names the process, host and start time)."""
 

@@ -11,6 +11,7 @@ others with its built-in 30 s (``PContext.close``'s default, which the option do
 stopped rank, which cannot answer SIGTERM, so ends ``--shutdown-timeout`` after the others gave up waiting for it
 (``train.dist_timeout``).
 """
+
 import logging
 import os
 import sys
@@ -42,8 +43,9 @@ def main(argv=None):
     from torch.distributed.run import main as torchrun, parse_args
 
     shutdown = parse_args(sys.argv[1:] if argv is None else argv).shutdown_timeout
-    _bound_worker_shutdown(int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) if shutdown is None
-                           else shutdown)
+    _bound_worker_shutdown(
+        int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) if shutdown is None else shutdown
+    )
 
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
         logging.getLogger(name).addFilter(_NoSignalNotices())

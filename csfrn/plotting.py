@@ -6,6 +6,7 @@
 matplotlib is optional (``pip install 'csfrn[plot]'``, which ``make`` installs); :func:`pyplot` raises a one-line
 :class:`csfrn.errors.MissingDependencyError` without it. This module imports it only when a chart is drawn.
 """
+
 import math
 import os
 
@@ -14,19 +15,21 @@ from PIL import Image
 
 from .errors import MissingDependencyError
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-          "#bcbd22"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra to install."""
     try:
-        import matplotlib   # optional (the plot extra): imported by the charts that need it
+        import matplotlib  # optional (the plot extra): imported by the charts that need it
     except ImportError:
-        raise MissingDependencyError("drawing charts needs matplotlib, which is not installed: "
-                                     "pip install 'csfrn[plot]' (or pip install matplotlib)") from None
+        raise MissingDependencyError(
+            "drawing charts needs matplotlib, which is not installed: "
+            "pip install 'csfrn[plot]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt   # optional, as above
+    import matplotlib.pyplot as plt  # optional, as above
+
     return plt
 
 
@@ -42,8 +45,7 @@ def save_png(fig, path):
 
 # ---------------------------------------------------------------- training curves (csfrn plot)
 # metrics.jsonl keys of a train record that are not loss terms
-NOT_LOSSES = ("kind", "iter", "lr", "it/s", "images/s", "max_mem_gib", "data_time", "step_time", "grad_norm",
-              "clipped")
+NOT_LOSSES = ("kind", "iter", "lr", "it/s", "images/s", "max_mem_gib", "data_time", "step_time", "grad_norm", "clipped")
 
 
 def training_curves(runs, path):
@@ -55,17 +57,18 @@ def training_curves(runs, path):
     for records in runs.values():
         for r in records:
             if r.get("kind", "train") == "train":
-                terms += [k for k, v in r.items() if k not in NOT_LOSSES and isinstance(v, (int, float))
-                          and k not in terms]
-    terms = sorted(terms, key=lambda k: k != "loss")    # stable: the loss first, the terms as logged
+                terms += [
+                    k for k, v in r.items() if k not in NOT_LOSSES and isinstance(v, (int, float)) and k not in terms
+                ]
+    terms = sorted(terms, key=lambda k: k != "loss")  # stable: the loss first, the terms as logged
     panels = [(t, f"{t}" + (" (sum of the terms)" if t == "loss" else "")) for t in terms]
     panels += [("lr", "learning rate"), ("mIoU", "val mIoU (%)")]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 2.7 * rows + 0.5), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (_key, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration", fontsize=9)
         ax.tick_params(labelsize=8)
@@ -115,8 +118,15 @@ def confusion_chart(cm, classes, path, title="confusion matrix"):
         for g in range(k):
             for p in range(k):
                 if rows[g, 0] > 0:
-                    ax.text(p, g, f"{norm[g, p]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if norm[g, p] > 0.5 else "black")
+                    ax.text(
+                        p,
+                        g,
+                        f"{norm[g, p]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[g, p] > 0.5 else "black",
+                    )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return save_png(fig, path)
@@ -127,7 +137,7 @@ def mask_picture(image, label, palette, classes, path, title="", alpha=0.5, igno
     """The image beside the image with its mask blended in the dataset's palette (ignored pixels left
     unblended), and a legend of the classes present. ``image`` uint8 [H, W, 3], ``label`` [H, W] class ids."""
     plt = pyplot()
-    from matplotlib.patches import Patch   # optional (the plot extra)
+    from matplotlib.patches import Patch  # optional (the plot extra)
 
     image = np.asarray(image, dtype=np.uint8)
     label = np.asarray(label)
@@ -144,8 +154,14 @@ def mask_picture(image, label, palette, classes, path, title="", alpha=0.5, igno
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="black",
-                     label=classes[k] if k < len(classes) else f"class {k}") for k in ids]
+    handles = [
+        Patch(
+            facecolor=np.asarray(palette[k]) / 255.0,
+            edgecolor="black",
+            label=classes[k] if k < len(classes) else f"class {k}",
+        )
+        for k in ids
+    ]
     if (label == ignore_index).any():
         handles.append(Patch(facecolor="white", edgecolor="black", label="ignored (not blended)"))
     if handles:
@@ -179,8 +195,7 @@ def ablation_chart(summary, intervals, path):
         if not math.isnan(mean):
             ax.hlines(mean, i - 0.3, i + 0.15, color="black", linewidth=2.5)
         if not math.isnan(low):
-            ax.errorbar([i + 0.15], [mean], yerr=[[mean - low], [high - mean]], color="black", capsize=4,
-                        linewidth=1.5)
+            ax.errorbar([i + 0.15], [mean], yerr=[[mean - low], [high - mean]], color="black", capsize=4, linewidth=1.5)
         label = name
         d = e.get("diff")
         if d and not math.isnan(d["mean"]):

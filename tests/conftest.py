@@ -1,5 +1,6 @@
 """Shared helpers: where and by what the csfrn ops run (devices, kernel / twin), tiny configs of the real model for
 the engine / data / CLI tests, the shipped configs, and PNG writers."""
+
 import glob
 import os
 import signal
@@ -22,8 +23,11 @@ def shipped_configs():
     """The names of the configs a user runs (``cityscapes/psp_r50_769_40k``: the path in csfrn/configs/ without
     .yaml), not the ``_base_`` parts they inherit."""
     paths = glob.glob(os.path.join(SHIPPED, "**", "*.yaml"), recursive=True)
-    return sorted(os.path.relpath(p, SHIPPED)[:-len(".yaml")].replace(os.sep, "/") for p in paths
-                  if "_base_" not in p.split(os.sep))
+    return sorted(
+        os.path.relpath(p, SHIPPED)[: -len(".yaml")].replace(os.sep, "/")
+        for p in paths
+        if "_base_" not in p.split(os.sep)
+    )
 
 
 # The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.
@@ -38,8 +42,10 @@ needs_cuda = pytest.mark.cuda
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped without one); `pytest -m cuda` selects them")
-    config.addinivalue_line("markers", "slow: starts several torchrun jobs (tens of seconds); runs in CI too, "
-                            "`-m 'not slow'` leaves them out locally")
+    config.addinivalue_line(
+        "markers",
+        "slow: starts several torchrun jobs (tens of seconds); runs in CI too, `-m 'not slow'` leaves them out locally",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,6 +56,7 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
 
+
 # Where an op's kernels run: the CPU kernels; the CUDA kernels on a GPU; and "emu", the same CUDA kernels compiled
 # for the host (tests/cuda_emu.py, built on first use: torch.ops.csfrn_emu.* on CPU tensors). op_samples.kernel(op,
 # device) runs an op on any of them, with autograd.
@@ -59,15 +66,21 @@ DISPATCH_DEVICES = DEVICES[:2]
 # The CUDA kernels, on a GPU and emulated.
 CUDA_KERNELS = DEVICES[1:]
 # The dtypes each device's kernels run (the CPU kernels: float32 and float64 only).
-DEVICE_DTYPES = {"cpu": [torch.float64, torch.float32],
-                 "cuda": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                 "emu": [torch.float64, torch.float32, torch.float16, torch.bfloat16]}
+DEVICE_DTYPES = {
+    "cpu": [torch.float64, torch.float32],
+    "cuda": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+    "emu": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+}
 
 
 def device_dtype_params(dtypes):
     """Parameters (device, dtype) for every device of DEVICES and every one of ``dtypes`` its kernels run."""
-    return [pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=needs_cuda if device == "cuda" else ())
-            for device in DEVICE_DTYPES for dtype in dtypes if dtype in DEVICE_DTYPES[device]]
+    return [
+        pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=needs_cuda if device == "cuda" else ())
+        for device in DEVICE_DTYPES
+        for dtype in dtypes
+        if dtype in DEVICE_DTYPES[device]
+    ]
 
 
 # What runs an op: the *kernel* (our C++/CUDA op, through csfrn.ops) or its *twin* (csfrn/ops/reference.py, which
@@ -90,13 +103,35 @@ def backend(request):
 # ---------------------------------------------------------------- the engine, data and CLI tests
 # The real build_model at test size; fusion "concat" keeps deformable convs out of the engine tests
 # (tests/test_models.py covers AAM).
-TINY_MODEL = ["model.head=fcn", "model.num_classes=4", "model.backbone=resnet50c", "model.width=8",
-              "model.blocks=[1,1,1,1]", "model.channels=16", "model.aux_channels=8", "model.embed_dim=8",
-              "model.fusion=concat"]
-TINY_DATA = ["data.dataset=synthetic", "data.size=32", "data.length=16", "data.val_length=4",
-             "data.crop_size=[24,24]", "data.scale_range=[1.0,1.25]", "data.batch_size=4", "data.num_workers=0"]
-TINY_TRAIN = ["train.device=cpu", "train.log_interval=1", "train.eval_interval=0", "train.tensorboard=false",
-              "train.progress=false", "eval.mode=whole"]
+TINY_MODEL = [
+    "model.head=fcn",
+    "model.num_classes=4",
+    "model.backbone=resnet50c",
+    "model.width=8",
+    "model.blocks=[1,1,1,1]",
+    "model.channels=16",
+    "model.aux_channels=8",
+    "model.embed_dim=8",
+    "model.fusion=concat",
+]
+TINY_DATA = [
+    "data.dataset=synthetic",
+    "data.size=32",
+    "data.length=16",
+    "data.val_length=4",
+    "data.crop_size=[24,24]",
+    "data.scale_range=[1.0,1.25]",
+    "data.batch_size=4",
+    "data.num_workers=0",
+]
+TINY_TRAIN = [
+    "train.device=cpu",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "eval.mode=whole",
+]
 
 
 # `csfrn train` needs --config: the built-in defaults, every value the tests use set by tiny_overrides.
@@ -104,8 +139,12 @@ TINY_CONFIG = os.path.join(ROOT, "tests", "defaults.yaml")
 
 
 def tiny_overrides(work_dir, iters=4, extra=()):
-    return TINY_MODEL + TINY_DATA + TINY_TRAIN + [f"train.work_dir={work_dir}", f"train.iters={iters}",
-                                                  f"train.checkpoint_interval={iters}", *extra]
+    return (
+        TINY_MODEL
+        + TINY_DATA
+        + TINY_TRAIN
+        + [f"train.work_dir={work_dir}", f"train.iters={iters}", f"train.checkpoint_interval={iters}", *extra]
+    )
 
 
 @pytest.fixture
@@ -142,6 +181,7 @@ def sigkill_at_checkpoint(proc, last, iteration, timeout=120):
     """Wait (at most ``timeout`` s) until the training ``proc`` has written ``last`` (a last.pth) at ``iteration``
     or later, then SIGKILL it; the process must still be running then (its stderr otherwise says why)."""
     from csfrn.engine.checkpoint import load_checkpoint
+
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:

@@ -6,6 +6,7 @@
 - ``PROBE_WORK_DIRS``: comma-separated work_dirs, one per rank (a node's own disk), instead of train.work_dir.
 
 None of them changes what a step computes."""
+
 import importlib
 import json
 import os
@@ -14,7 +15,7 @@ import time
 
 from csfrn.cli import main
 
-train_module = importlib.import_module("csfrn.engine.train")   # the module (csfrn.engine.train is also a function)
+train_module = importlib.import_module("csfrn.engine.train")  # the module (csfrn.engine.train is also a function)
 
 RANK = int(os.environ.get("RANK", "0"))
 _step = train_module.train_step

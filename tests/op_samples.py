@@ -12,6 +12,7 @@ Vocabulary (tests/conftest.py): the *kernel* is our C++/CUDA op, the *twin* its 
 ``torch.ops.csfrn.*``). ``kernel(op, device)`` and ``twin(op)`` take the op's arguments in its schema's order
 (csrc/op_schemas.h), as ``SampleInput.args`` holds them, and return a tuple of outputs.
 """
+
 import contextlib
 import dataclasses
 import itertools
@@ -29,6 +30,7 @@ F64 = torch.float64
 class SampleInput:
     """One call of ``op``: ``args`` in the schema's order, ``grads`` the upstream gradients of its differentiable
     outputs (drawn with the inputs, in their dtype and on their device), ``name`` what the case exercises."""
+
     op: str
     args: tuple
     grads: tuple
@@ -61,11 +63,13 @@ class SampleInput:
     def detached(self, device=None, dtype=None, requires_grad=False):
         """The tensors detached (the same storage and strides; copies where moved or cast), floating-point ones
         cast to ``dtype`` where given; they require grad where ``requires_grad`` and they did."""
+
         def conv(t):
             if not torch.is_tensor(t):
                 return t
             out = t.detach().to(device=device or t.device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
             return out.requires_grad_(requires_grad and t.requires_grad)
+
         return dataclasses.replace(self, args=tuple(map(conv, self.args)), grads=tuple(map(conv, self.grads)))
 
     def __repr__(self):
@@ -99,8 +103,11 @@ class _Draw:
         self.device, self.dtype = torch_device(device), dtype
 
     def __call__(self, *shape, scale=1.0, shift=0.0, uniform=False, layout="nchw"):
-        t = torch.rand(*shape, generator=self.g, dtype=F64) if uniform else torch.randn(*shape, generator=self.g,
-                                                                                          dtype=F64)
+        t = (
+            torch.rand(*shape, generator=self.g, dtype=F64)
+            if uniform
+            else torch.randn(*shape, generator=self.g, dtype=F64)
+        )
         return lay((t * scale + shift).to(self.dtype).to(self.device), layout)
 
     def labels(self, n, h, w, k, ignore_index=255, ignore_frac=0.2, absent=(), ignored_images=(), layout="nchw"):
@@ -135,7 +142,7 @@ def _finish(op, args, grads, name, requires_grad, grad_of):
 
 
 # Label values outside [0, K) for any K <= 10^6 and ignore_index in {255, -1, 0..K-1}: the extremes of int64 too.
-BAD_LABELS = (10 ** 6, -3, 1 << 40, -(1 << 40), 2 ** 63 - 1, -2 ** 63)
+BAD_LABELS = (10**6, -3, 1 << 40, -(1 << 40), 2**63 - 1, -(2**63))
 
 
 def plant_bad_labels(labels, values=BAD_LABELS, start=3, step=7):
@@ -143,13 +150,31 @@ def plant_bad_labels(labels, values=BAD_LABELS, start=3, step=7):
     labels = labels.clone()
     flat = labels.view(-1)
     spots = torch.arange(start, max(start, flat.numel()), step)
-    flat[spots] = torch.tensor(values, dtype=labels.dtype).repeat(len(spots) // len(values) + 1)[:len(spots)]
+    flat[spots] = torch.tensor(values, dtype=labels.dtype).repeat(len(spots) // len(values) + 1)[: len(spots)]
     return labels
 
 
-def class_avg_pool_sample(n, d, h, w, k, *, ignore_index=255, ignore_frac=0.2, absent=(), ignored_images=(),
-                          layout="nchw", channel_stride=1, bad=False, validate=True, seed=0, device="cpu",
-                          dtype=F64, requires_grad=False, name=""):
+def class_avg_pool_sample(
+    n,
+    d,
+    h,
+    w,
+    k,
+    *,
+    ignore_index=255,
+    ignore_frac=0.2,
+    absent=(),
+    ignored_images=(),
+    layout="nchw",
+    channel_stride=1,
+    bad=False,
+    validate=True,
+    seed=0,
+    device="cpu",
+    dtype=F64,
+    requires_grad=False,
+    name="",
+):
     """features [N, D, H, W] (every ``channel_stride``-th channel of a wider tensor where > 1), labels [N, H, W]
     (see random_labels; with ``bad`` every 7th pixel holds a value of BAD_LABELS, for validate=False), and the
     upstream gradient of the means [N, K, D]."""
@@ -158,12 +183,32 @@ def class_avg_pool_sample(n, d, h, w, k, *, ignore_index=255, ignore_frac=0.2, a
     labels = r.labels(n, h, w, k, ignore_index, ignore_frac, absent, ignored_images)
     labels = lay(plant_bad_labels(labels) if bad else labels, layout)
     grad_means = r(n, k, d, layout=layout)
-    return _finish("class_avg_pool", (features, labels, k, ignore_index, validate), (grad_means,),
-                   name or f"{n}x{d}x{h}x{w}, K={k}", requires_grad, None)
+    return _finish(
+        "class_avg_pool",
+        (features, labels, k, ignore_index, validate),
+        (grad_means,),
+        name or f"{n}x{d}x{h}x{w}, K={k}",
+        requires_grad,
+        None,
+    )
 
 
-def center_distance_sample(n, d, h, w, k, *, delta=10.0, layout="nchw", seed=0, device="cpu", dtype=F64,
-                           requires_grad=False, grad_of=None, name=""):
+def center_distance_sample(
+    n,
+    d,
+    h,
+    w,
+    k,
+    *,
+    delta=10.0,
+    layout="nchw",
+    seed=0,
+    device="cpu",
+    dtype=F64,
+    requires_grad=False,
+    grad_of=None,
+    name="",
+):
     """embeddings [N, D, H, W], centres [N, K, D] (scaled by 0.5), margins [N, K] in [-0.3, 0.1) (so that
     exp(delta * margin) stays moderate), and the upstream gradient of phi [N, K, H, W]."""
     r = _Draw(seed, device, dtype)
@@ -171,52 +216,137 @@ def center_distance_sample(n, d, h, w, k, *, delta=10.0, layout="nchw", seed=0, 
     centers = r(n, k, d, scale=0.5)
     margins = r(n, k, uniform=True, scale=0.4, shift=-0.3)
     grad_phi = r(n, k, h, w, layout=layout)
-    return _finish("center_distance", (embeddings, centers, margins, float(delta)), (grad_phi,),
-                   name or f"{n}x{d}x{h}x{w}, K={k}", requires_grad, grad_of)
+    return _finish(
+        "center_distance",
+        (embeddings, centers, margins, float(delta)),
+        (grad_phi,),
+        name or f"{n}x{d}x{h}x{w}, K={k}",
+        requires_grad,
+        grad_of,
+    )
 
 
-def _deform_parts(r, n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, mask, bias, scale,
-                  layout):
+def _deform_parts(
+    r, n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, mask, bias, scale, layout
+):
     """input, offset (none for offset_groups None), weight, bias, mask and the upstream gradient of one deformable
     convolution, drawn by r."""
     taps = k[0] * k[1]
     h_out, w_out = ((size[i] + 2 * padding[i] - (dilation[i] * (k[i] - 1) + 1)) // stride[i] + 1 for i in range(2))
-    return dict(input=r(n, c_in, *size, layout=layout),
-                offset=(r(n, 2 * offset_groups * taps, h_out, w_out, scale=scale, layout=layout) if offset_groups
-                        else None),
-                weight=r(c_out, c_in // groups, *k, layout=layout), bias=r(c_out) if bias else None,
-                mask=r(n, offset_groups * taps, h_out, w_out, uniform=True, layout=layout) if mask else None,
-                grad=r(n, c_out, h_out, w_out, layout=layout))
+    return dict(
+        input=r(n, c_in, *size, layout=layout),
+        offset=(r(n, 2 * offset_groups * taps, h_out, w_out, scale=scale, layout=layout) if offset_groups else None),
+        weight=r(c_out, c_in // groups, *k, layout=layout),
+        bias=r(c_out) if bias else None,
+        mask=r(n, offset_groups * taps, h_out, w_out, uniform=True, layout=layout) if mask else None,
+        grad=r(n, c_out, h_out, w_out, layout=layout),
+    )
 
 
-def deform_conv2d_sample(n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, *, mask=True,
-                         bias=True, scale=2.0, layout="nchw", seed=0, device="cpu", dtype=F64, requires_grad=False,
-                         grad_of=None, name=""):
+def deform_conv2d_sample(
+    n,
+    c_in,
+    c_out,
+    groups,
+    offset_groups,
+    k,
+    stride,
+    padding,
+    dilation,
+    size,
+    *,
+    mask=True,
+    bias=True,
+    scale=2.0,
+    layout="nchw",
+    seed=0,
+    device="cpu",
+    dtype=F64,
+    requires_grad=False,
+    grad_of=None,
+    name="",
+):
     """input [N, C_in, H, W], offset [N, 2 * offset_groups * kh * kw, H_out, W_out] (N(0, scale^2): samples fall
     between pixels and outside), weight [C_out, C_in / groups, kh, kw], bias [C_out] or None, mask (uniform in
     [0, 1)) or None, and the upstream gradient of the output."""
-    x = _deform_parts(_Draw(seed, device, dtype), n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation,
-                      size, mask, bias, scale, layout)
+    x = _deform_parts(
+        _Draw(seed, device, dtype),
+        n,
+        c_in,
+        c_out,
+        groups,
+        offset_groups,
+        k,
+        stride,
+        padding,
+        dilation,
+        size,
+        mask,
+        bias,
+        scale,
+        layout,
+    )
     args = (x["input"], x["offset"], x["weight"], x["bias"], x["mask"], list(stride), list(padding), list(dilation))
     return _finish("deform_conv2d", args, (x["grad"],), name or f"{c_in}->{c_out}, k={k}", requires_grad, grad_of)
 
 
-def dual_deform_conv2d_sample(n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, *,
-                              c_y=None, c_out_y=None, groups_y=None, mask=True, bias=True, scale=2.0, layout="nchw",
-                              seed=0, device="cpu", dtype=F64, requires_grad=False, name=""):
+def dual_deform_conv2d_sample(
+    n,
+    c_in,
+    c_out,
+    groups,
+    offset_groups,
+    k,
+    stride,
+    padding,
+    dilation,
+    size,
+    *,
+    c_y=None,
+    c_out_y=None,
+    groups_y=None,
+    mask=True,
+    bias=True,
+    scale=2.0,
+    layout="nchw",
+    seed=0,
+    device="cpu",
+    dtype=F64,
+    requires_grad=False,
+    name="",
+):
     """As deform_conv2d_sample for x, plus y [N, c_y, H, W] (default c_in channels) with weight_y
     [c_out_y, c_y / groups_y, kh, kw] (default: groups, and ``groups`` more output channels than x)."""
     r = _Draw(seed, device, dtype)
     c_y, groups_y = c_y or c_in, groups_y or groups
     c_out_y = c_out + groups if c_out_y is None else c_out_y
-    x = _deform_parts(r, n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, mask, bias, scale,
-                      layout)
-    y = _deform_parts(r, n, c_y, c_out_y, groups_y, None, k, stride, padding, dilation, size, False, bias, scale,
-                      layout)   # the offset and mask are x's
-    args = (x["input"], y["input"], x["offset"], x["weight"], y["weight"], x["bias"], y["bias"], x["mask"],
-            list(stride), list(padding), list(dilation))
-    return _finish("dual_deform_conv2d", args, (x["grad"], y["grad"]),
-                   name or f"{c_in}+{c_y}->{c_out}+{c_out_y}, k={k}", requires_grad, None)
+    x = _deform_parts(
+        r, n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size, mask, bias, scale, layout
+    )
+    y = _deform_parts(
+        r, n, c_y, c_out_y, groups_y, None, k, stride, padding, dilation, size, False, bias, scale, layout
+    )  # the offset and mask are x's
+    args = (
+        x["input"],
+        y["input"],
+        x["offset"],
+        x["weight"],
+        y["weight"],
+        x["bias"],
+        y["bias"],
+        x["mask"],
+        list(stride),
+        list(padding),
+        list(dilation),
+    )
+    return _finish(
+        "dual_deform_conv2d",
+        args,
+        (x["grad"], y["grad"]),
+        name or f"{c_in}+{c_y}->{c_out}+{c_out_y}, k={k}",
+        requires_grad,
+        None,
+    )
 
 
 def toggle_mask(sample, seed=0):
@@ -226,15 +356,29 @@ def toggle_mask(sample, seed=0):
     if sample["mask"] is not None:
         return dataclasses.replace(sample.replace(mask=None), name=f"{sample.name}, mask dropped")
     n, _, h_out, w_out = offset.shape
-    mask = torch.rand(n, offset.shape[1] // 2, h_out, w_out, generator=torch.Generator().manual_seed(seed),
-                      dtype=F64).to(offset.dtype).to(offset.device).requires_grad_(offset.requires_grad)
+    mask = (
+        torch.rand(n, offset.shape[1] // 2, h_out, w_out, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        .to(offset.dtype)
+        .to(offset.device)
+        .requires_grad_(offset.requires_grad)
+    )
     return dataclasses.replace(sample.replace(mask=mask), name=f"{sample.name}, with a mask")
 
 
 def deform_config(n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size):
     """A deformable convolution's configuration, as the builders above take it."""
-    return dict(n=n, c_in=c_in, c_out=c_out, groups=groups, offset_groups=offset_groups, k=k, stride=stride,
-                padding=padding, dilation=dilation, size=size)
+    return dict(
+        n=n,
+        c_in=c_in,
+        c_out=c_out,
+        groups=groups,
+        offset_groups=offset_groups,
+        k=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        size=size,
+    )
 
 
 def random_deform_config(seed):
@@ -243,11 +387,22 @@ def random_deform_config(seed):
 
     def r(lo, hi):
         return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
     groups, offset_groups, n_c = r(1, 2), r(1, 2), r(1, 2)
     k = (r(1, 3), r(1, 3))
     n, c_out = r(1, 2), groups * r(1, 2)
-    return deform_config(n, groups * offset_groups * n_c, c_out, groups, offset_groups, k, (r(1, 2), r(1, 2)),
-                         (r(0, 2), r(0, 2)), (r(1, 2), r(1, 2)), (r(4, 7), r(4, 7)))
+    return deform_config(
+        n,
+        groups * offset_groups * n_c,
+        c_out,
+        groups,
+        offset_groups,
+        k,
+        (r(1, 2), r(1, 2)),
+        (r(0, 2), r(0, 2)),
+        (r(1, 2), r(1, 2)),
+        (r(4, 7), r(4, 7)),
+    )
 
 
 DEFORM = dict(  # n, c_in, c_out, groups, offset_groups, (kh, kw), stride, padding, dilation, (H, W)
@@ -256,7 +411,7 @@ DEFORM = dict(  # n, c_in, c_out, groups, offset_groups, (kh, kw), stride, paddi
     # one or two channels per group (the CPU kernel loops across the groups of an offset group), one offset group
     depthwise=deform_config(2, 4, 8, 4, 2, (3, 2), (1, 2), (1, 1), (1, 1), (5, 6)),
     depthwise1=deform_config(1, 5, 5, 5, 1, (2, 3), (1, 1), (0, 1), (2, 1), (6, 5)),
-    pairs=deform_config(1, 8, 4, 4, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 5)),   # two channels per group
+    pairs=deform_config(1, 8, 4, 4, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 5)),  # two channels per group
     conv3x3=deform_config(1, 4, 2, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6)),
     conv1x1=deform_config(1, 3, 5, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), (4, 9)),
     wide=deform_config(1, 2, 2, 1, 2, (2, 3), (2, 2), (2, 1), (1, 3), (9, 8)),
@@ -281,8 +436,18 @@ def class_avg_pool_samples(device, dtype, requires_grad):
         dict(n=2, d=4, h=5, w=6, k=3, channel_stride=2, name="every other channel"),
         dict(n=0, d=4, h=3, w=3, k=5, name="no images"),
         dict(n=2, d=5, h=7, w=9, k=6, bad=True, validate=False, name="bad labels ignored (validate=False)"),
-        dict(n=2, d=3, h=6, w=7, k=4, ignore_index=-1, bad=True, validate=False, layout="channels_last",
-             name="bad labels, ignore_index -1, channels_last (validate=False)"),
+        dict(
+            n=2,
+            d=3,
+            h=6,
+            w=7,
+            k=4,
+            ignore_index=-1,
+            bad=True,
+            validate=False,
+            layout="channels_last",
+            name="bad labels, ignore_index -1, channels_last (validate=False)",
+        ),
     ]
     for i, case in enumerate(cases):
         yield class_avg_pool_sample(**case, seed=100 + i, device=device, dtype=dtype, requires_grad=requires_grad)
@@ -310,8 +475,11 @@ def deform_conv2d_samples(device, dtype, requires_grad):
     cases = [
         dict(DEFORM["awkward"], name="awkward"),
         dict(DEFORM["awkward"], mask=False, bias=False, name="awkward, no mask, no bias"),
-        *[dict(DEFORM[c], mask=m, name=f"{c}{'' if m else ', no mask'}")
-          for c in ("rand1", "rand2", "depthwise", "depthwise1", "pairs") for m in (True, False)],
+        *[
+            dict(DEFORM[c], mask=m, name=f"{c}{'' if m else ', no mask'}")
+            for c in ("rand1", "rand2", "depthwise", "depthwise1", "pairs")
+            for m in (True, False)
+        ],
         dict(DEFORM["conv3x3"], mask=False, name="3x3, no mask"),
         dict(DEFORM["conv1x1"], bias=False, name="1x1, no bias"),
         dict(DEFORM["wide"], name="wide dilation"),
@@ -331,8 +499,19 @@ def dual_deform_conv2d_samples(device, dtype, requires_grad):
         dict(DEFORM["awkward"], name="awkward"),
         dict(DEFORM["awkward"], c_y=9, groups_y=3, c_out_y=6, mask=False, name="y with 3 groups, no mask"),
         dict(DEFORM["depthwise"], mask=False, bias=False, name="depthwise, no mask, no bias"),
-        dict(n=1, c_in=2, c_out=2, groups=1, offset_groups=2, k=(2, 2), stride=(1, 1), padding=(1, 0),
-             dilation=(1, 1), size=(3, 4), name="tiny"),
+        dict(
+            n=1,
+            c_in=2,
+            c_out=2,
+            groups=1,
+            offset_groups=2,
+            k=(2, 2),
+            stride=(1, 1),
+            padding=(1, 0),
+            dilation=(1, 1),
+            size=(3, 4),
+            name="tiny",
+        ),
         dict(DEFORM["wide"], name="wide dilation"),
         dict(DEFORM["awkward"], layout="channels_last", name="channels_last"),
         dict(DEFORM["depthwise"], layout="sliced", name="sliced"),
@@ -345,7 +524,7 @@ def dual_deform_conv2d_samples(device, dtype, requires_grad):
 # ---------------------------------------------------------------- the ops
 def _pool_backward_args(args, outputs, grads, mask):
     features, labels, _, ignore_index = args[:4]
-    return grads[0].contiguous(), labels, outputs[1], ignore_index   # as csfrn/ops/class_ops.py calls it
+    return grads[0].contiguous(), labels, outputs[1], ignore_index  # as csfrn/ops/class_ops.py calls it
 
 
 def _distance_backward_args(args, outputs, grads, mask):
@@ -371,6 +550,7 @@ class OpInfo:
     """``arg_names``: the schema's arguments; ``differentiable``: those with gradients, in the order the backward
     op returns them; ``grad_outputs``: the outputs with gradients; ``exact_outputs``: outputs compared exactly
     (pixel counts); ``public`` / ``reference``: csfrn.ops' function and its twin, in the schema's order."""
+
     name: str
     arg_names: tuple
     differentiable: tuple
@@ -386,31 +566,58 @@ class OpInfo:
         return f"{self.name}_backward"
 
 
-OPS = {info.name: info for info in [
-    OpInfo("class_avg_pool", ("features", "labels", "num_classes", "ignore_index", "validate"), ("features",),
-           class_avg_pool_samples, ops.class_avg_pool, reference.class_avg_pool, _pool_backward_args,
-           exact_outputs=(1,)),
-    OpInfo("center_distance", ("embeddings", "centers", "margins", "delta"), ("embeddings", "centers", "margins"),
-           center_distance_samples, ops.center_distance, reference.center_distance, _distance_backward_args),
-    OpInfo("deform_conv2d",
-           ("input", "offset", "weight", "bias", "mask", "stride", "padding", "dilation"),
-           ("input", "offset", "weight", "bias", "mask"), deform_conv2d_samples,
-           lambda i, o, w, b, m, s, p, d: ops.deform_conv2d(i, o, w, b, s, p, d, m),
-           lambda i, o, w, b, m, s, p, d: reference.deform_conv2d(i, o, w, b, s, p, d, m), _deform_backward_args),
-    OpInfo("dual_deform_conv2d",
-           ("x", "y", "offset", "weight_x", "weight_y", "bias_x", "bias_y", "mask", "stride", "padding", "dilation"),
-           ("x", "y", "offset", "weight_x", "weight_y", "bias_x", "bias_y", "mask"), dual_deform_conv2d_samples,
-           lambda x, y, o, wx, wy, bx, by, m, s, p, d: ops.dual_deform_conv2d(x, y, o, wx, wy, bx, by, s, p, d, m),
-           lambda x, y, o, wx, wy, bx, by, m, s, p, d: reference.dual_deform_conv2d(x, y, o, wx, wy, bx, by, s, p,
-                                                                                    d, m),
-           _dual_backward_args, grad_outputs=(0, 1)),
-]}
+OPS = {
+    info.name: info
+    for info in [
+        OpInfo(
+            "class_avg_pool",
+            ("features", "labels", "num_classes", "ignore_index", "validate"),
+            ("features",),
+            class_avg_pool_samples,
+            ops.class_avg_pool,
+            reference.class_avg_pool,
+            _pool_backward_args,
+            exact_outputs=(1,),
+        ),
+        OpInfo(
+            "center_distance",
+            ("embeddings", "centers", "margins", "delta"),
+            ("embeddings", "centers", "margins"),
+            center_distance_samples,
+            ops.center_distance,
+            reference.center_distance,
+            _distance_backward_args,
+        ),
+        OpInfo(
+            "deform_conv2d",
+            ("input", "offset", "weight", "bias", "mask", "stride", "padding", "dilation"),
+            ("input", "offset", "weight", "bias", "mask"),
+            deform_conv2d_samples,
+            lambda i, o, w, b, m, s, p, d: ops.deform_conv2d(i, o, w, b, s, p, d, m),
+            lambda i, o, w, b, m, s, p, d: reference.deform_conv2d(i, o, w, b, s, p, d, m),
+            _deform_backward_args,
+        ),
+        OpInfo(
+            "dual_deform_conv2d",
+            ("x", "y", "offset", "weight_x", "weight_y", "bias_x", "bias_y", "mask", "stride", "padding", "dilation"),
+            ("x", "y", "offset", "weight_x", "weight_y", "bias_x", "bias_y", "mask"),
+            dual_deform_conv2d_samples,
+            lambda x, y, o, wx, wy, bx, by, m, s, p, d: ops.dual_deform_conv2d(x, y, o, wx, wy, bx, by, s, p, d, m),
+            lambda x, y, o, wx, wy, bx, by, m, s, p, d: reference.dual_deform_conv2d(
+                x, y, o, wx, wy, bx, by, s, p, d, m
+            ),
+            _dual_backward_args,
+            grad_outputs=(0, 1),
+        ),
+    ]
+}
 
 
 # ---------------------------------------------------------------- kernel and twin
 def emulation():
     """torch.ops.csfrn_emu, built on first use (tests/cuda_emu.py)."""
     import cuda_emu
+
     return cuda_emu.load()
 
 
@@ -421,7 +628,7 @@ class _Emulated(torch.autograd.Function):
     def forward(ctx, info, *args):
         outputs = _tuple(getattr(emulation(), info.name)(*args))
         ctx.info, ctx.args, ctx.outputs = info, args, outputs
-        if info.name == "class_avg_pool":   # csfrn.ops.class_avg_pool's counts are in the features' dtype
+        if info.name == "class_avg_pool":  # csfrn.ops.class_avg_pool's counts are in the features' dtype
             outputs = (outputs[0], outputs[1].to(args[0].dtype))
         ctx.mark_non_differentiable(*[o for i, o in enumerate(outputs) if i not in info.grad_outputs])
         return outputs
@@ -482,8 +689,9 @@ def assert_matches(got, want, tol, what=""):
     """got: a kernel's output (in its dtype, anywhere); want: the float64 twin's."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
     scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got.detach().cpu().to(want.dtype), want, rtol=tol, atol=tol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.detach().cpu().to(want.dtype), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def expected(sample, by="twin"):
@@ -502,7 +710,7 @@ def expected(sample, by="twin"):
             leaves[name] = args[i].requires_grad_()
     outputs = (twin(sample.op) if by == "twin" else kernel(sample.op, "cpu"))(*args)
     diff = [(outputs[i], g) for i, g in zip(info.grad_outputs, wide.grads) if outputs[i].requires_grad]
-    grads = [None] * len(leaves)   # an empty twin output may hang on no argument
+    grads = [None] * len(leaves)  # an empty twin output may hang on no argument
     if diff:
         outs, ups = zip(*diff)
         grads = torch.autograd.grad(outs, list(leaves.values()), ups, allow_unused=True)

@@ -1,4 +1,5 @@
 """csfrn ablate: statistics on hand-made numbers, resume, unknown variants; feature consistency."""
+
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from csfrn.errors import ConfigError, TrainingDivergedError
 
 def test_t_interval_on_hand_made_numbers():
     mean, lo, hi = ab.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
-    half = 2.7764 * math.sqrt(2.5) / math.sqrt(5)        # t_{0.975, 4} * sd / sqrt(n)
+    half = 2.7764 * math.sqrt(2.5) / math.sqrt(5)  # t_{0.975, 4} * sd / sqrt(n)
     assert mean == pytest.approx(3.0)
     assert (lo, hi) == (pytest.approx(3.0 - half, abs=1e-3), pytest.approx(3.0 + half, abs=1e-3))
     assert ab.t_quantile(1) == pytest.approx(12.706, abs=1e-3)
@@ -27,8 +28,9 @@ def test_t_interval_on_hand_made_numbers():
 def test_paired_difference_on_hand_made_runs():
     def rec(miou):
         return {"mIoU": miou / 100, "val_mIoU": None, "consistency": {"F": {"ratio": 1.0}}}
+
     base = [80.0, 82.0, 84.0]
-    other = [81.0, 83.5, 84.5]                              # differences 1.0, 1.5, 0.5: mean 1, sd 0.5
+    other = [81.0, 83.5, 84.5]  # differences 1.0, 1.5, 0.5: mean 1, sd 0.5
     records = {("baseline", s): rec(v) for s, v in enumerate(base)}
     records.update({("concat", s): rec(v) for s, v in enumerate(other)})
     summary = ab.summarize_runs(records, ["baseline", "concat"], [0, 1, 2])
@@ -45,23 +47,31 @@ def test_paired_difference_on_hand_made_runs():
 def test_diverged_runs_are_named_and_left_out_of_the_statistics():
     def rec(miou):
         return {"mIoU": miou / 100, "val_mIoU": None, "consistency": {"F": {"ratio": 1.0}}}
+
     records = {("baseline", s): rec(v) for s, v in enumerate([80.0, 82.0, 84.0])}
-    records.update({("bce", 0): rec(81.0), ("bce", 1): {"mIoU": None, "diverged": "loss is not finite at 7"},
-                    ("bce", 2): rec(84.0)})
+    records.update(
+        {
+            ("bce", 0): rec(81.0),
+            ("bce", 1): {"mIoU": None, "diverged": "loss is not finite at 7"},
+            ("bce", 2): rec(84.0),
+        }
+    )
     summary = ab.summarize_runs(records, ["baseline", "bce"], [0, 1, 2])
     bce = summary["variants"]["bce"]
     assert bce["n"] == 2 and bce["mIoU"] == {0: 81.0, 2: 84.0} and bce["diverged"] == {1: "loss is not finite at 7"}
-    assert bce["diff"]["n"] == 2 and bce["diff"]["mean"] == pytest.approx(0.5)     # paired over seeds 0 and 2
+    assert bce["diff"]["n"] == 2 and bce["diff"]["mean"] == pytest.approx(0.5)  # paired over seeds 0 and 2
     assert "| 2 (seed 1 diverged) |" in ab.format_ablation(summary)
 
 
 def test_a_run_whose_loss_diverges_is_recorded_not_fatal(tmp_path, monkeypatch):
     def diverge(cfg, split, keep=False, **kwargs):
         raise TrainingDivergedError("loss is not finite at iteration 3 (loss nan)")
+
     monkeypatch.setattr(ab, "train_and_evaluate", diverge)
     out = tmp_path / "study"
-    summary = ab.ablate(None, "baseline", 1, str(out), tiny_overrides(tmp_path / "unused", iters=2),
-                        progress=False, log=lambda *a: None)
+    summary = ab.ablate(
+        None, "baseline", 1, str(out), tiny_overrides(tmp_path / "unused", iters=2), progress=False, log=lambda *a: None
+    )
     record = json.loads((out / "runs" / "baseline_seed0.json").read_text())
     assert record["mIoU"] is None and "iteration 3" in record["diverged"] and record["config"]
     assert summary["variants"]["baseline"]["n"] == 0 and summary["variants"]["baseline"]["diverged"]
@@ -94,14 +104,16 @@ def test_ablate_resumes_and_writes_outputs(tmp_path, monkeypatch):
     def spy(cfg, split, keep=False, **kwargs):
         trained.append(cfg.train.seed)
         return real(cfg, split, keep, **kwargs)
+
     monkeypatch.setattr(ab, "train_and_evaluate", spy)
     summary = ab.ablate(None, "baseline,concat", 2, str(out), overrides, progress=False, log=lambda *a: None)
-    assert trained == [1, 1]                                 # seed 0's runs were not trained again
+    assert trained == [1, 1]  # seed 0's runs were not trained again
     assert summary["variants"]["concat"]["diff"]["n"] == 2
     trained.clear()
-    summary = ab.ablate(None, "baseline,concat", 3, str(out), overrides, progress=False, log=lambda *a: None,
-                        report_only=True)
-    assert trained == [] and summary["variants"]["baseline"]["n"] == 2   # seed 2 is missing and not trained
+    summary = ab.ablate(
+        None, "baseline,concat", 3, str(out), overrides, progress=False, log=lambda *a: None, report_only=True
+    )
+    assert trained == [] and summary["variants"]["baseline"]["n"] == 2  # seed 2 is missing and not trained
     with pytest.raises(ConfigError, match="another config"):
         ab.ablate(None, "baseline", 1, str(out), overrides + ["train.lr=0.5"], progress=False, log=lambda *a: None)
 
@@ -134,9 +146,20 @@ def test_feature_consistency_known_answer():
 def test_mask_supervision_variant_trains_a_class_mask_on_b():
     from csfrn.losses import lovasz_softmax
     from csfrn.models import build_model
+
     torch.manual_seed(0)
-    model = build_model("fcn", 4, width=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8, embed_dim=8,
-                        fusion="concat", margins=False, csflm_supervision="mask").train()
+    model = build_model(
+        "fcn",
+        4,
+        width=8,
+        blocks=(1, 1, 1, 1),
+        channels=16,
+        aux_channels=8,
+        embed_dim=8,
+        fusion="concat",
+        margins=False,
+        csflm_supervision="mask",
+    ).train()
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
     labels[0, :4] = 255
     _, losses = model(images, labels)
@@ -152,6 +175,7 @@ def test_mask_supervision_variant_trains_a_class_mask_on_b():
 @pytest.mark.parametrize("fusion", ["concat", "aam"])
 def test_fusion_starts_as_the_identity_on_a(fusion, ops_path):
     from csfrn.nn import CSFLM
+
     torch.manual_seed(0)
     a = torch.relu(torch.randn(2, 16, 6, 6))
     module = CSFLM(16, 8, fusion).train()

@@ -2,6 +2,7 @@
 they promise.
 No timing assertions: timing is checked by the benchmarks themselves. Every run names --device cpu: on a GPU
 machine the benchmarks default to CUDA (and bf16), which these CPU-sized expectations do not describe."""
+
 import json
 import os
 import sys
@@ -33,8 +34,9 @@ def test_train_step_quick(tmp_path, capsys):
     saved = json.loads(path.read_text())
     assert set(saved) == {"meta", "rows", "ratios", "gflops", "train", "ceiling"}
     variants = ["baseline", "csfrn", "reference"] + (["torchvision"] if train_step.have_torchvision() else [])
-    assert [(r["mode"], r["variant"]) for r in saved["rows"]] == \
-        [(m, v) for m in ("train step", "inference") for v in variants]
+    assert [(r["mode"], r["variant"]) for r in saved["rows"]] == [
+        (m, v) for m in ("train step", "inference") for v in variants
+    ]
     for r in saved["rows"]:
         assert {"median_ms", "min_ms", "max_ms", "peak_mb", "vs_baseline"} <= set(r)
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
@@ -50,6 +52,7 @@ def test_torchvision_variant_matches_ours():
     """(d) times the same computation as (b): torchvision's two deform convs give our dual op's result."""
     pytest.importorskip("torchvision")
     from csfrn import ops
+
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(1, 3, 5, 6, generator=g), torch.randn(1, 4, 5, 6, generator=g)
     offset = torch.randn(1, 18, 5, 6, generator=g)
@@ -66,8 +69,17 @@ def test_breakdown_parts():
     model = train_step.build(True, True, "cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     parts = report.breakdown(model, optimizer, images, labels)
-    assert list(parts) == ["backbone", "head", "aux head", "CSFLM", "AAM", "losses", "other forward", "backward",
-                           "optimizer"]
+    assert list(parts) == [
+        "backbone",
+        "head",
+        "aux head",
+        "CSFLM",
+        "AAM",
+        "losses",
+        "other forward",
+        "backward",
+        "optimizer",
+    ]
     assert all(v >= 0 for k, v in parts.items() if k != "other forward")
 
 
@@ -91,8 +103,21 @@ def test_report_quick(tmp_path):
 
 def test_report_reuses_a_step_json(tmp_path):
     step = tmp_path / "step.json"
-    train_step.main(["--quick", "--device", "cpu", "--reps", "1", "--variants", "baseline", "csfrn", "--no-inference",
-                     "--json", str(step)])
+    train_step.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--reps",
+            "1",
+            "--variants",
+            "baseline",
+            "csfrn",
+            "--no-inference",
+            "--json",
+            str(step),
+        ]
+    )
     paths = report.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "out"), "--step-json", str(step)])
     saved = json.loads(open(paths["json"]).read())
     assert saved["train_step"] == json.loads(step.read_text())
@@ -101,15 +126,19 @@ def test_report_reuses_a_step_json(tmp_path):
 def test_deform_bench_quick_under_autocast(tmp_path, capsys):
     """The deform conv benchmark's mixed-precision run (what a GPU session measures in bf16), smoke-sized."""
     from csfrn.bench import deform
+
     path = tmp_path / "deform.json"
     rows = deform.main(["--quick", "--device", "cpu", "--no-twin", "--reps", "1", "--amp", "bf16", "--json", str(path)])
     assert {r["impl"] for r in rows} >= {"ours", "torchvision", "dense conv2d", "ours dual", "ours 2 calls"}
-    assert all(r["median_ms"] > 0 and r["floor_ms"] is None for r in rows)   # no float32 floor under autocast
+    assert all(r["median_ms"] > 0 and r["floor_ms"] is None for r in rows)  # no float32 floor under autocast
     saved = json.loads(path.read_text())
     assert saved["amp"] == "bf16"
     assert [(p["op"], p["dtype"]) for p in saved["plan"]] == [
-        ("deform_conv2d", "float32"), ("dual_deform_conv2d", "float32"), ("deform_conv2d", "bfloat16"),
-        ("dual_deform_conv2d", "bfloat16")]
+        ("deform_conv2d", "float32"),
+        ("dual_deform_conv2d", "float32"),
+        ("deform_conv2d", "bfloat16"),
+        ("dual_deform_conv2d", "bfloat16"),
+    ]
     out = capsys.readouterr().out
     assert "autocast bf16" in out and "CUDA plan, deform_conv2d fwd+bwd" in out and "floor" in out
 
@@ -118,6 +147,7 @@ def test_deform_plan():
     """The CUDA launch plan at the GPU shape: three GEMMs of 2 N L C_out C_in 9 flops, the chunks deform_conv.cu's
     workspace cap gives (float32: 2 forward, 4 backward; bf16: 1 and 2), and a floor that adds up per kernel."""
     from csfrn.bench import deform_plan
+
     gemm = 2.0 * 8 * 97 * 97 * 256 * 512 * 9
     for dtype, chunks in (("float32", (2, 4)), ("bfloat16", (1, 2))):
         kernels = deform_plan.plan(dtype=dtype)
@@ -127,7 +157,7 @@ def test_deform_plan():
         assert total["floor_ms"] == sum(r["floor_ms"] for r in rows) > 3 * gemm / 778e12 * 1e3
     single, dual = (deform_plan.plan(dtype="bfloat16", dual=d) for d in (False, True))
     assert sum(k.flops for k in dual) == 2 * sum(k.flops for k in single)
-    sort = [k for k in dual if k.name.startswith("at::sort")]   # the dual op sorts once for both convolutions
+    sort = [k for k in dual if k.name.startswith("at::sort")]  # the dual op sorts once for both convolutions
     assert sort[0].bytes == [k for k in single if k.name.startswith("at::sort")][0].bytes
     # vector loads: 16 bytes a lane at 512 channels; at 510 (255 per group: odd) one element, as many more accesses
     for dtype, v in (("float32", 4), ("bfloat16", 8)):
@@ -141,6 +171,7 @@ def test_deform_plan():
 def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):
     """bench-ops times the bare forward and backward ops beside the autograd path and the peers, in one run."""
     from csfrn.bench import ops as ops_bench
+
     path = tmp_path / "ops.json"
     rows = ops_bench.main(["--quick", "--device", "cpu", "--reps", "1", "--json", str(path)])
     for op in ("class_avg_pool", "center_distance"):
@@ -162,17 +193,39 @@ def test_train_step_speed_variants_at_a_tiny_size(tmp_path, capsys):
 
     def compile_aot_eager(model, mode=None):
         return real_compile(model, backend="aot_eager")
+
     variants = ["baseline", "baseline-cl", "csfrn-compiled"]
     path = tmp_path / "step.json"
     with unittest.mock.patch.object(train_step.torch, "compile", compile_aot_eager):
-        train_step.main(["--quick", "--device", "cpu", "--size", "33", "--batch", "2", "--iters", "1",
-                         "--variants", *variants, "--no-inference", "--ceiling-tflops", "0.3",
-                         "--engine-iters", "2", "--engine-workers", "0", "--json", str(path)])
+        train_step.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--size",
+                "33",
+                "--batch",
+                "2",
+                "--iters",
+                "1",
+                "--variants",
+                *variants,
+                "--no-inference",
+                "--ceiling-tflops",
+                "0.3",
+                "--engine-iters",
+                "2",
+                "--engine-workers",
+                "0",
+                "--json",
+                str(path),
+            ]
+        )
     saved = json.loads(path.read_text())
     want = ["baseline", "csfrn", "baseline-cl", "csfrn-compiled"]
     assert [r["variant"] for r in saved["rows"]] == want
     assert set(saved["train"]) == set(want)
-    for v, figures in saved["train"].items():
+    for _v, figures in saved["train"].items():
         assert set(figures) == {"step_ms", "images_s", "peak_mb", "tflops", "mfu", "step_tflop"}
         assert figures["images_s"] == pytest.approx(2e3 / figures["step_ms"])
         assert figures["mfu"] == pytest.approx(figures["tflops"] / 0.3) and figures["tflops"] > 0
@@ -203,14 +256,16 @@ def test_torchvision_peer_trains_like_our_models():
     logits, losses = peer(images, labels)
     assert set(losses) == {"seg", "aux"} and logits.shape == (2, train_step.NUM_CLASSES, 33, 33)
     torch.testing.assert_close(losses["seg"], torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
-    assert train_step.step_flops("tv-deeplabv3", True, (33, 33), 2) > train_step.step_flops("baseline", True,
-                                                                                            (33, 33), 2)
+    assert train_step.step_flops("tv-deeplabv3", True, (33, 33), 2) > train_step.step_flops(
+        "baseline", True, (33, 33), 2
+    )
 
 
 def test_export_bench_writes_under_out(tmp_path, capsys):
     """csfrn bench --what export: onnxruntime and torch.export against eager on the demo's model, rows to --out."""
     pytest.importorskip("onnxruntime")
     from csfrn.bench import export
+
     rows = export.main(["--sizes", "32x32", "--reps", "1", "--threads", "1", "--out", str(tmp_path)])
     assert [r["size"] for r in rows] == [[32, 32]]
     assert all(rows[0][k] > 0 for k in ("eager", "onnxruntime", "torch.export")) and rows[0]["max_abs_diff"] < 1e-4

@@ -1,5 +1,6 @@
 """Issue 14: checkpoints that work anywhere, and no output destroyed silently. CLI behaviour is checked through
 the real entry point (``python -m csfrn.cli``) in a subprocess, on tiny models."""
+
 import json
 import os
 import shutil
@@ -29,8 +30,14 @@ def _sets(overrides):
 def csfrn(*args, cwd=None):
     """``csfrn ARGS`` in a fresh process on this checkout's code."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "csfrn.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "csfrn.cli", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(result, verb, *phrases):
@@ -49,8 +56,7 @@ def run(tmp_path_factory):
     imagenet = root / "imagenet.pth"
     base = load_config(None, tiny_overrides(root / "unused"))
     torch.save(build_model_from_config(base.model).backbone.state_dict(), imagenet)
-    overrides = tiny_overrides(root / "work", iters=2, extra=[f"model.pretrained={imagenet}",
-                                                              "train.eval_interval=2"])
+    overrides = tiny_overrides(root / "work", iters=2, extra=[f"model.pretrained={imagenet}", "train.eval_interval=2"])
     assert cli.main(["train", "--config", TINY_CONFIG, *_sets(overrides)]) == 0
     imagenet.unlink()
     return {"work": root / "work", "overrides": overrides, "imagenet": imagenet}
@@ -61,7 +67,7 @@ def test_checkpoint_needs_no_pretrained_file(run, tmp_path):
     """eval, predict, visualize and --resume all work once model.pretrained's file is gone."""
     best, work = run["work"] / "best.pth", run["work"]
     assert ckpt.load_checkpoint(best)["config"]["model"]["pretrained"] == str(run["imagenet"])
-    with pytest.raises(FileNotFoundError):          # the file really is gone: building *with* it fails
+    with pytest.raises(FileNotFoundError):  # the file really is gone: building *with* it fails
         build_model_from_config(load_config(None, [*run["overrides"]]).model)
 
     r = csfrn("eval", "--checkpoint", best, "--out", tmp_path / "eval")
@@ -76,9 +82,18 @@ def test_checkpoint_needs_no_pretrained_file(run, tmp_path):
     assert (tmp_path / "fig.png").is_file()
     resumed = tmp_path / "resumed"
     shutil.copytree(work, resumed)
-    r = csfrn("train", "--config", TINY_CONFIG, *_sets(run["overrides"]), "--set", f"train.work_dir={resumed}",
-              "--set", "train.iters=3",
-              "--resume", "auto")
+    r = csfrn(
+        "train",
+        "--config",
+        TINY_CONFIG,
+        *_sets(run["overrides"]),
+        "--set",
+        f"train.work_dir={resumed}",
+        "--set",
+        "train.iters=3",
+        "--resume",
+        "auto",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from {resumed / 'last.pth'} at iteration 2" in r.stdout
     assert ckpt.load_checkpoint(resumed / "last.pth")["iter"] == 3
@@ -91,11 +106,15 @@ def test_every_verb_builds_its_model_with_the_one_function(run, tmp_path, monkey
     best = str(run["work"] / "best.pth")
     write_png(str(tmp_path / "in" / "x.png"), rgb(20, 28))
     assert cli.main(["eval", "--checkpoint", best, "--out", str(tmp_path)]) == 0
-    assert cli.main(["predict", "--checkpoint", best, "--input", str(tmp_path / "in"),
-                     "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        cli.main(["predict", "--checkpoint", best, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "pred")])
+        == 0
+    )
     assert cli.main(["visualize", "--checkpoint", best, "--out", str(tmp_path / "f.png")]) == 0
-    assert cli.main(["export", "--checkpoint", best, "--out", str(tmp_path / "m.pt2"), "--size", "32", "32",
-                     "--no-check"]) == 0
+    assert (
+        cli.main(["export", "--checkpoint", best, "--out", str(tmp_path / "m.pt2"), "--size", "32", "32", "--no-check"])
+        == 0
+    )
     assert calls == [best] * 4
     assert not hasattr(cli, "_model_and_config")
 
@@ -107,9 +126,9 @@ def test_a_config_file_is_layered_on_the_checkpoint_config(run, tmp_path):
     state = ckpt.load_checkpoint(best)
     state["config"]["train"]["device"] = "cuda"
     cfg = checkpoint_config(state, str(tmp_path / "eval.yaml"), ["eval.flip=true"])
-    assert (cfg.model.head, cfg.model.num_classes, cfg.model.width) == ("fcn", 4, 8)   # the checkpoint's
+    assert (cfg.model.head, cfg.model.num_classes, cfg.model.width) == ("fcn", 4, 8)  # the checkpoint's
     assert cfg.data.dataset == "synthetic" and cfg.data.size == 32
-    assert cfg.eval.max_images == 2 and cfg.eval.flip                                    # file, then --set
+    assert cfg.eval.max_images == 2 and cfg.eval.flip  # file, then --set
     assert cfg.train.device == "auto"
 
     r = csfrn("eval", "--checkpoint", best, "--config", tmp_path / "eval.yaml", "--out", tmp_path / "o")
@@ -127,18 +146,24 @@ def _bad_checkpoints(best, d):
     (d / "five.yaml").write_text("model:\n  num_classes: 5\n")
 
 
-@pytest.mark.parametrize("name, args, phrases", [
-    ("missing.pth", [], ["no such file", "missing.pth"]),
-    ("empty.pth", [], ["empty.pth is empty (0 bytes)"]),
-    ("truncated.pth", [], ["truncated.pth is truncated or corrupt"]),
-    ("notes.pth", [], ["notes.pth is not a PyTorch checkpoint file"]),
-    ("bare.pth", [], ["bare.pth is a bare state_dict", "load_state_dict"]),
-    ("mmseg.pth", [], ["mmseg.pth is an mmcv / mmsegmentation checkpoint"]),
-    ("best.pth", ["--set", "model.num_classes=5"], ["best.pth has 4 classes, the config asks for 5"]),
-    ("best.pth", ["--config", "five.yaml"], ["best.pth has 4 classes, the config asks for 5"]),
-    ("best.pth", ["--set", "model.channels=32"], ["best.pth does not fit the configured model",
-                                                  "channels: checkpoint 16, config 32"]),
-])
+@pytest.mark.parametrize(
+    "name, args, phrases",
+    [
+        ("missing.pth", [], ["no such file", "missing.pth"]),
+        ("empty.pth", [], ["empty.pth is empty (0 bytes)"]),
+        ("truncated.pth", [], ["truncated.pth is truncated or corrupt"]),
+        ("notes.pth", [], ["notes.pth is not a PyTorch checkpoint file"]),
+        ("bare.pth", [], ["bare.pth is a bare state_dict", "load_state_dict"]),
+        ("mmseg.pth", [], ["mmseg.pth is an mmcv / mmsegmentation checkpoint"]),
+        ("best.pth", ["--set", "model.num_classes=5"], ["best.pth has 4 classes, the config asks for 5"]),
+        ("best.pth", ["--config", "five.yaml"], ["best.pth has 4 classes, the config asks for 5"]),
+        (
+            "best.pth",
+            ["--set", "model.channels=32"],
+            ["best.pth does not fit the configured model", "channels: checkpoint 16, config 32"],
+        ),
+    ],
+)
 def test_loading_errors_name_the_file_and_the_problem(run, tmp_path, name, args, phrases):
     _bad_checkpoints(run["work"] / "best.pth", tmp_path)
     path = run["work"] / "best.pth" if name == "best.pth" else tmp_path / name
@@ -149,14 +174,22 @@ def test_loading_errors_name_the_file_and_the_problem(run, tmp_path, name, args,
 
 def test_resume_errors_name_the_file(run, tmp_path):
     work = tmp_path / "w"
-    r = csfrn("train", "--config", TINY_CONFIG, *_sets(run["overrides"]), "--set", f"train.work_dir={work}",
-              "--resume", run["work"] / "best.pth")
-    assert_one_line_error(r, "train", "best.pth holds model weights only", "cannot be resumed from",
-                          "last.pth")
+    r = csfrn(
+        "train",
+        "--config",
+        TINY_CONFIG,
+        *_sets(run["overrides"]),
+        "--set",
+        f"train.work_dir={work}",
+        "--resume",
+        run["work"] / "best.pth",
+    )
+    assert_one_line_error(r, "train", "best.pth holds model weights only", "cannot be resumed from", "last.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(ckpt.CheckpointError, match="empty.pth is empty"):      # the library's error
-        train(load_config(None, [*run["overrides"], f"train.work_dir={work}",
-                                 f"train.resume={tmp_path / 'empty.pth'}"]))
+    with pytest.raises(ckpt.CheckpointError, match="empty.pth is empty"):  # the library's error
+        train(
+            load_config(None, [*run["overrides"], f"train.work_dir={work}", f"train.resume={tmp_path / 'empty.pth'}"])
+        )
 
 
 def test_unsafe_checkpoint_is_refused_in_one_line(tmp_path):
@@ -165,10 +198,12 @@ def test_unsafe_checkpoint_is_refused_in_one_line(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": Evil(), "config": {}}, f, protocol=2)
-    r = csfrn("predict", "--checkpoint", tmp_path / "evil.pth", "--input", tmp_path / "evil.pth",
-              "--out", tmp_path / "o")
+    r = csfrn(
+        "predict", "--checkpoint", tmp_path / "evil.pth", "--input", tmp_path / "evil.pth", "--out", tmp_path / "o"
+    )
     assert_one_line_error(r, "predict", "evil.pth is refused", "system")
     assert not (tmp_path / "pwned").exists()
 
@@ -183,7 +218,7 @@ def test_train_refuses_a_work_dir_with_a_run_unless_resume_or_overwrite(tmp_path
     again = tiny_overrides(work, iters=2, extra=["train.keep_checkpoints=true"])
     r = csfrn("train", "--config", TINY_CONFIG, *_sets(again))
     assert_one_line_error(r, "train", str(work), "last.pth", "--resume auto", "--overwrite")
-    assert {n: (work / n).read_bytes() for n in before} == before            # nothing touched
+    assert {n: (work / n).read_bytes() for n in before} == before  # nothing touched
     r = csfrn("train", "--config", TINY_CONFIG, *_sets(again), "--overwrite", "--resume", "auto")
     assert_one_line_error(r, "train", "--overwrite", "--resume")
 
@@ -192,21 +227,21 @@ def test_train_refuses_a_work_dir_with_a_run_unless_resume_or_overwrite(tmp_path
     assert "resumed" not in r.stdout
     assert ckpt.load_checkpoint(work / "last.pth")["iter"] == 2
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2]   # the new run's records only
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2]  # the new run's records only
     assert not (work / "iter_000001.pth").exists() and (work / "iter_000002.pth").is_file()
 
 
 def test_work_dir_check_covers_best_only_and_auto_without_last(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path))
-    assert check_work_dir(cfg.train) == []                                   # empty work_dir: fine
+    assert check_work_dir(cfg.train) == []  # empty work_dir: fine
     (tmp_path / "best.pth").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="best.pth.*--overwrite"):
         check_work_dir(cfg.train)
-    cfg.train.resume = "auto"             # no last.pth: best.pth alone never blocks it (a start at iteration 0)
+    cfg.train.resume = "auto"  # no last.pth: best.pth alone never blocks it (a start at iteration 0)
     assert check_work_dir(cfg.train) == []
     cfg.train.resume = None
     (tmp_path / "notes.txt").write_text("mine")
-    assert check_work_dir(cfg.train, overwrite=True) == [str(tmp_path / "best.pth")]   # only the run's files
+    assert check_work_dir(cfg.train, overwrite=True) == [str(tmp_path / "best.pth")]  # only the run's files
 
 
 def _write_16bit_png(path, array16):
@@ -218,17 +253,20 @@ def test_predict_mirrors_the_tree_skips_bad_images_and_reports(run, tmp_path):
     src = tmp_path / "in"
     write_png(str(src / "a" / "x.png"), rgb(20, 28, seed=1))
     write_jpg(str(src / "x.jpg"), rgb(24, 20, seed=2))
-    gradient = (np.arange(24)[:, None] * np.ones(32)[None] * 2800).astype(np.uint16)   # 0 .. 64400
+    gradient = (np.arange(24)[:, None] * np.ones(32)[None] * 2800).astype(np.uint16)  # 0 .. 64400
     _write_16bit_png(str(src / "deep" / "b" / "g16.png"), gradient)
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     good = (src / "a" / "x.png").read_bytes()
     (src / "a" / "cut.png").write_bytes(good[: len(good) // 2])
-    out = src / "pred"                       # inside the input folder: a second run must not predict it
+    out = src / "pred"  # inside the input folder: a second run must not predict it
     r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", src, "--out", out)
     assert r.returncode == 1, r.stderr[-2000:]
     skipped = [line for line in r.stderr.splitlines() if "skipped" in line]
-    assert len(skipped) == 2 and any(str(src / "bad.png") in s for s in skipped) \
-        and any(str(src / "a" / "cut.png") in s for s in skipped), r.stderr
+    assert (
+        len(skipped) == 2
+        and any(str(src / "bad.png") in s for s in skipped)
+        and any(str(src / "a" / "cut.png") in s for s in skipped)
+    ), r.stderr
     assert "3 of 5 images predicted" in r.stderr and "2 failed" in r.stderr
     for stem in ("a/x", "x", "deep/b/g16"):
         for kind in ("trainid", "color", "overlay"):
@@ -239,11 +277,13 @@ def test_predict_mirrors_the_tree_skips_bad_images_and_reports(run, tmp_path):
     assert np.asarray(Image.open(out / "deep" / "b" / "g16_overlay.png")).min() < 64
 
     from csfrn.engine.evaluate import find_images
+
     assert len(find_images([str(src)], exclude=str(out))) == 5
 
 
 def test_read_image_scales_16_bit_files(tmp_path):
     from csfrn.data._base import read_image
+
     values = np.array([[0, 257, 1000], [32768, 65280, 65535]], dtype=np.uint16)
     _write_16bit_png(str(tmp_path / "g.png"), values)
     image = read_image(str(tmp_path / "g.png"))
@@ -254,6 +294,7 @@ def test_read_image_scales_16_bit_files(tmp_path):
 
 def test_find_images_keeps_same_stems_apart(tmp_path):
     from csfrn.engine.evaluate import find_images
+
     write_png(str(tmp_path / "d" / "x.png"), rgb(4, 4))
     write_jpg(str(tmp_path / "d" / "x.jpg"), rgb(4, 4))
     write_png(str(tmp_path / "d" / "a" / "x.png"), rgb(4, 4))
@@ -266,32 +307,55 @@ def test_find_images_keeps_same_stems_apart(tmp_path):
 
 def test_predict_input_errors(run, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "empty",
-              "--out", tmp_path / "o")
+    r = csfrn(
+        "predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "empty", "--out", tmp_path / "o"
+    )
     assert_one_line_error(r, "predict", f"no images in {tmp_path / 'empty'}")
-    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "nope",
-              "--out", tmp_path / "o")
+    r = csfrn(
+        "predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "nope", "--out", tmp_path / "o"
+    )
     assert_one_line_error(r, "predict", f"{tmp_path / 'nope'}: no such file or directory")
     assert not (tmp_path / "o").exists()
 
 
 def test_cityscapes_ids_need_cityscapes_classes(run, tmp_path):
     write_png(str(tmp_path / "in" / "berlin_000000_000019_leftImg8bit.png"), rgb(30, 40))
-    r = csfrn("predict", "--checkpoint", run["work"] / "best.pth", "--input", tmp_path / "in",
-              "--out", tmp_path / "o", "--cityscapes-ids")
+    r = csfrn(
+        "predict",
+        "--checkpoint",
+        run["work"] / "best.pth",
+        "--input",
+        tmp_path / "in",
+        "--out",
+        tmp_path / "o",
+        "--cityscapes-ids",
+    )
     assert_one_line_error(r, "predict", "--cityscapes-ids", "has 4 classes", "data.dataset 'synthetic'")
     assert not (tmp_path / "o").exists()
 
     # a 19-class Cityscapes model (its data root is not on this machine: predict needs none)
-    cfg = load_config(None, tiny_overrides(tmp_path / "w", extra=[
-        "model.num_classes=19", "data.dataset=cityscapes", f"data.root={tmp_path / 'gone'}"]))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "w", extra=["model.num_classes=19", "data.dataset=cityscapes", f"data.root={tmp_path / 'gone'}"]
+        ),
+    )
     torch.manual_seed(0)
     model = build_model_from_config(cfg.model)
     ckpt.save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict()}, tmp_path / "city.pth")
-    r = csfrn("predict", "--checkpoint", tmp_path / "city.pth", "--input", tmp_path / "in",
-              "--out", tmp_path / "o", "--cityscapes-ids")
+    r = csfrn(
+        "predict",
+        "--checkpoint",
+        tmp_path / "city.pth",
+        "--input",
+        tmp_path / "in",
+        "--out",
+        tmp_path / "o",
+        "--cityscapes-ids",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     train_ids = np.asarray(Image.open(tmp_path / "o" / "berlin_000000_000019_trainid.png"))
     label_ids = np.asarray(Image.open(tmp_path / "o" / "labelIds" / "berlin_000000_000019.png"))
     from csfrn.data.cityscapes import train_ids_to_label_ids
+
     assert train_ids.shape == (30, 40) and (label_ids == train_ids_to_label_ids(train_ids)).all()

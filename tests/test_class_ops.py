@@ -1,6 +1,7 @@
 """class_avg_pool and center_distance: what the sample-driven checks (tests/test_ops.py: kernel vs twin on every
 device, gradcheck, opcheck) do not cover: larger cases, counts by hand, the CPU kernels' vector paths and register
 blocks, edge cases, torch.compile, autocast, determinism, bad input, and the CUDA kernels' particulars."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,21 @@ import torch
 import csfrn.ops as ops
 from conftest import CUDA_KERNELS, DEVICES, needs_cuda
 from csfrn.ops import reference
-from op_samples import (BAD_LABELS, F64, OPS, center_distance_sample, check_autograd, check_ops, class_avg_pool_sample,
-                        kernel, output_masks, random_labels, routed, torch_device, twin)
+from op_samples import (
+    BAD_LABELS,
+    F64,
+    OPS,
+    center_distance_sample,
+    check_autograd,
+    check_ops,
+    class_avg_pool_sample,
+    kernel,
+    output_masks,
+    random_labels,
+    routed,
+    torch_device,
+    twin,
+)
 
 
 def seeded(seed):
@@ -25,8 +39,11 @@ def distance_inputs(n, d, h, w, k, seed, dtype=F64, device="cpu"):
 
 
 # ---------------------------------------------------------------- both ops, larger than the samples
-@pytest.mark.parametrize("n,d,h,w,k", [(3, 4, 33, 65, 19), (2, 33, 6, 7, 256), (1, 3, 5, 6, 171)],
-                         ids=["pixel_chunks", "256_classes", "171_classes"])
+@pytest.mark.parametrize(
+    "n,d,h,w,k",
+    [(3, 4, 33, 65, 19), (2, 33, 6, 7, 256), (1, 3, 5, 6, 171)],
+    ids=["pixel_chunks", "256_classes", "171_classes"],
+)
 def test_larger_cases_match_twin(n, d, h, w, k):
     """More than one pixel chunk of the CPU kernels, 256 classes with 33 channels, more classes than pixels
     (float64, as in tests/test_ops.py)."""
@@ -36,7 +53,7 @@ def test_larger_cases_match_twin(n, d, h, w, k):
 
 # ---------------------------------------------------------------- class_avg_pool
 def test_class_avg_pool_counts_by_hand():
-    features = torch.arange(2 * 4 * 1, dtype=torch.float64).reshape(1, 2, 2, 2)   # channels 0..3, 4..7
+    features = torch.arange(2 * 4 * 1, dtype=torch.float64).reshape(1, 2, 2, 2)  # channels 0..3, 4..7
     labels = torch.tensor([[[0, 2], [255, 2]]])
     means, counts = ops.class_avg_pool(features, labels, 3)
     assert counts.tolist() == [[1.0, 0.0, 2.0]]
@@ -71,20 +88,30 @@ def test_class_avg_pool_custom_ignore_index_and_float32():
 
 
 VECTOR_CASES = [  # (N, D, H, W, K, ignore_index): float32 NCHW takes the AVX-512 loops where torch runs AVX-512
-    (2, 16, 50, 53, 19, 255),   # two pixel chunks, the second ending in a partial 16-pixel tile
-    (1, 33, 9, 7, 31, 255),     # 16-channel blocks plus a leftover channel; K + 1 = 32 rows fill the permute table
-    (2, 48, 11, 13, 32, 3),     # K + 1 = 33: the lookup's portable loop; ignore_index inside [0, K)
+    (2, 16, 50, 53, 19, 255),  # two pixel chunks, the second ending in a partial 16-pixel tile
+    (1, 33, 9, 7, 31, 255),  # 16-channel blocks plus a leftover channel; K + 1 = 32 rows fill the permute table
+    (2, 48, 11, 13, 32, 3),  # K + 1 = 33: the lookup's portable loop; ignore_index inside [0, K)
     (1, 20, 17, 19, 150, 255),
-    (2, 16, 4, 3, 1, 255),      # fewer pixels than one tile
+    (2, 16, 4, 3, 1, 255),  # fewer pixels than one tile
 ]
 
 
 def check_float32_pool(n, d, h, w, k, ignore_index, seed=0, blocky=False, channel_stride=1):
     """float32 kernel vs the float64 twin on the same (upcast) inputs."""
-    sample = class_avg_pool_sample(n, d, h, w, k, absent=(0,) if k > 2 else (), channel_stride=channel_stride,
-                                   seed=seed, dtype=torch.float32, requires_grad=True)
+    sample = class_avg_pool_sample(
+        n,
+        d,
+        h,
+        w,
+        k,
+        absent=(0,) if k > 2 else (),
+        channel_stride=channel_stride,
+        seed=seed,
+        dtype=torch.float32,
+        requires_grad=True,
+    )
     features, labels = sample.args[:2]
-    if blocky:   # runs of one class, as real label maps have: consecutive pixels hit the same class row
+    if blocky:  # runs of one class, as real label maps have: consecutive pixels hit the same class row
         labels = labels[:, :, :1].expand(n, h, w).contiguous()
     labels[labels == 255] = ignore_index
     means, counts = ops.class_avg_pool(features, labels, k, ignore_index)
@@ -101,7 +128,7 @@ def check_float32_pool(n, d, h, w, k, ignore_index, seed=0, blocky=False, channe
 def check_bad_label_positions():
     """A bad label anywhere (first, middle or last lane of an 8-label vector, the partial last vector, a second
     pixel chunk) is reported with its value; an ignore_index outside [0, K), negative too, is not."""
-    f = torch.randn(1, 2, 61, 67)                            # 4087 pixels: two chunks, the last vector partial
+    f = torch.randn(1, 2, 61, 67)  # 4087 pixels: two chunks, the last vector partial
     for ignore_index in (255, -1):
         for position in (0, 7, 8, 2051, 4080, 4086):
             for value in (5, -3, 1 << 40):
@@ -128,11 +155,16 @@ def test_class_avg_pool_float32_vector_paths(n, d, h, w, k, ignore_index, blocky
 
 def test_class_avg_pool_float32_portable_loops():
     """The same checks with torch (and so our kernels) limited to AVX2: the loops every other CPU runs."""
-    code = ("import test_class_ops as t, torch; assert torch.backends.cpu.get_cpu_capability() != 'AVX512';"
-            "[t.check_float32_pool(*c, blocky=b) for c in t.VECTOR_CASES for b in (False, True)];"
-            "t.check_bad_label_positions()")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    code = (
+        "import test_class_ops as t, torch; assert torch.backends.cpu.get_cpu_capability() != 'AVX512';"
+        "[t.check_float32_pool(*c, blocky=b) for c in t.VECTOR_CASES for b in (False, True)];"
+        "t.check_bad_label_positions()"
+    )
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY="avx2",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -151,6 +183,7 @@ def test_class_avg_pool_validate_false_ignores_bad_labels(device):
         f = features.clone().requires_grad_()
         means, counts = run(f, lab, 5, 255, validate)
         return means, counts, torch.autograd.grad(means, f, upstream)[0]
+
     for value in BAD_LABELS:
         for position in (0, 101, labels.numel() - 1):
             bad, ignored = labels.clone(), labels.clone()
@@ -181,9 +214,9 @@ def test_outputs_written_in_full(op):
 
 # ---------------------------------------------------------------- center_distance
 BLOCK_CASES = [  # (N, D, H, W, K): the CPU kernels' register blocks and every leftover path
-    (2, 32, 23, 29, 19),    # 3 pixel chunks, the last 155 pixels (two 64-pixel groups + 27); K = 8 + 8 + 2 + 1
-    (1, 20, 17, 31, 11),    # 16 channels + 4 past the last group of 16; 4 channel rows past the blocks of 8
-    (1, 16, 16, 16, 8),     # whole blocks only
+    (2, 32, 23, 29, 19),  # 3 pixel chunks, the last 155 pixels (two 64-pixel groups + 27); K = 8 + 8 + 2 + 1
+    (1, 20, 17, 31, 11),  # 16 channels + 4 past the last group of 16; 4 channel rows past the blocks of 8
+    (1, 16, 16, 16, 8),  # whole blocks only
 ]
 
 
@@ -216,14 +249,18 @@ def test_center_distance_layouts_and_edge_cases():
     phi = ops.center_distance(cl, centers, margins)
     torch.testing.assert_close(phi, reference.center_distance(embeddings, centers, margins))
     (grad,) = torch.autograd.grad(phi.sum(), cl)
-    (want,) = torch.autograd.grad(reference.center_distance(embeddings.requires_grad_(), centers, margins).sum(),
-                                  embeddings)
+    (want,) = torch.autograd.grad(
+        reference.center_distance(embeddings.requires_grad_(), centers, margins).sum(), embeddings
+    )
     torch.testing.assert_close(grad, want)
     # batch 0 and no classes
     assert ops.center_distance(torch.randn(0, 3, 4, 4), torch.randn(0, 2, 3), torch.randn(0, 2)).shape == (0, 2, 4, 4)
     for n, d in ((0, 3), (2, 0)):  # the backward of an empty batch / no channels once failed in a reshape
-        inputs = [torch.randn(n, d, 4, 4, requires_grad=True), torch.randn(n, 2, d, requires_grad=True),
-                  torch.randn(n, 2, requires_grad=True)]
+        inputs = [
+            torch.randn(n, d, 4, 4, requires_grad=True),
+            torch.randn(n, 2, d, requires_grad=True),
+            torch.randn(n, 2, requires_grad=True),
+        ]
         grads = torch.autograd.grad(ops.center_distance(*inputs).sum(), inputs)
         assert [gr.shape for gr in grads] == [t.shape for t in inputs]
         assert all(bool(gr.eq(0).all()) for gr in grads)
@@ -275,9 +312,14 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("device,amp", [("cpu", torch.bfloat16),
-                                        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
-                                        pytest.param("cuda", torch.float16, marks=needs_cuda)])
+@pytest.mark.parametrize(
+    "device,amp",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+        pytest.param("cuda", torch.float16, marks=needs_cuda),
+    ],
+)
 def test_float32_inside_autocast_stays_float32(device, amp):
     """Neither op has an autocast rule, so float32 inputs run in float32 inside torch.autocast, and so must the
     backward: the kernels' own ATen calls (the CUDA centre-distance matmuls) must not be autocast."""
@@ -320,6 +362,7 @@ def test_deterministic_across_thread_counts():
         means = ops.class_avg_pool(features, labels, 19)[0]
         phi = ops.center_distance(*inputs)
         return (means, phi, *torch.autograd.grad(phi.square().sum(), inputs))
+
     try:
         torch.set_num_threads(1)
         one = run()
@@ -360,7 +403,9 @@ def test_center_distance_bad_input(backend):
     ctx = routed(backend)
     e, s, m = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 3), torch.randn(2, 5)
     with ctx:
-        with pytest.raises(ValueError, match=r"centers must have shape \[N, K, D\] with N = 2 and D = 3.*got \[2, 5, 4\]"):
+        with pytest.raises(
+            ValueError, match=r"centers must have shape \[N, K, D\] with N = 2 and D = 3.*got \[2, 5, 4\]"
+        ):
             ops.center_distance(e, torch.randn(2, 5, 4), m)
         with pytest.raises(ValueError, match=r"margins must have shape \[N, K\] = \[2, 5\].*got \[2, 4\]"):
             ops.center_distance(e, s, torch.randn(2, 4))
@@ -398,7 +443,7 @@ def check_big_classes(device, dtype):
     assert means.dtype == counts.dtype == dtype
     ref_means, ref_counts = reference.class_avg_pool(f.detach().double().cpu(), labels, 4)
     torch.testing.assert_close(means.double().cpu(), ref_means, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(counts.cpu(), ref_counts.to(dtype), rtol=0, atol=0)   # in dtype, as documented
+    torch.testing.assert_close(counts.cpu(), ref_counts.to(dtype), rtol=0, atol=0)  # in dtype, as documented
     (got,) = torch.autograd.grad(means, f, torch.full_like(means, 4096))
     # exact counts in the accumulation type: the float64 gradient rounded once to dtype, bit for bit
     assert torch.equal(got.cpu(), want.to(dtype))
@@ -466,8 +511,9 @@ def test_cuda_layouts_many_chunks_and_empty(layout):
     # 130 x 150 pixels: many pixel chunks of the CUDA pooling (77 of 256 on an H100); non-contiguous labels too.
     features, labels = class_avg_pool_sample(2, 5, 130, 150, 7, absent=(2,), seed=41).args[:2]
     dist = distance_inputs(2, 4, 130, 150, 7, seed=42)
-    want = _both_ops_with_grads(features.clone().requires_grad_(), labels, 7,
-                                *[t.clone().requires_grad_() for t in dist], seeded(5))
+    want = _both_ops_with_grads(
+        features.clone().requires_grad_(), labels, 7, *[t.clone().requires_grad_() for t in dist], seeded(5)
+    )
     f = _laid(features.cuda(), layout).requires_grad_()
     lab = labels.cuda().transpose(1, 2).contiguous().transpose(1, 2)
     e = _laid(dist[0].cuda(), layout).requires_grad_()
@@ -480,8 +526,9 @@ def test_cuda_layouts_many_chunks_and_empty(layout):
         lab = torch.zeros(n, h, 5, dtype=torch.long, device="cuda")
         d = [t.cuda().requires_grad_() for t in distance_inputs(n, 3, h, 5, 4, seed=1)]
         got = _both_ops_with_grads(f, lab, 4, *d, seeded(6))
-        want = _both_ops_with_grads(f.detach().cpu().requires_grad_(), lab.cpu(), 4,
-                                    *[t.detach().cpu().requires_grad_() for t in d], seeded(6))
+        want = _both_ops_with_grads(
+            f.detach().cpu().requires_grad_(), lab.cpu(), 4, *[t.detach().cpu().requires_grad_() for t in d], seeded(6)
+        )
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
 
@@ -492,11 +539,17 @@ def test_cuda_second_device():
     # The kernels (and the label check) must run on their inputs' device, whatever the current device is.
     features, labels = class_avg_pool_sample(2, 5, 9, 11, 6, seed=43).args[:2]
     dist = distance_inputs(2, 4, 9, 11, 6, seed=44)
-    want = _both_ops_with_grads(features.clone().requires_grad_(), labels, 6,
-                                *[t.clone().requires_grad_() for t in dist], seeded(7))
+    want = _both_ops_with_grads(
+        features.clone().requires_grad_(), labels, 6, *[t.clone().requires_grad_() for t in dist], seeded(7)
+    )
     with torch.cuda.device(0):
-        got = _both_ops_with_grads(features.to("cuda:1").requires_grad_(), labels.to("cuda:1"), 6,
-                                   *[t.to("cuda:1").requires_grad_() for t in dist], seeded(7))
+        got = _both_ops_with_grads(
+            features.to("cuda:1").requires_grad_(),
+            labels.to("cuda:1"),
+            6,
+            *[t.to("cuda:1").requires_grad_() for t in dist],
+            seeded(7),
+        )
         with pytest.raises(ValueError, match="value 6"):
             ops.class_avg_pool(features.to("cuda:1"), labels.to("cuda:1").fill_(6), 6)
     for a, b in zip(got, want):

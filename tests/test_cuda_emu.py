@@ -11,6 +11,7 @@ Tolerances (tests/op_samples.py, TOL): float64 1e-12 (relative, and absolute tim
 tensor); float32 2e-6, float16 2e-3, bfloat16 1.6e-2: the kernels accumulate in float32 but round their outputs
 (and deform conv its column buffers) to the dtype.
 """
+
 import re
 import warnings
 
@@ -18,8 +19,20 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from op_samples import (F64, OPS, TOL, assert_matches, center_distance_sample, check_ops, class_avg_pool_sample,
-                        deform_conv2d_sample, dual_deform_conv2d_sample, emulation, lay, output_masks)
+from op_samples import (
+    F64,
+    OPS,
+    TOL,
+    assert_matches,
+    center_distance_sample,
+    check_ops,
+    class_avg_pool_sample,
+    deform_conv2d_sample,
+    dual_deform_conv2d_sample,
+    emulation,
+    lay,
+    output_masks,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -36,25 +49,43 @@ def grid_cap(emu):
 
     def set_cap(cap):
         previous.append(emu.set_grid_x_cap(cap))
+
     yield set_cap
     if previous:
         emu.set_grid_x_cap(previous[0])
 
 
 # ---------------------------------------------------------------- the emulation itself
-@pytest.mark.parametrize("config", [(1, 1, 1, 1, 1, 1), (7, 1, 1, 256, 1, 1), (3, 2, 4, 4, 3, 2), (2, 1, 1, 1024, 1, 1),
-                                    (1, 65535, 1, 1, 1, 1), (1, 1, 1, 2, 8, 64)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        (1, 1, 1, 1, 1, 1),
+        (7, 1, 1, 256, 1, 1),
+        (3, 2, 4, 4, 3, 2),
+        (2, 1, 1, 1024, 1, 1),
+        (1, 65535, 1, 1, 1, 1),
+        (1, 1, 1, 2, 8, 64),
+    ],
+)
 def test_emulation_runs_every_thread(emu, config):
     gx, gy, gz, bx, by, bz = config
     assert emu.selftest_launch(gx, gy, gz, bx, by, bz, 48 * 1024) == gx * gy * gz * bx * by * bz
 
 
-@pytest.mark.parametrize("config,why", [
-    ((0, 1, 1, 32, 1, 1, 0), "the grid is empty"), ((1, 1, 0, 32, 1, 1, 0), "the grid is empty"),
-    ((1, 1, 1, 0, 1, 1, 0), "the block is empty"), ((1, 1, 1, 1025, 1, 1, 0), "more than 1024 threads"),
-    ((1, 1, 1, 32, 33, 1, 0), "more than 1024 threads"), ((1, 1, 1, 1, 1, 65, 0), "64 along z"),
-    ((1, 65536, 1, 1, 1, 1, 0), "at most 65535"), ((1, 1, 65536, 1, 1, 1, 0), "at most 65535"),
-    ((1, 1, 1, 32, 1, 1, 48 * 1024 + 1), "48 KiB of dynamic shared memory")])
+@pytest.mark.parametrize(
+    "config,why",
+    [
+        ((0, 1, 1, 32, 1, 1, 0), "the grid is empty"),
+        ((1, 1, 0, 32, 1, 1, 0), "the grid is empty"),
+        ((1, 1, 1, 0, 1, 1, 0), "the block is empty"),
+        ((1, 1, 1, 1025, 1, 1, 0), "more than 1024 threads"),
+        ((1, 1, 1, 32, 33, 1, 0), "more than 1024 threads"),
+        ((1, 1, 1, 1, 1, 65, 0), "64 along z"),
+        ((1, 65536, 1, 1, 1, 1, 0), "at most 65535"),
+        ((1, 1, 65536, 1, 1, 1, 0), "at most 65535"),
+        ((1, 1, 1, 32, 1, 1, 48 * 1024 + 1), "48 KiB of dynamic shared memory"),
+    ],
+)
 def test_emulation_refuses_what_a_gpu_refuses(emu, config, why):
     with pytest.raises(RuntimeError, match=f"a GPU refuses the launch of count_kernel.*{re.escape(why)}"):
         emu.selftest_launch(*config)
@@ -66,19 +97,25 @@ def test_emulation_barriers_shared_memory_and_warp_intrinsics(emu, threads):
     x = torch.randint(-50, 50, (3 * threads + 17,), generator=torch.Generator().manual_seed(threads)).to(F64)
     out = emu.selftest_block_sum(x, threads)
     blocks = torch.nn.functional.pad(x, (0, out.shape[0] * threads - x.numel())).view(-1, threads)
-    assert torch.equal(out[:, 0], blocks.sum(1))           # shared-memory tree with __syncthreads
-    assert torch.equal(out[:, 1], blocks.sum(1))           # __shfl_down_sync, then __shfl_xor_sync
+    assert torch.equal(out[:, 0], blocks.sum(1))  # shared-memory tree with __syncthreads
+    assert torch.equal(out[:, 1], blocks.sum(1))  # __shfl_down_sync, then __shfl_xor_sync
     assert torch.equal(out[:, 2], (blocks > 0).sum(1).to(F64))  # __ballot_sync + __popc
 
 
-@pytest.mark.parametrize("what,message", [
-    (0, "63 of 64 threads wait at __syncthreads but 1 exited"), (1, "mask 0x00000001 that does not include its lane"),
-    (2, "different masks"), (3, "wait in a warp intrinsic for lanes of its mask that exited"),
-    (4, "reads lane 20 outside the mask")])
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        (0, "63 of 64 threads wait at __syncthreads but 1 exited"),
+        (1, "mask 0x00000001 that does not include its lane"),
+        (2, "different masks"),
+        (3, "wait in a warp intrinsic for lanes of its mask that exited"),
+        (4, "reads lane 20 outside the mask"),
+    ],
+)
 def test_emulation_reports_misuse(emu, what, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         emu.selftest_misuse(what)
-    assert emu.selftest_launch(2, 1, 1, 64, 1, 1, 0) == 128   # and the next launch is fine
+    assert emu.selftest_launch(2, 1, 1, 64, 1, 1, 0) == 128  # and the next launch is fine
 
 
 def test_emulation_grid_cap_hook(emu, grid_cap):
@@ -104,17 +141,17 @@ def every(sample):
 # there are few images, keeps up to 8 accumulator copies per block, splits the channels into tiles when K * (D + 1)
 # sums do not fit, and takes a global-memory path when not even one channel's do.
 POOL_CASES = [  # (N, D, H, W, K)
-    (2, 5, 7, 9, 1),          # one partial tile, 8 copies, means written by the block
-    (2, 8, 13, 11, 7),        # three tiles, the last partial
-    (1, 3, 16, 16, 4),        # exactly one chunk of four full tiles
-    (1, 3, 1, 257, 3),        # two chunks (192 + 65 pixels): partial sums and the reduce kernel
-    (2, 4, 33, 65, 19),       # 9 chunks of 256, the last one 97
-    (1, 2, 129, 129, 5),      # 66 chunks, the last one a single pixel
-    (1, 3, 5, 6, 171),        # more classes than pixels: most are absent
-    (2, 33, 6, 7, 256),       # float64: two channel tiles of 17 (16 + the count)
-    (1, 100, 9, 31, 150),     # float32 two channel tiles of 50, float64 four of 25
-    (2, 3, 5, 10, 3000),      # one channel per tile, one copy: 47.7 KiB of shared memory (float64)
-    (2, 2, 5, 10, 7000),      # K too large for shared memory: the global-memory path
+    (2, 5, 7, 9, 1),  # one partial tile, 8 copies, means written by the block
+    (2, 8, 13, 11, 7),  # three tiles, the last partial
+    (1, 3, 16, 16, 4),  # exactly one chunk of four full tiles
+    (1, 3, 1, 257, 3),  # two chunks (192 + 65 pixels): partial sums and the reduce kernel
+    (2, 4, 33, 65, 19),  # 9 chunks of 256, the last one 97
+    (1, 2, 129, 129, 5),  # 66 chunks, the last one a single pixel
+    (1, 3, 5, 6, 171),  # more classes than pixels: most are absent
+    (2, 33, 6, 7, 256),  # float64: two channel tiles of 17 (16 + the count)
+    (1, 100, 9, 31, 150),  # float32 two channel tiles of 50, float64 four of 25
+    (2, 3, 5, 10, 3000),  # one channel per tile, one copy: 47.7 KiB of shared memory (float64)
+    (2, 2, 5, 10, 7000),  # K too large for shared memory: the global-memory path
 ]
 
 
@@ -129,8 +166,9 @@ def test_class_avg_pool_every_k(emu, k):
     check_ops(class_avg_pool_sample(2, 3, 11, 13, k, ignore_index=-1, seed=k, device="emu"), "emu")
 
 
-@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0), (2, 0, 4, 5)],
-                         ids=["batch0", "H0", "W0", "D0"])
+@pytest.mark.parametrize(
+    "shape", [(0, 3, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0), (2, 0, 4, 5)], ids=["batch0", "H0", "W0", "D0"]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_class_avg_pool_empty(emu, shape, dtype):
     # against the CPU kernel: the twin fails on D = 0 (test_class_ops.py::test_twin_no_channels)
@@ -155,8 +193,11 @@ def aten_calls(fn):
 SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select"}
 
 
-@pytest.mark.parametrize("n,d,h,w,k", [POOL_CASES[0], POOL_CASES[3], POOL_CASES[-1], (2, 3, 0, 5, 4)],
-                         ids=["one_chunk", "two_chunks", "global", "no_pixels"])
+@pytest.mark.parametrize(
+    "n,d,h,w,k",
+    [POOL_CASES[0], POOL_CASES[3], POOL_CASES[-1], (2, 3, 0, 5, 4)],
+    ids=["one_chunk", "two_chunks", "global", "no_pixels"],
+)
 def test_class_avg_pool_without_validation_no_sync_no_fill(emu, n, d, h, w, k):
     """The CUDA forward with validate=False calls no ATen op but at::empty (its outputs and buffers; no pixels:
     a zero-fill, no kernel): no sync, no fill pass. validate=True syncs, as documented (so this test can fail)."""
@@ -177,8 +218,11 @@ def launches(emu, fn):
     return emu.launch_count() - before
 
 
-@pytest.mark.parametrize("n,d,h,w,k", [(2, 5, 7, 9, 3), (1, 4, 1, 257, 1), (2, 3, 4, 5, 0), (2, 3, 0, 5, 2),
-                                       (2, 0, 4, 5, 2)], ids=["plain", "two_blocks", "K0", "P0", "D0"])
+@pytest.mark.parametrize(
+    "n,d,h,w,k",
+    [(2, 5, 7, 9, 3), (1, 4, 1, 257, 1), (2, 3, 4, 5, 0), (2, 3, 0, 5, 2), (2, 0, 4, 5, 2)],
+    ids=["plain", "two_blocks", "K0", "P0", "D0"],
+)
 def test_center_distance_backward_three_launches(emu, n, d, h, w, k):
     """At most three kernels (w and the margin terms; the embedding gradient; the centre and margin gradients),
     each only when asked for and non-empty, and no other ATen work (no fill, cast, sum or matmul): launches are
@@ -189,7 +233,7 @@ def test_center_distance_backward_three_launches(emu, n, d, h, w, k):
     for mask in output_masks(sample):
         want = 0
         if any(mask):
-            want = (nonempty["w"] + (mask[0] and nonempty["e"]) + ((mask[1] and d > 0 or mask[2]) and nonempty["sm"]))
+            want = nonempty["w"] + (mask[0] and nonempty["e"]) + ((mask[1] and d > 0 or mask[2]) and nonempty["sm"])
         got = launches(emu, lambda: emu.center_distance_backward(g, e, s, m, 10.0, mask))
         assert got == want <= 3, (mask, got, want)
         calls = aten_calls(lambda: emu.center_distance_backward(g, e, s, m, 10.0, mask))
@@ -200,9 +244,9 @@ def test_center_distance_backward_three_launches(emu, n, d, h, w, k):
 DIST_CASES = [  # (N, D, H, W, K)
     (2, 5, 7, 9, 1),
     (2, 8, 13, 11, 7),
-    (1, 3, 16, 16, 19),       # N * K * P = 4864 = 19 blocks of 256
-    (1, 4, 1, 257, 1),        # one item into a second block
-    (2, 33, 6, 7, 150),       # 150 classes: 2 * 150 * 34 block sums (centre and margin gradients)
+    (1, 3, 16, 16, 19),  # N * K * P = 4864 = 19 blocks of 256
+    (1, 4, 1, 257, 1),  # one item into a second block
+    (2, 33, 6, 7, 150),  # 150 classes: 2 * 150 * 34 block sums (centre and margin gradients)
 ]
 # Every dtype and every output mask on the small cases; the large one (minutes in four dtypes and eight masks under
 # the emulation) in float64 with every gradient: the other dtypes and masks add nothing there the small cases do not
@@ -216,8 +260,11 @@ def test_center_distance_plans(emu, n, d, h, w, k, dtype):
     check_ops(sample, "emu", masks=output_masks(sample) if (n, d, h, w, k) in DIST_CASES[:-1] else every(sample))
 
 
-@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 3, 4, 0, 2), (2, 0, 4, 5, 2),
-                                   (2, 3, 4, 5, 0)], ids=["batch0", "H0", "W0", "D0", "K0"])
+@pytest.mark.parametrize(
+    "shape",
+    [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 3, 4, 0, 2), (2, 0, 4, 5, 2), (2, 3, 4, 5, 0)],
+    ids=["batch0", "H0", "W0", "D0", "K0"],
+)
 def test_center_distance_empty(emu, shape):
     sample = center_distance_sample(*shape, device="emu")
     check_ops(sample, "emu", masks=output_masks(sample))
@@ -240,13 +287,17 @@ def test_outputs_written_in_full(emu, op):
         if op == "class_avg_pool":
             cases = POOL_CASES + [(0, 3, 4, 5, 4), (2, 3, 0, 5, 4), (2, 0, 4, 5, 4)]
             for i, case in enumerate(cases):
-                check_ops(class_avg_pool_sample(*case, absent=(1,) if case[-1] > 2 else (), seed=i, device="emu"),
-                          "emu", by="kernel")
+                check_ops(
+                    class_avg_pool_sample(*case, absent=(1,) if case[-1] > 2 else (), seed=i, device="emu"),
+                    "emu",
+                    by="kernel",
+                )
         else:
             # the small plans (150 classes x 34 channel units of block sums take minutes here), one mask per output
             masks = [[True, True, True], [True, False, False], [False, True, False], [False, False, True]]
-            for i, case in enumerate(DIST_CASES[:4] + [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 0, 4, 5, 2),
-                                                       (2, 3, 4, 5, 0)]):
+            for i, case in enumerate(
+                DIST_CASES[:4] + [(0, 3, 4, 5, 2), (2, 3, 0, 5, 2), (2, 0, 4, 5, 2), (2, 3, 4, 5, 0)]
+            ):
                 check_ops(center_distance_sample(*case, seed=i, device="emu"), "emu", masks=masks, by="kernel")
     finally:
         torch.use_deterministic_algorithms(before)
@@ -255,10 +306,21 @@ def test_outputs_written_in_full(emu, op):
 # ---------------------------------------------------------------- deformable convolution
 @pytest.mark.parametrize("what", ["batch0", "H0", "W0", "C_out0"])
 def test_deform_conv2d_empty(emu, what):
-    base = dict(n=2, c_in=4, c_out=3, groups=1, offset_groups=2, k=(1, 1), stride=(1, 1), padding=(1, 1),
-                dilation=(1, 1), size=(5, 6))   # padding: an empty image has outputs
-    case = dict(base, **{"batch0": dict(n=0), "H0": dict(size=(0, 6)), "W0": dict(size=(5, 0)),
-                         "C_out0": dict(c_out=0)}[what])
+    base = dict(
+        n=2,
+        c_in=4,
+        c_out=3,
+        groups=1,
+        offset_groups=2,
+        k=(1, 1),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        size=(5, 6),
+    )  # padding: an empty image has outputs
+    case = dict(
+        base, **{"batch0": dict(n=0), "H0": dict(size=(0, 6)), "W0": dict(size=(5, 0)), "C_out0": dict(c_out=0)}[what]
+    )
     sample = deform_conv2d_sample(**case, seed=1, device="emu")
     # against the CPU kernel: the twin fails on empty padded images (test_deform_conv.py::test_twin_empty_image)
     check_ops(sample, "emu", masks=output_masks(sample), by="kernel")
@@ -271,6 +333,7 @@ def workspace_cap(emu):
 
     def set_cap(cap):
         previous.append(emu.set_deform_workspace_cap(cap))
+
     yield set_cap
     if previous:
         emu.set_deform_workspace_cap(previous[0])
@@ -292,9 +355,10 @@ def test_deform_conv2d_column_chunks(emu, workspace_cap, op):
 def test_deform_weight_grad_accumulates_across_chunks(emu, workspace_cap, dtype):
     """Three chunks (a 1-byte cap): the weight gradient's GEMM of each chunk adds into one buffer (addmm, beta 1
     after the first; float32 for bfloat16), so no separate sum pass (no add); the same values as in one chunk."""
-    sample = deform_conv2d_sample(3, 8, 4, 2, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 5), seed=17, device="emu",
-                                  dtype=dtype)
-    mask = [False, False, True, False, False]   # the weight gradient alone
+    sample = deform_conv2d_sample(
+        3, 8, 4, 2, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 5), seed=17, device="emu", dtype=dtype
+    )
+    mask = [False, False, True, False, False]  # the weight gradient alone
     args = sample.info.backward_args(sample.detached().args, None, sample.grads, mask)
     whole = emu.deform_conv2d_backward(*args)[2]
     workspace_cap(1)
@@ -316,8 +380,10 @@ def test_grid_stride(emu, grid_cap, op):
     """With at most 2 blocks along x, every kernel's grid-stride loop walks every item: every sample of the op
     (float64 and float32), and for the class ops the cases of several chunks and blocks."""
     grid_cap(2)
-    plans = {"class_avg_pool": [class_avg_pool_sample(*c, seed=1, device="emu") for c in POOL_CASES[1:6]],
-             "center_distance": [center_distance_sample(*c, seed=2, device="emu") for c in DIST_CASES[1:4]]}
+    plans = {
+        "class_avg_pool": [class_avg_pool_sample(*c, seed=1, device="emu") for c in POOL_CASES[1:6]],
+        "center_distance": [center_distance_sample(*c, seed=2, device="emu") for c in DIST_CASES[1:4]],
+    }
     for dtype in (torch.float64, torch.float32):
         for sample in OPS[op].sample_inputs("emu", dtype, requires_grad=False):
             check_ops(sample, "emu", masks=every(sample))
@@ -330,9 +396,9 @@ def test_grid_stride(emu, grid_cap, op):
 # a warp) over each offset group's channels, warp-shuffle sums of the offset / mask gradients; the input gradient a
 # stable sort of the contributions by destination and one fixed-order gather each. Against the CPU kernel.
 DEFORM_EMU_CASES = {  # n, c_in, c_out, groups, offset_groups, k, stride, padding, dilation, size
-    "40 channels per offset group": (2, 80, 6, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 7)),   # 32 lanes, twice
+    "40 channels per offset group": (2, 80, 6, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 7)),  # 32 lanes, twice
     "3 per group, 6 per offset group": (1, 12, 8, 4, 2, (3, 2), (2, 1), (1, 0), (2, 1), (7, 6)),  # 8 lanes, 2 idle
-    "one channel": (3, 1, 3, 1, 1, (2, 3), (1, 2), (0, 1), (1, 1), (6, 5)),                  # 1 lane per item
+    "one channel": (3, 1, 3, 1, 1, (2, 3), (1, 2), (0, 1), (1, 1), (6, 5)),  # 1 lane per item
     "odd, dilated": (1, 6, 4, 2, 3, (3, 3), (2, 2), (2, 1), (2, 3), (9, 11)),
 }
 
@@ -342,16 +408,27 @@ DEFORM_EMU_CASES = {  # n, c_in, c_out, groups, offset_groups, k, stride, paddin
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "no_mask"])
 def test_deform_kernels_against_cpu(emu, case, dtype, masked):
     sample = deform_conv2d_sample(*DEFORM_EMU_CASES[case], mask=masked, seed=7, device="emu", dtype=dtype)
-    check_ops(sample, "emu", masks=every(sample) + [[True, False, False, False, True], [False, True, True, False,
-                                                                                           False]], by="kernel")
+    check_ops(
+        sample,
+        "emu",
+        masks=every(sample) + [[True, False, False, False, True], [False, True, True, False, False]],
+        by="kernel",
+    )
 
 
 @pytest.mark.parametrize("case", list(DEFORM_EMU_CASES)[:2])
 def test_dual_deform_kernels_against_cpu(emu, grid_cap, case):
     # grid_cap(1): one block of lane groups walks every item and destination (the warp-uniform loop's tail).
     grid_cap(1)
-    sample = dual_deform_conv2d_sample(*DEFORM_EMU_CASES[case], c_y=DEFORM_EMU_CASES[case][1] // 2, groups_y=1,
-                                       c_out_y=3, seed=8, device="emu", dtype=torch.float32)
+    sample = dual_deform_conv2d_sample(
+        *DEFORM_EMU_CASES[case],
+        c_y=DEFORM_EMU_CASES[case][1] // 2,
+        groups_y=1,
+        c_out_y=3,
+        seed=8,
+        device="emu",
+        dtype=torch.float32,
+    )
     check_ops(sample, "emu", masks=every(sample), by="kernel")
 
 
@@ -360,8 +437,7 @@ def _emu_backward(op, sample):
     outs = getattr(torch.ops.csfrn_emu, op)(*args)
     outs = outs if isinstance(outs, tuple) else (outs,)
     info = sample.info
-    return getattr(torch.ops.csfrn_emu, info.backward)(*info.backward_args(args, outs, sample.grads,
-                                                                           every(sample)[0]))
+    return getattr(torch.ops.csfrn_emu, info.backward)(*info.backward_args(args, outs, sample.grads, every(sample)[0]))
 
 
 @pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
@@ -411,7 +487,10 @@ def _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, k
         for k in range(taps):
             i, j = divmod(k, kw)
             y = torch.tensor(float(ho * stride[0] - padding[0] + i * dilation[0]), dtype=f32) + offset[0, 2 * k, ho, wo]
-            xx = torch.tensor(float(wo * stride[1] - padding[1] + j * dilation[1]), dtype=f32) + offset[0, 2 * k + 1, ho, wo]
+            xx = (
+                torch.tensor(float(wo * stride[1] - padding[1] + j * dilation[1]), dtype=f32)
+                + offset[0, 2 * k + 1, ho, wo]
+            )
             if not (-1 < float(y) < h and -1 < float(xx) < w):
                 continue
             fy, fx = torch.floor(y), torch.floor(xx)
@@ -421,7 +500,9 @@ def _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, k
             for c, wgt in enumerate(weights):
                 yy, xc = int(fy) + (c >> 1), int(fx) + (c & 1)
                 if 0 <= yy < h and 0 <= xc < w:
-                    contributions.setdefault((yy, xc), []).append((4 * (p * taps + k) + c, wgt * grad_out[0, k, ho, wo]))
+                    contributions.setdefault((yy, xc), []).append(
+                        (4 * (p * taps + k) + c, wgt * grad_out[0, k, ho, wo])
+                    )
     grad = torch.zeros(h, w, dtype=f32)
     for (yy, xc), terms in contributions.items():
         total = torch.zeros((), dtype=f32)
@@ -439,10 +520,19 @@ def test_deform_input_grad_sums_in_contribution_order(emu):
     kh, kw, stride, padding, dilation = 3, 3, (1, 1), (1, 1), (1, 1)
     x = torch.randn(1, 1, 6, 7, generator=g)
     offset = torch.randn(1, 18, 6, 7, generator=g) * 1.5
-    weight = torch.eye(9).view(9, 1, 3, 3)   # column (pixel, tap) = grad_out[tap, pixel], exactly
+    weight = torch.eye(9).view(9, 1, 3, 3)  # column (pixel, tap) = grad_out[tap, pixel], exactly
     grad_out = torch.randn(1, 9, 6, 7, generator=g) * 10.0 ** torch.randint(-8, 9, (1, 9, 6, 7), generator=g)
-    grads = torch.ops.csfrn_emu.deform_conv2d_backward(grad_out, x, offset, weight, None, list(stride), list(padding),
-                                                       list(dilation), [True, False, False, False, False])
+    grads = torch.ops.csfrn_emu.deform_conv2d_backward(
+        grad_out,
+        x,
+        offset,
+        weight,
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        [True, False, False, False, False],
+    )
     want = _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, 1)
     assert torch.equal(grads[0][0, 0], want)
     assert not torch.equal(want, _sequential_input_grad(x, offset, grad_out, stride, padding, dilation, kh, kw, -1))
@@ -472,6 +562,7 @@ def vector_loads(emu):
 
     def set_on(on):
         previous.append(emu.set_deform_vector_loads(on))
+
     yield set_on
     if previous:
         emu.set_deform_vector_loads(previous[0])
@@ -487,8 +578,9 @@ def test_deform_vector_loads_against_cpu(emu, case, dtype):
     layout = "channels_last" if dtype in (torch.float32, torch.float16) else "nchw"
     sample = deform_conv2d_sample(*VECTOR_CASES[case], layout=layout, seed=14, device="emu", dtype=dtype)
     exact = dtype in (torch.float64, torch.float32)
-    check_ops(sample, "emu", masks=every(sample) + [[True, False, False, False, False]],
-              by="kernel" if exact else "twin")
+    check_ops(
+        sample, "emu", masks=every(sample) + [[True, False, False, False, False]], by="kernel" if exact else "twin"
+    )
     assert emu.deform_vector_width() == vector_width(c_in, groups, offset_groups, dtype)
 
 
@@ -496,8 +588,9 @@ def _forward_backward(op, sample):
     args = sample.detached().args
     outs = getattr(torch.ops.csfrn_emu, op)(*args)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(*sample.info.backward_args(args, outs, sample.grads,
-                                                                                          every(sample)[0]))
+    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(
+        *sample.info.backward_args(args, outs, sample.grads, every(sample)[0])
+    )
     return dict(zip(sample.info.grad_outputs, outs)) | dict(zip(sample.info.differentiable, grads))
 
 
@@ -509,12 +602,20 @@ def test_deform_vector_and_scalar_paths_agree(emu, vector_loads, op):
     bfloat16 (8 a lane, NCHW: strided stores)."""
     for dtype, layout in ((torch.float32, "channels_last"), (torch.bfloat16, "nchw")):
         if op == "deform_conv2d":
-            sample = deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], layout=layout, seed=15,
-                                          device="emu", dtype=dtype)
-        else:   # y: 16 channels, 8 per group and offset group
-            sample = dual_deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], c_y=16,
-                                               groups_y=2, c_out_y=6, layout=layout, seed=15, device="emu",
-                                               dtype=dtype)
+            sample = deform_conv2d_sample(
+                *VECTOR_CASES["16 per offset group, 8 per group"], layout=layout, seed=15, device="emu", dtype=dtype
+            )
+        else:  # y: 16 channels, 8 per group and offset group
+            sample = dual_deform_conv2d_sample(
+                *VECTOR_CASES["16 per offset group, 8 per group"],
+                c_y=16,
+                groups_y=2,
+                c_out_y=6,
+                layout=layout,
+                seed=15,
+                device="emu",
+                dtype=dtype,
+            )
         results = {}
         for on in (True, False):
             vector_loads(on)
@@ -532,8 +633,9 @@ def test_deform_vector_and_scalar_paths_agree(emu, vector_loads, op):
 def test_deform_misaligned_input_takes_the_scalar_path(emu):
     """A channels_last input that starts 4 bytes past a 16-byte boundary (a view at storage offset 1) is read as it
     is, with scalar loads: the emulation would refuse a misaligned vector load."""
-    sample = deform_conv2d_sample(*VECTOR_CASES["16 per offset group, 8 per group"], seed=16, device="emu",
-                                  dtype=torch.float32)
+    sample = deform_conv2d_sample(
+        *VECTOR_CASES["16 per offset group, 8 per group"], seed=16, device="emu", dtype=torch.float32
+    )
     x = sample["input"]
     n, c, h, w = x.shape
     storage = torch.empty(x.numel() + 1, dtype=x.dtype)
@@ -561,10 +663,9 @@ def test_deform_keeps_memory_format(emu, op, kernels):
         outs = getattr(raw, op)(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         grad_outs = tuple(lay(g, layout) for g in sample.grads)
-        grads = getattr(raw, sample.info.backward)(*sample.info.backward_args(args, outs, grad_outs,
-                                                                              every(sample)[0]))
+        grads = getattr(raw, sample.info.backward)(*sample.info.backward_args(args, outs, grad_outs, every(sample)[0]))
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        for t in list(outs) + list(grads[:len(inputs)]):
+        for t in list(outs) + list(grads[: len(inputs)]):
             assert t.is_contiguous(memory_format=fmt), (layout, t.stride())
         results[layout] = (outs, grads)
     for a, b in zip(results["nchw"][0] + results["nchw"][1], results["channels_last"][0] + results["channels_last"][1]):
@@ -586,8 +687,11 @@ def test_deform_autocast_keeps_offsets_float32(emu, op):
     bf16 = torch.bfloat16
 
     def cast(coord_dtype):
-        return [a.to(coord_dtype if n in ("offset", "mask") else bf16) if torch.is_tensor(a) else a
-                for n, a in zip(names, args)]
+        return [
+            a.to(coord_dtype if n in ("offset", "mask") else bf16) if torch.is_tensor(a) else a
+            for n, a in zip(names, args)
+        ]
+
     want, all_bf16 = fn(*cast(torch.float32)), fn(*cast(bf16))
     got, want, all_bf16 = (tuple(o) if isinstance(o, tuple) else (o,) for o in (got, want, all_bf16))
     for a, b, c in zip(got, want, all_bf16):
@@ -598,8 +702,9 @@ def test_deform_autocast_keeps_offsets_float32(emu, op):
     want_out = sample.info.reference(*wide.args)
     want_out = want_out if isinstance(want_out, tuple) else (want_out,)
     coords = cast(torch.float32)
-    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(*sample.info.backward_args(
-        tuple(coords), got, tuple(g.to(bf16) for g in sample.grads), every(sample)[0]))
+    grads = getattr(torch.ops.csfrn_emu, sample.info.backward)(
+        *sample.info.backward_args(tuple(coords), got, tuple(g.to(bf16) for g in sample.grads), every(sample)[0])
+    )
     offset_grad = grads[sample.info.differentiable.index("offset")]
     assert offset_grad.dtype == torch.float32
     for a, b in zip(got, want_out):

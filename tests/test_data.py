@@ -1,4 +1,5 @@
 """Datasets against small fake trees in their real layouts, label mappings, errors, transforms, Synthetic."""
+
 import numpy as np
 import pytest
 import torch
@@ -25,13 +26,18 @@ def _cityscapes(root, label_ids, train_ids=None, split="train", city="aachen", s
 
 
 def test_cityscapes_maps_label_ids_like_the_official_table(tmp_path):
-    ids = np.array([[0, 1, 6, 7, 8, 9, 11, 12], [17, 19, 20, 23, 24, 26, 31, 33], [255, 29, 30, 14, 15, 16, 18, 25]],
-                   dtype=np.uint8)
+    ids = np.array(
+        [[0, 1, 6, 7, 8, 9, 11, 12], [17, 19, 20, 23, 24, 26, 31, 33], [255, 29, 30, 14, 15, 16, 18, 25]],
+        dtype=np.uint8,
+    )
     _cityscapes(tmp_path, ids)
     image, label = Cityscapes(str(tmp_path), "train")[0]
     _check_item(image, label, (3, 8))
-    expected = [[255, 255, 255, 0, 1, 255, 2, 3], [5, 6, 7, 10, 11, 13, 16, 18],
-                [255, 255, 255, 255, 255, 255, 255, 12]]
+    expected = [
+        [255, 255, 255, 0, 1, 255, 2, 3],
+        [5, 6, 7, 10, 11, 13, 16, 18],
+        [255, 255, 255, 255, 255, 255, 255, 12],
+    ]
     assert label.tolist() == expected
     # the whole table: all 19 train ids come from exactly one label id each
     assert sorted(t for t in ID_TO_TRAINID.values() if t != 255) == list(range(19))
@@ -187,7 +193,7 @@ def test_synthetic_paired_classes_share_colour_but_not_texture():
                 means.setdefault(k, []).append(img[:, m].mean(1))
                 grads.setdefault(k, []).append(float(dx[inner].mean()))
     mean1, mean2 = torch.stack(means[1]).mean(0), torch.stack(means[2]).mean(0)
-    assert (mean1 - mean2).abs().max() < 15          # same mean colour, up to the random colour shifts
+    assert (mean1 - mean2).abs().max() < 15  # same mean colour, up to the random colour shifts
     # class 1 has horizontal-axis stripes (changes along x), class 2 vertical ones (constant along x)
     assert np.mean(grads[1]) > 3 * np.mean(grads[2])
 
@@ -232,7 +238,7 @@ def test_crop_pads_label_with_ignore_and_image_with_mean():
     assert out_label[10:].eq(255).all() and out_label[:, 12:].eq(255).all()
     assert torch.equal(out_label[:10, :12], label)
     norm, _ = T.Normalize()(out_image, out_label)
-    assert norm[:, 12:, :].abs().max() < 0.01          # the padding normalises to ~0
+    assert norm[:, 12:, :].abs().max() < 0.01  # the padding normalises to ~0
 
 
 def test_transforms_reproducible_from_generator_and_photometric_keeps_label():

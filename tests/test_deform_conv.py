@@ -5,6 +5,7 @@ convolution (bilinear sampling, zeros outside, offsets (dy, dx) per tap, DCN v2 
 autograd; torchvision.ops.deform_conv2d is checked beside it on random configurations. The kernel against the
 twin on every device, gradcheck and opcheck: tests/test_ops.py.
 """
+
 import math
 
 import pytest
@@ -16,8 +17,17 @@ import csfrn.nn
 import csfrn.ops as ops
 from conftest import CUDA_KERNELS, DEVICES, needs_cuda
 from csfrn.ops import reference
-from op_samples import (DEFORM, F64, check_autograd, deform_conv2d_sample, deform_conv2d_samples,
-                        dual_deform_conv2d_sample, kernel, random_deform_config, routed)
+from op_samples import (
+    DEFORM,
+    F64,
+    check_autograd,
+    deform_conv2d_sample,
+    deform_conv2d_samples,
+    dual_deform_conv2d_sample,
+    kernel,
+    random_deform_config,
+    routed,
+)
 
 
 # ---------------------------------------------------------------- the loop-based ground truth
@@ -28,8 +38,12 @@ def _bilinear(plane, y, x):
     y0, x0 = math.floor(float(y.detach())), math.floor(float(x.detach()))
     ly, lx = y - y0, x - x0
     out = plane.new_zeros(())
-    for yy, xx, wgt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx), (y0 + 1, x0, ly * (1 - lx)),
-                        (y0 + 1, x0 + 1, ly * lx)):
+    for yy, xx, wgt in (
+        (y0, x0, (1 - ly) * (1 - lx)),
+        (y0, x0 + 1, (1 - ly) * lx),
+        (y0 + 1, x0, ly * (1 - lx)),
+        (y0 + 1, x0 + 1, ly * lx),
+    ):
         if 0 <= yy < h and 0 <= xx < w:
             out = out + wgt * plane[yy, xx]
     return out
@@ -72,13 +86,29 @@ def make_case(*, use_mask, device="cpu", dtype=F64, **config):
 
 
 def call(fn, case):
-    return fn(case["input"], case["offset"], case["weight"], case["bias"], stride=case["stride"],
-              padding=case["padding"], dilation=case["dilation"], mask=case["mask"])
+    return fn(
+        case["input"],
+        case["offset"],
+        case["weight"],
+        case["bias"],
+        stride=case["stride"],
+        padding=case["padding"],
+        dilation=case["dilation"],
+        mask=case["mask"],
+    )
 
 
 def call_expected(case):
-    return expected_fn(case["input"], case["offset"], case["weight"], case["bias"], case["stride"], case["padding"],
-                       case["dilation"], case["mask"])
+    return expected_fn(
+        case["input"],
+        case["offset"],
+        case["weight"],
+        case["bias"],
+        case["stride"],
+        case["padding"],
+        case["dilation"],
+        case["mask"],
+    )
 
 
 def grads(out, case, grad_out):
@@ -187,8 +217,19 @@ def test_memory_layouts(layout):
 
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_zero_offset_is_conv2d(use_mask):
-    case = make_case(n=2, c_in=6, c_out=4, groups=2, offset_groups=3, k=(3, 2), stride=(2, 1), padding=(1, 1),
-                     dilation=(1, 2), size=(7, 6), use_mask=use_mask)
+    case = make_case(
+        n=2,
+        c_in=6,
+        c_out=4,
+        groups=2,
+        offset_groups=3,
+        k=(3, 2),
+        stride=(2, 1),
+        padding=(1, 1),
+        dilation=(1, 2),
+        size=(7, 6),
+        use_mask=use_mask,
+    )
     offset = torch.zeros_like(case["offset"])
     mask = torch.ones_like(case["mask"]) if use_mask else None
     out = ops.deform_conv2d(case["input"], offset, case["weight"], case["bias"], (2, 1), (1, 1), (1, 2), mask)
@@ -196,13 +237,35 @@ def test_zero_offset_is_conv2d(use_mask):
     assert_same(out, exp)
 
 
-@pytest.mark.parametrize("c_in,c_out,groups,offset_groups,size", [
-    (512, 4, 1, 2, (32, 32)),   # 512 input channels x 3 x 3 taps: several pixel tiles per image in the CPU kernel
-    (64, 64, 64, 1, (24, 24)),  # 64 one-channel groups in one offset group: the loops across channels run full vectors
-], ids=["multi_tile", "depthwise"])
+@pytest.mark.parametrize(
+    "c_in,c_out,groups,offset_groups,size",
+    [
+        (512, 4, 1, 2, (32, 32)),  # 512 input channels x 3 x 3 taps: several pixel tiles per image in the CPU kernel
+        (
+            64,
+            64,
+            64,
+            1,
+            (24, 24),
+        ),  # 64 one-channel groups in one offset group: the loops across channels run full vectors
+    ],
+    ids=["multi_tile", "depthwise"],
+)
 def test_float32_vs_torchvision(c_in, c_out, groups, offset_groups, size):
-    case = make_case(n=2, c_in=c_in, c_out=c_out, groups=groups, offset_groups=offset_groups, k=(3, 3),
-                     stride=(1, 1), padding=(1, 1), dilation=(1, 1), size=size, use_mask=True, dtype=torch.float32)
+    case = make_case(
+        n=2,
+        c_in=c_in,
+        c_out=c_out,
+        groups=groups,
+        offset_groups=offset_groups,
+        k=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        size=size,
+        use_mask=True,
+        dtype=torch.float32,
+    )
     out, exp = call(ops.deform_conv2d, case), call(torchvision.ops.deform_conv2d, case)
     assert_same(out, exp, rtol=1e-4, atol=1e-4)
     go = torch.randn_like(exp)
@@ -229,8 +292,16 @@ def test_only_needed_gradients():
     assert all(case[k].grad is None for k in ("input", "weight", "bias", "mask"))
     go = torch.ones_like(out)
     grads_ = torch.ops.csfrn.deform_conv2d_backward.default(
-        go, case["input"], case["offset"], case["weight"], case["mask"], [2, 1], [1, 0], [2, 1],
-        [False, True, False, False, False])
+        go,
+        case["input"],
+        case["offset"],
+        case["weight"],
+        case["mask"],
+        [2, 1],
+        [1, 0],
+        [2, 1],
+        [False, True, False, False, False],
+    )
     assert [g.numel() for g in grads_] == [0, case["offset"].numel(), 0, 0, 0]
     assert_same(grads_[1], case["offset"].grad)
 
@@ -244,7 +315,8 @@ def test_torch_compile_fullgraph():
     def f(x, offset, weight, bias, mask, y, wy):
         a = ops.deform_conv2d(x, offset, weight, bias, (2, 1), (1, 0), (2, 1), mask)
         bx, by = ops.dual_deform_conv2d(x, y, offset, weight, wy, None, None, (2, 1), (1, 0), (2, 1), mask)
-        return (a.relu() * 2).sum() + bx.sum() + (by ** 2).sum()
+        return (a.relu() * 2).sum() + bx.sum() + (by**2).sum()
+
     inputs = [case["input"], case["offset"], case["weight"], case["bias"], case["mask"], y, wy]
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = compiled(*inputs)
@@ -257,8 +329,9 @@ def test_torch_compile_fullgraph():
 # ---------------------------------------------------------------- the dual op
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_dual_equals_two_calls(backend, use_mask):
-    sample = dual_deform_conv2d_sample(**AWKWARD, c_y=9, groups_y=3, c_out_y=6, mask=use_mask, seed=5,
-                                       requires_grad=True)
+    sample = dual_deform_conv2d_sample(
+        **AWKWARD, c_y=9, groups_y=3, c_out_y=6, mask=use_mask, seed=5, requires_grad=True
+    )
     x, y, off, wx, wy, bx, by, mask = sample.args[:8]
     conv = dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1), mask=mask)
     with routed(backend):
@@ -279,11 +352,12 @@ def test_dual_one_output_used():
     case = make_case(**AWKWARD, use_mask=False)
     y = torch.randn(2, 3, 5, 4, dtype=F64, requires_grad=True)
     wy = torch.randn(2, 3, 3, 2, dtype=F64, requires_grad=True)
-    out_x, _ = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None,
-                                      (2, 1), (1, 0), (2, 1))
+    out_x, _ = ops.dual_deform_conv2d(
+        case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0), (2, 1)
+    )
     out_x.sum().backward()
     exp = ops.deform_conv2d(case["input"], case["offset"], case["weight"], None, (2, 1), (1, 0), (2, 1))
-    g_off, = torch.autograd.grad(exp.sum(), [case["offset"]])
+    (g_off,) = torch.autograd.grad(exp.sum(), [case["offset"]])
     assert_same(case["offset"].grad, g_off)
     assert wy.grad is None or bool((wy.grad == 0).all())
 
@@ -292,8 +366,20 @@ def test_dual_one_output_used():
 @pytest.mark.parametrize("n", [1, 2])
 def test_deterministic_cpu_backward(n):
     # n = 1: the image's pixels are split between threads, whose input-gradient parts are added afterwards.
-    case = make_case(n=n, c_in=64, c_out=8, groups=1, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
-                     dilation=(1, 1), size=(24, 24), use_mask=True, dtype=torch.float32)
+    case = make_case(
+        n=n,
+        c_in=64,
+        c_out=8,
+        groups=1,
+        offset_groups=2,
+        k=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        size=(24, 24),
+        use_mask=True,
+        dtype=torch.float32,
+    )
     y = torch.randn(n, 32, 24, 24, requires_grad=True)
     wy = torch.randn(8, 32, 3, 3, requires_grad=True)
     leaves = [case[k] for k in ("input", "offset", "weight", "bias", "mask")] + [y, wy]
@@ -303,8 +389,9 @@ def test_deterministic_cpu_backward(n):
         runs = []
         for _ in range(2):
             a = call(ops.deform_conv2d, case)
-            bx, by = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, padding=1,
-                                            mask=case["mask"])
+            bx, by = ops.dual_deform_conv2d(
+                case["input"], y, case["offset"], case["weight"], wy, padding=1, mask=case["mask"]
+            )
             runs.append(torch.autograd.grad(a.square().sum() + bx.sum() + by.square().sum(), leaves))
     finally:
         torch.use_deterministic_algorithms(was)
@@ -332,15 +419,17 @@ def test_cuda_autocast_devices_and_determinism():
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        out.sum().backward()   # no atomics left: nothing to alert about
+        out.sum().backward()  # no atomics left: nothing to alert about
     finally:
         torch.use_deterministic_algorithms(was)
 
 
 def on(case, device, dtype=None):
     """The case's tensors as fresh leaves on `device` (and `dtype`)."""
-    return {k: (v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_() if torch.is_tensor(v) else v)
-            for k, v in case.items()}
+    return {
+        k: (v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_() if torch.is_tensor(v) else v)
+        for k, v in case.items()
+    }
 
 
 def run_with_grads(case, go):
@@ -366,8 +455,20 @@ def assert_cuda_like_cpu(case, **tol):
 def test_cuda_empty_image_with_padding(size):
     # H * W = 0 still has output pixels when padded. The CUDA im2col once read plane[0] of the (empty)
     # input for the corners outside, with weight 0: an illegal address on the device.
-    case = make_case(n=2, c_in=4, c_out=3, groups=1, offset_groups=2, k=(1, 1), stride=(1, 1), padding=(1, 1),
-                     dilation=(1, 1), size=size, use_mask=True, scale=0.5)
+    case = make_case(
+        n=2,
+        c_in=4,
+        c_out=3,
+        groups=1,
+        offset_groups=2,
+        k=(1, 1),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        size=size,
+        use_mask=True,
+        scale=0.5,
+    )
     assert_cuda_like_cpu(case)
     out = call(ops.deform_conv2d, on(case, "cuda"))
     torch.cuda.synchronize()
@@ -378,8 +479,20 @@ def test_cuda_empty_image_with_padding(size):
 def test_corners_outside_are_never_read(device):
     # An inf in pixel (0, 0) must reach only the samples whose bilinear corners include it. The CUDA im2col
     # once multiplied every corner outside the image by weight 0 and plane[0]: 0 * inf = NaN there.
-    case = make_case(n=1, c_in=2, c_out=2, groups=1, offset_groups=1, k=(3, 3), stride=(1, 1), padding=(1, 1),
-                     dilation=(1, 1), size=(12, 12), use_mask=True, scale=0.5)
+    case = make_case(
+        n=1,
+        c_in=2,
+        c_out=2,
+        groups=1,
+        offset_groups=1,
+        k=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        size=(12, 12),
+        use_mask=True,
+        scale=0.5,
+    )
     x = case["input"].detach().clone()
     x[:, :, 0, 0] = float("inf")
     case = dict(case, input=x)
@@ -396,8 +509,11 @@ def test_cuda_memory_layouts_and_empty_batch(layout):
     laid = dict(case)
     for name in ("input", "offset", "mask", "weight"):
         t = case[name].detach()
-        t = (t.contiguous(memory_format=torch.channels_last) if layout == "channels_last"
-             else t.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2))
+        t = (
+            t.contiguous(memory_format=torch.channels_last)
+            if layout == "channels_last"
+            else t.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+        )
         laid[name] = t
     # .cuda() keeps the strides
     cuda = {k: (v.detach().cuda().requires_grad_() if torch.is_tensor(v) else v) for k, v in laid.items()}
@@ -413,9 +529,17 @@ def test_cuda_memory_layouts_and_empty_batch(layout):
     assert out.shape == (0, 2, 2, 3) and out.is_cuda
     out.sum().backward()
     assert empty["input"].grad.shape == empty["input"].shape and bool((empty["weight"].grad == 0).all())
-    ox, oy = ops.dual_deform_conv2d(empty["input"], empty["input"], empty["offset"], empty["weight"],
-                                    empty["weight"], padding=(1, 0), stride=(2, 1), dilation=(2, 1),
-                                    mask=empty["mask"])
+    ox, oy = ops.dual_deform_conv2d(
+        empty["input"],
+        empty["input"],
+        empty["offset"],
+        empty["weight"],
+        empty["weight"],
+        padding=(1, 0),
+        stride=(2, 1),
+        dilation=(2, 1),
+        mask=empty["mask"],
+    )
     assert ox.shape == oy.shape == (0, 2, 2, 3)
     (ox.sum() + oy.sum()).backward()
 
@@ -425,14 +549,28 @@ def test_cuda_several_column_chunks_vs_torchvision():
     # The backward's workspace per image in float64: columns and their gradient (64 channels * 9 taps * 64 * 64
     # pixels * 8 bytes = 18.9 MB each), keys and sort (9.4 MB), samples (6.5 MB): 20 images per 1 GiB chunk, so
     # 31 images make two chunks (16 + 15); the weight gradient adds up across them.
-    case = make_case(n=31, c_in=64, c_out=8, groups=2, offset_groups=2, k=(3, 3), stride=(1, 1), padding=(1, 1),
-                     dilation=(1, 1), size=(64, 64), use_mask=True, device="cuda", scale=1.0)
+    case = make_case(
+        n=31,
+        c_in=64,
+        c_out=8,
+        groups=2,
+        offset_groups=2,
+        k=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        size=(64, 64),
+        use_mask=True,
+        device="cuda",
+        scale=1.0,
+    )
     assert_same_as_torchvision(case)
 
 
 @needs_cuda
 def test_cuda_deterministic_without_alerts():
     import warnings
+
     case = make_case(**AWKWARD, use_mask=True, device="cuda")
     y = torch.randn(2, 6, 5, 4, dtype=F64, device="cuda", requires_grad=True)
     wy = torch.randn(3, 6, 3, 2, dtype=F64, device="cuda", requires_grad=True)
@@ -444,16 +582,18 @@ def test_cuda_deterministic_without_alerts():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             full = call(ops.deform_conv2d, case)
-            ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1),
-                                            (1, 0), (2, 1), case["mask"])
+            ox, oy = ops.dual_deform_conv2d(
+                case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0), (2, 1), case["mask"]
+            )
             got = torch.autograd.grad(full.square().sum() + ox.sum() + oy.square().sum(), leaves)
         assert [str(w.message) for w in caught if "deform" in str(w.message)] == []
         return got
+
     try:
         first, again = run(), run()
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
-    for a, b in zip(first, again):   # every gradient, the input's included: bitwise equal
+    for a, b in zip(first, again):  # every gradient, the input's included: bitwise equal
         assert torch.equal(a, b)
 
 
@@ -468,8 +608,19 @@ def test_cuda_second_device():
         got_out, got = run_with_grads(on(case, "cuda:1"), go)
         assert got_out.device == torch.device("cuda:1")
         d1 = on(case, "cuda:1")
-        ox, oy = ops.dual_deform_conv2d(d1["input"], d1["input"], d1["offset"], d1["weight"], d1["weight"],
-                                        d1["bias"], None, (2, 1), (1, 0), (2, 1), d1["mask"])
+        ox, oy = ops.dual_deform_conv2d(
+            d1["input"],
+            d1["input"],
+            d1["offset"],
+            d1["weight"],
+            d1["weight"],
+            d1["bias"],
+            None,
+            (2, 1),
+            (1, 0),
+            (2, 1),
+            d1["mask"],
+        )
         (ox.sum() + oy.sum()).backward()
     torch.cuda.synchronize(1)
     assert_same(got_out.cpu(), want_out)
@@ -482,9 +633,15 @@ def test_autocast_rule_keeps_coordinates_float32():
     """The twin's copy of the C++ wrappers' rule (csrc/autocast/deform_conv_autocast.h; the C++ one runs under the
     emulation: test_cuda_emu.py::test_deform_autocast_keeps_offsets_float32)."""
     from csfrn.ops.deform_conv import autocast_dtype
+
     for amp in (torch.float16, torch.bfloat16):
-        assert [autocast_dtype("cuda", n, amp) for n in ("input", "weight", "bias", "offset", "mask")] == \
-            [amp, amp, amp, torch.float32, torch.float32]
+        assert [autocast_dtype("cuda", n, amp) for n in ("input", "weight", "bias", "offset", "mask")] == [
+            amp,
+            amp,
+            amp,
+            torch.float32,
+            torch.float32,
+        ]
         assert {autocast_dtype("cpu", n, amp) for n in ("input", "offset", "mask")} == {torch.float32}
 
 
@@ -496,8 +653,9 @@ def test_cpu_autocast_offsets_float32():
     mask = case["mask"].detach().to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ops.deform_conv2d(case["input"], off, case["weight"], case["bias"], (2, 1), (1, 0), (2, 1), mask)
-    exp = ops.deform_conv2d(case["input"], off.detach().float(), case["weight"], case["bias"], (2, 1), (1, 0), (2, 1),
-                            mask.detach().float())
+    exp = ops.deform_conv2d(
+        case["input"], off.detach().float(), case["weight"], case["bias"], (2, 1), (1, 0), (2, 1), mask.detach().float()
+    )
     assert out.dtype == torch.float32 and torch.equal(out, exp)
     g_off, g_mask = torch.autograd.grad(out.sum(), [off, mask])
     assert g_off.dtype == g_mask.dtype == torch.bfloat16
@@ -506,24 +664,37 @@ def test_cpu_autocast_offsets_float32():
 def test_cpu_autocast_runs_float32():
     case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.deform_conv2d(case["input"].to(torch.bfloat16), case["offset"], case["weight"], case["bias"],
-                                (2, 1), (1, 0), (2, 1), case["mask"])
+        out = ops.deform_conv2d(
+            case["input"].to(torch.bfloat16),
+            case["offset"],
+            case["weight"],
+            case["bias"],
+            (2, 1),
+            (1, 0),
+            (2, 1),
+            case["mask"],
+        )
     assert out.dtype == torch.float32
     exp = call(ops.deform_conv2d, dict(case, input=case["input"].to(torch.bfloat16).float()))
     assert_same(out, exp)
 
 
 @pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
-@pytest.mark.parametrize("device,amp", [("cpu", torch.bfloat16),
-                                        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
-                                        pytest.param("cuda", torch.float16, marks=needs_cuda)])
+@pytest.mark.parametrize(
+    "device,amp",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+        pytest.param("cuda", torch.float16, marks=needs_cuda),
+    ],
+)
 def test_use_reference_under_autocast(device, amp, dual):
     """The twin path applies the C++ autocast wrapper's rule (csrc/deform_conv_autocast.cpp): every floating-point
     argument but float64 runs in float32 on CPU and in the autocast dtype on CUDA, so a low-precision offset beside
     float32 weights works, and the twin agrees with the kernel, forward and backward."""
     case = on(make_case(**AWKWARD, use_mask=True, dtype=torch.float32), device)
     y = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(3)).to(device)
-    wy = torch.randn(4, 3, 3, 2, generator=torch.Generator().manual_seed(4)).to(device)   # groups 2 for y
+    wy = torch.randn(4, 3, 3, 2, generator=torch.Generator().manual_seed(4)).to(device)  # groups 2 for y
     run_dtype = torch.float32 if device == "cpu" else amp
     tol = 1e-4 if run_dtype == torch.float32 else 5e-2
 
@@ -532,8 +703,9 @@ def test_use_reference_under_autocast(device, amp, dual):
         args = (leaves["input"], leaves["offset"], leaves["weight"])
         with torch.autocast(device, dtype=amp):
             if dual:
-                outs = ops.dual_deform_conv2d(args[0], y, args[1], args[2], wy, leaves["bias"], None, (2, 1), (1, 0),
-                                              (2, 1), leaves["mask"])
+                outs = ops.dual_deform_conv2d(
+                    args[0], y, args[1], args[2], wy, leaves["bias"], None, (2, 1), (1, 0), (2, 1), leaves["mask"]
+                )
             else:
                 outs = (ops.deform_conv2d(*args, leaves["bias"], (2, 1), (1, 0), (2, 1), leaves["mask"]),)
             loss = sum(o.float().square().sum() for o in outs)
@@ -548,14 +720,17 @@ def test_use_reference_under_autocast(device, amp, dual):
         assert_same(r.float(), o.float(), rtol=tol, atol=tol * max(1.0, float(o.detach().abs().max())))
     for name in got:
         assert ref_got[name].dtype == got[name].dtype
-        if run_dtype == torch.float32:   # low-precision gradients differ by rounding wherever a sample crosses
-            assert_same(ref_got[name], got[name], rtol=1e-4, atol=1e-3, msg=name)   # a grid line
+        if run_dtype == torch.float32:  # low-precision gradients differ by rounding wherever a sample crosses
+            assert_same(ref_got[name], got[name], rtol=1e-4, atol=1e-3, msg=name)  # a grid line
         else:
             assert bool(ref_got[name].isfinite().all())
 
 
-AUTOCAST_DEVICES = [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
-                    pytest.param("cuda", torch.float16, marks=needs_cuda)]
+AUTOCAST_DEVICES = [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+    pytest.param("cuda", torch.float16, marks=needs_cuda),
+]
 
 
 @pytest.mark.parametrize("device,amp", AUTOCAST_DEVICES)
@@ -565,13 +740,14 @@ def test_backward_inside_autocast_stays_float32(device, amp):
     case = make_case(**AWKWARD, use_mask=True, dtype=torch.float32, device=device)
     gen = torch.Generator().manual_seed(8)
     y = torch.randn(2, 6, 5, 4, generator=gen).to(device).requires_grad_()
-    wy = torch.randn(4, 3, 3, 2, generator=gen).to(device).requires_grad_()   # groups 2 for y
+    wy = torch.randn(4, 3, 3, 2, generator=gen).to(device).requires_grad_()  # groups 2 for y
     leaves = [case[k] for k in ("input", "offset", "weight", "bias", "mask")] + [y, wy]
 
     def loss():
         out = call(ops.deform_conv2d, case)
-        ox, oy = ops.dual_deform_conv2d(case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1),
-                                        (1, 0), (2, 1), case["mask"])
+        ox, oy = ops.dual_deform_conv2d(
+            case["input"], y, case["offset"], case["weight"], wy, None, None, (2, 1), (1, 0), (2, 1), case["mask"]
+        )
         return out.square().sum() + (ox * oy[:, :2]).sum()
 
     want = torch.autograd.grad(loss(), leaves)
@@ -587,26 +763,50 @@ def test_backward_inside_autocast_stays_float32(device, amp):
 def _bad_cases():
     base = make_case(**AWKWARD, use_mask=True)
     base = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in base.items()}
-    yield ("offset channels", dict(offset=base["offset"][:, :35]),
-            r"offset must have 2 \* offset_groups \* kh \* kw channels.*got 35")
-    yield ("offset size", dict(offset=base["offset"][:, :, :1]),
-            r"offset must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[1, 3\]")
+    yield (
+        "offset channels",
+        dict(offset=base["offset"][:, :35]),
+        r"offset must have 2 \* offset_groups \* kh \* kw channels.*got 35",
+    )
+    yield (
+        "offset size",
+        dict(offset=base["offset"][:, :, :1]),
+        r"offset must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[1, 3\]",
+    )
     yield "offset batch", dict(offset=base["offset"][:1]), r"offset must have batch size 2"
-    yield ("mask size", dict(mask=base["mask"][..., :2]),
-            r"mask must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[2, 2\]")
-    yield ("mask channels", dict(mask=base["mask"][:, :17]),
-            r"mask must have offset_groups \* kh \* kw = 18 channels, got 17")
-    yield ("weight channels", dict(weight=torch.randn(2, 4, 3, 2, dtype=F64)),
-            r"weight.shape\[1\] \(C_in / groups\) must divide the 6 channels of input")
-    yield ("out channels", dict(weight=torch.randn(3, 3, 3, 2, dtype=F64), bias=None),
-            r"weight.shape\[0\] \(C_out\) must be divisible by groups = 2")
-    yield ("offset groups", dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None),
-            r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input")
+    yield (
+        "mask size",
+        dict(mask=base["mask"][..., :2]),
+        r"mask must have spatial size \[H_out, W_out\] = \[2, 3\].*got \[2, 2\]",
+    )
+    yield (
+        "mask channels",
+        dict(mask=base["mask"][:, :17]),
+        r"mask must have offset_groups \* kh \* kw = 18 channels, got 17",
+    )
+    yield (
+        "weight channels",
+        dict(weight=torch.randn(2, 4, 3, 2, dtype=F64)),
+        r"weight.shape\[1\] \(C_in / groups\) must divide the 6 channels of input",
+    )
+    yield (
+        "out channels",
+        dict(weight=torch.randn(3, 3, 3, 2, dtype=F64), bias=None),
+        r"weight.shape\[0\] \(C_out\) must be divisible by groups = 2",
+    )
+    yield (
+        "offset groups",
+        dict(offset=torch.randn(2, 48, 2, 3, dtype=F64), mask=None),
+        r"offset_groups = offset.shape\[1\] / \(2 \* kh \* kw\) = 4 must divide the 6 channels of input",
+    )
     yield "bias", dict(bias=torch.randn(3, dtype=F64)), r"bias must be a 1-D tensor of size 2"
     # Zero channels / an empty kernel once divided by zero in the C++ checks (SIGFPE, the process died).
     yield "no channels", dict(input=base["input"][:, :0]), r"input must have at least one channel"
-    yield ("empty kernel", dict(weight=torch.randn(2, 3, 0, 2, dtype=F64)),
-            r"weight must have a kernel size \[kh, kw\] of at least \[1, 1\]")
+    yield (
+        "empty kernel",
+        dict(weight=torch.randn(2, 3, 0, 2, dtype=F64)),
+        r"weight must have a kernel size \[kh, kw\] of at least \[1, 1\]",
+    )
     yield "dtype", dict(offset=base["offset"].float()), r"all floating-point tensors must share one dtype"
     yield "device", dict(weight=base["weight"].to("meta")), r"all tensors must be on one device"
     yield "integer input", dict(input=base["input"].long()), r"input must be a floating-point tensor"
@@ -629,18 +829,29 @@ def test_bad_input(backend, name, change, message):
 def _bad_dual_cases():
     x = torch.randn(2, 6, 5, 4, dtype=F64)
     y = torch.randn(2, 4, 5, 4, dtype=F64)
-    off = torch.randn(2, 24, 2, 3, dtype=F64)   # offset_groups 2
+    off = torch.randn(2, 24, 2, 3, dtype=F64)  # offset_groups 2
     wx, wy = torch.randn(2, 3, 3, 2, dtype=F64), torch.randn(2, 4, 3, 2, dtype=F64)
     base = dict(x=x, y=y, offset=off, weight_x=wx, weight_y=wy)
-    yield ("y size", dict(base, y=torch.randn(2, 4, 5, 5, dtype=F64)),
-            r"y must have the batch and spatial size of x \[N, H, W\] = \[2, 5, 4\]")
-    yield ("kernel", dict(base, weight_y=torch.randn(2, 4, 2, 2, dtype=F64)),
-            r"weight_y must have the kernel size of weight_x \[kh, kw\] = \[3, 2\], got \[2, 2\]")
-    yield ("y offset groups",
-            dict(base, y=torch.randn(2, 3, 5, 4, dtype=F64), weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
-            r"offset_groups = .* = 2 must divide the 3 channels of y")
-    yield ("weight_y channels", dict(base, weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
-            r"weight_y.shape\[1\] \(C_in / groups\) must divide the 4 channels of y")
+    yield (
+        "y size",
+        dict(base, y=torch.randn(2, 4, 5, 5, dtype=F64)),
+        r"y must have the batch and spatial size of x \[N, H, W\] = \[2, 5, 4\]",
+    )
+    yield (
+        "kernel",
+        dict(base, weight_y=torch.randn(2, 4, 2, 2, dtype=F64)),
+        r"weight_y must have the kernel size of weight_x \[kh, kw\] = \[3, 2\], got \[2, 2\]",
+    )
+    yield (
+        "y offset groups",
+        dict(base, y=torch.randn(2, 3, 5, 4, dtype=F64), weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
+        r"offset_groups = .* = 2 must divide the 3 channels of y",
+    )
+    yield (
+        "weight_y channels",
+        dict(base, weight_y=torch.randn(2, 3, 3, 2, dtype=F64)),
+        r"weight_y.shape\[1\] \(C_in / groups\) must divide the 4 channels of y",
+    )
     yield "y dtype", dict(base, y=y.float()), r"all floating-point tensors must share one dtype"
 
 
@@ -650,12 +861,21 @@ BAD_DUAL = list(_bad_dual_cases())
 @pytest.mark.parametrize("name,args,message", BAD_DUAL, ids=[b[0] for b in BAD_DUAL])
 def test_bad_dual_input(backend, name, args, message):
     with routed(backend), pytest.raises(ValueError, match=message):
-        ops.dual_deform_conv2d(args["x"], args["y"], args["offset"], args["weight_x"], args["weight_y"],
-                               stride=(2, 1), padding=(1, 0), dilation=(2, 1))
+        ops.dual_deform_conv2d(
+            args["x"],
+            args["y"],
+            args["offset"],
+            args["weight_x"],
+            args["weight_y"],
+            stride=(2, 1),
+            padding=(1, 0),
+            dilation=(2, 1),
+        )
 
 
 def test_bad_input_fake_kernel_and_cpu_dtype():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     case = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in make_case(**AWKWARD, use_mask=True).items()}
     with FakeTensorMode() as mode:
         fake = {k: (mode.from_tensor(v) if torch.is_tensor(v) else v) for k, v in case.items()}
@@ -673,11 +893,13 @@ def test_module():
     torch.manual_seed(0)
     m = csfrn.nn.DeformConv2d(6, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2).double()
     assert m.weight.shape == (4, 3, 3, 2) and m.bias.shape == (4,)
-    assert repr(m) == ("DeformConv2d(6, 4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), "
-                       "groups=2)")
-    assert repr(csfrn.nn.DeformConv2d(3, 5, 3, bias=False)) == ("DeformConv2d(3, 5, kernel_size=(3, 3), stride=(1, 1), "
-                                                                 "bias=False)")
-    bound = 1 / math.sqrt(3 * 3 * 2)   # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert repr(m) == (
+        "DeformConv2d(6, 4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2)"
+    )
+    assert repr(csfrn.nn.DeformConv2d(3, 5, 3, bias=False)) == (
+        "DeformConv2d(3, 5, kernel_size=(3, 3), stride=(1, 1), bias=False)"
+    )
+    bound = 1 / math.sqrt(3 * 3 * 2)  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert float(m.weight.detach().abs().max()) <= bound and float(m.bias.detach().abs().max()) <= bound
     assert float(m.weight.detach().std()) > bound / 4
     case = make_case(**AWKWARD, use_mask=True)

@@ -1,4 +1,5 @@
 """Export to ONNX (deformable convs as ONNX DeformConv, run in onnxruntime) and to torch.export (.pt2)."""
+
 import os
 
 import numpy as np
@@ -54,7 +55,7 @@ def tiny_aam():
 class _Single(nn.Module):
     def __init__(self, mask):
         super().__init__()
-        self.offset = nn.Conv2d(4, 2 * 2 * 9, 3, padding=2, stride=2, dilation=2)   # offset groups 2
+        self.offset = nn.Conv2d(4, 2 * 2 * 9, 3, padding=2, stride=2, dilation=2)  # offset groups 2
         self.mask = nn.Conv2d(4, 2 * 9, 3, padding=2, stride=2, dilation=2) if mask else None
         self.dcn = DeformConv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
 
@@ -68,7 +69,7 @@ class _Dual(nn.Module):
         super().__init__()
         self.offset = nn.Conv2d(6, 18, 3, padding=1)
         self.mask = nn.Conv2d(6, 9, 3, padding=1)
-        self.wx = nn.Parameter(torch.randn(4, 2, 3, 3))      # groups 2
+        self.wx = nn.Parameter(torch.randn(4, 2, 3, 3))  # groups 2
         self.wy = nn.Parameter(torch.randn(5, 4, 3, 3))
         self.bx = nn.Parameter(torch.randn(4))
         self.by = nn.Parameter(torch.randn(5))
@@ -112,9 +113,10 @@ def test_dual_deform_conv2d_as_two_nodes_sharing_offset_and_mask(tmp_path):
     path = deploy.export_onnx(model, str(tmp_path / "dual.onnx"), (19, 21), dynamic=True)
     _assert_standard_onnx(path, 2)
     a, b = _nodes(path, "DeformConv")
-    assert a.input[2] == b.input[2] and a.input[4] == b.input[4]        # one offset, one mask
-    assert {onnx.helper.get_attribute_value(n.attribute[[x.name for x in n.attribute].index("group")])
-            for n in (a, b)} == {2, 1}
+    assert a.input[2] == b.input[2] and a.input[4] == b.input[4]  # one offset, one mask
+    assert {
+        onnx.helper.get_attribute_value(n.attribute[[x.name for x in n.attribute].index("group")]) for n in (a, b)
+    } == {2, 1}
     assert deploy.check_onnx(model, path, [(19, 21), (8, 33)], batch=2) <= TOL
     # the offsets matter: without them the network gives other logits
     with torch.no_grad():
@@ -168,9 +170,12 @@ def test_tiny_csfrn_pt2_reloads(tiny_aam, tmp_path):
 def test_pt2_loads_in_a_fresh_process_after_import_csfrn(tiny_aam, tmp_path):
     import subprocess
     import sys
+
     path = deploy.export_program(tiny_aam, str(tmp_path / "tiny.pt2"), (32, 40))
-    code = ("import torch, csfrn; m = torch.export.load(%r).module(); print(tuple(m(torch.randn(1, 3, 32, 40)).shape))"
-            % path)
+    code = (
+        "import torch, csfrn; m = torch.export.load(%r).module(); print(tuple(m(torch.randn(1, 3, 32, 40)).shape))"
+        % path
+    )
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -193,8 +198,11 @@ def test_onnxruntime_without_deformconv_is_a_clear_error(tiny_aam, tmp_path, mon
     path = deploy.export_onnx(tiny_aam, str(tmp_path / "tiny.onnx"), (32, 32))
 
     def old_runtime(*args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "
-                           "DeformConv(19) node with name 'node_DeformConv_0'")
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "
+            "DeformConv(19) node with name 'node_DeformConv_0'"
+        )
+
     monkeypatch.setattr(ort, "InferenceSession", old_runtime)
     with pytest.raises(deploy.DeployDependencyError, match=r"no DeformConv kernel.*onnxruntime >= 1\.25\.0"):
         deploy.OnnxModel(path)
@@ -213,8 +221,10 @@ def demo_checkpoint(tmp_path_factory):
 
 def test_cli_export_demo_checkpoint_both_formats(demo_checkpoint, tmp_path, capsys):
     onnx_path, pt2_path = str(tmp_path / "demo.onnx"), str(tmp_path / "demo.pt2")
-    assert cli.main(["export", "--checkpoint", demo_checkpoint, "--out", onnx_path, "--size", "64", "64",
-                     "--dynamic"]) == 0
+    assert (
+        cli.main(["export", "--checkpoint", demo_checkpoint, "--out", onnx_path, "--size", "64", "64", "--dynamic"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 DeformConv nodes" in out and "onnxruntime vs PyTorch" in out and "within 0.0001" in out
     _assert_standard_onnx(onnx_path, 2)
@@ -224,28 +234,62 @@ def test_cli_export_demo_checkpoint_both_formats(demo_checkpoint, tmp_path, caps
     # never replaced silently; a wrong extension is a user error
     assert cli.main(["export", "--checkpoint", demo_checkpoint, "--out", pt2_path, "--size", "64", "64"]) == 2
     assert "exists; add --overwrite" in capsys.readouterr().err
-    assert cli.main(["export", "--checkpoint", demo_checkpoint, "--out", str(tmp_path / "x.tflite"),
-                     "--size", "64", "64"]) == 2
+    assert (
+        cli.main(["export", "--checkpoint", demo_checkpoint, "--out", str(tmp_path / "x.tflite"), "--size", "64", "64"])
+        == 2
+    )
     assert "must end in .onnx" in capsys.readouterr().err
 
 
 def test_cli_predict_with_onnx_model_matches_checkpoint(demo_checkpoint, tmp_path, capsys):
     onnx_path = str(tmp_path / "demo.onnx")
-    assert cli.main(["export", "--checkpoint", demo_checkpoint, "--out", onnx_path, "--size", "64", "64",
-                     "--dynamic", "--no-check"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--checkpoint",
+                demo_checkpoint,
+                "--out",
+                onnx_path,
+                "--size",
+                "64",
+                "64",
+                "--dynamic",
+                "--no-check",
+            ]
+        )
+        == 0
+    )
     write_png(str(tmp_path / "in" / "a.png"), rgb(64, 64, seed=1))
     write_png(str(tmp_path / "in" / "sub" / "b.png"), rgb(48, 80, seed=2))
-    assert cli.main(["predict", "--checkpoint", demo_checkpoint, "--input", str(tmp_path / "in"),
-                     "--out", str(tmp_path / "pt")]) == 0
-    assert cli.main(["predict", "--model", onnx_path, "--input", str(tmp_path / "in"),
-                     "--out", str(tmp_path / "ox")]) == 0
+    assert (
+        cli.main(
+            ["predict", "--checkpoint", demo_checkpoint, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "pt")]
+        )
+        == 0
+    )
+    assert (
+        cli.main(["predict", "--model", onnx_path, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "ox")]) == 0
+    )
     for stem in ("a", os.path.join("sub", "b")):
         a = np.asarray(Image.open(tmp_path / "pt" / f"{stem}_trainid.png"))
         b = np.asarray(Image.open(tmp_path / "ox" / f"{stem}_trainid.png"))
         assert a.shape == b.shape and (a == b).mean() > 0.999
     capsys.readouterr()
-    assert cli.main(["predict", "--model", str(tmp_path / "nope.onnx"), "--input", str(tmp_path / "in"),
-                     "--out", str(tmp_path / "o2")]) == 2
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "nope.onnx"),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     assert "--model" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 (4 iterations); one uninterrupted reference run is shared by the tests that compare against it. Each rank runs
 ``tests/dist_probe.py`` (``csfrn.cli`` that can also record each rank's losses, sleep after each step, or give
 each rank its own work_dir). The pure parts (rank agreement, config comparison) are tested without processes."""
+
 import json
 import os
 import shutil
@@ -35,11 +36,30 @@ def _train_args(work, *extra, iters=ITERS):
 
 def torchrun(work, *extra, flags=(), restarts=0, launcher="torch.distributed.run", env=(), agent=(), iters=ITERS):
     """Start 2 workers of tests/dist_probe.py train (stdout and stderr: text pipes)."""
-    cmd = [sys.executable, "-m", launcher, "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "static",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--node-rank", "0",
-           "--max-restarts", str(restarts), *agent, PROBE, *_train_args(work, *extra, iters=iters), *flags]
-    return subprocess.Popen(cmd, env={**ENV, **dict(env)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        launcher,
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "static",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "--node-rank",
+        "0",
+        "--max-restarts",
+        str(restarts),
+        *agent,
+        PROBE,
+        *_train_args(work, *extra, iters=iters),
+        *flags,
+    ]
+    return subprocess.Popen(cmd, env={**ENV, **dict(env)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, timeout=180):
@@ -82,6 +102,7 @@ def records(work, kind="train"):
 def at_iteration(path, iteration):
     def check():
         return path.is_file() and load_checkpoint(path)["iter"] >= iteration
+
     return check
 
 
@@ -121,14 +142,15 @@ def reference(tmp_path_factory):
 @slow
 def test_logged_loss_is_the_mean_over_both_ranks(reference):
     logged = records(reference["work"])
-    ranks = [[json.loads(line) for line in (reference["probe"] / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
+    ranks = [
+        [json.loads(line) for line in (reference["probe"] / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
     assert [r["iter"] for r in logged] == list(range(1, ITERS + 1)) and all(len(r) == ITERS for r in ranks)
     for record, r0, r1 in zip(logged, *ranks):
-        assert r0["loss"] != r1["loss"]                  # the two shares differ: the mean is not rank 0's
+        assert r0["loss"] != r1["loss"]  # the two shares differ: the mean is not rank 0's
         for term in r0:
             assert record[term] == pytest.approx((r0[term] + r1[term]) / 2, rel=1e-12, abs=1e-15), term
-    assert "iter 1/4: seg " in reference["out"]           # printed by rank 0 only
+    assert "iter 1/4: seg " in reference["out"]  # printed by rank 0 only
     assert reference["out"].count("iter 1/4: ") == 1
 
 
@@ -144,23 +166,25 @@ def test_sigkilled_rank_is_restarted_and_resumes_bitwise(reference, tmp_path):
     # --overwrite applied to the first start only: the restart resumed where the first start had got to
     assert f"torchelastic restart 1: resumed from {work / 'last.pth'} at iteration 2" in out, out[-3000:]
     assert_same_run(work / "last.pth", reference["work"] / "last.pth")
-    assert [(r["iter"], r["loss"]) for r in records(work)] == [(r["iter"], r["loss"])
-                                                              for r in records(reference["work"])]
+    assert [(r["iter"], r["loss"]) for r in records(work)] == [
+        (r["iter"], r["loss"]) for r in records(reference["work"])
+    ]
 
 
 @slow
 def test_best_pth_alone_resumes_from_iteration_0(reference, tmp_path):
     work = tmp_path / "run"
     work.mkdir()
-    shutil.copy(reference["work"] / "best.pth", work / "best.pth")   # evaluated, killed before its last.pth
+    shutil.copy(reference["work"] / "best.pth", work / "best.pth")  # evaluated, killed before its last.pth
     (work / "metrics.jsonl").write_text((reference["work"] / "metrics.jsonl").read_text())
     code, out, err = finish(torchrun(work, flags=["--resume", "auto"]))
     assert code == 0, err[-3000:]
     assert f"no last.pth in {work} (the run stopped before its first checkpoint): starting at iteration 0" in out
     assert_same_run(work / "last.pth", reference["work"] / "last.pth")
     assert [(r["iter"], r["loss"], r["lr"]) for r in records(work)] == [
-        (r["iter"], r["loss"], r["lr"]) for r in records(reference["work"])]     # the old records replaced
-    assert (work / "best.pth").read_bytes() == (reference["work"] / "best.pth").read_bytes()   # not beaten
+        (r["iter"], r["loss"], r["lr"]) for r in records(reference["work"])
+    ]  # the old records replaced
+    assert (work / "best.pth").read_bytes() == (reference["work"] / "best.pth").read_bytes()  # not beaten
 
 
 # ---------------------------------------------------------------- rank 0 decides, every rank checks
@@ -170,24 +194,23 @@ def test_separate_work_dirs_with_different_last_pth_are_refused_up_front(referen
     for node, iteration in zip(nodes, (2, 4)):
         node.mkdir()
         shutil.copy(reference["work"] / f"iter_{iteration:06d}.pth", node / "last.pth")
-    proc = torchrun(tmp_path / "unused", flags=["--resume", "auto"],
-                    env={"PROBE_WORK_DIRS": ",".join(map(str, nodes))})
+    proc = torchrun(tmp_path / "unused", flags=["--resume", "auto"], env={"PROBE_WORK_DIRS": ",".join(map(str, nodes))})
     code, out, err = finish(proc)
     assert code != 0
     lines = error_lines(err)
     assert len(lines) == 1, err[-3000:]
-    assert (f"rank 1: its {nodes[1] / 'last.pth'} is at iteration 4, rank 0's {nodes[0] / 'last.pth'} at "
-            f"iteration 2") in lines[0]
+    assert (
+        f"rank 1: its {nodes[1] / 'last.pth'} is at iteration 4, rank 0's {nodes[0] / 'last.pth'} at iteration 2"
+    ) in lines[0]
     assert sorted(os.listdir(nodes[0])) == ["last.pth"] and sorted(os.listdir(nodes[1])) == ["last.pth"]
-    assert "iter 3/4" not in out                           # stopped before training
+    assert "iter 3/4" not in out  # stopped before training
 
 
 # ---------------------------------------------------------------- preemption: SIGTERM to the agent
 @slow
 def test_sigterm_to_the_agent_saves_the_iteration_reached_and_resumes_bitwise(reference, tmp_path):
     work = tmp_path / "run"
-    proc = torchrun(work, "train.checkpoint_interval=100000", launcher="csfrn.launch",
-                    env={"PROBE_STEP_SLEEP": "0.3"})
+    proc = torchrun(work, "train.checkpoint_interval=100000", launcher="csfrn.launch", env={"PROBE_STEP_SLEEP": "0.3"})
     wait_for(lambda: len(records(work)) >= 1, proc)
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
@@ -216,8 +239,15 @@ def test_dist_timeout_ends_a_job_whose_rank_is_stopped(tmp_path):
     """SIGSTOP on rank 1: rank 0 gives up after train.dist_timeout and names it; csfrn.launch then SIGKILLs the
     stopped rank after --shutdown-timeout (torchrun's own agent waits its default 30 s there)."""
     work = tmp_path / "run"
-    proc = torchrun(work, "train.dist_timeout=20", "train.checkpoint_interval=100000", iters=1000,
-                    launcher="csfrn.launch", agent=["--shutdown-timeout", "3"], env={"PROBE_STEP_SLEEP": "0.2"})
+    proc = torchrun(
+        work,
+        "train.dist_timeout=20",
+        "train.checkpoint_interval=100000",
+        iters=1000,
+        launcher="csfrn.launch",
+        agent=["--shutdown-timeout", "3"],
+        env={"PROBE_STEP_SLEEP": "0.2"},
+    )
     wait_for(lambda: len(records(work)) >= 1, proc)
     stopped = worker(proc.pid, 1)
     os.kill(stopped, signal.SIGSTOP)
@@ -245,13 +275,12 @@ def test_every_rank_checks_its_copy_of_rank_0s_checkpoint():
     assert resume_problem(1, chosen, same) is None
     assert resume_problem(1, None, None) is None
     assert "rank 1: cannot read /a/last.pth, which rank 0 resumes from" in resume_problem(1, chosen, None)
-    assert "rank 2: cannot read /b/last.pth: corrupt" in resume_problem(2, chosen, {"path": "/b/last.pth",
-                                                                                    "error": "corrupt"})
-    assert "is at iteration 20, rank 0's /a/last.pth at iteration 40" in resume_problem(1, chosen,
-                                                                                        {**same, "iter": 20})
+    assert "rank 2: cannot read /b/last.pth: corrupt" in resume_problem(
+        2, chosen, {"path": "/b/last.pth", "error": "corrupt"}
+    )
+    assert "is at iteration 20, rank 0's /a/last.pth at iteration 40" in resume_problem(1, chosen, {**same, "iter": 20})
     assert "differs from rank 0's /a/last.pth" in resume_problem(3, chosen, {**same, "checksum": "cd" * 32})
-    assert "rank 1: its /b/last.pth exists (iteration 40) but rank 0 has no checkpoint" in resume_problem(1, None,
-                                                                                                         same)
+    assert "rank 1: its /b/last.pth exists (iteration 40) but rank 0 has no checkpoint" in resume_problem(1, None, same)
     check_agreement([None, None])
     with pytest.raises(ResumeMismatchError, match=r"rank 1: .*; rank 3: "):
         check_agreement([None, "rank 1: x", None, "rank 3: y"])
@@ -259,13 +288,20 @@ def test_every_rank_checks_its_copy_of_rank_0s_checkpoint():
 
 def test_resume_refuses_changes_of_meaning_only():
     saved = load_config(TINY_CONFIG, tiny_overrides("w", iters=8)).to_dict()
-    same = load_config(TINY_CONFIG, tiny_overrides("w2", iters=16, extra=["train.lr=0.5", "model.pretrained=x.pth",
-                                                                          "train.resume=auto"])).to_dict()
-    assert meaning_changes(saved, same, 2, 2) == []       # lr / iters re-derive the schedule; paths are not meaning
-    changed = load_config(TINY_CONFIG, tiny_overrides("w", iters=8, extra=[
-        "train.seed=3", "data.batch_size=8", "model.ohem=true"])).to_dict()
-    assert meaning_changes(saved, changed, 2, 1) == ["model.ohem False -> True", "data.batch_size 4 -> 8",
-                                                     "train.seed 0 -> 3", "world size 2 -> 1"]
+    same = load_config(
+        TINY_CONFIG,
+        tiny_overrides("w2", iters=16, extra=["train.lr=0.5", "model.pretrained=x.pth", "train.resume=auto"]),
+    ).to_dict()
+    assert meaning_changes(saved, same, 2, 2) == []  # lr / iters re-derive the schedule; paths are not meaning
+    changed = load_config(
+        TINY_CONFIG, tiny_overrides("w", iters=8, extra=["train.seed=3", "data.batch_size=8", "model.ohem=true"])
+    ).to_dict()
+    assert meaning_changes(saved, changed, 2, 1) == [
+        "model.ohem False -> True",
+        "data.batch_size 4 -> 8",
+        "train.seed 0 -> 3",
+        "world size 2 -> 1",
+    ]
 
 
 def test_a_torchelastic_restart_is_a_resume(monkeypatch):

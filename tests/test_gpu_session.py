@@ -2,6 +2,7 @@
 and leaves one tarball whose summary.json holds every figure the GPU check is stated in; a stage that does not
 fit the time left is not started, one over its budget is cut, and the summary comes out either way; the pieces
 (the summary's parsers, the determinism check) catch what they are for."""
+
 import json
 import os
 import subprocess
@@ -19,24 +20,52 @@ import gpu_determinism  # noqa: E402
 import gpu_summary  # noqa: E402
 
 # The GPU issue's list, literally (gpu_summary.KEYS must hold all of them).
-SUMMARY_KEYS = ["device", "torch", "date", "commit", "tests_passed", "tests_failed", "sanitizer_errors",
-                "deform_vs_torchvision_fp32", "deform_vs_torchvision_bf16", "dual_vs_torchvision_bf16",
-                "deform_deterministic", "step_ms_baseline", "step_ms_csfrn", "step_csfrn_over_baseline",
-                "step_ms_torchvision_deeplabv3", "train_images_per_s_csfrn", "train_peak_gib_csfrn", "mfu_baseline"]
+SUMMARY_KEYS = [
+    "device",
+    "torch",
+    "date",
+    "commit",
+    "tests_passed",
+    "tests_failed",
+    "sanitizer_errors",
+    "deform_vs_torchvision_fp32",
+    "deform_vs_torchvision_bf16",
+    "dual_vs_torchvision_bf16",
+    "deform_deterministic",
+    "step_ms_baseline",
+    "step_ms_csfrn",
+    "step_csfrn_over_baseline",
+    "step_ms_torchvision_deeplabv3",
+    "train_images_per_s_csfrn",
+    "train_peak_gib_csfrn",
+    "mfu_baseline",
+]
 STAGES = ["build", "info", "check", "deform", "step", "train", "profile", "summary"]
 
 
-def run_session(tmp_path, timeout=1200, **env):   # the dry plan's own deadline bounds it
+def run_session(tmp_path, timeout=1200, **env):  # the dry plan's own deadline bounds it
     out, res = tmp_path / "out", tmp_path / "res"
-    full_env = {**os.environ, "CSFRN_GPU_DRY": "fast", "PYTHON": sys.executable, "OUT": str(out),
-                "RESULTS": str(res), "CSFRN_GPU_COMMIT": "", **env}
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "CSFRN_GPU_DRY": "fast",
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "RESULTS": str(res),
+        "CSFRN_GPU_COMMIT": "",
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, out, res
 
 
 def unpack(out, tmp_path):
-    assert os.listdir(out) == ["gpu-session.tar.gz"], os.listdir(out)   # one file comes back
+    assert os.listdir(out) == ["gpu-session.tar.gz"], os.listdir(out)  # one file comes back
     dest = tmp_path / "unpacked"
     with tarfile.open(out / "gpu-session.tar.gz") as tar:
         names = {os.path.normpath(m.name) for m in tar.getmembers() if m.isfile()}
@@ -53,10 +82,23 @@ def test_dry_plan_runs_every_stage_into_one_tarball(tmp_path):
     proc, out, res = run_session(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names, dest = unpack(out, tmp_path)
-    expected = {"session.json", "stages.jsonl", "info.json", "cuda-tests.xml", "sanitize-cpu.log",
-                "sanitizer-skipped.txt", "deform_conv-fp32.json", "deform_conv-bf16.json", "deform_determinism.json",
-                "train_step-core.json", "train-csfrn/metrics.jsonl", "profile.log", "summary.json", "summary.md",
-                *(f"{s}.log" for s in STAGES)}
+    expected = {
+        "session.json",
+        "stages.jsonl",
+        "info.json",
+        "cuda-tests.xml",
+        "sanitize-cpu.log",
+        "sanitizer-skipped.txt",
+        "deform_conv-fp32.json",
+        "deform_conv-bf16.json",
+        "deform_determinism.json",
+        "train_step-core.json",
+        "train-csfrn/metrics.jsonl",
+        "profile.log",
+        "summary.json",
+        "summary.md",
+        *(f"{s}.log" for s in STAGES),
+    }
     assert expected <= names, expected - names
     assert not [n for n in names if n.endswith(".pth")], "checkpoints stay out of the tarball"
     assert [(r["stage"], r["status"]) for r in stages(dest)] == [(s, "ok") for s in STAGES]
@@ -76,9 +118,16 @@ def test_dry_plan_runs_every_stage_into_one_tarball(tmp_path):
     assert summary["dry"] is True and summary["device"] and summary["torch"] == torch.__version__
     assert summary["tests_passed"] == 0 and summary["tests_failed"] == 0 and summary["tests_skipped"] == len(cases)
     assert summary["deform_deterministic"] is True
-    for key in ("deform_vs_torchvision_fp32", "deform_vs_torchvision_bf16", "dual_vs_torchvision_bf16",
-                "step_ms_baseline", "step_ms_csfrn", "step_csfrn_over_baseline", "train_images_per_s_csfrn",
-                "mfu_baseline"):
+    for key in (
+        "deform_vs_torchvision_fp32",
+        "deform_vs_torchvision_bf16",
+        "dual_vs_torchvision_bf16",
+        "step_ms_baseline",
+        "step_ms_csfrn",
+        "step_csfrn_over_baseline",
+        "train_images_per_s_csfrn",
+        "mfu_baseline",
+    ):
         assert isinstance(summary[key], float) and summary[key] > 0, (key, summary[key], summary["notes"].get(key))
     assert summary["step_csfrn_over_baseline"] == pytest.approx(summary["step_ms_csfrn"] / summary["step_ms_baseline"])
     assert 0 < summary["mfu_baseline"] < 1
@@ -96,8 +145,9 @@ def test_stages_that_do_not_fit_are_not_started_and_the_summary_still_comes(tmp_
     proc, out, _ = run_session(tmp_path, GPU_DEADLINE="50")
     assert proc.returncode == 1
     _, dest = unpack(out, tmp_path)
-    assert [(r["stage"], r["status"]) for r in stages(dest)] == [(s, "not run") for s in STAGES[:-1]] + \
-        [("summary", "ok")]
+    assert [(r["stage"], r["status"]) for r in stages(dest)] == [(s, "not run") for s in STAGES[:-1]] + [
+        ("summary", "ok")
+    ]
     with open(dest / "summary.json") as f:
         summary = json.load(f)
     assert all(summary[k] is None for k in SUMMARY_KEYS if k != "commit")
@@ -119,14 +169,16 @@ def test_bad_budget_override_is_one_line(tmp_path):
     proc, _, _ = run_session(tmp_path, CSFRN_GPU_BUDGETS="bulid=10")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "gpu_session.sh: CSFRN_GPU_BUDGETS: 'bulid=10' is not STAGE=SECONDS with STAGE one of "
-        + " ".join(STAGES)]
+        "gpu_session.sh: CSFRN_GPU_BUDGETS: 'bulid=10' is not STAGE=SECONDS with STAGE one of " + " ".join(STAGES)
+    ]
 
 
 def test_sanitizer_counts_every_tool(tmp_path):
-    logs = {"memcheck": "========= ERROR SUMMARY: 2 errors\n",
-            "racecheck": "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n",
-            "initcheck": "========= ERROR SUMMARY: 0 errors\n"}
+    logs = {
+        "memcheck": "========= ERROR SUMMARY: 2 errors\n",
+        "racecheck": "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n",
+        "initcheck": "========= ERROR SUMMARY: 0 errors\n",
+    }
     for tool, text in logs.items():
         (tmp_path / f"sanitizer-{tool}.log").write_text("noise\n" + text)
     (tmp_path / "session.json").write_text(json.dumps({"dry": "0", "commit": "abc"}))
@@ -144,10 +196,11 @@ def test_determinism_check_sees_a_call_that_differs(monkeypatch):
     real = gpu_determinism.ops.deform_conv2d
     calls = [0]
 
-    def drifting(*args, **kwargs):   # what scattered atomics do: the last bits move from call to call
+    def drifting(*args, **kwargs):  # what scattered atomics do: the last bits move from call to call
         calls[0] += 1
         out = real(*args, **kwargs)
         return out + calls[0] * 1e-6 * out.detach()
+
     monkeypatch.setattr(gpu_determinism.ops, "deform_conv2d", drifting)
     rows = {(r["op"], r["amp"]): r for r in gpu_determinism.check("cpu", quick=True)}
     assert not rows[("deform_conv2d", "none")]["deterministic"]

@@ -1,6 +1,7 @@
 """Issue 28: runs survive interruption and concurrency. Real signals are sent to real (tiny) trainings started
 through the entry point (``python -m csfrn.cli``, torchrun with 2 gloo processes); waits poll files the run
 writes and are bounded."""
+
 import collections
 import json
 import os
@@ -29,18 +30,24 @@ def _sets(overrides):
 
 
 def train_args(work, iters, *extra):
-    return ["train", "--config", TINY_CONFIG, *_sets(tiny_overrides(work, iters=iters, extra=[
-        "train.checkpoint_interval=100000", *extra]))]
+    return [
+        "train",
+        "--config",
+        TINY_CONFIG,
+        *_sets(tiny_overrides(work, iters=iters, extra=["train.checkpoint_interval=100000", *extra])),
+    ]
 
 
 def csfrn(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "csfrn.cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "csfrn.cli", *map(str, args)], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start(*args, launcher=("-m", "csfrn.cli")):
-    return subprocess.Popen([sys.executable, *launcher, *map(str, args)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *launcher, *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -92,13 +99,12 @@ def test_signals_end_training_in_one_line_and_resume_continues(tmp_path):
     line = only_line(err, "csfrn train: interrupted by SIGINT at iteration ")
     reached = int(line.split("at iteration ")[1].split()[0])
     assert f"last checkpoint {work / 'last.pth'} (iteration {reached}); continue with --resume auto" in line
-    assert load_checkpoint(work / "last.pth")["iter"] == reached >= 2    # written at the iteration reached
-    assert f"iter {reached}/5000: seg " in out                            # loss lines without the progress bar
+    assert load_checkpoint(work / "last.pth")["iter"] == reached >= 2  # written at the iteration reached
+    assert f"iter {reached}/5000: seg " in out  # loss lines without the progress bar
     assert not (work / "run.lock").exists()
 
     # SIGTERM to the resumed run: the same, 143; a lock left by a dead process is taken over
-    (work / "run.lock").write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename,
-                                               "started": "earlier"}))
+    (work / "run.lock").write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename, "started": "earlier"}))
     proc = start(*train_args(work, 5000), "--resume", "auto")
     wait_for(lambda: len(train_records(work)) >= reached + 2, proc)
     proc.send_signal(signal.SIGTERM)
@@ -120,27 +126,28 @@ def test_a_signal_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = tmp_path / "last.pth"
     save_checkpoint({"iter": 1, "w": torch.ones(3)}, path)
 
-    class Signals:   # pickled in the middle of the write: sends SIGINT `count` times from inside torch.save
+    class Signals:  # pickled in the middle of the write: sends SIGINT `count` times from inside torch.save
         def __init__(self, count):
             self.count = count
 
         def __reduce__(self):
             for _ in range(self.count):
                 os.kill(os.getpid(), signal.SIGINT)
-            return (collections.OrderedDict, ())   # loads under weights_only
+            return (collections.OrderedDict, ())  # loads under weights_only
 
     with stop_requests() as requests:
-        with pytest.raises(Interrupted):            # the second signal stops the write at once
+        with pytest.raises(Interrupted):  # the second signal stops the write at once
             save_checkpoint({"iter": 2, "w": torch.zeros(3), "x": Signals(2)}, path)
     assert requests.signum == signal.SIGINT
     assert load_checkpoint(path)["iter"] == 1 and os.listdir(tmp_path) == ["last.pth"]
-    with stop_requests() as requests:               # one signal: the write completes, the request waits
+    with stop_requests() as requests:  # one signal: the write completes, the request waits
         save_checkpoint({"iter": 3, "w": torch.zeros(3), "x": Signals(1)}, path)
     assert requests.signum == signal.SIGINT and load_checkpoint(path)["iter"] == 3
 
 
-@pytest.mark.parametrize("launcher, signum", [(("-m", "csfrn.launch"), signal.SIGTERM),
-                                              (("-m", "torch.distributed.run"), signal.SIGINT)])
+@pytest.mark.parametrize(
+    "launcher, signum", [(("-m", "csfrn.launch"), signal.SIGTERM), (("-m", "torch.distributed.run"), signal.SIGINT)]
+)
 def test_torchrun_signal_stops_every_rank_at_one_step(tmp_path, launcher, signum):
     """The agent forwards the signal; the ranks agree on the step, rank 0 writes last.pth and prints one line.
     Plain torchrun's agent adds a SignalException traceback of its own; csfrn.launch exits 128 + signal."""
@@ -160,7 +167,7 @@ def test_torchrun_signal_stops_every_rank_at_one_step(tmp_path, launcher, signum
     assert not worker_errors, err[-3000:]
     if launcher[1] == "csfrn.launch":
         assert code == 128 + signum and "Traceback" not in err and "death signal" not in err, err[-3000:]
-    else:   # the traceback is the agent's own, not a worker's
+    else:  # the traceback is the agent's own, not a worker's
         assert err.count("Traceback") == 1 and "SignalException" in err
 
 
@@ -172,10 +179,10 @@ def test_resume_auto_refuses_a_started_work_dir_without_last_pth(tmp_path):
     r = csfrn(*train_args(work, 2), "--resume", "auto")
     line = only_line(r.stderr, "csfrn train: error: --resume auto: work_dir ")
     assert r.returncode == 2 and "no last.pth" in line and "metrics.jsonl" in line and "--overwrite" in line
-    assert (work / "metrics.jsonl").read_text() == '{"kind": "train", "iter": 1}\n'    # not truncated
+    assert (work / "metrics.jsonl").read_text() == '{"kind": "train", "iter": 1}\n'  # not truncated
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = csfrn(*train_args(empty, 1), "--resume", "auto")     # an empty work_dir: a fresh start
+    r = csfrn(*train_args(empty, 1), "--resume", "auto")  # an empty work_dir: a fresh start
     assert r.returncode == 0, r.stderr[-2000:]
     assert load_checkpoint(empty / "last.pth")["iter"] == 1
 
@@ -193,8 +200,10 @@ def test_resume_finished_lowered_and_raised_schedule(tmp_path):
     assert r.returncode == 2 and "at iteration 2, past train.iters=1" in line
     r = csfrn(*train_args(work, 5, "train.lr=0.1"), "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "train.iters 2 -> 5; train.lr 0.01 -> 0.1" in r.stdout or "train.lr 0.01 -> 0.1; train.iters 2 -> 5" \
-        in r.stdout.replace("\n", " "), r.stdout
+    assert (
+        "train.iters 2 -> 5; train.lr 0.01 -> 0.1" in r.stdout
+        or "train.lr 0.01 -> 0.1; train.iters 2 -> 5" in r.stdout.replace("\n", " ")
+    ), r.stdout
     assert load_checkpoint(work / "last.pth")["iter"] == 5
     lr = {rec["iter"]: rec["lr"] for rec in train_records(work) if rec["kind"] == "train"}
     ref = {rec["iter"]: rec["lr"] for rec in train_records(fresh) if rec["kind"] == "train"}
@@ -206,8 +215,20 @@ def test_resume_finished_lowered_and_raised_schedule(tmp_path):
 # ---------------------------------------------------------------- ablate and demo: one line, --resume auto
 def test_ablate_interrupted_then_resumed(tmp_path):
     out = tmp_path / "study"
-    args = ["ablate", "--config", TINY_CONFIG, *_sets(tiny_overrides(tmp_path / "unused", iters=40)),
-            "--variants", "baseline", "--seeds", "1", "--out", out, "--split", "val"]
+    args = [
+        "ablate",
+        "--config",
+        TINY_CONFIG,
+        *_sets(tiny_overrides(tmp_path / "unused", iters=40)),
+        "--variants",
+        "baseline",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+        "--split",
+        "val",
+    ]
     work = out / "work" / "baseline_seed0"
     proc = start(*args)
     wait_for(lambda: len(train_records(work)) >= 2, proc)
@@ -215,22 +236,39 @@ def test_ablate_interrupted_then_resumed(tmp_path):
     code, _, err = finish(proc)
     last = err.strip().splitlines()[-1]
     assert code == 130 and "Traceback" not in err, err[-3000:]
-    assert last.startswith("csfrn ablate: baseline seed 0: interrupted by SIGINT at iteration ") and \
-        last.endswith("continue with --resume auto"), last
+    assert last.startswith("csfrn ablate: baseline seed 0: interrupted by SIGINT at iteration ") and last.endswith(
+        "continue with --resume auto"
+    ), last
     reached = load_checkpoint(work / "last.pth")["iter"]
     proc = start(*args, "--resume", "auto")
     code, _, err = finish(proc)
     assert code == 0, err[-3000:]
     assert json.loads((out / "runs" / "baseline_seed0.json").read_text())["mIoU"] is not None
     iters = [r["iter"] for r in train_records(work) if r["kind"] == "train"]
-    assert iters == list(range(1, 41)) and reached < 40     # continued, not started over
+    assert iters == list(range(1, 41)) and reached < 40  # continued, not started over
 
 
 def test_demo_interrupted_refuses_a_rerun_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", out, "--iters", "40", "--seeds", "1", "--set", "data.size=32", "--set",
-            "data.crop_size=[32,32]", "--set", "data.val_length=2", "--set", "data.batch_size=2", "--set",
-            "train.log_interval=1"]
+    args = [
+        "demo",
+        "--out",
+        out,
+        "--iters",
+        "40",
+        "--seeds",
+        "1",
+        "--set",
+        "data.size=32",
+        "--set",
+        "data.crop_size=[32,32]",
+        "--set",
+        "data.val_length=2",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "train.log_interval=1",
+    ]
     work = out / "csfrn" / "seed0"
     proc = start(*args)
     wait_for(lambda: len(train_records(work)) >= 2, proc)

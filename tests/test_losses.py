@@ -7,8 +7,6 @@ import torch.nn.functional as F
 from csfrn.losses import CACLoss, OhemCrossEntropy, SmoothLoss, lovasz_hinge
 
 
-
-
 # ---------------------------------------------------------------- Lovasz hinge, one image at a time
 def jaccard_loss_of_prefix(mistakes, positives):
     """Berman's Delta_J1(M) = |M| / |{y = 1} union M| for the set M of mispredicted pixels."""
@@ -46,9 +44,9 @@ def make_binary(shape, seed, ignore_index=None):
 @pytest.mark.parametrize("ignore_index", [None, 255])
 def test_lovasz_per_image_equals_loop(ignore_index):
     logits, labels = make_binary((5, 3, 4), seed=0, ignore_index=ignore_index)
-    labels[1] = 0                                     # no positive pixel
+    labels[1] = 0  # no positive pixel
     if ignore_index is not None:
-        labels[2] = ignore_index                      # nothing valid: contributes 0, still counted
+        labels[2] = ignore_index  # nothing valid: contributes 0, still counted
     logits.requires_grad_(True)
     got = lovasz_hinge(logits, labels, per_image=True, ignore_index=ignore_index)
     (g_got,) = torch.autograd.grad(got, logits)
@@ -58,8 +56,9 @@ def test_lovasz_per_image_equals_loop(ignore_index):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_got, g_want)
     # [B, P] and [B, H, W] are the same thing
-    torch.testing.assert_close(lovasz_hinge(logits.reshape(5, 12), labels.reshape(5, 12), ignore_index=ignore_index),
-                               got)
+    torch.testing.assert_close(
+        lovasz_hinge(logits.reshape(5, 12), labels.reshape(5, 12), ignore_index=ignore_index), got
+    )
 
 
 @pytest.mark.parametrize("ignore_index", [None, 255])
@@ -114,7 +113,7 @@ def test_cac_equals_loop(binary, ops_path):
     margin = (torch.randn(2, 1, 4, 5, generator=g, dtype=torch.float64) * 0.1).requires_grad_(True)
     labels_small = torch.randint(0, 4, (2, 4, 5), generator=g)
     labels_small[0, 0] = 255
-    labels_small[1][labels_small[1] == 2] = 7         # class ids need not be contiguous
+    labels_small[1][labels_small[1] == 2] = 7  # class ids need not be contiguous
     # labels at twice the size: nearest-neighbour downsampling takes every other pixel
     labels = labels_small.repeat_interleave(2, 1).repeat_interleave(2, 2)
     labels[:, 1::2] = 255
@@ -145,7 +144,7 @@ def separated(scale):
     labels[:, 0] = 255
     centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]) * scale
     emb = centres[labels.clamp(max=2)].permute(0, 3, 1, 2).contiguous()
-    emb[:, :, 0] = 100.0                              # ignored pixels may hold anything
+    emb[:, :, 0] = 100.0  # ignored pixels may hold anything
     return emb, torch.zeros(2, 1, 8, 8), labels
 
 
@@ -155,7 +154,7 @@ def test_cac_small_when_separated_large_when_mixed(binary, ops_path):
     emb, margin, labels = separated(scale=10.0)
     assert loss(emb, margin, labels).item() < 1e-6
     g = torch.Generator().manual_seed(3)
-    mixed = torch.randn(2, 2, 8, 8, generator=g)     # embeddings that ignore the labels
+    mixed = torch.randn(2, 2, 8, 8, generator=g)  # embeddings that ignore the labels
     assert loss(mixed, margin, labels).item() > 0.5
     # classes that share one point are as bad as can be for the own-class-vs-rest split
     assert loss(torch.zeros(2, 2, 8, 8), margin, labels).item() > 0.9
@@ -247,8 +246,9 @@ def test_ohem_keeps_at_least_min_kept():
     assert mask.tolist() == [True, True, True, False, True, True]
     # with nothing ignored and everything kept it is the plain cross-entropy
     logits, labels = torch.randn(2, 4, 3, 3), torch.randint(0, 4, (2, 3, 3))
-    torch.testing.assert_close(OhemCrossEntropy(thresh=1.0, min_kept=0)(logits, labels),
-                               F.cross_entropy(logits, labels))
+    torch.testing.assert_close(
+        OhemCrossEntropy(thresh=1.0, min_kept=0)(logits, labels), F.cross_entropy(logits, labels)
+    )
 
 
 def test_loss_argument_checks():
@@ -265,6 +265,7 @@ def test_loss_argument_checks():
 # ---------------------------------------------------------------- shared label index, half precision
 def test_losses_take_a_shared_class_index(ops_path):
     from csfrn.losses import class_index
+
     g = torch.Generator().manual_seed(7)
     emb, margin = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 1, 4, 5, generator=g) * 0.1
     labels = torch.randint(0, 4, (2, 8, 10), generator=g)
@@ -278,6 +279,7 @@ def test_losses_take_a_shared_class_index(ops_path):
 
 def test_lovasz_half_precision_counts_exactly():
     from csfrn.losses.lovasz import lovasz_hinge_rows
+
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(3, 1000, generator=g).to(torch.bfloat16)
     positive = torch.rand(3, 1000, generator=g) < 0.3
@@ -291,7 +293,7 @@ def test_class_losses_run_half_precision_inputs_in_float32(dtype, ops_path):
     """Under autocast the embeddings arrive in half precision; the losses compute in float32, so a class of
     more than 65504 pixels (a float16 count saturates) or 256 (bfloat16 rounds) keeps its exact mean."""
     g = torch.Generator().manual_seed(9)
-    labels = torch.zeros(1, 300, 300, dtype=torch.long)    # 90000 pixels of class 0
+    labels = torch.zeros(1, 300, 300, dtype=torch.long)  # 90000 pixels of class 0
     labels[:, :, :7] = 1
     emb = (torch.randn(1, 4, 300, 300, generator=g) * 0.3).to(dtype)
     margin = (torch.randn(1, 1, 300, 300, generator=g) * 0.1).to(dtype)
@@ -310,13 +312,14 @@ def test_static_class_index_gives_the_loop_losses(binary, ops_path):
     Eq. 4 and Eq. 5 of the per-class loop, values and gradients, with classes absent from one image or from the
     whole batch and an image without a labelled pixel."""
     from csfrn.losses import class_index
+
     g = torch.Generator().manual_seed(11)
     emb = (torch.randn(3, 3, 4, 5, generator=g, dtype=torch.float64) * 0.5).requires_grad_(True)
     margin = (torch.randn(3, 1, 4, 5, generator=g, dtype=torch.float64) * 0.1).requires_grad_(True)
     labels = torch.randint(0, 3, (3, 4, 5), generator=g)
     labels[0, 0] = 255
-    labels[1][labels[1] == 1] = 6        # classes 3, 4, 5 and 7 absent from the batch, 6 from images 0 and 2
-    labels[2] = 255                      # nothing labelled in image 2
+    labels[1][labels[1] == 1] = 6  # classes 3, 4, 5 and 7 absent from the batch, 6 from images 0 and 2
+    labels[2] = 255  # nothing labelled in image 2
     index = class_index(labels, (4, 5), 255, num_classes=8)
     assert index.k == 8 and index.compact.max() == 8
     got = CACLoss(delta=10.0, binary=binary)(emb, margin, index)

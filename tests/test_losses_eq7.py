@@ -1,6 +1,7 @@
 """``csfrn.losses.Eq7Loss``, the one assembler of Eq. 7's losses: CSFRN and ``add_csflm`` give the same loss dict
 for the same network, ``add_csflm(csflm_supervision="mask")``, and checkpoints from before it (the mask head's
 weights under ``mask_head.``)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,38 +27,57 @@ def csfrn_and_plug(fusion, supervision, margins=True):
     """A CSFRN with CSFLM and the same network as its baseline with CSFLM plugged in by ``add_csflm`` (tapping the
     classifier's input, where CSFRN places CSFLM for the PSP head), with the same weights."""
     torch.manual_seed(0)
-    full = build_model("psp", NC, fusion=fusion, margins=margins, aux=False, csflm_supervision=supervision,
-                       loss_weights={"cac": 0.5}, **TINY)
+    full = build_model(
+        "psp",
+        NC,
+        fusion=fusion,
+        margins=margins,
+        aux=False,
+        csflm_supervision=supervision,
+        loss_weights={"cac": 0.5},
+        **TINY,
+    )
     base = build_model("psp", NC, csflm=False, aux=False, **TINY)
-    base.load_state_dict({k: v for k, v in full.state_dict().items()
-                          if not k.startswith(("csflm.", "criterion."))})
-    plug = add_csflm(base, NC, fusion=fusion, embed_dim=TINY["embed_dim"], tap="decode_head.dropout",
-                     channels=TINY["channels"], margins=margins, csflm_supervision=supervision,
-                     loss_weights={"cac": 0.5})
+    base.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("csflm.", "criterion."))})
+    plug = add_csflm(
+        base,
+        NC,
+        fusion=fusion,
+        embed_dim=TINY["embed_dim"],
+        tap="decode_head.dropout",
+        channels=TINY["channels"],
+        margins=margins,
+        csflm_supervision=supervision,
+        loss_weights={"cac": 0.5},
+    )
     plug.csflm.load_state_dict(full.csflm.state_dict())
-    plug.criterion.load_state_dict(full.criterion.state_dict())   # the mask head, with "mask"
+    plug.criterion.load_state_dict(full.criterion.state_dict())  # the mask head, with "mask"
     return full, plug
 
 
-@pytest.mark.parametrize("fusion, supervision, margins", [("aam", "cac", True), ("concat", "cac", False),
-                                                          ("concat", "mask", True)])
+@pytest.mark.parametrize(
+    "fusion, supervision, margins", [("aam", "cac", True), ("concat", "cac", False), ("concat", "mask", True)]
+)
 def test_csfrn_and_add_csflm_give_the_same_losses(fusion, supervision, margins):
     full, plug = csfrn_and_plug(fusion, supervision, margins)
     images, labels = batch()
     for train in (True, False):
         full.train(train), plug.train(train)
-        torch.manual_seed(5)     # the same dropout draws
+        torch.manual_seed(5)  # the same dropout draws
         logits, want = full(images, labels)
         torch.manual_seed(5)
         outputs, got = plug(images, labels)
         assert list(got) == list(want)
-        expected = ({"seg", "mask"} if train else {"seg"}) if supervision == "mask" else \
-            {"seg", "cac"} | ({"smooth"} if margins else set())
+        expected = (
+            ({"seg", "mask"} if train else {"seg"})
+            if supervision == "mask"
+            else {"seg", "cac"} | ({"smooth"} if margins else set())
+        )
         assert set(want) == expected
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
         torch.testing.assert_close(outputs, logits)
-        if train:   # and the same gradients for CSFLM (and the mask head)
+        if train:  # and the same gradients for CSFLM (and the mask head)
             sum(want.values()).backward()
             sum(got.values()).backward()
             for (name, p), q in zip(full.csflm.named_parameters(), plug.csflm.parameters()):
@@ -71,8 +91,14 @@ class TinySeg(nn.Module):
 
     def __init__(self, width=16):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, 2, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
         self.cls = nn.Conv2d(width, NC, 1)
 
     def forward(self, x):
@@ -82,24 +108,25 @@ class TinySeg(nn.Module):
 @pytest.mark.parametrize("fusion", ["aam", "loss_only"])
 def test_add_csflm_mask_supervision(fusion):
     torch.manual_seed(0)
-    plug = add_csflm(TinySeg(), NC, fusion=fusion, embed_dim=4, tap="cls", csflm_supervision="mask",
-                     loss_weights={"cac": 0.5})
+    plug = add_csflm(
+        TinySeg(), NC, fusion=fusion, embed_dim=4, tap="cls", csflm_supervision="mask", loss_weights={"cac": 0.5}
+    )
     assert {"criterion.mask_head.weight", "criterion.mask_head.bias"} <= set(plug.state_dict())
     images, labels = batch()
     _, losses = plug(images, labels)
-    assert set(losses) == {"seg", "mask"}     # no CAC or smoothness loss
+    assert set(losses) == {"seg", "mask"}  # no CAC or smoothness loss
     # the mask loss: Lovasz-softmax of the mask head on B against the labels at B's size, weighted as the CAC loss
-    embeddings = plug.predict_maps(images)["embeddings"]          # train mode: the same batch statistics
+    embeddings = plug.predict_maps(images)["embeddings"]  # train mode: the same batch statistics
     with torch.no_grad():
         probs = F.softmax(plug.criterion.mask_head(embeddings), dim=1)
         want = 0.5 * lovasz_softmax(probs, resize_labels(labels, embeddings.shape[2:]), 255)
     torch.testing.assert_close(losses["mask"], want)
     sum(losses.values()).backward()
     assert plug.criterion.mask_head.weight.grad.abs().sum() > 0
-    assert plug.csflm.embed.weight.grad.abs().sum() > 0                  # B learns from the mask loss
+    assert plug.csflm.embed.weight.grad.abs().sum() > 0  # B learns from the mask loss
     plug.eval()
     with torch.no_grad():
-        assert set(plug(images, labels)[1]) == {"seg"}                    # the mask loss is a training loss
+        assert set(plug(images, labels)[1]) == {"seg"}  # the mask loss is a training loss
 
 
 def test_old_checkpoints_load_the_mask_head_and_keep_its_parameter_order():

@@ -1,4 +1,5 @@
 """Backbones, heads, CSFLM / AAM, the segmentor, checkpoint loading and the paper's complexity numbers."""
+
 import pytest
 import torch
 import torchvision
@@ -8,24 +9,23 @@ from csfrn.models import build_model, complexity
 from csfrn.models.backbones import build_backbone, load_pretrained
 
 HEADS = ("fcn", "psp", "nonlocal", "deeplabv3plus")
-FUSIONS = (None, "concat", "aam")      # None: the plain baseline
+FUSIONS = (None, "concat", "aam")  # None: the plain baseline
 TINY = dict(width=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8, embed_dim=8)
-
-
 
 
 def tiny(head, fusion, **kw):
     torch.manual_seed(0)
-    return build_model(head, 3, backbone="resnet50c", csflm=fusion is not None, fusion=fusion or "aam",
-                       **{**TINY, **kw})
+    return build_model(
+        head, 3, backbone="resnet50c", csflm=fusion is not None, fusion=fusion or "aam", **{**TINY, **kw}
+    )
 
 
 def batch(n=2, size=32, ignore=True):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(n, 3, size, size, generator=g)
     labels = torch.zeros(n, size, size, dtype=torch.long)
-    labels[:, :, size // 2:] = 1
-    labels[:, size // 4: size // 2, size // 4: size // 2] = 2
+    labels[:, :, size // 2 :] = 1
+    labels[:, size // 4 : size // 2, size // 4 : size // 2] = 2
     if ignore:
         labels[:, :2] = 255
     return images, labels
@@ -68,10 +68,16 @@ def test_torchvision_checkpoint_loads(tmp_path):
 
 
 def _mmseg_name(key):
-    for ours, theirs in (("conv1.0.", "stem.0."), ("conv1.1.", "stem.1."), ("conv1.3.", "stem.3."),
-                         ("conv1.4.", "stem.4."), ("conv1.6.", "stem.6."), ("bn1.", "stem.7.")):
+    for ours, theirs in (
+        ("conv1.0.", "stem.0."),
+        ("conv1.1.", "stem.1."),
+        ("conv1.3.", "stem.3."),
+        ("conv1.4.", "stem.4."),
+        ("conv1.6.", "stem.6."),
+        ("bn1.", "stem.7."),
+    ):
         if key.startswith(ours):
-            return theirs + key[len(ours):]
+            return theirs + key[len(ours) :]
     return key
 
 
@@ -98,8 +104,11 @@ def test_stem_mismatch_is_reported_and_shape_mismatch_refused(tmp_path):
     assert "conv1.0.weight" in report.missing and "conv1.weight" in report.unexpected
     assert "layer1.1.conv1.weight" in report.unexpected
     narrow, _ = build_backbone("resnet50", width=32)
-    with pytest.raises(ValueError, match=r"shape mismatch.*\n.*conv1.weight: checkpoint \[64, 3, 7, 7\] vs model "
-                                         r"\[32, 3, 7, 7\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch.*\n.*conv1.weight: checkpoint \[64, 3, 7, 7\] vs model "
+        r"\[32, 3, 7, 7\]",
+    ):
         load_pretrained(narrow, str(path))
 
 
@@ -222,8 +231,13 @@ def test_tiny_model_overfits_one_batch(ops_path):
 
 # ---------------------------------------------------------------- complexity (paper Tables 2 and 3)
 def test_counting_convention_on_a_known_module():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Conv2d(4, 2, 1, bias=False), torch.nn.BatchNorm2d(2))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 2, 1, bias=False),
+        torch.nn.BatchNorm2d(2),
+    )
     c = complexity(net, size=(8, 8))
     # conv: 64 px * 4 out * (27 MACs + 1 bias); ReLU: 256 outputs; pool: 256 inputs; 1x1 conv: 16 * 2 * 4
     assert c["gflops"] * 1e9 == pytest.approx(64 * 4 * 28 + 256 + 256 + 16 * 2 * 4)
@@ -233,12 +247,11 @@ def test_counting_convention_on_a_known_module():
 
 # head: (params M, GFLOPs) of the baseline, Table 2. The paper prints 239.88 GFLOPs for Non-local, which no
 # counting of the standard block reproduces (its +CSFLM row, 250.75, is 239.88 + 10.87): 199.88 is asserted.
-PAPER = {
-    "fcn": (37.70, 149.40), "psp": (48.98, 178.48), "nonlocal": (50.02, 199.88), "deeplabv3plus": (43.59, 176.36)}
+PAPER = {"fcn": (37.70, 149.40), "psp": (48.98, 178.48), "nonlocal": (50.02, 199.88), "deeplabv3plus": (43.59, 176.36)}
 
 
 def _count(**kw):
-    with torch.device("meta"):     # counting needs shapes only
+    with torch.device("meta"):  # counting needs shapes only
         model = build_model(num_classes=19, backbone="resnet50c", **kw)
     return complexity(model, (512, 512))
 
@@ -269,6 +282,7 @@ def test_table3_embedding_widths(embed_dim, gflops):
 
 def test_flops_cli(capsys):
     from csfrn import cli
+
     assert cli.main(["flops", "--head", "psp", "--backbone", "resnet50c", "--size", "512", "--no-csflm"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("psp resnet50c @ 512x512: ") and "params 48.98 M" in out and "GFLOPs 178.48" in out

@@ -7,6 +7,7 @@ The ops' own checks (the loop-based ground truth of deformable convolution, the 
 launch plans, layouts beyond the samples', bad input, autocast ...) are in test_class_ops.py, test_deform_conv.py
 and test_cuda_emu.py.
 """
+
 import pytest
 import torch
 
@@ -58,6 +59,7 @@ def test_gradcheck(op, device):
 
         def f(*tensors):
             return kernel(op, device)(*sample.replace(**dict(zip(names, tensors))).args)
+
         size = sum(t.numel() for t in leaves.values()) + sum(g.numel() for g in sample.grads)
         assert torch.autograd.gradcheck(f, list(leaves.values()), fast_mode=size > 800), sample
 
@@ -100,6 +102,7 @@ def test_no_double_backward(op):
     outputs = kernel(op, "cpu")(*sample.args)
     loss = sum((outputs[i] * g).square().sum() for i, g in zip(info.grad_outputs, sample.grads))
     first = torch.autograd.grad(loss, leaves, create_graph=True)
-    with pytest.raises(NotImplementedError, match=f"csfrn::{info.backward}: double backward is not supported.*"
-                                                  "first derivatives only"):
+    with pytest.raises(
+        NotImplementedError, match=f"csfrn::{info.backward}: double backward is not supported.*first derivatives only"
+    ):
         torch.autograd.grad(sum(g.sum() for g in first), leaves, allow_unused=True)

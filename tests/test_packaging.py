@@ -2,6 +2,7 @@
 the .cu files included, the shipped configs, what setup.py reads), and the shipped configs are found by name from
 any folder (``--config NAME``, ``csfrn config --list``). The wheel itself is built, installed into a fresh venv
 and run from another folder by .ci/wheel-smoke (too slow for the test suite: it compiles the extension)."""
+
 import os
 import shutil
 import subprocess
@@ -17,16 +18,18 @@ from csfrn.errors import MissingPathError
 
 # Besides csrc/ and the packages: what setup.py reads or the build backend needs.
 ESSENTIALS = ["setup.py", "pyproject.toml", "requirements.txt", "README.md", "MANIFEST.in"]
-IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", "*.pyc",
-                                 "runs", "demo_out", "results")
+IGNORED = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", "*.pyc", "runs", "demo_out", "results"
+)
 
 
 def _checkout_files():
     """The checkout's files as a fresh clone has them (git's tracked and untracked-but-not-ignored files), or, outside
     a git checkout, every file but build outputs."""
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         return sorted(f for f in out.splitlines() if os.path.isfile(os.path.join(ROOT, f)))
     except (OSError, subprocess.CalledProcessError):
         found = []
@@ -44,13 +47,14 @@ def sdist(tmp_path_factory):
     files = _checkout_files()
     src = tmp / "src"
     for name in files:
-        if name.startswith(("benchmarks/results/", "docs/")):   # large, and never in the sdist
+        if name.startswith(("benchmarks/results/", "docs/")):  # large, and never in the sdist
             continue
         os.makedirs(src / os.path.dirname(name), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, name), src / name)
     code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
-    result = subprocess.run([sys.executable, "-c", code, str(tmp / "dist")], cwd=src, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp / "dist")], cwd=src, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     archive = tmp / "dist" / result.stdout.strip().splitlines()[-1]
     with tarfile.open(archive) as tar:
@@ -63,27 +67,33 @@ def sdist(tmp_path_factory):
 def test_sdist_holds_every_source_the_build_needs(sdist):
     members, files = sdist
     csrc = [f for f in files if f.startswith("csrc/")]
-    assert "csrc/op_schemas.h" in csrc and any(f.endswith(".cu") for f in csrc) and any(
-        f.startswith("csrc/common/") for f in csrc)
+    assert (
+        "csrc/op_schemas.h" in csrc
+        and any(f.endswith(".cu") for f in csrc)
+        and any(f.startswith("csrc/common/") for f in csrc)
+    )
     missing = [f for f in csrc + ESSENTIALS if f not in members]
     assert not missing, f"not in the sdist: {missing}"
     package = [f for f in files if f.startswith("csfrn/") and f.endswith((".py", ".yaml"))]
     assert [f for f in package if f not in members] == []
     assert {f"csfrn/configs/{name}.yaml" for name in shipped_configs()} <= members
-    assert any(m.startswith("csfrn/configs/_base_/") for m in members)     # the parts the configs include
+    assert any(m.startswith("csfrn/configs/_base_/") for m in members)  # the parts the configs include
     assert not [m for m in members if m.endswith((".so", ".pyc")) or m.startswith(("tests/", "build/"))]
 
 
 def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)      # no configs/ folder here: the names are the package's
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the names are the package's
     assert configs.names() == shipped_configs()
     assert "demo" in configs.names() and "cityscapes/psp_r50_769_40k" in configs.names()
     assert not [n for n in configs.names() if "_base_" in n]
     path = os.path.join(SHIPPED, "cityscapes", "psp_r50_769_40k.yaml")
-    for given in ("cityscapes/psp_r50_769_40k", "cityscapes/psp_r50_769_40k.yaml",
-                  "configs/cityscapes/psp_r50_769_40k.yaml"):
+    for given in (
+        "cityscapes/psp_r50_769_40k",
+        "cityscapes/psp_r50_769_40k.yaml",
+        "configs/cityscapes/psp_r50_769_40k.yaml",
+    ):
         assert os.path.samefile(configs.find_config(given), path), given
-    cfg = load_config("cityscapes/psp_r50_769_40k")          # its _base_ parts resolve inside the package
+    cfg = load_config("cityscapes/psp_r50_769_40k")  # its _base_ parts resolve inside the package
     assert cfg.model.head == "psp" and cfg.data.dataset == "cityscapes" and cfg.train.iters == 40000
     # a file of one's own wins over the shipped config of the same name
     (tmp_path / "demo.yaml").write_text("train:\n  iters: 7\n")
@@ -95,6 +105,7 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
 
 def test_config_list_names_every_shipped_config(capsys):
     from csfrn.cli import main
+
     assert main(["config", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     listed = [line.split()[0] for line in lines[:-1]]

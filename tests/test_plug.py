@@ -5,6 +5,7 @@ models share their heads (and so the tap, the hook and the losses) with the ResN
 backbone depth: they get the structural checks and a short training on one batch; the 50-iteration training on
 the synthetic set runs on the other four. CPU time of the whole file: about a minute.
 """
+
 import copy
 
 import pytest
@@ -19,10 +20,10 @@ from csfrn.models import CSFLMPlug, add_csflm, complexity
 from csfrn.losses import DEFAULT_LOSS_WEIGHTS
 from csfrn.nn import CSFLM
 
-NC = 4        # classes
-SIZE = 32     # input side
+NC = 4  # classes
+SIZE = 32  # input side
 EMBED = 8
-MODELS = {    # name -> (default tap, channels of the tapped features, has an aux head)
+MODELS = {  # name -> (default tap, channels of the tapped features, has an aux head)
     "fcn_resnet50": ("classifier.3", 512, True),
     "fcn_resnet101": ("classifier.3", 512, True),
     "deeplabv3_resnet50": ("classifier.4", 256, True),
@@ -106,9 +107,9 @@ def test_torchvision_forward_losses_backward_eval(name, fusion):
         _, eval_losses = plug(images, labels)
     assert set(out) == set(outputs) and out["out"].shape == (2, NC, SIZE, SIZE)
     assert torch.isfinite(out["out"]).all()
-    if fusion == "loss_only":      # not run at inference; no class losses in eval
+    if fusion == "loss_only":  # not run at inference; no class losses in eval
         assert calls[0] == 0 and set(eval_losses) == {"seg"}
-    else:                          # the classifier sees CSFLM's features; eval losses as CSFRN's
+    else:  # the classifier sees CSFLM's features; eval losses as CSFRN's
         assert calls[0] == 2 and set(eval_losses) == {"seg", "cac", "smooth"}
 
 
@@ -122,7 +123,7 @@ def test_loss_only_leaves_inference_unchanged(name):
     with torch.no_grad():
         got, want = plug(images), ref(images)
         plug.train()
-        plug(images)                # train mode without labels: no losses, CSFLM not run either
+        plug(images)  # train mode without labels: no losses, CSFLM not run either
         plug.eval()
     assert calls[0] == 0
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
@@ -154,9 +155,15 @@ def mean(values):
     return sum(values) / len(values)
 
 
-@pytest.mark.parametrize("name, fusion", [("lraspp_mobilenet_v3_large", "aam"),
-                                          ("deeplabv3_mobilenet_v3_large", "concat"),
-                                          ("fcn_resnet50", "loss_only"), ("deeplabv3_resnet50", "aam")])
+@pytest.mark.parametrize(
+    "name, fusion",
+    [
+        ("lraspp_mobilenet_v3_large", "aam"),
+        ("deeplabv3_mobilenet_v3_large", "concat"),
+        ("fcn_resnet50", "loss_only"),
+        ("deeplabv3_resnet50", "aam"),
+    ],
+)
 def test_training_50_iterations_on_synthetic_loss_falls(name, fusion):
     """50 SGD steps of batch 2 over a synthetic set of 8 images (4 batches in turn, so the first and the last 4
     steps see the same batches). The ResNet-50 models train their heads and CSFLM with the backbone frozen (its
@@ -186,8 +193,14 @@ class TinySeg(nn.Module):
 
     def __init__(self, classes=NC, width=16):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, 2, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
         self.head = nn.ModuleDict({"cls": nn.Conv2d(width, classes, 1)})
 
     def forward(self, x):
@@ -206,7 +219,7 @@ def test_tap_any_model(tap, fusion):
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, NC, SIZE // 4, SIZE // 4)
     assert set(losses) == {"seg", "cac", "smooth"}
     up = F.interpolate(logits, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    assert torch.allclose(losses["seg"], F.cross_entropy(up, labels))     # logits upsampled to the labels
+    assert torch.allclose(losses["seg"], F.cross_entropy(up, labels))  # logits upsampled to the labels
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in plug.csflm.parameters())
     assert plug.eval()(images).shape == (2, NC, SIZE // 4, SIZE // 4)
@@ -214,8 +227,9 @@ def test_tap_any_model(tap, fusion):
 
 def test_options_and_copies():
     images, labels = synthetic_batch(data(2), 0, 2)
-    plug = add_csflm(TinySeg(), NC, fusion="concat", embed_dim=4, tap="head.cls", margins=False,
-                     loss_weights={"cac": 0.5})
+    plug = add_csflm(
+        TinySeg(), NC, fusion="concat", embed_dim=4, tap="head.cls", margins=False, loss_weights={"cac": 0.5}
+    )
     _, losses = plug(images, labels)
     assert set(losses) == {"seg", "cac"} and plug.criterion.loss_weights["cac"] == 0.5
     # channels= for a tapped module without in_channels (the input of the whole head here)
@@ -228,7 +242,7 @@ def test_options_and_copies():
     twin = copy.deepcopy(plug)
     with torch.no_grad():
         assert torch.equal(twin(images), plug(images))
-        twin.csflm.fuse.fuse[0].weight.add_(1.0)   # the fusion: F depends on it from step 0
+        twin.csflm.fuse.fuse[0].weight.add_(1.0)  # the fusion: F depends on it from step 0
         assert not torch.equal(twin(images), plug(images))
         plug.load_state_dict(twin.state_dict())
         assert torch.equal(twin(images), plug(images))
@@ -252,6 +266,6 @@ def test_errors():
     with pytest.raises(ValueError, match="labels must have shape"):
         add_csflm(TinySeg(), NC, tap="head.cls")(images, labels[:, :8])
     model = TinySeg()
-    model.body = nn.Sequential(model.body[0], nn.ReLU(), model.body[3], model.body[3])   # a module run twice
+    model.body = nn.Sequential(model.body[0], nn.ReLU(), model.body[3], model.body[3])  # a module run twice
     with pytest.raises(RuntimeError, match="ran 2 times"):
         add_csflm(model, NC, fusion="loss_only", tap="body.2")(images, labels)

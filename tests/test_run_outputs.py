@@ -3,6 +3,7 @@ eval's confusion matrix, csfrn plot / browse / config / --version / --help, trai
 SIGKILL and --resume auto), train.accumulate (= one big batch), train.clip_grad, and the one-line errors for a
 missing tensorboard or matplotlib. The CLI runs through its real entry point (``python -m csfrn.cli``) on tiny
 models; one trained work_dir is shared by the tests that only read it."""
+
 import json
 import os
 import subprocess
@@ -24,8 +25,9 @@ KNOBS = ["train.ema=0.9", "train.clip_grad=0.5", "train.eval_interval=2"]
 
 def csfrn(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "csfrn.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "csfrn.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _sets(overrides):
@@ -75,17 +77,23 @@ def test_train_writes_config_log_and_env(run):
     assert len(iteration) == 4, lines
     for i, line in enumerate(iteration, 1):
         assert f"iter {i}/4  lr " in line
-        for part in ("seg ", "aux ", "cac ", "smooth ", "loss ", "data ", "step ", "eta ", "mem ", "GiB",
-                     "grad_norm "):
+        for part in ("seg ", "aux ", "cac ", "smooth ", "loss ", "data ", "step ", "eta ", "mem ", "GiB", "grad_norm "):
             assert part in line, (part, line)
-    assert "clipped to 0.5 in 1 of 1 steps" in iteration[0]           # the norm of a fresh model is > 0.5
-    for event in ("iter 2: val mIoU", "iter 2: EMA val mIoU", "iter 2: saved best.pth", "saved best_ema.pth",
-                  "iter 4: saved last.pth", "finished at iteration 4"):
+    assert "clipped to 0.5 in 1 of 1 steps" in iteration[0]  # the norm of a fresh model is > 0.5
+    for event in (
+        "iter 2: val mIoU",
+        "iter 2: EMA val mIoU",
+        "iter 2: saved best.pth",
+        "saved best_ema.pth",
+        "iter 4: saved last.pth",
+        "finished at iteration 4",
+    ):
         assert any(event in line for line in lines), event
     # env.json: versions, devices, the command line
     env = json.loads((work / "env.json").read_text())
-    assert env["torch"] == torch.__version__ and env["csfrn"] == "0.1.0" and env["kernels"] in ("CPU + CUDA",
-                                                                                                  "CPU only")
+    assert (
+        env["torch"] == torch.__version__ and env["csfrn"] == "0.1.0" and env["kernels"] in ("CPU + CUDA", "CPU only")
+    )
     assert env["python"] == sys.version.split()[0] and env["device"] == "cpu" and env["world_size"] == 1
     assert "train" in env["command"] and "git_commit" in env and env["cpu"]
 
@@ -93,20 +101,20 @@ def test_train_writes_config_log_and_env(run):
 def test_metrics_record_clipping_and_ema(run):
     records = [json.loads(line) for line in (run["work"] / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert all(r["grad_norm"] > 0.5 and r["clipped"] == 1 and 0 <= r["data_ms"] < r["step_ms"]
-               for r in train)
+    assert all(r["grad_norm"] > 0.5 and r["clipped"] == 1 and 0 <= r["data_ms"] < r["step_ms"] for r in train)
     val = [r for r in records if r["kind"] == "val"]
     assert [r["iter"] for r in val] == [2, 4] and all(0 <= r["ema_mIoU"] <= 1 for r in val)
 
 
 def test_config_verb_prints_a_config_that_loads_back(tmp_path, capsys):
-    demo = "demo"   # the shipped config, by name
+    demo = "demo"  # the shipped config, by name
     result = csfrn("config", "--config", demo, "--set", "train.lr=0.02", "--set", "train.ema=0.99")
     assert result.returncode == 0, result.stderr
     path = tmp_path / "printed.yaml"
     path.write_text(result.stdout)
     assert load_config(str(path)) == load_config(demo, ["train.lr=0.02", "train.ema=0.99"])
     from csfrn import cli
+
     assert cli.main(["config", "--config", demo, "--set", "train.ema=1.5"]) == 2
     assert "csfrn config: error: config key 'train.ema'" in capsys.readouterr().err
 
@@ -132,6 +140,7 @@ def test_ema_on_and_off(run, plain):
 
 def test_model_ema_is_the_exponential_average():
     from csfrn.engine.ema import ModelEma
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     ema = ModelEma(model, 0.75)
@@ -140,13 +149,16 @@ def test_model_ema_is_the_exponential_average():
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        model.train()(torch.randn(5, 3))     # BatchNorm's running statistics and counter move too
+        model.train()(torch.randn(5, 3))  # BatchNorm's running statistics and counter move too
         ema.update()
         for k, v in model.state_dict().items():
             expected[k] = 0.75 * expected[k] + 0.25 * v if v.is_floating_point() else v.clone()
     for k, v in ema.state_dict().items():
-        assert torch.allclose(v, expected[k], rtol=1e-6, atol=1e-7) if v.is_floating_point() \
-            else torch.equal(v, expected[k]), k
+        assert (
+            torch.allclose(v, expected[k], rtol=1e-6, atol=1e-7)
+            if v.is_floating_point()
+            else torch.equal(v, expected[k])
+        ), k
     assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
 
 
@@ -158,8 +170,12 @@ def test_ema_survives_sigkill_and_resume_auto_bitwise(tmp_path):
     killed_work = tmp_path / "killed"
     overrides = tiny_overrides(killed_work, iters=500, extra=extra)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "csfrn.cli", "train", *_sets(overrides)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     last = killed_work / "last.pth"
     sigkill_at_checkpoint(proc, last, 4)
     done = ckpt.load_checkpoint(last)["iter"]
@@ -180,7 +196,7 @@ def test_ema_survives_sigkill_and_resume_auto_bitwise(tmp_path):
 def _norm_free(model):
     """The model without BatchNorm (Identity in its place) or dropout: what is left is the same for one batch
     of 4 and two micro-batches of 2."""
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 setattr(module, child_name, nn.Identity())
@@ -196,10 +212,17 @@ def test_accumulate_two_micro_batches_equals_one_batch(tmp_path):
     (no ignored pixels in these crops), which micro-batches of equal size average exactly."""
     from csfrn.engine.checkpoint import build_model_from_config
     from csfrn.engine.train import train
+
     weights = {}
     for accumulate in (1, 2):
-        cfg = load_config(None, tiny_overrides(tmp_path / f"acc{accumulate}", iters=3, extra=[
-            "model.csflm=false", "data.batch_size=4", f"train.accumulate={accumulate}", "train.lr=0.05"]))
+        cfg = load_config(
+            None,
+            tiny_overrides(
+                tmp_path / f"acc{accumulate}",
+                iters=3,
+                extra=["model.csflm=false", "data.batch_size=4", f"train.accumulate={accumulate}", "train.lr=0.05"],
+            ),
+        )
         torch.manual_seed(0)
         model = _norm_free(build_model_from_config(cfg.model))
         train(cfg, model=model)
@@ -216,6 +239,7 @@ def test_accumulate_two_micro_batches_equals_one_batch(tmp_path):
 def test_accumulate_must_split_the_batch():
     from csfrn.engine.config import check_training
     from csfrn.errors import ConfigError
+
     with pytest.raises(ConfigError, match="'train.accumulate' is 3.*expected a divisor of 4"):
         check_training(load_config(None, ["data.batch_size=4", "train.accumulate=3"]))
     with pytest.raises(ConfigError, match="micro-batches of 1 sample"):
@@ -249,7 +273,7 @@ def test_clip_grad_clips_before_the_step():
         losses, norm = train_step(model, x, y, optimizer, scaler, clip_grad=clip)
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
-        assert torch.allclose(step, grads, atol=1e-6)          # SGD at lr 1 stepped by these gradients
+        assert torch.allclose(step, grads, atol=1e-6)  # SGD at lr 1 stepped by these gradients
         results[clip] = (grads, norm)
     raw, none = results[None]
     clipped, norm = results[1e-3]
@@ -267,7 +291,7 @@ def test_eval_writes_the_confusion_matrix(run, tmp_path):
     classes = json.loads((out / "eval_val.json").read_text())["classes"]
     assert rows[0][1:] == classes and [r[0] for r in rows[1:]] == classes
     counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
-    assert counts.sum() == 4 * 32 * 32            # every pixel of the 4 val images (none ignored)
+    assert counts.sum() == 4 * 32 * 32  # every pixel of the 4 val images (none ignored)
     summary = json.loads((out / "eval_val.json").read_text())
     assert summary["aAcc"] == pytest.approx(np.trace(counts) / counts.sum())
     assert_picture(out / "confusion.png")
@@ -279,7 +303,8 @@ def test_plot_overlays_runs(run, plain, tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-2000:]
     assert_picture(out, (800, 600))
     from csfrn import cli
-    assert cli.main(["plot", str(run["work"]), "--out", str(out)]) == 2          # never replaced without --overwrite
+
+    assert cli.main(["plot", str(run["work"]), "--out", str(out)]) == 2  # never replaced without --overwrite
     assert f"csfrn plot: error: --out {out} already holds a picture" in capsys.readouterr().err
     assert cli.main(["plot", str(run["work"]), "--out", str(out), "--overwrite"]) == 0
     assert cli.main(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "other.png")]) == 2
@@ -294,34 +319,41 @@ def test_browse_writes_masks_blended(tmp_path):
     for name in os.listdir(tmp_path / "plain"):
         assert_picture(tmp_path / "plain" / name)
     from csfrn import cli
-    assert cli.main(["browse", *sets, "--split", "train", "--out", str(tmp_path / "aug"), "--n", "1",
-                     "--augmented"]) == 0
+
+    assert (
+        cli.main(["browse", *sets, "--split", "train", "--out", str(tmp_path / "aug"), "--n", "1", "--augmented"]) == 0
+    )
     assert_picture(tmp_path / "aug" / "train_0000.png")
 
 
 # ---------------------------------------------------------------- missing optional packages
 def test_tensorboard_requested_but_missing_is_one_line(tmp_path, monkeypatch, capsys):
     from csfrn import cli
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # as if tensorboard were not installed
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     work = tmp_path / "tb"
     assert cli.main(["train", *_sets(tiny_overrides(work, iters=1, extra=["train.tensorboard=true"]))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("csfrn train: error: train.tensorboard=true but the tensorboard "
-                                               "package is not installed"), err
+    assert len(err) == 1 and err[0].startswith(
+        "csfrn train: error: train.tensorboard=true but the tensorboard package is not installed"
+    ), err
     assert not (work / "last.pth").exists()
 
 
 def test_matplotlib_missing_is_one_line_naming_the_extra(run, tmp_path, monkeypatch, capsys):
     from csfrn import cli
-    monkeypatch.setitem(sys.modules, "matplotlib", None)                   # as if matplotlib were not installed
-    checks = [["plot", str(run["work"]), "--out", str(tmp_path / "x.png")],
-              ["eval", "--checkpoint", str(run["work"] / "best.pth"), "--out", str(tmp_path / "eval")],
-              ["browse", *_sets(tiny_overrides(tmp_path / "unused")), "--out", str(tmp_path / "browse")]]
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    checks = [
+        ["plot", str(run["work"]), "--out", str(tmp_path / "x.png")],
+        ["eval", "--checkpoint", str(run["work"] / "best.pth"), "--out", str(tmp_path / "eval")],
+        ["browse", *_sets(tiny_overrides(tmp_path / "unused")), "--out", str(tmp_path / "browse")],
+    ]
     for argv in checks:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"csfrn {argv[0]}: error: ") and "csfrn[plot]" in err[0], err
-    assert not any((tmp_path / n).exists() for n in ("x.png", "eval", "browse"))   # checked before any work
+    assert not any((tmp_path / n).exists() for n in ("x.png", "eval", "browse"))  # checked before any work
 
 
 # ---------------------------------------------------------------- CLI manners
@@ -330,6 +362,7 @@ def test_version_and_help():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("csfrn 0.1.0 (kernels: ") and f"torch {torch.__version__} (" in result.stdout
     from csfrn import cli
+
     parser = cli._parser()
     text = parser.format_help()
     assert "parse the command line" not in text and "examples:" in text

@@ -1,5 +1,6 @@
 """timm backbones (``backbone="timm:<name>"``), timm's SyncBN converter under a 2-process gloo run, and the
 one-line errors of both. Random init throughout (nothing is downloaded); tiny heads at 32-64 px on the CPU."""
+
 import os
 import sys
 
@@ -14,7 +15,6 @@ from csfrn.engine.distributed import CPUSyncBatchNorm, CPUSyncBatchNormAct, conv
 from csfrn.errors import UserError
 from csfrn.extras import MissingExtraError
 from csfrn.models import build_model, complexity
-
 
 
 NC = 4
@@ -32,9 +32,14 @@ def one_line(err):
 
 
 # ---------------------------------------------------------------- CSFRN on timm families
-@pytest.mark.parametrize("name, channels", [("convnext_atto", (40, 80, 160, 320)),
-                                            ("efficientnet_b0", (24, 40, 112, 320)),
-                                            ("regnetx_002", (24, 56, 152, 368))])
+@pytest.mark.parametrize(
+    "name, channels",
+    [
+        ("convnext_atto", (40, 80, 160, 320)),
+        ("efficientnet_b0", (24, 40, 112, 320)),
+        ("regnetx_002", (24, 56, 152, 368)),
+    ],
+)
 def test_csfrn_on_timm_families_trains_and_counts(name, channels):
     model = tiny(f"timm:{name}")
     assert model.backbone.out_channels == channels and model.backbone.output_stride == 8
@@ -63,11 +68,11 @@ def test_timm_resnet50c_is_our_resnet50c():
     with torch.device("meta"):
         ours = build_model("deeplabv3plus", 19, backbone="resnet50c")
         theirs = build_model("deeplabv3plus", 19, backbone="timm:resnet50c")
-    count = lambda m: sum(p.numel() for p in m.parameters())            # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(theirs) > 40e6
-    a = {k[len("backbone."):]: v.shape for k, v in ours.state_dict().items() if k.startswith("backbone.")}
-    b = {k[len("backbone.body."):]: v.shape for k, v in theirs.state_dict().items() if k.startswith("backbone.")}
-    assert a == b                                                     # key for key, shape for shape
+    a = {k[len("backbone.") :]: v.shape for k, v in ours.state_dict().items() if k.startswith("backbone.")}
+    b = {k[len("backbone.body.") :]: v.shape for k, v in theirs.state_dict().items() if k.startswith("backbone.")}
+    assert a == b  # key for key, shape for shape
 
 
 def test_output_stride_16():
@@ -78,6 +83,7 @@ def test_output_stride_16():
 def test_pretrained_local_files_load_exactly(tmp_path):
     from safetensors.torch import save_file
     from torchvision.models import resnet18
+
     torch.manual_seed(1)
     full = timm.create_model("resnet18d", pretrained=False)
     save_file(full.state_dict(), tmp_path / "r18d.safetensors")
@@ -105,13 +111,16 @@ def test_errors_are_one_line():
     assert "unknown timm model 'no_such_net'" in one_line(err)
     with pytest.raises(UserError) as err:
         tiny("timm:convnext_atom")
-    assert "convnext_atto" in one_line(err)                             # similar names
-    for name in ("vit_tiny_patch16_224", "hrnet_w18_small"):           # no output_stride / an assertion in timm
+    assert "convnext_atto" in one_line(err)  # similar names
+    for name in ("vit_tiny_patch16_224", "hrnet_w18_small"):  # no output_stride / an assertion in timm
         with pytest.raises(UserError) as err:
             tiny(f"timm:{name}")
         assert "cannot dilate" in one_line(err) and name in one_line(err)
-    for kw, key in (({"width": 32}, "model.width"), ({"blocks": (1, 1, 1, 1)}, "model.blocks"),
-                    ({"multi_grid": True}, "model.multi_grid")):
+    for kw, key in (
+        ({"width": 32}, "model.width"),
+        ({"blocks": (1, 1, 1, 1)}, "model.blocks"),
+        ({"multi_grid": True}, "model.multi_grid"),
+    ):
         with pytest.raises(UserError) as err:
             tiny("timm:resnet18d", **kw)
         assert key in one_line(err) and "csfrn's ResNets only" in one_line(err)
@@ -119,10 +128,11 @@ def test_errors_are_one_line():
 
 def test_config_takes_timm_names_and_names_the_extra(monkeypatch):
     from csfrn.engine.config import load_config
+
     assert load_config(None, ["model.backbone=timm:convnext_atto"]).model.backbone == "timm:convnext_atto"
     with pytest.raises(UserError, match="model.backbone"):
         load_config(None, ["model.backbone=timm:"])
-    monkeypatch.setitem(sys.modules, "timm", None)                     # timm not installed
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm not installed
     with pytest.raises(MissingExtraError) as err:
         tiny("timm:resnet18d")
     assert "pip install -e .[timm]" in one_line(err)
@@ -153,11 +163,13 @@ def _sync_worker(rank, world, port, x, queue):
         result = {}
         for converter in ("timm", "torch"):
             model = _sync_model()
-            model = convert_sync_batchnorm(model, torch.device("cpu")) if converter == "timm" \
-                else _torch_converted(model)
-            kinds = sorted({type(m).__name__ for m in model.modules()
-                            if isinstance(m, nn.modules.batchnorm._BatchNorm)})
-            out = model.train()(x[rank * half:(rank + 1) * half])
+            model = (
+                convert_sync_batchnorm(model, torch.device("cpu")) if converter == "timm" else _torch_converted(model)
+            )
+            kinds = sorted(
+                {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+            )
+            out = model.train()(x[rank * half : (rank + 1) * half])
             # numpy arrays travel by value (a tensor would be shared memory of a process that is about to exit)
             stats = {k: v.numpy() for k, v in model.state_dict().items() if "running" in k}
             result[converter] = ([o.detach().numpy() for o in out], stats, kinds)

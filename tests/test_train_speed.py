@@ -1,6 +1,7 @@
 """The training step at device speed, checked on the CPU: float32 upsampling for the losses, channels_last kept
 end to end, no graph break from our code under torch.compile, no host sync inside a step that does not log, and
 the same losses eager / channels_last / compiled."""
+
 import contextlib
 import json
 import os
@@ -25,7 +26,7 @@ TINY = dict(width=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8, embed_dim
 def tiny_csfrn(fusion="aam", seed=0):
     torch.manual_seed(seed)
     model = build_model("deeplabv3plus", 4, fusion=fusion, **TINY)
-    if fusion == "aam":   # fractional offsets, as after some training (zero offsets sample the pixel grid)
+    if fusion == "aam":  # fractional offsets, as after some training (zero offsets sample the pixel grid)
         torch.nn.init.uniform_(model.csflm.fuse.offset.bias, -1.0, 1.0)
     return model.train()
 
@@ -33,7 +34,7 @@ def tiny_csfrn(fusion="aam", seed=0):
 def batch(n=2, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, size, size, generator=g)
-    labels = torch.randint(0, 3, (n, size, size), generator=g)    # class 3 absent: a slot with no pixel
+    labels = torch.randint(0, 3, (n, size, size), generator=g)  # class 3 absent: a slot with no pixel
     labels[:, :3] = 255
     return images, labels
 
@@ -45,8 +46,10 @@ def losses_and_grads(model, images, labels, step=None, seed=0):
     torch.manual_seed(seed)
     _, losses = (model if step is None else step)(images, labels)
     sum(losses.values()).backward()
-    return ({k: v.detach() for k, v in losses.items()},
-            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return (
+        {k: v.detach() for k, v in losses.items()},
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    )
 
 
 # ---------------------------------------------------------------- float32 upsampling for the losses
@@ -83,12 +86,15 @@ def test_losses_upsample_in_float32_under_autocast(ops_path):
         if kwargs.get("mode") == "bilinear" and tuple(out.shape[2:]) == tuple(images.shape[2:]):
             seen.append(out.dtype)
         return out
+
     with torch.no_grad():
         want = {k: v.item() for k, v in model(images, labels)[1].items()}
-        with unittest.mock.patch.object(csfrn.losses.pixel.F, "interpolate", spy), \
-                torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            unittest.mock.patch.object(csfrn.losses.pixel.F, "interpolate", spy),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             logits, got = model(images, labels)
-    assert seen == [torch.float32, torch.float32]               # seg and aux
+    assert seen == [torch.float32, torch.float32]  # seg and aux
     assert logits.dtype == torch.float32
     for k, v in got.items():
         assert v.dtype == torch.float32
@@ -125,7 +131,9 @@ def channels_last_violations(model, images, labels):
             for t in outs:
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(lambda g, name=name: check(name, "output gradient", (g,)))
+
         return fn
+
     handles = [m.register_forward_hook(hook(n or "model")) for n, m in model.named_modules()]
     try:
         _, losses = model(images, labels)
@@ -133,15 +141,22 @@ def channels_last_violations(model, images, labels):
     finally:
         for h in handles:
             h.remove()
-    bad += [f"{n} weight gradient" for n, p in model.named_parameters()
-            if p.dim() == 4 and not p.grad.is_contiguous(memory_format=CL)]
+    bad += [
+        f"{n} weight gradient"
+        for n, p in model.named_parameters()
+        if p.dim() == 4 and not p.grad.is_contiguous(memory_format=CL)
+    ]
     return bad
 
 
-@pytest.mark.parametrize("fusion", [
-    "concat",
-    # fusion="aam": the deformable convs' outputs and gradients (offset and mask included) in channels_last too.
-    "aam"])
+@pytest.mark.parametrize(
+    "fusion",
+    [
+        "concat",
+        # fusion="aam": the deformable convs' outputs and gradients (offset and mask included) in channels_last too.
+        "aam",
+    ],
+)
 def test_channels_last_is_kept_through_forward_and_backward(fusion, ops_path):
     """Every module of CSFRN (backbone, head, CSFLM, AAM, aux head, losses) takes and gives channels_last
     tensors, forward and backward: no hidden copy back to NCHW."""
@@ -207,6 +222,7 @@ class HostSync(AssertionError):
 def _raising(name):
     def fn(*args, **kwargs):
         raise HostSync(f"{name} inside a training step that does not log")
+
     return fn
 
 
@@ -231,13 +247,31 @@ def no_host_sync():
         if _is_mask(index):
             raise HostSync("boolean-mask assignment inside a training step")
         return put(self, index, value)
-    patches = [unittest.mock.patch.object(torch.Tensor, name, _raising(f"Tensor.{name}"))
-               for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
-                            "nonzero", "unique", "masked_select")]
-    patches += [unittest.mock.patch.object(torch, name, _raising(f"torch.{name}"))
-                for name in ("nonzero", "unique", "masked_select")]
-    patches += [unittest.mock.patch.object(torch.Tensor, "__getitem__", getitem),
-                unittest.mock.patch.object(torch.Tensor, "__setitem__", setitem)]
+
+    patches = [
+        unittest.mock.patch.object(torch.Tensor, name, _raising(f"Tensor.{name}"))
+        for name in (
+            "item",
+            "cpu",
+            "tolist",
+            "numpy",
+            "__bool__",
+            "__float__",
+            "__int__",
+            "__index__",
+            "nonzero",
+            "unique",
+            "masked_select",
+        )
+    ]
+    patches += [
+        unittest.mock.patch.object(torch, name, _raising(f"torch.{name}"))
+        for name in ("nonzero", "unique", "masked_select")
+    ]
+    patches += [
+        unittest.mock.patch.object(torch.Tensor, "__getitem__", getitem),
+        unittest.mock.patch.object(torch.Tensor, "__setitem__", setitem),
+    ]
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -247,8 +281,14 @@ def no_host_sync():
 def test_no_host_sync_check_catches_one():
     with no_host_sync():
         x = torch.ones(3)
-        for sync in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x[x > 0], lambda: torch.unique(x),
-                     lambda: float(x[0]), lambda: x.nonzero()):
+        for sync in (
+            lambda: x.sum().item(),
+            lambda: bool(x.any()),
+            lambda: x[x > 0],
+            lambda: torch.unique(x),
+            lambda: float(x[0]),
+            lambda: x.nonzero(),
+        ):
             with pytest.raises(HostSync):
                 sync()
 
@@ -279,9 +319,12 @@ def run_trapped(tmp_path, extra=(), iters=3, log_interval=3):
             state["trap"].__enter__()
             state["trapped"].append(it)
         return out
+
     try:
-        with unittest.mock.patch.object(speed, "to_device", to_device), \
-                unittest.mock.patch.object(speed.StepTimes, "next_batch", next_batch):
+        with (
+            unittest.mock.patch.object(speed, "to_device", to_device),
+            unittest.mock.patch.object(speed.StepTimes, "next_batch", next_batch),
+        ):
             train(cfg)
     finally:
         release()
@@ -311,8 +354,12 @@ def test_engine_settings():
     assert speed.maybe_compile(module, False) is module
     assert speed.maybe_compile(module, True)._orig_mod is module
     assert speed.loader_options(0, "cpu", 2) == {"num_workers": 0, "pin_memory": False}
-    assert speed.loader_options(3, "cuda", 4) == {"num_workers": 3, "pin_memory": True, "persistent_workers": True,
-                                                  "prefetch_factor": 4}
+    assert speed.loader_options(3, "cuda", 4) == {
+        "num_workers": 3,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+    }
     images, labels = speed.to_device(torch.randn(2, 3, 4, 5), torch.zeros(2, 4, 5), "cpu", channels_last=True)
     assert images.is_contiguous(memory_format=CL) and labels.shape == (2, 4, 5)
 
@@ -327,6 +374,7 @@ def test_engine_trains_in_channels_last(tmp_path, ops_path):
         images, labels = real(*args, **kwargs)
         seen.append(images.is_contiguous(memory_format=CL))
         return images, labels
+
     cfg = load_config(None, tiny_overrides(tmp_path, 2, ["train.channels_last=true"]))
     with unittest.mock.patch.object(speed, "to_device", to_device):
         model = train(cfg)["model"]

@@ -20,6 +20,7 @@ card's ceilings (``--card``) and the expected time; the JSON holds it under "pla
 The twin materialises every bilinear gather; at full size it takes seconds and gigabytes, so it runs once
 (``twin_reps``, default 1) or not at all (``--no-twin``).
 """
+
 import argparse
 import os
 import time
@@ -47,7 +48,7 @@ def _flops(n, c_in, c_out, size, taps=9):
 
 def _tensors(n, c_in, c_out, size, device, gen):
     x = torch.randn(n, c_in, size, size, generator=gen).to(device)
-    w = (torch.randn(c_out, c_in, 3, 3, generator=gen) / (3 * c_in ** 0.5)).to(device)
+    w = (torch.randn(c_out, c_in, 3, 3, generator=gen) / (3 * c_in**0.5)).to(device)
     b = torch.zeros(c_out).to(device)
     return x, w, b
 
@@ -59,6 +60,7 @@ def _fwd_bwd(fn, leaves):
         outs = fn()
         outs = outs if isinstance(outs, tuple) else (outs,)
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
     return run
 
 
@@ -66,6 +68,7 @@ def _no_grad(fn):
     def run():
         with torch.no_grad():
             fn()
+
     return run
 
 
@@ -78,6 +81,7 @@ def _autocast(fn, device, amp):
     def run():
         with torch.autocast(device.type, dtype=amp):
             return fn()
+
     return run
 
 
@@ -140,10 +144,14 @@ def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, bat
     leaves = [t.requires_grad_() for t in (xa, wa, ba, ya, wb, bb, off)]
     impls = {
         "ours dual": lambda: ops.dual_deform_conv2d(xa, ya, off, wa, wb, ba, bb, padding=1),
-        "ours 2 calls": lambda: (ops.deform_conv2d(xa, off, wa, ba, padding=1),
-                                 ops.deform_conv2d(ya, off, wb, bb, padding=1)),
-        "torchvision 2 calls": lambda: (torchvision.ops.deform_conv2d(xa, off, wa, ba, padding=1),
-                                        torchvision.ops.deform_conv2d(ya, off, wb, bb, padding=1)),
+        "ours 2 calls": lambda: (
+            ops.deform_conv2d(xa, off, wa, ba, padding=1),
+            ops.deform_conv2d(ya, off, wb, bb, padding=1),
+        ),
+        "torchvision 2 calls": lambda: (
+            torchvision.ops.deform_conv2d(xa, off, wa, ba, padding=1),
+            torchvision.ops.deform_conv2d(ya, off, wb, bb, padding=1),
+        ),
         "dense conv2d 2 calls": lambda: (F.conv2d(xa, wa, ba, padding=1), F.conv2d(ya, wb, bb, padding=1)),
     }
     if twin:
@@ -154,7 +162,7 @@ def run(device="cpu", reps=3, quick=False, twin=True, twin_reps=1, amp=None, bat
         r["gflop"] = flops * (1 if r["mode"] == "fwd" else 3) / 1e9
         rows.append(r)
 
-    peak = matmul_gflops if amp is None else None   # the floor is float32's
+    peak = matmul_gflops if amp is None else None  # the floor is float32's
     for r in rows:
         r["floor_ms"] = r["gflop"] / peak * 1e3 if peak else None
     return rows
@@ -165,8 +173,10 @@ def ratios(rows):
     by = {(r["case"], r["mode"], r["impl"]): r["median_ms"] for r in rows}
     out = []
     for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in rows):
+
         def t(impl):
             return by.get((case, mode, impl))
+
         ours = t("ours") or t("ours dual")
         tv = t("torchvision") or t("torchvision 2 calls")
         dense = t("dense conv2d") or t("dense conv2d 2 calls")
@@ -185,15 +195,26 @@ def add_arguments(parser):
     p.add_argument("--twin-reps", type=int, default=1, help="repetitions of the (slow) reference twin")
     p.add_argument("--no-twin", action="store_true", help="skip the reference twin")
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
-    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
-                   help="run every implementation under autocast to this dtype (default: float32)")
+    p.add_argument(
+        "--amp",
+        default="none",
+        choices=list(AMP_DTYPES),
+        help="run every implementation under autocast to this dtype (default: float32)",
+    )
     p.add_argument("--batch", type=int, default=None, help="N of every shape (default 2, 1 with --quick)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="write rows, ratios and the machine to DIR/deform_conv_<device>[-<amp>].json "
-                        "(default: no file)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write rows, ratios and the machine to DIR/deform_conv_<device>[-<amp>].json (default: no file)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write them to FILE (instead of --out's)")
-    p.add_argument("--card", default="NVIDIA H100 80GB HBM3", choices=sorted(deform_plan.CARDS),
-                   help="the GPU whose ceilings the CUDA launch plan's floor is computed at")
+    p.add_argument(
+        "--card",
+        default="NVIDIA H100 80GB HBM3",
+        choices=sorted(deform_plan.CARDS),
+        help="the GPU whose ceilings the CUDA launch plan's floor is computed at",
+    )
     return parser
 
 
@@ -201,17 +222,32 @@ def print_plans(plans):
     """The CUDA launch plans: per kernel, then each call's floor and expected time."""
     for p in plans:
         print(f"CUDA plan, {p['op']} fwd+bwd, {p['shape']}, {p['dtype']}, at {p['card']} ({p['card_source']}):")
-        print(table(p["kernels"], [("phase", "pass", "{}"), ("kernel", "kernel", "{}"), ("launches", "launches", "{}"),
-                                   ("mbytes", "MB moved", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
-                                   ("lane_bytes", "B/lane", "{}"), ("maccesses", "M accesses", "{:.0f}"),
-                                   ("floor_ms", "floor ms", "{:.3f}"), ("expected_ms", "expected ms", "{:.3f}")]))
-        print(f"  whole call: {p['mbytes']:.0f} MB, {p['gflop']:.0f} GFLOP; floor {p['floor_ms']:.2f} ms, "
-              f"expected {p['expected_ms']:.2f} ms")
+        print(
+            table(
+                p["kernels"],
+                [
+                    ("phase", "pass", "{}"),
+                    ("kernel", "kernel", "{}"),
+                    ("launches", "launches", "{}"),
+                    ("mbytes", "MB moved", "{:.0f}"),
+                    ("gflop", "GFLOP", "{:.1f}"),
+                    ("lane_bytes", "B/lane", "{}"),
+                    ("maccesses", "M accesses", "{:.0f}"),
+                    ("floor_ms", "floor ms", "{:.3f}"),
+                    ("expected_ms", "expected ms", "{:.3f}"),
+                ],
+            )
+        )
+        print(
+            f"  whole call: {p['mbytes']:.0f} MB, {p['gflop']:.0f} GFLOP; floor {p['floor_ms']:.2f} ms, "
+            f"expected {p['expected_ms']:.2f} ms"
+        )
 
 
 def main(argv=None, parser=None):
-    args = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/bench_deform_conv.py",
-                                                           description=__doc__.splitlines()[0])).parse_args(argv)
+    args = add_arguments(
+        parser or argparse.ArgumentParser(prog="benchmarks/bench_deform_conv.py", description=__doc__.splitlines()[0])
+    ).parse_args(argv)
     if args.out and not args.json:
         suffix = "" if args.amp == "none" else f"-{args.amp}"
         args.json = os.path.join(args.out, f"deform_conv_{torch.device(args.device).type}{suffix}.json")
@@ -220,28 +256,67 @@ def main(argv=None, parser=None):
     print_plans(plans)
     amp = AMP_DTYPES[args.amp]
     peak = cpu_ceilings()["matmul_gflops_fp32"] if torch.device(args.device).type == "cpu" else None
-    rows = run(args.device, reps=args.reps, quick=args.quick, twin=not args.no_twin, twin_reps=args.twin_reps,
-               amp=amp, batch=args.batch, matmul_gflops=peak)
+    rows = run(
+        args.device,
+        reps=args.reps,
+        quick=args.quick,
+        twin=not args.no_twin,
+        twin_reps=args.twin_reps,
+        amp=amp,
+        batch=args.batch,
+        matmul_gflops=peak,
+    )
     rat = ratios(rows)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; autocast {args.amp}")
     for r in rows:
         if r["impl"] in ("dense conv2d", "dense conv2d 2 calls") and r["floor_ms"] is not None:
-            print(f"floor {r['case']} {r['mode']}: {r['gflop']:.1f} GFLOP / {peak:.0f} GFLOP/s (measured now) = "
-                  f"{r['floor_ms']:.0f} ms")
-    print(table(rat, [("case", "case", "{}"), ("mode", "pass", "{}"),
-                      ("torchvision_over_ours", "torchvision/ours", "{:.1f}x"),
-                      ("ours_over_dense", "ours/dense", "{:.2f}x"),
-                      ("separate_over_dual", "separate/dual", "{:.2f}x")]))
+            print(
+                f"floor {r['case']} {r['mode']}: {r['gflop']:.1f} GFLOP / {peak:.0f} GFLOP/s (measured now) = "
+                f"{r['floor_ms']:.0f} ms"
+            )
+    print(
+        table(
+            rat,
+            [
+                ("case", "case", "{}"),
+                ("mode", "pass", "{}"),
+                ("torchvision_over_ours", "torchvision/ours", "{:.1f}x"),
+                ("ours_over_dense", "ours/dense", "{:.2f}x"),
+                ("separate_over_dual", "separate/dual", "{:.2f}x"),
+            ],
+        )
+    )
     if args.json:
-        write_json(args.json, dict(device=device_name(args.device), torch=torch.__version__, amp=args.amp,
-                                   matmul_gflops_fp32=peak,
-                                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), reps=args.reps,
-                                   rows=rows, ratios=rat, plan=plans))
+        write_json(
+            args.json,
+            dict(
+                device=device_name(args.device),
+                torch=torch.__version__,
+                amp=args.amp,
+                matmul_gflops_fp32=peak,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                reps=args.reps,
+                rows=rows,
+                ratios=rat,
+                plan=plans,
+            ),
+        )
         print(f"wrote {args.json}")
-    print(table(rows, [("case", "case", "{}"), ("mode", "pass", "{}"), ("impl", "impl", "{}"),
-                       ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),
-                       ("peak_mb", "peak MiB", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
-                       ("out_dtype", "output dtype", "{}")]))
+    print(
+        table(
+            rows,
+            [
+                ("case", "case", "{}"),
+                ("mode", "pass", "{}"),
+                ("impl", "impl", "{}"),
+                ("median_ms", "median ms", "{:.1f}"),
+                ("min_ms", "min ms", "{:.1f}"),
+                ("peak_mb", "peak MiB", "{:.0f}"),
+                ("gflop", "GFLOP", "{:.1f}"),
+                ("out_dtype", "output dtype", "{}"),
+            ],
+        )
+    )
     return rows
 
 

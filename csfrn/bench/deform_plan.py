@@ -21,6 +21,7 @@ Expected time of a kernel: its floor (the larger of bytes / copy bandwidth and f
 fraction of the ceiling such a kernel reaches: GEMMs 0.8, streaming kernels (layout copies, keys) 0.8, the
 sampling kernels and the gather 0.5 (gathers through L2), the sort 0.5.
 """
+
 import dataclasses
 from typing import List, Optional
 
@@ -34,10 +35,18 @@ SORT_PASSES = 8
 # Cards the plan is evaluated at: measured ceilings (benchmarks/results/gpu/info.json: a 1 GiB device copy,
 # read + write; 8192^3 matmuls), or the figures quoted for the card where it has not been measured yet.
 CARDS = {
-    "NVIDIA H100 80GB HBM3": dict(copy_gb_s=2984.0, matmul_tflops_fp32=51.5, matmul_tflops_bf16=778.0,
-                                  source="measured 2026-11-26, benchmarks/results/gpu/info.json"),
-    "NVIDIA H200": dict(copy_gb_s=4300.0, matmul_tflops_fp32=51.5, matmul_tflops_bf16=790.0,
-                        source="~4.3 TB/s copy, ~790 TFLOP/s bf16 (not measured here); fp32 as the H100 (same chip)"),
+    "NVIDIA H100 80GB HBM3": dict(
+        copy_gb_s=2984.0,
+        matmul_tflops_fp32=51.5,
+        matmul_tflops_bf16=778.0,
+        source="measured 2026-11-26, benchmarks/results/gpu/info.json",
+    ),
+    "NVIDIA H200": dict(
+        copy_gb_s=4300.0,
+        matmul_tflops_fp32=51.5,
+        matmul_tflops_bf16=790.0,
+        source="~4.3 TB/s copy, ~790 TFLOP/s bf16 (not measured here); fp32 as the H100 (same chip)",
+    ),
 }
 EFFICIENCY = {"gemm": 0.8, "stream": 0.8, "sampling": 0.5, "sort": 0.5}
 
@@ -45,13 +54,13 @@ EFFICIENCY = {"gemm": 0.8, "stream": 0.8, "sampling": 0.5, "sort": 0.5}
 @dataclasses.dataclass
 class Kernel:
     name: str
-    phase: str          # "forward" or "backward"
-    kind: str           # a key of EFFICIENCY
+    phase: str  # "forward" or "backward"
+    kind: str  # a key of EFFICIENCY
     launches: int
     bytes: float
     flops: float = 0.0
-    accesses: float = 0.0   # per-lane memory accesses of the sampling kernels and the gather (0: not modelled)
-    lane_bytes: int = 0     # bytes a lane moves per access there (16: vector loads)
+    accesses: float = 0.0  # per-lane memory accesses of the sampling kernels and the gather (0: not modelled)
+    lane_bytes: int = 0  # bytes a lane moves per access there (16: vector loads)
 
     def floor_ms(self, card, dtype):
         peak = card["matmul_tflops_bf16"] if dtype in ("bfloat16", "float16") else card["matmul_tflops_fp32"]
@@ -78,9 +87,24 @@ def vector_elements(c_in, groups, offset_groups, dtype):
     return v if (c_in // groups) % v == 0 and (c_in // offset_groups) % v == 0 else 1
 
 
-def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1, groups=1, offset_groups=1,
-         dtype="float32", dual=False, mask=False, channels_last=False, coords_float32: Optional[bool] = None,
-         workspace=WORKSPACE_BYTES) -> List[Kernel]:
+def plan(
+    n=8,
+    c_in=512,
+    c_out=256,
+    size=97,
+    k=3,
+    padding=1,
+    stride=1,
+    dilation=1,
+    groups=1,
+    offset_groups=1,
+    dtype="float32",
+    dual=False,
+    mask=False,
+    channels_last=False,
+    coords_float32: Optional[bool] = None,
+    workspace=WORKSPACE_BYTES,
+) -> List[Kernel]:
     """The kernels of one forward + backward (every gradient asked for) of deform_conv2d, or of
     dual_deform_conv2d with two such convolutions on one offset field (``dual``), on N images of C_in x size x size
     laid out NCHW (or ``channels_last``). ``dtype``: the input's; ``coords_float32``: the offset's and mask's
@@ -102,13 +126,14 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
     gemm_flops = 2.0 * M * c_out * rg
     per_image_items = offset_groups * taps * L
     fwd_chunk, fwd_chunks = _chunk(n, branches * L * row * e + per_image_items * s_bytes, workspace)
-    bwd_chunk, bwd_chunks = _chunk(n, branches * 2 * L * row * e + 4 * per_image_items * 8 * 4
-                                   + per_image_items * s_bytes, workspace)
+    bwd_chunk, bwd_chunks = _chunk(
+        n, branches * 2 * L * row * e + 4 * per_image_items * 8 * 4 + per_image_items * s_bytes, workspace
+    )
     contributions = 4 * items
     dests = n * hw * offset_groups
     copies_out = not (channels_last and c_out % ALIGN == 0)
     vec = vector_elements(c_in, groups, offset_groups, dtype)
-    runs = c_in // offset_groups // vec   # accesses of one lane group per corner, column or contributor
+    runs = c_in // offset_groups // vec  # accesses of one lane group per corner, column or contributor
     ks = []
 
     def add(name, phase, kind, launches, nbytes, flops=0.0, per_branch=True, accesses=0.0):
@@ -116,39 +141,101 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
         kernels and the gather (their names say so)."""
         mult = branches if per_branch else 1
         shared = name.startswith(("sampling_kernel", "grad_input_kernel"))
-        ks.append(Kernel(name, phase, kind, launches * (1 if shared else mult), nbytes * mult, flops * mult,
-                         accesses * mult, vec * e if shared else 0))
+        ks.append(
+            Kernel(
+                name,
+                phase,
+                kind,
+                launches * (1 if shared else mult),
+                nbytes * mult,
+                flops * mult,
+                accesses * mult,
+                vec * e if shared else 0,
+            )
+        )
 
-    for phase, chunk, chunks in (("forward", fwd_chunk, fwd_chunks), ("backward", bwd_chunk, bwd_chunks)):
+    for phase, _, chunks in (("forward", fwd_chunk, fwd_chunks), ("backward", bwd_chunk, bwd_chunks)):
         if not channels_last:
             add("input to channels-last (copy)", phase, "stream", 1, 2 * input_b)
         if phase == "backward" and copies_out:
             add("grad_out to [pixels, C_out] rows (copy)", phase, "stream", 1, 2 * out_b)
-        add("sample_kernel (positions, weights)", phase, "stream", chunks, coords_b + items * s_bytes,
-            per_branch=False)
+        add("sample_kernel (positions, weights)", phase, "stream", chunks, coords_b + items * s_bytes, per_branch=False)
         if phase == "forward":
-            add("sampling_kernel (columns)", phase, "sampling", chunks, items * s_bytes / branches + input_b + cols_b,
-                accesses=items * runs * (4 + 1))
-            add("GEMM out = cols @ W^T (+ bias)", phase, "gemm", chunks * groups,
-                cols_b + weight_b * chunks + out_b, gemm_flops)
+            add(
+                "sampling_kernel (columns)",
+                phase,
+                "sampling",
+                chunks,
+                items * s_bytes / branches + input_b + cols_b,
+                accesses=items * runs * (4 + 1),
+            )
+            add(
+                "GEMM out = cols @ W^T (+ bias)",
+                phase,
+                "gemm",
+                chunks * groups,
+                cols_b + weight_b * chunks + out_b,
+                gemm_flops,
+            )
             if copies_out:
                 add("output to its layout (copy)", phase, "stream", 1, 2 * out_b)
             continue
-        add("GEMM grad_cols = grad_out @ W", phase, "gemm", chunks * groups, out_b + weight_b * chunks + cols_b,
-            gemm_flops)
-        add("sampling_kernel (columns + offset/mask grads)", phase, "sampling", chunks,
-            items * s_bytes / branches + input_b + 2 * cols_b + coords_b / branches, accesses=items * runs * (4 + 2))
-        add("GEMM grad_W = grad_out^T @ cols (K = images * pixels)", phase, "gemm", chunks * groups,
-            out_b + cols_b + weight_b * chunks, gemm_flops)
-        add("keys_kernel (destination of each contribution)", phase, "stream", chunks,
-            items * s_bytes + contributions * 8, per_branch=False)
-        add("at::sort stable (radix, int64 pairs)", phase, "sort", chunks,
-            SORT_PASSES * 2 * contributions * 16 + contributions * 8, per_branch=False)
-        add("at::searchsorted (destination runs)", phase, "stream", chunks, contributions * 8 + (dests + 1) * 16,
-            per_branch=False)
-        add("grad_input_kernel (fixed-order gather)", phase, "sampling", chunks,
+        add(
+            "GEMM grad_cols = grad_out @ W",
+            phase,
+            "gemm",
+            chunks * groups,
+            out_b + weight_b * chunks + cols_b,
+            gemm_flops,
+        )
+        add(
+            "sampling_kernel (columns + offset/mask grads)",
+            phase,
+            "sampling",
+            chunks,
+            items * s_bytes / branches + input_b + 2 * cols_b + coords_b / branches,
+            accesses=items * runs * (4 + 2),
+        )
+        add(
+            "GEMM grad_W = grad_out^T @ cols (K = images * pixels)",
+            phase,
+            "gemm",
+            chunks * groups,
+            out_b + cols_b + weight_b * chunks,
+            gemm_flops,
+        )
+        add(
+            "keys_kernel (destination of each contribution)",
+            phase,
+            "stream",
+            chunks,
+            items * s_bytes + contributions * 8,
+            per_branch=False,
+        )
+        add(
+            "at::sort stable (radix, int64 pairs)",
+            phase,
+            "sort",
+            chunks,
+            SORT_PASSES * 2 * contributions * 16 + contributions * 8,
+            per_branch=False,
+        )
+        add(
+            "at::searchsorted (destination runs)",
+            phase,
+            "stream",
+            chunks,
+            contributions * 8 + (dests + 1) * 16,
+            per_branch=False,
+        )
+        add(
+            "grad_input_kernel (fixed-order gather)",
+            phase,
+            "sampling",
+            chunks,
             ((dests + 1) * 8 + contributions * 8 + items * s_bytes) / branches + cols_b + input_b,
-            accesses=(contributions + dests) * runs)
+            accesses=(contributions + dests) * runs,
+        )
         add("grad of bias (sum)", phase, "stream", 1, out_b)
     return ks
 
@@ -156,11 +243,26 @@ def plan(n=8, c_in=512, c_out=256, size=97, k=3, padding=1, stride=1, dilation=1
 def summarise(kernels, card_name, dtype):
     """Rows per kernel (bytes, flops, floor and expected ms at the card) and the totals."""
     card = CARDS[card_name]
-    rows = [dict(kernel=k.name, phase=k.phase, launches=k.launches, mbytes=k.bytes / 1e6, gflop=k.flops / 1e9,
-                 maccesses=k.accesses / 1e6 if k.accesses else None, lane_bytes=k.lane_bytes or None,
-                 floor_ms=k.floor_ms(card, dtype), expected_ms=k.expected_ms(card, dtype)) for k in kernels]
-    total = dict(mbytes=sum(r["mbytes"] for r in rows), gflop=sum(r["gflop"] for r in rows),
-                 floor_ms=sum(r["floor_ms"] for r in rows), expected_ms=sum(r["expected_ms"] for r in rows))
+    rows = [
+        dict(
+            kernel=k.name,
+            phase=k.phase,
+            launches=k.launches,
+            mbytes=k.bytes / 1e6,
+            gflop=k.flops / 1e9,
+            maccesses=k.accesses / 1e6 if k.accesses else None,
+            lane_bytes=k.lane_bytes or None,
+            floor_ms=k.floor_ms(card, dtype),
+            expected_ms=k.expected_ms(card, dtype),
+        )
+        for k in kernels
+    ]
+    total = dict(
+        mbytes=sum(r["mbytes"] for r in rows),
+        gflop=sum(r["gflop"] for r in rows),
+        floor_ms=sum(r["floor_ms"] for r in rows),
+        expected_ms=sum(r["expected_ms"] for r in rows),
+    )
     return rows, total
 
 
@@ -171,7 +273,15 @@ def gpu_plans(card_name="NVIDIA H100 80GB HBM3"):
     for dtype in ("float32", "bfloat16"):
         for dual in (False, True):
             rows, total = summarise(plan(dtype=dtype, dual=dual), card_name, dtype)
-            out.append(dict(card=card_name, card_source=CARDS[card_name]["source"], dtype=dtype,
-                            op="dual_deform_conv2d" if dual else "deform_conv2d",
-                            shape="N=8 512->256 97x97 3x3" + (" (x and y)" if dual else ""), kernels=rows, **total))
+            out.append(
+                dict(
+                    card=card_name,
+                    card_source=CARDS[card_name]["source"],
+                    dtype=dtype,
+                    op="dual_deform_conv2d" if dual else "deform_conv2d",
+                    shape="N=8 512->256 97x97 3x3" + (" (x and y)" if dual else ""),
+                    kernels=rows,
+                    **total,
+                )
+            )
     return out

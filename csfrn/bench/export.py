@@ -8,6 +8,7 @@ implementations are timed interleaved (``csfrn.bench.timing.measure``, median), 
 count. Writes a Markdown row per size to stdout (onnxruntime's pool threads do not spin between runs, as they would
 take the cores from torch's) and, with ``--out DIR`` or ``--json FILE``, the numbers as JSON.
 """
+
 import argparse
 import os
 import tempfile
@@ -37,15 +38,17 @@ def add_arguments(parser):
     parser.add_argument("--sizes", nargs="+", default=["64x64", "512x1024"], help="HxW input sizes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="write the rows to DIR/export-cpu.json (default: no file)")
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="write the rows to DIR/export-cpu.json (default: no file)"
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the rows to FILE (instead of --out's)")
     return parser
 
 
 def main(argv=None, parser=None):
-    parser = add_arguments(parser or argparse.ArgumentParser(prog="python -m csfrn.bench.export",
-                                                             description=__doc__.split("\n")[0]))
+    parser = add_arguments(
+        parser or argparse.ArgumentParser(prog="python -m csfrn.bench.export", description=__doc__.split("\n")[0])
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, what = _model(args.checkpoint)
@@ -62,22 +65,29 @@ def main(argv=None, parser=None):
             xn = x.numpy()
             with torch.no_grad():
                 diff = (torch.from_numpy(runner.run(xn)) - model(x)).abs().max().item()
-                fns = {"eager": lambda: model(x), "onnxruntime": lambda: runner.run(xn),
-                       "torch.export": lambda: program(x)}
+                fns = {
+                    "eager": lambda: model(x),
+                    "onnxruntime": lambda: runner.run(xn),
+                    "torch.export": lambda: program(x),
+                }
                 res = measure(fns, "cpu", reps=args.reps, warmup=2)
-            row = {"size": [h, w], "max_abs_diff": diff,
-                   **{k: round(v["median_ms"], 2) for k, v in res.items()}}
+            row = {"size": [h, w], "max_abs_diff": diff, **{k: round(v["median_ms"], 2) for k, v in res.items()}}
             row["eager_over_ort"] = round(row["eager"] / row["onnxruntime"], 2)
             rows.append(row)
-    import onnxruntime   # optional (the deploy extra); the export above needed it already
-    head = (f"model: {what}; {device_name('cpu')}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-            f"batch 1, float32, median of {args.reps}")
+    import onnxruntime  # optional (the deploy extra); the export above needed it already
+
+    head = (
+        f"model: {what}; {device_name('cpu')}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"batch 1, float32, median of {args.reps}"
+    )
     print(head)
     print("| input | PyTorch eager ms | onnxruntime ms | torch.export ms | eager / onnxruntime | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| 1x3x{r['size'][0]}x{r['size'][1]} | {r['eager']:.1f} | {r['onnxruntime']:.1f} | "
-              f"{r['torch.export']:.1f} | {r['eager_over_ort']:.2f}x | {r['max_abs_diff']:.1e} |")
+        print(
+            f"| 1x3x{r['size'][0]}x{r['size'][1]} | {r['eager']:.1f} | {r['onnxruntime']:.1f} | "
+            f"{r['torch.export']:.1f} | {r['eager_over_ort']:.2f}x | {r['max_abs_diff']:.1e} |"
+        )
     path = args.json or (args.out and os.path.join(args.out, "export-cpu.json"))
     if path:
         write_json(path, {"setup": head, "rows": rows})

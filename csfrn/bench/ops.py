@@ -13,6 +13,7 @@ bandwidth, or its arithmetic over the float32 matmul rate, whichever is larger; 
 On the CPU both ceilings are measured at the start of the run (:func:`csfrn.bench.timing.cpu_ceilings`) and
 written with the rows; figures for the machines we ran on are in ``benchmarks/results/``.
 """
+
 import argparse
 import datetime
 import os
@@ -29,14 +30,14 @@ def onehot_bmm_class_avg_pool(features, labels, num_classes, ignore_index=255):
     n, d = features.shape[:2]
     valid = (labels != ignore_index).reshape(n, -1, 1)
     onehot = F.one_hot(labels.reshape(n, -1).masked_fill(~valid[..., 0], 0), num_classes).to(features.dtype) * valid
-    counts = onehot.sum(1)                                                      # [N, K]
+    counts = onehot.sum(1)  # [N, K]
     sums = torch.bmm(onehot.transpose(1, 2), features.reshape(n, d, -1).transpose(1, 2))
     return sums / counts.clamp(min=1).unsqueeze(-1), counts
 
 
 def cdist_center_distance(embeddings, centers, margins, delta=10.0):
     n, d, h, w = embeddings.shape
-    dist = torch.cdist(embeddings.reshape(n, d, -1).transpose(1, 2), centers).square()    # [N, P, K]
+    dist = torch.cdist(embeddings.reshape(n, d, -1).transpose(1, 2), centers).square()  # [N, P, K]
     phi = 1 - torch.exp(-dist * torch.exp(delta * margins).unsqueeze(1))
     return phi.transpose(1, 2).reshape(n, -1, h, w)
 
@@ -47,8 +48,7 @@ def cdist_center_distance(embeddings, centers, margins, delta=10.0):
 # much of a call is our kernels and how much the engine, Python dispatch and fresh-memory page faults. The pooling
 # runs as the losses call it, validate=False: no label check (on CUDA, no device-to-host sync).
 def kernels_only_class_avg_pool(features, labels, num_classes, ignore_index=255, upstream=None):
-    means, counts = torch.ops.csfrn.class_avg_pool.default(features.detach(), labels, num_classes, ignore_index,
-                                                           False)
+    means, counts = torch.ops.csfrn.class_avg_pool.default(features.detach(), labels, num_classes, ignore_index, False)
     if upstream is not None:
         torch.ops.csfrn.class_avg_pool_backward.default(upstream, labels, counts, ignore_index)
     return means, counts
@@ -81,13 +81,17 @@ def _pool_case(impl, n, d, h, w, k, device, dtype, backward):
         means, _ = impl(features, labels, k)
         if backward:
             torch.autograd.grad(means, features, upstream)
+
     return run
 
 
 def _dist_case(impl, n, d, h, w, k, device, dtype, backward):
     g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(n, d, h, w, generator=g, dtype=dtype), torch.randn(n, k, d, generator=g, dtype=dtype) * 0.5,
-              torch.randn(n, k, generator=g, dtype=dtype) * 0.1]
+    inputs = [
+        torch.randn(n, d, h, w, generator=g, dtype=dtype),
+        torch.randn(n, k, d, generator=g, dtype=dtype) * 0.5,
+        torch.randn(n, k, generator=g, dtype=dtype) * 0.1,
+    ]
     inputs = [t.to(device).requires_grad_(backward) for t in inputs]
     upstream = torch.randn(n, k, h, w, generator=g, dtype=dtype).to(device)
 
@@ -98,6 +102,7 @@ def _dist_case(impl, n, d, h, w, k, device, dtype, backward):
         phi = impl(*inputs)
         if backward:
             torch.autograd.grad(phi, inputs, upstream)
+
     return run
 
 
@@ -117,14 +122,23 @@ def _with_reference(fn):
     def run(*args, **kwargs):
         with ops.use_reference():
             return fn(*args, **kwargs)
+
     return run
 
 
 IMPLS = {
-    "class_avg_pool": {"csfrn": ops.class_avg_pool, "reference": _with_reference(ops.class_avg_pool),
-                       "onehot+bmm": onehot_bmm_class_avg_pool, "kernels only": kernels_only_class_avg_pool},
-    "center_distance": {"csfrn": ops.center_distance, "reference": _with_reference(ops.center_distance),
-                        "cdist": cdist_center_distance, "kernels only": kernels_only_center_distance},
+    "class_avg_pool": {
+        "csfrn": ops.class_avg_pool,
+        "reference": _with_reference(ops.class_avg_pool),
+        "onehot+bmm": onehot_bmm_class_avg_pool,
+        "kernels only": kernels_only_class_avg_pool,
+    },
+    "center_distance": {
+        "csfrn": ops.center_distance,
+        "reference": _with_reference(ops.center_distance),
+        "cdist": cdist_center_distance,
+        "kernels only": kernels_only_center_distance,
+    },
 }
 PEER = {"class_avg_pool": "onehot+bmm", "center_distance": "cdist"}
 
@@ -141,30 +155,52 @@ def run(device="cpu", reps=10, shapes=None, dtype=torch.float32, ceilings=None):
                 fns = {name: make(impl, *shape, device, dtype, backward) for name, impl in impls.items()}
                 result = measure(fns, device=device, reps=reps, warmup=2)
                 ours = result["csfrn"]["median_ms"]
-                floor = floor_ms(op, *shape, backward, ceilings["copy_gb_s"] * 1e9,
-                                 ceilings["matmul_gflops_fp32"] * 1e9) if ceilings else None
+                floor = (
+                    floor_ms(op, *shape, backward, ceilings["copy_gb_s"] * 1e9, ceilings["matmul_gflops_fp32"] * 1e9)
+                    if ceilings
+                    else None
+                )
                 for name, r in result.items():
-                    rows.append({"op": op, "shape": "N=%d D=%d %dx%d K=%d" % shape, "pass": "fwd+bwd" if backward
-                                 else "fwd", "impl": name, **r, "speedup": r["median_ms"] / ours,
-                                 "floor_ms": floor if name == "csfrn" else None})
+                    rows.append(
+                        {
+                            "op": op,
+                            "shape": "N=%d D=%d %dx%d K=%d" % shape,
+                            "pass": "fwd+bwd" if backward else "fwd",
+                            "impl": name,
+                            **r,
+                            "speedup": r["median_ms"] / ours,
+                            "floor_ms": floor if name == "csfrn" else None,
+                        }
+                    )
     return rows
 
 
-COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("pass", "pass", "{}"), ("impl", "impl", "{}"),
-           ("median_ms", "median ms", "{:.3f}"), ("min_ms", "min ms", "{:.3f}"), ("peak_mb", "peak MiB", "{:.2f}"),
-           ("speedup", "x slower than csfrn", "{:.2f}"), ("floor_ms", "floor ms", "{:.3f}")]
+COLUMNS = [
+    ("op", "op", "{}"),
+    ("shape", "shape", "{}"),
+    ("pass", "pass", "{}"),
+    ("impl", "impl", "{}"),
+    ("median_ms", "median ms", "{:.3f}"),
+    ("min_ms", "min ms", "{:.3f}"),
+    ("peak_mb", "peak MiB", "{:.2f}"),
+    ("speedup", "x slower than csfrn", "{:.2f}"),
+    ("floor_ms", "floor ms", "{:.3f}"),
+]
 
 
 def summary_lines(rows):
     """The targets of the issue as ratios: ours vs the peer formulation, fwd+bwd."""
     lines = []
-    kernels = {(r["op"], r["shape"]): r["median_ms"] for r in rows
-               if r["pass"] == "fwd+bwd" and r["impl"] == "kernels only"}
+    kernels = {
+        (r["op"], r["shape"]): r["median_ms"] for r in rows if r["pass"] == "fwd+bwd" and r["impl"] == "kernels only"
+    }
     for r in rows:
         if r["pass"] == "fwd+bwd" and r["impl"] == PEER[r["op"]]:
             alone = r["median_ms"] / kernels[r["op"], r["shape"]] if (r["op"], r["shape"]) in kernels else None
-            lines.append(f"{r['op']:16s} {r['shape']}: csfrn is {r['speedup']:.1f}x faster than {r['impl']} fwd+bwd"
-                         + (f" ({alone:.1f}x for our kernels alone, without autograd)" if alone else ""))
+            lines.append(
+                f"{r['op']:16s} {r['shape']}: csfrn is {r['speedup']:.1f}x faster than {r['impl']} fwd+bwd"
+                + (f" ({alone:.1f}x for our kernels alone, without autograd)" if alone else "")
+            )
     return lines
 
 
@@ -183,31 +219,47 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--shape", action="append", type=parse_shape, default=None, metavar="N,D,H,W,K",
-                        help="a shape to time (repeatable; default N=2 D=32 97x97 with K=19 and K=150)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        default=None,
+        metavar="N,D,H,W,K",
+        help="a shape to time (repeatable; default N=2 D=32 97x97 with K=19 and K=150)",
+    )
     parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke test")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="write the rows to DIR/class_ops-<device>.json (default: no file)")
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="write the rows to DIR/class_ops-<device>.json (default: no file)"
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the rows to FILE (instead of --out's)")
     return parser
 
 
 def main(argv=None, parser=None):
-    parser = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/bench_ops.py",
-                                                             description=__doc__.split("\n\n")[0]))
+    parser = add_arguments(
+        parser or argparse.ArgumentParser(prog="benchmarks/bench_ops.py", description=__doc__.split("\n\n")[0])
+    )
     args = parser.parse_args(argv)
     shapes = [(2, 8, 24, 24, 5)] if args.quick else args.shape
     ceilings = cpu_ceilings() if torch.device(args.device).type == "cpu" else None
     rows = run(args.device, args.reps, shapes=shapes, dtype=getattr(torch, args.dtype), ceilings=ceilings)
-    meta = {"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
-            "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "ceilings": ceilings}
+    meta = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "date": datetime.date.today().isoformat(),
+        "threads": torch.get_num_threads(),
+        "ceilings": ceilings,
+    }
     path = args.json or (args.out and os.path.join(args.out, f"class_ops-{torch.device(args.device).type}.json"))
     if path:
         write_json(path, {"meta": meta, "rows": rows})
     print(f"class-wise ops on {meta['device']}, torch {meta['torch']}, {args.dtype}, median of {args.reps}")
     if ceilings:
-        print(f"floors from this CPU's ceilings, measured now: {ceilings['copy_gb_s']:.1f} GB/s copy, "
-              f"{ceilings['matmul_gflops_fp32']:.0f} GFLOP/s float32 matmul")
+        print(
+            f"floors from this CPU's ceilings, measured now: {ceilings['copy_gb_s']:.1f} GB/s copy, "
+            f"{ceilings['matmul_gflops_fp32']:.0f} GFLOP/s float32 matmul"
+        )
     print(table(rows, COLUMNS))
     print("\n".join(summary_lines(rows)))
     print(f"wrote {path}" if path else "(no --out: nothing written)")

@@ -1,4 +1,5 @@
 """Timing and peak-memory helpers shared by every benchmark: one process, interleaved repetitions, medians."""
+
 import contextlib
 import json
 import os
@@ -29,8 +30,10 @@ def cpu_ceilings(copy_mib=64, n=1536, reps=5):
     dst = torch.empty_like(src)
     a, b = torch.randn(n, n), torch.randn(n, n)
     result = {}
-    for key, fn, work in (("copy_gb_s", lambda: dst.copy_(src), 2 * src.numel() * 4),
-                          ("matmul_gflops_fp32", lambda: a @ b, 2 * n ** 3)):
+    for key, fn, work in (
+        ("copy_gb_s", lambda: dst.copy_(src), 2 * src.numel() * 4),
+        ("matmul_gflops_fp32", lambda: a @ b, 2 * n**3),
+    ):
         fn()
         seconds = []
         for _ in range(reps):
@@ -68,13 +71,16 @@ def gpu_ceilings(reps=10, copy_mib=1024, n=8192):
     out = {"copy_gb_s": _copy_gb_s(copy_mib, reps)}
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
-        for name, dtype, allow_tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
-                                        ("bf16", torch.bfloat16, False)):
+        for name, dtype, allow_tf32 in (
+            ("fp32", torch.float32, False),
+            ("tf32", torch.float32, True),
+            ("bf16", torch.bfloat16, False),
+        ):
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             a = torch.randn(n, n, device="cuda", dtype=dtype)
             b = torch.randn(n, n, device="cuda", dtype=dtype)
             ms = _median_ms(lambda: a @ b, reps)
-            out[f"matmul_tflops_{name}"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+            out[f"matmul_tflops_{name}"] = 2 * n**3 / (ms * 1e-3) / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
@@ -93,7 +99,7 @@ def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
     {"median_ms", "min_ms", "max_ms", "peak_mb"}. Peak memory: CUDA's allocator peak on GPUs; on the CPU, the
     peak of bytes held by tensors allocated during one call (torch profiler)."""
     times = {name: [] for name in fns}
-    peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}   # also serves as a warm-up
+    peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}  # also serves as a warm-up
     for _ in range(max(warmup - 1, 0)):
         for fn in fns.values():
             fn()
@@ -106,8 +112,10 @@ def measure(fns, device="cpu", reps=5, warmup=1, min_time=0.0):
         for name in order:
             times[name].append(_time_once(fns[name], device))
         rep += 1
-    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
-                   "peak_mb": peaks[name]} for name, ts in times.items()}
+    return {
+        name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "peak_mb": peaks[name]}
+        for name, ts in times.items()
+    }
 
 
 def _time_once(fn, device):
@@ -131,8 +139,10 @@ def _time_once(fn, device):
 # "ERROR: ... gpuGetDeviceCount failed with code 35"; and c10's "Memory block of unknown size was allocated
 # before the profiling started" when the call frees a tensor made before it (the peak counts the call's own
 # allocations by design). None of it is ours or actionable.
-_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):.*\]|gpuGetDeviceCount failed|"
-                             r"allocated before the profiling started")
+_PROFILER_NOISE = re.compile(
+    r"^(USDT|STAGE):.*\]|gpuGetDeviceCount failed|"
+    r"allocated before the profiling started"
+)
 
 
 @contextlib.contextmanager
@@ -151,8 +161,11 @@ def profiler_quiet():
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
-                    if not _PROFILER_NOISE.search(line)]
+            kept = [
+                line
+                for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                if not _PROFILER_NOISE.search(line)
+            ]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
@@ -168,10 +181,11 @@ def peak_memory_mb(fn, device="cpu"):
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with profiler_quiet():                 # kineto logs at start, stop and when its events are read
+    with profiler_quiet():  # kineto logs at start, stop and when its events are read
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         recorded = prof.events()
+
     # Walk allocation events in time order; the running sum of bytes is what the call holds.
     # Self memory counts each allocation once (an operator's total would count its children's again);
     # frees appear as "[memory]" events with negative sizes. An operator that frees its children's
@@ -180,6 +194,7 @@ def peak_memory_mb(fn, device="cpu"):
     def when(e):
         own_frees = e.self_cpu_memory_usage < 0 and e.name != "[memory]"
         return e.time_range.end if own_frees else e.time_range.start
+
     events = sorted((when(e), e.self_cpu_memory_usage) for e in recorded if e.self_cpu_memory_usage)
     held = peak = 0
     for _, size in events:

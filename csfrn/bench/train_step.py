@@ -24,6 +24,7 @@ The targets are ratios: (b) / (a) step time, and how much our kernels cut CSFRN'
 baseline: ((c) - (a)) / ((b) - (a)). GFLOPs (paper counting, ``csfrn.models.complexity``) put (b) / (a) in
 context: it cannot go below the FLOP ratio when both run at the same rate.
 """
+
 import argparse
 import contextlib
 import copy
@@ -50,15 +51,25 @@ NUM_CLASSES = 19
 # Tiny widths for tests and smoke runs: seconds on a CPU, same code paths.
 QUICK = dict(width=8, blocks=(1, 1, 1, 1), channels=32, aux_channels=16, embed_dim=8)
 DEFAULT_VARIANTS = ("baseline", "csfrn", "reference", "torchvision")
-SPEED_VARIANTS = ("baseline-cl", "baseline-compiled", "baseline-cl-compiled", "csfrn-cl", "csfrn-compiled",
-                  "csfrn-cl-compiled", "tv-deeplabv3", "tv-deeplabv3-cl")
+SPEED_VARIANTS = (
+    "baseline-cl",
+    "baseline-compiled",
+    "baseline-cl-compiled",
+    "csfrn-cl",
+    "csfrn-compiled",
+    "csfrn-cl-compiled",
+    "tv-deeplabv3",
+    "tv-deeplabv3-cl",
+)
 VARIANTS = DEFAULT_VARIANTS + SPEED_VARIANTS
 
 
-def torchvision_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1,
-                                   padding=0, dilation=1, mask=None):
+def torchvision_dual_deform_conv2d(
+    x, y, offset, weight_x, weight_y, bias_x=None, bias_y=None, stride=1, padding=0, dilation=1, mask=None
+):
     """``csfrn.ops.dual_deform_conv2d`` made of two ``torchvision.ops.deform_conv2d`` calls (the peer)."""
-    from torchvision.ops import deform_conv2d   # here: the torchvision peers are optional (have_torchvision)
+    from torchvision.ops import deform_conv2d  # here: the torchvision peers are optional (have_torchvision)
+
     kw = dict(stride=stride, padding=padding, dilation=dilation, mask=mask)
     return deform_conv2d(x, offset, weight_x, bias_x, **kw), deform_conv2d(y, offset, weight_y, bias_y, **kw)
 
@@ -95,8 +106,7 @@ def make_batch(batch, size, device, seed=0):
 
 def build(csflm, quick, device, seed=0):
     torch.manual_seed(seed)
-    model = build_model("deeplabv3plus", NUM_CLASSES, backbone="resnet50c", csflm=csflm,
-                        **(QUICK if quick else {}))
+    model = build_model("deeplabv3plus", NUM_CLASSES, backbone="resnet50c", csflm=csflm, **(QUICK if quick else {}))
     if csflm:
         # Fractional offsets, as after some training: the zero initialisation samples exactly on the pixel grid.
         torch.nn.init.uniform_(model.csflm.fuse.offset.bias, -1.0, 1.0)
@@ -117,6 +127,7 @@ def train_step_fn(model, optimizer, images, labels, amp=None, context=contextlib
                 loss = sum(losses.values())
             loss.backward()
             optimizer.step()
+
     return step
 
 
@@ -126,6 +137,7 @@ def inference_fn(model, images, amp=None, context=contextlib.nullcontext):
     def infer():
         with context(), torch.no_grad(), torch.autocast(device_type, dtype=amp, enabled=amp is not None):
             model(images)
+
     return infer
 
 
@@ -134,8 +146,9 @@ def gflops(quick, size):
     out = {}
     for name, csflm in (("baseline", False), ("csfrn", True)):
         with torch.device("meta"):
-            model = build_model("deeplabv3plus", NUM_CLASSES, backbone="resnet50c", csflm=csflm,
-                                **(QUICK if quick else {}))
+            model = build_model(
+                "deeplabv3plus", NUM_CLASSES, backbone="resnet50c", csflm=csflm, **(QUICK if quick else {})
+            )
         out[name] = complexity(model, size)["gflops"]
     return out
 
@@ -160,9 +173,9 @@ def parse_variant(name):
     """``"csfrn-cl-compiled"`` -> ("csfrn", channels_last=True, compiled=True)."""
     base, channels_last, compiled = name, False, False
     if base.endswith("-compiled"):
-        base, compiled = base[:-len("-compiled")], True
+        base, compiled = base[: -len("-compiled")], True
     if base.endswith("-cl"):
-        base, channels_last = base[:-len("-cl")], True
+        base, channels_last = base[: -len("-cl")], True
     return base, channels_last, compiled
 
 
@@ -173,7 +186,8 @@ class TorchvisionPeer(torch.nn.Module):
 
     def __init__(self, quick=False):
         super().__init__()
-        from torchvision.models.segmentation import deeplabv3_resnet50   # optional, as above
+        from torchvision.models.segmentation import deeplabv3_resnet50  # optional, as above
+
         self.model = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True)
 
     def forward(self, images, labels=None):
@@ -210,8 +224,9 @@ def step_flops(name, quick, size, batch):
         if base == "tv-deeplabv3":
             model = TorchvisionPeer(quick)
         else:
-            model = build_model("deeplabv3plus", NUM_CLASSES, backbone="resnet50c", csflm=base != "baseline",
-                                **(QUICK if quick else {}))
+            model = build_model(
+                "deeplabv3plus", NUM_CLASSES, backbone="resnet50c", csflm=base != "baseline", **(QUICK if quick else {})
+            )
     return training_flops(model, (batch, 3, *size))
 
 
@@ -225,9 +240,24 @@ def ceiling_tflops(device, amp):
     return cpu_ceilings()["matmul_gflops_fp32"] / 1e3, "matmul_tflops_fp32"
 
 
-def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=1, variants=DEFAULT_VARIANTS,
-        inference=True, infer_size=None, infer_batch=None, ceiling=None, compile_mode="default", engine_iters=0,
-        engine_workers=2, log=print):
+def run(
+    device="cpu",
+    size=None,
+    batch=2,
+    reps=5,
+    amp=None,
+    quick=False,
+    warmup=1,
+    variants=DEFAULT_VARIANTS,
+    inference=True,
+    infer_size=None,
+    infer_batch=None,
+    ceiling=None,
+    compile_mode="default",
+    engine_iters=0,
+    engine_workers=2,
+    log=print,
+):
     """Measures the variants; returns {"meta", "rows", "ratios", "gflops", "train", "ceiling"} (and "engine"
     with ``engine_iters``).
 
@@ -276,8 +306,14 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
         if key not in optimizers:
             optimizers[key] = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         net = torch.compile(model, mode=compile_mode) if compiled else model
-        steps[v] = train_step_fn(net, optimizers[key], images_cl if channels_last else images, labels, amp_dtype,
-                                 lambda v=v: variant_context(v))
+        steps[v] = train_step_fn(
+            net,
+            optimizers[key],
+            images_cl if channels_last else images,
+            labels,
+            amp_dtype,
+            lambda v=v: variant_context(v),
+        )
     for v in variants:
         if parse_variant(v)[2]:
             log(f"compiling {v}")
@@ -297,8 +333,12 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
             infer_size = tuple(infer_size or size)
             infer_images, _ = make_batch(infer_batch or batch, infer_size, device, seed=1)
         infer_cl = infer_images.to(memory_format=torch.channels_last)
-        infers = {v: inference_fn(models[v], infer_cl if parse_variant(v)[1] else infer_images, amp_dtype,
-                                  lambda v=v: variant_context(v)) for v in eager}
+        infers = {
+            v: inference_fn(
+                models[v], infer_cl if parse_variant(v)[1] else infer_images, amp_dtype, lambda v=v: variant_context(v)
+            )
+            for v in eager
+        }
         log(f"timing inference of {', '.join(eager)}")
         results["inference"] = measure(infers, device=device, reps=reps, warmup=warmup)
 
@@ -311,28 +351,57 @@ def run(device="cpu", size=None, batch=2, reps=5, amp=None, quick=False, warmup=
     for mode, res in results.items():
         base = res["baseline"]["median_ms"]
         for v in res:
-            row = {"mode": mode, "variant": v, **res[v], "vs_baseline": res[v]["median_ms"] / base,
-                   "images_s": batch * 1e3 / res[v]["median_ms"]}
+            row = {
+                "mode": mode,
+                "variant": v,
+                **res[v],
+                "vs_baseline": res[v]["median_ms"] / base,
+                "images_s": batch * 1e3 / res[v]["median_ms"],
+            }
             if mode == "train step":
                 row["tflops"] = flops[v] / (res[v]["median_ms"] * 1e-3) / 1e12
                 row["mfu"] = row["tflops"] / ceiling
-                train[v] = {"step_ms": row["median_ms"], "images_s": row["images_s"], "peak_mb": row["peak_mb"],
-                            "tflops": row["tflops"], "mfu": row["mfu"], "step_tflop": flops[v] / 1e12}
+                train[v] = {
+                    "step_ms": row["median_ms"],
+                    "images_s": row["images_s"],
+                    "peak_mb": row["peak_mb"],
+                    "tflops": row["tflops"],
+                    "mfu": row["mfu"],
+                    "step_tflop": flops[v] / 1e12,
+                }
             rows.append(row)
     paper = gflops(quick, size)
-    meta = {"device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "time": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC"),
-            "model": "deeplabv3plus resnet50c" + (" (quick: tiny widths)" if quick else ""), "quick": quick,
-            "classes": NUM_CLASSES, "batch": batch, "size": list(size), "amp": amp, "reps": reps,
-            "compile_mode": compile_mode, "threads": torch.get_num_threads(), "load_average": _load_average()}
+    meta = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "time": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC"),
+        "model": "deeplabv3plus resnet50c" + (" (quick: tiny widths)" if quick else ""),
+        "quick": quick,
+        "classes": NUM_CLASSES,
+        "batch": batch,
+        "size": list(size),
+        "amp": amp,
+        "reps": reps,
+        "compile_mode": compile_mode,
+        "threads": torch.get_num_threads(),
+        "load_average": _load_average(),
+    }
     if inference:
         meta["infer_batch"], meta["infer_size"] = int(infer_images.shape[0]), list(infer_images.shape[-2:])
-    result = {"meta": meta, "rows": rows, "ratios": ratios(results["train step"]),
-              "gflops": {**paper, "ratio": paper["csfrn"] / paper["baseline"]},
-              "train": train, "ceiling": {"tflops": ceiling, "what": ceiling_what}}
+    result = {
+        "meta": meta,
+        "rows": rows,
+        "ratios": ratios(results["train step"]),
+        "gflops": {**paper, "ratio": paper["csfrn"] / paper["baseline"]},
+        "train": train,
+        "ceiling": {"tflops": ceiling, "what": ceiling_what},
+    }
     if engine_iters:
-        result["engine"] = {name: engine_times(name == "csfrn", quick, size, batch, engine_iters, device, amp,
-                                               engine_workers, log) for name in ("baseline", "csfrn")}
+        result["engine"] = {
+            name: engine_times(name == "csfrn", quick, size, batch, engine_iters, device, amp, engine_workers, log)
+            for name in ("baseline", "csfrn")
+        }
     return result
 
 
@@ -341,23 +410,44 @@ def engine_times(csflm, quick, size, batch, iters, device, amp, workers, log=pri
     the engine's memory format and settings) on the synthetic set at ``size``; {"data_ms", "step_ms",
     "compute_ms", "images_s"} per step over the second half of the run (the first half warms up)."""
     model = QUICK if quick else {}
-    overrides = [f"model.csflm={'true' if csflm else 'false'}", f"model.num_classes={NUM_CLASSES}",
-                 "model.head=deeplabv3plus", "model.backbone=resnet50c", "model.pretrained=null",
-                 *[f"model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in model.items()],
-                 "data.dataset=synthetic", f"data.size={max(size)}", f"data.length={batch * iters}",
-                 "data.val_length=1", f"data.crop_size=[{size[0]},{size[1]}]", "data.scale_range=[1.0,1.0]",
-                 f"data.batch_size={batch}", f"data.num_workers={workers}", f"train.iters={iters}",
-                 f"train.log_interval={max(iters // 2, 1)}", "train.eval_interval=0", f"train.amp={amp}",
-                 f"train.device={torch.device(device).type}", f"train.checkpoint_interval={iters}",
-                 "train.tensorboard=false", "train.progress=false", "eval.mode=whole", "eval.max_images=1"]
+    overrides = [
+        f"model.csflm={'true' if csflm else 'false'}",
+        f"model.num_classes={NUM_CLASSES}",
+        "model.head=deeplabv3plus",
+        "model.backbone=resnet50c",
+        "model.pretrained=null",
+        *[f"model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in model.items()],
+        "data.dataset=synthetic",
+        f"data.size={max(size)}",
+        f"data.length={batch * iters}",
+        "data.val_length=1",
+        f"data.crop_size=[{size[0]},{size[1]}]",
+        "data.scale_range=[1.0,1.0]",
+        f"data.batch_size={batch}",
+        f"data.num_workers={workers}",
+        f"train.iters={iters}",
+        f"train.log_interval={max(iters // 2, 1)}",
+        "train.eval_interval=0",
+        f"train.amp={amp}",
+        f"train.device={torch.device(device).type}",
+        f"train.checkpoint_interval={iters}",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "eval.mode=whole",
+        "eval.max_images=1",
+    ]
     log(f"training {'CSFRN' if csflm else 'the baseline'} {iters} iterations through csfrn.engine.train")
     with tempfile.TemporaryDirectory() as work_dir:
         cfg = load_config(None, overrides + [f"train.work_dir={work_dir}"])
         train(cfg)
         with open(os.path.join(work_dir, "metrics.jsonl")) as f:
             last = [r for r in map(json.loads, f) if r["kind"] == "train"][-1]
-    return {"data_ms": last["data_ms"], "step_ms": last["step_ms"],
-            "compute_ms": last["step_ms"] - last["data_ms"], "images_s": last["images/s"]}
+    return {
+        "data_ms": last["data_ms"],
+        "step_ms": last["step_ms"],
+        "compute_ms": last["step_ms"] - last["data_ms"],
+        "images_s": last["images/s"],
+    }
 
 
 def _load_average():
@@ -368,20 +458,32 @@ def _load_average():
         return None
 
 
-COLUMNS = [("mode", "mode", "{}"), ("variant", "variant", "{}"), ("median_ms", "median ms", "{:.1f}"),
-           ("min_ms", "min ms", "{:.1f}"), ("max_ms", "max ms", "{:.1f}"), ("peak_mb", "peak MiB", "{:.0f}"),
-           ("images_s", "images/s", "{:.3g}"), ("tflops", "TFLOP/s", "{:.3g}"), ("mfu", "of ceiling", "{:.1%}"),
-           ("vs_baseline", "x baseline", "{:.3f}")]
+COLUMNS = [
+    ("mode", "mode", "{}"),
+    ("variant", "variant", "{}"),
+    ("median_ms", "median ms", "{:.1f}"),
+    ("min_ms", "min ms", "{:.1f}"),
+    ("max_ms", "max ms", "{:.1f}"),
+    ("peak_mb", "peak MiB", "{:.0f}"),
+    ("images_s", "images/s", "{:.3g}"),
+    ("tflops", "TFLOP/s", "{:.3g}"),
+    ("mfu", "of ceiling", "{:.1%}"),
+    ("vs_baseline", "x baseline", "{:.3f}"),
+]
 
 
 def summary_lines(result):
     r, g = result["ratios"], result["gflops"]
-    lines = [f"(b)/(a) step time: {r['csfrn_over_baseline']:.3f}  (GFLOPs ratio {g['ratio']:.3f}: "
-             f"{g['csfrn']:.4g} vs {g['baseline']:.4g} per image)"]
+    lines = [
+        f"(b)/(a) step time: {r['csfrn_over_baseline']:.3f}  (GFLOPs ratio {g['ratio']:.3f}: "
+        f"{g['csfrn']:.4g} vs {g['baseline']:.4g} per image)"
+    ]
     if "extra_cut" in r:
         cut = "n/a (no extra time)" if r["extra_cut"] is None else f"{r['extra_cut']:.2f}x"
-        lines.append(f"CSFRN's extra time over the baseline: ours {r['extra_ms_csfrn']:.1f} ms, reference "
-                     f"{r['extra_ms_reference']:.1f} ms; ((c)-(a))/((b)-(a)) = {cut}")
+        lines.append(
+            f"CSFRN's extra time over the baseline: ours {r['extra_ms_csfrn']:.1f} ms, reference "
+            f"{r['extra_ms_reference']:.1f} ms; ((c)-(a))/((b)-(a)) = {cut}"
+        )
     if "torchvision_over_csfrn" in r:
         lines.append(f"(d)/(b) step time (torchvision deform conv in AAM): {r['torchvision_over_csfrn']:.3f}")
     return lines
@@ -398,37 +500,69 @@ def add_arguments(parser):
     """The options of this benchmark (``csfrn bench --what train`` and ``benchmarks/bench_train_step.py``)."""
     parser.add_argument("--size", type=parse_size, default=None, help="H or HxW (default 321 CPU, 769 CUDA)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--reps", "--iters", dest="reps", type=int, default=5,
-                        help="timed steps per variant (interleaved; default %(default)s)")
+    parser.add_argument(
+        "--reps",
+        "--iters",
+        dest="reps",
+        type=int,
+        default=5,
+        help="timed steps per variant (interleaved; default %(default)s)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default bf16 on CUDA, none on CPU")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS) + ["all"],
-                        help="default: %(default)s; 'all': every variant")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        choices=list(VARIANTS) + ["all"],
+        help="default: %(default)s; 'all': every variant",
+    )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the -compiled variants")
-    parser.add_argument("--ceiling-tflops", type=float, default=None,
-                        help="the device's ceiling in TFLOP/s (default: measured now, bf16 matmul on a GPU under "
-                             "autocast, float32 otherwise)")
-    parser.add_argument("--engine-iters", type=int, default=0,
-                        help="also train N iterations of the baseline and CSFRN through csfrn train's loop and "
-                             "report data time per step beside compute time (default: 0, not)")
+    parser.add_argument(
+        "--ceiling-tflops",
+        type=float,
+        default=None,
+        help="the device's ceiling in TFLOP/s (default: measured now, bf16 matmul on a GPU under "
+        "autocast, float32 otherwise)",
+    )
+    parser.add_argument(
+        "--engine-iters",
+        type=int,
+        default=0,
+        help="also train N iterations of the baseline and CSFRN through csfrn train's loop and "
+        "report data time per step beside compute time (default: 0, not)",
+    )
     parser.add_argument("--engine-workers", type=int, default=2, help="data.num_workers of that run")
     parser.add_argument("--no-inference", dest="inference", action="store_false")
-    parser.add_argument("--infer-size", type=parse_size, default=None,
-                        help="H or HxW of the inference input (default: the training size)")
+    parser.add_argument(
+        "--infer-size",
+        type=parse_size,
+        default=None,
+        help="H or HxW of the inference input (default: the training size)",
+    )
     parser.add_argument("--infer-batch", type=int, default=None, help="images per inference (default --batch)")
     parser.add_argument("--quick", action="store_true", help="tiny model and size, for tests")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
-                             "parallel op on a descheduled thread")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="write the results to DIR/train_step-<device>.json (default: no file)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default torch's); 1 keeps a shared, loaded CPU from stalling every "
+        "parallel op on a descheduled thread",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write the results to DIR/train_step-<device>.json (default: no file)",
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results to FILE (instead of --out's)")
     return parser
 
 
 def main(argv=None, parser=None):
-    parser = add_arguments(parser or argparse.ArgumentParser(prog="benchmarks/bench_train_step.py",
-                                                             description=__doc__.split("\n\n")[0]))
+    parser = add_arguments(
+        parser or argparse.ArgumentParser(prog="benchmarks/bench_train_step.py", description=__doc__.split("\n\n")[0])
+    )
     args = parser.parse_args(argv)
     if args.out and not args.json:
         args.json = os.path.join(args.out, f"train_step-{torch.device(args.device).type}.json")
@@ -436,22 +570,38 @@ def main(argv=None, parser=None):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     variants = VARIANTS if "all" in args.variants else args.variants
-    result = run(args.device, args.size, args.batch, args.reps, args.amp, args.quick, variants=variants,
-                 inference=args.inference, infer_size=args.infer_size, infer_batch=args.infer_batch,
-                 ceiling=args.ceiling_tflops, compile_mode=args.compile_mode, engine_iters=args.engine_iters,
-                 engine_workers=args.engine_workers)
+    result = run(
+        args.device,
+        args.size,
+        args.batch,
+        args.reps,
+        args.amp,
+        args.quick,
+        variants=variants,
+        inference=args.inference,
+        infer_size=args.infer_size,
+        infer_batch=args.infer_batch,
+        ceiling=args.ceiling_tflops,
+        compile_mode=args.compile_mode,
+        engine_iters=args.engine_iters,
+        engine_workers=args.engine_workers,
+    )
     m = result["meta"]
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
-    print(f"{m['model']}, {m['classes']} classes, N={m['batch']} 3x{m['size'][0]}x{m['size'][1]}, amp {m['amp']}, "
-          f"on {m['device']}, torch {m['torch']}, median of {m['reps']} (load average {m['load_average']}, "
-          f"{time.perf_counter() - start:.0f} s in all)")
+    print(
+        f"{m['model']}, {m['classes']} classes, N={m['batch']} 3x{m['size'][0]}x{m['size'][1]}, amp {m['amp']}, "
+        f"on {m['device']}, torch {m['torch']}, median of {m['reps']} (load average {m['load_average']}, "
+        f"{time.perf_counter() - start:.0f} s in all)"
+    )
     print("\n".join(summary_lines(result)))
     print(f"ceiling {result['ceiling']['tflops']:.3g} TFLOP/s ({result['ceiling']['what']})")
     for name, e in result.get("engine", {}).items():
-        print(f"through csfrn train ({name}): {e['step_ms']:.1f} ms per step, data {e['data_ms']:.1f} ms beside "
-              f"compute {e['compute_ms']:.1f} ms, {e['images_s']:.3g} images/s")
+        print(
+            f"through csfrn train ({name}): {e['step_ms']:.1f} ms per step, data {e['data_ms']:.1f} ms beside "
+            f"compute {e['compute_ms']:.1f} ms, {e['images_s']:.3g} images/s"
+        )
     print(table(result["rows"], COLUMNS))
     return result
 

@@ -13,5 +13,17 @@ take a fraction of a second.
 """
 
 # In the order of `csfrn --help`.
-VERBS = ("train", "eval", "predict", "export", "visualize", "flops", "bench", "demo", "ablate", "config", "plot",
-         "browse")
+VERBS = (
+    "train",
+    "eval",
+    "predict",
+    "export",
+    "visualize",
+    "flops",
+    "bench",
+    "demo",
+    "ablate",
+    "config",
+    "plot",
+    "browse",
+)

@@ -1,5 +1,6 @@
 """What several verbs share: the ``--config`` / ``--set`` / ``--debug`` options, ``--overwrite``, the config they
 resolve to, and the checks of the paths named on the command line."""
+
 import os
 
 from ..configs import find_config
@@ -10,8 +11,14 @@ from ..errors import ConfigError, MissingPathError, UsageError
 def add_config_options(parser):
     """The options every verb but bench and plot takes."""
     parser.add_argument("--config", help="YAML config (sections model / data / train / eval)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.02 (repeatable)",
+    )
     add_debug(parser)
 
 
@@ -40,10 +47,12 @@ def set_paths(cfg, keys):
 
 def check_paths(args):
     """The files and folders named on the command line exist, before any work starts."""
-    if args.config is not None:   # a YAML file, or a shipped config's name (csfrn.configs)
+    if args.config is not None:  # a YAML file, or a shipped config's name (csfrn.configs)
         args.config = find_config(args.config, "--config")
-    files = [("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
-             ("--model", getattr(args, "model", None), "an exported .onnx or .pt2 file (csfrn export)")]
+    files = [
+        ("--checkpoint", getattr(args, "checkpoint", None), "a checkpoint file (best.pth / last.pth)"),
+        ("--model", getattr(args, "model", None), "an exported .onnx or .pt2 file (csfrn export)"),
+    ]
     if getattr(args, "resume", None) != "auto":
         files.append(("--resume", getattr(args, "resume", None), "a checkpoint file, or 'auto'"))
     for flag, path, expected in files:
@@ -52,12 +61,15 @@ def check_paths(args):
             raise MissingPathError(f"{flag} {path}: {what} (expected {expected})")
     model = getattr(args, "model", None)
     if model is not None and os.path.splitext(model)[1].lower() not in (".onnx", ".pt2"):
-        raise UsageError(f"--model {model}: unsupported file type {os.path.splitext(model)[1] or '(no suffix)'}; "
-                         f"expected an exported model ending in .onnx or .pt2 (csfrn export)")
+        raise UsageError(
+            f"--model {model}: unsupported file type {os.path.splitext(model)[1] or '(no suffix)'}; "
+            f"expected an exported model ending in .onnx or .pt2 (csfrn export)"
+        )
     for path in getattr(args, "input", None) or []:
         if not os.path.exists(path):
-            raise MissingPathError(f"--input {path}: no such file or directory (expected image files or folders "
-                                   f"of images)")
+            raise MissingPathError(
+                f"--input {path}: no such file or directory (expected image files or folders of images)"
+            )
 
 
 def one_of(args):

@@ -1,21 +1,31 @@
 """``csfrn bench --what X [X's options]``: the benchmarks in :mod:`csfrn.bench`; X's own parser takes the rest
 of the command line, so an option X does not take is an error, not dropped."""
+
 import argparse
 import importlib
 
 from ..errors import UsageError
 
 # csfrn bench --what NAME runs NAME's main(argv, parser); the module's add_arguments(parser) lists its options.
-BENCHMARKS = {"ops": "csfrn.bench.ops", "deform": "csfrn.bench.deform", "train": "csfrn.bench.train_step",
-              "export": "csfrn.bench.export"}
-BENCHMARK_SUMMARIES = {"ops": "every csfrn op against its twin (and the peer), forward and backward",
-                       "deform": "deform_conv2d / the AAM pair against torchvision, with the launch plan's floor",
-                       "train": "training steps: baseline, CSFRN, channels_last, compiled, torchvision's peer",
-                       "export": "an exported model: onnxruntime and torch.export against PyTorch eager"}
+BENCHMARKS = {
+    "ops": "csfrn.bench.ops",
+    "deform": "csfrn.bench.deform",
+    "train": "csfrn.bench.train_step",
+    "export": "csfrn.bench.export",
+}
+BENCHMARK_SUMMARIES = {
+    "ops": "every csfrn op against its twin (and the peer), forward and backward",
+    "deform": "deform_conv2d / the AAM pair against torchvision, with the launch plan's floor",
+    "train": "training steps: baseline, CSFRN, channels_last, compiled, torchvision's peer",
+    "export": "an exported model: onnxruntime and torch.export against PyTorch eager",
+}
 
-PARSER = {"help": "benchmarks: --what ops | deform | train | export", "add_help": False,
-          "description": "Benchmarks. Each --what takes its own options, listed below; results are written under "
-          "--out DIR only, never to the current folder."}
+PARSER = {
+    "help": "benchmarks: --what ops | deform | train | export",
+    "add_help": False,
+    "description": "Benchmarks. Each --what takes its own options, listed below; results are written under "
+    "--out DIR only, never to the current folder.",
+}
 EXAMPLES = ["csfrn bench --what ops --quick", "csfrn bench --what train --out results/"]
 # The rest of the command line goes to the benchmark's own parser (csfrn.cli passes it as args.extra).
 TAKES_EXTRA_ARGUMENTS = True
@@ -34,8 +44,11 @@ def benchmark_parser(what):
     """The benchmark module of ``csfrn bench --what WHAT`` and an empty parser for it: the module's
     ``add_arguments`` (called by its ``main``) gives it the module's own options."""
     module = importlib.import_module(BENCHMARKS[what])
-    parser = _OneLineParser(prog="csfrn bench", usage=f"csfrn bench --what {what} [options]",
-                            description=(module.__doc__ or "").split("\n\n")[0])
+    parser = _OneLineParser(
+        prog="csfrn bench",
+        usage=f"csfrn bench --what {what} [options]",
+        description=(module.__doc__ or "").split("\n\n")[0],
+    )
     parser.hint = f"see csfrn bench --what {what} --help"
     return module, parser
 
@@ -49,7 +62,7 @@ class _BenchHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         chosen = getattr(namespace, "what", None)
         parser.print_help()
-        if chosen is None:   # no import (torch) for the overview: each benchmark's options come with --what X
+        if chosen is None:  # no import (torch) for the overview: each benchmark's options come with --what X
             print("\nbenchmarks (csfrn bench --what X --help: X's options):")
             for what in sorted(BENCHMARKS):
                 print(f"  {what:<8} {BENCHMARK_SUMMARIES[what]}")

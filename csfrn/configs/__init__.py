@@ -8,6 +8,7 @@ one; otherwise X must name a shipped config, given as the name, with ``.yaml``, 
 file of your own always wins over a shipped config of the same name. The ``_base_/`` files are the parts the
 others include (``_base_`` paths are relative to the file naming them); they are not listed.
 """
+
 import importlib.resources
 import os
 import textwrap
@@ -30,8 +31,11 @@ def names():
     found = []
     for folder, subdirs, files in os.walk(top):
         subdirs[:] = sorted(d for d in subdirs if d != BASES)
-        found += [os.path.relpath(os.path.join(folder, f), top)[:-len(SUFFIX)].replace(os.sep, "/")
-                  for f in files if f.endswith(SUFFIX)]
+        found += [
+            os.path.relpath(os.path.join(folder, f), top)[: -len(SUFFIX)].replace(os.sep, "/")
+            for f in files
+            if f.endswith(SUFFIX)
+        ]
     return sorted(found)
 
 
@@ -40,7 +44,7 @@ def shipped_path(name):
     name = name.replace(os.sep, "/")
     for prefix in ("configs/", "./configs/"):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
             break
     if not name.endswith(SUFFIX):
         name += SUFFIX
@@ -59,8 +63,10 @@ def find_config(path, what="config file"):
     if shipped is not None:
         return shipped
     problem = "is a directory" if os.path.isdir(path) else "no such file"
-    raise MissingPathError(f"{what} {path}: {problem}, and no shipped config has that name (expected a YAML config "
-                           f"file, or a name that `csfrn config --list` prints, e.g. demo)")
+    raise MissingPathError(
+        f"{what} {path}: {problem}, and no shipped config has that name (expected a YAML config "
+        f"file, or a name that `csfrn config --list` prints, e.g. demo)"
+    )
 
 
 def describe(name):
@@ -73,7 +79,7 @@ def describe(name):
             lines.append(line.lstrip("#").strip())
     text = " ".join(lines)
     end = text.find(". ")
-    return text[:end + 1] if end >= 0 else text
+    return text[: end + 1] if end >= 0 else text
 
 
 def listing(columns=120):
@@ -81,7 +87,14 @@ def listing(columns=120):
     ``columns`` characters)."""
     all_names = names()
     width = max(map(len, all_names), default=0)
-    lines = [f"{name:<{width}}  {textwrap.shorten(describe(name), columns - width - 2, placeholder=' ...')}".rstrip()
-             for name in all_names]
-    return "\n".join(lines + [f"(--config NAME reads one; `csfrn config --config NAME` prints it resolved; the files "
-                              f"are in {root()})"]) + "\n"
+    lines = [
+        f"{name:<{width}}  {textwrap.shorten(describe(name), columns - width - 2, placeholder=' ...')}".rstrip()
+        for name in all_names
+    ]
+    return (
+        "\n".join(
+            lines
+            + [f"(--config NAME reads one; `csfrn config --config NAME` prints it resolved; the files are in {root()})"]
+        )
+        + "\n"
+    )

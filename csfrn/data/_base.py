@@ -3,6 +3,7 @@
 Item i of a dataset without transforms is ``(image, label)``: image uint8 [3, H, W], label int64 [H, W] whose
 values are class ids in [0, K) or 255 (ignore).
 """
+
 import os
 import sys
 
@@ -21,7 +22,7 @@ def require_dir(path, what):
     return path
 
 
-_FLOAT_NOTED = set()   # processes print the float-image note once
+_FLOAT_NOTED = set()  # processes print the float-image note once
 
 
 def _float_image(img, path):
@@ -29,13 +30,19 @@ def _float_image(img, path):
     values = np.asarray(img, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if not (np.isfinite(values).all() and low >= 0 and high <= 1):
-        raise UnreadableFileError(f"cannot read image {path}: a floating-point image with values in "
-                                  f"[{low:.4g}, {high:.4g}]; expected values in [0, 1] (scaled to 0..255), or an "
-                                  f"8-bit image")
+        raise UnreadableFileError(
+            f"cannot read image {path}: a floating-point image with values in "
+            f"[{low:.4g}, {high:.4g}]; expected values in [0, 1] (scaled to 0..255), or an "
+            f"8-bit image"
+        )
     if "float" not in _FLOAT_NOTED:
         _FLOAT_NOTED.add("float")
-        print(f"note: {path} is a floating-point image: its values in [0, 1] are scaled to 0..255 (so are those of "
-              f"other float images)", file=sys.stderr, flush=True)
+        print(
+            f"note: {path} is a floating-point image: its values in [0, 1] are scaled to 0..255 (so are those of "
+            f"other float images)",
+            file=sys.stderr,
+            flush=True,
+        )
     return np.round(values * 255).astype(np.uint8)
 
 
@@ -89,8 +96,9 @@ def identity_lut(num_classes):
 
 def reduce_zero_lut(num_classes):
     """mmseg's reduce_zero_label: 0 -> ignore, k -> k - 1 (k <= num_classes), 255 stays ignore."""
-    return lut_from_pairs({0: IGNORE_INDEX, **{k: k - 1 for k in range(1, num_classes + 1)},
-                           IGNORE_INDEX: IGNORE_INDEX})
+    return lut_from_pairs(
+        {0: IGNORE_INDEX, **{k: k - 1 for k in range(1, num_classes + 1)}, IGNORE_INDEX: IGNORE_INDEX}
+    )
 
 
 def _ranges(values):
@@ -110,8 +118,9 @@ def apply_lut(raw, lut, path):
     bad = mapped < 0
     if bad.any():
         value = int(raw[bad][0])
-        raise DataError(f"label {path}: value {value} is not a valid class id here "
-                        f"(expected {_ranges(np.flatnonzero(lut >= 0))})")
+        raise DataError(
+            f"label {path}: value {value} is not a valid class id here (expected {_ranges(np.flatnonzero(lut >= 0))})"
+        )
     return torch.from_numpy(mapped)
 
 
@@ -136,16 +145,21 @@ class SegDataset(torch.utils.data.Dataset):
     Subclasses set ``classes``, ``palette`` and ``self.samples`` and implement :meth:`read_label_raw` when
     labels are not plain PNGs. A sample whose label path is None (unlabelled test split) gets an all-ignore label.
     """
+
     classes = ()
     palette = ()
 
     def __init__(self, root, split, transforms=None, splits=("train", "val", "test")):
         if splits is not None and split not in splits:
-            raise ConfigError(f"{type(self).__name__}: split {split!r} does not exist; expected one of "
-                              f"{', '.join(splits)} (data.train_split / data.val_split / --split)")
+            raise ConfigError(
+                f"{type(self).__name__}: split {split!r} does not exist; expected one of "
+                f"{', '.join(splits)} (data.train_split / data.val_split / --split)"
+            )
         if root is None or not os.path.isdir(root):
-            raise MissingPathError(f"{type(self).__name__}: dataset root {root} does not exist (data.root: expected "
-                                   f"the folder that holds the dataset)")
+            raise MissingPathError(
+                f"{type(self).__name__}: dataset root {root} does not exist (data.root: expected "
+                f"the folder that holds the dataset)"
+            )
         self.root = root
         self.split = split
         self.transforms = transforms
@@ -186,8 +200,10 @@ class SegDataset(torch.utils.data.Dataset):
             seen[np.unique(raw)] = True
             label = apply_lut(raw, self.label_lut(label_path), label_path)
             if tuple(label.shape) != (height, width):
-                raise DataError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
-                                f"{(height, width)} (expected the same height and width)")
+                raise DataError(
+                    f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
+                    f"{(height, width)} (expected the same height and width)"
+                )
         return seen
 
     def load(self, index):
@@ -198,8 +214,9 @@ class SegDataset(torch.utils.data.Dataset):
             return image, torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
         label = apply_lut(self.read_label_raw(label_path), self.label_lut(label_path), label_path)
         if tuple(label.shape) != tuple(image.shape[1:]):
-            raise DataError(f"label {label_path} has size {tuple(label.shape)} but image {image_path} has "
-                             f"{tuple(image.shape[1:])}")
+            raise DataError(
+                f"label {label_path} has size {tuple(label.shape)} but image {image_path} has {tuple(image.shape[1:])}"
+            )
         return image, label
 
     def __getitem__(self, index):

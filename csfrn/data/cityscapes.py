@@ -1,4 +1,5 @@
 """Cityscapes (gtFine): leftImg8bit/{split}/{city}/*_leftImg8bit.png with gtFine/{split}/{city}/ labels."""
+
 import glob
 import os
 
@@ -10,18 +11,86 @@ from ._base import IGNORE_INDEX, SegDataset, lut_from_pairs, require_dir
 # cityscapesScripts labels.py: label id -> train id (255: not evaluated). License plate has id -1, which a
 # uint8 labelIds PNG stores as 255, so 255 maps to ignore as well.
 ID_TO_TRAINID = {
-    0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255, 11: 2, 12: 3, 13: 4,
-    14: 255, 15: 255, 16: 255, 17: 5, 18: 255, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 29: 255, 30: 255, 31: 16, 32: 17, 33: 18, 255: 255,
+    0: 255,
+    1: 255,
+    2: 255,
+    3: 255,
+    4: 255,
+    5: 255,
+    6: 255,
+    7: 0,
+    8: 1,
+    9: 255,
+    10: 255,
+    11: 2,
+    12: 3,
+    13: 4,
+    14: 255,
+    15: 255,
+    16: 255,
+    17: 5,
+    18: 255,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    29: 255,
+    30: 255,
+    31: 16,
+    32: 17,
+    33: 18,
+    255: 255,
 }
 TRAINID_TO_ID = {t: i for i, t in ID_TO_TRAINID.items() if t != 255}
 
-CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-           "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-           "bicycle")
-PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-           (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-           (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+PALETTE = (
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+)
 
 
 def train_ids_to_label_ids(train_ids):
@@ -35,6 +104,7 @@ def train_ids_to_label_ids(train_ids):
 class Cityscapes(SegDataset):
     """19-class Cityscapes. Uses ``*_gtFine_labelTrainIds.png`` when present, else maps
     ``*_gtFine_labelIds.png`` through the official id -> trainId table."""
+
     classes = CLASSES
     palette = PALETTE
 

@@ -5,6 +5,7 @@ Images and masks pair by file stem; mask values are class ids (line numbers of c
 0 / 255 only (a common binary format) is an error unless ``binary_255=True`` (``data.binary_255``), which reads
 255 as class 1.
 """
+
 import os
 
 import numpy as np
@@ -26,16 +27,20 @@ class FolderDataset(SegDataset):
         if not self.classes or len(self.classes) > 255:
             raise DataError(f"FolderDataset: {classes_path} must list 1..255 class names, found {len(self.classes)}")
         if binary_255 and len(self.classes) != 2:
-            raise DataError(f"FolderDataset: data.binary_255 reads masks of 0 / 255 as two classes, but "
-                            f"{classes_path} lists {len(self.classes)}; expected 2 class names")
+            raise DataError(
+                f"FolderDataset: data.binary_255 reads masks of 0 / 255 as two classes, but "
+                f"{classes_path} lists {len(self.classes)}; expected 2 class names"
+            )
         self.binary_255 = binary_255
         self.palette = tuple(make_palette(len(self.classes)))
         images_root = os.path.join(root, "images")
         if os.path.isdir(images_root) and not os.path.isdir(os.path.join(images_root, split)):
             found = sorted(d for d in os.listdir(images_root) if os.path.isdir(os.path.join(images_root, d)))
-            raise MissingPathError(f"FolderDataset: split {split!r} does not exist: no folder {images_root}/{split} "
-                                   f"(splits found: {', '.join(found) or 'none'}; data.train_split / "
-                                   f"data.val_split / --split)")
+            raise MissingPathError(
+                f"FolderDataset: split {split!r} does not exist: no folder {images_root}/{split} "
+                f"(splits found: {', '.join(found) or 'none'}; data.train_split / "
+                f"data.val_split / --split)"
+            )
         image_dir = require_dir(os.path.join(images_root, split), "FolderDataset images")
         mask_dir = require_dir(os.path.join(root, "masks", split), "FolderDataset masks")
         for name in sorted(os.listdir(image_dir)):
@@ -44,18 +49,21 @@ class FolderDataset(SegDataset):
                 continue
             mask_path = os.path.join(mask_dir, stem + ".png")
             if not os.path.isfile(mask_path):
-                raise MissingPathError(f"FolderDataset: no mask for {os.path.join(image_dir, name)}: "
-                                        f"expected {mask_path}")
+                raise MissingPathError(
+                    f"FolderDataset: no mask for {os.path.join(image_dir, name)}: expected {mask_path}"
+                )
             self.samples.append((os.path.join(image_dir, name), mask_path))
         self._check_nonempty(image_dir)
         # The folder is the user's own: check every mask here, not in a DataLoader worker mid-training.
         seen = self.check_samples()
         if len(self.classes) == 2 and not binary_255 and seen[IGNORE_INDEX] and not seen[1]:
-            raise DataError(f"FolderDataset: the masks in {mask_dir} hold only the values "
-                            f"{', '.join(map(str, np.flatnonzero(seen)))} and {classes_path} lists 2 classes "
-                            f"({', '.join(self.classes)}): 255 means 'ignore', so class 1 ({self.classes[1]}) "
-                            f"would never be trained; set data.binary_255: true to read 255 as class 1, or "
-                            f"relabel the masks to 0 / 1")
+            raise DataError(
+                f"FolderDataset: the masks in {mask_dir} hold only the values "
+                f"{', '.join(map(str, np.flatnonzero(seen)))} and {classes_path} lists 2 classes "
+                f"({', '.join(self.classes)}): 255 means 'ignore', so class 1 ({self.classes[1]}) "
+                f"would never be trained; set data.binary_255: true to read 255 as class 1, or "
+                f"relabel the masks to 0 / 1"
+            )
 
     def label_lut(self, label_path):
         if self.binary_255:

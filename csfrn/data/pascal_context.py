@@ -1,22 +1,77 @@
 """PASCAL Context, 59 classes: VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext,
 ImageSets/SegmentationContext/{train,val}.txt} (the label PNGs made by mmseg's pascal_context converter)."""
+
 import os
 
 from ..errors import MissingPathError
 from ._base import SegDataset, make_palette, reduce_zero_lut, require_dir
 
 CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor", "bag", "bed",
-    "bench", "book", "building", "cabinet", "ceiling", "cloth", "computer", "cup", "door", "fence", "floor",
-    "flower", "food", "grass", "ground", "keyboard", "light", "mountain", "mouse", "curtain", "platform",
-    "sign", "plate", "road", "rock", "shelves", "sidewalk", "sky", "snow", "bedclothes", "track", "tree",
-    "truck", "wall", "water", "window", "wood",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "table",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+    "bag",
+    "bed",
+    "bench",
+    "book",
+    "building",
+    "cabinet",
+    "ceiling",
+    "cloth",
+    "computer",
+    "cup",
+    "door",
+    "fence",
+    "floor",
+    "flower",
+    "food",
+    "grass",
+    "ground",
+    "keyboard",
+    "light",
+    "mountain",
+    "mouse",
+    "curtain",
+    "platform",
+    "sign",
+    "plate",
+    "road",
+    "rock",
+    "shelves",
+    "sidewalk",
+    "sky",
+    "snow",
+    "bedclothes",
+    "track",
+    "tree",
+    "truck",
+    "wall",
+    "water",
+    "window",
+    "wood",
 )
 
 
 class PascalContext(SegDataset):
     """Label 0 (background) -> 255 and k -> k - 1, as mmseg's 59-class reduce_zero_label."""
+
     classes = CLASSES
     palette = tuple(make_palette(59))
 

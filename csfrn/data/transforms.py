@@ -5,6 +5,7 @@ Randomness comes from ``generator`` (a ``torch.Generator``) or, when it is None,
 run seeded per sample (see csfrn.engine.train) is reproducible across resumes and process counts. Labels are
 always resized with nearest neighbour and cropped / flipped with the same parameters as their image.
 """
+
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
@@ -85,7 +86,7 @@ class RandomCrop:
             h, w = image.shape[-2:]
         top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
         left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-        return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
+        return image[:, top : top + ch, left : left + cw], label[top : top + ch, left : left + cw]
 
     def __repr__(self):
         return f"RandomCrop(size={self.size})"

@@ -9,6 +9,7 @@ whole study: ``summary.json``, ``table.md`` (mean +- std per variant, the paired
 with a 95% t-interval over seeds, the feature-consistency scores) and ``ablation.png`` (one dot per seed, the
 mean and the interval per variant). A run whose JSON is already in the output folder is not trained again.
 """
+
 import contextlib
 import copy
 import json
@@ -24,28 +25,68 @@ ABLATE_OUTPUTS = ("runs", "work", "summary.json", "table.md", "ablation.png")
 
 # name -> (config overrides, the paper's row it stands for)
 VARIANTS = {
-    "baseline": (["model.csflm=false"],
-                 "the head alone, no CSFLM / AAM (first row of Tables 2, 4, 5, 6: 'Deeplabv3+')"),
-    "concat": (["model.csflm=true", "model.fusion=concat"],
-               "'+CSFLM': concat fusion, CAC(Lovasz) with margins (Table 2; Table 4 'CAC(LS)'; Table 5 'w/ margins'; "
-               "Table 6 '+CSFLM')"),
+    "baseline": (
+        ["model.csflm=false"],
+        "the head alone, no CSFLM / AAM (first row of Tables 2, 4, 5, 6: 'Deeplabv3+')",
+    ),
+    "concat": (
+        ["model.csflm=true", "model.fusion=concat"],
+        "'+CSFLM': concat fusion, CAC(Lovasz) with margins (Table 2; Table 4 'CAC(LS)'; Table 5 'w/ margins'; "
+        "Table 6 '+CSFLM')",
+    ),
     "aam": (["model.csflm=true", "model.fusion=aam"], "'+CSFLM&AAM', the full CSFRN (Table 6)"),
-    "no-margins": (["model.csflm=true", "model.fusion=concat", "model.margins=false"],
-                   "'+CSFLM w/o margins' (Table 5): concat fusion, every margin fixed at 0"),
-    "bce": (["model.csflm=true", "model.fusion=concat", "model.binary=bce"],
-            "'+CSFLM Distance CAC(BCE)' (Table 4): concat fusion, BCE in place of the Lovasz hinge"),
-    "aux-mask": (["model.csflm=true", "model.fusion=concat", "model.csflm_supervision=mask",
-                  "model.margins=false"],
-                 "'+Aux Loss, Mask, L-Softmax' (Table 4): the embeddings B classified by a 1x1 conv and supervised "
-                 "by Lovasz-softmax on the class mask instead of the CAC loss"),
-    "no-cac": (["model.csflm=true", "model.fusion=concat", "model.loss_weights={cac: 0.0, smooth: 0.0}"],
-               "not a paper row: the '+CSFLM' modules without their losses (what the extra layers alone do)"),
+    "no-margins": (
+        ["model.csflm=true", "model.fusion=concat", "model.margins=false"],
+        "'+CSFLM w/o margins' (Table 5): concat fusion, every margin fixed at 0",
+    ),
+    "bce": (
+        ["model.csflm=true", "model.fusion=concat", "model.binary=bce"],
+        "'+CSFLM Distance CAC(BCE)' (Table 4): concat fusion, BCE in place of the Lovasz hinge",
+    ),
+    "aux-mask": (
+        ["model.csflm=true", "model.fusion=concat", "model.csflm_supervision=mask", "model.margins=false"],
+        "'+Aux Loss, Mask, L-Softmax' (Table 4): the embeddings B classified by a 1x1 conv and supervised "
+        "by Lovasz-softmax on the class mask instead of the CAC loss",
+    ),
+    "no-cac": (
+        ["model.csflm=true", "model.fusion=concat", "model.loss_weights={cac: 0.0, smooth: 0.0}"],
+        "not a paper row: the '+CSFLM' modules without their losses (what the extra layers alone do)",
+    ),
 }
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t, df = 1..30 (used when scipy is not installed).
-T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
-        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
-        2.0518, 2.0484, 2.0452, 2.0423]
+T975 = [
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
+]
 
 
 def variants_help():
@@ -71,7 +112,8 @@ def t_quantile(df, q=0.975):
     if df < 1:
         return float("nan")
     try:
-        from scipy import stats   # optional: without scipy, the table below
+        from scipy import stats  # optional: without scipy, the table below
+
         return float(stats.t.ppf(q, df))
     except ImportError:
         pass
@@ -80,7 +122,7 @@ def t_quantile(df, q=0.975):
     if df <= len(T975):
         return T975[df - 1]
     z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def mean_std(values):
@@ -104,9 +146,11 @@ def t_interval(values, confidence=0.95):
 
 
 def _run_config(config, overrides, variant, seed, work_dir):
-    cfg = load_config(config, list(overrides) + VARIANTS[variant][0] + [
-        f"train.seed={seed}", "train.resume=null", "train.progress=false"])
-    cfg.train.work_dir = work_dir   # a path, not a YAML value ("exp #1" stays whole)
+    cfg = load_config(
+        config,
+        list(overrides) + VARIANTS[variant][0] + [f"train.seed={seed}", "train.resume=null", "train.progress=false"],
+    )
+    cfg.train.work_dir = work_dir  # a path, not a YAML value ("exp #1" stays whole)
     return cfg
 
 
@@ -121,8 +165,17 @@ def _comparable(cfg_dict):
     if not d["model"].get("csflm", True):
         for key in _CSFLM_ONLY:
             d["model"].pop(key, None)
-    for key in ("work_dir", "resume", "progress", "log_interval", "tensorboard", "checkpoint_interval",
-                "keep_checkpoints", "threads", "device"):
+    for key in (
+        "work_dir",
+        "resume",
+        "progress",
+        "log_interval",
+        "tensorboard",
+        "checkpoint_interval",
+        "keep_checkpoints",
+        "threads",
+        "device",
+    ):
         d["train"].pop(key, None)
     # keys added after runs were recorded: at their defaults they are what those runs did
     for key, default in (("ema", None), ("accumulate", 1), ("clip_grad", None)):
@@ -146,12 +199,11 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False, re
     if resume:
         cfg = copy.deepcopy(cfg)
         cfg.train.resume = "auto"
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):   # one line per run, from ablate
-        result = train(cfg, overwrite=not resume)   # without resume, a run that was cut off part way starts over
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # one line per run, from ablate
+        result = train(cfg, overwrite=not resume)  # without resume, a run that was cut off part way starts over
     model = result["model"].eval()
     device = next(model.parameters()).device
-    dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes,
-                            seed=cfg.train.seed)
+    dataset = build_dataset(cfg.data, split, eval_transforms(), num_classes=cfg.model.num_classes, seed=cfg.train.seed)
     summary, _ = evaluate(model, dataset, cfg.model.num_classes, cfg.eval, device, cfg.data.base_size)
     consistency = dataset_feature_consistency(model, dataset, device, cfg.eval.max_images)
     if not keep_checkpoint:
@@ -160,19 +212,37 @@ def train_and_evaluate(cfg, split, keep_checkpoint=False, return_model=False, re
             if os.path.isfile(path):
                 os.unlink(path)
     val = result["last"]
-    if val is None:   # a finished run that was only loaded: its final validation again (the same numbers)
-        val_set = build_dataset(cfg.data, cfg.data.val_split, eval_transforms(), num_classes=cfg.model.num_classes,
-                                seed=cfg.train.seed)
+    if val is None:  # a finished run that was only loaded: its final validation again (the same numbers)
+        val_set = build_dataset(
+            cfg.data, cfg.data.val_split, eval_transforms(), num_classes=cfg.model.num_classes, seed=cfg.train.seed
+        )
         val, _ = evaluate(model, val_set, cfg.model.num_classes, cfg.eval, device, cfg.data.base_size)
-    record = {"split": split, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
-            "IoU": summary["IoU"], "val_mIoU": val.get("mIoU"), "consistency": consistency,
-            "train_seconds": time.perf_counter() - t0}
+    record = {
+        "split": split,
+        "mIoU": summary["mIoU"],
+        "mAcc": summary["mAcc"],
+        "aAcc": summary["aAcc"],
+        "IoU": summary["IoU"],
+        "val_mIoU": val.get("mIoU"),
+        "consistency": consistency,
+        "train_seconds": time.perf_counter() - t0,
+    }
     return (record, model) if return_model else record
 
 
-def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bce"), seeds=5, out_dir="ablation",
-           overrides=(), split="test", keep_checkpoints=False, progress=True, log=print, report_only=False,
-           resume=False):
+def ablate(
+    config=None,
+    variants=("baseline", "concat", "aam", "no-margins", "bce"),
+    seeds=5,
+    out_dir="ablation",
+    overrides=(),
+    split="test",
+    keep_checkpoints=False,
+    progress=True,
+    log=print,
+    report_only=False,
+    resume=False,
+):
     """Train every variant with every seed and compare them; see the module doc.
 
     Args:
@@ -193,15 +263,18 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError("--seeds must be at least 1")
-    base = load_config(config, overrides)   # bad keys are reported before any work
+    base = load_config(config, overrides)  # bad keys are reported before any work
     # here, not at the top: csfrn ablate --help reads this module, and stays quick
     from tqdm import tqdm
 
     from ..plotting import pyplot
-    pyplot()                                # and a missing matplotlib (ablation.png) too
+
+    pyplot()  # and a missing matplotlib (ablation.png) too
     if split == base.data.val_split:
-        log(f"note: reporting on {split}, the split that training evaluates on (data.val_split): it is not "
-            f"held out from choices made on it")
+        log(
+            f"note: reporting on {split}, the split that training evaluates on (data.val_split): it is not "
+            f"held out from choices made on it"
+        )
     run_dir = os.path.join(out_dir, "runs")
     os.makedirs(run_dir, exist_ok=True)
     jobs = [(v, s) for s in seed_list for v in names]
@@ -214,8 +287,10 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
             with open(path) as f:
                 record = json.load(f)
             if _comparable(record["config"]) != _comparable(cfg.to_dict()) or record["split"] != split:
-                raise ConfigError(f"{path} was made with another config or split than this study's; give another "
-                                  f"--out, or remove it to run it again")
+                raise ConfigError(
+                    f"{path} was made with another config or split than this study's; give another "
+                    f"--out, or remove it to run it again"
+                )
             bar.update(1)
             records[(variant, seed)] = record
             result = "diverged" if record.get("diverged") else f"{split} mIoU {100 * record['mIoU']:.2f}"
@@ -227,11 +302,12 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
         t0 = time.perf_counter()
         try:
             record = train_and_evaluate(cfg, split, keep_checkpoints, resume=resume)
-        except TrainingInterrupted as err:   # Ctrl-C / SIGTERM: say which run, and leave
+        except TrainingInterrupted as err:  # Ctrl-C / SIGTERM: say which run, and leave
             bar.close()
-            raise TrainingInterrupted(err.signum, f"{variant} seed {seed}: {err}", err.iteration,
-                                      err.checkpoint) from None
-        except TrainingDivergedError as err:   # the loss went NaN / inf: a result of the variant, kept as such
+            raise TrainingInterrupted(
+                err.signum, f"{variant} seed {seed}: {err}", err.iteration, err.checkpoint
+            ) from None
+        except TrainingDivergedError as err:  # the loss went NaN / inf: a result of the variant, kept as such
             record = {"split": split, "mIoU": None, "diverged": str(err), "train_seconds": time.perf_counter() - t0}
         record.update(variant=variant, seed=seed, config=cfg.to_dict())
         tmp = path + ".tmp"
@@ -244,8 +320,10 @@ def ablate(config=None, variants=("baseline", "concat", "aam", "no-margins", "bc
             bar.write(f"{variant} seed {seed}: diverged ({record['diverged'][:80]}), {record['train_seconds']:.0f} s")
             continue
         fc = record["consistency"]["F"]["ratio"]
-        bar.write(f"{variant} seed {seed}: {split} mIoU {100 * record['mIoU']:.2f} (val {100 * record['val_mIoU']:.2f})"
-                  f", separability of F {fc:.3g}, {record['train_seconds']:.0f} s")
+        bar.write(
+            f"{variant} seed {seed}: {split} mIoU {100 * record['mIoU']:.2f} (val {100 * record['val_mIoU']:.2f})"
+            f", separability of F {fc:.3g}, {record['train_seconds']:.0f} s"
+        )
     bar.close()
     if not records:
         raise ConfigError(f"no finished run in {run_dir} to report")
@@ -271,20 +349,33 @@ def summarize_runs(records, names, seeds, split="test"):
     base = {s: 100 * finished[("baseline", s)]["mIoU"] for s in seeds if ("baseline", s) in finished}
     for v in names:
         miou = {s: 100 * finished[(v, s)]["mIoU"] for s in seeds if (v, s) in finished}
-        val = [100 * finished[(v, s)]["val_mIoU"] for s in seeds if (v, s) in finished
-               and finished[(v, s)].get("val_mIoU") is not None]
+        val = [
+            100 * finished[(v, s)]["val_mIoU"]
+            for s in seeds
+            if (v, s) in finished and finished[(v, s)].get("val_mIoU") is not None
+        ]
         mean, std = mean_std(list(miou.values()))
-        entry = {"row": VARIANTS[v][1], "mIoU": miou, "mean": mean, "std": std, "n": len(miou),
-                 "val_mean": mean_std(val)[0],
-                 "diverged": {s: records[(v, s)]["diverged"] for s in seeds
-                              if (v, s) in records and records[(v, s)].get("diverged")}}
+        entry = {
+            "row": VARIANTS[v][1],
+            "mIoU": miou,
+            "mean": mean,
+            "std": std,
+            "n": len(miou),
+            "val_mean": mean_std(val)[0],
+            "diverged": {
+                s: records[(v, s)]["diverged"] for s in seeds if (v, s) in records and records[(v, s)].get("diverged")
+            },
+        }
         if v != "baseline" and base:
             diffs = [miou[s] - base[s] for s in miou if s in base]
             d, lo, hi = t_interval(diffs)
             entry["diff"] = {"mean": d, "low": lo, "high": hi, "n": len(diffs)}
         for kind in ("F", "B"):
-            ratios = [finished[(v, s)]["consistency"][kind]["ratio"] for s in seeds
-                      if (v, s) in finished and kind in finished[(v, s)]["consistency"]]
+            ratios = [
+                finished[(v, s)]["consistency"][kind]["ratio"]
+                for s in seeds
+                if (v, s) in finished and kind in finished[(v, s)]["consistency"]
+            ]
             if ratios:
                 entry[f"separability_{kind}"] = mean_std(ratios)
         out["variants"][v] = entry
@@ -297,27 +388,38 @@ def _fmt(x, spec="5.2f"):
 
 def format_ablation(summary):
     """A Markdown table of the summary."""
-    lines = [f"mIoU (%) on the synthetic {summary['split']} split, seeds {summary['seeds']}; difference to the "
-             "baseline paired by seed, 95% t-interval over seeds; separability = mean squared distance between "
-             "class centres / mean intra-class variance (higher: more compact and separable); n counts the "
-             "finished runs, and runs whose loss diverged are named beside it and left out of the statistics", "",
-             "| variant | paper row | n | mIoU mean ± std | Δ vs baseline [95% CI] | separability F | "
-             "separability B |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"mIoU (%) on the synthetic {summary['split']} split, seeds {summary['seeds']}; difference to the "
+        "baseline paired by seed, 95% t-interval over seeds; separability = mean squared distance between "
+        "class centres / mean intra-class variance (higher: more compact and separable); n counts the "
+        "finished runs, and runs whose loss diverged are named beside it and left out of the statistics",
+        "",
+        "| variant | paper row | n | mIoU mean ± std | Δ vs baseline [95% CI] | separability F | separability B |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v, e in summary["variants"].items():
         d = e.get("diff")
-        diff = (f"{_fmt(d['mean'], '+.2f')} [{_fmt(d['low'], '+.2f')}, {_fmt(d['high'], '+.2f')}]" if d else "–")
-        sep = {k: (f"{_fmt(e[f'separability_{k}'][0], '.3g')} ± {_fmt(e[f'separability_{k}'][1], '.2g')}"
-                   if f"separability_{k}" in e else "–") for k in ("F", "B")}
+        diff = f"{_fmt(d['mean'], '+.2f')} [{_fmt(d['low'], '+.2f')}, {_fmt(d['high'], '+.2f')}]" if d else "–"
+        sep = {
+            k: (
+                f"{_fmt(e[f'separability_{k}'][0], '.3g')} ± {_fmt(e[f'separability_{k}'][1], '.2g')}"
+                if f"separability_{k}" in e
+                else "–"
+            )
+            for k in ("F", "B")
+        }
         diverged = e.get("diverged") or {}
         n = f"{e['n']} (seed {', '.join(map(str, diverged))} diverged)" if diverged else f"{e['n']}"
-        lines.append(f"| {v} | {e['row']} | {n} | {_fmt(e['mean'])} ± {_fmt(e['std'])} | {diff} | "
-                     f"{sep['F']} | {sep['B']} |")
+        lines.append(
+            f"| {v} | {e['row']} | {n} | {_fmt(e['mean'])} ± {_fmt(e['std'])} | {diff} | {sep['F']} | {sep['B']} |"
+        )
     return "\n".join(lines)
 
 
 def plot_ablation(summary, path):
     """PNG (matplotlib): per variant one dot per seed (mIoU), a bar at the mean and a vertical line for the 95%
     t-interval of the mean; under each name the paired difference to the baseline and its interval."""
-    from ..plotting import ablation_chart   # here, not at the top: as in ablate()
+    from ..plotting import ablation_chart  # here, not at the top: as in ablate()
+
     intervals = {name: t_interval(list(e["mIoU"].values())) for name, e in summary["variants"].items()}
     return ablation_chart(summary, intervals, path)

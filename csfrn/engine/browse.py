@@ -1,4 +1,5 @@
 """``csfrn browse`` and ``csfrn plot``: look at a dataset's images with their masks, and at training curves."""
+
 import json
 import os
 
@@ -18,7 +19,7 @@ def browse_dataset(cfg, split, out_dir, n=16, augmented=False):
     ``cfg.data`` sets them; item i drawn with the seed ``train.seed + i``, so a second run draws the same).
     Returns the paths written."""
 
-    plotting.pyplot()        # before the dataset is read
+    plotting.pyplot()  # before the dataset is read
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     d = cfg.data
@@ -27,8 +28,7 @@ def browse_dataset(cfg, split, out_dir, n=16, augmented=False):
         raise DataError(f"split '{split}' of dataset '{d.dataset}' has no items")
     palette = getattr(dataset, "palette", None) or make_palette(dataset.num_classes)
     classes = list(getattr(dataset, "classes", None) or [f"class {k}" for k in range(dataset.num_classes)])
-    transforms = train_transforms(d.crop_size, d.scale_range, d.base_size, d.flip, d.photometric) \
-        if augmented else None
+    transforms = train_transforms(d.crop_size, d.scale_range, d.base_size, d.flip, d.photometric) if augmented else None
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i in range(min(n, len(dataset))):

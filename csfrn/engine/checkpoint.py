@@ -1,6 +1,7 @@
 """Checkpoints and the one place models are built: atomic checkpoint files that load without executing code
 (``torch.load(weights_only=True)``), a model from a config (:func:`build_model_from_config`) and a model from a
 checkpoint (:func:`load_model_from_checkpoint`, which every verb and the library use)."""
+
 import dataclasses
 import os
 import pickle
@@ -45,7 +46,7 @@ def save_checkpoint(state, path):
         state = {**state, CHECKSUM_KEY: payload_checksum(state)}
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -89,8 +90,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointNotFoundError(f"checkpoint {what}: {path}")
     size = os.path.getsize(path)
     if size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the run that wrote it was probably killed, or "
-                         f"the copy failed")
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): the run that wrote it was probably killed, or the copy failed"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -98,16 +100,19 @@ def load_checkpoint(path, map_location="cpu"):
         if found:
             raise UnsafeCheckpointError(
                 f"checkpoint {path} is refused: it holds a Python object ({found.group(1)}) that loading would "
-                f"have to run; csfrn checkpoints hold only tensors and plain containers") from None
+                f"have to run; csfrn checkpoints hold only tensors and plain containers"
+            ) from None
         problem = err
     except Exception as err:  # torch.load's errors on damaged files are OSError, EOFError, KeyError, RuntimeError
         problem = err
     else:
         mismatch = checksum_mismatch(state)
         if mismatch:
-            raise CheckpointError(f"checkpoint {path} is corrupt: the checksum of its tensors does not match the one "
-                                  f"stored at saving (sha256 {mismatch[0][:12]}..., now {mismatch[1][:12]}...); "
-                                  f"copy it again or use another checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: the checksum of its tensors does not match the one "
+                f"stored at saving (sha256 {mismatch[0][:12]}..., now {mismatch[1][:12]}...); "
+                f"copy it again or use another checkpoint"
+            )
         return state
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
@@ -123,20 +128,27 @@ def require_keys(state, path, keys, purpose):
     if isinstance(state, dict) and all(k in state for k in keys):
         return state
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} is a bare state_dict ({len(state)} tensors), not a csfrn checkpoint "
-                         f"(no config is stored with it): build the model with csfrn.models.build_model(...) and "
-                         f"call model.load_state_dict(torch.load(path, weights_only=True)), or give an ImageNet "
-                         f"backbone file as model.pretrained")
+        raise CheckpointError(
+            f"checkpoint {path} is a bare state_dict ({len(state)} tensors), not a csfrn checkpoint "
+            f"(no config is stored with it): build the model with csfrn.models.build_model(...) and "
+            f"call model.load_state_dict(torch.load(path, weights_only=True)), or give an ImageNet "
+            f"backbone file as model.pretrained"
+        )
     if isinstance(state, dict) and "state_dict" in state and "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is an mmcv / mmsegmentation checkpoint, not a csfrn checkpoint; "
-                         f"an ImageNet backbone file of that kind goes into model.pretrained")
+        raise CheckpointError(
+            f"checkpoint {path} is an mmcv / mmsegmentation checkpoint, not a csfrn checkpoint; "
+            f"an ImageNet backbone file of that kind goes into model.pretrained"
+        )
     if isinstance(state, dict) and "model" in state and "config" in state:
         missing = [k for k in keys if k not in state]
-        raise CheckpointError(f"checkpoint {path} holds model weights only (no {', '.join(missing)}), so it cannot be "
-                         f"{purpose}; use work_dir/last.pth or an iter_*.pth")
+        raise CheckpointError(
+            f"checkpoint {path} holds model weights only (no {', '.join(missing)}), so it cannot be "
+            f"{purpose}; use work_dir/last.pth or an iter_*.pth"
+        )
     found = f"keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
-    raise CheckpointError(f"checkpoint {path} is not a csfrn checkpoint (expected keys {', '.join(keys)}; found "
-                     f"{found})")
+    raise CheckpointError(
+        f"checkpoint {path} is not a csfrn checkpoint (expected keys {', '.join(keys)}; found {found})"
+    )
 
 
 def checkpoint_num_classes(state):
@@ -148,8 +160,9 @@ def check_num_classes(state, path, num_classes):
     """A clear error when the configured class count is not the checkpoint's."""
     have = checkpoint_num_classes(state)
     if have != num_classes:
-        raise CheckpointError(f"checkpoint {os.fspath(path)} has {have} classes, the config asks for {num_classes} "
-                         f"(model.num_classes)")
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} has {have} classes, the config asks for {num_classes} (model.num_classes)"
+        )
 
 
 # RNG states are kept as tensors / plain lists so that weights_only loading accepts them.
@@ -159,10 +172,14 @@ def rng_state():
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]),
-                   "gauss_next": py_state[2]},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -173,8 +190,15 @@ def set_rng_state(state):
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     py_state = state["python"]
     random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -206,16 +230,24 @@ def load_model_state(model, weights, path, model_cfg, saved_config):
         model.load_state_dict(weights)
     except RuntimeError as err:
         saved = from_dict({"model": (saved_config or {}).get("model", {})}).model
-        diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, config {getattr(model_cfg, k)!r}"
-                 for k in dataclasses.asdict(model_cfg) if k not in _LOSS_ONLY
-                 and getattr(saved, k) != getattr(model_cfg, k)]
+        diffs = [
+            f"{k}: checkpoint {getattr(saved, k)!r}, config {getattr(model_cfg, k)!r}"
+            for k in dataclasses.asdict(model_cfg)
+            if k not in _LOSS_ONLY and getattr(saved, k) != getattr(model_cfg, k)
+        ]
         lines = str(err).splitlines()
         detail = "; ".join(diffs) if diffs else (lines[1].strip() if len(lines) > 1 else lines[0])
-        if not diffs and not model_cfg.external and weights and all(k.startswith(("model.", "csflm."))
-                                                                     for k in weights):
-            detail = ("it holds a model plugged with add_csflm (model.* and csflm.* weights) but its config has no "
-                      "model.external to rebuild it; set model.external (library, name, kwargs, tap) to that model's "
-                      "recipe (--config with it), or train with it set")
+        if (
+            not diffs
+            and not model_cfg.external
+            and weights
+            and all(k.startswith(("model.", "csflm.")) for k in weights)
+        ):
+            detail = (
+                "it holds a model plugged with add_csflm (model.* and csflm.* weights) but its config has no "
+                "model.external to rebuild it; set model.external (library, name, kwargs, tap) to that model's "
+                "recipe (--config with it), or train with it set"
+            )
         raise CheckpointError(f"checkpoint {path} does not fit the configured model ({detail})") from None
 
 

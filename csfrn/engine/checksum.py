@@ -2,6 +2,7 @@
 order. :func:`csfrn.engine.checkpoint.save_checkpoint` stores it under ``"checksum"`` and
 :func:`csfrn.engine.checkpoint.load_checkpoint` verifies it, so a flipped byte in the weights is an error naming
 the file instead of a model that silently scores less."""
+
 import hashlib
 
 import torch

@@ -11,6 +11,7 @@ The ``_base_`` files (paths relative to the file naming them; they may have base
 in order, then the file itself, then ``--set``: a later value replaces an earlier one key by key, and a value
 that is itself a mapping of the config (``model.loss_weights``) is replaced whole.
 """
+
 import dataclasses
 import os
 import re
@@ -27,6 +28,7 @@ from ..errors import ConfigError, ConfigKeyError, MissingPathError
 @dataclass
 class ModelConfig:
     """Keyword arguments of :func:`csfrn.models.build_model`."""
+
     head: str = "deeplabv3plus"
     num_classes: int = 19
     backbone: str = "resnet50c"
@@ -46,7 +48,7 @@ class ModelConfig:
     thresh: float = 0.7
     min_kept: int = 100000
     loss_weights: Optional[Dict[str, float]] = None
-    binary: str = "lovasz"        # CAC binary loss: lovasz | bce
+    binary: str = "lovasz"  # CAC binary loss: lovasz | bce
     delta: float = 10.0
     fusion_init: str = "identity"  # identity (F = ReLU(BN(A)) at step 0) | random (nn.Conv2d's default)
     csflm_supervision: str = "cac"  # cac (the paper's) | mask (Table 4's "+Aux Loss": Lovasz-softmax on B's class mask)
@@ -57,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "cityscapes"   # cityscapes | ade20k | coco_stuff | pascal_context | folder | synthetic
+    dataset: str = "cityscapes"  # cityscapes | ade20k | coco_stuff | pascal_context | folder | synthetic
     root: Optional[str] = "data/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
@@ -68,10 +70,10 @@ class DataConfig:
     scale_range: List[float] = field(default_factory=lambda: [0.75, 2.0])
     flip: bool = True
     photometric: bool = True
-    batch_size: int = 8           # global batch, split evenly over the processes
+    batch_size: int = 8  # global batch, split evenly over the processes
     num_workers: int = 2
-    binary_255: bool = False      # folder dataset with 2 classes: masks of 0 / 255 read 255 as class 1 (not ignore)
-    prefetch_factor: int = 2      # batches queued per worker (with num_workers > 0)
+    binary_255: bool = False  # folder dataset with 2 classes: masks of 0 / 255 read 255 as class 1 (not ignore)
+    prefetch_factor: int = 2  # batches queued per worker (with num_workers > 0)
     # Synthetic set only (no files): image side, number of train images, number of val images.
     size: int = 64
     length: int = 256
@@ -84,46 +86,46 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    head_lr_mult: float = 1.0     # lr multiplier for every parameter outside the backbone
-    optimizer: str = "sgd"        # sgd | adamw (no weight decay on norms and biases); see csfrn/engine/optim.py
+    head_lr_mult: float = 1.0  # lr multiplier for every parameter outside the backbone
+    optimizer: str = "sgd"  # sgd | adamw (no weight decay on norms and biases); see csfrn/engine/optim.py
     layer_decay: Optional[float] = None  # layer-wise lr decay of the backbone (e.g. 0.75; needs timm), null: off
-    power: float = 0.9            # poly decay (1 - it / iters) ** power
+    power: float = 0.9  # poly decay (1 - it / iters) ** power
     min_lr: float = 1e-4
-    warmup_iters: int = 0         # linear warm-up from warmup_ratio * lr
+    warmup_iters: int = 0  # linear warm-up from warmup_ratio * lr
     warmup_ratio: float = 1e-6
-    amp: str = "none"             # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     sync_bn: bool = True
     seed: int = 0
-    device: str = "auto"          # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op CPU threads (None: torch's default)
     work_dir: str = "runs/default"
     resume: Optional[str] = None  # a checkpoint path, or "auto" for work_dir/last.pth when it exists
     log_interval: int = 50
-    eval_interval: int = 4000     # 0: evaluate only at the end
+    eval_interval: int = 4000  # 0: evaluate only at the end
     checkpoint_interval: int = 1000
     keep_checkpoints: bool = False  # also keep iter_XXXXXX.pth at every checkpoint interval
-    tensorboard: bool = False     # also log to work_dir/tb (needs the tensorboard package: an error without it)
+    tensorboard: bool = False  # also log to work_dir/tb (needs the tensorboard package: an error without it)
     progress: bool = True
-    ema: Optional[float] = None   # decay of an exponential moving average of the weights (e.g. 0.999): null = off;
+    ema: Optional[float] = None  # decay of an exponential moving average of the weights (e.g. 0.999): null = off;
     #                               evaluated beside the raw weights, the best kept as best_ema.pth
-    accumulate: int = 1           # micro-batches per optimizer step; data.batch_size stays the global batch
+    accumulate: int = 1  # micro-batches per optimizer step; data.batch_size stays the global batch
     clip_grad: Optional[float] = None  # clip the gradients' global L2 norm to this (null: no clipping)
     channels_last: Optional[bool] = None  # model and images in channels_last; null: true on CUDA, false on CPU
-    compile: Union[bool, str] = False     # torch.compile the model and losses: false | true | a mode name
-    dist_timeout: float = 600     # seconds a process waits for the others in a collective before the job ends
+    compile: Union[bool, str] = False  # torch.compile the model and losses: false | true | a mode name
+    dist_timeout: float = 600  # seconds a process waits for the others in a collective before the job ends
 
 
 @dataclass
 class EvalConfig:
-    mode: str = "slide"           # slide | whole
+    mode: str = "slide"  # slide | whole
     crop_size: List[int] = field(default_factory=lambda: [769, 769])
     stride: List[int] = field(default_factory=lambda: [513, 513])
-    crop_batch: int = 4           # crops per forward pass in sliding-window inference (bounds memory)
+    crop_batch: int = 4  # crops per forward pass in sliding-window inference (bounds memory)
     multi_scale: bool = False
     scales: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.25, 1.5, 1.75])
     flip: bool = False
     max_images: Optional[int] = None  # evaluate only the first images (quick checks during training)
-    compile: Union[bool, str] = False     # torch.compile the model for evaluation (train.compile does not)
+    compile: Union[bool, str] = False  # torch.compile the model for evaluation (train.compile does not)
 
 
 @dataclass
@@ -171,14 +173,14 @@ def _check_value(key, default_field, value):
     ``crop_size=[64, x]``; returns the value converted (numbers written as ``1e-3`` become floats)."""
     ann = default_field.type
     args = typing.get_args(ann)
-    if typing.get_origin(ann) is typing.Union and type(None) in args:   # Optional[X]
+    if typing.get_origin(ann) is typing.Union and type(None) in args:  # Optional[X]
         if value is None:
             return None
         ann = next(a for a in args if a is not type(None))
     elif value is None:
         raise ConfigError(f"config key '{key}' may not be null")
     origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is typing.Union:          # Union[bool, str]: true / false or a name (checked by validate)
+    if origin is typing.Union:  # Union[bool, str]: true / false or a name (checked by validate)
         if not isinstance(value, args):
             raise ConfigError(f"config key '{key}' expects true, false or a name, got {value!r}")
         return value
@@ -198,8 +200,7 @@ def _apply(section_obj, values, prefix):
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            raise ConfigKeyError(f"unknown config key '{full}' (known in '{prefix or 'config'}': "
-                                 f"{', '.join(fields)})")
+            raise ConfigKeyError(f"unknown config key '{full}' (known in '{prefix or 'config'}': {', '.join(fields)})")
         current = getattr(section_obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -212,8 +213,7 @@ def _apply(section_obj, values, prefix):
 def _set_nested(tree, dotted, value, pair):
     parts = dotted.split(".")
     if not all(parts):
-        raise ConfigError(f"--set {pair}: '{dotted}' is not a key (expected section.key=value, "
-                          f"e.g. train.lr=0.02)")
+        raise ConfigError(f"--set {pair}: '{dotted}' is not a key (expected section.key=value, e.g. train.lr=0.02)")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -241,8 +241,10 @@ def parse_overrides(pairs):
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {pair}: malformed value for '{key.strip()}' (YAML error at {_yaml_problem(err, line=False)}); "
-                              f"expected a YAML value such as 0.02, true, some_name or [64, 64]") from None
+            raise ConfigError(
+                f"--set {pair}: malformed value for '{key.strip()}' (YAML error at {_yaml_problem(err, line=False)}); "
+                f"expected a YAML value such as 0.02, true, some_name or [64, 64]"
+            ) from None
         _set_nested(tree, key.strip(), value, pair)
     return tree
 
@@ -269,35 +271,41 @@ def config_files(path, _named_by=None, _chain=()):
     files that are their own bases are errors naming the file."""
     whose = f" (a {BASE_KEY} of {_named_by})" if _named_by else ""
     if _named_by is None:
-        path = find_config(path)   # a file, or a shipped config's name
+        path = find_config(path)  # a file, or a shipped config's name
     elif not os.path.isfile(path):
         raise MissingPathError(f"config file not found: {path}{whose} (expected a YAML file)")
     real = os.path.realpath(path)
     if real in _chain:
-        raise ConfigError(f"{_named_by}: {BASE_KEY} includes {path}, which includes this file again "
-                          f"(expected {BASE_KEY} files that do not include each other in a cycle)")
+        raise ConfigError(
+            f"{_named_by}: {BASE_KEY} includes {path}, which includes this file again "
+            f"(expected {BASE_KEY} files that do not include each other in a cycle)"
+        )
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
         if "\x00" in text:
             raise UnicodeDecodeError("utf-8", raw, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
-    except UnicodeDecodeError as err:   # a checkpoint or an image given as the config
-        raise ConfigError(f"{path}: not a YAML text file (binary content at byte {err.start}); expected a YAML "
-                          f"config (a checkpoint goes to --checkpoint / --resume)") from None
+    except UnicodeDecodeError as err:  # a checkpoint or an image given as the config
+        raise ConfigError(
+            f"{path}: not a YAML text file (binary content at byte {err.start}); expected a YAML "
+            f"config (a checkpoint goes to --checkpoint / --resume)"
+        ) from None
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections model / data / train / eval, "
-                          f"got {type(values).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping with sections model / data / train / eval, got {type(values).__name__}"
+        )
     bases = values.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise ConfigError(f"{path}: '{BASE_KEY}' expects a file path or a list of file paths (relative to "
-                          f"this file), got {bases!r}")
+        raise ConfigError(
+            f"{path}: '{BASE_KEY}' expects a file path or a list of file paths (relative to this file), got {bases!r}"
+        )
     files = []
     for name in bases:
         files += config_files(os.path.join(os.path.dirname(path), name), path, _chain + (real,))
@@ -376,15 +384,18 @@ def validate(cfg):
     for key in ("embed_dim", "width", "channels", "aux_channels", "min_kept"):
         _at_least(f"model.{key}", getattr(m, key), 1)
     if m.blocks is not None and (len(m.blocks) != 4 or min(m.blocks) < 1):
-        raise ConfigError(f"config key 'model.blocks' expects four block counts >= 1 (one per ResNet stage) "
-                          f"or null, got {m.blocks}")
+        raise ConfigError(
+            f"config key 'model.blocks' expects four block counts >= 1 (one per ResNet stage) or null, got {m.blocks}"
+        )
     if not 0 < m.thresh <= 1:
         raise ConfigError(f"config key 'model.thresh' must lie in (0, 1], got {m.thresh}")
     _positive("model.delta", m.delta)
     unknown = sorted(set(m.loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS))
     if unknown:
-        raise ConfigError(f"config key 'model.loss_weights' has unknown keys {unknown}; expected some of "
-                          f"{', '.join(DEFAULT_LOSS_WEIGHTS)}")
+        raise ConfigError(
+            f"config key 'model.loss_weights' has unknown keys {unknown}; expected some of "
+            f"{', '.join(DEFAULT_LOSS_WEIGHTS)}"
+        )
 
     _choice("data.dataset", d.dataset, list(DATASETS))
     if d.dataset != "synthetic" and not d.root:
@@ -392,8 +403,9 @@ def validate(cfg):
     _size("data.crop_size", d.crop_size, pair)
     _size("data.base_size", d.base_size, pair)
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
-        raise ConfigError(f"config key 'data.scale_range' expects [low, high] with 0 < low <= high, "
-                          f"got {d.scale_range}")
+        raise ConfigError(
+            f"config key 'data.scale_range' expects [low, high] with 0 < low <= high, got {d.scale_range}"
+        )
     _at_least("data.batch_size", d.batch_size, 1)
     _at_least("data.num_workers", d.num_workers, 0)
     _at_least("data.prefetch_factor", d.prefetch_factor, 1)
@@ -420,8 +432,10 @@ def validate(cfg):
     _at_least("train.eval_interval", t.eval_interval, 0)
     _at_least("train.checkpoint_interval", t.checkpoint_interval, 1)
     if t.ema is not None and not 0 < t.ema < 1:
-        raise ConfigError(f"config key 'train.ema' is the EMA decay and must lie in (0, 1) (e.g. 0.999), or null "
-                          f"for no EMA; got {t.ema}")
+        raise ConfigError(
+            f"config key 'train.ema' is the EMA decay and must lie in (0, 1) (e.g. 0.999), or null "
+            f"for no EMA; got {t.ema}"
+        )
     _at_least("train.accumulate", t.accumulate, 1)
     if t.clip_grad is not None:
         _positive("train.clip_grad", t.clip_grad, "a max gradient norm")
@@ -433,8 +447,10 @@ def validate(cfg):
     _size("eval.crop_size", e.crop_size, pair)
     _size("eval.stride", e.stride, pair)
     if any(s > c for s, c in zip(e.stride, e.crop_size)):
-        raise ConfigError(f"config key 'eval.stride' is {e.stride}, larger than eval.crop_size {e.crop_size}: the "
-                          f"sliding windows would leave pixels uncovered; expected a stride <= the crop size")
+        raise ConfigError(
+            f"config key 'eval.stride' is {e.stride}, larger than eval.crop_size {e.crop_size}: the "
+            f"sliding windows would leave pixels uncovered; expected a stride <= the crop size"
+        )
     _at_least("eval.crop_batch", e.crop_batch, 1)
     if not e.scales or min(e.scales) <= 0:
         raise ConfigError(f"config key 'eval.scales' expects a non-empty list of positive numbers, got {e.scales}")
@@ -449,35 +465,51 @@ def check_training(cfg, world_size=1):
     the processes). A resumed run takes its weights from the checkpoint: its ``model.pretrained`` may be gone."""
     resume = cfg.train.resume
     resuming = resume not in (None, "auto") or (
-        resume == "auto" and os.path.isfile(os.path.join(cfg.train.work_dir, "last.pth")))
-    for key, path, expected in (("train.resume", resume, "a checkpoint file, or 'auto'"),
-                                ("model.pretrained", None if resuming else cfg.model.pretrained,
-                                 "an ImageNet checkpoint file, or null")):
+        resume == "auto" and os.path.isfile(os.path.join(cfg.train.work_dir, "last.pth"))
+    )
+    for key, path, expected in (
+        ("train.resume", resume, "a checkpoint file, or 'auto'"),
+        ("model.pretrained", None if resuming else cfg.model.pretrained, "an ImageNet checkpoint file, or null"),
+    ):
         folder = key == "model.pretrained" and (cfg.model.external or {}).get("library") == "transformers"
         if folder and path is not None and not os.path.isdir(path):
-            raise MissingPathError(f"config key 'model.pretrained': {path} is not a folder (expected a local "
-                                   f"save_pretrained folder of the transformers model, or null)")
-        if path is not None and not folder and not (key == "train.resume" and path == "auto") \
-                and not os.path.isfile(path):
+            raise MissingPathError(
+                f"config key 'model.pretrained': {path} is not a folder (expected a local "
+                f"save_pretrained folder of the transformers model, or null)"
+            )
+        if (
+            path is not None
+            and not folder
+            and not (key == "train.resume" and path == "auto")
+            and not os.path.isfile(path)
+        ):
             raise MissingPathError(f"config key '{key}': {path} does not exist (expected {expected})")
     batch = cfg.data.batch_size
     if batch % world_size:
-        raise ConfigError(f"config key 'data.batch_size' is {batch}, which does not split evenly over "
-                          f"{world_size} processes; expected a multiple of {world_size}")
+        raise ConfigError(
+            f"config key 'data.batch_size' is {batch}, which does not split evenly over "
+            f"{world_size} processes; expected a multiple of {world_size}"
+        )
     per_process = batch // world_size
     accumulate = cfg.train.accumulate
     if per_process % accumulate:
-        raise ConfigError(f"config key 'train.accumulate' is {accumulate}, but the {per_process} samples per process "
-                          f"(data.batch_size {batch} over {world_size} process{'es' if world_size > 1 else ''}) do "
-                          f"not split into {accumulate} equal micro-batches; expected a divisor of {per_process}")
+        raise ConfigError(
+            f"config key 'train.accumulate' is {accumulate}, but the {per_process} samples per process "
+            f"(data.batch_size {batch} over {world_size} process{'es' if world_size > 1 else ''}) do "
+            f"not split into {accumulate} equal micro-batches; expected a divisor of {per_process}"
+        )
     per_process //= accumulate
     synced = world_size > 1 and cfg.train.sync_bn
     if per_process < 2 and not synced:
         hint = "train.sync_bn=true or " if world_size > 1 else ""
         if accumulate > 1:
-            raise ConfigError(f"config key 'train.accumulate' is {accumulate}: micro-batches of {per_process} sample "
-                              f"per process, but BatchNorm needs at least 2 in training; expected {hint}a smaller "
-                              f"train.accumulate")
-        raise ConfigError(f"config key 'data.batch_size' is {batch}: {per_process} sample per process "
-                          f"({world_size} process{'es' if world_size > 1 else ''}), but BatchNorm needs at least "
-                          f"2 in training; expected {hint}data.batch_size >= {2 * world_size}")
+            raise ConfigError(
+                f"config key 'train.accumulate' is {accumulate}: micro-batches of {per_process} sample "
+                f"per process, but BatchNorm needs at least 2 in training; expected {hint}a smaller "
+                f"train.accumulate"
+            )
+        raise ConfigError(
+            f"config key 'data.batch_size' is {batch}: {per_process} sample per process "
+            f"({world_size} process{'es' if world_size > 1 else ''}), but BatchNorm needs at least "
+            f"2 in training; expected {hint}data.batch_size >= {2 * world_size}"
+        )

@@ -1,4 +1,5 @@
 """torchrun-style process groups, SyncBN (also on CPU), and the per-sample seeded infinite sampler."""
+
 import dataclasses
 import datetime
 import os
@@ -33,8 +34,10 @@ def resolve_device(preference="auto", local_rank=0):
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is available; expected train.device=cpu "
-                              "or auto on this machine")
+            raise ConfigError(
+                "train.device is 'cuda' but no CUDA device is available; expected train.device=cpu "
+                "or auto on this machine"
+            )
         return torch.device("cuda", local_rank)
     if preference == "cpu":
         return torch.device("cpu")
@@ -53,8 +56,13 @@ def init_distributed(device="auto", timeout=600):
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         wait = datetime.timedelta(seconds=timeout)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=wait, store=_attempt_store(world_size, wait))
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=wait,
+            store=_attempt_store(world_size, wait),
+        )
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -65,8 +73,9 @@ def _attempt_store(world_size, timeout):
     fails with "Connection refused")."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
     return dist.PrefixStore(f"csfrn/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
@@ -106,7 +115,8 @@ def timeout_error(err, info, timeout):
     detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return DistributedTimeoutError(
         f"rank {info.rank}: {peer} stopped answering for train.dist_timeout={timeout:g} s (a stalled or stopped "
-        f"process); the job stops ({detail[:200]})")
+        f"process); the job stops ({detail[:200]})"
+    )
 
 
 def mean_over_ranks(values, info):
@@ -155,18 +165,24 @@ class CPUSyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input):
-        if not (self.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group or dist.group.WORLD) > 1):
+        if not (
+            self.training
+            and input.device.type == "cpu"
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group or dist.group.WORLD) > 1
+        ):
             return super().forward(input)
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
-        local = torch.cat([x.sum(dims), (x * x).sum(dims),
-                           x.new_tensor([input.numel() // input.shape[1]], dtype=torch.float32)])
+        local = torch.cat(
+            [x.sum(dims), (x * x).sum(dims), x.new_tensor([input.numel() // input.shape[1]], dtype=torch.float32)]
+        )
         total = _AllReduceSum.apply(local, self.process_group or dist.group.WORLD)
         c = input.shape[1]
         count = total[-1]
         mean = total[:c] / count
-        var = (total[c:2 * c] / count - mean * mean).clamp(min=0)
+        var = (total[c : 2 * c] / count - mean * mean).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -247,7 +263,7 @@ class SeededBatchSampler:
     def __iter__(self):
         for it in range(self.start_iter, self.iters):
             batch = global_batch(self.seed, self.dataset_len, self.batch_size, it)
-            yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            yield batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
 
 class SeededTransforms(torch.utils.data.Dataset):
@@ -263,4 +279,3 @@ class SeededTransforms(torch.utils.data.Dataset):
         index, sample_seed = item
         image, label = self.dataset.load(index)
         return self.transforms(image, label, generator=torch.Generator().manual_seed(sample_seed))
-

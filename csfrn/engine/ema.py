@@ -1,6 +1,7 @@
 """An exponential moving average (EMA) of a model's weights (``train.ema``: the decay), evaluated beside the raw
 weights; its best evaluation is kept as ``best_ema.pth`` and its state is part of ``last.pth``, so a resumed run
 continues it exactly."""
+
 import copy
 
 import torch

@@ -1,6 +1,7 @@
 """Dataset evaluation (sharded over processes, confusion matrices summed with all_reduce), reports and
 prediction pictures (train-id, colour, overlay, Cityscapes label-id PNGs). ``csfrn eval`` and ``csfrn predict``
 (checkpoint -> model -> files) are :mod:`csfrn.commands.eval` and :mod:`csfrn.commands.predict`."""
+
 import glob
 import os
 import sys
@@ -44,8 +45,9 @@ def evaluate(model, dataset, num_classes, eval_cfg, device, base_size=None, prog
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for i in tqdm(range(rank, count, world), desc="eval", disable=not progress or rank != 0, leave=False):
         image, label = dataset[i]
-        probs = inference_from_config(model, image[None].to(device), num_classes, eval_cfg,
-                                      out_size=tuple(label.shape), base_size=base_size)
+        probs = inference_from_config(
+            model, image[None].to(device), num_classes, eval_cfg, out_size=tuple(label.shape), base_size=base_size
+        )
         cm += confusion_matrix(probs.argmax(1)[0], label.to(device), num_classes)
     all_reduce_sum(cm)
     model.train(was_training)
@@ -65,8 +67,12 @@ def write_confusion(cm, classes, out_dir, title=""):
     the axes) in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     save_confusion(cm, classes, os.path.join(out_dir, "confusion.csv"))
-    confusion_chart(cm, classes, os.path.join(out_dir, "confusion.png"),
-                    title=f"confusion matrix, {title}" if title else "confusion matrix")
+    confusion_chart(
+        cm,
+        classes,
+        os.path.join(out_dir, "confusion.png"),
+        title=f"confusion matrix, {title}" if title else "confusion matrix",
+    )
 
 
 def colorize(train_ids, palette):
@@ -114,12 +120,17 @@ def find_images(inputs, exclude=None):
     files, roots = [], []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(f for f in glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True)
-                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(f)
-                           and not (skip and os.path.abspath(f).startswith(skip)))
+            found = sorted(
+                f
+                for f in glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True)
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                and os.path.isfile(f)
+                and not (skip and os.path.abspath(f).startswith(skip))
+            )
             if not found:
-                raise DataError(f"no images in {item} (looked for {' '.join(IMAGE_EXTENSIONS)} files in it and "
-                                 f"its subfolders)")
+                raise DataError(
+                    f"no images in {item} (looked for {' '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)"
+                )
             files += found
             roots.append(os.path.abspath(item))
         elif os.path.isfile(item):
@@ -144,8 +155,19 @@ def find_images(inputs, exclude=None):
 
 
 @torch.no_grad()
-def predict(model, images, out_dir, num_classes, palette, eval_cfg, device, base_size=None,
-            cityscapes_ids=False, progress=True, on_error=None):
+def predict(
+    model,
+    images,
+    out_dir,
+    num_classes,
+    palette,
+    eval_cfg,
+    device,
+    base_size=None,
+    cityscapes_ids=False,
+    progress=True,
+    on_error=None,
+):
     """Predict every image and write the pictures of :func:`save_prediction` under ``out_dir``.
 
     ``images``: [(path, stem)] as :func:`find_images` gives, or bare paths (stem: the file name without its
@@ -222,6 +244,8 @@ def dataset_feature_consistency(model, dataset, device, max_images=None, progres
 def format_consistency(scores):
     """One line per feature kind: intra-class variance, centre distance and their ratio."""
     names = {"F": "features F (reaching the decoder)", "B": "embeddings B (C-S features)"}
-    return "\n".join(f"feature consistency, {names.get(k, k)}: intra-class variance {v['intra']:.4g}, "
-                     f"centre distance {v['inter']:.4g}, separability (centre dist^2 / intra) {v['ratio']:.4g}"
-                     for k, v in scores.items())
+    return "\n".join(
+        f"feature consistency, {names.get(k, k)}: intra-class variance {v['intra']:.4g}, "
+        f"centre distance {v['inter']:.4g}, separability (centre dist^2 / intra) {v['ratio']:.4g}"
+        for k, v in scores.items()
+    )

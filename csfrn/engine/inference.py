@@ -4,6 +4,7 @@ All functions take a model in eval mode whose ``model(x)`` returns logits [N, K,
 model plugged with CSFLM (``csfrn.models.CSFLMPlug``), whose ``segment(x)`` gives them
 (:func:`csfrn.models.plug.model_logits`).
 """
+
 import math
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from ..models.plug import model_logits
 from ..ops._checks import pair
 
-INFERENCE_MODES = ("slide", "whole")   # eval.mode: sliding windows of eval.crop_size, or the whole image
+INFERENCE_MODES = ("slide", "whole")  # eval.mode: sliding windows of eval.crop_size, or the whole image
 
 
 def _windows(length, crop, stride):
@@ -44,20 +45,22 @@ def slide_inference(model, image, num_classes, crop_size, stride, crop_batch=4):
     # image in a 769 crop): cut the crop to the image instead.
     ch, cw = min(ch, h), min(cw, w)
     if (h > ch and sh > ch) or (w > cw and sw > cw):
-        raise ValueError(f"slide inference: stride {(sh, sw)} larger than crop_size {(ch, cw)} would leave pixels "
-                         f"of the {h}x{w} image outside every window; expected stride <= crop_size")
+        raise ValueError(
+            f"slide inference: stride {(sh, sw)} larger than crop_size {(ch, cw)} would leave pixels "
+            f"of the {h}x{w} image outside every window; expected stride <= crop_size"
+        )
     boxes = [(y, x) for y in _windows(h, ch, sh) for x in _windows(w, cw, sw)]
     out = image.new_zeros(n, num_classes, h, w, dtype=torch.float32)
     count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
     for i in range(n):
         for start in range(0, len(boxes), crop_batch):
-            chunk = boxes[start:start + crop_batch]
-            crops = torch.stack([image[i, :, y:y + ch, x:x + cw] for y, x in chunk])
+            chunk = boxes[start : start + crop_batch]
+            crops = torch.stack([image[i, :, y : y + ch, x : x + cw] for y, x in chunk])
             logits = model_logits(model, crops).float()
             for (y, x), crop_logits in zip(chunk, logits):
-                out[i, :, y:y + ch, x:x + cw] += crop_logits
+                out[i, :, y : y + ch, x : x + cw] += crop_logits
                 if i == 0:
-                    count[0, 0, y:y + ch, x:x + cw] += 1
+                    count[0, 0, y : y + ch, x : x + cw] += 1
     return out / count
 
 
@@ -72,8 +75,19 @@ def forward_logits(model, image, num_classes, mode="whole", crop_size=(512, 512)
 
 
 @torch.no_grad()
-def inference(model, image, num_classes, mode="whole", crop_size=(512, 512), stride=(341, 341), crop_batch=4,
-              scales=(1.0,), flip=False, out_size=None, base_size=None):
+def inference(
+    model,
+    image,
+    num_classes,
+    mode="whole",
+    crop_size=(512, 512),
+    stride=(341, 341),
+    crop_batch=4,
+    scales=(1.0,),
+    flip=False,
+    out_size=None,
+    base_size=None,
+):
     """Class probabilities: softmax averaged over ``scales`` (and horizontal flips when ``flip``).
 
     Args:
@@ -109,6 +123,16 @@ def inference(model, image, num_classes, mode="whole", crop_size=(512, 512), str
 def inference_from_config(model, image, num_classes, eval_cfg, out_size=None, base_size=None):
     """:func:`inference` with the settings of an :class:`csfrn.engine.config.EvalConfig`."""
     scales = eval_cfg.scales if eval_cfg.multi_scale else [1.0]
-    return inference(model, image, num_classes, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
-                     stride=eval_cfg.stride, crop_batch=eval_cfg.crop_batch, scales=scales, flip=eval_cfg.flip,
-                     out_size=out_size, base_size=base_size)
+    return inference(
+        model,
+        image,
+        num_classes,
+        mode=eval_cfg.mode,
+        crop_size=eval_cfg.crop_size,
+        stride=eval_cfg.stride,
+        crop_batch=eval_cfg.crop_batch,
+        scales=scales,
+        flip=eval_cfg.flip,
+        out_size=out_size,
+        base_size=base_size,
+    )

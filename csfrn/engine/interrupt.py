@@ -8,6 +8,7 @@ Under torchrun the agent forwards the signal to every worker. The request is all
 numbers) after every step, so every rank sees it at the same step: they write last.pth together (rank 0 writes
 the file), and each leaves with :class:`csfrn.errors.TrainingInterrupted`; only rank 0 prints.
 """
+
 import contextlib
 import signal
 import threading
@@ -34,7 +35,7 @@ class StopRequests:
         self.signum = 0
 
     def handle(self, signum, frame=None):
-        if self.signum:   # the second signal: stop now
+        if self.signum:  # the second signal: stop now
             raise Interrupted(signum)
         self.signum = signum
 
@@ -42,7 +43,8 @@ class StopRequests:
         """The signal any rank received (0: none), the same on every rank: a collective when distributed."""
         if not info.distributed:
             return self.signum
-        import torch   # here: the CLI installs its SIGTERM handler from this module before any verb imports torch
+        import torch  # here: the CLI installs its SIGTERM handler from this module before any verb imports torch
+
         flag = torch.tensor([self.signum], dtype=torch.int64, device=info.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())

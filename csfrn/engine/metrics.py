@@ -1,4 +1,5 @@
 """Segmentation metrics from a confusion matrix (rows: ground truth, columns: prediction)."""
+
 import csv
 import json
 import math
@@ -26,8 +27,10 @@ def confusion_matrix(pred, label, num_classes, ignore_index=255):
     pred, label = pred[keep], label[keep]
     bad = (label < 0) | (label >= num_classes)
     if bool(bad.any()):
-        raise ValueError(f"confusion_matrix: label value {int(label[bad][0])} is outside [0, {num_classes}) "
-                         f"and is not the ignore index {ignore_index}")
+        raise ValueError(
+            f"confusion_matrix: label value {int(label[bad][0])} is outside [0, {num_classes}) "
+            f"and is not the ignore index {ignore_index}"
+        )
     bad = (pred < 0) | (pred >= num_classes)
     if bool(bad.any()):
         raise ValueError(f"confusion_matrix: predicted value {int(pred[bad][0])} is outside [0, {num_classes})")
@@ -79,6 +82,7 @@ def format_table(summary, classes):
 
 def save_summary(summary, classes, json_path=None, csv_path=None):
     """Write the summary as JSON (NaN as null) and/or as a per-class CSV with a final 'mean' row."""
+
     def clean(v):
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
@@ -173,8 +177,13 @@ class FeatureConsistency:
         i, j = torch.triu_indices(k, k, 1)
         d2 = ((centres[i] - centres[j]) ** 2).sum(1)
         inter_sq = float(d2.mean())
-        return {"intra": intra, "inter": float(d2.sqrt().mean()), "inter_sq": inter_sq,
-                "ratio": inter_sq / intra if intra > 0 else nan, "classes": k}
+        return {
+            "intra": intra,
+            "inter": float(d2.sqrt().mean()),
+            "inter_sq": inter_sq,
+            "ratio": inter_sq / intra if intra > 0 else nan,
+            "classes": k,
+        }
 
 
 def feature_consistency(features, labels, ignore_index=255):

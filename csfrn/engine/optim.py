@@ -9,6 +9,7 @@ every group's lr alike, whichever optimizer runs.
   then blocks for csfrn's ResNets) get lr * layer_decay ** (depth above them), everything after the backbone
   (head, CSFLM, aux head) the full lr.
 """
+
 import torch
 
 from ..errors import ConfigError
@@ -27,6 +28,7 @@ def poly_lambda(train_cfg):
         if it < warmup:
             lr *= 1 - (1 - it / warmup) * (1 - ratio)
         return lr / base
+
     return factor
 
 
@@ -54,13 +56,18 @@ class _LayerGrouped:
 def _layer_groups(model, train_cfg, weight_decay, exclude_1d):
     layers = getattr(getattr(model, "backbone", None), "layer_ids", None)
     if layers is None:
-        raise ConfigError(f"train.layer_decay={train_cfg.layer_decay} needs a backbone with layers (csfrn's "
-                          f"ResNets or timm:<name>); this {type(model).__name__} has none: set train.layer_decay=null")
+        raise ConfigError(
+            f"train.layer_decay={train_cfg.layer_decay} needs a backbone with layers (csfrn's "
+            f"ResNets or timm:<name>); this {type(model).__name__} has none: set train.layer_decay=null"
+        )
     timm_optim = require("timm.optim", "timm", "train.layer_decay")
     ids = {f"backbone.{name}": i for name, i in layers().items()}
-    return timm_optim.param_groups_layer_decay(_LayerGrouped(model, ids), weight_decay=weight_decay,
-                                               weight_decay_exclude_1d=exclude_1d,
-                                               layer_decay=train_cfg.layer_decay)
+    return timm_optim.param_groups_layer_decay(
+        _LayerGrouped(model, ids),
+        weight_decay=weight_decay,
+        weight_decay_exclude_1d=exclude_1d,
+        layer_decay=train_cfg.layer_decay,
+    )
 
 
 def param_groups(model, train_cfg):
@@ -73,8 +80,10 @@ def param_groups(model, train_cfg):
     if train_cfg.layer_decay is not None:
         base = _layer_groups(model, train_cfg, train_cfg.weight_decay, adamw)
     elif adamw:
-        base = [{"params": [p for _, p in named if p.ndim > 1], "weight_decay": train_cfg.weight_decay},
-                {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}]
+        base = [
+            {"params": [p for _, p in named if p.ndim > 1], "weight_decay": train_cfg.weight_decay},
+            {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0},
+        ]
     else:
         base = [{"params": [p for _, p in named], "weight_decay": train_cfg.weight_decay}]
     groups = []
@@ -84,8 +93,15 @@ def param_groups(model, train_cfg):
             params = [p for p in group["params"] if (id(p) in in_backbone) == backbone]
             if params:
                 mult = 1.0 if backbone else train_cfg.head_lr_mult
-                groups.append({"params": params, "lr": train_cfg.lr * scale * mult, "lr_scale": scale,
-                               "weight_decay": group["weight_decay"], "backbone": backbone})
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": train_cfg.lr * scale * mult,
+                        "lr_scale": scale,
+                        "weight_decay": group["weight_decay"],
+                        "backbone": backbone,
+                    }
+                )
     groups.sort(key=lambda g: (-g["lr_scale"], not g["backbone"], -g["weight_decay"]))
     return groups
 
@@ -93,10 +109,10 @@ def param_groups(model, train_cfg):
 def build_optimizer(model, train_cfg):
     """``train.optimizer`` over :func:`param_groups`: SGD (momentum ``train.momentum``) or AdamW."""
     if train_cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"config key 'train.optimizer' is {train_cfg.optimizer!r}; expected one of "
-                          f"{', '.join(OPTIMIZERS)}")
+        raise ConfigError(
+            f"config key 'train.optimizer' is {train_cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
+        )
     groups = param_groups(model, train_cfg)
     if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                           weight_decay=train_cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)

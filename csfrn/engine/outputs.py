@@ -3,6 +3,7 @@
 One policy for every verb that writes: outputs that exist are refused unless ``--overwrite``, which removes the
 old ones the verb would have written (:func:`refuse_or_remove`).
 """
+
 import os
 import shutil
 import tempfile
@@ -51,8 +52,9 @@ def refuse_or_remove(paths, overwrite, flag, what):
     found = [p for p in paths if os.path.lexists(p)]
     if found and not overwrite:
         names = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise OutputExistsError(f"{flag} already holds {what} ({names}); add --overwrite to replace "
-                                f"{'them' if len(found) > 1 else 'it'}")
+        raise OutputExistsError(
+            f"{flag} already holds {what} ({names}); add --overwrite to replace {'them' if len(found) > 1 else 'it'}"
+        )
     for p in found:
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p)

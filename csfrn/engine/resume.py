@@ -3,6 +3,7 @@
 configured values (a changed lr, iters, momentum, ... takes effect as if the run had been started with it);
 which of those differences change the run's meaning (refused unless ``--resume-changed``); and torchelastic
 restarts, which are resumes."""
+
 import dataclasses
 import os
 
@@ -27,8 +28,11 @@ def config_differences(saved, current):
     """``["train.lr 0.01 -> 0.1", ...]``: the keys whose value in ``current`` (a config dict) differs from
     ``saved`` (the checkpoint's), where they are written excepted."""
     old, new = _flatten(saved), _flatten(current)
-    return [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in new
-            if key not in _NOT_COMPARED and key in old and old[key] != new[key]]
+    return [
+        f"{key} {old.get(key)!r} -> {new[key]!r}"
+        for key in new
+        if key not in _NOT_COMPARED and key in old and old[key] != new[key]
+    ]
 
 
 # Keys that make the resumed run another run than the checkpoint's (besides the world size): refused unless
@@ -52,16 +56,20 @@ def meaning_changes(saved, current, saved_world_size, world_size):
 def check_meaning(changes, path, allowed):
     """Refuse the ``changes`` (:func:`meaning_changes`) of a resume from ``path`` unless ``allowed``."""
     if changes and not allowed:
-        raise ConfigError(f"resuming {path} with {'; '.join(changes)}: the run would not continue the one in the "
-                          f"checkpoint; restore the checkpoint's values, or pass --resume-changed to continue with "
-                          f"the changes anyway")
+        raise ConfigError(
+            f"resuming {path} with {'; '.join(changes)}: the run would not continue the one in the "
+            f"checkpoint; restore the checkpoint's values, or pass --resume-changed to continue with "
+            f"the changes anyway"
+        )
 
 
 def world_size_note(path, saved, now):
-    return (f"note: {path} was written by {saved} processes, this run has {now}: data order and augmentations "
-            f"continue exactly, but dropout streams do not, and every step's gradient changes (each process "
-            f"averages the loss over its own {'share' if now > 1 else 'batch'} before the processes are averaged: "
-            f"with other shares the pixels are weighted otherwise)")
+    return (
+        f"note: {path} was written by {saved} processes, this run has {now}: data order and augmentations "
+        f"continue exactly, but dropout streams do not, and every step's gradient changes (each process "
+        f"averages the loss over its own {'share' if now > 1 else 'batch'} before the processes are averaged: "
+        f"with other shares the pixels are weighted otherwise)"
+    )
 
 
 def restart_count():
@@ -89,18 +97,24 @@ def resume_problem(rank, chosen, mine):
     if chosen is None:
         if mine is None:
             return None
-        return (f"rank {rank}: its {mine['path']} exists (iteration {mine.get('iter', '?')}) but rank 0 has no "
-                f"checkpoint to resume and starts at iteration 0")
+        return (
+            f"rank {rank}: its {mine['path']} exists (iteration {mine.get('iter', '?')}) but rank 0 has no "
+            f"checkpoint to resume and starts at iteration 0"
+        )
     if mine is None:
         return f"rank {rank}: cannot read {chosen['path']}, which rank 0 resumes from (not found)"
     if "error" in mine:
         return f"rank {rank}: cannot read {mine['path']}: {mine['error']}"
     if mine["iter"] != chosen["iter"]:
-        return (f"rank {rank}: its {mine['path']} is at iteration {mine['iter']}, rank 0's {chosen['path']} at "
-                f"iteration {chosen['iter']}")
+        return (
+            f"rank {rank}: its {mine['path']} is at iteration {mine['iter']}, rank 0's {chosen['path']} at "
+            f"iteration {chosen['iter']}"
+        )
     if mine["checksum"] != chosen["checksum"]:
-        return (f"rank {rank}: its {mine['path']} (iteration {mine['iter']}) differs from rank 0's {chosen['path']} "
-                f"(sha256 {str(mine['checksum'])[:12]}..., rank 0's {str(chosen['checksum'])[:12]}...)")
+        return (
+            f"rank {rank}: its {mine['path']} (iteration {mine['iter']}) differs from rank 0's {chosen['path']} "
+            f"(sha256 {str(mine['checksum'])[:12]}..., rank 0's {str(chosen['checksum'])[:12]}...)"
+        )
     return None
 
 
@@ -108,9 +122,11 @@ def check_agreement(problems):
     """One error naming every rank whose checkpoint differs from rank 0's (``problems``: one entry per rank)."""
     problems = [p for p in problems if p]
     if problems:
-        raise ResumeMismatchError(f"the processes do not resume from the same checkpoint: {'; '.join(problems)}; "
-                                  f"every rank resumes from the checkpoint rank 0 chooses: give every node the "
-                                  f"same work_dir contents (a shared disk, or copy rank 0's last.pth)")
+        raise ResumeMismatchError(
+            f"the processes do not resume from the same checkpoint: {'; '.join(problems)}; "
+            f"every rank resumes from the checkpoint rank 0 chooses: give every node the "
+            f"same work_dir contents (a shared disk, or copy rank 0's last.pth)"
+        )
 
 
 def check_iterations(state_iter, saved_iters, iters, path):
@@ -120,8 +136,10 @@ def check_iterations(state_iter, saved_iters, iters, path):
         return False
     if state_iter == iters and (saved_iters is None or saved_iters <= iters):
         return True
-    raise ConfigError(f"checkpoint {path} is at iteration {state_iter}, past train.iters={iters}: raise "
-                      f"train.iters above {state_iter} to train on, or start over with --overwrite")
+    raise ConfigError(
+        f"checkpoint {path} is at iteration {state_iter}, past train.iters={iters}: raise "
+        f"train.iters above {state_iter} to train on, or start over with --overwrite"
+    )
 
 
 def fresh_groups(optimizer):

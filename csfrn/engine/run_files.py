@@ -2,6 +2,7 @@
 resolved config, every key; ``csfrn train --config work_dir/config.yaml`` runs it again), ``env.json`` (the
 software and hardware it ran on) and ``train.log`` (one human-readable line per ``train.log_interval``, the
 evaluations and the checkpoints written)."""
+
 import datetime
 import json
 import os
@@ -39,8 +40,13 @@ def _git_commit():
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -67,14 +73,20 @@ def environment(device=None, world_size=1):
 
     cuda = torch.cuda.is_available()
     return {
-        "python": sys.version.split()[0], "platform": platform.platform(),
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "csfrn": __version__, "kernels": "CPU + CUDA" if built_with_cuda() else "CPU only",
+        "csfrn": __version__,
+        "kernels": "CPU + CUDA" if built_with_cuda() else "CPU only",
         "device": str(device) if device is not None else None,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(), "world_size": world_size,
-        "command": [os.path.basename(sys.argv[0])] + sys.argv[1:], "cwd": os.getcwd(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+        "cwd": os.getcwd(),
         "git_commit": _git_commit(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -94,8 +106,10 @@ def check_tensorboard(train_cfg):
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (tensorboard is optional: this is the check)
     except ImportError:
-        raise MissingDependencyError("train.tensorboard=true but the tensorboard package is not installed: "
-                                     "pip install tensorboard, or set train.tensorboard=false") from None
+        raise MissingDependencyError(
+            "train.tensorboard=true but the tensorboard package is not installed: "
+            "pip install tensorboard, or set train.tensorboard=false"
+        ) from None
 
 
 def _duration(seconds):
@@ -106,10 +120,11 @@ def _duration(seconds):
 def peak_memory_gib(device):
     """Peak memory since the start: CUDA memory allocated by torch on a GPU, the process's peak resident set
     on the CPU."""
-    import torch   # here, not at the top: csfrn config (and --help) use this module without importing torch
+    import torch  # here, not at the top: csfrn config (and --help) use this module without importing torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class TrainLog:
@@ -130,8 +145,10 @@ class TrainLog:
         steps), the gradient norm and how often it was clipped."""
         terms = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
         eta = _duration((data_time + step_time) * (self.total - it))
-        text = (f"iter {it}/{self.total}  lr {lr:.3e}  {terms}  data {data_time:.3f}s  step {step_time:.3f}s  "
-                f"eta {eta}  mem {memory_gib:.2f} GiB")
+        text = (
+            f"iter {it}/{self.total}  lr {lr:.3e}  {terms}  data {data_time:.3f}s  step {step_time:.3f}s  "
+            f"eta {eta}  mem {memory_gib:.2f} GiB"
+        )
         if clip is not None:
             max_norm, norm, clipped, steps = clip
             text += f"  grad_norm {norm:.4g}"
@@ -140,8 +157,10 @@ class TrainLog:
         self.line(text)
 
     def evaluation(self, it, summary, label="val"):
-        self.line(f"iter {it}: {label} mIoU {100 * summary['mIoU']:.2f}  mAcc {100 * summary['mAcc']:.2f}  "
-                  f"aAcc {100 * summary['aAcc']:.2f}")
+        self.line(
+            f"iter {it}: {label} mIoU {100 * summary['mIoU']:.2f}  mAcc {100 * summary['mAcc']:.2f}  "
+            f"aAcc {100 * summary['aAcc']:.2f}"
+        )
 
     def close(self):
         self.file.close()

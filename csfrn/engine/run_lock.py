@@ -4,6 +4,7 @@ A second run into the same work_dir is refused with a one-line error naming the 
 that is gone (a dead pid on this host: killed, the machine rebooted) is taken over with a note. Under torchrun
 rank 0 takes the lock and every rank gets the same answer.
 """
+
 import contextlib
 import json
 import os
@@ -22,7 +23,7 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # another user's process
+    except PermissionError:  # another user's process
         return True
     return True
 
@@ -37,8 +38,11 @@ def _read(path):
 
 
 def _describe(record):
-    return (f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
-            if record else "a run that is still writing its lock")
+    return (
+        f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+        if record
+        else "a run that is still writing its lock"
+    )
 
 
 def acquire(work_dir, log=print):
@@ -46,14 +50,13 @@ def acquire(work_dir, log=print):
     another live run holds it."""
     os.makedirs(work_dir, exist_ok=True)
     path = os.path.join(work_dir, LOCK_NAME)
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    for attempt in range(20):
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    for _attempt in range(20):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             other = _read(path)
-            if other is None:   # being written right now: look again
+            if other is None:  # being written right now: look again
                 time.sleep(0.05)
                 continue
             if other.get("host") == record["host"] and not _alive(int(other.get("pid", 0))):
@@ -63,7 +66,8 @@ def acquire(work_dir, log=print):
                 continue
             raise RunLockedError(
                 f"work_dir {work_dir} is in use by another run ({_describe(other)}); wait for it to end or "
-                f"choose another --work-dir (if that run is gone, delete {path})") from None
+                f"choose another --work-dir (if that run is gone, delete {path})"
+            ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
         return path

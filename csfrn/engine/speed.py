@@ -6,6 +6,7 @@ A training step queues its work and returns: nothing in it reads a device value 
 ``bool(tensor)`` or shape that depends on values); the losses stay device tensors and the loop reads them only
 every ``train.log_interval`` iterations.
 """
+
 import time
 
 import torch
@@ -20,8 +21,9 @@ def check_compile_setting(key, value):
     """``value`` of the config key ``key`` (train.compile / eval.compile) is false, true or a mode name."""
     if isinstance(value, bool) or value in COMPILE_MODES:
         return value
-    raise ConfigError(f"config key '{key}' is {value!r}; expected false, true or a torch.compile mode: "
-                      f"{', '.join(COMPILE_MODES)}")
+    raise ConfigError(
+        f"config key '{key}' is {value!r}; expected false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}"
+    )
 
 
 def compile_mode(value):

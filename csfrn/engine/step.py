@@ -1,5 +1,6 @@
 """One optimizer step of training: gradient accumulation over micro-batches (``train.accumulate``), AMP, gradient
 clipping (``train.clip_grad``), without a device-to-host sync."""
+
 import contextlib
 
 import torch
@@ -21,7 +22,7 @@ def train_step(net, images, labels, optimizer, scaler, amp_dtype=None, accumulat
     totals = {}
     parts = zip(images.chunk(accumulate), labels.chunk(accumulate)) if accumulate > 1 else [(images, labels)]
     for i, (x, y) in enumerate(parts):
-        defer = i < accumulate - 1 and hasattr(net, "no_sync")       # DDP: all-reduce on the last one only
+        defer = i < accumulate - 1 and hasattr(net, "no_sync")  # DDP: all-reduce on the last one only
         with net.no_sync() if defer else contextlib.nullcontext():
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 _, losses = net(x, y)

@@ -2,6 +2,7 @@
 DDP through torchrun with SyncBN, per-sample seeded data, JSON-lines metrics (TensorBoard when installed),
 periodic evaluation keeping best.pth and last.pth, and exact resume; channels_last, torch.compile and no host
 sync between log points (``csfrn.engine.speed``)."""
+
 import dataclasses
 import json
 import math
@@ -17,21 +18,57 @@ from ..data import build_dataset
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import ConfigError, OutputExistsError, TrainingDivergedError, TrainingInterrupted, UserError
 from ..losses import check_labels, labels_checked
-from .checkpoint import (CheckpointError, build_model_from_config, check_num_classes, load_checkpoint,
-                         load_model_state, remove_stale_temp_files, require_keys, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (
+    CheckpointError,
+    build_model_from_config,
+    check_num_classes,
+    load_checkpoint,
+    load_model_state,
+    remove_stale_temp_files,
+    require_keys,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from . import speed
 from .config import Config, check_training
-from .distributed import (SeededBatchSampler, SeededTransforms, cleanup, convert_sync_batchnorm, init_distributed,
-                          mean_over_ranks, raise_on_every_rank, timeout_error)
+from .distributed import (
+    SeededBatchSampler,
+    SeededTransforms,
+    cleanup,
+    convert_sync_batchnorm,
+    init_distributed,
+    mean_over_ranks,
+    raise_on_every_rank,
+    timeout_error,
+)
 from .ema import build_ema
 from .evaluate import evaluate, write_report
 from .interrupt import signal_name, stop_requests
 from .optim import build_optimizer, poly_lambda  # noqa: F401  (poly_lambda: part of this module's API)
-from .resume import (as_restart, check_agreement, check_iterations, check_meaning, config_differences, fresh_groups,
-                     meaning_changes, rederive_schedule, restart_count, resume_problem, world_size_note)
-from .run_files import (CONFIG_FILE, ENV_FILE, LOG_FILE, TrainLog, check_tensorboard, peak_memory_gib,
-                        write_config, write_env)
+from .resume import (
+    as_restart,
+    check_agreement,
+    check_iterations,
+    check_meaning,
+    config_differences,
+    fresh_groups,
+    meaning_changes,
+    rederive_schedule,
+    restart_count,
+    resume_problem,
+    world_size_note,
+)
+from .run_files import (
+    CONFIG_FILE,
+    ENV_FILE,
+    LOG_FILE,
+    TrainLog,
+    check_tensorboard,
+    peak_memory_gib,
+    write_config,
+    write_env,
+)
 from .run_lock import LOCK_NAME, run_lock
 from .step import AMP_DTYPES, train_step
 
@@ -56,8 +93,9 @@ class MetricsLog:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.writer = None
-        if tensorboard:   # installed: run_files.check_tensorboard said so before the run started
+        if tensorboard:  # installed: run_files.check_tensorboard said so before the run started
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(os.path.join(work_dir, "tb"))
 
     def write(self, record):
@@ -82,14 +120,29 @@ def _resume_path(train_cfg):
 
 # What a training run writes into its work_dir (and `csfrn eval` beside its checkpoints: eval_<split>.json /
 # .csv); --overwrite removes the previous run's copies first.
-RUN_OUTPUTS = ("last.pth", "best.pth", "best_ema.pth", "metrics.jsonl", "val_last.json", "val_last.csv",
-               "val_last_ema.json", "val_last_ema.csv", "confusion.csv", "confusion.png", CONFIG_FILE, ENV_FILE,
-               LOG_FILE)
+RUN_OUTPUTS = (
+    "last.pth",
+    "best.pth",
+    "best_ema.pth",
+    "metrics.jsonl",
+    "val_last.json",
+    "val_last.csv",
+    "val_last_ema.json",
+    "val_last_ema.csv",
+    "confusion.csv",
+    "confusion.png",
+    CONFIG_FILE,
+    ENV_FILE,
+    LOG_FILE,
+)
 
 
 def _is_run_output(name):
-    return name in RUN_OUTPUTS or (name.startswith("iter_") and name.endswith(".pth")) or (
-        name.startswith("eval_") and name.endswith((".json", ".csv")))
+    return (
+        name in RUN_OUTPUTS
+        or (name.startswith("iter_") and name.endswith(".pth"))
+        or (name.startswith("eval_") and name.endswith((".json", ".csv")))
+    )
 
 
 def check_work_dir(train_cfg, overwrite=False):
@@ -106,19 +159,25 @@ def check_work_dir(train_cfg, overwrite=False):
     names = set(os.listdir(work_dir))
     if not overwrite:
         if "last.pth" in names:
-            raise OutputExistsError(f"work_dir {work_dir} already holds a run (last.pth): continue it with "
-                                  f"--resume auto, or start over with --overwrite")
+            raise OutputExistsError(
+                f"work_dir {work_dir} already holds a run (last.pth): continue it with "
+                f"--resume auto, or start over with --overwrite"
+            )
         if train_cfg.resume == "auto" and ("best.pth" in names or restart_count()):
-            return []   # a run that stopped before its first last.pth: it starts again at iteration 0
+            return []  # a run that stopped before its first last.pth: it starts again at iteration 0
         if "best.pth" in names:
-            raise OutputExistsError(f"work_dir {work_dir} already holds a run (best.pth): continue it with "
-                                  f"--resume auto (from iteration 0: it has no last.pth), start over with "
-                                  f"--overwrite, or choose another --work-dir")
+            raise OutputExistsError(
+                f"work_dir {work_dir} already holds a run (best.pth): continue it with "
+                f"--resume auto (from iteration 0: it has no last.pth), start over with "
+                f"--overwrite, or choose another --work-dir"
+            )
         left = sorted(n for n in names if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
-        if train_cfg.resume == "auto" and left:   # nothing to resume, and not empty: never truncate its metrics
-            raise ConfigError(f"--resume auto: work_dir {work_dir} has no last.pth to resume but holds "
-                              f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''} (a run stopped before its "
-                              f"first checkpoint?); start over with --overwrite, or choose another --work-dir")
+        if train_cfg.resume == "auto" and left:  # nothing to resume, and not empty: never truncate its metrics
+            raise ConfigError(
+                f"--resume auto: work_dir {work_dir} has no last.pth to resume but holds "
+                f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''} (a run stopped before its "
+                f"first checkpoint?); start over with --overwrite, or choose another --work-dir"
+            )
         return []
     old = [n for n in names if _is_run_output(n)]
     tb = os.path.join(work_dir, "tb")
@@ -148,9 +207,9 @@ def train(cfg: Config, model=None, overwrite=False, resume_changed=False):
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout)
     try:
         with stop_requests() as stop, run_lock(cfg.train.work_dir, info):
-            old_files = check_work_dir(cfg.train, overwrite)   # again, now that no other run can change it
+            old_files = check_work_dir(cfg.train, overwrite)  # again, now that no other run can change it
             return _train(cfg, model, info, old_files, stop, resume_changed)
-    except RuntimeError as err:   # torch.distributed's errors
+    except RuntimeError as err:  # torch.distributed's errors
         timed_out = timeout_error(err, info, cfg.train.dist_timeout)
         if timed_out is None:
             raise
@@ -181,12 +240,15 @@ def _choose_resume(tcfg, info):
     """Rank 0 chooses the checkpoint to resume from (and, without one, the best mIoU of a best.pth left by a run
     that stopped before its first last.pth); every rank checks that its own copy (the same file on a shared disk)
     is that checkpoint. Returns (this rank's path or None, its loaded state or None, best mIoU to beat)."""
-    mine = _resume_path(tcfg) if info.is_main else (
-        os.path.join(tcfg.work_dir, "last.pth") if tcfg.resume == "auto" else tcfg.resume)
+    mine = (
+        _resume_path(tcfg)
+        if info.is_main
+        else (os.path.join(tcfg.work_dir, "last.pth") if tcfg.resume == "auto" else tcfg.resume)
+    )
     if info.is_main:
         error, state, view, best = None, None, None, float("-inf")
         best_path = os.path.join(tcfg.work_dir, "best.pth")
-        try:   # an unreadable file: every rank stops with rank 0's error (none waits for a broadcast)
+        try:  # an unreadable file: every rank stops with rank 0's error (none waits for a broadcast)
             state = load_checkpoint(mine) if mine else None
             view = None if state is None else _view(mine, state)
             if state is None and tcfg.resume == "auto" and os.path.isfile(best_path):
@@ -233,21 +295,34 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
     resume, state, best_before = _choose_resume(tcfg, info)
     restarts = restart_count()
     if info.is_main and restarts and not resume:
-        print(f"torchelastic restart {restarts}: no last.pth in {tcfg.work_dir} yet: starting again at iteration 0",
-              flush=True)
+        print(
+            f"torchelastic restart {restarts}: no last.pth in {tcfg.work_dir} yet: starting again at iteration 0",
+            flush=True,
+        )
     elif info.is_main and not resume and best_before > float("-inf"):
-        print(f"no last.pth in {tcfg.work_dir} (the run stopped before its first checkpoint): starting at "
-              f"iteration 0; its best.pth (mIoU {100 * best_before:.2f}) is replaced only by a better one", flush=True)
+        print(
+            f"no last.pth in {tcfg.work_dir} (the run stopped before its first checkpoint): starting at "
+            f"iteration 0; its best.pth (mIoU {100 * best_before:.2f}) is replaced only by a better one",
+            flush=True,
+        )
     if resume:
-        try:   # the same file on every rank (checked above): every rank meets the same errors
-            state = require_keys(state, resume, ("model", "config", "optimizer", "scheduler", "scaler", "rng",
-                                                 "iter", "best_mIoU", "world_size"), "resumed from")
+        try:  # the same file on every rank (checked above): every rank meets the same errors
+            state = require_keys(
+                state,
+                resume,
+                ("model", "config", "optimizer", "scheduler", "scaler", "rng", "iter", "best_mIoU", "world_size"),
+                "resumed from",
+            )
             check_num_classes(state, resume, cfg.model.num_classes)
-            finished = check_iterations(state["iter"], state["config"].get("train", {}).get("iters"), tcfg.iters,
-                                        resume)
+            finished = check_iterations(
+                state["iter"], state["config"].get("train", {}).get("iters"), tcfg.iters, resume
+            )
             if not finished:
-                check_meaning(meaning_changes(state["config"], cfg.to_dict(), state["world_size"], info.world_size),
-                              resume, resume_changed)
+                check_meaning(
+                    meaning_changes(state["config"], cfg.to_dict(), state["world_size"], info.world_size),
+                    resume,
+                    resume_changed,
+                )
         except UserError as err:
             raise_on_every_rank(err, info)
         diffs = config_differences(state["config"], cfg.to_dict())
@@ -258,8 +333,11 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
                 model = build_model_from_config(cfg.model, load_pretrained=False)
             load_model_state(model, state["model"], resume, cfg.model, state["config"])
             if info.is_main:
-                print(f"{resume}: the run is finished (iteration {state['iter']} of train.iters={tcfg.iters}); "
-                      f"nothing to train (raise train.iters to train on)", flush=True)
+                print(
+                    f"{resume}: the run is finished (iteration {state['iter']} of train.iters={tcfg.iters}); "
+                    f"nothing to train (raise train.iters to train on)",
+                    flush=True,
+                )
             return {"iter": state["iter"], "best_mIoU": state["best_mIoU"], "last": None, "model": model}
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
     if model is None:
@@ -268,8 +346,10 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
     num_classes = cfg.model.num_classes
     train_set = build_dataset(dcfg, dcfg.train_split, num_classes=num_classes, seed=tcfg.seed)
     if train_set.num_classes != num_classes:
-        raise ConfigError(f"model.num_classes is {num_classes} but dataset '{dcfg.dataset}' has "
-                          f"{train_set.num_classes} classes; expected model.num_classes={train_set.num_classes}")
+        raise ConfigError(
+            f"model.num_classes is {num_classes} but dataset '{dcfg.dataset}' has "
+            f"{train_set.num_classes} classes; expected model.num_classes={train_set.num_classes}"
+        )
     val_set = build_dataset(dcfg, dcfg.val_split, eval_transforms(), num_classes=num_classes, seed=tcfg.seed)
     if info.distributed and tcfg.sync_bn:
         model = convert_sync_batchnorm(model, device)
@@ -288,33 +368,43 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_iter, best = state["iter"], state["best_mIoU"]
-        rederive_schedule(optimizer, scheduler, configured, start_iter)   # the configured lr / iters apply
+        rederive_schedule(optimizer, scheduler, configured, start_iter)  # the configured lr / iters apply
         if state["world_size"] == info.world_size:
             set_rng_state(state["rng"][info.rank])
         elif info.is_main:
             print(world_size_note(resume, state["world_size"], info.world_size), flush=True)
         if info.is_main:
-            print(f"{f'torchelastic restart {restarts}: ' if restarts else ''}resumed from {resume} at iteration "
-                  f"{start_iter}", flush=True)
+            print(
+                f"{f'torchelastic restart {restarts}: ' if restarts else ''}resumed from {resume} at iteration "
+                f"{start_iter}",
+                flush=True,
+            )
     else:
         # Different dropout masks per rank, reproducibly.
         torch.manual_seed(tcfg.seed + info.rank)
         random.seed(tcfg.seed + info.rank)
         np.random.seed(tcfg.seed + info.rank)
 
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.distributed else model
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.distributed
+        else model
+    )
     # Training runs the compiled module (model and losses: the losses are computed in its forward); evaluation
     # runs the eager model unless eval.compile.
     step_net = speed.maybe_compile(net, tcfg.compile)
     eval_model = speed.maybe_compile(model, cfg.eval.compile)
-    sampler = SeededBatchSampler(len(train_set), dcfg.batch_size, tcfg.seed, start_iter, tcfg.iters,
-                                 info.rank, info.world_size)
+    sampler = SeededBatchSampler(
+        len(train_set), dcfg.batch_size, tcfg.seed, start_iter, tcfg.iters, info.rank, info.world_size
+    )
     transforms = train_transforms(dcfg.crop_size, dcfg.scale_range, dcfg.base_size, dcfg.flip, dcfg.photometric)
     # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
-    loader = torch.utils.data.DataLoader(SeededTransforms(train_set, transforms), batch_sampler=sampler,
-                                         generator=torch.Generator(),
-                                         **speed.loader_options(dcfg.num_workers, device, dcfg.prefetch_factor))
+    loader = torch.utils.data.DataLoader(
+        SeededTransforms(train_set, transforms),
+        batch_sampler=sampler,
+        generator=torch.Generator(),
+        **speed.loader_options(dcfg.num_workers, device, dcfg.prefetch_factor),
+    )
     log = MetricsLog(tcfg.work_dir, tcfg.tensorboard, keep_until=start_iter) if info.is_main else None
     ema = build_ema(model, tcfg.ema, state, log=print if info.is_main else None)
     best_ema = state.get("best_ema_mIoU", float("-inf")) if state is not None else float("-inf")
@@ -323,18 +413,26 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
         write_config(cfg, tcfg.work_dir)
         write_env(tcfg.work_dir, device, info.world_size)
         text_log = TrainLog(tcfg.work_dir, tcfg.iters)
-        text_log.line(f"resumed from {resume} at iteration {start_iter}" if resume else
-                      f"started: {tcfg.iters} iterations, global batch {dcfg.batch_size} on {info.world_size} "
-                      f"process(es), device {device}")
-    clipped = torch.zeros((), dtype=torch.int64, device=device)   # steps clipped since the last log line
-    bar = tqdm(total=tcfg.iters, initial=start_iter, desc="train", dynamic_ncols=True,
-               disable=not (info.is_main and tcfg.progress))
+        text_log.line(
+            f"resumed from {resume} at iteration {start_iter}"
+            if resume
+            else f"started: {tcfg.iters} iterations, global batch {dcfg.batch_size} on {info.world_size} "
+            f"process(es), device {device}"
+        )
+    clipped = torch.zeros((), dtype=torch.int64, device=device)  # steps clipped since the last log line
+    bar = tqdm(
+        total=tcfg.iters,
+        initial=start_iter,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (info.is_main and tcfg.progress),
+    )
     last_summary = None
     model.train()
     it = start_iter
     saved_at = start_iter if state is not None else None
 
-    def stop_here():   # SIGINT / SIGTERM: last.pth at this iteration (every rank takes part), then leave
+    def stop_here():  # SIGINT / SIGTERM: last.pth at this iteration (every rank takes part), then leave
         signum = stop.agreed(info) if stop is not None else 0
         if not signum:
             return
@@ -343,12 +441,17 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
             ckpt = _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info)
             if info.is_main:
                 save_checkpoint(ckpt, path)
-            if info.distributed:   # no rank leaves before the file is complete
+            if info.distributed:  # no rank leaves before the file is complete
                 torch.distributed.barrier()
         bar.close()
-        raise TrainingInterrupted(signum, f"interrupted by {signal_name(signum)} at iteration {it} of "
-                                  f"{tcfg.iters}; last checkpoint {path} (iteration {it}); continue with "
-                                  f"--resume auto", it, path)
+        raise TrainingInterrupted(
+            signum,
+            f"interrupted by {signal_name(signum)} at iteration {it} of "
+            f"{tcfg.iters}; last checkpoint {path} (iteration {it}); continue with "
+            f"--resume auto",
+            it,
+            path,
+        )
 
     stop_here()
     batches = iter(loader)
@@ -358,8 +461,9 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
         check_labels(batch[1], num_classes)  # on the CPU, before the copy: the step then makes no host sync for it
         images, labels = speed.to_device(*batch, device, channels_last)
         with labels_checked():
-            losses, grad_norm = train_step(step_net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate,
-                                           tcfg.clip_grad)
+            losses, grad_norm = train_step(
+                step_net, images, labels, optimizer, scaler, amp_dtype, tcfg.accumulate, tcfg.clip_grad
+            )
         loss = sum(losses.values())
         scheduler.step()
         if ema is not None:
@@ -375,17 +479,28 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
             values = mean_over_ranks({**losses, "loss": loss}, info)
             if not all(math.isfinite(v) for v in values.values()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-                raise_on_every_rank(TrainingDivergedError(
-                    f"loss is not finite at iteration {it} ({terms}; checked every train.log_interval="
-                    f"{tcfg.log_interval} iterations); expected finite losses: try a lower train.lr or more "
-                    f"train.warmup_iters"), info)
+                raise_on_every_rank(
+                    TrainingDivergedError(
+                        f"loss is not finite at iteration {it} ({terms}; checked every train.log_interval="
+                        f"{tcfg.log_interval} iterations); expected finite losses: try a lower train.lr or more "
+                        f"train.warmup_iters"
+                    ),
+                    info,
+                )
             lr = optimizer.param_groups[0]["lr"]
-            step_times = times.figures()          # after reading the losses: the device work is done
+            step_times = times.figures()  # after reading the losses: the device work is done
             rate = 1e3 / max(step_times["step_ms"], 1e-9)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()}, "lr": f"{lr:.2e}"})
-            record = {"kind": "train", "iter": it, **values, "lr": lr, "it/s": rate,
-                      "images/s": rate * dcfg.batch_size, **step_times}
-            if device.type == "cuda":   # peak since the start, as mmseg's "memory"
+            record = {
+                "kind": "train",
+                "iter": it,
+                **values,
+                "lr": lr,
+                "it/s": rate,
+                "images/s": rate * dcfg.batch_size,
+                **step_times,
+            }
+            if device.type == "cuda":  # peak since the start, as mmseg's "memory"
                 record["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             clip = None
             if grad_norm is not None:
@@ -396,9 +511,13 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
                 log.write(record)
                 data_s, step_s = step_times["data_ms"] / 1e3, step_times["step_ms"] / 1e3
                 text_log.iteration(it, lr, values, data_s, step_s - data_s, peak_memory_gib(device), clip)
-            if info.is_main and not tcfg.progress:   # no bar: the same numbers as a line
-                print(f"iter {it}/{tcfg.iters}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-                      + f"  lr {lr:.3e}  {rate:.2f} it/s", flush=True)
+            if info.is_main and not tcfg.progress:  # no bar: the same numbers as a line
+                print(
+                    f"iter {it}/{tcfg.iters}: "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+                    + f"  lr {lr:.3e}  {rate:.2f} it/s",
+                    flush=True,
+                )
 
         do_eval = it == tcfg.iters or (tcfg.eval_interval and it % tcfg.eval_interval == 0)
         if do_eval:
@@ -407,15 +526,24 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
             improved = summary["mIoU"] > best
             best = max(best, summary["mIoU"])
             if info.is_main:
-                bar.write(f"iter {it}: mIoU {100 * summary['mIoU']:.2f}  mAcc {100 * summary['mAcc']:.2f}  "
-                          f"aAcc {100 * summary['aAcc']:.2f}")
-                val = {"kind": "val", "iter": it, "mIoU": summary["mIoU"], "mAcc": summary["mAcc"],
-                       "aAcc": summary["aAcc"]}
+                bar.write(
+                    f"iter {it}: mIoU {100 * summary['mIoU']:.2f}  mAcc {100 * summary['mAcc']:.2f}  "
+                    f"aAcc {100 * summary['aAcc']:.2f}"
+                )
+                val = {
+                    "kind": "val",
+                    "iter": it,
+                    "mIoU": summary["mIoU"],
+                    "mAcc": summary["mAcc"],
+                    "aAcc": summary["aAcc"],
+                }
                 text_log.evaluation(it, summary)
                 write_report(summary, train_set.classes, tcfg.work_dir, name="val_last")
                 if improved:
-                    save_checkpoint({"model": model.state_dict(), "iter": it, "mIoU": summary["mIoU"],
-                                     "config": cfg.to_dict()}, os.path.join(tcfg.work_dir, "best.pth"))
+                    save_checkpoint(
+                        {"model": model.state_dict(), "iter": it, "mIoU": summary["mIoU"], "config": cfg.to_dict()},
+                        os.path.join(tcfg.work_dir, "best.pth"),
+                    )
                     text_log.line(f"iter {it}: saved best.pth (mIoU {100 * summary['mIoU']:.2f})")
             if ema is not None:
                 ema_summary, _ = evaluate(ema.module, val_set, num_classes, cfg.eval, device, dcfg.base_size)
@@ -426,8 +554,15 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
                     text_log.evaluation(it, ema_summary, label="EMA val")
                     write_report(ema_summary, train_set.classes, tcfg.work_dir, name="val_last_ema")
                     if ema_improved:
-                        save_checkpoint({"model": ema.state_dict(), "iter": it, "mIoU": ema_summary["mIoU"],
-                                         "config": cfg.to_dict()}, os.path.join(tcfg.work_dir, "best_ema.pth"))
+                        save_checkpoint(
+                            {
+                                "model": ema.state_dict(),
+                                "iter": it,
+                                "mIoU": ema_summary["mIoU"],
+                                "config": cfg.to_dict(),
+                            },
+                            os.path.join(tcfg.work_dir, "best_ema.pth"),
+                        )
                         text_log.line(f"iter {it}: saved best_ema.pth (EMA mIoU {100 * ema_summary['mIoU']:.2f})")
             if info.is_main:
                 log.write(val)
@@ -439,20 +574,23 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
                 save_checkpoint(state, os.path.join(tcfg.work_dir, "last.pth"))
                 if tcfg.keep_checkpoints:
                     save_checkpoint(state, os.path.join(tcfg.work_dir, f"iter_{it:06d}.pth"))
-                text_log.line(f"iter {it}: saved last.pth" + (f" and iter_{it:06d}.pth" if tcfg.keep_checkpoints
-                                                                 else ""))
+                text_log.line(
+                    f"iter {it}: saved last.pth" + (f" and iter_{it:06d}.pth" if tcfg.keep_checkpoints else "")
+                )
             saved_at = it
             if info.distributed:
                 torch.distributed.barrier()
-        if logged:   # the next interval's times start here, after this one's evaluation and checkpoint
+        if logged:  # the next interval's times start here, after this one's evaluation and checkpoint
             times.restart()
         if it < tcfg.iters:
             stop_here()
     bar.close()
     if log is not None:
         log.close()
-        text_log.line(f"finished at iteration {it}: best mIoU {100 * best:.2f}" +
-                      (f", best EMA mIoU {100 * best_ema:.2f}" if ema is not None else ""))
+        text_log.line(
+            f"finished at iteration {it}: best mIoU {100 * best:.2f}"
+            + (f", best EMA mIoU {100 * best_ema:.2f}" if ema is not None else "")
+        )
         text_log.close()
     result = {"iter": it, "best_mIoU": best, "last": last_summary, "model": model}
     if ema is not None:
@@ -473,8 +611,15 @@ def _gather_rng(info):
 def _training_state(cfg, model, optimizer, scheduler, scaler, it, best, info):
     """Everything a resume needs, as tensors and plain containers (loadable with weights_only=True)."""
     return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "rng": _gather_rng(info), "iter": it, "best_mIoU": best,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _gather_rng(info),
+        "iter": it,
+        "best_mIoU": best,
         # no sampler state: the sampler is a pure function of (train.seed, iteration). (Checkpoints from before
         # this have a "sampler" key that nothing reads.)
-        "world_size": info.world_size, "config": cfg.to_dict()}
+        "world_size": info.world_size,
+        "config": cfg.to_dict(),
+    }

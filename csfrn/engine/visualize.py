@@ -1,6 +1,7 @@
 """The paper's Figure 3: for query pixels, the phi-distance from the query's C-S feature (its embedding, with
 the margin at that pixel) to every pixel, beside image, ground truth and prediction. Pillow + numpy only.
 ``csfrn visualize`` (checkpoint -> figure) is :mod:`csfrn.commands.visualize`."""
+
 import os
 
 import numpy as np
@@ -47,7 +48,7 @@ def distance_maps(model, image, points, delta=10.0):
     maps = []
     for y, x in points:
         fy, fx = min(int(y * eh / h), eh - 1), min(int(x * ew / w), ew - 1)
-        center = emb[:, :, fy, fx][:, None, :].contiguous()                     # [1, 1, D]
+        center = emb[:, :, fy, fx][:, None, :].contiguous()  # [1, 1, D]
         margin = margins[:, 0, fy, fx][:, None] if margins is not None else emb.new_zeros(1, 1)
         phi = ops.center_distance(emb.contiguous(), center, margin.contiguous(), delta)
         maps.append(F.interpolate(phi, size=(h, w), mode="bilinear", align_corners=False)[0, 0])
@@ -72,8 +73,8 @@ def pick_points(label, count=3, ignore_index=255):
 
 # Query rings and their numbers: red, green, blue, as in the paper's Figure 3 (then again for more queries).
 QUERY_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 64, 255)]
-AUTO_TILE = 128   # without an explicit scale, tiles are upscaled (integer factor) to at least this width
-HEADER, GAP = 20, 4   # pixels of column titles above the tiles; pixels between tiles
+AUTO_TILE = 128  # without an explicit scale, tiles are upscaled (integer factor) to at least this width
+HEADER, GAP = 20, 4  # pixels of column titles above the tiles; pixels between tiles
 
 
 def _font(size):
@@ -88,8 +89,7 @@ def _ring(draw, cx, cy, q, box, radius):
     """Numbered ring of query ``q`` centred at (cx, cy) in canvas pixels; the number stays inside ``box``."""
     colour = query_colour(q)
     # a white halo keeps the ring visible on any background (phi is dark exactly at the query)
-    draw.ellipse([cx - radius - 1, cy - radius - 1, cx + radius + 1, cy + radius + 1], outline=(255, 255, 255),
-                 width=4)
+    draw.ellipse([cx - radius - 1, cy - radius - 1, cx + radius + 1, cy + radius + 1], outline=(255, 255, 255), width=4)
     draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2)
     font = _font(12)
     text = str(q + 1)
@@ -165,8 +165,9 @@ def figure3(rows, path, palette, scale=None, classes=None, ignore_index=255):
         size = 12
         while size > 7 and draw.textbbox((0, 0), title, font=_font(size))[2] > tw:
             size -= 1
-        draw.text((x0 + tw / 2, 4), title, fill=query_colour(c - 3) if c >= 3 else (0, 0, 0), font=_font(size),
-                  anchor="mt")
+        draw.text(
+            (x0 + tw / 2, 4), title, fill=query_colour(c - 3) if c >= 3 else (0, 0, 0), font=_font(size), anchor="mt"
+        )
     radius = max(4, min(3 * scale, 8))
     for r, row in enumerate(rows):
         tiles = [row["image"], colorize(row["label"], palette), colorize(row["pred"], palette)]
@@ -188,28 +189,40 @@ def figure3(rows, path, palette, scale=None, classes=None, ignore_index=255):
 
 
 @torch.no_grad()
-def visualize_dataset(model, dataset, indices, path, palette, device, points=None, num_points=3, delta=10.0,
-                      scale=None, classes=None):
+def visualize_dataset(
+    model, dataset, indices, path, palette, device, points=None, num_points=3, delta=10.0, scale=None, classes=None
+):
     """Figure 3 for ``dataset`` items ``indices`` (normalised image, label): query points given (y, x) or
     picked per image with :func:`pick_points`. ``classes``: legend names (default: ``dataset.classes``).
     Returns the path written. An index outside the dataset or a point outside an image is a ValueError."""
     bad = [i for i in indices if not 0 <= i < len(dataset)]
     if bad:
-        raise ValueError(f"--indices {' '.join(map(str, bad))} out of range: the dataset has {len(dataset)} items "
-                         f"(0..{len(dataset) - 1})")
+        raise ValueError(
+            f"--indices {' '.join(map(str, bad))} out of range: the dataset has {len(dataset)} items "
+            f"(0..{len(dataset) - 1})"
+        )
     items = [dataset[i] for i in indices]
     if points is not None:
         for i, (image, _) in zip(indices, items):
             h, w = image.shape[-2:]
             outside = [f"{y},{x}" for y, x in points if not (0 <= y < h and 0 <= x < w)]
             if outside:
-                raise ValueError(f"--points {' '.join(outside)} outside item {i}, which is {h}x{w} "
-                                 f"(Y in 0..{h - 1}, X in 0..{w - 1})")
+                raise ValueError(
+                    f"--points {' '.join(outside)} outside item {i}, which is {h}x{w} "
+                    f"(Y in 0..{h - 1}, X in 0..{w - 1})"
+                )
     model.eval()
     rows = []
     for image, label in items:
         pts = points if points is not None else pick_points(label, num_points)
         logits, maps = distance_maps(model, image[None].to(device), pts, delta)
-        rows.append({"image": denormalize(image).permute(1, 2, 0).numpy(), "label": label.numpy(),
-                     "pred": logits.argmax(1)[0].cpu().numpy(), "points": pts, "maps": maps})
+        rows.append(
+            {
+                "image": denormalize(image).permute(1, 2, 0).numpy(),
+                "label": label.numpy(),
+                "pred": logits.argmax(1)[0].cpu().numpy(),
+                "points": pts,
+                "maps": maps,
+            }
+        )
     return figure3(rows, path, palette, scale, classes if classes is not None else getattr(dataset, "classes", None))

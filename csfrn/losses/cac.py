@@ -1,4 +1,5 @@
 """Class-aware consistency loss (CAC, paper Eq. 4) and the margin smoothness loss (Eq. 5)."""
+
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -25,7 +26,7 @@ def compact_labels(labels, ignore_index):
 
     Returns (compact labels with ignored pixels set to K, K, original class ids [K]).
     """
-    values = torch.unique(labels)              # sorted; the ignore index dropped after (no masked copy)
+    values = torch.unique(labels)  # sorted; the ignore index dropped after (no masked copy)
     present = values[values != ignore_index]
     k = present.numel()
     compact = torch.searchsorted(present, labels.clamp(min=0).contiguous())
@@ -34,14 +35,16 @@ def compact_labels(labels, ignore_index):
 
 class ClassIndex(NamedTuple):
     """Labels at the embedding size with their classes numbered 0..k-1 (``class_index``)."""
-    compact: torch.Tensor   # [N, h, w] int64: 0..k-1, ignored pixels k
-    k: int                  # number of class slots
-    present: torch.Tensor   # [k] the original id of each slot
+
+    compact: torch.Tensor  # [N, h, w] int64: 0..k-1, ignored pixels k
+    k: int  # number of class slots
+    present: torch.Tensor  # [k] the original id of each slot
     ignore_index: int
 
 
-def class_index(labels: torch.Tensor, size: Tuple[int, int], ignore_index: int = 255,
-                num_classes: Optional[int] = None) -> ClassIndex:
+def class_index(
+    labels: torch.Tensor, size: Tuple[int, int], ignore_index: int = 255, num_classes: Optional[int] = None
+) -> ClassIndex:
     """``resize_labels`` then a numbering of the classes, once for every loss of a step: CACLoss and SmoothLoss
     take the result in place of labels, so the segmentor resizes and renumbers once (it is the same for both).
 
@@ -64,8 +67,10 @@ def _index(labels, size, ignore_index):
     """The ClassIndex of ``labels`` (raw labels [N, H, W] or a ClassIndex made for this size and ignore_index)."""
     if isinstance(labels, ClassIndex):
         if tuple(labels.compact.shape[1:]) != tuple(size) or labels.ignore_index != ignore_index:
-            raise ValueError(f"the ClassIndex was made for size {list(labels.compact.shape[1:])} and ignore_index "
-                             f"{labels.ignore_index}, the loss needs {list(size)} and {ignore_index}")
+            raise ValueError(
+                f"the ClassIndex was made for size {list(labels.compact.shape[1:])} and ignore_index "
+                f"{labels.ignore_index}, the loss needs {list(size)} and {ignore_index}"
+            )
         return labels
     return class_index(labels, size, ignore_index)
 
@@ -116,8 +121,9 @@ class CACLoss(nn.Module):
             raise ValueError(f"unknown binary loss {binary!r}; choose one of {list(BINARY_LOSSES)}")
         self.delta, self.binary, self.ignore_index = float(delta), binary, ignore_index
 
-    def forward(self, embeddings: torch.Tensor, margin_map: Optional[torch.Tensor],
-                labels: Union[torch.Tensor, ClassIndex]) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, margin_map: Optional[torch.Tensor], labels: Union[torch.Tensor, ClassIndex]
+    ) -> torch.Tensor:
         if embeddings.dim() != 4:
             raise ValueError(f"embeddings must be a 4-D tensor [N, D, h, w], got shape {list(embeddings.shape)}")
         n, d, h, w = embeddings.shape
@@ -125,7 +131,7 @@ class CACLoss(nn.Module):
             raise ValueError(f"margin_map must have shape [N, 1, h, w] = {[n, 1, h, w]}, got {list(margin_map.shape)}")
         compact, k = _index(labels, (h, w), self.ignore_index)[:2]
         embeddings, margin_map = full_precision(embeddings, margin_map)
-        if k == 0:   # nothing labelled in the whole batch
+        if k == 0:  # nothing labelled in the whole batch
             zero = embeddings.sum() * 0.0
             return zero if margin_map is None else zero + margin_map.sum() * 0.0
         stacked = embeddings if margin_map is None else torch.cat([embeddings, margin_map], dim=1)
@@ -133,11 +139,11 @@ class CACLoss(nn.Module):
         means, counts = ops.class_avg_pool(stacked, compact, k, ignore_index=k, validate=False)
         centers = means[..., :d].contiguous()
         margins = means[..., d] if margin_map is not None else means.new_zeros(n, k)
-        phi = ops.center_distance(embeddings, centers, margins.contiguous(), self.delta)   # [N, K, h, w]
+        phi = ops.center_distance(embeddings, centers, margins.contiguous(), self.delta)  # [N, K, h, w]
 
         # Every (image, class slot) pair is a row, present or not (static shapes: no nonzero, no host sync);
         # mean_over_present leaves the absent pairs out of the loss and of the gradient.
-        rows = phi.reshape(n * k, h * w)                                                  # [N*K, h*w]
+        rows = phi.reshape(n * k, h * w)  # [N*K, h*w]
         flat = compact.reshape(n, 1, h * w)
         positive = (flat == torch.arange(k, device=compact.device)[None, :, None]).reshape(n * k, h * w)
         valid = (flat != k).expand(n, k, h * w).reshape(n * k, h * w)
@@ -178,7 +184,7 @@ class SmoothLoss(nn.Module):
         if k == 0:
             return margin_map.sum() * 0.0
         means, counts = ops.class_avg_pool(margin_map.detach(), compact, k, ignore_index=k, validate=False)
-        table = torch.cat([means[..., 0], means.new_zeros(n, 1)], dim=1)                 # ignored -> 0
+        table = torch.cat([means[..., 0], means.new_zeros(n, 1)], dim=1)  # ignored -> 0
         m_pix = table.gather(1, compact.reshape(n, -1)).reshape(n, 1, h, w)
         sq_means, _ = ops.class_avg_pool((margin_map - m_pix).pow(2), compact, k, ignore_index=k, validate=False)
         return mean_over_present(sq_means[..., 0], counts)

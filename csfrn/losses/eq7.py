@@ -1,5 +1,6 @@
 """``Eq7Loss``: the weighted loss terms of paper Eq. 7 for a segmentation model with CSFLM, in one module, used by
 csfrn's own models (``CSFRN``) and by the models ``add_csflm`` plugs CSFLM into."""
+
 from typing import Mapping, Optional
 
 import torch
@@ -43,10 +44,20 @@ class Eq7Loss(nn.Module):
         binary, delta: the CAC loss's binary loss ("lovasz" or "bce") and margin temperature.
     """
 
-    def __init__(self, num_classes: int, embed_dim: Optional[int] = None, supervision: str = "cac",
-                 seg_loss: Optional[nn.Module] = None, ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
-                 loss_weights: Optional[Mapping[str, float]] = None, binary: str = "lovasz", delta: float = 10.0,
-                 ignore_index: int = 255):
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: Optional[int] = None,
+        supervision: str = "cac",
+        seg_loss: Optional[nn.Module] = None,
+        ohem: bool = False,
+        thresh: float = 0.7,
+        min_kept: int = 100000,
+        loss_weights: Optional[Mapping[str, float]] = None,
+        binary: str = "lovasz",
+        delta: float = 10.0,
+        ignore_index: int = 255,
+    ):
         super().__init__()
         if supervision not in SUPERVISIONS:
             raise ValueError(f"unknown csflm_supervision {supervision!r}; choose one of {list(SUPERVISIONS)}")
@@ -57,8 +68,11 @@ class Eq7Loss(nn.Module):
         # optimizer's order that they had when the mask head was an attribute of the model itself.
         self.mask_head = nn.Conv2d(embed_dim, num_classes, 1) if supervision == "mask" and embed_dim else None
         if seg_loss is None:
-            seg_loss = (OhemCrossEntropy(thresh, min_kept, ignore_index) if ohem
-                        else PixelCrossEntropy(ignore_index=ignore_index))
+            seg_loss = (
+                OhemCrossEntropy(thresh, min_kept, ignore_index)
+                if ohem
+                else PixelCrossEntropy(ignore_index=ignore_index)
+            )
         self.seg_loss = seg_loss
         self.cac_loss = CACLoss(delta=delta, binary=binary, ignore_index=ignore_index)
         self.smooth_loss = SmoothLoss(ignore_index=ignore_index)
@@ -70,14 +84,17 @@ class Eq7Loss(nn.Module):
         ValueError naming the first bad one; skipped inside ``csfrn.losses.labels_checked()``, where the training
         engine has checked the CPU batch: on CUDA the check is a host sync)."""
         if labels.shape != (images.shape[0],) + images.shape[2:]:
-            raise DataError(f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
-                            f"images {list(images.shape)}, got {list(labels.shape)}")
+            raise DataError(
+                f"labels must have shape [N, H, W] = {[images.shape[0], *images.shape[2:]]} to match "
+                f"images {list(images.shape)}, got {list(labels.shape)}"
+            )
         labels = labels.long()
         check_model_labels(labels, self.num_classes, self.ignore_index)
         return labels
 
-    def forward(self, labels: torch.Tensor, logits: torch.Tensor, aux: Optional[torch.Tensor] = None,
-                csflm=None) -> dict:
+    def forward(
+        self, labels: torch.Tensor, logits: torch.Tensor, aux: Optional[torch.Tensor] = None, csflm=None
+    ) -> dict:
         w = self.loss_weights
         size = labels.shape[1:]
         losses = {"seg": w["seg"] * self.seg_loss(upsample_logits(logits, size), labels)}
@@ -99,8 +116,11 @@ class Eq7Loss(nn.Module):
     def _mask_loss(self, embeddings, labels):
         """Lovasz-softmax of the mask head's class probabilities on B against the labels at B's size."""
         index = class_index(labels, embeddings.shape[2:], self.ignore_index, self.num_classes)
-        target = torch.where(index.compact == index.k, torch.full_like(index.compact, self.ignore_index),
-                             index.present[index.compact.clamp(max=max(index.k - 1, 0))])
+        target = torch.where(
+            index.compact == index.k,
+            torch.full_like(index.compact, self.ignore_index),
+            index.present[index.compact.clamp(max=max(index.k - 1, 0))],
+        )
         probs = F.softmax(self.mask_head(embeddings).float(), dim=1)
         return lovasz_softmax(probs, target, self.ignore_index)
 

@@ -7,6 +7,7 @@ labels they are given themselves (a clear error for a user who calls them direct
 that block; and the class-wise losses call ``csfrn.ops.class_avg_pool`` with ``validate=False``, on labels they
 have renumbered into range themselves (``class_index``).
 """
+
 import contextlib
 from typing import Iterator
 

@@ -1,11 +1,13 @@
 """Binary Lovasz hinge (Berman, Triki, Blaschko, CVPR 2018), vectorised over rows: one sort for everything."""
+
 from typing import Optional
 
 import torch
 
 
-def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True,
-                 ignore_index: Optional[int] = None) -> torch.Tensor:
+def lovasz_hinge(
+    logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True, ignore_index: Optional[int] = None
+) -> torch.Tensor:
     """Binary Lovasz hinge loss, a convex surrogate of 1 - IoU of the positive class.
 
     Args:
@@ -28,7 +30,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
         raise ValueError(f"logits and labels must have one shape, got {list(logits.shape)} and {list(labels.shape)}")
     if logits.dim() == 0:
         raise ValueError("logits must have a leading batch dimension [B, ...], got a scalar")
-    if logits.numel() == 0:          # no image, or images without pixels
+    if logits.numel() == 0:  # no image, or images without pixels
         return logits.sum() * 0.0
     rows = logits.shape[0] if per_image else 1
     logits, labels = logits.reshape(rows, -1), labels.reshape(rows, -1)
@@ -71,17 +73,18 @@ def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """Lovasz-softmax loss (Berman et al. 2018) of class probabilities [N, C, h, w] against labels [N, h, w],
     over all pixels together, averaged over the classes present in the labels (Berman's classes='present')."""
     if probs.dim() != 4 or labels.shape != (probs.shape[0],) + probs.shape[2:]:
-        raise ValueError(f"probs must be [N, C, h, w] and labels [N, h, w], got {list(probs.shape)} and "
-                         f"{list(labels.shape)}")
+        raise ValueError(
+            f"probs must be [N, C, h, w] and labels [N, h, w], got {list(probs.shape)} and {list(labels.shape)}"
+        )
     c = probs.shape[1]
-    p = probs.float().permute(1, 0, 2, 3).reshape(c, -1)                     # [C, P]
+    p = probs.float().permute(1, 0, 2, 3).reshape(c, -1)  # [C, P]
     labels = labels.reshape(-1)
     valid = labels != ignore_index
     p, labels = p[:, valid], labels[valid]
     present = torch.unique(labels)
     if present.numel() == 0:
         return probs.sum() * 0.0
-    fg = (labels[None] == present[:, None]).to(p.dtype)                      # [K, P]
+    fg = (labels[None] == present[:, None]).to(p.dtype)  # [K, P]
     errors = (fg - p[present]).abs()
     errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
     grad = _lovasz_grad(torch.gather(fg, 1, perm))

@@ -1,4 +1,5 @@
 """Online hard example mining cross-entropy (OCNet / HRNet OhemCrossEntropy semantics)."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,9 +41,12 @@ class OhemCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
-            raise ValueError(f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W, got "
-                             f"{list(logits.shape)} and {list(labels.shape)}")
+            raise ValueError(
+                f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W, got "
+                f"{list(logits.shape)} and {list(labels.shape)}"
+            )
         mask = self.kept_mask(logits, labels)
-        pixel = F.cross_entropy(logits, torch.where(mask, labels, self.ignore_index), ignore_index=self.ignore_index,
-                                reduction="sum")
+        pixel = F.cross_entropy(
+            logits, torch.where(mask, labels, self.ignore_index), ignore_index=self.ignore_index, reduction="sum"
+        )
         return pixel / mask.sum().clamp(min=1)

@@ -1,5 +1,6 @@
 """Pixel-wise pieces of the segmentation losses: logits brought to the labels' size in float32, and a
 cross-entropy that keeps the logits' memory format."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,4 +1,5 @@
 """``build_model``: one call from names and numbers to a CSFRN segmentor."""
+
 from typing import Mapping, Optional, Sequence
 
 from ..losses import Eq7Loss
@@ -11,13 +12,33 @@ from .segmentor import CSFRN
 ASPP_DILATIONS = {8: (12, 24, 36), 16: (6, 12, 18)}
 
 
-def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm: bool = True, fusion: str = "aam",
-                embed_dim: int = 32, margins: bool = True, aux: bool = True, output_stride: int = 8,
-                multi_grid: bool = False, pretrained: Optional[str] = None, *, width: int = 64,
-                blocks: Optional[Sequence[int]] = None, channels: int = 512, aux_channels: int = 256,
-                ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
-                loss_weights: Optional[Mapping[str, float]] = None, binary: str = "lovasz", delta: float = 10.0,
-                fusion_init: str = "identity", csflm_supervision: str = "cac", ignore_index: int = 255) -> CSFRN:
+def build_model(
+    head: str,
+    num_classes: int,
+    backbone: str = "resnet50c",
+    csflm: bool = True,
+    fusion: str = "aam",
+    embed_dim: int = 32,
+    margins: bool = True,
+    aux: bool = True,
+    output_stride: int = 8,
+    multi_grid: bool = False,
+    pretrained: Optional[str] = None,
+    *,
+    width: int = 64,
+    blocks: Optional[Sequence[int]] = None,
+    channels: int = 512,
+    aux_channels: int = 256,
+    ohem: bool = False,
+    thresh: float = 0.7,
+    min_kept: int = 100000,
+    loss_weights: Optional[Mapping[str, float]] = None,
+    binary: str = "lovasz",
+    delta: float = 10.0,
+    fusion_init: str = "identity",
+    csflm_supervision: str = "cac",
+    ignore_index: int = 255,
+) -> CSFRN:
     """Build a CSFRN segmentor (or, with ``csflm=False``, the plain head baseline).
 
     Args:
@@ -52,17 +73,27 @@ def build_model(head: str, num_classes: int, backbone: str = "resnet50c", csflm:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
     if output_stride not in ASPP_DILATIONS:
         raise ValueError(f"output_stride must be one of {sorted(ASPP_DILATIONS)}, got {output_stride}")
-    net, report = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, width=width,
-                                 blocks=blocks, pretrained=pretrained)
+    net, report = build_backbone(
+        backbone, output_stride=output_stride, multi_grid=multi_grid, width=width, blocks=blocks, pretrained=pretrained
+    )
     if head == "deeplabv3plus":
         decode = DeepLabV3PlusHead(net.out_channels, num_classes, channels, ASPP_DILATIONS[output_stride])
     else:
         decode = HEADS[head](net.out_channels, num_classes, channels)
     module = CSFLM(channels, embed_dim, fusion, margins, fusion_init) if csflm else None
     aux_head = AuxHead(net.out_channels[2], num_classes, aux_channels) if aux else None
-    criterion = Eq7Loss(num_classes, embed_dim if csflm else None, csflm_supervision, ohem=ohem, thresh=thresh,
-                        min_kept=min_kept, loss_weights=loss_weights, binary=binary, delta=delta,
-                        ignore_index=ignore_index)
+    criterion = Eq7Loss(
+        num_classes,
+        embed_dim if csflm else None,
+        csflm_supervision,
+        ohem=ohem,
+        thresh=thresh,
+        min_kept=min_kept,
+        loss_weights=loss_weights,
+        binary=binary,
+        delta=delta,
+        ignore_index=ignore_index,
+    )
     model = CSFRN(net, decode, module, aux_head, criterion)
     model.pretrained_report = report
     return model

@@ -12,6 +12,7 @@ two deformable 3x3 convs count as ordinary convs of the same shape (their offset
 Counting needs only shapes, so models built on the meta device (``with torch.device("meta"):``) count in
 no time and with no memory.
 """
+
 import math
 
 import torch
@@ -23,15 +24,22 @@ from ..nn import AAM
 
 
 def _conv_flops(module, inputs, output):
-    k = module.weight[0].numel()                 # in_channels / groups * kh * kw
+    k = module.weight[0].numel()  # in_channels / groups * kh * kw
     return output.numel() * (k + (module.bias is not None))
 
 
 def _aam_flops(module, inputs, output):
     # the dual deformable conv: 3x3, stride 1, padding 1, so one output per input pixel of X and of Y
     n, _, h, w = inputs[0].shape
-    return n * h * w * (module.weight_x.shape[0] * module.weight_x[0].numel()
-                        + module.weight_y.shape[0] * module.weight_y[0].numel())
+    return (
+        n
+        * h
+        * w
+        * (
+            module.weight_x.shape[0] * module.weight_x[0].numel()
+            + module.weight_y.shape[0] * module.weight_y[0].numel()
+        )
+    )
 
 
 def _dual_deform_flop(x_shape, y_shape, offset_shape, wx_shape, wy_shape, *args, out_shape=None, **kwargs):
@@ -72,18 +80,22 @@ def complexity(model, size=(512, 512)):
     def hook(module, inputs, output):
         total[0] += _count(module, inputs, output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ReLU, AAM) + _POOLS)]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ReLU, AAM) + _POOLS)
+    ]
     try:
-        counter = FlopCounterMode(display=False,
-                                  custom_mapping={torch.ops.csfrn.dual_deform_conv2d: _dual_deform_flop})
+        counter = FlopCounterMode(display=False, custom_mapping={torch.ops.csfrn.dual_deform_conv2d: _dual_deform_flop})
         with torch.no_grad(), counter:
             model(images)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {"params": sum(q.numel() for q in model.parameters()), "gflops": total[0] / 1e9,
-            "gflops_all": counter.get_total_flops() / 2 / 1e9}
+    return {
+        "params": sum(q.numel() for q in model.parameters()),
+        "gflops": total[0] / 1e9,
+        "gflops_all": counter.get_total_flops() / 2 / 1e9,
+    }
 
 
 def training_flops(model, images_shape, device="meta"):

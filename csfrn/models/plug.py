@@ -16,6 +16,7 @@ Face ``ModelOutput`` (``.logits``; its ``loss`` is left alone: the model gets no
 first element is the logits (smp with ``aux_params`` returns ``(mask, label)``); ``outputs=`` picks them from
 anything else. ``plug(images)`` returns them as the wrapped model returns them.
 """
+
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -74,10 +75,12 @@ def default_tap(model):
         while i > 0 and isinstance(classifier[i - 1], (nn.Dropout, nn.Dropout2d)):
             i -= 1
         return f"classifier.{i}", channels
-    raise PlugError(f"add_csflm: no default tap for {type(model).__name__} (it knows torchvision's FCN, DeepLabV3 "
-                    f"and LRASPP, smp's models and Hugging Face's Segformer / UperNet); pass tap= the name of the "
-                    f"submodule whose input is the classifier's input features (e.g. tap='decode_head.conv_seg'), "
-                    f"the submodule itself or a callable model -> submodule")
+    raise PlugError(
+        f"add_csflm: no default tap for {type(model).__name__} (it knows torchvision's FCN, DeepLabV3 "
+        f"and LRASPP, smp's models and Hugging Face's Segformer / UperNet); pass tap= the name of the "
+        f"submodule whose input is the classifier's input features (e.g. tap='decode_head.conv_seg'), "
+        f"the submodule itself or a callable model -> submodule"
+    )
 
 
 def _resolve_tap(model, tap, channels):
@@ -93,21 +96,27 @@ def _resolve_tap(model, tap, channels):
     elif isinstance(tap, nn.Module) or callable(tap):
         module = tap if isinstance(tap, nn.Module) else tap(model)
         if not isinstance(module, nn.Module):
-            raise PlugTypeError(f"add_csflm: tap must be a submodule name, a submodule or a callable model -> "
-                                f"submodule; the callable returned {type(module).__name__}")
+            raise PlugTypeError(
+                f"add_csflm: tap must be a submodule name, a submodule or a callable model -> "
+                f"submodule; the callable returned {type(module).__name__}"
+            )
         name = next((n for n, m in model.named_modules() if m is module), None)
         if name is None:
             raise PlugError(f"add_csflm: the tap module {type(module).__name__} is not a submodule of the model")
     else:
-        raise PlugTypeError(f"add_csflm: tap={tap!r} is a {type(tap).__name__}; expected a submodule name (str, as in "
-                            f"model.named_modules()), the submodule itself or a callable model -> submodule")
+        raise PlugTypeError(
+            f"add_csflm: tap={tap!r} is a {type(tap).__name__}; expected a submodule name (str, as in "
+            f"model.named_modules()), the submodule itself or a callable model -> submodule"
+        )
     if name == "":
         raise PlugError("add_csflm: the tap must be a submodule, not the model itself")
     if channels is None:
         channels = getattr(module, "in_channels", None)
         if not isinstance(channels, int):
-            raise PlugError(f"add_csflm: cannot tell the channels of the input of {name!r} "
-                            f"({type(module).__name__} has no in_channels); pass channels=")
+            raise PlugError(
+                f"add_csflm: cannot tell the channels of the input of {name!r} "
+                f"({type(module).__name__} has no in_channels); pass channels="
+            )
     return name, channels
 
 
@@ -177,7 +186,7 @@ class CSFLMPlug(nn.Module):
         self.fusion = fusion
         self.num_classes = criterion.num_classes
         self.outputs = outputs
-        self._record = None        # a list while a forward collects (tapped input, CSFLM's output)
+        self._record = None  # a list while a forward collects (tapped input, CSFLM's output)
         self.out_of_place = _out_of_place(model, tap)
         backbone = _backbone_name(model)
         self.backbone_prefix = f"model.{backbone}." if backbone else None
@@ -188,12 +197,17 @@ class CSFLMPlug(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == self.channels:
             return
         got = f"a {x.dim()}-D tensor {list(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
-        hint = (" (a 3-D token tensor [N, L, C]: tap a module whose input is the tokens reshaped into a map)"
-                if isinstance(x, torch.Tensor) and x.dim() == 3 else
-                f" (pass channels={x.shape[1]} if that is the right tap)" if isinstance(x, torch.Tensor)
-                and x.dim() == 4 else "")
-        raise PlugError(f"add_csflm: the input of tap {self.tap!r} is {got}; CSFLM needs a feature map "
-                        f"[N, {self.channels}, h, w] (channels={self.channels}){hint}")
+        hint = (
+            " (a 3-D token tensor [N, L, C]: tap a module whose input is the tokens reshaped into a map)"
+            if isinstance(x, torch.Tensor) and x.dim() == 3
+            else f" (pass channels={x.shape[1]} if that is the right tap)"
+            if isinstance(x, torch.Tensor) and x.dim() == 4
+            else ""
+        )
+        raise PlugError(
+            f"add_csflm: the input of tap {self.tap!r} is {got}; CSFLM needs a feature map "
+            f"[N, {self.channels}, h, w] (channels={self.channels}){hint}"
+        )
 
     def _tap_hook(self, module, args):
         x = args[0] if args else None
@@ -216,8 +230,10 @@ class CSFLMPlug(nn.Module):
         finally:
             self._record = None
         if collect and len(record) != 1:
-            raise PlugRunError(f"add_csflm: the tapped submodule {self.tap!r} ran {len(record)} times in one forward; "
-                               f"tap a submodule that runs once")
+            raise PlugRunError(
+                f"add_csflm: the tapped submodule {self.tap!r} ran {len(record)} times in one forward; "
+                f"tap a submodule that runs once"
+            )
         return outputs, (record[0] if collect else None)
 
     def forward(self, images, labels=None):
@@ -228,8 +244,9 @@ class CSFLMPlug(nn.Module):
         outputs, record = self._run(images, self.training or self.fusion != "loss_only")
         logits, aux = self.pick(outputs)
         if logits.shape[1] != self.num_classes:
-            raise PlugError(f"add_csflm: the model's logits have {logits.shape[1]} channels, num_classes is "
-                            f"{self.num_classes}")
+            raise PlugError(
+                f"add_csflm: the model's logits have {logits.shape[1]} channels, num_classes is {self.num_classes}"
+            )
         return outputs, self.criterion(labels, logits, aux, record[1] if record else None)
 
     def pick(self, outputs):
@@ -239,21 +256,25 @@ class CSFLMPlug(nn.Module):
             logits = self.outputs(outputs)
         elif isinstance(outputs, torch.Tensor):
             logits = outputs
-        elif isinstance(outputs, Mapping) and "out" in outputs:           # torchvision
+        elif isinstance(outputs, Mapping) and "out" in outputs:  # torchvision
             logits, aux = outputs["out"], outputs.get("aux")
-        elif isinstance(outputs, Mapping) and "logits" in outputs:        # Hugging Face ModelOutput
+        elif isinstance(outputs, Mapping) and "logits" in outputs:  # Hugging Face ModelOutput
             logits = outputs["logits"]
         elif isinstance(getattr(outputs, "logits", None), torch.Tensor):
             logits = outputs.logits
-        elif isinstance(outputs, (tuple, list)) and outputs:              # smp with aux_params: (mask, label)
+        elif isinstance(outputs, (tuple, list)) and outputs:  # smp with aux_params: (mask, label)
             logits = outputs[0]
         else:
-            raise PlugTypeError(f"add_csflm: cannot find the logits in the model's output (a "
-                                f"{type(outputs).__name__}); pass outputs= a callable that picks them from it")
+            raise PlugTypeError(
+                f"add_csflm: cannot find the logits in the model's output (a "
+                f"{type(outputs).__name__}); pass outputs= a callable that picks them from it"
+            )
         if not (isinstance(logits, torch.Tensor) and logits.dim() == 4):
             got = f"a {logits.dim()}-D tensor" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
-            raise PlugTypeError(f"add_csflm: the logits picked from the model's output are {got}, expected "
-                                f"[N, K, h, w]; pass outputs= a callable that picks them")
+            raise PlugTypeError(
+                f"add_csflm: the logits picked from the model's output are {got}, expected "
+                f"[N, K, h, w]; pass outputs= a callable that picks them"
+            )
         return logits, aux
 
     def segment(self, images):
@@ -269,8 +290,11 @@ class CSFLMPlug(nn.Module):
         F; the tapped input with "loss_only"), "embeddings", "margins"}; CSFLM runs for it with any fusion."""
         outputs, (tapped, out) = self._run(images, True)
         logits, _ = self.pick(outputs)
-        logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False) \
-            if logits.shape[2:] != images.shape[2:] else logits
+        logits = (
+            F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
+            if logits.shape[2:] != images.shape[2:]
+            else logits
+        )
         features = tapped if self.fusion == "loss_only" else out.features
         return {"logits": logits, "features": features, "embeddings": out.embeddings, "margins": out.margins}
 
@@ -278,13 +302,27 @@ class CSFLMPlug(nn.Module):
         return f"tap={self.tap!r}, fusion={self.fusion!r}, num_classes={self.num_classes}"
 
 
-def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim: int = 32, *,
-              tap: Union[None, str, nn.Module, Callable[[nn.Module], nn.Module]] = None,
-              channels: Optional[int] = None, margins: bool = True, fusion_init: str = "identity",
-              csflm_supervision: str = "cac", loss_weights: Optional[Mapping[str, float]] = None,
-              seg_loss: Optional[nn.Module] = None, ohem: bool = False, thresh: float = 0.7, min_kept: int = 100000,
-              delta: float = 10.0, binary: str = "lovasz", ignore_index: int = 255,
-              outputs: Optional[Callable[[Any], "torch.Tensor"]] = None) -> "CSFLMPlug":
+def add_csflm(
+    model: nn.Module,
+    num_classes: int,
+    fusion: str = "aam",
+    embed_dim: int = 32,
+    *,
+    tap: Union[None, str, nn.Module, Callable[[nn.Module], nn.Module]] = None,
+    channels: Optional[int] = None,
+    margins: bool = True,
+    fusion_init: str = "identity",
+    csflm_supervision: str = "cac",
+    loss_weights: Optional[Mapping[str, float]] = None,
+    seg_loss: Optional[nn.Module] = None,
+    ohem: bool = False,
+    thresh: float = 0.7,
+    min_kept: int = 100000,
+    delta: float = 10.0,
+    binary: str = "lovasz",
+    ignore_index: int = 255,
+    outputs: Optional[Callable[[Any], "torch.Tensor"]] = None,
+) -> "CSFLMPlug":
     """Plug CSFLM into a segmentation model; returns a ``CSFLMPlug`` wrapping ``model``.
 
     ``model`` is modified in place (a forward pre-hook on the tapped submodule) and becomes ``plug.model``:
@@ -336,16 +374,28 @@ def add_csflm(model: nn.Module, num_classes: int, fusion: str = "aam", embed_dim
         raise PlugTypeError(f"add_csflm: model must be an nn.Module, got {type(model).__name__}")
     name, channels = _resolve_tap(model, tap, channels)
     csflm = CSFLM(channels, embed_dim, None if fusion == "loss_only" else fusion, margins, fusion_init)
-    criterion = Eq7Loss(num_classes, embed_dim, csflm_supervision, seg_loss, ohem=ohem, thresh=thresh,
-                        min_kept=min_kept, loss_weights=loss_weights, binary=binary, delta=delta,
-                        ignore_index=ignore_index)
+    criterion = Eq7Loss(
+        num_classes,
+        embed_dim,
+        csflm_supervision,
+        seg_loss,
+        ohem=ohem,
+        thresh=thresh,
+        min_kept=min_kept,
+        loss_weights=loss_weights,
+        binary=binary,
+        delta=delta,
+        ignore_index=ignore_index,
+    )
     param = next(model.parameters(), None)
     if param is not None:
         csflm.to(device=param.device, dtype=param.dtype)
-        criterion.to(device=param.device, dtype=param.dtype)   # the mask head, with "mask"
+        criterion.to(device=param.device, dtype=param.dtype)  # the mask head, with "mask"
     if outputs is not None and not callable(outputs):
-        raise PlugTypeError(f"add_csflm: outputs must be a callable picking the logits from the model's output, got "
-                            f"{type(outputs).__name__}")
+        raise PlugTypeError(
+            f"add_csflm: outputs must be a callable picking the logits from the model's output, got "
+            f"{type(outputs).__name__}"
+        )
     plug = CSFLMPlug(model, csflm, name, fusion, criterion, channels, outputs)
     return plug.train(model.training)
 

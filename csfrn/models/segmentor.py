@@ -1,4 +1,5 @@
 """The CSFRN segmentor: dilated ResNet -> context head -> (CSFLM -> concat or AAM fusion) -> classifier."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +30,11 @@ class CSFRN(nn.Module):
     def __init__(self, backbone, head, csflm=None, aux_head=None, criterion=None):
         super().__init__()
         # first: checkpoints from before Eq7Loss held its mask head here, first in the parameters' order
-        self.criterion = criterion if criterion is not None else Eq7Loss(
-            head.conv_seg.out_channels, csflm.embed.out_channels if csflm is not None else None)
+        self.criterion = (
+            criterion
+            if criterion is not None
+            else Eq7Loss(head.conv_seg.out_channels, csflm.embed.out_channels if csflm is not None else None)
+        )
         self.backbone = backbone
         self.decode_head = head
         self.csflm = csflm
@@ -43,10 +47,13 @@ class CSFRN(nn.Module):
 
     @staticmethod
     def check_input(images):
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
-                or not images.is_floating_point():
-            got = (f"{list(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor)
-                   else type(images).__name__)
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.dim() != 4
+            or images.shape[1] != 3
+            or not images.is_floating_point()
+        ):
+            got = f"{list(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a 4-D float tensor [N, 3, H, W] (normalised RGB), got {got}")
 
     def _run(self, images):
@@ -85,13 +92,16 @@ class CSFRN(nn.Module):
         None, "margins": margin map [N, 1, h, w] or None} for an input (paper Figure 3); runs in the module's
         current mode, without gradients."""
         logits, _, out, features = self._run(images)
-        return {"logits": self._upsample(logits, images.shape[2:]), "features": features,
-                "embeddings": out.embeddings if out is not None else None,
-                "margins": out.margins if out is not None else None}
+        return {
+            "logits": self._upsample(logits, images.shape[2:]),
+            "features": features,
+            "embeddings": out.embeddings if out is not None else None,
+            "margins": out.margins if out is not None else None,
+        }
 
 
 def _legacy_mask_head(module, state_dict, prefix, *args):
     """A checkpoint from before ``Eq7Loss`` has the mask head's weights under ``mask_head.``: load them into
     ``criterion.mask_head.``."""
     for key in [k for k in state_dict if k.startswith(f"{prefix}mask_head.")]:
-        state_dict[f"{prefix}criterion.{key[len(prefix):]}"] = state_dict.pop(key)
+        state_dict[f"{prefix}criterion.{key[len(prefix) :]}"] = state_dict.pop(key)

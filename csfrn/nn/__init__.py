@@ -1,4 +1,5 @@
 """csfrn's modules: DeformConv2d, CSFLM and AAM."""
+
 from .aam import AAM
 from .csflm import CSFLM, CSFLMOutput
 from .deform_conv import DeformConv2d

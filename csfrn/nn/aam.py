@@ -1,4 +1,5 @@
 """AAM, the Adaptive Aggregation Module (paper Figure 2)."""
+
 from typing import Optional
 
 import math
@@ -40,7 +41,7 @@ class AAM(nn.Module):
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
         for w in (self.weight_x, self.weight_y):
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))   # nn.Conv2d's default
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Conv2d's default
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         offset = self.offset(torch.cat([x, y], dim=1))

@@ -1,4 +1,5 @@
 """CSFLM, the Consistent-Separable Feature Learning Module (paper Figure 1)."""
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -13,9 +14,9 @@ FUSION_INITS = ("identity", "random")
 
 
 class CSFLMOutput(NamedTuple):
-    features: torch.Tensor             # the fused features F that go on to the classifier (or decoder)
-    embeddings: torch.Tensor           # B, the C-S features [N, D, h, w]
-    margins: Optional[torch.Tensor]    # C, the margin map [N, 1, h, w]; None when margins are switched off
+    features: torch.Tensor  # the fused features F that go on to the classifier (or decoder)
+    embeddings: torch.Tensor  # B, the C-S features [N, D, h, w]
+    margins: Optional[torch.Tensor]  # C, the margin map [N, 1, h, w]; None when margins are switched off
 
 
 class CSFLM(nn.Module):
@@ -53,8 +54,14 @@ class CSFLM(nn.Module):
         fusion_init: "identity" (F = ReLU(BN(A)) at step 0) or "random" (nn.Conv2d's default init).
     """
 
-    def __init__(self, channels: int = 512, embed_dim: int = 32, fusion: Optional[str] = "aam", margins: bool = True,
-                 fusion_init: str = "identity"):
+    def __init__(
+        self,
+        channels: int = 512,
+        embed_dim: int = 32,
+        fusion: Optional[str] = "aam",
+        margins: bool = True,
+        fusion_init: str = "identity",
+    ):
         super().__init__()
         if fusion is not None and fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(FUSIONS)} or None")
@@ -80,11 +87,11 @@ class CSFLM(nn.Module):
 
     @torch.no_grad()
     def _identity_fusion(self, channels, embed_dim):
-        if self.fusion == "concat":       # input [A, B]
+        if self.fusion == "concat":  # input [A, B]
             weight = self.fuse[0].weight
             weight.zero_()
             weight[:, :channels, 0, 0] = torch.eye(channels)
-        else:                             # AAM: input [X' = deform(B), Y' = deform(A)]
+        else:  # AAM: input [X' = deform(B), Y' = deform(A)]
             nn.init.dirac_(self.fuse.weight_x)
             nn.init.dirac_(self.fuse.weight_y)
             weight = self.fuse.fuse[0].weight

@@ -1,4 +1,5 @@
 """DeformConv2d: a deformable convolution layer whose offsets (and mask) come from the caller."""
+
 import math
 from typing import Optional
 
@@ -24,14 +25,24 @@ class DeformConv2d(nn.Module):
     [N, offset_groups * kh * kw, H_out, W_out]; see :func:`csfrn.ops.deform_conv2d`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
         super().__init__()
         if groups < 1 or in_channels % groups != 0:
             raise ValueError(f"in_channels must be divisible by groups, got in_channels={in_channels}, groups={groups}")
         if out_channels % groups != 0:
-            raise ValueError(f"out_channels must be divisible by groups, got out_channels={out_channels}, "
-                             f"groups={groups}")
+            raise ValueError(
+                f"out_channels must be divisible by groups, got out_channels={out_channels}, groups={groups}"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = tuple(_checks.pair("kernel_size", kernel_size))
@@ -52,12 +63,22 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                             dilation=self.dilation, mask=mask)
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
 
     def __repr__(self):
-        s = (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
         s += f", padding={self.padding}" if self.padding != (0, 0) else ""
         s += f", dilation={self.dilation}" if self.dilation != (1, 1) else ""
         s += f", groups={self.groups}" if self.groups != 1 else ""

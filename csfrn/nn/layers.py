@@ -1,4 +1,5 @@
 """Small building blocks shared by the modules and heads."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +23,9 @@ class ConvBNReLU(nn.Sequential):
     def __init__(self, in_channels, out_channels, kernel_size=1, dilation=1, groups=1):
         padding = dilation * (kernel_size // 2)
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, groups=groups,
-                      bias=False),
+            nn.Conv2d(
+                in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, groups=groups, bias=False
+            ),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True))
+            nn.ReLU(inplace=True),
+        )

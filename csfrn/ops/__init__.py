@@ -9,17 +9,20 @@
 
 ``use_reference()`` routes these functions to ``csfrn.ops.reference``.
 """
+
 import torch
 
 try:
     from .. import _C  # noqa: F401  (loads the shared library, which registers torch.ops.csfrn.*)
 except ImportError as err:
     import os as _os
+
     _root = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
     raise ImportError(
         f"csfrn's compiled extension csfrn._C could not be loaded ({err}). It is built when the package is "
         f"installed: run `make setup` in {_root} (or `pip install --no-build-isolation -e .` there, with torch "
-        f"already installed); after changing csrc/ or torch, run it again.") from err
+        f"already installed); after changing csrc/ or torch, run it again."
+    ) from err
 from . import reference  # noqa: F401
 from ._switch import use_reference
 from .class_ops import center_distance, check_labels, class_avg_pool
@@ -31,5 +34,13 @@ def built_with_cuda() -> bool:
     return bool(torch.ops.csfrn.built_with_cuda())
 
 
-__all__ = ["built_with_cuda", "use_reference", "reference", "class_avg_pool", "check_labels", "center_distance",
-           "deform_conv2d", "dual_deform_conv2d"]
+__all__ = [
+    "built_with_cuda",
+    "use_reference",
+    "reference",
+    "class_avg_pool",
+    "check_labels",
+    "center_distance",
+    "deform_conv2d",
+    "dual_deform_conv2d",
+]

@@ -1,11 +1,15 @@
 """Autograd pieces shared by the csfrn ops."""
+
 import torch
 
 
 def _raise_double_backward(name):
     def backward(ctx, *grads):
-        raise NotImplementedError(f"csfrn::{name}: double backward is not supported: the csfrn ops support first "
-                                  "derivatives only (gradients of gradients are not implemented)")
+        raise NotImplementedError(
+            f"csfrn::{name}: double backward is not supported: the csfrn ops support first "
+            "derivatives only (gradients of gradients are not implemented)"
+        )
+
     return backward
 
 

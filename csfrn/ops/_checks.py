@@ -1,6 +1,7 @@
 """Argument checks shared by the reference twins and the fake kernels. The C++ kernels make the same checks
 with the same words (csrc/common/checks.h, class_ops_checks.h, deform_conv_checks.h), so an error reads alike
 whichever path raised it."""
+
 import torch
 
 
@@ -40,8 +41,9 @@ def check_class_avg_pool(features, labels, num_classes, ignore_index):
         raise ValueError(f"labels must be an int64 tensor, got dtype {labels.dtype}")
     expected = [features.shape[0], features.shape[2], features.shape[3]]
     if list(labels.shape) != expected:
-        raise ValueError(f"labels must have shape [N, H, W] = {expected} to match features {_shape(features)}, "
-                         f"got {_shape(labels)}")
+        raise ValueError(
+            f"labels must have shape [N, H, W] = {expected} to match features {_shape(features)}, got {_shape(labels)}"
+        )
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     check_same_device(features=features, labels=labels)
@@ -55,11 +57,15 @@ def check_center_distance(embeddings, centers, margins):
         check_floating(name, t)
     n, d = embeddings.shape[0], embeddings.shape[1]
     if centers.shape[0] != n or centers.shape[2] != d:
-        raise ValueError(f"centers must have shape [N, K, D] with N = {n} and D = {d} from embeddings "
-                         f"{_shape(embeddings)}, got {_shape(centers)}")
+        raise ValueError(
+            f"centers must have shape [N, K, D] with N = {n} and D = {d} from embeddings "
+            f"{_shape(embeddings)}, got {_shape(centers)}"
+        )
     if list(margins.shape) != [n, centers.shape[1]]:
-        raise ValueError(f"margins must have shape [N, K] = {[n, centers.shape[1]]} to match centers "
-                         f"{_shape(centers)}, got {_shape(margins)}")
+        raise ValueError(
+            f"margins must have shape [N, K] = {[n, centers.shape[1]]} to match centers "
+            f"{_shape(centers)}, got {_shape(margins)}"
+        )
     check_same_device(embeddings=embeddings, centers=centers, margins=margins)
     check_same_dtype(embeddings=embeddings, centers=centers, margins=margins)
 
@@ -68,8 +74,10 @@ def check_label_values(labels, num_classes, ignore_index):
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise ValueError(f"labels must be in [0, num_classes={num_classes}) or equal ignore_index={ignore_index}, "
-                         f"got label value {value}")
+        raise ValueError(
+            f"labels must be in [0, num_classes={num_classes}) or equal ignore_index={ignore_index}, "
+            f"got label value {value}"
+        )
 
 
 # ---------------------------------------------------------------- deformable convolution
@@ -99,18 +107,25 @@ def check_deform_branch(input_name, input, weight_name, weight, bias_name, bias)
     if c_in < 1:
         raise ValueError(f"{input_name} must have at least one channel, got shape {_shape(input)}")
     if weight.shape[2] < 1 or weight.shape[3] < 1:
-        raise ValueError(f"{weight_name} must have a kernel size [kh, kw] of at least [1, 1], "
-                         f"got shape {_shape(weight)}")
+        raise ValueError(
+            f"{weight_name} must have a kernel size [kh, kw] of at least [1, 1], got shape {_shape(weight)}"
+        )
     if wc < 1 or c_in % wc != 0:
-        raise ValueError(f"{weight_name}.shape[1] (C_in / groups) must divide the {c_in} channels of {input_name}, "
-                         f"got {weight_name} shape {_shape(weight)}")
+        raise ValueError(
+            f"{weight_name}.shape[1] (C_in / groups) must divide the {c_in} channels of {input_name}, "
+            f"got {weight_name} shape {_shape(weight)}"
+        )
     groups = c_in // wc
     if weight.shape[0] % groups != 0:
-        raise ValueError(f"{weight_name}.shape[0] (C_out) must be divisible by groups = {groups}, "
-                         f"got {weight_name} shape {_shape(weight)}")
+        raise ValueError(
+            f"{weight_name}.shape[0] (C_out) must be divisible by groups = {groups}, "
+            f"got {weight_name} shape {_shape(weight)}"
+        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"{bias_name} must be a 1-D tensor of size {weight.shape[0]} ({weight_name}.shape[0]), "
-                         f"got shape {_shape(bias)}")
+        raise ValueError(
+            f"{bias_name} must be a 1-D tensor of size {weight.shape[0]} ({weight_name}.shape[0]), "
+            f"got shape {_shape(bias)}"
+        )
     return groups, weight.shape[2], weight.shape[3]
 
 
@@ -123,34 +138,45 @@ def check_deform_offset(input, offset, mask, kh, kw, stride, padding, dilation, 
     h_out = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
     w_out = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"the output size must be positive, got [{h_out}, {w_out}] from {input_name} size [{h}, {w}], "
-                         f"kernel [{kh}, {kw}], stride {list(stride)}, padding {list(padding)}, "
-                         f"dilation {list(dilation)}")
+        raise ValueError(
+            f"the output size must be positive, got [{h_out}, {w_out}] from {input_name} size [{h}, {w}], "
+            f"kernel [{kh}, {kw}], stride {list(stride)}, padding {list(padding)}, "
+            f"dilation {list(dilation)}"
+        )
     check_rank("offset", offset, 4, "[N, 2 * offset_groups * kh * kw, H_out, W_out]")
     taps = kh * kw
     oc = offset.shape[1]
     if oc < 1 or oc % (2 * taps) != 0:
-        raise ValueError(f"offset must have 2 * offset_groups * kh * kw channels, a positive multiple of "
-                         f"2 * {kh} * {kw} = {2 * taps}, got {oc}")
+        raise ValueError(
+            f"offset must have 2 * offset_groups * kh * kw channels, a positive multiple of "
+            f"2 * {kh} * {kw} = {2 * taps}, got {oc}"
+        )
     offset_groups = oc // (2 * taps)
     if c_in % offset_groups != 0:
-        raise ValueError(f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
-                         f"{c_in} channels of {input_name}")
+        raise ValueError(
+            f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
+            f"{c_in} channels of {input_name}"
+        )
     if offset.shape[0] != n:
         raise ValueError(f"offset must have batch size {n} like {input_name}, got shape {_shape(offset)}")
     if list(offset.shape[2:]) != [h_out, w_out]:
-        raise ValueError(f"offset must have spatial size [H_out, W_out] = {[h_out, w_out]} (the output size), "
-                         f"got {list(offset.shape[2:])}")
+        raise ValueError(
+            f"offset must have spatial size [H_out, W_out] = {[h_out, w_out]} (the output size), "
+            f"got {list(offset.shape[2:])}"
+        )
     if mask is not None:
         check_rank("mask", mask, 4, "[N, offset_groups * kh * kw, H_out, W_out]")
         if mask.shape[1] != offset_groups * taps:
-            raise ValueError(f"mask must have offset_groups * kh * kw = {offset_groups * taps} channels, "
-                             f"got {mask.shape[1]}")
+            raise ValueError(
+                f"mask must have offset_groups * kh * kw = {offset_groups * taps} channels, got {mask.shape[1]}"
+            )
         if mask.shape[0] != n:
             raise ValueError(f"mask must have batch size {n} like {input_name}, got shape {_shape(mask)}")
         if list(mask.shape[2:]) != [h_out, w_out]:
-            raise ValueError(f"mask must have spatial size [H_out, W_out] = {[h_out, w_out]} (the output size), "
-                             f"got {list(mask.shape[2:])}")
+            raise ValueError(
+                f"mask must have spatial size [H_out, W_out] = {[h_out, w_out]} (the output size), "
+                f"got {list(mask.shape[2:])}"
+            )
     return offset_groups, h_out, w_out
 
 
@@ -194,15 +220,18 @@ def check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, m
     _, kh, kw = check_deform_branch("x", x, "weight_x", weight_x, "bias_x", bias_x)
     _, kh_y, kw_y = check_deform_branch("y", y, "weight_y", weight_y, "bias_y", bias_y)
     if [kh_y, kw_y] != [kh, kw]:
-        raise ValueError(f"weight_y must have the kernel size of weight_x [kh, kw] = {[kh, kw]}, "
-                         f"got {[kh_y, kw_y]}")
+        raise ValueError(f"weight_y must have the kernel size of weight_x [kh, kw] = {[kh, kw]}, got {[kh_y, kw_y]}")
     if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
-        raise ValueError(f"y must have the batch and spatial size of x [N, H, W] = "
-                         f"{[x.shape[0], x.shape[2], x.shape[3]]}, got shape {_shape(y)}")
+        raise ValueError(
+            f"y must have the batch and spatial size of x [N, H, W] = "
+            f"{[x.shape[0], x.shape[2], x.shape[3]]}, got shape {_shape(y)}"
+        )
     offset_groups, h_out, w_out = check_deform_offset(x, offset, mask, kh, kw, stride, padding, dilation, "x")
     if y.shape[1] % offset_groups != 0:
-        raise ValueError(f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
-                         f"{y.shape[1]} channels of y")
+        raise ValueError(
+            f"offset_groups = offset.shape[1] / (2 * kh * kw) = {offset_groups} must divide the "
+            f"{y.shape[1]} channels of y"
+        )
     check_deform_coords("x", x, offset, mask)
     present = _present(x=x, y=y, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x, bias_y=bias_y)
     check_same_device(**present)

@@ -1,4 +1,5 @@
 """The switch that routes the public csfrn.ops functions to their pure-PyTorch reference twins."""
+
 from typing import Iterator
 
 import contextlib

@@ -3,6 +3,7 @@
 Each public function runs the fused C++/CUDA op ``torch.ops.csfrn.*``; its fake kernel (shapes for
 torch.compile) and its autograd formula, whose backward is an op too, are registered here.
 """
+
 from typing import Tuple
 
 import torch
@@ -12,8 +13,9 @@ from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
 
-def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
-                   validate: bool = True) -> Tuple[Tensor, Tensor]:
+def class_avg_pool(
+    features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255, validate: bool = True
+) -> Tuple[Tensor, Tensor]:
     """Per-image mean feature vector of every class.
 
     Args:
@@ -36,8 +38,7 @@ def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_in
     if reference_enabled():
         return reference.class_avg_pool(features, labels, num_classes, ignore_index, validate)
     # The op's counts are in the accumulation type (exact: the backward divides by them); ours in the features'.
-    means, counts = torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index,
-                                                           bool(validate))
+    means, counts = torch.ops.csfrn.class_avg_pool.default(features, labels, num_classes, ignore_index, bool(validate))
     return means, counts.to(features.dtype)
 
 
@@ -101,6 +102,7 @@ def _center_distance_fake(embeddings, centers, margins, delta):
 def _center_distance_backward_fake(grad_phi, embeddings, centers, margins, delta, output_mask):
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+
     return tuple(like(t, m) for t, m in zip((embeddings, centers, margins), output_mask))
 
 
@@ -126,12 +128,12 @@ def _class_avg_pool_backward(ctx, grad_means, grad_counts):
     grad_features = None
     if ctx.needs_input_grad[0]:
         grad_features = torch.ops.csfrn.class_avg_pool_backward.default(
-            grad_means.contiguous(), labels, counts, ctx.ignore_index).contiguous(memory_format=ctx.memory_format)
+            grad_means.contiguous(), labels, counts, ctx.ignore_index
+        ).contiguous(memory_format=ctx.memory_format)
     return grad_features, None, None, None, None
 
 
-torch.library.register_autograd("csfrn::class_avg_pool", _class_avg_pool_backward,
-                                setup_context=_class_avg_pool_setup)
+torch.library.register_autograd("csfrn::class_avg_pool", _class_avg_pool_backward, setup_context=_class_avg_pool_setup)
 
 
 def _center_distance_setup(ctx, inputs, output):
@@ -147,13 +149,15 @@ def _center_distance_backward(ctx, grad_phi):
     if not any(mask):
         return None, None, None, None
     grads = torch.ops.csfrn.center_distance_backward.default(
-        grad_phi.contiguous(), embeddings, centers, margins, ctx.delta, mask)
+        grad_phi.contiguous(), embeddings, centers, margins, ctx.delta, mask
+    )
     if mask[0]:
         grads = (grads[0].contiguous(memory_format=ctx.memory_format),) + tuple(grads[1:])
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
 
 
-torch.library.register_autograd("csfrn::center_distance", _center_distance_backward,
-                                setup_context=_center_distance_setup)
+torch.library.register_autograd(
+    "csfrn::center_distance", _center_distance_backward, setup_context=_center_distance_setup
+)
 
 _autograd.forbid_double_backward("class_avg_pool_backward", "center_distance_backward")

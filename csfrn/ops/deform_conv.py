@@ -3,6 +3,7 @@
 Each public function runs the fused C++/CUDA op ``torch.ops.csfrn.*``; its fake kernel (shapes for
 torch.compile) and its autograd formula, whose backward is an op too, are registered here.
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 from . import _autograd, _checks, reference
 from ._switch import reference_enabled
 
-IntPair = Union[int, Tuple[int, int]]   # one value for both sides, or (height, width)
+IntPair = Union[int, Tuple[int, int]]  # one value for both sides, or (height, width)
 
 
 # The arguments that carry sampling positions: float32 under CUDA autocast.
@@ -39,12 +40,21 @@ def _twin_under_autocast(twin, device_type, tensors, **rest):
     def cast(name, t):
         eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
         return t.to(autocast_dtype(device_type, name, amp)) if eligible and t.device.type == device_type else t
+
     with torch.autocast(device_type, enabled=False):
         return twin(**{k: cast(k, t) for k, t in tensors.items()}, **rest)
 
 
-def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
-                  padding: IntPair = 0, dilation: IntPair = 1, mask: Optional[Tensor] = None) -> Tensor:
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     """Deformable 2-D convolution with the semantics of ``torchvision.ops.deform_conv2d``.
 
     Args:
@@ -61,19 +71,34 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
         [N, C_out, H_out, W_out]. Differentiable with respect to input, offset, weight, bias and mask; only
         the gradients asked for are computed.
     """
-    stride, padding, dilation = (_checks.pair(k, v) for k, v in
-                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    stride, padding, dilation = (
+        _checks.pair(k, v) for k, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+    )
     if reference_enabled():
-        return _twin_under_autocast(reference.deform_conv2d, input.device.type,
-                                    dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask),
-                                    stride=stride, padding=padding, dilation=dilation)
+        return _twin_under_autocast(
+            reference.deform_conv2d,
+            input.device.type,
+            dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
     return torch.ops.csfrn.deform_conv2d.default(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def dual_deform_conv2d(x: Tensor, y: Tensor, offset: Tensor, weight_x: Tensor, weight_y: Tensor,
-                       bias_x: Optional[Tensor] = None, bias_y: Optional[Tensor] = None, stride: IntPair = 1,
-                       padding: IntPair = 0, dilation: IntPair = 1,
-                       mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def dual_deform_conv2d(
+    x: Tensor,
+    y: Tensor,
+    offset: Tensor,
+    weight_x: Tensor,
+    weight_y: Tensor,
+    bias_x: Optional[Tensor] = None,
+    bias_y: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """Two deformable convolutions that share one offset field (and mask), as in AAM.
 
     Equal to ``(deform_conv2d(x, offset, weight_x, bias_x, ...), deform_conv2d(y, offset, weight_y, bias_y, ...))``,
@@ -89,15 +114,23 @@ def dual_deform_conv2d(x: Tensor, y: Tensor, offset: Tensor, weight_x: Tensor, w
     Returns:
         (out_x [N, C_out_x, H_out, W_out], out_y [N, C_out_y, H_out, W_out]).
     """
-    stride, padding, dilation = (_checks.pair(k, v) for k, v in
-                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    stride, padding, dilation = (
+        _checks.pair(k, v) for k, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+    )
     if reference_enabled():
-        return _twin_under_autocast(reference.dual_deform_conv2d, x.device.type,
-                                    dict(x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x,
-                                         bias_y=bias_y, mask=mask),
-                                    stride=stride, padding=padding, dilation=dilation)
-    return torch.ops.csfrn.dual_deform_conv2d.default(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
-                                                      stride, padding, dilation)
+        return _twin_under_autocast(
+            reference.dual_deform_conv2d,
+            x.device.type,
+            dict(
+                x=x, y=y, offset=offset, weight_x=weight_x, weight_y=weight_y, bias_x=bias_x, bias_y=bias_y, mask=mask
+            ),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
+    return torch.ops.csfrn.dual_deform_conv2d.default(
+        x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation
+    )
 
 
 # ---------------------------------------------------------------- fake kernels (shapes only)
@@ -109,8 +142,7 @@ def _empty_or_like(t, needed):
 
 def _output_like(input, shape):
     """An output in the input's memory format (the kernels' rule: _checks.deform_channels_last)."""
-    return torch.empty(shape, dtype=input.dtype, device=input.device,
-                       memory_format=_checks.deform_memory_format(input))
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_checks.deform_memory_format(input))
 
 
 def _grad_input(input, needed):
@@ -134,14 +166,16 @@ def _deform_conv2d_backward_fake(grad_out, input, offset, weight, mask, stride, 
 
 @torch.library.register_fake("csfrn::dual_deform_conv2d")
 def _dual_deform_conv2d_fake(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation):
-    shape_x, shape_y = _checks.check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask,
-                                                        stride, padding, dilation)
+    shape_x, shape_y = _checks.check_dual_deform_conv2d(
+        x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation
+    )
     return _output_like(x, shape_x), _output_like(y, shape_y)
 
 
 @torch.library.register_fake("csfrn::dual_deform_conv2d_backward")
-def _dual_deform_conv2d_backward_fake(grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, stride,
-                                      padding, dilation, output_mask):
+def _dual_deform_conv2d_backward_fake(
+    grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, stride, padding, dilation, output_mask
+):
     grads = [_grad_input(x, output_mask[0]), _grad_input(y, output_mask[1])]
     grads += [_empty_or_like(t, m) for t, m in zip((offset, weight_x, weight_y), output_mask[2:5])]
     grads.append(weight_x.new_empty(weight_x.shape[0] if output_mask[5] else 0))
@@ -192,14 +226,16 @@ def _dual_deform_conv2d_backward(ctx, grad_out_x, grad_out_y):
     need = list(ctx.needs_input_grad[:8])
     if not any(need):
         return (None,) * 11
-    grads = torch.ops.csfrn.dual_deform_conv2d_backward.default(grad_out_x, grad_out_y, x, y, offset, weight_x,
-                                                                weight_y, mask, *ctx.conv, need)
+    grads = torch.ops.csfrn.dual_deform_conv2d_backward.default(
+        grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, *ctx.conv, need
+    )
     grads = _in_format_of(grads, {2: offset, 7: mask})
     return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
 
 
-torch.library.register_autograd("csfrn::dual_deform_conv2d", _dual_deform_conv2d_backward,
-                                setup_context=_dual_deform_conv2d_setup)
+torch.library.register_autograd(
+    "csfrn::dual_deform_conv2d", _dual_deform_conv2d_backward, setup_context=_dual_deform_conv2d_setup
+)
 
 
 _autograd.forbid_double_backward("deform_conv2d_backward", "dual_deform_conv2d_backward")

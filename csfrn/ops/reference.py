@@ -3,6 +3,7 @@
 Tests compare the kernels with these in float64; ``csfrn.ops.use_reference()`` routes the public functions
 here; benchmarks time them beside the kernels.
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -10,11 +11,12 @@ from torch import Tensor
 
 from . import _checks
 
-IntPair = Union[int, Tuple[int, int]]   # one value for both sides, or (height, width)
+IntPair = Union[int, Tuple[int, int]]  # one value for both sides, or (height, width)
 
 
-def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
-                   validate: bool = True) -> Tuple[Tensor, Tensor]:
+def class_avg_pool(
+    features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255, validate: bool = True
+) -> Tuple[Tensor, Tensor]:
     """Twin of :func:`csfrn.ops.class_avg_pool`: one index_add per image."""
     _checks.check_class_avg_pool(features, labels, num_classes, ignore_index)
     if validate:
@@ -22,16 +24,16 @@ def class_avg_pool(features: Tensor, labels: Tensor, num_classes: int, ignore_in
     n, d = features.shape[:2]
     sums, counts = [], []
     for i in range(n):
-        flat = features[i].reshape(d, labels[i].numel()).t()   # [P, D] (explicit P: D may be 0)
+        flat = features[i].reshape(d, labels[i].numel()).t()  # [P, D] (explicit P: D may be 0)
         lab = labels[i].reshape(-1)
-        keep = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)   # bad labels (validate=False): ignored
+        keep = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)  # bad labels (validate=False): ignored
         s = features.new_zeros(num_classes, d).index_add(0, lab[keep], flat[keep])
         c = features.new_zeros(num_classes).index_add(0, lab[keep], features.new_ones(int(keep.sum())))
         sums.append(s)
         counts.append(c)
     sums = torch.stack(sums) if n else features.new_zeros(0, num_classes, d)
     counts = torch.stack(counts) if n else features.new_zeros(0, num_classes)
-    means = sums / counts.clamp(min=1).unsqueeze(-1)       # absent classes: 0 / 1 = 0
+    means = sums / counts.clamp(min=1).unsqueeze(-1)  # absent classes: 0 / 1 = 0
     return means, counts
 
 
@@ -39,7 +41,7 @@ def center_distance(embeddings: Tensor, centers: Tensor, margins: Tensor, delta:
     """Twin of :func:`csfrn.ops.center_distance`: builds the whole [N, K, D, H, W] difference tensor."""
     _checks.check_center_distance(embeddings, centers, margins)
     diff = embeddings.unsqueeze(1) - centers[..., None, None]
-    dist = diff.pow(2).sum(2)                              # [N, K, H, W]
+    dist = diff.pow(2).sum(2)  # [N, K, H, W]
     scale = torch.exp(delta * margins)[..., None, None]
     return 1 - torch.exp(-dist * scale)
 
@@ -66,7 +68,7 @@ def _deform_columns(input, py, px, mask):
     n, c, h, w = input.shape
     _, g, taps, h_out, w_out = py.shape
     cg = c // g
-    if h * w == 0:                                         # nothing to sample: every tap reads the zero padding
+    if h * w == 0:  # nothing to sample: every tap reads the zero padding
         return input.new_zeros(n, c * taps, h_out * w_out)
     valid = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0, x0 = torch.floor(py), torch.floor(px)
@@ -97,11 +99,20 @@ def _grouped_matmul(weight, cols, bias, h_out, w_out):
     return out if bias is None else out + bias[:, None, None]
 
 
-def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
-                  padding: IntPair = 0, dilation: IntPair = 1, mask: Optional[Tensor] = None) -> Tensor:
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     """Twin of :func:`csfrn.ops.deform_conv2d`: explicit bilinear gathers per tap, then a matmul."""
-    stride, padding, dilation = (_checks.pair(k, v) for k, v in
-                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    stride, padding, dilation = (
+        _checks.pair(k, v) for k, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+    )
     _checks.check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
     kh, kw = weight.shape[2:]
     py, px = _sampling_positions(offset, kh, kw, stride, padding, dilation)
@@ -109,15 +120,24 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     return _grouped_matmul(weight, cols, bias, *offset.shape[2:])
 
 
-def dual_deform_conv2d(x: Tensor, y: Tensor, offset: Tensor, weight_x: Tensor, weight_y: Tensor,
-                       bias_x: Optional[Tensor] = None, bias_y: Optional[Tensor] = None, stride: IntPair = 1,
-                       padding: IntPair = 0, dilation: IntPair = 1,
-                       mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def dual_deform_conv2d(
+    x: Tensor,
+    y: Tensor,
+    offset: Tensor,
+    weight_x: Tensor,
+    weight_y: Tensor,
+    bias_x: Optional[Tensor] = None,
+    bias_y: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """Twin of :func:`csfrn.ops.dual_deform_conv2d`: one set of sampling positions, two gathers, two matmuls."""
-    stride, padding, dilation = (_checks.pair(k, v) for k, v in
-                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
-    _checks.check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding,
-                                     dilation)
+    stride, padding, dilation = (
+        _checks.pair(k, v) for k, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+    )
+    _checks.check_dual_deform_conv2d(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation)
     kh, kw = weight_x.shape[2:]
     py, px = _sampling_positions(offset, kh, kw, stride, padding, dilation)
     h_out, w_out = offset.shape[2:]

@@ -22,11 +22,12 @@ at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& off
                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(Ops::single, "")
-                             .template typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                               at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(Ops::single, "")
+          .template typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
   const at::ScalarType amp = at::autocast::get_autocast_dtype(device);
   const at::ScalarType dt = deform_autocast_dtype(rule, false, amp), ct = deform_autocast_dtype(rule, true, amp);
   using at::autocast::cached_cast;

@@ -17,23 +17,33 @@ inline std::string shape_str(const at::Tensor& t) {
 // The dtype as Python spells it ("torch.float32"), so messages match the Python checks.
 inline std::string dtype_str(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
+    case at::kFloat:
+      return "torch.float32";
+    case at::kDouble:
+      return "torch.float64";
+    case at::kHalf:
+      return "torch.float16";
+    case at::kBFloat16:
+      return "torch.bfloat16";
+    case at::kLong:
+      return "torch.int64";
+    case at::kInt:
+      return "torch.int32";
+    case at::kShort:
+      return "torch.int16";
+    case at::kChar:
+      return "torch.int8";
+    case at::kByte:
+      return "torch.uint8";
+    case at::kBool:
+      return "torch.bool";
+    default:
+      return std::string("torch.") + c10::toString(t);
   }
 }
 
 inline void check_rank(const char* name, const at::Tensor& t, int64_t rank, const char* layout) {
-  TORCH_CHECK_VALUE(t.dim() == rank, name, " must be a ", rank, "-D tensor ", layout, ", got shape ",
-                    shape_str(t));
+  TORCH_CHECK_VALUE(t.dim() == rank, name, " must be a ", rank, "-D tensor ", layout, ", got shape ", shape_str(t));
 }
 
 inline void check_floating(const char* name, const at::Tensor& t) {
@@ -42,13 +52,13 @@ inline void check_floating(const char* name, const at::Tensor& t) {
 }
 
 inline void check_same_device(const char* a, const at::Tensor& ta, const char* b, const at::Tensor& tb) {
-  TORCH_CHECK_VALUE(ta.device() == tb.device(), "all tensors must be on one device, got ", a, " on ",
-                    ta.device(), ", ", b, " on ", tb.device());
+  TORCH_CHECK_VALUE(ta.device() == tb.device(), "all tensors must be on one device, got ", a, " on ", ta.device(), ", ",
+                    b, " on ", tb.device());
 }
 
 inline void check_same_dtype(const char* a, const at::Tensor& ta, const char* b, const at::Tensor& tb) {
-  TORCH_CHECK_VALUE(ta.scalar_type() == tb.scalar_type(), "all floating-point tensors must share one dtype, got ",
-                    a, " ", dtype_str(ta.scalar_type()), ", ", b, " ", dtype_str(tb.scalar_type()));
+  TORCH_CHECK_VALUE(ta.scalar_type() == tb.scalar_type(), "all floating-point tensors must share one dtype, got ", a,
+                    " ", dtype_str(ta.scalar_type()), ", ", b, " ", dtype_str(tb.scalar_type()));
 }
 
 }  // namespace csfrn

@@ -13,10 +13,10 @@ inline void check_class_avg_pool_args(const at::Tensor& features, const at::Tens
   check_rank("labels", labels, 3, "[N, H, W]");
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "labels must be an int64 tensor, got dtype ",
                     dtype_str(labels.scalar_type()));
-  TORCH_CHECK_VALUE(labels.size(0) == features.size(0) && labels.size(1) == features.size(2) &&
-                        labels.size(2) == features.size(3),
-                    "labels must have shape [N, H, W] = [", features.size(0), ", ", features.size(2), ", ",
-                    features.size(3), "] to match features ", shape_str(features), ", got ", shape_str(labels));
+  TORCH_CHECK_VALUE(
+      labels.size(0) == features.size(0) && labels.size(1) == features.size(2) && labels.size(2) == features.size(3),
+      "labels must have shape [N, H, W] = [", features.size(0), ", ", features.size(2), ", ", features.size(3),
+      "] to match features ", shape_str(features), ", got ", shape_str(labels));
   TORCH_CHECK_VALUE(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
   check_same_device("features", features, "labels", labels);
 }
@@ -32,8 +32,8 @@ inline void check_center_distance_args(const at::Tensor& embeddings, const at::T
   const int64_t n = embeddings.size(0), d = embeddings.size(1);
   TORCH_CHECK_VALUE(centers.size(0) == n && centers.size(2) == d, "centers must have shape [N, K, D] with N = ", n,
                     " and D = ", d, " from embeddings ", shape_str(embeddings), ", got ", shape_str(centers));
-  TORCH_CHECK_VALUE(margins.size(0) == n && margins.size(1) == centers.size(1), "margins must have shape [N, K] = [",
-                    n, ", ", centers.size(1), "] to match centers ", shape_str(centers), ", got ", shape_str(margins));
+  TORCH_CHECK_VALUE(margins.size(0) == n && margins.size(1) == centers.size(1), "margins must have shape [N, K] = [", n,
+                    ", ", centers.size(1), "] to match centers ", shape_str(centers), ", got ", shape_str(margins));
   check_same_device("embeddings", embeddings, "centers", centers);
   check_same_device("embeddings", embeddings, "margins", margins);
   check_same_dtype("embeddings", embeddings, "centers", centers);
@@ -41,8 +41,8 @@ inline void check_center_distance_args(const at::Tensor& embeddings, const at::T
 }
 
 [[noreturn]] inline void fail_bad_label(int64_t value, int64_t num_classes, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(false, "labels must be in [0, num_classes=", num_classes, ") or equal ignore_index=",
-                    ignore_index, ", got label value ", value);
+  TORCH_CHECK_VALUE(false, "labels must be in [0, num_classes=", num_classes, ") or equal ignore_index=", ignore_index,
+                    ", got label value ", value);
   abort();  // unreachable
 }
 
@@ -54,7 +54,9 @@ struct PixelView {
 };
 
 inline PixelView pixel_view(const at::Tensor& x) {
-  auto ok = [](const at::Tensor& t) { return t.size(3) <= 1 || t.size(2) <= 1 || t.stride(2) == t.size(3) * t.stride(3); };
+  auto ok = [](const at::Tensor& t) {
+    return t.size(3) <= 1 || t.size(2) <= 1 || t.stride(2) == t.size(3) * t.stride(3);
+  };
   at::Tensor t = ok(x) ? x : x.contiguous();
   const int64_t sp = t.size(3) > 1 ? t.stride(3) : (t.size(2) > 1 ? t.stride(2) : 1);
   return {t, t.stride(0), t.stride(1), sp};

@@ -18,10 +18,10 @@ struct BilinearPoint {
 
 // Where tap (i, j) of output pixel (ho, wo) samples, given its learned shift (dy, dx).
 template <typename acc_t>
-C10_HOST_DEVICE inline BilinearPoint<acc_t> deform_point(int64_t ho, int64_t wo, int64_t i, int64_t j,
-                                                         int64_t stride_h, int64_t stride_w, int64_t pad_h,
-                                                         int64_t pad_w, int64_t dil_h, int64_t dil_w, acc_t dy,
-                                                         acc_t dx, int64_t height, int64_t width) {
+C10_HOST_DEVICE inline BilinearPoint<acc_t> deform_point(int64_t ho, int64_t wo, int64_t i, int64_t j, int64_t stride_h,
+                                                         int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                                                         int64_t dil_w, acc_t dy, acc_t dx, int64_t height,
+                                                         int64_t width) {
   const acc_t y = static_cast<acc_t>(ho * stride_h - pad_h + i * dil_h) + dy;
   const acc_t x = static_cast<acc_t>(wo * stride_w - pad_w + j * dil_w) + dx;
   BilinearPoint<acc_t> p;
@@ -77,9 +77,9 @@ struct KernelGeom {
 template <typename acc_t>
 struct DeformSample {
   int64_t pixel[4];  // corner c's pixel b * H * W + y * W + x in the chunk's images; -1 outside (never read)
-  acc_t w[4];     // bilinear weight of corner c times the mask; 0 for a point that samples nothing
-  acc_t ly, lx;   // the fractional parts (the offset gradient's derivatives)
-  acc_t m;        // the mask value, 1 without a mask
+  acc_t w[4];        // bilinear weight of corner c times the mask; 0 for a point that samples nothing
+  acc_t ly, lx;      // the fractional parts (the offset gradient's derivatives)
+  acc_t m;           // the mask value, 1 without a mask
 };
 
 template <typename acc_t, typename coord_t>
@@ -91,10 +91,9 @@ C10_HOST_DEVICE inline DeformSample<acc_t> deform_sample(const KernelGeom& g, in
   t /= g.offset_groups;
   const int64_t pix = t % g.pixels, b = t / g.pixels, n = n0 + b;
   const int64_t offset_at = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
-  const BilinearPoint<acc_t> pt =
-      deform_point<acc_t>(pix / g.w_out, pix % g.w_out, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
-                          g.dil_h, g.dil_w, static_cast<acc_t>(offset[offset_at]),
-                          static_cast<acc_t>(offset[offset_at + g.pixels]), g.h, g.w);
+  const BilinearPoint<acc_t> pt = deform_point<acc_t>(
+      pix / g.w_out, pix % g.w_out, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w,
+      static_cast<acc_t>(offset[offset_at]), static_cast<acc_t>(offset[offset_at + g.pixels]), g.h, g.w);
   DeformSample<acc_t> s;
   s.m = mask ? static_cast<acc_t>(mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix]) : acc_t(1);
   s.ly = pt.ly;

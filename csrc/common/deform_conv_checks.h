@@ -37,12 +37,12 @@ inline DeformBranch check_deform_branch(const char* input_name, const at::Tensor
   TORCH_CHECK_VALUE(wc >= 1 && c_in % wc == 0, weight_name, ".shape[1] (C_in / groups) must divide the ", c_in,
                     " channels of ", input_name, ", got ", weight_name, " shape ", shape_str(weight));
   const int64_t groups = c_in / wc;
-  TORCH_CHECK_VALUE(weight.size(0) % groups == 0, weight_name, ".shape[0] (C_out) must be divisible by groups = ",
-                    groups, ", got ", weight_name, " shape ", shape_str(weight));
+  TORCH_CHECK_VALUE(weight.size(0) % groups == 0, weight_name,
+                    ".shape[0] (C_out) must be divisible by groups = ", groups, ", got ", weight_name, " shape ",
+                    shape_str(weight));
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), bias_name,
-                      " must be a 1-D tensor of size ", weight.size(0), " (", weight_name, ".shape[0]), got shape ",
-                      shape_str(*bias));
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), bias_name, " must be a 1-D tensor of size ",
+                      weight.size(0), " (", weight_name, ".shape[0]), got shape ", shape_str(*bias));
   }
   return {c_in, groups, weight.size(0)};
 }
@@ -75,16 +75,17 @@ inline DeformGeom check_deform_offset(const char* input_name, const at::Tensor& 
   g.h_out = out_size(g.h, g.pad_h, g.dil_h, kh, g.stride_h);
   g.w_out = out_size(g.w, g.pad_w, g.dil_w, kw, g.stride_w);
   TORCH_CHECK_VALUE(g.h_out >= 1 && g.w_out >= 1, "the output size must be positive, got [", g.h_out, ", ", g.w_out,
-                    "] from ", input_name, " size [", g.h, ", ", g.w, "], kernel [", kh, ", ", kw, "], stride ",
-                    stride, ", padding ", padding, ", dilation ", dilation);
+                    "] from ", input_name, " size [", g.h, ", ", g.w, "], kernel [", kh, ", ", kw, "], stride ", stride,
+                    ", padding ", padding, ", dilation ", dilation);
   check_rank("offset", offset, 4, "[N, 2 * offset_groups * kh * kw, H_out, W_out]");
   const int64_t taps = kh * kw, oc = offset.size(1);
   TORCH_CHECK_VALUE(oc >= 1 && oc % (2 * taps) == 0,
-                    "offset must have 2 * offset_groups * kh * kw channels, a positive multiple of 2 * ", kh, " * ",
-                    kw, " = ", 2 * taps, ", got ", oc);
+                    "offset must have 2 * offset_groups * kh * kw channels, a positive multiple of 2 * ", kh, " * ", kw,
+                    " = ", 2 * taps, ", got ", oc);
   g.offset_groups = oc / (2 * taps);
-  TORCH_CHECK_VALUE(input.size(1) % g.offset_groups == 0, "offset_groups = offset.shape[1] / (2 * kh * kw) = ",
-                    g.offset_groups, " must divide the ", input.size(1), " channels of ", input_name);
+  TORCH_CHECK_VALUE(input.size(1) % g.offset_groups == 0,
+                    "offset_groups = offset.shape[1] / (2 * kh * kw) = ", g.offset_groups, " must divide the ",
+                    input.size(1), " channels of ", input_name);
   TORCH_CHECK_VALUE(offset.size(0) == g.n, "offset must have batch size ", g.n, " like ", input_name, ", got shape ",
                     shape_str(offset));
   TORCH_CHECK_VALUE(offset.size(2) == g.h_out && offset.size(3) == g.w_out,
@@ -93,8 +94,9 @@ inline DeformGeom check_deform_offset(const char* input_name, const at::Tensor& 
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     check_rank("mask", m, 4, "[N, offset_groups * kh * kw, H_out, W_out]");
-    TORCH_CHECK_VALUE(m.size(1) == g.offset_groups * taps, "mask must have offset_groups * kh * kw = ",
-                      g.offset_groups * taps, " channels, got ", m.size(1));
+    TORCH_CHECK_VALUE(m.size(1) == g.offset_groups * taps,
+                      "mask must have offset_groups * kh * kw = ", g.offset_groups * taps, " channels, got ",
+                      m.size(1));
     TORCH_CHECK_VALUE(m.size(0) == g.n, "mask must have batch size ", g.n, " like ", input_name, ", got shape ",
                       shape_str(m));
     TORCH_CHECK_VALUE(m.size(2) == g.h_out && m.size(3) == g.w_out, "mask must have spatial size [H_out, W_out] = [",
@@ -135,8 +137,8 @@ inline DeformGeom check_deform_conv2d_args(const at::Tensor& input, const at::Te
                                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_deform_branch("input", input, "weight", weight, "bias", bias);
-  DeformGeom g = check_deform_offset("input", input, offset, mask, weight.size(2), weight.size(3), stride, padding,
-                                     dilation);
+  DeformGeom g =
+      check_deform_offset("input", input, offset, mask, weight.size(2), weight.size(3), stride, padding, dilation);
   check_deform_coords("input", input, offset, mask);
   check_deform_same("input", input, "weight", weight);
   check_deform_same("input", input, "bias", bias);
@@ -157,10 +159,11 @@ inline DeformGeom check_dual_deform_conv2d_args(const at::Tensor& x, const at::T
   TORCH_CHECK_VALUE(y.size(0) == x.size(0) && y.size(2) == x.size(2) && y.size(3) == x.size(3),
                     "y must have the batch and spatial size of x [N, H, W] = [", x.size(0), ", ", x.size(2), ", ",
                     x.size(3), "], got shape ", shape_str(y));
-  DeformGeom g = check_deform_offset("x", x, offset, mask, weight_x.size(2), weight_x.size(3), stride, padding,
-                                     dilation);
-  TORCH_CHECK_VALUE(y.size(1) % g.offset_groups == 0, "offset_groups = offset.shape[1] / (2 * kh * kw) = ",
-                    g.offset_groups, " must divide the ", y.size(1), " channels of y");
+  DeformGeom g =
+      check_deform_offset("x", x, offset, mask, weight_x.size(2), weight_x.size(3), stride, padding, dilation);
+  TORCH_CHECK_VALUE(y.size(1) % g.offset_groups == 0,
+                    "offset_groups = offset.shape[1] / (2 * kh * kw) = ", g.offset_groups, " must divide the ",
+                    y.size(1), " channels of y");
   check_deform_same("x", x, "y", y);
   check_deform_coords("x", x, offset, mask);
   check_deform_same("x", x, "weight_x", weight_x);

@@ -182,12 +182,10 @@ int64_t fill_slots(int32_t* __restrict__ slot, const int64_t* __restrict__ label
 
 // out[p] = row[slot[p]] for one (image, channel) row of the pooling's gradient, row holding the K + 1 <= 32
 // table entries (zero-padded to 32): a two-register permute does 16 lookups at once.
-void lookup_row32(float* __restrict__ out, const float* __restrict__ row, const int32_t* __restrict__ slot,
-                  int64_t P) {
+void lookup_row32(float* __restrict__ out, const float* __restrict__ row, const int32_t* __restrict__ slot, int64_t P) {
   const __m512 lo = _mm512_loadu_ps(row), hi = _mm512_loadu_ps(row + 16);
   int64_t p = 0;
-  for (; p + 16 <= P; p += 16)
-    _mm512_storeu_ps(out + p, _mm512_permutex2var_ps(lo, _mm512_loadu_si512(slot + p), hi));
+  for (; p + 16 <= P; p += 16) _mm512_storeu_ps(out + p, _mm512_permutex2var_ps(lo, _mm512_loadu_si512(slot + p), hi));
   if (p < P) {
     const __mmask16 m = static_cast<__mmask16>((1u << (P - p)) - 1);
     _mm512_mask_storeu_ps(out + p, m, _mm512_permutex2var_ps(lo, _mm512_maskz_loadu_epi32(m, slot + p), hi));
@@ -223,7 +221,9 @@ inline int64_t fill_slots(int32_t* slot, const int64_t* labels, int64_t np, int6
 #endif
 // Elsewhere (double, other CPUs) there is no vector path: the portable loops do all the work.
 template <typename scalar_t>
-bool lookup_row32(scalar_t*, const scalar_t*, const int32_t*, int64_t) { return false; }
+bool lookup_row32(scalar_t*, const scalar_t*, const int32_t*, int64_t) {
+  return false;
+}
 template <typename acc_t, typename scalar_t>
 int64_t pool_blocks16(acc_t*, int64_t, float*, const int32_t*, const scalar_t*, int64_t, int64_t, int64_t, int64_t) {
   return 0;
@@ -261,8 +261,8 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
       std::vector<float> tile_store(simd ? 4 * (K + 1) * 16 + 16 : 0);
       void* tiles_at = tile_store.data();
       size_t room = tile_store.size() * sizeof(float);
-      float* tiles = simd ? static_cast<float*>(std::align(64, 4 * (K + 1) * 16 * sizeof(float), tiles_at, room))
-                          : nullptr;
+      float* tiles =
+          simd ? static_cast<float*>(std::align(64, 4 * (K + 1) * 16 * sizeof(float), tiles_at, room)) : nullptr;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b / nchunks, p0 = (b % nchunks) * chunk, np = std::min(chunk, P - p0);
         acc_t* buf = partial.data() + b * K * D1;
@@ -316,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cpu(const at::Tensor& features
   return {means, counts};
 }
 
-at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::Tensor& labels,
-                                       const at::Tensor& counts, int64_t ignore_index) {
+at::Tensor class_avg_pool_backward_cpu(const at::Tensor& grad_means, const at::Tensor& labels, const at::Tensor& counts,
+                                       int64_t ignore_index) {
   const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   const int64_t N = grad_means.size(0), K = grad_means.size(1), D = grad_means.size(2);
   const int64_t H = labels.size(1), W = labels.size(2), P = H * W;
@@ -407,8 +407,9 @@ inline double exp_nonpositive(double x) {
   const double r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
   const double rr = r * r;
   const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1);
-  const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr +
-                   2.00000000000000000009e0;
+  const double q =
+      ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr +
+      2.00000000000000000009e0;
   const double y = 1.0 + 2.0 * px / (q - px);
   return underflow ? 0.0 : y * bits_as<double>((static_cast<int64_t>(n) + 1023) << 52);
 }
@@ -416,7 +417,7 @@ inline double exp_nonpositive(double x) {
 // decay[p] = exp(-scale * sum_d (e[d][p] - c[d])^2) for one chunk and one centre; dist kept for the backward.
 template <typename T>
 CSFRN_ALWAYS_INLINE void chunk_decay_impl(T* __restrict__ dist, T* __restrict__ decay, const T* __restrict__ e,
-                             const T* __restrict__ c, T scale, int64_t D, int64_t np) {
+                                          const T* __restrict__ c, T scale, int64_t D, int64_t np) {
   // 64 pixels at a time over all channels: four independent chains of 16-pixel partial sums, in registers.
   constexpr int64_t kLanes = 16, kGroups = 4;
   int64_t p0 = 0;
@@ -503,16 +504,16 @@ at::Tensor center_distance_cpu(const at::Tensor& embeddings, const at::Tensor& c
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     scalar_t* out = phi.data_ptr<scalar_t>();
     const acc_t dl = static_cast<acc_t>(delta);
-    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K, 0,
-                                          [&](int64_t, int64_t n, int64_t p0, int64_t np, const acc_t* eb,
-                                              const acc_t* ctr, acc_t*) {
-      acc_t dist[kDistChunk], decay[kDistChunk];
-      for (int64_t k = 0; k < K; ++k) {
-        chunk_decay(dist, decay, eb, ctr + k * D, margin_scale(static_cast<acc_t>(mp[n * K + k]), dl), D, np);
-        scalar_t* o = out + (n * K + k) * P + p0;
-        for (int64_t p = 0; p < np; ++p) o[p] = static_cast<scalar_t>(phi_of_decay(decay[p]));
-      }
-    });
+    for_each_pixel_chunk<scalar_t, acc_t>(
+        ev, s.const_data_ptr<scalar_t>(), N, D, P, K, 0,
+        [&](int64_t, int64_t n, int64_t p0, int64_t np, const acc_t* eb, const acc_t* ctr, acc_t*) {
+          acc_t dist[kDistChunk], decay[kDistChunk];
+          for (int64_t k = 0; k < K; ++k) {
+            chunk_decay(dist, decay, eb, ctr + k * D, margin_scale(static_cast<acc_t>(mp[n * K + k]), dl), D, np);
+            scalar_t* o = out + (n * K + k) * P + p0;
+            for (int64_t p = 0; p < np; ++p) o[p] = static_cast<scalar_t>(phi_of_decay(decay[p]));
+          }
+        });
   });
   return phi;
 }
@@ -613,18 +614,20 @@ CSFRN_CPU_CLONES void chunk_distance_grads(float* ge, int64_t ge_stride, float* 
                                            bool need_e, bool need_s) {
   chunk_distance_grads_impl(ge, ge_stride, A, w, e, et, s, D, K, np, need_e, need_s);
 }
-CSFRN_CPU_CLONES void chunk_distance_grads(double* ge, int64_t ge_stride, double* A, const double* w,
-                                           const double* e, const double* et, const double* s, int64_t D, int64_t K,
-                                           int64_t np, bool need_e, bool need_s) {
+CSFRN_CPU_CLONES void chunk_distance_grads(double* ge, int64_t ge_stride, double* A, const double* w, const double* e,
+                                           const double* et, const double* s, int64_t D, int64_t K, int64_t np,
+                                           bool need_e, bool need_s) {
   chunk_distance_grads_impl(ge, ge_stride, A, w, e, et, s, D, K, np, need_e, need_s);
 }
 
 // One pass per pixel chunk: the decays are recomputed, turned into w = dL/d dist for every centre (kept in a
 // chunk-sized buffer, never a tensor the size of phi), and w gives the chunk's rows of the embedding gradient
 // and its shares of the centre and margin gradients. The shares are reduced in chunk order afterwards.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
-    const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
-    double delta, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(const at::Tensor& grad_phi,
+                                                                            const at::Tensor& embeddings,
+                                                                            const at::Tensor& centers,
+                                                                            const at::Tensor& margins, double delta,
+                                                                            std::array<bool, 3> output_mask) {
   const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
   const int64_t P = H * W, K = centers.size(1), D1 = D + 1;
@@ -651,32 +654,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cpu(
     scalar_t* gep = need_e ? grad_e.data_ptr<scalar_t>() : nullptr;
     const acc_t dl = static_cast<acc_t>(delta);
     // scratch: w for every centre, then the chunk's embeddings pixel-major (for the centre sums)
-    for_each_pixel_chunk<scalar_t, acc_t>(ev, s.const_data_ptr<scalar_t>(), N, D, P, K, (K + D) * kDistChunk,
-                                          [&](int64_t b, int64_t n, int64_t p0, int64_t np, const acc_t* eb,
-                                              const acc_t* ctr, acc_t* wb) {
-      acc_t dist[kDistChunk], decay[kDistChunk];
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t scale = margin_scale(static_cast<acc_t>(mp[n * K + k]), dl);
-        chunk_decay(dist, decay, eb, ctr + k * D, scale, D, np);
-        const scalar_t* gk = gp + (n * K + k) * P + p0;
-        acc_t* wk = wb + k * kDistChunk;
-        acc_t gm_sum = 0;
-        for (int64_t p = 0; p < np; ++p) {
-          acc_t gm;
-          phi_backward(static_cast<acc_t>(gk[p]), decay[p], dist[p], scale, dl, wk[p], gm);
-          gm_sum += gm;
-        }
-        part_m[b * K + k] = gm_sum;
-      }
-      acc_t* et = wb + K * kDistChunk;
-      if (need_s)
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t p = 0; p < np; ++p) et[p * D + d] = eb[d * kDistChunk + p];
-      if (need_e || need_s)
-        chunk_distance_grads(need_e ? gep + n * D * P + p0 : nullptr, P,
-                             need_s ? part_s.data() + b * K * D1 : nullptr, wb, eb, et, ctr, D, K, np, need_e,
-                             need_s);
-    });
+    for_each_pixel_chunk<scalar_t, acc_t>(
+        ev, s.const_data_ptr<scalar_t>(), N, D, P, K, (K + D) * kDistChunk,
+        [&](int64_t b, int64_t n, int64_t p0, int64_t np, const acc_t* eb, const acc_t* ctr, acc_t* wb) {
+          acc_t dist[kDistChunk], decay[kDistChunk];
+          for (int64_t k = 0; k < K; ++k) {
+            const acc_t scale = margin_scale(static_cast<acc_t>(mp[n * K + k]), dl);
+            chunk_decay(dist, decay, eb, ctr + k * D, scale, D, np);
+            const scalar_t* gk = gp + (n * K + k) * P + p0;
+            acc_t* wk = wb + k * kDistChunk;
+            acc_t gm_sum = 0;
+            for (int64_t p = 0; p < np; ++p) {
+              acc_t gm;
+              phi_backward(static_cast<acc_t>(gk[p]), decay[p], dist[p], scale, dl, wk[p], gm);
+              gm_sum += gm;
+            }
+            part_m[b * K + k] = gm_sum;
+          }
+          acc_t* et = wb + K * kDistChunk;
+          if (need_s)
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t p = 0; p < np; ++p) et[p * D + d] = eb[d * kDistChunk + p];
+          if (need_e || need_s)
+            chunk_distance_grads(need_e ? gep + n * D * P + p0 : nullptr, P,
+                                 need_s ? part_s.data() + b * K * D1 : nullptr, wb, eb, et, ctr, D, K, np, need_e,
+                                 need_s);
+        });
     // grad_s = -2 (sum_p w e^T - s sum_p w), grad_m = the margin shares, both summed over chunks in order
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     scalar_t* gsp = need_s ? grad_s.data_ptr<scalar_t>() : nullptr;

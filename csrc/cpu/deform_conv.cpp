@@ -58,7 +58,7 @@ struct Branch {
   at::Tensor input;   // [N, C, H, W], contiguous
   at::Tensor weight;  // [C_out, kh * kw * C / groups]: [C_out][kh][kw][C / groups], the columns' order
   int64_t channels, groups, out_channels;
-  bool channels_last;  // the output's and the input gradient's memory format (the input's)
+  bool channels_last;             // the output's and the input gradient's memory format (the input's)
   std::vector<Segment> segments;  // by channel
 };
 
@@ -118,7 +118,12 @@ at::Tensor padded_buffer(const DeformGeom& g, int64_t channels, const at::Tensor
 }
 
 Layout layout_of(const DeformGeom& g, const Branch& b) {
-  return {b.channels, b.channels / b.groups, g.taps(), g.offset_groups, padded_width(g), b.segments.data(),
+  return {b.channels,
+          b.channels / b.groups,
+          g.taps(),
+          g.offset_groups,
+          padded_width(g),
+          b.segments.data(),
           static_cast<int64_t>(b.segments.size())};
 }
 
@@ -277,8 +282,8 @@ CSFRN_ALWAYS_INLINE void im2col_impl(const Layout& lay, const scalar_t* pad, con
       const Segment sg = lay.segs[si];
       for (int64_t k = 0; k < lay.taps; ++k) {
         const Sample<scalar_t>& s = smp[p * per_pixel + sg.og * lay.taps + k];
-        sample_run(cols + p * row + sg.col + k * lay.per_group, pad + s.base * C + sg.c0, C, wpc, s.w, sg.len,
-                   sg.count, lay.taps * lay.per_group);
+        sample_run(cols + p * row + sg.col + k * lay.per_group, pad + s.base * C + sg.c0, C, wpc, s.w, sg.len, sg.count,
+                   lay.taps * lay.per_group);
       }
     }
   }
@@ -291,8 +296,8 @@ CSFRN_ALWAYS_INLINE void im2col_impl(const Layout& lay, const scalar_t* pad, con
 // A unit runs on one thread, in a fixed order: deterministic.
 template <typename scalar_t, bool kCols, bool kInput, bool kCoords>
 CSFRN_ALWAYS_INLINE void backward_pass_impl(const Layout& lay, const scalar_t* pad, const scalar_t* grad_cols,
-                                            const Sample<scalar_t>* smp, int64_t np, scalar_t* cols,
-                                            scalar_t* grad_pad, scalar_t* acc) {
+                                            const Sample<scalar_t>* smp, int64_t np, scalar_t* cols, scalar_t* grad_pad,
+                                            scalar_t* acc) {
   const int64_t C = lay.channels, row = C * lay.taps, per_pixel = lay.offset_groups * lay.taps, wpc = lay.wp * C;
   for (int64_t p = 0; p < np; ++p) {
     for (int64_t si = 0; si < lay.nseg; ++si) {
@@ -315,13 +320,13 @@ CSFRN_ALWAYS_INLINE void backward_pass_impl(const Layout& lay, const scalar_t* p
 // backward_pass_impl with the parts whose buffers are given (not null).
 template <typename scalar_t>
 CSFRN_ALWAYS_INLINE void backward_pass_any(const Layout& lay, const scalar_t* pad, const scalar_t* grad_cols,
-                                           const Sample<scalar_t>* smp, int64_t np, scalar_t* cols,
-                                           scalar_t* grad_pad, scalar_t* acc) {
+                                           const Sample<scalar_t>* smp, int64_t np, scalar_t* cols, scalar_t* grad_pad,
+                                           scalar_t* acc) {
   switch ((cols ? 1 : 0) | (grad_pad ? 2 : 0) | (acc ? 4 : 0)) {
-#define CSFRN_PASS(M)                                                                                     \
-  case M:                                                                                                 \
-    backward_pass_impl<scalar_t, (M & 1) != 0, (M & 2) != 0, (M & 4) != 0>(lay, pad, grad_cols, smp, np, \
-                                                                          cols, grad_pad, acc);          \
+#define CSFRN_PASS(M)                                                                                          \
+  case M:                                                                                                      \
+    backward_pass_impl<scalar_t, (M & 1) != 0, (M & 2) != 0, (M & 4) != 0>(lay, pad, grad_cols, smp, np, cols, \
+                                                                           grad_pad, acc);                     \
     break;
     CSFRN_PASS(1)
     CSFRN_PASS(2)
@@ -337,16 +342,16 @@ CSFRN_ALWAYS_INLINE void backward_pass_any(const Layout& lay, const scalar_t* pa
 }
 
 // The clones, one per dtype (target_clones does not take templates).
-#define CSFRN_DEFORM_KERNELS(T)                                                                                    \
+#define CSFRN_DEFORM_KERNELS(T)                                                                               \
   CSFRN_CPU_CLONES void transpose(const T* src, int64_t ss, T* dst, int64_t ds, int64_t rows, int64_t cols) { \
-    transpose_impl(src, ss, dst, ds, rows, cols);                                                                \
-  }                                                                                                              \
+    transpose_impl(src, ss, dst, ds, rows, cols);                                                             \
+  }                                                                                                           \
   CSFRN_CPU_CLONES void im2col(const Layout& lay, const T* pad, const Sample<T>* smp, int64_t np, T* cols) {  \
-    im2col_impl(lay, pad, smp, np, cols);                                                                        \
-  }                                                                                                              \
-  CSFRN_CPU_CLONES void backward_pass(const Layout& lay, const T* pad, const T* gcols, const Sample<T>* smp,   \
-                                         int64_t np, T* cols, T* gpad, T* acc) {                                 \
-    backward_pass_any(lay, pad, gcols, smp, np, cols, gpad, acc);                                                \
+    im2col_impl(lay, pad, smp, np, cols);                                                                     \
+  }                                                                                                           \
+  CSFRN_CPU_CLONES void backward_pass(const Layout& lay, const T* pad, const T* gcols, const Sample<T>* smp,  \
+                                      int64_t np, T* cols, T* gpad, T* acc) {                                 \
+    backward_pass_any(lay, pad, gcols, smp, np, cols, gpad, acc);                                             \
   }
 CSFRN_DEFORM_KERNELS(float)
 CSFRN_DEFORM_KERNELS(double)
@@ -379,8 +384,8 @@ void compute_samples(const DeformGeom& g, const scalar_t* off_n, const scalar_t*
     const scalar_t* mk = mask_n ? mask_n + gk * L : nullptr;
     int64_t ho = p0 / g.w_out, wo = p0 % g.w_out;
     for (int64_t pix = p0; pix < p0 + np; ++pix) {
-      const BilinearPoint<scalar_t> pt = deform_point<scalar_t>(ho, wo, i, j, g.stride_h, g.stride_w, g.pad_h,
-                                                                g.pad_w, g.dil_h, g.dil_w, dy[pix], dx[pix], g.h, g.w);
+      const BilinearPoint<scalar_t> pt = deform_point<scalar_t>(ho, wo, i, j, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
+                                                                g.dil_h, g.dil_w, dy[pix], dx[pix], g.h, g.w);
       Sample<scalar_t>& s = smp[(pix - p0) * items + gk];
       s.m = mk ? mk[pix] : scalar_t(1);
       s.base = pt.inside ? (pt.y0 + 1) * wp + pt.x0 + 1 : nowhere;
@@ -411,7 +416,8 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
   std::vector<at::Tensor> outs, bias;
   for (size_t i = 0; i < branches.size(); ++i) {
     const Branch& b = branches[i];
-    outs.push_back(b.channels_last ? at::empty({g.n, L, b.out_channels}, opts) : at::empty({g.n, b.out_channels, L}, opts));
+    outs.push_back(b.channels_last ? at::empty({g.n, L, b.out_channels}, opts)
+                                   : at::empty({g.n, b.out_channels, L}, opts));
     bias.push_back(biases[i].has_value() ? biases[i]->detach() : at::Tensor());
   }
   if (g.n == 0) return outs;
@@ -432,8 +438,8 @@ std::vector<at::Tensor> forward_impl(const DeformGeom& g, const std::vector<Bran
         for (size_t i = 0; i < branches.size(); ++i) to_channels_last(g, branches[i].input[n], padded[i]);
         image = n;
       }
-      compute_samples(g, off + n * g.offset_groups * 2 * taps * L, msk ? msk + n * g.offset_groups * taps * L : msk,
-                      p0, np, smp.data());
+      compute_samples(g, off + n * g.offset_groups * 2 * taps * L, msk ? msk + n * g.offset_groups * taps * L : msk, p0,
+                      np, smp.data());
       for (size_t i = 0; i < branches.size(); ++i) {
         const Branch& b = branches[i];
         im2col(layout_of(g, b), padded[i].data_ptr<scalar_t>(), smp.data(), np, cols[i].data_ptr<scalar_t>());
@@ -472,7 +478,7 @@ struct BackwardResult {
 // What one thread's run of units leaves to add up after the parallel region, in the order of `begin`.
 struct PartialGrads {
   int64_t begin;
-  std::vector<at::Tensor> grad_weight;                               // per branch
+  std::vector<at::Tensor> grad_weight;                              // per branch
   std::vector<std::pair<int64_t, std::vector<at::Tensor>>> images;  // grad of input of images shared with others
 };
 
@@ -572,8 +578,9 @@ BackwardResult backward_impl(const DeformGeom& g, const std::vector<Branch>& bra
         if (need_weight[i]) {
           const at::Tensor c2 = block(cols[i], np, row);
           for (int64_t gi = 0; gi < b.groups; ++gi) {
-            mine.grad_weight[i].narrow(0, gi * og, og).addmm_(gout.narrow(0, gi * og, og),
-                                                              c2.narrow(1, gi * rows, rows));
+            mine.grad_weight[i]
+                .narrow(0, gi * og, og)
+                .addmm_(gout.narrow(0, gi * og, og), c2.narrow(1, gi * rows, rows));
           }
         }
       }
@@ -649,7 +656,10 @@ Branch make_branch(const at::Tensor& input, const at::Tensor& weight, int64_t of
   // Sizes spelled out: view cannot infer a -1 beside a zero size (C_out = 0).
   return {input.detach().contiguous(),
           weight.detach().permute({0, 2, 3, 1}).contiguous().view({weight.size(0), taps * weight.size(1)}),
-          input.size(1), groups, weight.size(0), deform_channels_last(input),
+          input.size(1),
+          groups,
+          weight.size(0),
+          deform_channels_last(input),
           make_segments(input.size(1), groups, offset_groups, taps)};
 }
 
@@ -677,9 +687,8 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, 
   const std::vector<Branch> branches{make_branch(input, weight, g.offset_groups)};
   const auto m = contiguous_if_present(mask);
   std::vector<at::Tensor> outs;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
-    outs = forward_impl<scalar_t>(g, branches, {bias}, plain(offset), m);
-  });
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu",
+                             [&] { outs = forward_impl<scalar_t>(g, branches, {bias}, plain(offset), m); });
   return output_shape(g, branches[0], outs[0]);
 }
 
@@ -695,9 +704,8 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cpu(
                                      make_branch(y, weight_y, g.offset_groups)};
   const auto m = contiguous_if_present(mask);
   std::vector<at::Tensor> outs;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dual_deform_conv2d_cpu", [&] {
-    outs = forward_impl<scalar_t>(g, branches, {bias_x, bias_y}, plain(offset), m);
-  });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dual_deform_conv2d_cpu",
+                             [&] { outs = forward_impl<scalar_t>(g, branches, {bias_x, bias_y}, plain(offset), m); });
   return {output_shape(g, branches[0], outs[0]), output_shape(g, branches[1], outs[1])};
 }
 
@@ -714,8 +722,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const at::Tensor go = plain(grad_out).view({g.n, weight.size(0), g.pixels()});
   BackwardResult r;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-    r = backward_impl<scalar_t>(g, branches, {go}, plain(offset), m, {output_mask[0]}, {output_mask[2]},
-                                output_mask[1], output_mask[4] && mask.has_value());
+    r = backward_impl<scalar_t>(g, branches, {go}, plain(offset), m, {output_mask[0]}, {output_mask[2]}, output_mask[1],
+                                output_mask[4] && mask.has_value());
   });
   return {r.grad_input[0], r.grad_offset, weight_order(r.grad_weight[0], weight, output_mask[2]),
           grad_bias(grad_out, output_mask[3]), r.grad_mask};
@@ -728,8 +736,8 @@ dual_deform_conv2d_backward_cpu(const at::Tensor& grad_out_x, const at::Tensor& 
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 std::array<bool, 8> output_mask) {
   const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
-  const DeformGeom g = check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, std::nullopt, std::nullopt,
-                                                     mask, stride, padding, dilation);
+  const DeformGeom g = check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, std::nullopt, std::nullopt, mask,
+                                                     stride, padding, dilation);
   check_cpu_dtype("x", x);
   check_deform_same("x", x, "grad_out_x", grad_out_x);
   check_deform_same("x", x, "grad_out_y", grad_out_y);

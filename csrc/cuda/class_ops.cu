@@ -30,7 +30,7 @@ namespace {
 // fill the GPU, at least 256 pixels each, and a partial buffer N * chunks * K * (D + 1) at most half the features.
 // When not even one channel's accumulators fit in shared memory (K in the thousands), class_pool_global_kernel
 // walks every image with one thread per (n, channel) into a global [N, K, D + 1] buffer instead.
-constexpr int kPoolTile = 64;          // pixels staged per step
+constexpr int kPoolTile = 64;           // pixels staged per step
 constexpr int64_t kPoolMinChunk = 256;  // pixels per chunk, at least
 constexpr int kPoolMaxCopies = 8;
 
@@ -83,8 +83,8 @@ __global__ void class_pool_shared_kernel(const scalar_t* __restrict__ f, const i
                                          acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t P, int64_t K,
                                          int64_t ignore_index, int64_t sn, int64_t sc, int64_t sp, PoolPlan plan) {
   const int64_t S = plan.channels + 1, copies = plan.copies;
-  acc_t* acc = dynamic_shared<acc_t>();                                     // [copies][K][S]
-  acc_t* tile = acc + copies * K * S;                                       // [channels][kPoolTile + 1]
+  acc_t* acc = dynamic_shared<acc_t>();                                        // [copies][K][S]
+  acc_t* tile = acc + copies * K * S;                                          // [channels][kPoolTile + 1]
   int* slot = reinterpret_cast<int*>(tile + plan.channels * (kPoolTile + 1));  // [kPoolTile]
   // Block-local indices are ints: a 64-bit division costs tens of instructions on a GPU.
   const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -102,8 +102,7 @@ __global__ void class_pool_shared_kernel(const scalar_t* __restrict__ f, const i
     for (int64_t q0 = c * plan.chunk; q0 < p_end; q0 += kPoolTile) {
       const int np = static_cast<int>(min(int64_t(kPoolTile), p_end - q0));
       __syncthreads();  // acc zeroed, the previous tile consumed
-      for (int i = tid; i < np; i += nthreads)
-        slot[i] = static_cast<int>(label_slot(ln[q0 + i], K, ignore_index));
+      for (int i = tid; i < np; i += nthreads) slot[i] = static_cast<int>(label_slot(ln[q0 + i], K, ignore_index));
       for (int e = tid; e < dn * np; e += nthreads) {
         const int d = along_pixels ? e / np : e % dn, p = along_pixels ? e % np : e / dn;
         tile[d * (kPoolTile + 1) + p] = static_cast<acc_t>(fn[d * sc + (q0 + p) * sp]);
@@ -160,8 +159,7 @@ __global__ void class_pool_global_kernel(const scalar_t* __restrict__ f, const i
 // (j == D) the counts.
 template <typename scalar_t, typename acc_t>
 __global__ void class_pool_reduce_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ means,
-                                         acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t K,
-                                         int64_t nchunks) {
+                                         acc_t* __restrict__ counts, int64_t N, int64_t D, int64_t K, int64_t nchunks) {
   CSFRN_KERNEL_LOOP(t, N * K * (D + 1)) {
     const int64_t j = t % (D + 1), nk = t / (D + 1), n = nk / K, k = nk % K;
     acc_t sum = 0, count = 0;
@@ -180,8 +178,8 @@ __global__ void class_pool_reduce_kernel(const acc_t* __restrict__ partial, scal
 // Divides by the exact counts in acc_t: a half count is inf above 65504, a bfloat16 one is rounded above 256.
 template <typename scalar_t, typename acc_t>
 __global__ void class_pool_backward_kernel(const scalar_t* __restrict__ grad_means, const acc_t* __restrict__ counts,
-                                           const int64_t* __restrict__ labels, scalar_t* __restrict__ grad,
-                                           int64_t N, int64_t D, int64_t P, int64_t K, int64_t ignore_index) {
+                                           const int64_t* __restrict__ labels, scalar_t* __restrict__ grad, int64_t N,
+                                           int64_t D, int64_t P, int64_t K, int64_t ignore_index) {
   CSFRN_KERNEL_LOOP(t, N * D * P) {
     const int64_t p = t % P, d = (t / P) % D, n = t / (P * D);
     const int64_t k = label_slot(labels[n * P + p], K, ignore_index);
@@ -204,9 +202,8 @@ __device__ __forceinline__ acc_t squared_distance(const scalar_t* __restrict__ e
 
 template <typename scalar_t, typename acc_t>
 __global__ void center_distance_kernel(const scalar_t* __restrict__ e, const scalar_t* __restrict__ s,
-                                       const scalar_t* __restrict__ m, scalar_t* __restrict__ phi, int64_t N,
-                                       int64_t D, int64_t P, int64_t K, acc_t delta, int64_t sn, int64_t sc,
-                                       int64_t sp) {
+                                       const scalar_t* __restrict__ m, scalar_t* __restrict__ phi, int64_t N, int64_t D,
+                                       int64_t P, int64_t K, acc_t delta, int64_t sn, int64_t sc, int64_t sp) {
   CSFRN_KERNEL_LOOP(t, N * K * P) {
     const int64_t p = t % P, nk = t / P, n = nk / K;
     const acc_t dist = squared_distance<scalar_t, acc_t>(e + n * sn + p * sp, s + nk * D, D, sc);
@@ -219,8 +216,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void center_distance_weights_kernel(const scalar_t* __restrict__ grad_phi, const scalar_t* __restrict__ e,
                                                const scalar_t* __restrict__ s, const scalar_t* __restrict__ m,
                                                acc_t* __restrict__ w, acc_t* __restrict__ gm, int64_t N, int64_t D,
-                                               int64_t P, int64_t K, acc_t delta, int64_t sn, int64_t sc,
-                                               int64_t sp) {
+                                               int64_t P, int64_t K, acc_t delta, int64_t sn, int64_t sc, int64_t sp) {
   CSFRN_KERNEL_LOOP(t, N * K * P) {
     const int64_t p = t % P, nk = t / P, n = nk / K;
     const acc_t dist = squared_distance<scalar_t, acc_t>(e + n * sn + p * sp, s + nk * D, D, sc);
@@ -237,9 +233,8 @@ __global__ void center_distance_weights_kernel(const scalar_t* __restrict__ grad
 // k in order, written in the output dtype ([N, D, H, W] contiguous). K = 0 gives 0 (no inf * 0).
 template <typename scalar_t, typename acc_t>
 __global__ void center_distance_grad_e_kernel(const acc_t* __restrict__ w, const scalar_t* __restrict__ e,
-                                              const scalar_t* __restrict__ s, scalar_t* __restrict__ grad_e,
-                                              int64_t N, int64_t D, int64_t P, int64_t K, int64_t sn, int64_t sc,
-                                              int64_t sp) {
+                                              const scalar_t* __restrict__ s, scalar_t* __restrict__ grad_e, int64_t N,
+                                              int64_t D, int64_t P, int64_t K, int64_t sn, int64_t sc, int64_t sp) {
   CSFRN_KERNEL_LOOP(t, N * D * P) {
     const int64_t p = t % P, nd = t / P, d = nd % D, n = nd / D;
     const acc_t ev = static_cast<acc_t>(e[n * sn + d * sc + p * sp]);
@@ -276,8 +271,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void center_distance_center_grads_kernel(const acc_t* __restrict__ w, const acc_t* __restrict__ gm,
                                                     const scalar_t* __restrict__ e, const scalar_t* __restrict__ s,
                                                     scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_m,
-                                                    int64_t N, int64_t D, int64_t P, int64_t K, int64_t j0,
-                                                    int64_t j1, int64_t sn, int64_t sc, int64_t sp) {
+                                                    int64_t N, int64_t D, int64_t P, int64_t K, int64_t j0, int64_t j1,
+                                                    int64_t sn, int64_t sc, int64_t sp) {
   __shared__ acc_t red[kThreads / kWarp];
   const int64_t J = j1 - j0;
   for (int64_t u = blockIdx.x; u < N * K * J; u += gridDim.x) {
@@ -339,15 +334,13 @@ std::tuple<at::Tensor, at::Tensor> class_avg_pool_cuda(const at::Tensor& feature
       CSFRN_LAUNCH(std::min<int64_t>(N * plan.nchunks * plan.dtiles, kMaxBlocks), kThreads, plan.smem, stream,
                    class_pool_shared_kernel<scalar_t, acc_t>)(
           f, lab.const_data_ptr<int64_t>(), plan.nchunks > 1 ? partial.data_ptr<acc_t>() : nullptr,
-          means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc, fv.sp,
-          plan);
+          means.data_ptr<scalar_t>(), counts.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc, fv.sp, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (plan.nchunks == 1) return;
     } else {
       partial = at::empty({N, 1, K, D + 1}, features.options().dtype(acc_type));  // zeroed by its kernel
       CSFRN_LAUNCH(blocks_for(N * (D + 1)), kThreads, 0, stream, class_pool_global_kernel<scalar_t, acc_t>)(
-          f, lab.const_data_ptr<int64_t>(), partial.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc,
-          fv.sp);
+          f, lab.const_data_ptr<int64_t>(), partial.data_ptr<acc_t>(), N, D, P, K, ignore_index, fv.sn, fv.sc, fv.sp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     CSFRN_LAUNCH(blocks_for(N * K * (D + 1)), kThreads, 0, stream, class_pool_reduce_kernel<scalar_t, acc_t>)(
@@ -369,14 +362,14 @@ at::Tensor class_avg_pool_backward_cuda(const at::Tensor& grad_means, const at::
   const at::Tensor g = grad_means.contiguous(), lab = labels.contiguous();
   const at::Tensor cnt = counts.to(at::toOpMathType(grad_means.scalar_type())).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_means.scalar_type(), "class_avg_pool_backward_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    CSFRN_LAUNCH(blocks_for(grad.numel()), kThreads, 0, stream, class_pool_backward_kernel<scalar_t, acc_t>)(
-        g.const_data_ptr<scalar_t>(), cnt.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(),
-        grad.data_ptr<scalar_t>(), N, D, P, K, ignore_index);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_means.scalar_type(), "class_avg_pool_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        CSFRN_LAUNCH(blocks_for(grad.numel()), kThreads, 0, stream, class_pool_backward_kernel<scalar_t, acc_t>)(
+            g.const_data_ptr<scalar_t>(), cnt.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(),
+            grad.data_ptr<scalar_t>(), N, D, P, K, ignore_index);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad;
 }
 
@@ -406,9 +399,11 @@ at::Tensor center_distance_cuda(const at::Tensor& embeddings, const at::Tensor& 
 // the embedding gradient per (n, d, p); the centre and margin gradients as one block sum per (n, k, channel).
 // Two buffers the size of phi in the accumulation type, no fill, no cast pass: every output is written in its
 // dtype by the kernel that owns it.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
-    const at::Tensor& grad_phi, const at::Tensor& embeddings, const at::Tensor& centers, const at::Tensor& margins,
-    double delta, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(const at::Tensor& grad_phi,
+                                                                             const at::Tensor& embeddings,
+                                                                             const at::Tensor& centers,
+                                                                             const at::Tensor& margins, double delta,
+                                                                             std::array<bool, 3> output_mask) {
   const KernelScope kernel_scope;  // ATen calls inside: no autograd history, no autocast
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t N = embeddings.size(0), D = embeddings.size(1), H = embeddings.size(2), W = embeddings.size(3);
@@ -427,34 +422,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_distance_backward_cuda(
   // the units of launch 3: channels j < D for the centre gradient, j == D for the margin gradient
   const int64_t j0 = need_s ? 0 : D, j1 = need_m ? D + 1 : D;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
-                                  "center_distance_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    acc_t* wp = w.data_ptr<acc_t>();
-    if (w.numel() > 0) {
-      CSFRN_LAUNCH(blocks_for(w.numel()), kThreads, 0, stream, center_distance_weights_kernel<scalar_t, acc_t>)(
-          g.const_data_ptr<scalar_t>(), e, sp, m.const_data_ptr<scalar_t>(), wp,
-          need_m ? gm.data_ptr<acc_t>() : nullptr, N, D, P, K, static_cast<acc_t>(delta), ev.sn, ev.sc, ev.sp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (need_e && grad_e.numel() > 0) {  // K = 0 included: zeros
-      CSFRN_LAUNCH(blocks_for(grad_e.numel()), kThreads, 0, stream, center_distance_grad_e_kernel<scalar_t, acc_t>)(
-          wp, e, sp, grad_e.data_ptr<scalar_t>(), N, D, P, K, ev.sn, ev.sc, ev.sp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    const int64_t units = N * K * (j1 - j0);
-    if (units > 0) {  // P = 0 included: zeros
-      // as many threads as pixels, in whole warps, up to kThreads: small images leave no idle warps
-      const int threads = static_cast<int>(std::clamp<int64_t>((P + kWarp - 1) / kWarp * kWarp, kWarp, kThreads));
-      CSFRN_LAUNCH(static_cast<unsigned int>(std::min(units, kMaxBlocks)), threads, 0, stream,
-                   center_distance_center_grads_kernel<scalar_t, acc_t>)(
-          wp, need_m ? gm.data_ptr<acc_t>() : nullptr, e, sp, need_s ? grad_s.data_ptr<scalar_t>() : nullptr,
-          need_m ? grad_m.data_ptr<scalar_t>() : nullptr, N, D, P, K, j0, j1, ev.sn, ev.sc, ev.sp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, embeddings.scalar_type(), "center_distance_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* e = ev.t.const_data_ptr<scalar_t>();
+        const scalar_t* sp = s.const_data_ptr<scalar_t>();
+        acc_t* wp = w.data_ptr<acc_t>();
+        if (w.numel() > 0) {
+          CSFRN_LAUNCH(blocks_for(w.numel()), kThreads, 0, stream, center_distance_weights_kernel<scalar_t, acc_t>)(
+              g.const_data_ptr<scalar_t>(), e, sp, m.const_data_ptr<scalar_t>(), wp,
+              need_m ? gm.data_ptr<acc_t>() : nullptr, N, D, P, K, static_cast<acc_t>(delta), ev.sn, ev.sc, ev.sp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (need_e && grad_e.numel() > 0) {  // K = 0 included: zeros
+          CSFRN_LAUNCH(blocks_for(grad_e.numel()), kThreads, 0, stream, center_distance_grad_e_kernel<scalar_t, acc_t>)(
+              wp, e, sp, grad_e.data_ptr<scalar_t>(), N, D, P, K, ev.sn, ev.sc, ev.sp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        const int64_t units = N * K * (j1 - j0);
+        if (units > 0) {  // P = 0 included: zeros
+          // as many threads as pixels, in whole warps, up to kThreads: small images leave no idle warps
+          const int threads = static_cast<int>(std::clamp<int64_t>((P + kWarp - 1) / kWarp * kWarp, kWarp, kThreads));
+          CSFRN_LAUNCH(static_cast<unsigned int>(std::min(units, kMaxBlocks)), threads, 0, stream,
+                       center_distance_center_grads_kernel<scalar_t, acc_t>)(
+              wp, need_m ? gm.data_ptr<acc_t>() : nullptr, e, sp, need_s ? grad_s.data_ptr<scalar_t>() : nullptr,
+              need_m ? grad_m.data_ptr<scalar_t>() : nullptr, N, D, P, K, j0, j1, ev.sn, ev.sc, ev.sp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
   return {grad_e, grad_s, grad_m};
 }
 

@@ -108,8 +108,8 @@ int64_t workspace_bytes() { return kWorkspaceBytes; }
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 KernelGeom kernel_geom(const DeformGeom& g) {
-  return {g.h,      g.w,      g.h_out, g.w_out, g.kh,          g.kw,   g.stride_h, g.stride_w,
-          g.pad_h,  g.pad_w,  g.dil_h, g.dil_w, g.offset_groups, g.taps(), g.pixels()};
+  return {g.h,     g.w,     g.h_out, g.w_out,         g.kh,     g.kw,      g.stride_h, g.stride_w, g.pad_h,
+          g.pad_w, g.dil_h, g.dil_w, g.offset_groups, g.taps(), g.pixels()};
 }
 
 // for (w over [0, n)) by every lane group (threadIdx.y) of the grid, blockDim = (lanes, kThreads / lanes).
@@ -120,9 +120,9 @@ KernelGeom kernel_geom(const DeformGeom& g) {
 // k * per_group + cg % per_group.
 template <typename scalar_t>
 struct ColBranch {
-  const scalar_t* input;  // channels-last [N, H, W, C] of the whole batch
-  scalar_t* cols;         // [B * pixels, row] columns of the chunk, or null
-  const scalar_t* gcols;  // [B * pixels, row] their gradient, or null
+  const scalar_t* input;                     // channels-last [N, H, W, C] of the whole batch
+  scalar_t* cols;                            // [B * pixels, row] columns of the chunk, or null
+  const scalar_t* gcols;                     // [B * pixels, row] their gradient, or null
   int64_t channels, per_group, rg_pad, row;  // channels 0: absent (the single op's second branch)
 };
 
@@ -209,7 +209,8 @@ __global__ void sampling_kernel(int64_t items, int64_t n0, KernelGeom g, const D
           grad_offset[o] = static_cast<coord_t>(sum_y * s.m);
           grad_offset[o + g.pixels] = static_cast<coord_t>(sum_x * s.m);
         }
-        if (grad_mask) grad_mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix] = static_cast<coord_t>(sum_m);
+        if (grad_mask)
+          grad_mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix] = static_cast<coord_t>(sum_m);
       }
     }
   }
@@ -314,7 +315,8 @@ at::Tensor padded_matrix(int64_t rows, int64_t cols, const at::TensorOptions& op
 // Images per chunk: the most whose workspace fits kWorkspaceBytes (at least one), evened out over the batch.
 int64_t chunk_images(const DeformGeom& g, int64_t per_image) {
   if (g.n == 0) return 1;
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(g.n, workspace_bytes() / std::max<int64_t>(1, per_image)));
+  const int64_t most =
+      std::max<int64_t>(1, std::min<int64_t>(g.n, workspace_bytes() / std::max<int64_t>(1, per_image)));
   const int64_t chunks = (g.n + most - 1) / most;
   return (g.n + chunks - 1) / chunks;
 }
@@ -324,8 +326,13 @@ ColBranch<scalar_t> col_branch(const std::vector<Branch>& branches, size_t i, co
                                const at::Tensor& gcols) {
   if (i >= branches.size()) return {nullptr, nullptr, nullptr, 0, 1, 0, 0};
   const Branch& b = branches[i];
-  return {b.input.const_data_ptr<scalar_t>(), cols.defined() ? cols.data_ptr<scalar_t>() : nullptr,
-          gcols.defined() ? gcols.const_data_ptr<scalar_t>() : nullptr, b.channels, b.per_group, b.rg_pad, b.row};
+  return {b.input.const_data_ptr<scalar_t>(),
+          cols.defined() ? cols.data_ptr<scalar_t>() : nullptr,
+          gcols.defined() ? gcols.const_data_ptr<scalar_t>() : nullptr,
+          b.channels,
+          b.per_group,
+          b.rg_pad,
+          b.row};
 }
 
 // Lanes per item: enough for the widest branch's channels per offset group, V of them a lane.
@@ -548,15 +555,16 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
   // Every element below is written by a kernel or a GEMM: no fill.
   r.grad_offset = need_offset ? at::empty({g.n, g.offset_groups * 2 * taps, g.h_out, g.w_out}, coord_opts)
                               : at::empty({0}, coord_opts);
-  r.grad_mask = need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, coord_opts)
-                          : at::empty({0}, coord_opts);
+  r.grad_mask =
+      need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, coord_opts) : at::empty({0}, coord_opts);
   std::vector<at::Tensor> gw(branches.size());
   if (g.n > 0) {
     std::vector<at::Tensor> gout;
     for (const at::Tensor& go : grad_outs) gout.push_back(grad_rows(go, g.n * L));
     int64_t per_image = 0;
     for (size_t i = 0; i < branches.size(); ++i) {
-      per_image += L * branches[i].row * branches[i].input.element_size() * ((need_weight[i] ? 1 : 0) + (need_gcols ? 1 : 0));
+      per_image +=
+          L * branches[i].row * branches[i].input.element_size() * ((need_weight[i] ? 1 : 0) + (need_gcols ? 1 : 0));
     }
     if (any_input) per_image += 4 * items_per_image * 8 * 4;  // keys, sorted keys, order and the sort's own
     dispatch_deform(branches[0].input, offset, [&](auto st, auto ct) {
@@ -590,10 +598,10 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
         bool any_cols = false;
         for (size_t i = 0; i < branches.size(); ++i) any_cols = any_cols || need_weight[i];
         if (any_cols || need_coords) {
-          launch_sampling<scalar_t, coord_t, acc_t>(
-              g, n0, nb, table, branches, cols, need_coords ? gcols : std::vector<at::Tensor>{},
-              need_offset ? r.grad_offset.data_ptr<coord_t>() : nullptr,
-              need_mask ? r.grad_mask.data_ptr<coord_t>() : nullptr, vec);
+          launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols,
+                                                    need_coords ? gcols : std::vector<at::Tensor>{},
+                                                    need_offset ? r.grad_offset.data_ptr<coord_t>() : nullptr,
+                                                    need_mask ? r.grad_mask.data_ptr<coord_t>() : nullptr, vec);
         }
         for (size_t i = 0; i < branches.size(); ++i) {  // grad_W = grad_out^T @ cols: K = every pixel of the chunk
           if (!need_weight[i]) continue;
@@ -622,8 +630,17 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
           // vector stores where the gradient is channels-last (grad_input is from at::empty: aligned)
           const bool vector_store = vec > 1 && gi.stride(1) == 1 && gi.stride(3) % vec == 0 &&
                                     gi.stride(2) % vec == 0 && gi.stride(0) % vec == 0 && aligned16(gi.data_ptr());
-          return {gcols[i].const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), b.channels, b.per_group, b.rg_pad,
-                  b.row, gi.stride(0), gi.stride(1), gi.stride(2), gi.stride(3), vector_store};
+          return {gcols[i].const_data_ptr<scalar_t>(),
+                  gi.data_ptr<scalar_t>(),
+                  b.channels,
+                  b.per_group,
+                  b.rg_pad,
+                  b.row,
+                  gi.stride(0),
+                  gi.stride(1),
+                  gi.stride(2),
+                  gi.stride(3),
+                  vector_store};
         };
         const int lanes = branch_lanes(g, branches, vec);
         with_vector_width<scalar_t>(vec, [&](auto v) {
@@ -694,8 +711,8 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  std::array<bool, 8> output_mask) {
   const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
-  const DeformGeom g = check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, std::nullopt, std::nullopt,
-                                                     mask, stride, padding, dilation);
+  const DeformGeom g = check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, std::nullopt, std::nullopt, mask,
+                                                     stride, padding, dilation);
   check_deform_same("x", x, "grad_out_x", grad_out_x);
   check_deform_same("x", x, "grad_out_y", grad_out_y);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -703,8 +720,14 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
                                    {weight_x, weight_y}, offset.contiguous(), contiguous_if_present(mask),
                                    {output_mask[0], output_mask[1]}, {output_mask[3], output_mask[4]}, output_mask[2],
                                    output_mask[7] && mask.has_value());
-  return {r.grad_input[0],  r.grad_input[1],  r.grad_offset, r.grad_weight[0], r.grad_weight[1],
-          grad_bias(grad_out_x, output_mask[5]), grad_bias(grad_out_y, output_mask[6]), r.grad_mask};
+  return {r.grad_input[0],
+          r.grad_input[1],
+          r.grad_offset,
+          r.grad_weight[0],
+          r.grad_weight[1],
+          grad_bias(grad_out_x, output_mask[5]),
+          grad_bias(grad_out_y, output_mask[6]),
+          r.grad_mask};
 }
 
 }  // namespace

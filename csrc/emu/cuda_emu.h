@@ -100,10 +100,10 @@ inline void __threadfence_block() {}
 namespace csfrn {
 namespace emu {
 template <typename T>
-constexpr bool atomic_add_type = std::is_same_v<T, int> || std::is_same_v<T, unsigned int> ||
-                                 std::is_same_v<T, unsigned long long> || std::is_same_v<T, float> ||
-                                 std::is_same_v<T, double> || std::is_same_v<T, c10::Half> ||
-                                 std::is_same_v<T, c10::BFloat16>;
+constexpr bool atomic_add_type =
+    std::is_same_v<T, int> || std::is_same_v<T, unsigned int> || std::is_same_v<T, unsigned long long> ||
+    std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, c10::Half> ||
+    std::is_same_v<T, c10::BFloat16>;
 template <typename T>
 constexpr bool atomic_int_type =
     std::is_same_v<T, int> || std::is_same_v<T, unsigned int> || std::is_same_v<T, unsigned long long>;
@@ -297,10 +297,18 @@ inline uint64_t warp_meet(WarpOp op, unsigned int mask, uint64_t value, int src)
     if (!((mask >> l) & 1u)) continue;
     Fiber& g = b.fibers[warp * warpSize + l];
     switch (op) {
-      case kSyncWarp: g.result = 0; break;
-      case kBallot: g.result = ballot; break;
-      case kAny: g.result = ballot != 0; break;
-      case kAll: g.result = ballot == mask; break;
+      case kSyncWarp:
+        g.result = 0;
+        break;
+      case kBallot:
+        g.result = ballot;
+        break;
+      case kAny:
+        g.result = ballot != 0;
+        break;
+      case kAll:
+        g.result = ballot == mask;
+        break;
       default:
         TORCH_CHECK(g.src >= 0 && g.src < warp_size && ((mask >> g.src) & 1u), "CUDA emulation: kernel ", b.kernel,
                     ": lane ", l, " of warp ", warp, " reads lane ", g.src, " outside the mask ", hex(mask));
@@ -400,8 +408,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const char* kernel, voi
           TORCH_CHECK(warp == 0, "CUDA emulation: kernel ", kernel, ", block (", bx, ", ", by, ", ", bz, "): ", warp,
                       " thread(s) wait in a warp intrinsic for lanes of its mask that exited or wait at "
                       "__syncthreads (a deadlock or undefined behaviour on a GPU)");
-          TORCH_CHECK(done == 0, "CUDA emulation: kernel ", kernel, ", block (", bx, ", ", by, ", ", bz, "): ",
-                      barrier, " of ", threads, " threads wait at __syncthreads but ", done,
+          TORCH_CHECK(done == 0, "CUDA emulation: kernel ", kernel, ", block (", bx, ", ", by, ", ", bz, "): ", barrier,
+                      " of ", threads, " threads wait at __syncthreads but ", done,
                       " exited without reaching it (undefined behaviour on a GPU)");
           for (Fiber& f : b.fibers) f.state = Fiber::kReady;
         }
@@ -427,10 +435,13 @@ struct Launch {
       void (*kernel)(P...);
       Params params;
     } call{kernel, Params(std::forward<A>(args)...)};
-    run_grid(grid, block, smem, name, [](const void* c) {
-      const Call& cl = *static_cast<const Call*>(c);
-      std::apply(cl.kernel, cl.params);
-    }, &call);
+    run_grid(
+        grid, block, smem, name,
+        [](const void* c) {
+          const Call& cl = *static_cast<const Call*>(c);
+          std::apply(cl.kernel, cl.params);
+        },
+        &call);
   }
 };
 
@@ -504,13 +515,14 @@ inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSiz
 template <typename T>
 inline T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {
   const int lane = csfrn::emu::lane_id();
-  return csfrn::emu::shuffle(mask, var, lane % width >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+  return csfrn::emu::shuffle(mask, var,
+                             lane % width >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {
   const int lane = csfrn::emu::lane_id();
-  return csfrn::emu::shuffle(mask, var, lane % width + static_cast<int>(delta) < width ? lane + static_cast<int>(delta)
-                                                                                        : lane);
+  return csfrn::emu::shuffle(mask, var,
+                             lane % width + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane);
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize) {

@@ -28,6 +28,5 @@ constexpr auto kCPU = c10::DeviceType::CPU;
 // CUDA kernels then run in the autocast dtype with float32 offsets and mask, as on a GPU.
 TORCH_LIBRARY_IMPL(csfrn_emu, AutocastCPU, m) {
   m.impl("deform_conv2d", &csfrn::deform_conv2d_autocast<EmuOps, kCUDA, kCPU, c10::DispatchKey::AutocastCPU>);
-  m.impl("dual_deform_conv2d",
-         &csfrn::dual_deform_conv2d_autocast<EmuOps, kCUDA, kCPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("dual_deform_conv2d", &csfrn::dual_deform_conv2d_autocast<EmuOps, kCUDA, kCPU, c10::DispatchKey::AutocastCPU>);
 }

@@ -69,8 +69,8 @@ at::Tensor selftest_block_sum(const at::Tensor& x, int64_t threads) {
   const int64_t blocks = std::max<int64_t>(1, (xc.numel() + threads - 1) / threads);
   at::Tensor out = at::zeros({blocks, 3}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "selftest_block_sum", [&] {
-    CSFRN_LAUNCH(blocks, threads, 64 * sizeof(scalar_t), at::cuda::getCurrentCUDAStream(),
-                 block_sum_kernel<scalar_t>)(xc.const_data_ptr<scalar_t>(), xc.numel(), out.data_ptr<scalar_t>());
+    CSFRN_LAUNCH(blocks, threads, 64 * sizeof(scalar_t), at::cuda::getCurrentCUDAStream(), block_sum_kernel<scalar_t>)(
+        xc.const_data_ptr<scalar_t>(), xc.numel(), out.data_ptr<scalar_t>());
   });
   return out;
 }

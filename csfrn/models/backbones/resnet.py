@@ -6,6 +6,7 @@ layout, so timm ``resnet50c`` checkpoints load as they are and mmsegmentation ``
 after renaming ``stem.{0,1,3,4,6,7}``. The stride sits on the 3x3 conv of a bottleneck (V1.5) and downsampling
 is a strided 1x1 conv + BN, as in both torchvision and ResNetV1c.
 """
+
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,8 +25,14 @@ ARCHS = {
 }
 
 # mmsegmentation ResNetV1c stem -> our (timm) names.
-_MMSEG_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
-               "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+_MMSEG_STEM = {
+    "stem.0.": "conv1.0.",
+    "stem.1.": "conv1.1.",
+    "stem.3.": "conv1.3.",
+    "stem.4.": "conv1.4.",
+    "stem.6.": "conv1.6.",
+    "stem.7.": "bn1.",
+}
 
 
 class Bottleneck(nn.Module):
@@ -37,8 +44,9 @@ class Bottleneck(nn.Module):
         first_dilation = first_dilation or dilation
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=first_dilation, dilation=first_dilation,
-                               bias=False)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, stride=stride, padding=first_dilation, dilation=first_dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, outplanes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(outplanes)
@@ -74,9 +82,14 @@ class ResNet(nn.Module):
         if deep_stem:
             half = width // 2
             self.conv1 = nn.Sequential(
-                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-                nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-                nn.Conv2d(half, width, 3, padding=1, bias=False))
+                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, padding=1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(half, width, 3, padding=1, bias=False),
+            )
         else:
             self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -88,7 +101,7 @@ class ResNet(nn.Module):
         inplanes, net_stride, dilation = width, 4, 1
         self.out_channels = []
         for i, (blocks, stage_stride) in enumerate(zip(layers, (1, 2, 2, 2))):
-            planes = width * 2 ** i
+            planes = width * 2**i
             prev_dilation = dilation
             if net_stride >= output_stride and stage_stride > 1:
                 dilation *= stage_stride
@@ -101,7 +114,8 @@ class ResNet(nn.Module):
             if stage_stride != 1 or inplanes != planes * Bottleneck.expansion:
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride=stage_stride, bias=False),
-                    nn.BatchNorm2d(planes * Bottleneck.expansion))
+                    nn.BatchNorm2d(planes * Bottleneck.expansion),
+                )
             # As torchvision and timm: the first block of a dilated stage keeps the previous dilation (it still
             # sees the finer grid); with multi-grid every block takes its grid dilation.
             first = block_dilations[0] if multi_grid and i == 3 else prev_dilation
@@ -147,13 +161,16 @@ class ResNet(nn.Module):
 @dataclass
 class LoadReport:
     """What ``load_pretrained`` did: checkpoint keys it left out, model keys it did not fill."""
+
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
-    ignored: list = field(default_factory=list)   # ImageNet classifier (fc.*) keys, dropped on purpose
+    ignored: list = field(default_factory=list)  # ImageNet classifier (fc.*) keys, dropped on purpose
 
     def __str__(self):
-        return (f"missing keys ({len(self.missing)}): {self.missing}; unexpected keys ({len(self.unexpected)}): "
-                f"{self.unexpected}; ignored classifier keys: {self.ignored}")
+        return (
+            f"missing keys ({len(self.missing)}): {self.missing}; unexpected keys ({len(self.unexpected)}): "
+            f"{self.unexpected}; ignored classifier keys: {self.ignored}"
+        )
 
 
 def _unwrap(state):
@@ -167,10 +184,10 @@ def _unwrap(state):
     for k, v in state.items():
         for prefix in ("module.", "backbone."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         for old, new in _MMSEG_STEM.items():
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
         out[k] = v
     return out
 
@@ -186,12 +203,16 @@ def load_pretrained(model, path):
     own = model.state_dict()
     ignored = sorted(k for k in state if k.startswith("fc."))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    mismatched = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if mismatched:
-        raise ValueError(f"checkpoint {path} does not fit this backbone (shape mismatch in {len(mismatched)} "
-                         f"tensors; a plain-stem file for a deep-stem model or a different width?):\n  "
-                         + "\n  ".join(mismatched))
+        raise ValueError(
+            f"checkpoint {path} does not fit this backbone (shape mismatch in {len(mismatched)} "
+            f"tensors; a plain-stem file for a deep-stem model or a different width?):\n  " + "\n  ".join(mismatched)
+        )
     result = model.load_state_dict(state, strict=False)
     report = LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), ignored)
     if report.missing or report.unexpected:
@@ -208,15 +229,24 @@ def build_backbone(name="resnet50c", output_stride=8, multi_grid=False, width=64
     if is_timm(name):
         for key, value, default in (("width", width, 64), ("blocks", blocks, None), ("multi_grid", multi_grid, False)):
             if value != default:
-                raise ConfigError(f"{key}={list(value) if key == 'blocks' else value} (model.{key}) applies to "
-                                 f"csfrn's ResNets only; backbone {name!r} is timm's, whose shape its name gives: "
-                                 f"leave model.{key} at {default if default is not None else 'null'}")
+                raise ConfigError(
+                    f"{key}={list(value) if key == 'blocks' else value} (model.{key}) applies to "
+                    f"csfrn's ResNets only; backbone {name!r} is timm's, whose shape its name gives: "
+                    f"leave model.{key} at {default if default is not None else 'null'}"
+                )
         return build_timm_backbone(name, output_stride, pretrained)
     if name not in ARCHS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)} or timm:<name> (any timm "
-                         f"model that dilates, e.g. timm:convnext_atto)")
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of {sorted(ARCHS)} or timm:<name> (any timm "
+            f"model that dilates, e.g. timm:convnext_atto)"
+        )
     stem, layers = ARCHS[name]
-    model = ResNet(tuple(blocks) if blocks is not None else layers, deep_stem=stem == "deep",
-                   output_stride=output_stride, multi_grid=multi_grid, width=width)
+    model = ResNet(
+        tuple(blocks) if blocks is not None else layers,
+        deep_stem=stem == "deep",
+        output_stride=output_stride,
+        multi_grid=multi_grid,
+        width=width,
+    )
     report = load_pretrained(model, pretrained) if pretrained is not None else None
     return model, report

@@ -5,6 +5,7 @@ feature maps handed to the head and the aux head in the places of our ResNets' f
 4, 8, then the output stride twice at output stride 8); their channels come from timm's ``feature_info``.
 timm is an optional dependency (``pip install -e .[timm]``), imported only here.
 """
+
 import difflib
 
 from torch import nn
@@ -45,17 +46,22 @@ class TimmBackbone(nn.Module):
             body = timm.create_model(name, pretrained=False, **kwargs)
         except (TypeError, AssertionError) as err:
             why = str(err).strip().splitlines()[0] if str(err).strip() else f"{type(err).__name__} in timm"
-            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' cannot run at output stride {output_stride}: "
-                              f"this timm family cannot dilate its late stages ({why}); choose one that does "
-                              f"(resnet*, convnext*, efficientnet*, regnet*, mobilenetv3*, ... see the README's "
-                              f"Backbones)") from None
+            raise ConfigError(
+                f"model.backbone '{TIMM_PREFIX}{name}' cannot run at output stride {output_stride}: "
+                f"this timm family cannot dilate its late stages ({why}); choose one that does "
+                f"(resnet*, convnext*, efficientnet*, regnet*, mobilenetv3*, ... see the README's "
+                f"Backbones)"
+            ) from None
         reductions = body.feature_info.reduction()
         if len(reductions) < 4:
-            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' has {len(reductions)} feature stages; the "
-                              f"heads need 4")
+            raise ConfigError(
+                f"model.backbone '{TIMM_PREFIX}{name}' has {len(reductions)} feature stages; the heads need 4"
+            )
         if reductions[-1] != output_stride:
-            raise ConfigError(f"model.backbone '{TIMM_PREFIX}{name}' ignores output_stride={output_stride} (its "
-                              f"deepest features have stride {reductions[-1]}): this timm family cannot dilate")
+            raise ConfigError(
+                f"model.backbone '{TIMM_PREFIX}{name}' ignores output_stride={output_stride} (its "
+                f"deepest features have stride {reductions[-1]}): this timm family cannot dilate"
+            )
         if pretrained is not None:
             body = self._load(timm, name, kwargs, pretrained)
         self.body = body
@@ -71,8 +77,10 @@ class TimmBackbone(nn.Module):
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
             detail = "; ".join(lines)[:600] if lines else type(err).__name__
-            raise ConfigError(f"model.pretrained {path} does not fit timm's {name} (expected a timm or torchvision "
-                             f"checkpoint of that model, .pth or .safetensors): {detail}") from None
+            raise ConfigError(
+                f"model.pretrained {path} does not fit timm's {name} (expected a timm or torchvision "
+                f"checkpoint of that model, .pth or .safetensors): {detail}"
+            ) from None
 
     def forward(self, x):
         """The four deepest feature maps (a tuple, shallow to deep)."""
@@ -85,11 +93,13 @@ class TimmBackbone(nn.Module):
         timm = require("timm", "timm", "train.layer_decay")
         try:
             full = timm.create_model(self.timm_name, pretrained=False, output_stride=self.output_stride)
-        except TypeError:   # a family whose features model alone takes output_stride (MobileNetV3); same names
+        except TypeError:  # a family whose features model alone takes output_stride (MobileNetV3); same names
             full = timm.create_model(self.timm_name, pretrained=False)
         if not hasattr(full, "group_matcher"):
-            raise ConfigError(f"timm's {self.timm_name} has no group_matcher: train.layer_decay cannot tell its "
-                             f"layers apart; set train.layer_decay=null")
+            raise ConfigError(
+                f"timm's {self.timm_name} has no group_matcher: train.layer_decay cannot tell its "
+                f"layers apart; set train.layer_decay=null"
+            )
         full_ids = timm.models.group_parameters(full, full.group_matcher(coarse=False), reverse=True)
         ids = {}
         for name, _ in self.body.named_parameters():
@@ -100,14 +110,17 @@ class TimmBackbone(nn.Module):
                 candidates.append(f"{head}.{index}.{rest}" if rest else f"{head}.{index}")
             found = next((full_ids[c] for c in candidates if c in full_ids), None)
             if found is None:
-                raise ConfigError(f"train.layer_decay: parameter {name} of timm's {self.timm_name} features model "
-                                 f"has no layer in timm's group_matcher; set train.layer_decay=null")
+                raise ConfigError(
+                    f"train.layer_decay: parameter {name} of timm's {self.timm_name} features model "
+                    f"has no layer in timm's group_matcher; set train.layer_decay=null"
+                )
             ids[f"body.{name}"] = found
         return ids
 
 
 def build_timm_backbone(name, output_stride=8, pretrained=None):
     """``TimmBackbone`` for ``"timm:<name>"``; returns (backbone, LoadReport or None) as ``build_backbone``."""
-    from .resnet import LoadReport   # here, not at the top: resnet imports this module
-    model = TimmBackbone(name[len(TIMM_PREFIX):] if is_timm(name) else name, output_stride, pretrained)
+    from .resnet import LoadReport  # here, not at the top: resnet imports this module
+
+    model = TimmBackbone(name[len(TIMM_PREFIX) :] if is_timm(name) else name, output_stride, pretrained)
     return model, (LoadReport() if pretrained is not None else None)

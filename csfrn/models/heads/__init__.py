@@ -1,4 +1,5 @@
 """Decode heads, each ending in ``channels`` (512) features before its classifier, and the auxiliary head."""
+
 from .base import DecodeHead
 from .deeplabv3plus import DeepLabV3PlusHead
 from .fcn import AuxHead, FCNHead

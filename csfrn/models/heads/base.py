@@ -3,6 +3,7 @@
 A segmentor runs ``a = head.context(feats)`` (the head's ``channels``-wide feature at the backbone's output
 stride), optionally replaces ``a`` by CSFLM's fused features, then ``head.classify(head.decode(a, feats))``.
 """
+
 from torch import nn
 
 

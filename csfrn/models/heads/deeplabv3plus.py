@@ -4,6 +4,7 @@ atrous branches, a 3x3 bottleneck, then a decoder that adds 48-channel low-level
 The context feature (what CSFLM takes and replaces) is the ASPP bottleneck output, at the backbone's output
 stride; the decoder upsamples it to stride 4.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,8 +17,10 @@ class SeparableConvBNReLU(nn.Sequential):
     """Depthwise 3x3 conv + BN + ReLU, then pointwise 1x1 conv + BN + ReLU (mmcv DepthwiseSeparableConvModule)."""
 
     def __init__(self, in_channels, out_channels, dilation=1):
-        super().__init__(ConvBNReLU(in_channels, in_channels, 3, dilation=dilation, groups=in_channels),
-                         ConvBNReLU(in_channels, out_channels, 1))
+        super().__init__(
+            ConvBNReLU(in_channels, in_channels, 3, dilation=dilation, groups=in_channels),
+            ConvBNReLU(in_channels, out_channels, 1),
+        )
 
 
 class DeepLabV3PlusHead(DecodeHead):
@@ -27,12 +30,14 @@ class DeepLabV3PlusHead(DecodeHead):
         super().__init__(channels, num_classes)
         c = in_channels[-1]
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(c, channels, 1))
-        self.aspp = nn.ModuleList([ConvBNReLU(c, channels, 1)] +
-                                  [SeparableConvBNReLU(c, channels, d) for d in dilations])
+        self.aspp = nn.ModuleList(
+            [ConvBNReLU(c, channels, 1)] + [SeparableConvBNReLU(c, channels, d) for d in dilations]
+        )
         self.bottleneck = ConvBNReLU((len(dilations) + 2) * channels, channels, 3)
         self.c1_bottleneck = ConvBNReLU(in_channels[0], c1_channels, 1)
-        self.sep_bottleneck = nn.Sequential(SeparableConvBNReLU(channels + c1_channels, channels),
-                                            SeparableConvBNReLU(channels, channels))
+        self.sep_bottleneck = nn.Sequential(
+            SeparableConvBNReLU(channels + c1_channels, channels), SeparableConvBNReLU(channels, channels)
+        )
 
     def context(self, feats):
         x = feats[-1]

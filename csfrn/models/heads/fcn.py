@@ -1,4 +1,5 @@
 """FCN head (mmsegmentation FCNHead, num_convs=2, concat_input=False) and the auxiliary FCN head."""
+
 from torch import nn
 
 from ...nn import ConvBNReLU

@@ -1,5 +1,6 @@
 """Non-local head (mmsegmentation NLHead): 3x3 conv, embedded-Gaussian non-local block, 3x3 conv, then a 3x3
 conv over the concat with the head's input."""
+
 import torch
 from torch import nn
 
@@ -26,10 +27,10 @@ class NonLocal2d(nn.Module):
 
     def forward(self, x):
         n, _, h, w = x.shape
-        g = self.g(x).flatten(2).transpose(1, 2)                # [N, HW, C']
-        theta = self.theta(x).flatten(2).transpose(1, 2)        # [N, HW, C']
-        phi = self.phi(x).flatten(2)                            # [N, C', HW]
-        attn = torch.softmax(theta @ phi / self.inter ** 0.5, dim=-1)
+        g = self.g(x).flatten(2).transpose(1, 2)  # [N, HW, C']
+        theta = self.theta(x).flatten(2).transpose(1, 2)  # [N, HW, C']
+        phi = self.phi(x).flatten(2)  # [N, C', HW]
+        attn = torch.softmax(theta @ phi / self.inter**0.5, dim=-1)
         y = (attn @ g).transpose(1, 2).reshape(n, self.inter, h, w)
         return x + self.conv_out(y)
 

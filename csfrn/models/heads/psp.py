@@ -1,4 +1,5 @@
 """PSPNet head (mmsegmentation PSPHead): pyramid pooling with bins 1, 2, 3, 6, then a 3x3 bottleneck."""
+
 import torch
 from torch import nn
 
