@@ -16,6 +16,10 @@ import logging
 import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import PContext, SignalException
+from torch.distributed.run import main as torchrun
+from torch.distributed.run import parse_args
+
 
 class _NoSignalNotices(logging.Filter):
     """Drops the agent's "Received N death signal, shutting down workers" and "Sending process N closing signal":
@@ -28,8 +32,6 @@ class _NoSignalNotices(logging.Filter):
 
 def _bound_worker_shutdown(seconds):
     """Every stop of the workers waits at most ``seconds`` before SIGKILL (see the module's docstring)."""
-    from torch.distributed.elastic.multiprocessing.api import PContext
-
     close = PContext.close
 
     def close_within(self, death_sig=None, timeout=seconds):
@@ -39,9 +41,6 @@ def _bound_worker_shutdown(seconds):
 
 
 def main(argv=None):
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import main as torchrun, parse_args
-
     shutdown = parse_args(sys.argv[1:] if argv is None else argv).shutdown_timeout
     _bound_worker_shutdown(
         int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) if shutdown is None else shutdown
