@@ -177,6 +177,16 @@ def rgb(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def finish(proc, timeout=180):
+    """(returncode, stdout, stderr) of ``proc`` once it ends; killed if it is still running after ``timeout`` s."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 def sigkill_at_checkpoint(proc, last, iteration, timeout=120):
     """Wait (at most ``timeout`` s) until the training ``proc`` has written ``last`` (a last.pth) at ``iteration``
     or later, then SIGKILL it; the process must still be running then (its stderr otherwise says why)."""

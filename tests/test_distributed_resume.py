@@ -20,7 +20,7 @@ from csfrn.engine.resume import as_restart, check_agreement, meaning_changes, re
 from csfrn.engine.config import load_config
 from csfrn.errors import ResumeMismatchError
 
-from conftest import TINY_CONFIG, free_port, tiny_overrides
+from conftest import TINY_CONFIG, finish, free_port, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "dist_probe.py")
@@ -60,15 +60,6 @@ def torchrun(work, *extra, flags=(), restarts=0, launcher="torch.distributed.run
         *flags,
     ]
     return subprocess.Popen(cmd, env={**ENV, **dict(env)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc, timeout=180):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, out, err
 
 
 def worker(agent_pid, rank):

@@ -19,7 +19,7 @@ from csfrn.engine.train import poly_lambda
 from csfrn.engine.config import load_config
 from csfrn.errors import Interrupted
 
-from conftest import TINY_CONFIG, tiny_overrides
+from conftest import TINY_CONFIG, finish, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -67,15 +67,6 @@ def train_records(work):
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def finish(proc, timeout=120):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, out, err
 
 
 def only_line(err, start):
