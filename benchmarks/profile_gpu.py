@@ -54,7 +54,7 @@ def csfrn_step(device, quick):
     batch, size, amp = (2, (65, 65), None) if quick else (8, (769, 769), torch.bfloat16)
     images, labels = train_step.make_batch(batch, size, device)
     model = train_step.build(True, quick, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = train_step.sgd(model)
     model.train()
     title = f"CSFRN training step, N={batch} {size[0]}x{size[1]} {'bf16' if amp else 'float32'}"
     return train_step.train_step_fn(model, optimizer, images, labels, amp), title

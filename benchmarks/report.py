@@ -161,7 +161,7 @@ def step_breakdown(device, size, batch, amp, quick, reps):
     out = {}
     for name, csflm in (("baseline", False), ("csfrn", True)):
         model = train_step.build(csflm, quick, device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = train_step.sgd(model)
         out[name] = breakdown(model, optimizer, images, labels, amp, reps)
     return out
 

@@ -251,6 +251,81 @@ def test_ohem_keeps_at_least_min_kept():
     )
 
 
+def ohem_mask_by_indexing(prob, valid, thresh, min_kept):
+    """OCNet / HRNet's selection as they write it, with boolean indexing and a count read on the host."""
+    p = prob[valid]
+    keep = max(int((p < thresh).sum()), min(min_kept, p.numel()))
+    chosen = torch.zeros_like(p, dtype=torch.bool)
+    chosen[torch.argsort(p, stable=True)[:keep]] = True
+    mask = torch.zeros_like(valid)
+    mask[valid] = chosen
+    return mask
+
+
+@pytest.mark.parametrize("min_kept", [0, 1, 37, 10_000])
+@pytest.mark.parametrize("thresh", [0.3, 0.7, 1.0])
+def test_ohem_mask_equals_the_indexing_selection(thresh, min_kept):
+    """The static-shape selection keeps exactly the pixels of the boolean-indexing one, ties included (the
+    probabilities are rounded so many pixels share one)."""
+    g = torch.Generator().manual_seed(min_kept + int(10 * thresh))
+    logits = (torch.randn(2, 5, 9, 11, generator=g) * 2).round()
+    labels = torch.randint(0, 5, (2, 9, 11), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < 0.2] = 255
+    loss = OhemCrossEntropy(thresh=thresh, min_kept=min_kept)
+    valid = labels != 255
+    prob = torch.softmax(logits, 1).gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    mask = loss.kept_mask(logits, labels)
+    assert torch.equal(mask, ohem_mask_by_indexing(prob, valid, thresh, min_kept))
+    assert mask.sum() > 0 or min_kept == 0
+
+
+def lovasz_softmax_by_indexing(probs, labels, ignore_index=255):
+    """Berman's lovasz_softmax_flat(classes='present'), with boolean indexing and torch.unique."""
+    c = probs.shape[1]
+    p = probs.permute(1, 0, 2, 3).reshape(c, -1)
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    p, labels = p[:, valid], labels[valid]
+    losses = []
+    for k in torch.unique(labels).tolist():
+        fg = (labels == k).to(p.dtype)
+        errors = (fg - p[k]).abs()
+        order = torch.argsort(errors, descending=True)
+        losses.append(torch.dot(errors[order], jaccard_grad(fg[order])))
+    return torch.stack(losses).mean() if losses else probs.sum() * 0.0
+
+
+def jaccard_grad(gt_sorted):
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+@pytest.mark.parametrize("ignore_index", [255, 0])
+def test_lovasz_softmax_equals_berman_by_indexing(ignore_index):
+    """Value and gradient in float64 against Berman's form, with ignored pixels, an absent class, and an
+    ignore_index inside the class range (0: that class is never a target)."""
+    from csfrn.losses import lovasz_softmax
+
+    g = torch.Generator().manual_seed(ignore_index)
+    logits = torch.randn(2, 4, 6, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 6, 7), generator=g)  # class 3 absent
+    labels[torch.rand(labels.shape, generator=g) < 0.25] = ignore_index
+    got_x = logits.clone().requires_grad_()
+    got = lovasz_softmax(torch.softmax(got_x, 1), labels, ignore_index)
+    want_x = logits.clone().requires_grad_()
+    want = lovasz_softmax_by_indexing(torch.softmax(want_x, 1), labels, ignore_index)
+    torch.testing.assert_close(got.double(), want)
+    (g_got,) = torch.autograd.grad(got, got_x)
+    (g_want,) = torch.autograd.grad(want, want_x)
+    torch.testing.assert_close(g_got, g_want)
+    everything_ignored = torch.full_like(labels, ignore_index)
+    empty = lovasz_softmax(torch.softmax(logits, 1), everything_ignored, ignore_index)
+    assert empty.item() == 0.0
+
+
 def test_loss_argument_checks():
     with pytest.raises(ValueError, match="unknown binary loss"):
         CACLoss(binary="dice")

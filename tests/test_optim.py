@@ -145,3 +145,16 @@ def test_train_with_adamw_and_layer_decay(tmp_path):
     groups = state["optimizer"]["param_groups"]
     assert len({round(g["lr_scale"], 9) for g in groups}) > 3 and any(g["weight_decay"] == 0 for g in groups)
     assert all("exp_avg" in s for s in state["optimizer"]["state"].values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_is_fused_on_a_gpu_only(name, device):
+    """Fused on a GPU (one kernel a step, and the fp16 scaler's inf check without a host sync); torch's default
+    implementation on the CPU."""
+    model = tiny().to(device)
+    opt = build_optimizer(model, cfg(f"train.optimizer={name}"))
+    assert bool(opt.defaults["fused"]) == (device == "cuda")
+    loss = sum(p.sum() for p in model.parameters())
+    loss.backward()
+    opt.step()

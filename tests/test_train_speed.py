@@ -345,6 +345,41 @@ def test_no_host_sync_inside_a_training_step_that_does_not_log(tmp_path, ops_pat
     assert 0 <= r["data_ms"] < r["step_ms"]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [["model.ohem=true", "model.min_kept=50"], ["model.csflm_supervision=mask"]],
+    ids=["ohem", "mask-supervision"],
+)
+def test_no_host_sync_with_the_other_losses(tmp_path, extra, ops_path):
+    """OHEM's selection and the mask supervision's Lovasz-softmax keep static shapes too."""
+    trapped, records = run_trapped(tmp_path / "run", extra)
+    assert trapped == [1, 2]
+    r = [r for r in records if r["kind"] == "train"][0]
+    assert ("mask" in r) == ("model.csflm_supervision=mask" in extra)
+
+
+@pytest.mark.parametrize("accumulate, clip_grad", [(1, None), (2, 1.0)])
+def test_no_host_sync_in_an_fp16_step_with_a_fused_optimizer(accumulate, clip_grad, ops_path):
+    """train.amp=fp16: the GradScaler's inf check stays a device tensor when the optimizer is fused (csfrn
+    train fuses it on a GPU, ``csfrn.engine.optim.fused_on``); an unfused one reads it on the host before its
+    step, which the trap must catch (so this test can fail). On the CPU, with torch's CPU scaler and fp16
+    autocast, the same code paths run."""
+    from csfrn.engine.step import train_step
+    from csfrn.losses import labels_checked
+
+    images, labels = batch(n=4)
+    for fused in (False, True):
+        model = tiny_csfrn()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        with contextlib.nullcontext() if fused else pytest.raises(HostSync):
+            with no_host_sync(), labels_checked():  # the engine checks the CPU batch before the copy
+                losses, _ = train_step(model, images, labels, optimizer, scaler, torch.float16, accumulate, clip_grad)
+        if fused:
+            assert all(torch.isfinite(v) for v in losses.values())
+            assert scaler.get_scale() == 2.0**10  # no inf: the scale stays (it grows after growth_interval)
+
+
 # ---------------------------------------------------------------- the engine's settings
 def test_engine_settings():
     assert speed.use_channels_last(None, "cpu") is False and speed.use_channels_last(None, "cuda") is True

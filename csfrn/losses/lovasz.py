@@ -71,7 +71,13 @@ def _lovasz_grad(gt_sorted):
 
 def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Lovasz-softmax loss (Berman et al. 2018) of class probabilities [N, C, h, w] against labels [N, h, w],
-    over all pixels together, averaged over the classes present in the labels (Berman's classes='present')."""
+    over all pixels together, averaged over the classes present in the labels (Berman's classes='present').
+
+    Static shapes only (no boolean indexing, no torch.unique), so a training step on a GPU does not wait for it:
+    every class is one row of one sort, ignored pixels get error -1 and sort behind every valid one (whose
+    errors are >= 0), where they count as negatives (which leaves the Jaccard values of the valid prefix
+    unchanged) and add 0; a class with no labelled pixel has no weight in the mean.
+    """
     if probs.dim() != 4 or labels.shape != (probs.shape[0],) + probs.shape[2:]:
         raise ValueError(
             f"probs must be [N, C, h, w] and labels [N, h, w], got {list(probs.shape)} and {list(labels.shape)}"
@@ -80,12 +86,11 @@ def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     p = probs.float().permute(1, 0, 2, 3).reshape(c, -1)  # [C, P]
     labels = labels.reshape(-1)
     valid = labels != ignore_index
-    p, labels = p[:, valid], labels[valid]
-    present = torch.unique(labels)
-    if present.numel() == 0:
-        return probs.sum() * 0.0
-    fg = (labels[None] == present[:, None]).to(p.dtype)  # [K, P]
-    errors = (fg - p[present]).abs()
+    classes = torch.arange(c, device=labels.device)
+    fg = ((labels[None] == classes[:, None]) & valid).to(p.dtype)  # [C, P]
+    errors = (fg - p).abs().masked_fill(~valid, -1.0)
     errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
     grad = _lovasz_grad(torch.gather(fg, 1, perm))
-    return (errors_sorted * grad).sum(dim=1).mean()
+    per_class = (errors_sorted.clamp(min=0) * grad).sum(dim=1)
+    present = (fg.sum(dim=1) > 0).to(p.dtype)
+    return (per_class * present).sum() / present.sum().clamp(min=1)

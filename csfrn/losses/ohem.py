@@ -26,18 +26,20 @@ class OhemCrossEntropy(nn.Module):
         self.thresh, self.min_kept, self.ignore_index = float(thresh), int(min_kept), ignore_index
 
     def kept_mask(self, logits, labels):
-        """[N, H, W] bool: the pixels the loss keeps."""
+        """[N, H, W] bool: the pixels the loss keeps. Static shapes only (no boolean indexing, no count read on
+        the host), so a training step on a GPU does not wait for it: every pixel is ranked by its true-class
+        probability (ignored pixels last, at +inf; a stable sort keeps pixel order among ties) and the
+        ``max(#below thresh, min(min_kept, #labelled))`` lowest ranks are kept."""
         with torch.no_grad():
             valid = labels != self.ignore_index
             prob = torch.softmax(logits.float(), dim=1)
             prob = prob.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
-            p = prob[valid]
-            keep = max(int((p < self.thresh).sum()), min(self.min_kept, p.numel()))
-            chosen = torch.zeros_like(p, dtype=torch.bool)
-            chosen[torch.argsort(p, stable=True)[:keep]] = True
-            mask = torch.zeros_like(valid)
-            mask[valid] = chosen
-        return mask
+            prob = prob.masked_fill(~valid, float("inf")).flatten()
+            below = ((prob < self.thresh) & valid.flatten()).sum()
+            keep = torch.maximum(below, valid.sum().clamp(max=self.min_kept))
+            order = torch.sort(prob, stable=True).indices
+            rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return (rank < keep).view_as(valid)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
