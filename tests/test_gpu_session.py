@@ -206,3 +206,39 @@ def test_determinism_check_sees_a_call_that_differs(monkeypatch):
     assert not rows[("deform_conv2d", "none")]["deterministic"]
     assert "out" in rows[("deform_conv2d", "none")]["differs"]
     assert rows[("dual_deform_conv2d", "none")]["deterministic"]
+
+
+def test_prebuilt_extension_is_used_only_when_its_stamp_matches(tmp_path, monkeypatch):
+    """benchmarks/gpu_prebuilt.py check: an extension built ahead is accepted only with a stamp that matches the
+    tree's sources, torch, Python and the architectures, and only when it loads with its CUDA kernels."""
+    import gpu_prebuilt
+
+    monkeypatch.setattr(gpu_prebuilt, "STAMP", str(tmp_path / "_C.build.json"))
+    assert gpu_prebuilt.why_not("9.0").startswith("no stamp")
+    good = {"sources": gpu_prebuilt.sources_hash(), **gpu_prebuilt.interpreter(), "arch": "9.0"}
+    for key, wrong in (("sources", "0" * 64), ("torch", "2.0.0"), ("python", "3.8"), ("arch", "8.0")):
+        (tmp_path / "_C.build.json").write_text(json.dumps({**good, key: wrong}))
+        assert gpu_prebuilt.why_not("9.0").startswith(f"the stamp's {key} is"), key
+    (tmp_path / "_C.build.json").write_text(json.dumps(good))
+    reason = gpu_prebuilt.why_not("9.0")
+    if torch.ops.csfrn.built_with_cuda():  # this machine's extension (make setup builds CUDA where nvcc is)
+        assert reason is None
+    else:
+        assert reason == "it was built without CUDA"
+
+
+def test_prebuilt_stamp_hash_follows_every_source(tmp_path, monkeypatch):
+    import gpu_prebuilt
+
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    (tmp_path / "setup.py").write_text("setup()")
+    (tmp_path / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() {}")
+    monkeypatch.setattr(gpu_prebuilt, "ROOT", str(tmp_path))
+    seen = {gpu_prebuilt.sources_hash()}
+    (tmp_path / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() { }")  # an edit
+    seen.add(gpu_prebuilt.sources_hash())
+    (tmp_path / "csrc" / "new.h").write_text("")  # a new file
+    seen.add(gpu_prebuilt.sources_hash())
+    (tmp_path / "setup.py").write_text("setup(name='x')")
+    seen.add(gpu_prebuilt.sources_hash())
+    assert len(seen) == 4
