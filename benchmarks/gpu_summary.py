@@ -14,6 +14,8 @@ import re
 import statistics
 import xml.etree.ElementTree as ET
 
+from csfrn.bench.deform_plan import floor_ms
+
 # Every key summary.json must hold (the GPU issue's list), in its order.
 KEYS = (
     "device",
@@ -149,6 +151,115 @@ def mfu_baseline(res, info):
         raise Missing(f"info.json has no matmul ceiling for amp {amp!r}")
     flops = 3 * 2 * per_image * 1e9 * meta["batch"]
     return flops / (row["median_ms"] * 1e-3) / (peak * 1e12)
+
+
+def deform_ms(res, dtype, case, impl):
+    """The median ms of ``impl``'s forward + backward in the deform benchmark's ``dtype`` file."""
+    doc = _need(_load(os.path.join(res, DEFORM_FILES[dtype])), DEFORM_FILES[dtype])
+    for r in doc.get("rows", []):
+        if r.get("case", "").startswith(DEFORM_CASES[case]) and (r.get("mode"), r.get("impl")) == (DEFORM_MODE, impl):
+            return r["median_ms"]
+    raise Missing(f"{DEFORM_FILES[dtype]} has no {DEFORM_MODE} row of {impl!r} for the {case} case")
+
+
+def deform_floor(res, info, dtype, op="deform_conv2d"):
+    """(floor, expected) ms of the benchmark's CUDA launch plan for ``op`` in ``dtype``: the floor re-summed over
+    its kernels at this card's measured ceilings (info.json), the expected time as the plan gives it at the card
+    it was computed for."""
+    doc = _need(_load(os.path.join(res, DEFORM_FILES[dtype])), DEFORM_FILES[dtype])
+    want = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    for p in doc.get("plan", []):
+        if p.get("op") == op and p.get("dtype") == want:
+            if any(k not in info for k in ("copy_gb_s", "matmul_tflops_fp32", "matmul_tflops_bf16")):
+                raise Missing("info.json has no measured GPU ceilings (copy, float32 and bf16 matmul)")
+            floor = sum(floor_ms(k["mbytes"] * 1e6, k["gflop"] * 1e9, info, want) for k in p["kernels"])
+            return floor, p["expected_ms"]
+    raise Missing(f"{DEFORM_FILES[dtype]} has no launch plan of {op} in {want}")
+
+
+# The targets the session is held against (the deformable convolution at the GPU shape, the training step at
+# N=8, 769 x 769, bf16): (what, how the figure is made from the summary and the results, ">=" or "<=", limit).
+TARGETS = (
+    (
+        "deform_conv2d fwd+bwd, float32: torchvision / ours",
+        lambda s, res, info: s["deform_vs_torchvision_fp32"],
+        ">=",
+        2.0,
+    ),
+    (
+        "deform_conv2d fwd+bwd, bf16 autocast: torchvision / ours",
+        lambda s, res, info: s["deform_vs_torchvision_bf16"],
+        ">=",
+        6.0,
+    ),
+    (
+        "AAM dual op fwd+bwd, bf16: ours / torchvision's two calls",
+        lambda s, res, info: (
+            deform_ms(res, "bf16", "dual", "ours dual") / deform_ms(res, "bf16", "dual", "torchvision 2 calls")
+        ),
+        "<=",
+        0.75,
+    ),
+    (
+        "AAM dual op fwd+bwd, float32: ours / torchvision's two calls",
+        lambda s, res, info: (
+            deform_ms(res, "fp32", "dual", "ours dual") / deform_ms(res, "fp32", "dual", "torchvision 2 calls")
+        ),
+        "<=",
+        0.75,
+    ),
+    (
+        "deform_conv2d fwd+bwd, bf16: ours / the plan's floor at the measured ceilings",
+        lambda s, res, info: deform_ms(res, "bf16", "single", "ours") / deform_floor(res, info, "bf16")[0],
+        "<=",
+        3.0,
+    ),
+    ("baseline training step, ms", lambda s, res, info: s["step_ms_baseline"], "<=", 200.0),
+    ("CSFRN step / baseline step", lambda s, res, info: s["step_csfrn_over_baseline"], "<=", 1.12),
+    ("CSFRN through csfrn train, images/s", lambda s, res, info: s["train_images_per_s_csfrn"], ">=", 40.0),
+    (
+        "baseline step / torchvision deeplabv3_resnet50 step",
+        lambda s, res, info: s["step_ms_baseline"] / s["step_ms_torchvision_deeplabv3"],
+        "<=",
+        1.0,
+    ),
+)
+
+
+def targets(summary, res, info):
+    """Each target with its measured value and whether it is met (None: not measured, with the reason)."""
+    rows = []
+    for what, figure, op, limit in TARGETS:
+        row = {"target": what, "op": op, "limit": limit, "value": None, "met": None}
+        try:
+            row["value"] = figure(summary, res, info)
+        except (Missing, TypeError, ZeroDivisionError) as why:  # TypeError: a figure it needs is null
+            row["why"] = str(why) if isinstance(why, Missing) else "a figure it needs was not measured"
+        if summary["dry"]:  # tiny shapes on the CPU: the plumbing, not the targets' shapes
+            row["why"] = "dry run: tiny CPU shapes, not comparable with the target"
+        elif row["value"] is not None:
+            row["met"] = row["value"] >= limit if op == ">=" else row["value"] <= limit
+        else:
+            row.setdefault("why", "not measured (summary.json's notes say why)")
+        rows.append(row)
+    for dtype in ("fp32", "bf16"):  # the plan's figures beside the measurement
+        try:
+            floor, expected = deform_floor(res, info, dtype)
+            ours = deform_ms(res, dtype, "single", "ours")
+        except Missing:
+            continue
+        rows.append(
+            {
+                "target": f"deform_conv2d fwd+bwd, {dtype}: ms measured (the plan's floor here; its expected time)",
+                "op": None,
+                "limit": None,
+                "value": ours,
+                "met": None,
+                "floor_ms": floor,
+                "expected_ms": expected,
+            }
+        )
+    return rows
 
 
 # ---------------------------------------------------------------- the session's own files
@@ -306,6 +417,7 @@ def summarize(res):
             "stages": list(stages.values()),
         }
     )
+    out["targets"] = targets(out, res, info)
     return out
 
 
@@ -366,6 +478,17 @@ def markdown(summary, res):
         f"{_fmt(s['mfu_baseline'], '{:.3f}')}.",
         "",
     ]
+    lines += ["**Targets**:", "", "| target | measured | limit | met |", "|---|---:|---:|---|"]
+    for t in s["targets"]:
+        if t["op"] is None:
+            lines.append(
+                f"| {t['target']} | {_fmt(t['value'])} | floor {_fmt(t['floor_ms'])}, expected "
+                f"{_fmt(t['expected_ms'])} | |"
+            )
+        else:
+            met = {True: "yes", False: "**no**", None: "n/a: " + t.get("why", "")}[t["met"]]
+            lines.append(f"| {t['target']} | {_fmt(t['value'], '{:.3f}')} | {t['op']} {t['limit']:g} | {met} |")
+    lines.append("")
     if s["notes"]:
         lines += ["Not measured:", ""] + [f"- `{k}`: {v}" for k, v in s["notes"].items()] + [""]
     return "\n".join(lines)

@@ -137,6 +137,9 @@ def test_dry_plan_runs_every_stage_into_one_tarball(tmp_path):
     assert summary["commit"] is not None or "commit" in summary["notes"]
     assert [k for k in SUMMARY_KEYS if summary[k] is None and k not in summary["notes"]] == []
     assert summary["train_iters_csfrn"] == 4
+    # The targets' table is there, and a dry run meets or misses none of them.
+    assert len([t for t in summary["targets"] if t["op"]]) == len(gpu_summary.TARGETS)
+    assert all(t["met"] is None for t in summary["targets"])
 
 
 def test_stages_that_do_not_fit_are_not_started_and_the_summary_still_comes(tmp_path):
@@ -242,3 +245,45 @@ def test_prebuilt_stamp_hash_follows_every_source(tmp_path, monkeypatch):
     (tmp_path / "setup.py").write_text("setup(name='x')")
     seen.add(gpu_prebuilt.sources_hash())
     assert len(seen) == 4
+
+
+def test_summary_holds_each_target_against_its_measurement(tmp_path):
+    """summary.json's "targets" (and summary.md's table) from the 2026-11-26 H100 run's deform benchmark, the
+    launch plan the benchmark adds now, and a step benchmark file: each target met, missed or not measured."""
+    from csfrn.bench import deform_plan
+
+    gpu = os.path.join(ROOT, "benchmarks", "results", "gpu")
+    for dtype in ("fp32", "bf16"):
+        with open(os.path.join(gpu, f"deform_conv_cuda-{dtype}.json")) as f:
+            doc = json.load(f)
+        doc["plan"] = deform_plan.gpu_plans()
+        (tmp_path / f"deform_conv-{dtype}.json").write_text(json.dumps(doc))
+    with open(os.path.join(gpu, "info.json")) as f:
+        info = json.load(f)
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    rows = [
+        {"mode": "train step", "variant": v, "median_ms": ms}
+        for v, ms in (("baseline", 180.0), ("csfrn", 210.0), ("torchvision_deeplabv3", 190.0))
+    ]
+    (tmp_path / "train_step-core.json").write_text(json.dumps({"rows": rows, "meta": {"batch": 8}}))
+    (tmp_path / "session.json").write_text(json.dumps({"dry": "0", "commit": "abc"}))
+    summary = gpu_summary.summarize(str(tmp_path))
+    got = {t["target"]: (t["value"], t["met"]) for t in summary["targets"] if t["op"]}
+    assert len(got) == len(gpu_summary.TARGETS)
+    assert got["deform_conv2d fwd+bwd, float32: torchvision / ours"] == (pytest.approx(36.8 / 39.1, abs=0.01), False)
+    assert got["AAM dual op fwd+bwd, bf16: ours / torchvision's two calls"] == (
+        pytest.approx(37.99 / 48.31, 1e-3),
+        False,
+    )
+    # 28.1 ms against the bf16 plan's floor at the measured ceilings, 2.27 ms
+    value, met = got["deform_conv2d fwd+bwd, bf16: ours / the plan's floor at the measured ceilings"]
+    assert value == pytest.approx(28.11 / 2.27, rel=0.02) and met is False
+    assert got["baseline training step, ms"] == (180.0, True)
+    assert got["CSFRN step / baseline step"] == (pytest.approx(210 / 180), False)
+    assert got["baseline step / torchvision deeplabv3_resnet50 step"] == (pytest.approx(180 / 190), True)
+    assert got["CSFRN through csfrn train, images/s"] == (None, None)
+    plans = [t for t in summary["targets"] if t["op"] is None]
+    assert [round(t["floor_ms"], 1) for t in plans] == [13.1, 2.3]
+    md = gpu_summary.markdown(summary, str(tmp_path))
+    assert "| baseline training step, ms | 180.000 | <= 200 | yes |" in md
+    assert "| CSFRN step / baseline step | 1.167 | <= 1.12 | **no** |" in md

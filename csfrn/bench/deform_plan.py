@@ -51,6 +51,13 @@ CARDS = {
 EFFICIENCY = {"gemm": 0.8, "stream": 0.8, "sampling": 0.5, "sort": 0.5}
 
 
+def floor_ms(nbytes, flops, card, dtype):
+    """A kernel's floor at ``card``'s ceilings (a CARDS entry, or measured ones under the same keys): the larger
+    of its bytes over the copy bandwidth and its flops over the matrix-product peak of ``dtype``."""
+    peak = card["matmul_tflops_bf16"] if dtype in ("bfloat16", "float16") else card["matmul_tflops_fp32"]
+    return max(nbytes / (card["copy_gb_s"] * 1e9), flops / (peak * 1e12)) * 1e3
+
+
 @dataclasses.dataclass
 class Kernel:
     name: str
@@ -63,8 +70,7 @@ class Kernel:
     lane_bytes: int = 0  # bytes a lane moves per access there (16: vector loads)
 
     def floor_ms(self, card, dtype):
-        peak = card["matmul_tflops_bf16"] if dtype in ("bfloat16", "float16") else card["matmul_tflops_fp32"]
-        return max(self.bytes / (card["copy_gb_s"] * 1e9), self.flops / (peak * 1e12)) * 1e3
+        return floor_ms(self.bytes, self.flops, card, dtype)
 
     def expected_ms(self, card, dtype):
         return self.floor_ms(card, dtype) / EFFICIENCY[self.kind]
