@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from csfrn import ops
 from csfrn.bench import train_step
+from csfrn.bench.timing import profiler_quiet
 
 
 def _profile(fn, rows, title, device, reps=3):
@@ -21,7 +22,7 @@ def _profile(fn, rows, title, device, reps=3):
     if device == "cuda":
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profiler_quiet(), profile(activities=activities) as prof:
         for _ in range(reps):
             fn()
         if device == "cuda":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers torch.ops.csfrn.*)
-from .errors import ConfigError, UnreadableFileError, UserError
+from .errors import ConfigError, UnreadableFileError, UsageError, UserError
 from .ops._checks import pair
 from .models.plug import model_logits
 
@@ -261,7 +261,18 @@ def export_program(model, path, size, dynamic=False, config=None):
     if dynamic:
         kwargs["dynamic_shapes"] = {"images": _dynamic_dims()}
     with torch.no_grad():
-        program = torch.export.export(module, (_example(size, batch=2 if dynamic else 1),), **kwargs)
+        try:
+            program = torch.export.export(module, (_example(size, batch=2 if dynamic else 1),), **kwargs)
+        except torch._dynamo.exc.UserError as err:
+            if not dynamic or "Constraints violated" not in str(err):
+                raise
+            # torch 2.11's shape rule of max_pool2d (the ResNet stem's) guards on the parity of the image size,
+            # so no graph holds for every height and width there; later releases keep the sizes free.
+            guard = next((line.strip(" -") for line in str(err).splitlines() if "guard" in line), "")
+            raise UsageError(
+                f"--dynamic: torch {torch.__version__} cannot export this model for every image size ({guard}); "
+                "export at a fixed --size, or use a newer torch"
+            ) from None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     extra = {}
     if config is not None:

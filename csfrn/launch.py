@@ -17,8 +17,8 @@ import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import PContext, SignalException
+from torch.distributed.run import get_args_parser, parse_args
 from torch.distributed.run import main as torchrun
-from torch.distributed.run import parse_args
 
 
 class _NoSignalNotices(logging.Filter):
@@ -40,8 +40,29 @@ def _bound_worker_shutdown(seconds):
     PContext.close = close_within
 
 
+def _shutdown_timeout(argv):
+    """(``--shutdown-timeout``'s seconds or None, the arguments for torchrun). A torchrun without the option (torch
+    2.11's) does not get it: the launcher takes it off the options in front of the training script, and the
+    bound on every worker stop makes it hold all the same."""
+    parser = get_args_parser()
+    if any("--shutdown-timeout" in action.option_strings for action in parser._actions):
+        return parse_args(argv).shutdown_timeout, argv
+    parser.add_argument("--shutdown-timeout", type=int, default=None)
+    args = parser.parse_args(argv)
+    script_at = len(argv) - len(args.training_script_args) - 1  # torchrun's options are the arguments before it
+    options, rest, i = [], argv[script_at:], 0
+    while i < script_at:
+        if argv[i] == "--shutdown-timeout":
+            i += 2
+            continue
+        if not argv[i].startswith("--shutdown-timeout="):
+            options.append(argv[i])
+        i += 1
+    return args.shutdown_timeout, options + rest
+
+
 def main(argv=None):
-    shutdown = parse_args(sys.argv[1:] if argv is None else argv).shutdown_timeout
+    shutdown, argv = _shutdown_timeout(sys.argv[1:] if argv is None else list(argv))
     _bound_worker_shutdown(
         int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) if shutdown is None else shutdown
     )

@@ -304,3 +304,31 @@ def test_a_torchelastic_restart_is_a_resume(monkeypatch):
     assert train_cfg.resume == "auto" and overwrite is False
     cfg.train.resume = "x.pth"
     assert as_restart(cfg.train, False)[0].resume == "x.pth"
+
+
+def test_shutdown_timeout_on_a_torchrun_without_the_option(monkeypatch):
+    """torch 2.11: torchrun has no --shutdown-timeout, so csfrn.launch takes it off torchrun's options
+    (never off the training script's) and bounds the worker stops itself; with a torchrun that has it, the
+    arguments go through unchanged."""
+    import argparse
+
+    import csfrn.launch as launch
+
+    argv = ["--nproc-per-node", "2", "--shutdown-timeout", "3", "-m", "csfrn.cli", "train", "--shutdown-timeout", "9"]
+    native = launch.get_args_parser()
+    if any("--shutdown-timeout" in a.option_strings for a in native._actions):
+        assert launch._shutdown_timeout(list(argv)) == (3, argv)
+
+    def old_torchrun_parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--nproc-per-node")
+        p.add_argument("-m", "--module", action="store_true")
+        p.add_argument("training_script")
+        p.add_argument("training_script_args", nargs=argparse.REMAINDER)
+        return p
+
+    monkeypatch.setattr(launch, "get_args_parser", old_torchrun_parser)
+    rest = ["-m", "csfrn.cli", "train", "--shutdown-timeout", "9"]
+    assert launch._shutdown_timeout(list(argv)) == (3, ["--nproc-per-node", "2", *rest])
+    assert launch._shutdown_timeout(["--shutdown-timeout=5", *rest]) == (5, rest)
+    assert launch._shutdown_timeout(["--nproc-per-node", "2", *rest]) == (None, ["--nproc-per-node", "2", *rest])

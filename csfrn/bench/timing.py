@@ -10,6 +10,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -149,10 +150,12 @@ _PROFILER_NOISE = re.compile(
 def profiler_quiet():
     """Run a torch profiler without its log lines: file descriptor 2 goes to a temporary file for the block,
     and afterwards every line of it that is not profiler noise (a warning of the profiled code, say) is written
-    to stderr as it would have been."""
+    to stderr as it would have been. torch 2.11's profiler also warns at its first start that it "clears events
+    at the end of each cycle" (about schedules with several cycles, which nothing here uses): dropped too."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured:
+    with tempfile.TemporaryFile(mode="w+b") as captured, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
         os.dup2(captured.fileno(), 2)
         try:
             yield
