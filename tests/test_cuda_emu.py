@@ -30,6 +30,7 @@ from op_samples import (
     deform_conv2d_sample,
     dual_deform_conv2d_sample,
     emulation,
+    kernel,
     lay,
     output_masks,
 )
@@ -670,6 +671,129 @@ def test_deform_keeps_memory_format(emu, op, kernels):
         results[layout] = (outs, grads)
     for a, b in zip(results["nchw"][0] + results["nchw"][1], results["channels_last"][0] + results["channels_last"][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# The offset and the mask in every layout: read in place through their strides (NCHW, channels_last, and views whose
+# pixels stay one run, e.g. a slice of channels), or copied contiguous once (H and W swapped, every other column);
+# their gradients written in their own memory format.
+COORD_LAYOUTS = ("channels_last", "nchw_slice", "channels_last_slice", "permuted", "sliced")
+COORDS_IN_PLACE = ("nchw", "channels_last", "nchw_slice", "channels_last_slice")
+
+
+def coord_lay(t, layout):
+    """t (an offset or mask) with the same values in ``layout``: lay()'s, or every other channel of a twice as wide
+    NCHW ("nchw_slice") or channels_last ("channels_last_slice") tensor: strided, but one run of pixels."""
+    if layout in ("nchw_slice", "channels_last_slice"):
+        fmt = torch.channels_last if layout == "channels_last_slice" else torch.contiguous_format
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype).contiguous(memory_format=fmt)
+        wide[:, 1::2] = t
+        return wide[:, 1::2]
+    return lay(t, layout)
+
+
+def _coord_run(raw, sample, coord_layout, input_layout):
+    """Forward and backward (every gradient) of the raw ops with the inputs (and upstream gradients) in
+    input_layout and the offset and mask in coord_layout: {name: tensor} of outputs and gradients."""
+    info = sample.info
+    inputs = info.arg_names[:2] if sample.op == "dual_deform_conv2d" else info.arg_names[:1]
+    changes = {n: lay(sample[n], input_layout) for n in inputs}
+    changes |= {n: coord_lay(sample[n], coord_layout) for n in ("offset", "mask") if sample[n] is not None}
+    args = sample.replace(**changes).detached().args
+    outs = getattr(raw, sample.op)(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grad_outs = tuple(lay(g, input_layout) for g in sample.grads)
+    grads = getattr(raw, info.backward)(*info.backward_args(args, outs, grad_outs, every(sample)[0]))
+    laid = dict(zip(info.arg_names, args))
+    return {f"out{i}": o for i, o in enumerate(outs)} | dict(zip(info.differentiable, grads)), laid
+
+
+COORD_CASES = {  # (args, dtype, mask): the vector path (4 float32 channels a lane) and the scalar one, strided
+    "vector": ((2, 16, 8, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (7, 6)), torch.float32, True),
+    "odd, dilated, float64": ((1, 6, 4, 2, 3, (3, 3), (2, 2), (2, 1), (2, 3), (9, 11)), torch.float64, True),
+    "no mask": ((2, 4, 3, 1, 2, (2, 3), (1, 2), (0, 1), (1, 1), (6, 5)), torch.float32, False),
+    "batch 0": ((0, 4, 3, 1, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 6)), torch.float32, True),
+    "H 0": ((2, 4, 3, 1, 2, (1, 1), (1, 1), (1, 1), (1, 1), (0, 6)), torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("case", list(COORD_CASES))
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+@pytest.mark.parametrize("kernels", ["emu", "cpu"])
+def test_deform_coords_any_layout_same_bits(emu, case, op, kernels):
+    """The offset and mask in any layout, beside an NCHW or a channels_last input: the outputs and every gradient
+    bitwise those of NCHW-contiguous offsets and mask (the layout changes only where values are read and written),
+    the offset's and the mask's gradients in their memory format (channels_last for channels_last ones, else
+    contiguous), and the emulation on the vector path where the channels allow it."""
+    args, dtype, masked = COORD_CASES[case]
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    sample = build(*args, mask=masked, seed=21, device="emu", dtype=dtype)
+    raw = torch.ops.csfrn_emu if kernels == "emu" else torch.ops.csfrn
+    for input_layout in ("nchw", "channels_last"):
+        want, _ = _coord_run(raw, sample, "nchw", input_layout)
+        for coord_layout in COORD_LAYOUTS:
+            got, laid = _coord_run(raw, sample, coord_layout, input_layout)
+            what = (input_layout, coord_layout)
+            for name in want:
+                assert torch.equal(got[name], want[name]), (*what, name)
+                if name in ("offset", "mask") and got[name].numel():
+                    fmt = torch.channels_last if coord_layout == "channels_last" else torch.contiguous_format
+                    assert got[name].stride() == torch.empty_like(laid[name], memory_format=fmt).stride(), (*what, name)
+                elif name not in ("offset", "mask"):
+                    assert got[name].stride() == want[name].stride(), (*what, name)
+            if kernels == "emu" and case == "vector":
+                assert emu.deform_vector_width() == 4, what
+
+
+# What a copy of a tensor looks like to the profiler (.contiguous(), .clone(), .to(), copy_).
+COPY_OPS = {"aten::contiguous", "aten::clone", "aten::copy_", "aten::to", "aten::_to_copy"}
+
+
+def copies_of(shapes, fn):
+    """(name, input shapes) of the copy ops fn() dispatches (the launchers' own included) on a tensor of one of
+    ``shapes``."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in COPY_OPS and shapes & {tuple(s) for s in e.input_shapes if s}
+    ]
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+@pytest.mark.parametrize("device", ["emu", "cpu"])
+def test_deform_reads_coords_in_place(emu, op, device):
+    """Forward and backward through autograd (csfrn.ops' on the CPU, the emulated ops' on "emu") copy neither a
+    channels_last offset nor its mask, on the way in (the launchers) or out (their gradients come back
+    channels_last as written): the profiler sees no copy op on a tensor of their shapes. An offset and mask with H
+    and W swapped are copied once each, in the forward and in the backward (so the check does see such copies)."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    # 16 input channels, 8 out: neither is the offset's 36 channels or the mask's 18
+    base = build(2, 16, 8, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), (7, 6), seed=22, device="emu", dtype=torch.float32)
+    shapes = {tuple(base["offset"].shape), tuple(base["mask"].shape)}
+    names = base.info.arg_names
+    for layout in ("channels_last", "permuted"):
+        inputs = names[:2] if op == "dual_deform_conv2d" else names[:1]
+        changes = {n: lay(base[n], "channels_last") for n in inputs}
+        changes |= {n: coord_lay(base[n], layout) for n in ("offset", "mask")}
+        args = base.replace(**changes).detached(requires_grad=True).args
+        args = [a.requires_grad_() if torch.is_tensor(a) else a for a in args]
+        coords = [args[names.index("offset")], args[names.index("mask")]]
+        got = []
+
+        def step():
+            outs = kernel(op, device)(*args)
+            got.extend(torch.autograd.grad([outs[i] for i in base.info.grad_outputs], coords, list(base.grads)))
+
+        seen = copies_of(shapes, step)
+        contiguous = sorted(tuple(shape[0]) for name, shape in seen if name == "aten::contiguous")
+        if layout == "channels_last":
+            assert seen == [], seen
+            for g in got:
+                assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+        else:
+            assert contiguous == sorted([tuple(base["mask"].shape)] * 2 + [tuple(base["offset"].shape)] * 2), seen
+            assert all(g.is_contiguous() for g in got)
 
 
 @pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])

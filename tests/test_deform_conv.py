@@ -25,6 +25,7 @@ from op_samples import (
     deform_conv2d_samples,
     dual_deform_conv2d_sample,
     kernel,
+    lay,
     random_deform_config,
     routed,
 )
@@ -886,6 +887,84 @@ def test_bad_input_fake_kernel_and_cpu_dtype():
         call(ops.deform_conv2d, {k: (v.half() if torch.is_tensor(v) else v) for k, v in case.items()})
     with pytest.raises(ValueError, match=r"stride must be an int or a pair of ints"):
         ops.deform_conv2d(case["input"], case["offset"], case["weight"], stride=(1, 2, 3))
+
+
+# ---------------------------------------------------------------- layouts of the offset and the mask
+def _laid_coords(sample, layout, input_layout="channels_last"):
+    """The sample with its input(s) in input_layout and its offset and mask in layout (tests/op_samples.py: lay)."""
+    names = sample.info.arg_names
+    inputs = names[:2] if sample.op == "dual_deform_conv2d" else names[:1]
+    changes = {n: lay(sample[n], input_layout) for n in inputs}
+    changes |= {n: lay(sample[n], layout) for n in ("offset", "mask") if sample[n] is not None}
+    return sample.replace(**changes)
+
+
+def _layout(t):
+    """t's strides along its dims of more than one element (a size-1 dim's stride places nothing: a 1 x 1 weight's
+    gradient comes back from the kernels' .contiguous() with other strides there than torch.empty_like gives)."""
+    return tuple(st if sz > 1 else None for sz, st in zip(t.shape, t.stride()))
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "permuted"])
+@pytest.mark.parametrize(
+    "n,k,size", [(2, (3, 2), (5, 4)), (0, (3, 2), (5, 4)), (2, (1, 1), (0, 4))], ids=["plain", "batch0", "H0"]
+)
+def test_fake_kernels_give_the_kernels_strides(op, layout, n, k, size):
+    """Under FakeTensorMode (torch.compile's shapes) the forward and backward ops give every output with the
+    strides the CPU kernels give it, for the offset and mask in each layout beside a channels_last input: the
+    offset's and the mask's gradients in their memory format, the rest as before; every output mask."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    sample = _laid_coords(build(n, 6, 2, 2, 3, k, (2, 1), (1, 1), (2, 1), size, seed=5), layout)
+    info = sample.info
+    args = sample.detached().args
+    fwd, bwd = getattr(torch.ops.csfrn, op), getattr(torch.ops.csfrn, info.backward)
+    outs = fwd(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    count = len(info.differentiable)
+    for mask in ([True] * count, [i % 2 == 1 for i in range(count)]):
+        real = [outs, bwd(*info.backward_args(args, outs, sample.grads, mask))]
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if torch.is_tensor(a) else a for a in args]
+            fake_grads = [mode.from_tensor(g) for g in sample.grads]
+            fake_outs = fwd(*fake_args)
+            fake_outs = fake_outs if isinstance(fake_outs, tuple) else (fake_outs,)
+            fake = [fake_outs, bwd(*info.backward_args(fake_args, fake_outs, fake_grads, mask))]
+        for r, f, what in zip(real, fake, ("outputs", "gradients")):
+            for i, (a, b) in enumerate(zip(r, f)):
+                assert (a.shape, _layout(a), a.dtype) == (b.shape, _layout(b), b.dtype), (what, i, mask)
+        grads = dict(zip(info.differentiable, real[1]))
+        for name in ("offset", "mask"):
+            if grads[name].numel() and layout == "channels_last":
+                assert grads[name].is_contiguous(memory_format=torch.channels_last), name
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "dual_deform_conv2d"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_coords_against_twin_and_gradcheck(op, device):
+    """float64, a small case with a channels_last input, offset and mask (the emulated CUDA kernels too): the
+    outputs and gradients against the twin, the gradients of the offset and mask channels_last, and gradcheck."""
+    build = deform_conv2d_sample if op == "deform_conv2d" else dual_deform_conv2d_sample
+    base = build(1, 4, 2, 2, 2, (2, 2), (1, 1), (1, 0), (1, 1), (4, 3), seed=6, device=device, requires_grad=True)
+    sample = _laid_coords(base, "channels_last")
+    sample = sample.replace(**{n: t.detach().requires_grad_() for n, t in sample.leaves().items()})
+    check_autograd(sample, device)
+    leaves = sample.leaves()
+    names = list(leaves)
+    assert leaves["offset"].is_contiguous(memory_format=torch.channels_last) and not leaves["offset"].is_contiguous()
+
+    def f(*tensors):
+        return kernel(op, device)(*sample.replace(**dict(zip(names, tensors))).args)
+
+    outs = f(*leaves.values())
+    grads = torch.autograd.grad(
+        [outs[i] for i in sample.info.grad_outputs], [leaves["offset"], leaves["mask"]], list(sample.grads)
+    )
+    for g in grads:
+        assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+    assert torch.autograd.gradcheck(f, list(leaves.values()))
 
 
 # ---------------------------------------------------------------- the module and the switch

@@ -17,6 +17,11 @@ and stores of the corner values, columns and their gradients, counting every cor
 shape 4x fewer in float32 and 8x in bfloat16 than one element a lane, which keeps these kernels off the
 load/store-issue limit (2-byte scalar accesses move 64 bytes per warp instruction, a 16-byte vector 512).
 
+Offsets and masks: the kernels read them where they lie, NCHW or channels_last, and the backward writes their
+gradients in their memory format (csrc/cuda/deform_conv.cu), so no copy of them is counted because none runs: they
+count once, in sample_kernel (read) and in the backward's sampling_kernel (gradients written). A channels_last
+offset field is read coalesced, an NCHW one is not; the byte model counts each byte once either way.
+
 Expected time of a kernel: its floor (the larger of bytes / copy bandwidth and flops / matmul peak) over the
 fraction of the ceiling such a kernel reaches: GEMMs 0.8, streaming kernels (layout copies, keys) 0.8, the
 sampling kernels and the gather 0.5 (gathers through L2), the sort 0.5.

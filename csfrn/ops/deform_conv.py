@@ -134,10 +134,9 @@ def dual_deform_conv2d(
 
 
 # ---------------------------------------------------------------- fake kernels (shapes only)
-def _empty_or_like(t, needed):
-    if not needed or t is None:
-        return None if t is None else t.new_empty(0)
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+def _weight_grad(weight, needed):
+    """A weight's gradient as the kernels give it: contiguous whatever the weight's layout; empty when not needed."""
+    return torch.empty_like(weight, memory_format=torch.contiguous_format) if needed else weight.new_empty(0)
 
 
 def _output_like(input, shape):
@@ -145,8 +144,10 @@ def _output_like(input, shape):
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_checks.deform_memory_format(input))
 
 
-def _grad_input(input, needed):
-    return torch.empty_like(input, memory_format=_checks.deform_memory_format(input)) if needed else input.new_empty(0)
+def _grad_like(t, needed):
+    """The gradient of an input, the offset or the mask as the kernels write it: in that tensor's memory format, by
+    the output's rule (_checks.deform_memory_format: channels_last in, channels_last out); empty when not needed."""
+    return torch.empty_like(t, memory_format=_checks.deform_memory_format(t)) if needed else t.new_empty(0)
 
 
 @torch.library.register_fake("csfrn::deform_conv2d")
@@ -157,10 +158,10 @@ def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dila
 
 @torch.library.register_fake("csfrn::deform_conv2d_backward")
 def _deform_conv2d_backward_fake(grad_out, input, offset, weight, mask, stride, padding, dilation, output_mask):
-    grads = [_grad_input(input, output_mask[0])]
-    grads += [_empty_or_like(t, m) for t, m in zip((offset, weight), output_mask[1:3])]
+    grads = [_grad_like(input, output_mask[0]), _grad_like(offset, output_mask[1])]
+    grads.append(_weight_grad(weight, output_mask[2]))
     grads.append(weight.new_empty(weight.shape[0] if output_mask[3] else 0))
-    grads.append(_empty_or_like(mask, output_mask[4]) if mask is not None else offset.new_empty(0))
+    grads.append(_grad_like(mask, output_mask[4]) if mask is not None else offset.new_empty(0))
     return tuple(grads)
 
 
@@ -176,26 +177,15 @@ def _dual_deform_conv2d_fake(x, y, offset, weight_x, weight_y, bias_x, bias_y, m
 def _dual_deform_conv2d_backward_fake(
     grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, stride, padding, dilation, output_mask
 ):
-    grads = [_grad_input(x, output_mask[0]), _grad_input(y, output_mask[1])]
-    grads += [_empty_or_like(t, m) for t, m in zip((offset, weight_x, weight_y), output_mask[2:5])]
+    grads = [_grad_like(x, output_mask[0]), _grad_like(y, output_mask[1]), _grad_like(offset, output_mask[2])]
+    grads += [_weight_grad(t, m) for t, m in zip((weight_x, weight_y), output_mask[3:5])]
     grads.append(weight_x.new_empty(weight_x.shape[0] if output_mask[5] else 0))
     grads.append(weight_y.new_empty(weight_y.shape[0] if output_mask[6] else 0))
-    grads.append(_empty_or_like(mask, output_mask[7]) if mask is not None else offset.new_empty(0))
+    grads.append(_grad_like(mask, output_mask[7]) if mask is not None else offset.new_empty(0))
     return tuple(grads)
 
 
 # ---------------------------------------------------------------- autograd
-def _in_format_of(grads, sources):
-    """``grads`` with the gradients at the positions of ``sources`` (index -> tensor: the offset and the mask)
-    put in that tensor's memory format: the kernels write those two contiguous, and a channels_last network must
-    get channels_last gradients back from them too (a copy of the 3 * kh * kw * offset_groups channels)."""
-    grads = list(grads)
-    for i, t in sources.items():
-        if t is not None and grads[i] is not None and grads[i].numel():
-            grads[i] = grads[i].contiguous(memory_format=_checks.deform_memory_format(t))
-    return grads
-
-
 def _deform_conv2d_setup(ctx, inputs, output):
     input, offset, weight, bias, mask, stride, padding, dilation = inputs
     ctx.save_for_backward(input, offset, weight, mask)
@@ -208,7 +198,6 @@ def _deform_conv2d_backward(ctx, grad_out):
     if not any(need):
         return (None,) * 8
     grads = torch.ops.csfrn.deform_conv2d_backward.default(grad_out, input, offset, weight, mask, *ctx.conv, need)
-    grads = _in_format_of(grads, {1: offset, 4: mask})
     return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
 
 
@@ -229,7 +218,6 @@ def _dual_deform_conv2d_backward(ctx, grad_out_x, grad_out_y):
     grads = torch.ops.csfrn.dual_deform_conv2d_backward.default(
         grad_out_x, grad_out_y, x, y, offset, weight_x, weight_y, mask, *ctx.conv, need
     )
-    grads = _in_format_of(grads, {2: offset, 7: mask})
     return tuple(g if m else None for g, m in zip(grads, need)) + (None,) * 3
 
 

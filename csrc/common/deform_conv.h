@@ -71,6 +71,14 @@ struct KernelGeom {
   int64_t h, w, h_out, w_out, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, offset_groups, taps, pixels;
 };
 
+// Where an offset or mask [N, C, H_out, W_out] keeps element (n, c, pix = h * W_out + w): at n * n + c * c +
+// pix * p. Both layouts the kernels read and write in place have one pixel stride: NCHW-contiguous (c = H_out *
+// W_out, p = 1) and channels_last (c = 1, p = C); so have views of them whose rows and columns stay one run of
+// pixels, such as a slice of channels (common/deform_conv_launch.h: coord_strides).
+struct CoordStrides {
+  int64_t n, c, p;
+};
+
 // The sampling of one item of the CUDA kernels, item = ((b * pixels + pix) * offset_groups + og) * taps + k for
 // image b of the chunk of images at n0: computed once (sample_kernel), then read by every channel of the offset
 // group, by both convolutions of the dual op, by the backward's sort and by the input-gradient gather.
@@ -84,18 +92,19 @@ struct DeformSample {
 
 template <typename acc_t, typename coord_t>
 C10_HOST_DEVICE inline DeformSample<acc_t> deform_sample(const KernelGeom& g, int64_t item, int64_t n0,
-                                                         const coord_t* offset, const coord_t* mask) {
+                                                         const coord_t* offset, CoordStrides os, const coord_t* mask,
+                                                         CoordStrides ms) {
   const int64_t k = item % g.taps;
   int64_t t = item / g.taps;
   const int64_t og = t % g.offset_groups;
   t /= g.offset_groups;
   const int64_t pix = t % g.pixels, b = t / g.pixels, n = n0 + b;
-  const int64_t offset_at = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
+  const int64_t offset_at = n * os.n + (og * 2 * g.taps + 2 * k) * os.c + pix * os.p;
   const BilinearPoint<acc_t> pt = deform_point<acc_t>(
       pix / g.w_out, pix % g.w_out, k / g.kw, k % g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w,
-      static_cast<acc_t>(offset[offset_at]), static_cast<acc_t>(offset[offset_at + g.pixels]), g.h, g.w);
+      static_cast<acc_t>(offset[offset_at]), static_cast<acc_t>(offset[offset_at + os.c]), g.h, g.w);
   DeformSample<acc_t> s;
-  s.m = mask ? static_cast<acc_t>(mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix]) : acc_t(1);
+  s.m = mask ? static_cast<acc_t>(mask[n * ms.n + (og * g.taps + k) * ms.c + pix * ms.p]) : acc_t(1);
   s.ly = pt.ly;
   s.lx = pt.lx;
   bilinear_weights(pt.ly, pt.lx, pt.inside ? s.m : acc_t(0), s.w);

@@ -37,8 +37,16 @@
 // order, so they differ between the paths in the last bits, each deterministic.
 // Offsets and mask may be float32 beside a float16 / bfloat16 input (CUDA autocast keeps them so); positions and
 // weights are computed in the accumulation type (float32, float64 for float64). The output and the input's gradient
-// keep the input's memory format (channels_last in, channels_last out). What each kernel moves and computes at a
-// given shape, and the floor at a card's ceilings: csfrn/bench/deform_plan.py (`csfrn bench --what deform`).
+// keep the input's memory format (channels_last in, channels_last out).
+// Offsets and mask. They are read in place through their strides (common/deform_conv.h: CoordStrides), NCHW or
+// channels_last (any layout whose pixels are not one run is copied contiguous once), and the backward writes their
+// gradients directly in the offset's and the mask's memory formats: no copy on the way in or out. The items of
+// sample_kernel and sampling_kernel are ordered tap-fastest (item = ((b * pixels + pix) * offset_groups + og) *
+// taps + k), so neighbouring threads (lane groups) take neighbouring channels of one pixel: channels_last offsets
+// and masks are read, and their gradients written, coalesced; NCHW ones are not (neighbouring threads 2 * H_out *
+// W_out elements apart, one 32-byte sector each per access).
+// What each kernel moves and computes at a given shape, and the floor at a card's ceilings:
+// csfrn/bench/deform_plan.py (`csfrn bench --what deform`).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -131,20 +139,23 @@ __device__ __forceinline__ int64_t column_of(const ColBranch<scalar_t>& br, int6
   return (cg / br.per_group) * br.rg_pad + k * br.per_group + cg % br.per_group;
 }
 
+// The offset and mask are read in place through their strides (os, ms): NCHW or channels_last.
 template <typename coord_t, typename acc_t>
 __global__ void sample_kernel(int64_t items, int64_t n0, KernelGeom g, const coord_t* __restrict__ offset,
-                              const coord_t* __restrict__ mask, DeformSample<acc_t>* __restrict__ samples) {
-  CSFRN_KERNEL_LOOP(it, items) samples[it] = deform_sample<acc_t>(g, it, n0, offset, mask);
+                              CoordStrides os, const coord_t* __restrict__ mask, CoordStrides ms,
+                              DeformSample<acc_t>* __restrict__ samples) {
+  CSFRN_KERNEL_LOOP(it, items) samples[it] = deform_sample<acc_t>(g, it, n0, offset, os, mask, ms);
 }
 
 // Columns (where cols is given) and, where grad_offset / grad_mask are, the offset and mask gradients from the
 // columns' gradient, of both branches, one lane group per item. Each lane takes V consecutive channels at a time
 // (V > 1: one 16-byte load per corner, one 16-byte column store; the launcher checks the alignment), lane l the
-// channels [l * V, l * V + V), then [(l + lanes) * V, ...), and adds its offset / mask terms in that order.
+// channels [l * V, l * V + V), then [(l + lanes) * V, ...), and adds its offset / mask terms in that order. The
+// offset and mask gradients are written through their strides (gos, gms), in the offset's and mask's layouts.
 template <int V, typename scalar_t, typename coord_t, typename acc_t>
 __global__ void sampling_kernel(int64_t items, int64_t n0, KernelGeom g, const DeformSample<acc_t>* __restrict__ smp,
                                 ColBranch<scalar_t> b0, ColBranch<scalar_t> b1, coord_t* __restrict__ grad_offset,
-                                coord_t* __restrict__ grad_mask) {
+                                CoordStrides gos, coord_t* __restrict__ grad_mask, CoordStrides gms) {
   const int lane = threadIdx.x, lanes = blockDim.x, per_warp = kMaxLanes / lanes;
   const int64_t hw = g.h * g.w;
   const bool coords = grad_offset != nullptr || grad_mask != nullptr;
@@ -205,12 +216,13 @@ __global__ void sampling_kernel(int64_t items, int64_t n0, KernelGeom g, const D
       if (lane == 0 && active) {
         const int64_t n = n0 + r / g.pixels, pix = r % g.pixels;
         if (grad_offset) {
-          const int64_t o = ((n * g.offset_groups + og) * 2 * g.taps + 2 * k) * g.pixels + pix;
+          const int64_t o = n * gos.n + (og * 2 * g.taps + 2 * k) * gos.c + pix * gos.p;
           grad_offset[o] = static_cast<coord_t>(sum_y * s.m);
-          grad_offset[o + g.pixels] = static_cast<coord_t>(sum_x * s.m);
+          grad_offset[o + gos.c] = static_cast<coord_t>(sum_x * s.m);
         }
-        if (grad_mask)
-          grad_mask[((n * g.offset_groups + og) * g.taps + k) * g.pixels + pix] = static_cast<coord_t>(sum_m);
+        if (grad_mask) {
+          grad_mask[n * gms.n + (og * g.taps + k) * gms.c + pix * gms.p] = static_cast<coord_t>(sum_m);
+        }
       }
     }
   }
@@ -395,8 +407,8 @@ at::Tensor compute_samples(const DeformGeom& g, int64_t n0, int64_t nb, const at
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
   at::Tensor table = at::empty({items * int64_t(sizeof(DeformSample<acc_t>))}, offset.options().dtype(at::kByte));
   CSFRN_LAUNCH(blocks_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream(), sample_kernel<coord_t, acc_t>)(
-      items, n0, kernel_geom(g), offset.const_data_ptr<coord_t>(),
-      mask.has_value() ? mask->const_data_ptr<coord_t>() : nullptr,
+      items, n0, kernel_geom(g), offset.const_data_ptr<coord_t>(), coord_strides(offset),
+      mask.has_value() ? mask->const_data_ptr<coord_t>() : nullptr, coord_strides(mask),
       reinterpret_cast<DeformSample<acc_t>*>(table.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return table;
@@ -407,11 +419,13 @@ const DeformSample<acc_t>* samples_of(const at::Tensor& table) {
   return reinterpret_cast<const DeformSample<acc_t>*>(table.const_data_ptr());
 }
 
-// Column buffers come from at::empty: aligned beyond 16 bytes, with rows of a multiple of 8 elements.
+// Column buffers come from at::empty: aligned beyond 16 bytes, with rows of a multiple of 8 elements. grad_offset
+// and grad_mask: the whole batch's, written where given (defined).
 template <typename scalar_t, typename coord_t, typename acc_t>
 void launch_sampling(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tensor& table,
                      const std::vector<Branch>& branches, const std::vector<at::Tensor>& cols,
-                     const std::vector<at::Tensor>& gcols, coord_t* grad_offset, coord_t* grad_mask, int vec) {
+                     const std::vector<at::Tensor>& gcols, const at::Tensor& grad_offset, const at::Tensor& grad_mask,
+                     int vec) {
   const int64_t items = nb * g.offset_groups * g.taps() * g.pixels();
   auto at_ = [](const std::vector<at::Tensor>& v, size_t i) { return i < v.size() ? v[i] : at::Tensor(); };
   const int lanes = branch_lanes(g, branches, vec);
@@ -425,7 +439,11 @@ void launch_sampling(const DeformGeom& g, int64_t n0, int64_t nb, const at::Tens
                  at::cuda::getCurrentCUDAStream(), sampling_kernel<decltype(v)::value, scalar_t, coord_t, acc_t>)(
         items, n0, kernel_geom(g), samples_of<acc_t>(table),
         col_branch<scalar_t>(branches, 0, at_(cols, 0), at_(gcols, 0)),
-        col_branch<scalar_t>(branches, 1, at_(cols, 1), at_(gcols, 1)), grad_offset, grad_mask);
+        col_branch<scalar_t>(branches, 1, at_(cols, 1), at_(gcols, 1)),
+        grad_offset.defined() ? grad_offset.data_ptr<coord_t>() : nullptr,
+        grad_offset.defined() ? coord_strides(grad_offset) : CoordStrides{0, 0, 0},
+        grad_mask.defined() ? grad_mask.data_ptr<coord_t>() : nullptr,
+        grad_mask.defined() ? coord_strides(grad_mask) : CoordStrides{0, 0, 0});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -489,7 +507,7 @@ std::vector<at::Tensor> forward_cuda(const DeformGeom& g, const std::vector<Bran
     for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.n - n0), rows = nb * L;
       const at::Tensor table = compute_samples<acc_t, coord_t>(g, n0, nb, offset, mask);
-      launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols, {}, nullptr, nullptr, vec);
+      launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols, {}, at::Tensor(), at::Tensor(), vec);
       for (size_t i = 0; i < branches.size(); ++i) {
         const Branch& b = branches[i];
         const int64_t og = b.out_per_group();
@@ -552,11 +570,14 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
     any_input = any_input || need_input[i];
     need_gcols = need_gcols || need_input[i];
   }
-  // Every element below is written by a kernel or a GEMM: no fill.
-  r.grad_offset = need_offset ? at::empty({g.n, g.offset_groups * 2 * taps, g.h_out, g.w_out}, coord_opts)
+  // Every element below is written by a kernel or a GEMM: no fill. The offset's and the mask's gradients in their
+  // memory formats, written there directly by the sampling kernel.
+  r.grad_offset = need_offset ? at::empty({g.n, g.offset_groups * 2 * taps, g.h_out, g.w_out},
+                                          coord_opts.memory_format(coords_format(offset)))
                               : at::empty({0}, coord_opts);
-  r.grad_mask =
-      need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out}, coord_opts) : at::empty({0}, coord_opts);
+  r.grad_mask = need_mask ? at::empty({g.n, g.offset_groups * taps, g.h_out, g.w_out},
+                                      coord_opts.memory_format(coords_format(*mask)))
+                          : at::empty({0}, coord_opts);
   std::vector<at::Tensor> gw(branches.size());
   if (g.n > 0) {
     std::vector<at::Tensor> gout;
@@ -598,10 +619,9 @@ BackwardResult backward_cuda(const DeformGeom& g, const std::vector<Branch>& bra
         bool any_cols = false;
         for (size_t i = 0; i < branches.size(); ++i) any_cols = any_cols || need_weight[i];
         if (any_cols || need_coords) {
-          launch_sampling<scalar_t, coord_t, acc_t>(g, n0, nb, table, branches, cols,
-                                                    need_coords ? gcols : std::vector<at::Tensor>{},
-                                                    need_offset ? r.grad_offset.data_ptr<coord_t>() : nullptr,
-                                                    need_mask ? r.grad_mask.data_ptr<coord_t>() : nullptr, vec);
+          launch_sampling<scalar_t, coord_t, acc_t>(
+              g, n0, nb, table, branches, cols, need_coords ? gcols : std::vector<at::Tensor>{},
+              need_offset ? r.grad_offset : at::Tensor(), need_mask ? r.grad_mask : at::Tensor(), vec);
         }
         for (size_t i = 0; i < branches.size(); ++i) {  // grad_W = grad_out^T @ cols: K = every pixel of the chunk
           if (!need_weight[i]) continue;
@@ -674,7 +694,7 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& offset,
   const KernelScope kernel_scope;  // the matmuls inside: no autograd history, no autocast
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(input.device());
-  return forward_cuda(g, {make_branch(input, weight)}, {bias}, offset.contiguous(), contiguous_if_present(mask))[0];
+  return forward_cuda(g, {make_branch(input, weight)}, {bias}, coords_in_place(offset), coords_in_place(mask))[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
@@ -686,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor> dual_deform_conv2d_cuda(
       check_dual_deform_conv2d_args(x, y, offset, weight_x, weight_y, bias_x, bias_y, mask, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto outs = forward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {bias_x, bias_y},
-                                 offset.contiguous(), contiguous_if_present(mask));
+                                 coords_in_place(offset), coords_in_place(mask));
   return {outs[0], outs[1]};
 }
 
@@ -698,8 +718,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const DeformGeom g = check_deform_conv2d_args(input, offset, weight, std::nullopt, mask, stride, padding, dilation);
   check_deform_same("input", input, "grad_out", grad_out);
   const c10::cuda::CUDAGuard guard(input.device());
-  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {grad_out}, {weight}, offset.contiguous(),
-                                   contiguous_if_present(mask), {output_mask[0]}, {output_mask[2]}, output_mask[1],
+  BackwardResult r = backward_cuda(g, {make_branch(input, weight)}, {grad_out}, {weight}, coords_in_place(offset),
+                                   coords_in_place(mask), {output_mask[0]}, {output_mask[2]}, output_mask[1],
                                    output_mask[4] && mask.has_value());
   return {r.grad_input[0], r.grad_offset, r.grad_weight[0], grad_bias(grad_out, output_mask[3]), r.grad_mask};
 }
@@ -717,7 +737,7 @@ dual_deform_conv2d_backward_cuda(const at::Tensor& grad_out_x, const at::Tensor&
   check_deform_same("x", x, "grad_out_y", grad_out_y);
   const c10::cuda::CUDAGuard guard(x.device());
   BackwardResult r = backward_cuda(g, {make_branch(x, weight_x), make_branch(y, weight_y)}, {grad_out_x, grad_out_y},
-                                   {weight_x, weight_y}, offset.contiguous(), contiguous_if_present(mask),
+                                   {weight_x, weight_y}, coords_in_place(offset), coords_in_place(mask),
                                    {output_mask[0], output_mask[1]}, {output_mask[3], output_mask[4]}, output_mask[2],
                                    output_mask[7] && mask.has_value());
   return {r.grad_input[0],
