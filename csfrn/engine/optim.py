@@ -129,3 +129,13 @@ def fused_on(params):
     CPU the default (unfused) implementation stays."""
     params = list(params)
     return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def load_optimizer_state(optimizer, state):
+    """``optimizer.load_state_dict(state)`` keeping this run's implementation: torch takes every group setting
+    from the saved state, so a checkpoint of a GPU run would make a CPU resume fused, and one written before the
+    optimizer was fused would leave a GPU resume unfused (and the fp16 step syncing)."""
+    implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, implementation):
+        group.update(keep)

@@ -45,7 +45,7 @@ from .distributed import (
 from .ema import build_ema
 from .evaluate import evaluate, write_report
 from .interrupt import signal_name, stop_requests
-from .optim import build_optimizer, poly_lambda  # noqa: F401  (poly_lambda: part of this module's API)
+from .optim import build_optimizer, load_optimizer_state, poly_lambda  # noqa: F401  (poly_lambda: part of this module's API)
 from .resume import (
     as_restart,
     check_agreement,
@@ -364,7 +364,7 @@ def _train(cfg, model, info, old_files=(), stop=None, resume_changed=False):
     start_iter, best = 0, best_before
     if state is not None:
         load_model_state(model, state["model"], resume, cfg.model, state["config"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_iter, best = state["iter"], state["best_mIoU"]
