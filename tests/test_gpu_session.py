@@ -43,10 +43,28 @@ SUMMARY_KEYS = [
 STAGES = ["build", "info", "check", "deform", "step", "train", "profile", "summary"]
 
 
+# Libraries of our extras that the GPU machine's image lacks (its python3 has torch, timm, transformers, onnx,
+# onnxruntime, matplotlib, pytest): the dry plan runs as if they were absent, so a test module that needs one to
+# be imported cannot stop the CUDA tests there.
+GPU_IMAGE_LACKS = ("segmentation_models_pytorch",)
+ABSENT = f"""
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {GPU_IMAGE_LACKS!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent from the GPU image)", name=name)
+sys.meta_path.insert(0, Absent())
+"""
+
+
 def run_session(tmp_path, timeout=1200, **env):  # the dry plan's own deadline bounds it
     out, res = tmp_path / "out", tmp_path / "res"
+    absent = tmp_path / "absent"
+    absent.mkdir()
+    (absent / "sitecustomize.py").write_text(ABSENT)
     full_env = {
         **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(absent), os.environ.get("PYTHONPATH")])),
         "CSFRN_GPU_DRY": "fast",
         "PYTHON": sys.executable,
         "OUT": str(out),
@@ -182,8 +200,9 @@ def test_sanitizer_counts_every_tool(tmp_path):
         "racecheck": "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n",
         "initcheck": "========= ERROR SUMMARY: 0 errors\n",
     }
+    finished = "sanitize_ops: all cases finite\n"
     for tool, text in logs.items():
-        (tmp_path / f"sanitizer-{tool}.log").write_text("noise\n" + text)
+        (tmp_path / f"sanitizer-{tool}.log").write_text("noise\n" + finished + text)
     (tmp_path / "session.json").write_text(json.dumps({"dry": "0", "commit": "abc"}))
     summary = gpu_summary.summarize(str(tmp_path))
     assert summary["sanitizer_errors"] == 3
@@ -192,6 +211,14 @@ def test_sanitizer_counts_every_tool(tmp_path):
     (tmp_path / "sanitizer-initcheck.log").write_text("========= Program hit ... (killed)\n")
     summary = gpu_summary.summarize(str(tmp_path))
     assert summary["sanitizer_errors"] is None and "initcheck" in summary["notes"]["sanitizer_errors"]
+    # A tool that refused the device (the program died at its first allocation) checked nothing: its
+    # "0 errors" is not a pass. Errors found before a crash still count.
+    refused = "========= Error: Device not supported\nRuntimeError: CUDA error\n========= ERROR SUMMARY: 0 errors\n"
+    (tmp_path / "sanitizer-initcheck.log").write_text(refused)
+    summary = gpu_summary.summarize(str(tmp_path))
+    assert summary["sanitizer_errors"] is None and "initcheck" in summary["notes"]["sanitizer_errors"]
+    (tmp_path / "sanitizer-initcheck.log").write_text("RuntimeError: illegal memory access\n" + logs["memcheck"])
+    assert gpu_summary.summarize(str(tmp_path))["sanitizer_errors"] == 5
 
 
 def test_determinism_check_sees_a_call_that_differs(monkeypatch):

@@ -4,7 +4,6 @@ tiny configurations, random init; the tap's one-line errors; ``build_external`` 
 ``csfrn.engine.train(cfg, model=plug)`` through its evaluations."""
 
 import pytest
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 from transformers import (
@@ -21,6 +20,16 @@ from csfrn.engine.config import load_config
 from csfrn.engine.train import train
 from csfrn.errors import UserError
 from csfrn.models import add_csflm, build_external
+
+
+def smp():
+    """segmentation_models_pytorch, imported where a test builds one of its models, so that this module still
+    collects where the library is absent (as on a GPU image where benchmarks/gpu_session.sh runs only the CUDA
+    tests)."""
+    import segmentation_models_pytorch
+
+    return segmentation_models_pytorch
+
 
 NC = 4
 SIZE = 32
@@ -58,7 +67,7 @@ def upernet():
 def smp_model(arch, **kw):
     torch.manual_seed(0)
     if arch == "FPN":
-        return smp.FPN(
+        return smp().FPN(
             classes=NC,
             encoder_name="resnet18",
             encoder_weights=None,
@@ -67,8 +76,8 @@ def smp_model(arch, **kw):
             **kw,
         )
     if arch == "DeepLabV3Plus":
-        return smp.DeepLabV3Plus(classes=NC, encoder_name="resnet18", encoder_weights=None, decoder_channels=32, **kw)
-    return smp.Unet(classes=NC, **ENC, **kw)
+        return smp().DeepLabV3Plus(classes=NC, encoder_name="resnet18", encoder_weights=None, decoder_channels=32, **kw)
+    return smp().Unet(classes=NC, **ENC, **kw)
 
 
 # name -> (model factory, add_csflm keywords, type of the eval output, the tap add_csflm takes)
@@ -179,7 +188,7 @@ def test_build_external_and_local_weights(tmp_path):
     assert plug.tap == "segmentation_head.0" and plug.fusion == "concat" and plug.backbone_prefix == "model.encoder."
     # model.pretrained: a local state_dict of the wrapped model; a classifier of another class count is skipped
     torch.manual_seed(3)
-    other = smp.Unet(classes=NC + 1, **ENC)
+    other = smp().Unet(classes=NC + 1, **ENC)
     torch.save(other.state_dict(), tmp_path / "unet.pth")
     with pytest.warns(UserWarning, match="skipped for their shape"):
         loaded = build_external(external, NC, embed_dim=8, pretrained=str(tmp_path / "unet.pth"))
