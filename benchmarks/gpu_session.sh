@@ -28,16 +28,21 @@
 #   deform     45 s  csfrn bench --what deform, float32 and bf16 (dual op     its rows' medians x 20 reps + 3
 #                    included; 10 reps, 2 twin reps), then                  twin reps: ~12 s per dtype; here 10 + 2
 #                    benchmarks/gpu_determinism.py (bitwise-equal grads)
-#   step       70 s  csfrn bench --what train: baseline and CSFRN first      4 variants, 8 reps + inference:
-#                    (kept if the rest is cut), then every variant           ~25 s by its medians; compiles add
-#                    (eager / channels_last / compiled, torchvision's        their compile time
-#                    deeplabv3_resnet50, as the step benchmark defines them)
+#   step       70 s  csfrn bench --what train, eager: first the baseline,     4 variants, 8 reps + inference:
+#                    CSFRN and torchvision's deeplabv3_resnet50, NCHW and    ~25 s by its medians (here 6 in the
+#                    channels_last (kept if the rest is cut), then the       first run, 4 + inference in the
+#                    reference twins, torchvision's deform calls, inference  second)
 #   train      70 s  csfrn train: CSFRN, 769 crops, batch 8, bf16,           2.57 it/s after a 5 s warm-up:
 #                    100 iterations, metrics every 10                        100 it ~ 45 s + start-up
 #   profile    30 s  benchmarks/profile_gpu.py: torch.profiler tables of     3 + 2 profiled calls after
 #                    the deform call and the CSFRN step                      warm-ups: ~15 s
+#   compile  >=90 s  the step benchmark again, torch.compile'd, in the       never run on a GPU (a compile of
+#                    device's default layout (channels_last on CUDA):       a training step: a minute or so)
+#                    CSFRN, then the baseline, one run each; its limit is
+#                    all the time left, and it starts only if 90 s are left
 #   summary    10 s  benchmarks/gpu_summary.py: summary.json, summary.md     < 5 s
-#   total     520 s  (deadline 530 s: GPU_DEADLINE; the device call's limit 560 s leaves the start and the packing)
+#   total     520 s  without compile, which has only what the stages above leave (deadline 530 s:
+#                    GPU_DEADLINE; the device call's limit 560 s leaves the start and the packing)
 # CSFRN_GPU_BUDGETS="stage=seconds ..." overrides budgets. The sanitizer's figure and the start-up times are
 # unmeasured: this run's stages.jsonl records every stage's seconds, to size the next plan by.
 #
@@ -67,17 +72,21 @@ TARBALL=$OUT/gpu-session.tar.gz
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 
-# Budgets (seconds): the GPU plan's (sum 520, see the header) and the dry run's.
+# Budgets (seconds): the GPU plan's (sum 520 without compile's least, see the header) and the dry run's.
 declare -A BUDGET
 if [[ $DRY == 0 ]]; then
-  BUDGET=([build]=170 [info]=15 [check]=110 [deform]=45 [step]=70 [train]=70 [profile]=30 [summary]=10)
+  BUDGET=([build]=170 [info]=15 [check]=110 [deform]=45 [step]=70 [train]=70 [profile]=30 [compile]=90
+          [summary]=10)
   DEADLINE=${GPU_DEADLINE:-530}
 else
   # Caps with room for a slow, shared CPU (the fast form needs about a minute of CPU time in all).
-  BUDGET=([build]=60 [info]=60 [check]=300 [deform]=180 [step]=180 [train]=180 [profile]=120 [summary]=30)
+  BUDGET=([build]=60 [info]=60 [check]=300 [deform]=180 [step]=180 [train]=180 [profile]=120 [compile]=60
+          [summary]=30)
   DEADLINE=${GPU_DEADLINE:-1120}
 fi
-STAGES=(build info check deform step train profile summary)
+STAGES=(build info check deform step train profile compile summary)
+# Stages whose time limit is all the time left (their budget is the least they start with).
+TAKES_THE_REST=" compile "
 # CSFRN_GPU_BUDGETS="stage=seconds ..." overrides budgets (to retune on the machine, or to test a cut stage).
 for kv in ${CSFRN_GPU_BUDGETS:-}; do
   [[ $kv =~ ^([a-z]+)=([0-9]+)$ && -n ${BUDGET[${BASH_REMATCH[1]}]:-} ]] \
@@ -129,6 +138,7 @@ stage() {
     pack
     return
   fi
+  [[ $TAKES_THE_REST == *" $name "* ]] && budget=$left
   timeout --kill-after=5 "$budget" bash -c "do_$name" > "$RES/$name.log" 2>&1
   rc=$?
   # What a build that ends early (a prebuilt extension) leaves of its budget goes to the sanitizer (check).
@@ -165,18 +175,21 @@ PYEOF
       $DEFORM_BENCH --device cuda --batch 8 --reps 10 --twin-reps 2 --amp bf16 --json "$2"
   fi
 }
-step_bench_core() {   # step_bench_core JSON: the baseline and CSFRN, eager, no inference
-  if dry; then $STEP_BENCH --device cpu --quick --batch 2 --reps 1 --threads 1 \
-                 --variants baseline csfrn --no-inference --json "$1"
-  else $STEP_BENCH --device cuda --batch 8 --size 769 --amp bf16 --reps 8 \
-         --variants baseline csfrn --no-inference --json "$1"; fi
+step_bench() {   # step_bench JSON ARGS...: the step benchmark at the plan's shape (the baseline and CSFRN always run)
+  local json=$1; shift
+  if dry; then $STEP_BENCH --device cpu --quick --batch 2 --reps 1 --threads 1 --json "$json" "$@"
+  else $STEP_BENCH --device cuda --batch 8 --size 769 --amp bf16 --reps 8 --json "$json" "$@"; fi
 }
-step_bench_all() {    # step_bench_all JSON: every variant the benchmark defines, and inference
-  if dry; then $STEP_BENCH --device cpu --quick --batch 2 --reps 1 --threads 1 --json "$1"
-  else $STEP_BENCH --device cuda --batch 8 --size 769 --amp bf16 --reps 8 \
-         --infer-size 1024x2048 --infer-batch 1 --json "$1"; fi
+# The layout csfrn train uses by default there (train.channels_last: true on CUDA, false on the CPU).
+default_layout() { dry && echo "" || echo "-cl"; }
+step_bench_core() {      # the eager steps users compare: ours and torchvision's model, NCHW and channels_last
+  step_bench "$1" --variants baseline csfrn baseline-cl csfrn-cl tv-deeplabv3 tv-deeplabv3-cl --no-inference
 }
-export -f deform_benches step_bench_core step_bench_all
+step_bench_kernels() {   # what our kernels save (the reference twins, torchvision's deform calls), and inference
+  if dry; then step_bench "$1" --variants reference torchvision
+  else step_bench "$1" --variants reference torchvision --infer-size 1024x2048 --infer-batch 1; fi
+}
+export -f deform_benches step_bench step_bench_core step_bench_kernels default_layout
 export CSFRN DEFORM_BENCH STEP_BENCH
 
 # ---------------------------------------------------------------- the stages
@@ -279,10 +292,21 @@ do_deform() {
 }
 
 do_step() {
-  # The core figures first, so they survive if the heavier variants (compiles) are cut.
+  # The core figures first, so they survive if the second run is cut.
   step_bench_core "$RES/train_step-core.json" || exit 1
   if [[ $DRY == fast ]]; then echo "fast dry run: the other variants skipped"; return; fi
-  step_bench_all "$RES/train_step-all.json"
+  step_bench_kernels "$RES/train_step-kernels.json"
+}
+
+# torch.compile'd steps in the device's default layout, one run per model (a cut one loses only itself).
+do_compile() {
+  if [[ $DRY == fast ]]; then echo "fast dry run: the compiled steps skipped"; return; fi
+  local model rc=0
+  for model in csfrn baseline; do
+    step_bench "$RES/train_step-compiled-$model.json" --variants "$model$(default_layout)-compiled" \
+      --no-inference || rc=1
+  done
+  exit $rc
 }
 
 # CSFRN (DeepLabv3+, ResNet-50 deep stem, random init) on the synthetic set at the Cityscapes crop, through
@@ -318,7 +342,7 @@ do_summary() {
 }
 
 export -f ccache_wrappers do_build do_info pytest_args cuda_tests do_check do_deform do_step do_train \
-  do_profile do_summary
+  do_profile do_compile do_summary
 export ROOT BUDGET_CHECK=${BUDGET[check]}
 
 # ---------------------------------------------------------------- the plan

@@ -98,9 +98,21 @@ def _need(doc, what):
 DEFORM_FILES = {"fp32": "deform_conv-fp32.json", "bf16": "deform_conv-bf16.json"}
 DEFORM_CASES = {"single": "generic", "dual": "AAM"}  # the "case" names' prefixes in "ratios"
 DEFORM_MODE, DEFORM_RATIO = "fwd+bwd", "torchvision_over_ours"
-STEP_FILES = ("train_step-all.json", "train_step-core.json")  # every variant first, the core as the fallback
+# The step benchmark's runs (gpu_session.sh): the eager core, the kernels' comparison, the compiled steps.
+STEP_FILES = (
+    "train_step-core.json",
+    "train_step-kernels.json",
+    "train_step-compiled-csfrn.json",
+    "train_step-compiled-baseline.json",
+)
 STEP_MODE = "train step"
-STEP_VARIANTS = {"baseline": "baseline", "csfrn": "csfrn", "torchvision_deeplabv3": "torchvision_deeplabv3"}
+# A summary key's model -> the step benchmark's variant, in the layout csfrn train uses by default on the
+# session's device (train.channels_last: true on CUDA, "-cl"; false on the CPU of a dry run).
+STEP_VARIANTS = {"baseline": "baseline", "csfrn": "csfrn", "torchvision_deeplabv3": "tv-deeplabv3"}
+
+
+def step_variant(model, dry, compiled=False):
+    return STEP_VARIANTS[model] + ("" if dry else "-cl") + ("-compiled" if compiled else "")
 
 
 def deform_ratio(res, dtype, case):
@@ -118,29 +130,26 @@ def step_docs(res):
     docs = [(name, _load(os.path.join(res, name))) for name in STEP_FILES]
     docs = [(name, d) for name, d in docs if d]
     if not docs:
-        raise Missing(f"neither {' nor '.join(STEP_FILES)}")
+        raise Missing(f"none of {', '.join(STEP_FILES)}")
     return docs
 
 
 def step_row(res, variant):
-    """The step benchmark's row for ``variant`` (a key of STEP_VARIANTS), from the first file that has it."""
+    """The step benchmark's row for ``variant`` (its name there), from the first file that has it."""
     docs = step_docs(res)
     for _, doc in docs:
         for r in doc.get("rows", []):
-            if r.get("mode") == STEP_MODE and r.get("variant") == STEP_VARIANTS[variant]:
+            if r.get("mode") == STEP_MODE and r.get("variant") == variant:
                 return r, doc
-    raise Missing(
-        f"the step benchmark ({', '.join(n for n, _ in docs)}) has no {STEP_MODE!r} row for variant "
-        f"{STEP_VARIANTS[variant]!r}"
-    )
+    raise Missing(f"the step benchmark ({', '.join(n for n, _ in docs)}) has no {STEP_MODE!r} row for {variant!r}")
 
 
-def mfu_baseline(res, info):
-    """Model FLOPs utilisation of the baseline step: 3 (forward + backward) x 2 (FLOPs per multiply-add) x the
-    paper's multiply-add count per image (the benchmark's "gflops": convs, ReLUs, pools; no aux head) x batch /
-    the step time / the measured matrix-product peak in the step's precision (bf16 under bf16 autocast, else
-    float32)."""
-    row, doc = step_row(res, "baseline")
+def mfu_baseline(res, info, dry):
+    """Model FLOPs utilisation of the baseline step (eager, the device's default layout): 3 (forward + backward)
+    x 2 (FLOPs per multiply-add) x the paper's multiply-add count per image (the benchmark's "gflops": convs,
+    ReLUs, pools; no aux head) x batch / the step time / the measured matrix-product peak in the step's precision
+    (bf16 under bf16 autocast, else float32)."""
+    row, doc = step_row(res, step_variant("baseline", dry))
     per_image = (doc.get("gflops") or {}).get("baseline")
     if per_image is None:
         raise Missing("the step benchmark gives no 'gflops' for the baseline")
@@ -359,8 +368,8 @@ def summarize(res):
     def deterministic():
         return _need(determinism, "deform_determinism.json")["deterministic"]
 
-    def step_ms(variant):
-        return step_row(res, variant)[0]["median_ms"]
+    def step_ms(model, compiled=False):
+        return step_row(res, step_variant(model, dry, compiled))[0]["median_ms"]
 
     def train_key(key, why):
         if not train:
@@ -394,15 +403,21 @@ def summarize(res):
         "train_peak_gib_csfrn": lambda: train_key(
             "peak_gib", "the training log has no GPU memory (max_mem_gib): a CPU run"
         ),
-        "mfu_baseline": lambda: mfu_baseline(res, info),
+        "mfu_baseline": lambda: mfu_baseline(res, info, dry),
+    }
+    # Beyond the issue's keys: the compiled steps (the compile stage, on the time the others left).
+    extras = {
+        "step_ms_csfrn_compiled": lambda: step_ms("csfrn", compiled=True),
+        "step_ms_baseline_compiled": lambda: step_ms("baseline", compiled=True),
     }
     out, notes = {}, {}
-    for key in KEYS:
+    figures.update(extras)
+    for key in (*KEYS, *extras):
         try:
             out[key] = figures[key]()
         except Missing as why:
             out[key] = None
-            stage = stages.get(STAGE_OF.get(key))
+            stage = stages.get(STAGE_OF.get(key, "compile"))
             status = f"stage {stage['stage']} {stage['status']}; " if stage and stage["status"] != "ok" else ""
             notes[key] = status + str(why)
     out.update(
@@ -424,6 +439,10 @@ def summarize(res):
                 if k in info
             },
             "definitions": {
+                "step_ms": "the step benchmark's median at the plan's shape (on a GPU: N=8, 769 x 769, bf16), eager, "
+                "in the layout csfrn train uses by default on the device (channels_last on CUDA; variants "
+                + ", ".join(step_variant(m, dry) for m in STEP_VARIANTS)
+                + "); *_compiled: the same under torch.compile",
                 "mfu_baseline": " ".join(mfu_baseline.__doc__.split()),
                 "sanitizer_errors": "memcheck + racecheck + initcheck errors over benchmarks/sanitize_ops.py",
                 "deform_deterministic": "outputs and every gradient bitwise equal on two calls "
@@ -452,25 +471,30 @@ def markdown(summary, res):
         f"deterministic (bitwise-equal gradients twice): {s['deform_deterministic']}.",
         "",
     ]
+    # Every variant once, from the first run that has it; "x baseline" is against that run's own baseline
+    # (interleaved in one process).
+    seen, rows = set(), []
     for name in STEP_FILES:
-        doc = _load(os.path.join(res, name))
-        if not doc:
-            continue
-        m = doc.get("meta", {})
-        lines += [
-            f"**Training step** ({name}), N={m.get('batch')} {m.get('size')}, {m.get('amp')} autocast, "
-            f"median of {m.get('reps')}:",
-            "",
-            "| pass | variant | ms | x baseline | peak GiB |",
-            "|---|---|---:|---:|---:|",
-        ]
+        doc = _load(os.path.join(res, name)) or {}
+        if doc and not rows:
+            m = doc.get("meta", {})
+            lines += [
+                f"**Training step**, N={m.get('batch')} {m.get('size')}, {m.get('amp')} autocast, median of "
+                f"{m.get('reps')}:",
+                "",
+                "| pass | variant | ms | x baseline | images/s | peak GiB | run |",
+                "|---|---|---:|---:|---:|---:|---|",
+            ]
         for r in doc.get("rows", []):
-            lines.append(
-                f"| {r.get('mode')} | {r.get('variant')} | {_fmt(r.get('median_ms'), '{:.1f}')} | "
-                f"{_fmt(r.get('vs_baseline'), '{:.3f}')} | {_fmt((r.get('peak_mb') or 0) / 1024, '{:.1f}')} |"
-            )
-        lines.append("")
-        break
+            if (r.get("mode"), r.get("variant")) not in seen:
+                seen.add((r.get("mode"), r.get("variant")))
+                rows.append(
+                    f"| {r.get('mode')} | {r.get('variant')} | {_fmt(r.get('median_ms'), '{:.1f}')} | "
+                    f"{_fmt(r.get('vs_baseline'), '{:.3f}')} | {_fmt(r.get('images_s'), '{:.1f}')} | "
+                    f"{_fmt((r.get('peak_mb') or 0) / 1024, '{:.1f}')} | {name} |"
+                )
+    if rows:
+        lines += rows + [""]
     for tag, name in DEFORM_FILES.items():
         doc = _load(os.path.join(res, name))
         if not doc:

@@ -40,7 +40,7 @@ SUMMARY_KEYS = [
     "train_peak_gib_csfrn",
     "mfu_baseline",
 ]
-STAGES = ["build", "info", "check", "deform", "step", "train", "profile", "summary"]
+STAGES = ["build", "info", "check", "deform", "step", "train", "profile", "compile", "summary"]
 
 
 # Libraries of our extras that the GPU machine's image lacks (its python3 has torch, timm, transformers, onnx,
@@ -143,6 +143,7 @@ def test_dry_plan_runs_every_stage_into_one_tarball(tmp_path):
         "step_ms_baseline",
         "step_ms_csfrn",
         "step_csfrn_over_baseline",
+        "step_ms_torchvision_deeplabv3",
         "train_images_per_s_csfrn",
         "mfu_baseline",
     ):
@@ -288,11 +289,21 @@ def test_summary_holds_each_target_against_its_measurement(tmp_path):
     with open(os.path.join(gpu, "info.json")) as f:
         info = json.load(f)
     (tmp_path / "info.json").write_text(json.dumps(info))
+    # On a GPU the step figures are the channels_last rows (csfrn train's default there), never the NCHW ones.
     rows = [
         {"mode": "train step", "variant": v, "median_ms": ms}
-        for v, ms in (("baseline", 180.0), ("csfrn", 210.0), ("torchvision_deeplabv3", 190.0))
+        for v, ms in (
+            ("baseline", 400.0),
+            ("csfrn", 400.0),
+            ("tv-deeplabv3", 400.0),
+            ("baseline-cl", 180.0),
+            ("csfrn-cl", 210.0),
+            ("tv-deeplabv3-cl", 190.0),
+        )
     ]
     (tmp_path / "train_step-core.json").write_text(json.dumps({"rows": rows, "meta": {"batch": 8}}))
+    compiled = [{"mode": "train step", "variant": "csfrn-cl-compiled", "median_ms": 150.0}]
+    (tmp_path / "train_step-compiled-csfrn.json").write_text(json.dumps({"rows": compiled, "meta": {"batch": 8}}))
     (tmp_path / "session.json").write_text(json.dumps({"dry": "0", "commit": "abc"}))
     summary = gpu_summary.summarize(str(tmp_path))
     got = {t["target"]: (t["value"], t["met"]) for t in summary["targets"] if t["op"]}
@@ -309,8 +320,23 @@ def test_summary_holds_each_target_against_its_measurement(tmp_path):
     assert got["CSFRN step / baseline step"] == (pytest.approx(210 / 180), False)
     assert got["baseline step / torchvision deeplabv3_resnet50 step"] == (pytest.approx(180 / 190), True)
     assert got["CSFRN through csfrn train, images/s"] == (None, None)
+    assert summary["step_ms_csfrn_compiled"] == 150.0
+    assert (
+        summary["step_ms_baseline_compiled"] is None
+        and "baseline-cl-compiled" in summary["notes"]["step_ms_baseline_compiled"]
+    )
     plans = [t for t in summary["targets"] if t["op"] is None]
     assert [round(t["floor_ms"], 1) for t in plans] == [13.1, 2.3]
     md = gpu_summary.markdown(summary, str(tmp_path))
     assert "| baseline training step, ms | 180.000 | <= 200 | yes |" in md
     assert "| CSFRN step / baseline step | 1.167 | <= 1.12 | **no** |" in md
+
+
+def test_summary_reads_variants_the_step_benchmark_makes():
+    """Every step variant the summary looks for is one csfrn/bench/train_step.py runs, on a GPU and in the dry
+    run (a name only the summary knew would leave its figure null on the card)."""
+    from csfrn.bench import train_step
+
+    wanted = {gpu_summary.step_variant(model, dry) for model in gpu_summary.STEP_VARIANTS for dry in (True, False)}
+    wanted |= {gpu_summary.step_variant(model, dry, compiled=True) for model in ("baseline", "csfrn") for dry in (1, 0)}
+    assert wanted <= set(train_step.VARIANTS), wanted - set(train_step.VARIANTS)
