@@ -168,6 +168,19 @@ def test_deform_plan():
             assert b.accesses / a.accesses == pytest.approx(v * 510 / 512)
 
 
+def test_deform_plan_card_is_the_device_s_own(monkeypatch):
+    """The plan is computed at the card the benchmark runs on when it knows that card, else at the H100's
+    ceilings (a CPU run, an unknown GPU)."""
+    from csfrn.bench import deform_plan
+
+    assert deform_plan.card_of("cpu") == deform_plan.DEFAULT_CARD
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, want in (("NVIDIA H200", "NVIDIA H200"), ("NVIDIA A100-SXM4-80GB", deform_plan.DEFAULT_CARD)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert deform_plan.card_of("cuda") == want
+    assert deform_plan.gpu_plans(deform_plan.card_of("cuda:0"))[0]["card"] == deform_plan.DEFAULT_CARD
+
+
 def test_ops_bench_quick_has_the_kernels_alone(tmp_path, capsys):
     """bench-ops times the bare forward and backward ops beside the autograd path and the peers, in one run."""
     from csfrn.bench import ops as ops_bench

@@ -211,9 +211,10 @@ def add_arguments(parser):
     p.add_argument("--json", default=None, metavar="FILE", help="write them to FILE (instead of --out's)")
     p.add_argument(
         "--card",
-        default="NVIDIA H100 80GB HBM3",
+        default=None,
         choices=sorted(deform_plan.CARDS),
-        help="the GPU whose ceilings the CUDA launch plan's floor is computed at",
+        help="the GPU whose ceilings the CUDA launch plan's floor is computed at (default: the CUDA device's own "
+        f"when it is one of these, else {deform_plan.DEFAULT_CARD})",
     )
     return parser
 
@@ -252,7 +253,8 @@ def main(argv=None, parser=None):
         suffix = "" if args.amp == "none" else f"-{args.amp}"
         args.json = os.path.join(args.out, f"deform_conv_{torch.device(args.device).type}{suffix}.json")
 
-    plans = deform_plan.gpu_plans(args.card)
+    card = args.card or deform_plan.card_of(args.device)
+    plans = deform_plan.gpu_plans(card)
     print_plans(plans)
     amp = AMP_DTYPES[args.amp]
     peak = cpu_ceilings()["matmul_gflops_fp32"] if torch.device(args.device).type == "cpu" else None
