@@ -1,6 +1,7 @@
 """Where the GPU time goes: torch.profiler over (1) deform_conv2d forward + backward at the generic shape
 (N=8, 512 -> 256, 97x97, 3x3) in float32 and under bf16 autocast, and (2) one CSFRN training step
-(DeepLabv3+ R50, N=8, 3x769x769, bf16), each after a warm-up. Prints the ops and kernels by total device time.
+(DeepLabv3+ R50, N=8, 3x769x769, bf16, in the memory format csfrn train uses by default there: channels_last on
+CUDA), each after a warm-up. Prints the ops and kernels by total device time.
 
     python benchmarks/profile_gpu.py [--what deform step] [--rows 25] [--device cpu --quick]
 
@@ -15,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from csfrn import ops
 from csfrn.bench import train_step
 from csfrn.bench.timing import profiler_quiet
+from csfrn.engine.speed import memory_format, use_channels_last
 
 
 def _profile(fn, rows, title, device, reps=3):
@@ -53,11 +55,14 @@ def csfrn_step(device, quick):
     """One CSFRN training step as the step benchmark builds it (csfrn/bench/train_step.py's make_batch, build
     and train_step_fn: the only calls into that module), and its title."""
     batch, size, amp = (2, (65, 65), None) if quick else (8, (769, 769), torch.bfloat16)
+    channels_last = use_channels_last(None, device)  # train.channels_last's default on this device
     images, labels = train_step.make_batch(batch, size, device)
-    model = train_step.build(True, quick, device)
+    images = images.contiguous(memory_format=memory_format(channels_last))
+    model = train_step.build(True, quick, device).to(memory_format=memory_format(channels_last))
     optimizer = train_step.sgd(model)
     model.train()
-    title = f"CSFRN training step, N={batch} {size[0]}x{size[1]} {'bf16' if amp else 'float32'}"
+    layout = "channels_last" if channels_last else "NCHW"
+    title = f"CSFRN training step, N={batch} {size[0]}x{size[1]} {'bf16' if amp else 'float32'}, {layout}"
     return train_step.train_step_fn(model, optimizer, images, labels, amp), title
 
 
