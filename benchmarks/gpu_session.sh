@@ -28,10 +28,11 @@
 #   deform     45 s  csfrn bench --what deform, float32 and bf16 (dual op     its rows' medians x 20 reps + 3
 #                    included; 10 reps, 2 twin reps), then                  twin reps: ~12 s per dtype; here 10 + 2
 #                    benchmarks/gpu_determinism.py (bitwise-equal grads)
-#   step       70 s  csfrn bench --what train, eager: first the baseline,     4 variants, 8 reps + inference:
-#                    CSFRN and torchvision's deeplabv3_resnet50, NCHW and    ~25 s by its medians (here 6 in the
-#                    channels_last (kept if the rest is cut), then the       first run, 4 + inference in the
-#                    reference twins, torchvision's deform calls, inference  second)
+#   step       70 s  csfrn bench --what train, eager: first the baseline     4 variants, 8 reps + inference:
+#                    and CSFRN, NCHW and channels_last, and torchvision's    ~25 s by its medians (here 5 in the
+#                    deeplabv3_resnet50 in channels_last (kept if the rest   first run, 5 + inference in the
+#                    is cut), then the reference twins, torchvision's        second: that one may be cut)
+#                    deform calls, the peer in NCHW, inference
 #   train      70 s  csfrn train: CSFRN, 769 crops, batch 8, bf16,           2.57 it/s after a 5 s warm-up:
 #                    100 iterations, metrics every 10                        100 it ~ 45 s + start-up
 #   profile    30 s  benchmarks/profile_gpu.py: torch.profiler tables of     3 + 2 profiled calls after
@@ -182,14 +183,17 @@ step_bench() {   # step_bench JSON ARGS...: the step benchmark at the plan's sha
 }
 # The layout csfrn train uses by default there (train.channels_last: true on CUDA, false on the CPU).
 default_layout() { dry && echo "" || echo "-cl"; }
-step_bench_core() {      # the eager steps users compare: ours and torchvision's model, NCHW and channels_last
-  step_bench "$1" --variants baseline csfrn baseline-cl csfrn-cl tv-deeplabv3 tv-deeplabv3-cl --no-inference
+other_layout() { dry && echo "-cl" || echo ""; }
+step_bench_core() {      # the eager steps the targets compare: ours (NCHW, channels_last), torchvision's model
+  step_bench "$1" --variants baseline csfrn baseline-cl csfrn-cl "tv-deeplabv3$(default_layout)" --no-inference
 }
-step_bench_kernels() {   # what our kernels save (the reference twins, torchvision's deform calls), and inference
-  if dry; then step_bench "$1" --variants reference torchvision
-  else step_bench "$1" --variants reference torchvision --infer-size 1024x2048 --infer-batch 1; fi
+step_bench_kernels() {   # what our kernels save (the reference twins, torchvision's deform calls), the peer in
+  # the other layout, and inference
+  if dry; then step_bench "$1" --variants reference torchvision "tv-deeplabv3$(other_layout)"
+  else step_bench "$1" --variants reference torchvision "tv-deeplabv3$(other_layout)" --infer-size 1024x2048 \
+         --infer-batch 1; fi
 }
-export -f deform_benches step_bench step_bench_core step_bench_kernels default_layout
+export -f deform_benches step_bench step_bench_core step_bench_kernels default_layout other_layout
 export CSFRN DEFORM_BENCH STEP_BENCH
 
 # ---------------------------------------------------------------- the stages
