@@ -36,7 +36,8 @@
 #   train      70 s  csfrn train: CSFRN, 769 crops, batch 8, bf16,           2.57 it/s after a 5 s warm-up:
 #                    100 iterations, metrics every 10                        100 it ~ 45 s + start-up
 #   profile    30 s  benchmarks/profile_gpu.py: torch.profiler tables of     3 + 2 profiled calls after
-#                    the deform call and the CSFRN step                      warm-ups: ~15 s
+#                    the deform call, the losses' upsampling (F.interpolate   warm-ups: ~15 s (the upsampling's
+#                    and "gemm") and the CSFRN step                          2 x 3 calls add ~1 s)
 #   compile  >=90 s  the step benchmark again, torch.compile'd, in the       never run on a GPU (a compile of
 #                    device's default layout (channels_last on CUDA):       a training step: a minute or so)
 #                    CSFRN, then the baseline, one run each; its limit is

@@ -1,5 +1,7 @@
 """Where the GPU time goes: torch.profiler over (1) deform_conv2d forward + backward at the generic shape
-(N=8, 512 -> 256, 97x97, 3x3) in float32 and under bf16 autocast, and (2) one CSFRN training step
+(N=8, 512 -> 256, 97x97, 3x3) in float32 and under bf16 autocast, (2) the losses' upsampling of the logits,
+forward + backward (N=8, 19 classes, 97 -> 769, float32, channels_last), by F.interpolate and by "gemm" (the CUDA
+default of csfrn.losses.upsample_logits), beside the plan's estimate for "gemm", and (3) one CSFRN training step
 (DeepLabv3+ R50, N=8, 3x769x769, bf16, in the memory format csfrn train uses by default there: channels_last on
 CUDA), each after a warm-up. Prints the ops and kernels by total device time.
 
@@ -15,8 +17,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from csfrn import ops
 from csfrn.bench import train_step
+from csfrn.bench import deform_plan
 from csfrn.bench.timing import profiler_quiet
 from csfrn.engine.speed import memory_format, use_channels_last
+from csfrn.losses import upsample_logits
 
 
 def _profile(fn, rows, title, device, reps=3):
@@ -51,6 +55,38 @@ def deform(rows, device, quick):
         _profile(step, rows, f"deform_conv2d fwd+bwd, N={n} {c_in}->{c_out} {size}x{size}, {amp or 'float32'}", device)
 
 
+def gemm_upsample_plan(n, c, h, w, height, width, element=4):
+    """(flops, bytes) of upsample_logits' "gemm" forward + backward, NCHW view: X @ Aw^T, Ah @ T, then
+    Ah^T @ G and grad_T @ Aw (grad of the input only), B = N C products each; bytes of the large operands
+    (the output, its gradient, the intermediate T [B, h, W] and its gradient, each read and written once)."""
+    b = n * c
+    flops = 2 * b * (h * w * width + height * h * width + h * height * width + h * width * w)
+    nbytes = element * b * (2 * height * width + 4 * h * width + 2 * h * w)
+    return flops, nbytes
+
+
+def upsample(rows, device, quick):
+    n, c, h, size = (2, 19, 9, 65) if quick else (8, 19, 97, 769)
+    flops, nbytes = gemm_upsample_plan(n, c, h, h, size, size)
+    card = deform_plan.CARDS[deform_plan.card_of(device)]
+    floor = deform_plan.floor_ms(nbytes, flops, card, "float32")
+    print(
+        f"\n=== upsample plan, gemm, fwd+bwd, N={n} C={c} {h} -> {size}: {flops / 1e9:.1f} GFLOP, "
+        f"{nbytes / 1e6:.0f} MB; floor {floor:.2f} ms, expected {floor / deform_plan.EFFICIENCY['gemm']:.2f} ms at "
+        f"{deform_plan.card_of(device)} (F.interpolate's backward: N C H W x 4 scattered float atomics, not modelled)"
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, h, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    for method in ("interpolate", "gemm"):
+
+        def step(method=method):
+            out = upsample_logits(x, (size, size), method=method)
+            out.backward(torch.ones_like(out))
+
+        _profile(step, rows, f"upsample_logits fwd+bwd by {method}, N={n} C={c} {h} -> {size} float32", device)
+
+
 def csfrn_step(device, quick):
     """One CSFRN training step as the step benchmark builds it (csfrn/bench/train_step.py's make_batch, build
     and train_step_fn: the only calls into that module), and its title."""
@@ -73,7 +109,9 @@ def step(rows, device, quick):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", nargs="+", choices=["deform", "step"], default=["deform", "step"])
+    parser.add_argument(
+        "--what", nargs="+", choices=["deform", "upsample", "step"], default=["deform", "upsample", "step"]
+    )
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (the dry run)")
@@ -81,7 +119,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
     for what in args.what:
-        {"deform": deform, "step": step}[what](args.rows, args.device, args.quick)
+        {"deform": deform, "upsample": upsample, "step": step}[what](args.rows, args.device, args.quick)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import csfrn.losses.eq7
 import csfrn.losses.pixel
 from csfrn.engine import speed
 from csfrn.engine.config import load_config
 from csfrn.engine.train import train
 from csfrn.models import build_model
 
-from conftest import tiny_overrides
+from conftest import needs_cuda, tiny_overrides
 
 CL = torch.channels_last
 TINY = dict(width=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8, embed_dim=8)
@@ -105,6 +106,102 @@ def test_losses_upsample_in_float32_under_autocast(ops_path):
     assert torch.equal(up, _old_upsample(bf16.float(), (9, 9)))
 
 
+# The GPU default: the same interpolation as two products with matrices of bilinear weights (no atomics).
+UPSAMPLE_CASES = [(7, 5, 53, 41), (5, 5, 17, 17), (17, 9, 5, 4), (1, 3, 6, 7), (2, 1, 9, 4), (24, 24, 193, 193)]
+
+
+def _upsampled(x, size, method):
+    x = x.detach().requires_grad_()
+    out = csfrn.losses.upsample_logits(x, size, method=method)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+    return out, torch.autograd.grad(out, x, g)[0]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gemm_upsampling_is_bilinear_interpolation(layout):
+    """method="gemm" is F.interpolate (bilinear, align_corners=False) up, down, to and from one pixel, square
+    or not: float64 to 1e-12 in value and gradient; float32 within 2e-6 of the float64 result (F.interpolate's
+    own float32 source positions are off by about 1e-5 at these sizes: ours are computed in float64). The
+    output and the input's gradient keep the input's memory format."""
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    for h, w, height, width in UPSAMPLE_CASES:
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w), dtype=torch.float64)
+        x = x.contiguous(memory_format=fmt)
+        want, want_grad = _upsampled(x, (height, width), "interpolate")
+        got, got_grad = _upsampled(x, (height, width), "gemm")
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
+        if h * w > 1 and layout == "channels_last":
+            assert got.is_contiguous(memory_format=CL) and got_grad.is_contiguous(memory_format=CL)
+        else:
+            assert got.is_contiguous()
+        got32, got32_grad = _upsampled(x.float(), (height, width), "gemm")
+        assert got32.dtype == torch.float32
+        torch.testing.assert_close(got32.double(), want, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got32_grad.double(), want_grad, rtol=0, atol=2e-6 * max(1, height * width / (h * w)))
+
+
+def test_gemm_upsampling_weights_are_two_taps_that_sum_to_one():
+    """Each row of the weights: at most two non-zeros, on neighbouring input positions, summing to 1."""
+    for out_size, in_size in ((769, 97), (5, 17), (7, 1), (1, 4)):
+        m = csfrn.losses.pixel.bilinear_weights(out_size, in_size, torch.empty(0, dtype=torch.float64))
+        assert m.shape == (out_size, in_size)
+        torch.testing.assert_close(m.sum(1), torch.ones(out_size, dtype=torch.float64), rtol=0, atol=1e-15)
+        for row in m:
+            taps = row.nonzero().flatten()
+            assert 1 <= len(taps) <= 2 and taps.max() - taps.min() <= 1
+
+
+def test_gemm_upsampling_stays_float32_under_autocast_and_has_no_sync_or_graph_break():
+    """Under bf16 autocast the products run in float32 (autocast would make them bf16), with no host sync, and
+    the upsampling compiles as one graph."""
+    x = torch.randn(2, 4, 6, 5).to(torch.bfloat16)
+    want = csfrn.losses.upsample_logits(x.float(), (13, 11), method="gemm")
+    with torch.autocast("cpu", dtype=torch.bfloat16), no_host_sync():
+        got = csfrn.losses.upsample_logits(x, (13, 11), method="gemm")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    explained = torch._dynamo.explain(lambda t: csfrn.losses.upsample_logits(t, (13, 11), method="gemm"))(x.float())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_upsampling_method_default_and_bad_value():
+    """On the CPU the default is F.interpolate (a float32 run unchanged, bit for bit); a method that is neither
+    is a one-line error naming it."""
+    x = torch.randn(1, 2, 3, 3)
+    assert torch.equal(csfrn.losses.upsample_logits(x, (7, 7)), _old_upsample(x, (7, 7)))
+    with pytest.raises(ValueError, match="method is 'bicubic', expected one of"):
+        csfrn.losses.upsample_logits(x, (7, 7), method="bicubic")
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gemm_upsampling_is_the_cuda_default_and_deterministic(layout):
+    """On CUDA the losses upsample by "gemm" (the default there): F.interpolate's values and gradients (to the
+    float32 rounding of its source positions), and the same gradient bit for bit on every call, at the loss's
+    shape (19 classes, 97 -> 769)."""
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 19, 97, 97, device="cuda").contiguous(memory_format=fmt)
+    g = torch.randn(2, 19, 769, 769, device="cuda")
+
+    def run(fn):
+        t = x.detach().requires_grad_()
+        out = fn(t)
+        return out, torch.autograd.grad(out, t, g)[0]
+
+    ref, ref_grad = run(lambda t: F.interpolate(t.double(), (769, 769), mode="bilinear", align_corners=False))
+    seen = []
+    real = csfrn.losses.pixel._upsample_by_gemm
+    with unittest.mock.patch.object(csfrn.losses.pixel, "_upsample_by_gemm", lambda *a: seen.append(1) or real(*a)):
+        got, got_grad = run(lambda t: csfrn.losses.upsample_logits(t, (769, 769)))
+    assert seen == [1]
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), ref_grad, rtol=1e-5, atol=1e-4)
+    assert got.is_contiguous(memory_format=fmt) and got_grad.is_contiguous(memory_format=fmt)
+    again = run(lambda t: csfrn.losses.upsample_logits(t, (769, 769)))
+    assert torch.equal(again[0], got) and torch.equal(again[1], got_grad)
+
+
 # ---------------------------------------------------------------- channels_last end to end
 def _channels_last(t):
     """Not a 4-D float tensor, or one whose channels are innermost (channels_last, or a channel slice of a
@@ -163,6 +260,32 @@ def test_channels_last_is_kept_through_forward_and_backward(fusion, ops_path):
     images, labels = batch()
     model = tiny_csfrn(fusion).to(memory_format=CL)
     assert channels_last_violations(model, images.to(memory_format=CL), labels) == []
+
+
+def test_a_step_with_gemm_upsampling_keeps_channels_last_and_the_losses(ops_path):
+    """CSFRN's training step with the losses' upsampling by "gemm" (the CUDA default), here on the CPU: the
+    losses and gradients of F.interpolate's step to float32 rounding, and channels_last kept throughout."""
+    images, labels = batch()
+    model = tiny_csfrn().to(memory_format=CL)
+    images = images.to(memory_format=CL)
+    want = losses_and_grads(model, images, labels)
+    calls = []
+
+    def gemm(logits, size):
+        calls.append(tuple(logits.shape[2:]))
+        return csfrn.losses.upsample_logits(logits, size, method="gemm")
+
+    with (
+        unittest.mock.patch.object(csfrn.models.segmentor, "upsample_logits", gemm),
+        unittest.mock.patch.object(csfrn.losses.eq7, "upsample_logits", gemm),
+    ):
+        got = losses_and_grads(model, images, labels)
+        assert channels_last_violations(model, images, labels) == []
+    assert calls[:3] == [(8, 8), (32, 32), (4, 4)], calls  # seg, seg at full size (returned as it is), aux
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_channels_last_check_sees_a_hidden_copy(ops_path):
