@@ -473,28 +473,28 @@ def markdown(summary, res):
     ]
     # Every variant once, from the first run that has it; "x baseline" is against that run's own baseline
     # (interleaved in one process).
-    seen, rows = set(), []
+    seen, rows, meta = set(), [], None
     for name in STEP_FILES:
         doc = _load(os.path.join(res, name)) or {}
-        if doc and not rows:
-            m = doc.get("meta", {})
-            lines += [
-                f"**Training step**, N={m.get('batch')} {m.get('size')}, {m.get('amp')} autocast, median of "
-                f"{m.get('reps')}:",
-                "",
-                "| pass | variant | ms | x baseline | images/s | peak GiB | run |",
-                "|---|---|---:|---:|---:|---:|---|",
-            ]
         for r in doc.get("rows", []):
             if (r.get("mode"), r.get("variant")) not in seen:
                 seen.add((r.get("mode"), r.get("variant")))
+                meta = meta if meta is not None else doc.get("meta", {})
                 rows.append(
                     f"| {r.get('mode')} | {r.get('variant')} | {_fmt(r.get('median_ms'), '{:.1f}')} | "
                     f"{_fmt(r.get('vs_baseline'), '{:.3f}')} | {_fmt(r.get('images_s'), '{:.1f}')} | "
                     f"{_fmt((r.get('peak_mb') or 0) / 1024, '{:.1f}')} | {name} |"
                 )
     if rows:
-        lines += rows + [""]
+        lines += [
+            f"**Training step**, N={meta.get('batch')} {meta.get('size')}, {meta.get('amp')} autocast, median of "
+            f"{meta.get('reps')}:",
+            "",
+            "| pass | variant | ms | x baseline | images/s | peak GiB | run |",
+            "|---|---|---:|---:|---:|---:|---|",
+            *rows,
+            "",
+        ]
     for tag, name in DEFORM_FILES.items():
         doc = _load(os.path.join(res, name))
         if not doc:
