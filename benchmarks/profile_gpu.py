@@ -16,8 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from csfrn import ops
-from csfrn.bench import train_step
-from csfrn.bench import deform_plan
+from csfrn.bench import deform_plan, train_step
 from csfrn.bench.timing import profiler_quiet
 from csfrn.engine.speed import memory_format, use_channels_last
 from csfrn.losses import upsample_logits
