@@ -170,8 +170,9 @@ def test_upsampling_method_default_and_bad_value():
     is a one-line error naming it."""
     x = torch.randn(1, 2, 3, 3)
     assert torch.equal(csfrn.losses.upsample_logits(x, (7, 7)), _old_upsample(x, (7, 7)))
-    with pytest.raises(ValueError, match="method is 'bicubic', expected one of"):
-        csfrn.losses.upsample_logits(x, (7, 7), method="bicubic")
+    for size in ((7, 7), (3, 3)):  # also where there is nothing to upsample: a wrong method is never ignored
+        with pytest.raises(ValueError, match="method is 'bicubic', expected one of"):
+            csfrn.losses.upsample_logits(x, size, method="bicubic")
 
 
 @needs_cuda

@@ -32,6 +32,8 @@ def upsample_logits(logits: torch.Tensor, size, method=None) -> torch.Tensor:
     product). A non-finite logit spreads along its row and column (0 x inf), where F.interpolate's stays
     local: the loss is non-finite either way.
     """
+    if method is not None and method not in UPSAMPLE_METHODS:
+        raise ValueError(f"upsample_logits: method is {method!r}, expected one of {UPSAMPLE_METHODS} or None")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     if tuple(logits.shape[2:]) == tuple(size):
@@ -40,8 +42,6 @@ def upsample_logits(logits: torch.Tensor, size, method=None) -> torch.Tensor:
         method = "gemm" if logits.is_cuda else "interpolate"
     if method == "gemm":
         return _upsample_by_gemm(logits, tuple(size))
-    if method != "interpolate":
-        raise ValueError(f"upsample_logits: method is {method!r}, expected one of {UPSAMPLE_METHODS} or None")
     # upsample_bilinear2d is on no autocast list: it runs in its input's dtype, float32 here (a test checks it).
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
